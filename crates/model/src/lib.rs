@@ -1,0 +1,31 @@
+//! rrt's model core: Llama-family decoders loaded from Hugging Face safetensors or GGUF, a batched
+//! forward over independent sequences with one KV cache each, tokenizers, sampling, and the simple
+//! one-sequence generation and perplexity loops that faster paths are checked against.
+//!
+//! Module map: [`config`] (hyper-parameters) · [`source`] (weight files) · [`load`] (detect and
+//! open) · [`decoder`] (the network) · [`attention`], [`rope`], [`linear`], [`kernels`] (its
+//! pieces) · [`kv_cache`] · [`tokenizer`], [`chat`] · [`sampling`] · [`generate`], [`perplexity`].
+
+pub mod attention;
+pub mod chat;
+pub mod config;
+pub mod decoder;
+pub mod error;
+pub mod generate;
+pub mod kernels;
+pub mod kv_cache;
+pub mod linear;
+pub mod load;
+pub mod perplexity;
+pub mod rope;
+pub mod sampling;
+pub mod source;
+pub mod tokenizer;
+
+pub use config::ModelConfig;
+pub use decoder::{BatchItem, LayerWeights, Llama, Logits};
+pub use error::{ModelError, Result};
+pub use kv_cache::{LayerKv, SeqCache};
+pub use load::{load, LoadedModel};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::{TextStream, Tokenizer};

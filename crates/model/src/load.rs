@@ -1,0 +1,75 @@
+//! Opening a model from disk: a Hugging Face directory (`config.json`, `*.safetensors`,
+//! `tokenizer.json`) or a GGUF file, detected from the path.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+
+use crate::config::ModelConfig;
+use crate::decoder::Llama;
+use crate::error::{ModelError, Result};
+use crate::source::gguf::GgufSource;
+use crate::source::safetensors::SafetensorsSource;
+use crate::tokenizer::Tokenizer;
+
+/// A model with its tokenizer, ready to run.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub path: PathBuf,
+    pub format: &'static str,
+}
+
+/// Loads a model directory or GGUF file; weights are converted (or dequantized) to `dtype`.
+pub fn load(path: &Path, dtype: DType) -> Result<LoadedModel> {
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(ModelError::InvalidInput(format!("weight dtype {dtype:?} is not supported")));
+    }
+    let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    if meta.is_dir() {
+        load_hf_dir(path, dtype)
+    } else if is_gguf(path)? {
+        load_gguf(path, dtype)
+    } else {
+        Err(ModelError::config(
+            path,
+            "neither a model directory (config.json + *.safetensors) nor a GGUF file (bad magic)",
+        ))
+    }
+}
+
+fn is_gguf(path: &Path) -> Result<bool> {
+    if path.extension().is_some_and(|e| e == "gguf") {
+        return Ok(true);
+    }
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    Ok(f.read_exact(&mut magic).is_ok() && &magic == b"GGUF")
+}
+
+fn load_hf_dir(dir: &Path, dtype: DType) -> Result<LoadedModel> {
+    let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
+    let mut src = SafetensorsSource::open_dir(dir)?;
+    let tokenizer = Tokenizer::from_hf_dir(dir, cfg.bos_token_id, cfg.eos_token_ids.clone())?;
+    let model = Llama::load(cfg, &mut src, dtype)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        path: dir.into(),
+        format: "safetensors",
+    })
+}
+
+fn load_gguf(path: &Path, dtype: DType) -> Result<LoadedModel> {
+    let mut src = GgufSource::open(path)?;
+    let cfg = src.config()?;
+    let tokenizer = Tokenizer::from_gguf(path, src.tokenizer_parts()?)?;
+    let model = Llama::load(cfg, &mut src, dtype)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        path: path.into(),
+        format: "gguf",
+    })
+}

@@ -1,0 +1,110 @@
+//! The decoder against an independent implementation: logits recorded by Hugging Face
+//! `transformers` (scripts/make_fixtures.py) for two tiny random Llama models.
+
+use std::path::PathBuf;
+
+use candle_core::DType;
+use rrt_model::source::safetensors::SafetensorsSource;
+use rrt_model::{BatchItem, Llama, Logits, ModelConfig};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn load_tiny(name: &str) -> Llama {
+    let dir = fixture(name);
+    let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    let mut src = SafetensorsSource::open_dir(&dir).unwrap();
+    Llama::load(cfg, &mut src, DType::F32).unwrap()
+}
+
+struct Expected {
+    ids: Vec<u32>,
+    vocab: usize,
+    logits: Vec<f32>,
+}
+
+fn expected(name: &str) -> Expected {
+    let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    Expected {
+        ids: v["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+        vocab: v["vocab"].as_u64().unwrap() as usize,
+        logits: v["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect(),
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn check_full_sequence(name: &str) {
+    let model = load_tiny(name);
+    let exp = expected(name);
+    let mut cache = model.new_cache();
+    let logits = model
+        .forward(&mut [BatchItem {
+            tokens: &exp.ids,
+            offset: 0,
+            cache: &mut cache,
+            logits: Logits::All,
+        }])
+        .unwrap();
+    assert_eq!(logits.dims(), &[exp.ids.len(), exp.vocab]);
+    let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = exp.logits.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(scale > 0.5, "fixture logits are too small to test anything ({scale})");
+    let diff = max_diff(&got, &exp.logits);
+    assert!(diff < 1e-4, "{name}: max abs diff {diff} vs transformers");
+}
+
+/// Prefill part of the input, then decode the rest one token at a time: every step's logits
+/// must match the reference's row for that position.
+fn check_incremental(name: &str) {
+    let model = load_tiny(name);
+    let exp = expected(name);
+    let mut cache = model.new_cache();
+    let split = 5;
+    let mut rows = model
+        .forward(&mut [BatchItem {
+            tokens: &exp.ids[..split],
+            offset: 0,
+            cache: &mut cache,
+            logits: Logits::All,
+        }])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for pos in split..exp.ids.len() {
+        let step = model
+            .forward(&mut [BatchItem {
+                tokens: &exp.ids[pos..pos + 1],
+                offset: pos,
+                cache: &mut cache,
+                logits: Logits::Last,
+            }])
+            .unwrap();
+        rows.extend(step.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    let diff = max_diff(&rows, &exp.logits);
+    assert!(diff < 1e-4, "{name}: incremental decode max abs diff {diff}");
+}
+
+#[test]
+fn gqa_tied_matches_transformers_logits() {
+    check_full_sequence("tiny-gqa-tied");
+}
+
+#[test]
+fn mha_untied_matches_transformers_logits() {
+    check_full_sequence("tiny-mha-untied");
+}
+
+#[test]
+fn incremental_decode_matches_transformers_logits() {
+    check_incremental("tiny-gqa-tied");
+    check_incremental("tiny-mha-untied");
+}
