@@ -1,1 +1,97 @@
-//! End-to-end test helpers.
+//! Helpers shared by the end-to-end tests: where the workspace, the bundled model and the
+//! held-out text live (fetched through the Makefile when missing, never silently skipped), and
+//! how to run the real `rrt` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace root")
+        .to_path_buf()
+}
+
+static MAKE_LOCK: Mutex<()> = Mutex::new(());
+
+/// Runs `make TARGET` in the workspace root unless `path` already exists; panics with make's
+/// output if it fails, so a missing download fails the test loudly.
+fn ensure(path: PathBuf, target: &str) -> PathBuf {
+    let _guard = MAKE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.exists() {
+        let out = Command::new("make")
+            .arg("-C")
+            .arg(root())
+            .arg(target)
+            .output()
+            .expect("running make");
+        assert!(
+            out.status.success() && path.exists(),
+            "`make {target}` did not produce {}:\n{}\n{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    path
+}
+
+/// The bundled SmolLM2-135M-Instruct GGUF (`make model`).
+pub fn smollm2_gguf() -> PathBuf {
+    ensure(
+        root().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "model",
+    )
+}
+
+/// The held-out KJV slice (Revelation) used for perplexity (`make data`).
+pub fn kjv_heldout() -> PathBuf {
+    ensure(root().join(".cache/data/kjv-heldout.txt"), "data")
+}
+
+/// The `rrt` binary of the same build profile as the running test (built if missing).
+pub fn rrt_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/rrt
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    let bin = profile_dir.join("rrt");
+    if !bin.exists() {
+        let _guard = MAKE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let profile = profile_dir
+            .file_name()
+            .and_then(|p| p.to_str())
+            .unwrap_or("debug");
+        let profile = if profile == "debug" { "dev" } else { profile };
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "rrt-cli", "--profile", profile])
+            .current_dir(root())
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building rrt failed");
+    }
+    bin
+}
+
+/// Runs `rrt ARGS` from the workspace root.
+pub fn rrt(args: &[&str]) -> Output {
+    Command::new(rrt_bin())
+        .args(args)
+        .current_dir(root())
+        .env_remove("RRT_MODEL")
+        .output()
+        .expect("running rrt")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

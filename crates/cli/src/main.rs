@@ -1,1 +1,50 @@
-fn main() {}
+//! `rrt`: the command-line front end. Each subcommand lives in its own module; this file only
+//! parses arguments, sets up logging and reports errors.
+
+mod bench;
+mod eval;
+mod generate;
+mod model_args;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "rrt",
+    version,
+    about = "Relaxed Recursive Transformers: convert, evaluate, generate and serve"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streamed to stdout.
+    Generate(generate::GenerateArgs),
+    /// Perplexity of a model on a text file.
+    Eval(eval::EvalArgs),
+    /// Measure speed (decode throughput, matmul roofline).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

@@ -54,7 +54,12 @@ struct Task {
 
 /// Attention for a flattened batch. `qkv` is `[rows, q_dim + 2 * kv_dim]` (Q | K | V per row) and
 /// is rotated in place; returns the attention output `[rows, q_dim]`.
-pub fn attention(qkv: &mut [f32], segments: &mut [AttnSegment<'_>], dims: AttnDims, rope: &Rope) -> Vec<f32> {
+pub fn attention(
+    qkv: &mut [f32],
+    segments: &mut [AttnSegment<'_>],
+    dims: AttnDims,
+    rope: &Rope,
+) -> Vec<f32> {
     let (q_dim, kv_dim) = (dims.q_dim(), dims.kv_dim());
     let width = q_dim + 2 * kv_dim;
     let total_rows = qkv.len() / width;
@@ -111,7 +116,15 @@ pub fn attention(qkv: &mut [f32], segments: &mut [AttnSegment<'_>], dims: AttnDi
     out
 }
 
-fn run_task(fma: bool, t: &Task, qkv: &[f32], width: usize, cache: &LayerKv, dims: AttnDims, out: &mut [f32]) {
+fn run_task(
+    fma: bool,
+    t: &Task,
+    qkv: &[f32],
+    width: usize,
+    cache: &LayerKv,
+    dims: AttnDims,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if fma {
         // SAFETY: AVX2 and FMA were detected at run time.
@@ -124,12 +137,26 @@ fn run_task(fma: bool, t: &Task, qkv: &[f32], width: usize, cache: &LayerKv, dim
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(t: &Task, qkv: &[f32], width: usize, cache: &LayerKv, dims: AttnDims, out: &mut [f32]) {
+unsafe fn attend_avx2(
+    t: &Task,
+    qkv: &[f32],
+    width: usize,
+    cache: &LayerKv,
+    dims: AttnDims,
+    out: &mut [f32],
+) {
     attend::<true>(t, qkv, width, cache, dims, out)
 }
 
 #[inline(always)]
-fn attend<const FMA: bool>(t: &Task, qkv: &[f32], width: usize, cache: &LayerKv, dims: AttnDims, out: &mut [f32]) {
+fn attend<const FMA: bool>(
+    t: &Task,
+    qkv: &[f32],
+    width: usize,
+    cache: &LayerKv,
+    dims: AttnDims,
+    out: &mut [f32],
+) {
     let d = dims.head_dim;
     let g = dims.group();
     let kv_row = dims.kv_dim();

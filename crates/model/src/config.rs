@@ -125,7 +125,10 @@ impl ModelConfig {
         }
         let mut rope_theta = hf.rope_theta;
         if let Some(params) = hf.rope_parameters.as_ref().filter(|p| !p.is_null()) {
-            let kind = params.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
+            let kind = params
+                .get("rope_type")
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
             if kind != "default" {
                 return Err(ModelError::config(
                     path,
@@ -159,16 +162,18 @@ impl ModelConfig {
             num_layers: hf.num_hidden_layers,
             num_heads,
             num_kv_heads: hf.num_key_value_heads.unwrap_or(num_heads),
-            head_dim: hf
-                .head_dim
-                .unwrap_or(hf.hidden_size / num_heads.max(1)),
+            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / num_heads.max(1)),
             vocab_size: hf.vocab_size,
             rms_norm_eps: hf.rms_norm_eps,
             rope_theta,
             max_position_embeddings: hf.max_position_embeddings,
             tie_word_embeddings: hf.tie_word_embeddings,
             bos_token_id: hf.bos_token_id,
-            eos_token_ids: hf.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
+            eos_token_ids: hf
+                .eos_token_id
+                .as_ref()
+                .map(TokenIds::to_vec)
+                .unwrap_or_default(),
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -187,7 +192,10 @@ impl ModelConfig {
         ];
         for (field, value) in positive {
             if value == 0 {
-                return Err(ModelError::config(path, format!("field `{field}` must be > 0")));
+                return Err(ModelError::config(
+                    path,
+                    format!("field `{field}` must be > 0"),
+                ));
             }
         }
         if self.num_heads % self.num_kv_heads != 0 {
@@ -200,7 +208,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(ModelError::config(path, "field `head_dim` must be even for RoPE"));
+            return Err(ModelError::config(
+                path,
+                "field `head_dim` must be even for RoPE",
+            ));
         }
         Ok(())
     }
@@ -216,7 +227,10 @@ impl ModelConfig {
     /// Weight count of one decoder layer (projections and norms).
     pub fn layer_params(&self) -> usize {
         let h = self.hidden_size;
-        h * (self.q_dim() + 2 * self.kv_dim()) + self.q_dim() * h + 3 * h * self.intermediate_size + 2 * h
+        h * (self.q_dim() + 2 * self.kv_dim())
+            + self.q_dim() * h
+            + 3 * h * self.intermediate_size
+            + 2 * h
     }
 
     /// Multiply-add FLOPs per token of the projections and LM head (2 per weight), without attention.

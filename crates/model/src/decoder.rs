@@ -107,10 +107,22 @@ impl Llama {
                 }
             }
         };
-        Ok(Self::from_parts(cfg, embed, layers, norm, Linear::new(lm_head)?))
+        Ok(Self::from_parts(
+            cfg,
+            embed,
+            layers,
+            norm,
+            Linear::new(lm_head)?,
+        ))
     }
 
-    pub fn from_parts(cfg: ModelConfig, embed: Tensor, layers: Vec<LayerWeights>, norm: Tensor, lm_head: Linear) -> Self {
+    pub fn from_parts(
+        cfg: ModelConfig,
+        embed: Tensor,
+        layers: Vec<LayerWeights>,
+        norm: Tensor,
+        lm_head: Linear,
+    ) -> Self {
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings);
         Self {
             cfg,
@@ -153,7 +165,12 @@ impl Llama {
 
     /// One decoder layer over a flattened batch `x [rows, hidden]`; `segments` say which rows
     /// belong to which sequence and hold that sequence's cache for this layer.
-    pub fn layer_forward(&self, layer: &LayerWeights, x: &Tensor, segments: &mut [AttnSegment<'_>]) -> Result<Tensor> {
+    pub fn layer_forward(
+        &self,
+        layer: &LayerWeights,
+        x: &Tensor,
+        segments: &mut [AttnSegment<'_>],
+    ) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps as f32;
         let rows = x.dim(0)?;
         let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, eps)?;
@@ -179,7 +196,9 @@ impl Llama {
     fn validate(&self, items: &[BatchItem<'_>]) -> Result<()> {
         for (i, item) in items.iter().enumerate() {
             if item.tokens.is_empty() {
-                return Err(ModelError::InvalidInput(format!("batch item {i} has no tokens")));
+                return Err(ModelError::InvalidInput(format!(
+                    "batch item {i} has no tokens"
+                )));
             }
             if item.offset > item.cache.len() {
                 return Err(ModelError::InvalidInput(format!(
@@ -203,7 +222,10 @@ impl Llama {
     /// order (`Last` gives one row, `All` one row per new token, `None` none).
     pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Tensor> {
         self.validate(items)?;
-        let tokens: Vec<u32> = items.iter().flat_map(|it| it.tokens.iter().copied()).collect();
+        let tokens: Vec<u32> = items
+            .iter()
+            .flat_map(|it| it.tokens.iter().copied())
+            .collect();
         let mut x = self.embed(&tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let mut row = 0;
@@ -233,7 +255,11 @@ impl Llama {
             row += n;
         }
         if keep.is_empty() {
-            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, self.device())?);
+            return Ok(Tensor::zeros(
+                (0, self.cfg.vocab_size),
+                DType::F32,
+                self.device(),
+            )?);
         }
         let keep = Tensor::new(keep.as_slice(), self.device())?;
         self.logits(&x.index_select(&keep, 0)?)

@@ -6,12 +6,8 @@ use std::path::PathBuf;
 /// Errors from loading, tokenizing and running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: cannot read: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{path}: cannot read: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
     #[error("{path}: unsupported architecture `{arch}` (supported: {supported})")]
@@ -68,7 +64,7 @@ impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         ModelError::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
 }

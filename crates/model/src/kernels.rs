@@ -14,7 +14,8 @@ pub(crate) fn has_avx2_fma() -> bool {
     {
         static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *DETECTED.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -56,7 +57,11 @@ pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 #[inline(always)]
 pub(crate) fn axpy<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
-        *yi = if FMA { xi.mul_add(alpha, *yi) } else { *yi + alpha * xi };
+        *yi = if FMA {
+            xi.mul_add(alpha, *yi)
+        } else {
+            *yi + alpha * xi
+        };
     }
 }
 
@@ -118,7 +123,9 @@ mod tests {
         let mut out = vec![0f32; m * n];
         for r in 0..m {
             for j in 0..n {
-                out[r * n + j] = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum::<f64>() as f32;
+                out[r * n + j] = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         out
@@ -138,12 +145,22 @@ mod tests {
 
     #[test]
     fn matmul_small_matches_reference_for_odd_shapes() {
-        for &(m, k, n) in &[(1, 576, 1536), (3, 67, 101), (8, 576, 49), (1, 5, 1), (5, 1536, 576)] {
+        for &(m, k, n) in &[
+            (1, 576, 1536),
+            (3, 67, 101),
+            (8, 576, 49),
+            (1, 5, 1),
+            (5, 1536, 576),
+        ] {
             let x = pseudo_random(m * k, 1);
             let w = pseudo_random(n * k, 2);
             let got = matmul_small(&x, m, k, &w, n);
             let want = reference(&x, m, k, &w, n);
-            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(diff < 1e-4, "m={m} k={k} n={n}: max diff {diff}");
         }
     }

@@ -24,7 +24,9 @@ pub struct LoadedModel {
 /// Loads a model directory or GGUF file; weights are converted (or dequantized) to `dtype`.
 pub fn load(path: &Path, dtype: DType) -> Result<LoadedModel> {
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(ModelError::InvalidInput(format!("weight dtype {dtype:?} is not supported")));
+        return Err(ModelError::InvalidInput(format!(
+            "weight dtype {dtype:?} is not supported"
+        )));
     }
     let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
     if meta.is_dir() {

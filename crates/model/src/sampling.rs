@@ -37,15 +37,21 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
         if !t.is_finite() || t < 0.0 {
-            return Err(ModelError::InvalidInput(format!("temperature must be finite and >= 0, got {t}")));
+            return Err(ModelError::InvalidInput(format!(
+                "temperature must be finite and >= 0, got {t}"
+            )));
         }
         let p = self.top_p;
         if !(p > 0.0 && p <= 1.0) {
-            return Err(ModelError::InvalidInput(format!("top_p must be in (0, 1], got {p}")));
+            return Err(ModelError::InvalidInput(format!(
+                "top_p must be in (0, 1], got {p}"
+            )));
         }
         let r = self.repetition_penalty;
         if !r.is_finite() || r <= 0.0 {
-            return Err(ModelError::InvalidInput(format!("repetition_penalty must be > 0, got {r}")));
+            return Err(ModelError::InvalidInput(format!(
+                "repetition_penalty must be > 0, got {r}"
+            )));
         }
         Ok(())
     }

@@ -43,14 +43,17 @@ impl Tokenizer {
         let mut chat_template = None;
         let mut add_bos = false;
         if config_path.exists() {
-            let text =
-                std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|e| ModelError::io(&config_path, e))?;
             let json: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| ModelError::config(&config_path, format!("invalid JSON: {e}")))?;
             if let Some(t) = json.get("chat_template").and_then(|t| t.as_str()) {
                 chat_template = Some(ChatTemplate::new(t)?);
             }
-            add_bos = json.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+            add_bos = json
+                .get("add_bos_token")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
         }
         Ok(Self {
             inner,
@@ -92,7 +95,11 @@ impl Tokenizer {
                     false,
                 )
                 .map_err(|e| err(format!("pre-tokenizer regex: {e}")))?;
-                Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+                Sequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, true, false).into(),
+                ])
+                .into()
             }
             other => {
                 return Err(err(format!(
@@ -114,7 +121,11 @@ impl Tokenizer {
         inner
             .add_special_tokens(specials)
             .map_err(|e| err(format!("special tokens: {e}")))?;
-        let chat_template = parts.chat_template.as_deref().map(ChatTemplate::new).transpose()?;
+        let chat_template = parts
+            .chat_template
+            .as_deref()
+            .map(ChatTemplate::new)
+            .transpose()?;
         Ok(Self {
             inner,
             source: path.into(),
@@ -148,10 +159,12 @@ impl Tokenizer {
 
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| ModelError::Tokenizer {
-            path: self.source.clone(),
-            message: format!("decode: {e}"),
-        })
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| ModelError::Tokenizer {
+                path: self.source.clone(),
+                message: format!("decode: {e}"),
+            })
     }
 
     pub fn token_to_str(&self, id: u32) -> Option<String> {
@@ -165,9 +178,15 @@ impl Tokenizer {
     /// Renders a one-turn chat prompt with the model's template.
     pub fn chat_prompt(&self, user: &str) -> Result<String> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
-            ModelError::ChatTemplate(format!("{}: the model has no chat template", self.source.display()))
+            ModelError::ChatTemplate(format!(
+                "{}: the model has no chat template",
+                self.source.display()
+            ))
         })?;
-        let bos = self.bos.and_then(|id| self.token_to_str(id)).unwrap_or_default();
+        let bos = self
+            .bos
+            .and_then(|id| self.token_to_str(id))
+            .unwrap_or_default();
         let eos = self
             .eos
             .first()
@@ -196,7 +215,10 @@ impl TextStream {
         self.ids.push(id);
         let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             let piece = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();

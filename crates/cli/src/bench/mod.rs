@@ -1,0 +1,22 @@
+//! `rrt bench`: speed measurements that print ratios measured side by side in one run.
+
+mod cpu_time;
+mod decode;
+mod matmul;
+
+use clap::Subcommand;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Decode tokens/s at several batch sizes, against this machine's measured matmul roofline.
+    Decode(decode::DecodeArgs),
+    /// The few-row matmul kernel against candle's gemm, per row count.
+    Matmul(matmul::MatmulArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Decode(args) => decode::run(args),
+        BenchCommand::Matmul(args) => matmul::run(args),
+    }
+}
