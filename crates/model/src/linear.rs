@@ -1,13 +1,10 @@
 //! A bias-free linear layer with weights in `[out, in]` layout (the fast layout for candle's gemm
-//! on this CPU). Few-row inputs take the two-core [`matmul_small`] path; larger ones use candle.
+//! on this CPU). Inputs up to [`matmul_nt_max_rows`] rows take rrt's own [`matmul_nt`] kernel;
+//! larger ones use candle.
 
 use candle_core::{DType, Tensor};
 
-use crate::kernels::matmul_small;
-
-/// Inputs with at most this many rows use [`matmul_small`]. Measured by `rrt bench matmul`:
-/// below it candle's gemm leaves cores idle or pays packing costs for nothing.
-pub const SMALL_ROWS: usize = 8;
+use crate::kernels::{matmul_nt, matmul_nt_max_rows};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -37,8 +34,11 @@ impl Linear {
     /// `x [rows, in]` (f32) -> `[rows, out]` (f32).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let rows = x.dim(0)?;
-        if rows <= SMALL_ROWS && self.weight.dtype() == DType::F32 {
-            return self.forward_small(x);
+        if rows <= matmul_nt_max_rows()
+            && self.weight.dtype() == DType::F32
+            && x.dtype() == DType::F32
+        {
+            return self.forward_nt(x);
         }
         self.forward_gemm(x)
     }
@@ -54,7 +54,7 @@ impl Linear {
         }
     }
 
-    fn forward_small(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward_nt(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (rows, k) = x.dims2()?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let n = self.out_dim();
@@ -63,7 +63,7 @@ impl Linear {
             candle_core::Storage::Cpu(cpu) => {
                 let w = cpu.as_slice::<f32>()?;
                 let w = &w[layout.start_offset()..layout.start_offset() + n * k];
-                matmul_small(&xs, rows, k, w, n)
+                matmul_nt(&xs, rows, k, w, n)
             }
             _ => {
                 drop(storage);

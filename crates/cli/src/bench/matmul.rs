@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clap::Args;
-use rrt_model::kernels::matmul_small;
+use rrt_model::kernels::matmul_nt;
 
 #[derive(Args, Debug)]
 pub struct MatmulArgs {
@@ -66,7 +66,7 @@ pub fn run(args: MatmulArgs) -> anyhow::Result<()> {
             let xv = x.flatten_all()?.to_vec1::<f32>()?;
             let flops = 2.0 * (m * n * k) as f64;
             let ours = best_time(10, || {
-                std::hint::black_box(matmul_small(&xv, m, k, &wv, n));
+                std::hint::black_box(matmul_nt(&xv, m, k, &wv, n));
                 Ok(())
             })?;
             let theirs = best_time(10, || {
