@@ -60,17 +60,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Bytes of weights held in memory (a tied LM head is packed separately from the embedding).
 fn weight_bytes(model: &rrt_model::Llama) -> usize {
     let t = |t: &candle_core::Tensor| t.elem_count() * t.dtype().size_in_bytes();
-    let mut total = t(&model.embed) + t(&model.norm);
-    if !model.cfg.tie_word_embeddings {
-        total += t(model.lm_head.weight());
-    }
+    let mut total = t(&model.embed) + t(&model.norm) + model.lm_head.bytes();
     for l in &model.layers {
         total += t(&l.attn_norm) + t(&l.mlp_norm);
         total += [&l.qkv, &l.o, &l.gate_up, &l.down]
             .iter()
-            .map(|x| t(x.weight()))
+            .map(|x| x.bytes())
             .sum::<usize>();
     }
     total

@@ -38,6 +38,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    rrt_model::runtime::tune_allocator();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),

@@ -1,14 +1,15 @@
 //! Causal grouped-query attention over per-sequence KV caches, for a flattened batch: the rows of
 //! one fused QKV projection belong to several sequences ([`AttnSegment`]s), each with its own
 //! cache and position. RoPE is applied here, the new K/V rows are appended to each cache, and each
-//! (sequence, KV head, query chunk) is one parallel task reading its cache in place.
+//! (sequence, KV head, query chunk) is one parallel task reading its cache in place: scores 16
+//! positions at a time from the block-transposed K, softmax, then the weighted sum of V rows.
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::kernels::{axpy, dot, has_avx2_fma};
-use crate::kv_cache::LayerKv;
+use crate::kernels::{axpy, exp_fast, has_avx2_fma, has_avx512};
+use crate::kv_cache::{LayerKv, KV_BLOCK};
 use crate::rope::Rope;
 
 /// The rows of one sequence in a flattened batch, for one layer.
@@ -92,12 +93,11 @@ pub fn attention(
     }
     let qkv = &*qkv;
     let caches: Vec<&LayerKv> = segments.iter().map(|s| &*s.cache).collect();
-    let fma = has_avx2_fma();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
         .map(|t| {
             let mut out = vec![0f32; t.rows.len() * dims.group() * dims.head_dim];
-            run_task(fma, t, qkv, width, caches[t.segment], dims, &mut out);
+            run_task(t, qkv, width, caches[t.segment], dims, &mut out);
             out
         })
         .collect();
@@ -116,8 +116,24 @@ pub fn attention(
     out
 }
 
-fn run_task(
-    fma: bool,
+fn run_task(t: &Task, qkv: &[f32], width: usize, cache: &LayerKv, dims: AttnDims, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            // SAFETY: AVX-512F was detected at run time.
+            return unsafe { attend_avx512(t, qkv, width, cache, dims, out) };
+        }
+        if has_avx2_fma() {
+            // SAFETY: AVX2 and FMA were detected at run time.
+            return unsafe { attend_avx2(t, qkv, width, cache, dims, out) };
+        }
+    }
+    attend::<false>(t, qkv, width, cache, dims, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_avx512(
     t: &Task,
     qkv: &[f32],
     width: usize,
@@ -125,14 +141,7 @@ fn run_task(
     dims: AttnDims,
     out: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if fma {
-        // SAFETY: AVX2 and FMA were detected at run time.
-        unsafe { attend_avx2(t, qkv, width, cache, dims, out) };
-        return;
-    }
-    let _ = fma;
-    attend::<false>(t, qkv, width, cache, dims, out)
+    attend::<true>(t, qkv, width, cache, dims, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -148,6 +157,40 @@ unsafe fn attend_avx2(
     attend::<true>(t, qkv, width, cache, dims, out)
 }
 
+/// Scores of 16 cached positions for one query head: `q . K[j]` for each lane `j`, computed as
+/// 16-lane FMAs over the transposed K block.
+#[inline(always)]
+fn block_scores<const FMA: bool>(q: &[f32], k_block: &[f32]) -> [f32; KV_BLOCK] {
+    let mut acc = [0f32; KV_BLOCK];
+    for (&qd, kr) in q.iter().zip(k_block.chunks_exact(KV_BLOCK)) {
+        for (a, &k) in acc.iter_mut().zip(kr) {
+            *a = if FMA { qd.mul_add(k, *a) } else { *a + qd * k };
+        }
+    }
+    acc
+}
+
+/// `o = inv * sum_j p_j V[j]` with the accumulator in registers (head size known at compile time).
+#[inline(always)]
+fn weighted_v<const FMA: bool, const D: usize>(
+    probs: &[f32],
+    inv: f32,
+    cache: &LayerKv,
+    kv_off: usize,
+    o: &mut [f32],
+) {
+    let mut acc = [0f32; D];
+    for (j, &p) in probs.iter().enumerate() {
+        let v = cache.v_row(j, kv_off, D);
+        for (a, &x) in acc.iter_mut().zip(v) {
+            *a = if FMA { p.mul_add(x, *a) } else { *a + p * x };
+        }
+    }
+    for (o, a) in o.iter_mut().zip(acc) {
+        *o = a * inv;
+    }
+}
+
 #[inline(always)]
 fn attend<const FMA: bool>(
     t: &Task,
@@ -159,33 +202,40 @@ fn attend<const FMA: bool>(
 ) {
     let d = dims.head_dim;
     let g = dims.group();
-    let kv_row = dims.kv_dim();
     let kv_off = t.kv_head * d;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut scores = Vec::with_capacity(t.pos0 + t.rows.len());
+    let mut scores = Vec::with_capacity((t.pos0 + t.rows.len()).div_ceil(KV_BLOCK) * KV_BLOCK);
     for (ri, row) in t.rows.clone().enumerate() {
         let visible = t.pos0 + ri + 1;
         for hg in 0..g {
             let h = t.kv_head * g + hg;
             let q = &qkv[row * width + h * d..row * width + (h + 1) * d];
             scores.clear();
+            for b in 0..visible.div_ceil(KV_BLOCK) {
+                scores.extend_from_slice(&block_scores::<FMA>(q, cache.k_block(b, kv_off, d)));
+            }
+            let scores = &mut scores[..visible];
             let mut max = f32::NEG_INFINITY;
-            for j in 0..visible {
-                let k = &cache.k[j * kv_row + kv_off..j * kv_row + kv_off + d];
-                let s = dot::<FMA>(q, k) * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
-            let mut sum = 0f32;
             for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
+                *s *= scale;
+                max = max.max(*s);
             }
+            for s in scores.iter_mut() {
+                *s = exp_fast(*s - max);
+            }
+            let sum: f32 = scores.iter().sum();
             let inv = 1.0 / sum;
             let o = &mut out[(ri * g + hg) * d..(ri * g + hg + 1) * d];
-            for (j, &p) in scores.iter().enumerate() {
-                let v = &cache.v[j * kv_row + kv_off..j * kv_row + kv_off + d];
-                axpy::<FMA>(p * inv, v, o);
+            match d {
+                16 => weighted_v::<FMA, 16>(scores, inv, cache, kv_off, o),
+                32 => weighted_v::<FMA, 32>(scores, inv, cache, kv_off, o),
+                64 => weighted_v::<FMA, 64>(scores, inv, cache, kv_off, o),
+                128 => weighted_v::<FMA, 128>(scores, inv, cache, kv_off, o),
+                _ => {
+                    for (j, &p) in scores.iter().enumerate() {
+                        axpy::<FMA>(p * inv, cache.v_row(j, kv_off, d), o);
+                    }
+                }
             }
         }
     }

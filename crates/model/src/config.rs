@@ -198,7 +198,7 @@ impl ModelConfig {
                 ));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(ModelError::config(
                 path,
                 format!(
@@ -207,7 +207,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(ModelError::config(
                 path,
                 "field `head_dim` must be even for RoPE",

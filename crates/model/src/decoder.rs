@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::attention::{attention, AttnDims, AttnSegment};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::kernels::swiglu;
 use crate::kv_cache::SeqCache;
 use crate::linear::Linear;
 use crate::rope::Rope;
@@ -182,7 +183,8 @@ impl Llama {
         let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
         let gu = layer.gate_up.forward(&h)?;
         let f = self.cfg.intermediate_size;
-        let act = (candle_nn::ops::silu(&gu.narrow(1, 0, f)?)? * gu.narrow(1, f, f)?)?;
+        let act = swiglu(&gu.flatten_all()?.to_vec1::<f32>()?, f);
+        let act = Tensor::from_vec(act, (rows, f), x.device())?;
         Ok((x + layer.down.forward(&act)?)?)
     }
 

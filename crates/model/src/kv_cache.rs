@@ -1,6 +1,12 @@
-//! Per-sequence KV caches. Each sequence owns one [`LayerKv`] per unrolled layer, stored
-//! position-major (`[position][kv_head][head_dim]`) so appending a token is one `extend` and
-//! truncating (rolling back) is free.
+//! Per-sequence KV caches. Each sequence owns one [`LayerKv`] per unrolled layer.
+//!
+//! K is stored in blocks of [`KV_BLOCK`] positions, transposed within the block
+//! (`[block][kv_head][head_dim][16]`), so attention scores for 16 positions are 16-lane FMAs with
+//! no horizontal sums. V is position-major (`[position][kv_head][head_dim]`), the layout the
+//! weighted sum reads. Appending writes one slot; truncating (rolling back) is free.
+
+/// Positions per K block (one AVX-512 vector of scores).
+pub const KV_BLOCK: usize = 16;
 
 /// K and V of one layer of one sequence.
 #[derive(Debug, Clone, Default)]
@@ -9,6 +15,7 @@ pub struct LayerKv {
     pub(crate) v: Vec<f32>,
     /// Floats per position (`kv_heads * head_dim`).
     pub(crate) row: usize,
+    len: usize,
 }
 
 impl LayerKv {
@@ -17,30 +24,69 @@ impl LayerKv {
             k: Vec::new(),
             v: Vec::new(),
             row,
+            len: 0,
         }
     }
 
     /// Cached positions.
     pub fn len(&self) -> usize {
-        self.k.len().checked_div(self.row).unwrap_or(0)
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.k.is_empty()
+        self.len == 0
     }
 
     /// Drops positions `len..`.
     pub fn truncate(&mut self, len: usize) {
-        self.k.truncate(len * self.row);
-        self.v.truncate(len * self.row);
+        if len < self.len {
+            self.len = len;
+            self.k
+                .truncate(len.div_ceil(KV_BLOCK) * KV_BLOCK * self.row);
+            self.v.truncate(len * self.row);
+        }
     }
 
+    /// Appends one position; `k` and `v` are `[kv_heads * head_dim]` (head-major).
     pub(crate) fn push(&mut self, k: &[f32], v: &[f32]) {
-        self.k.extend_from_slice(k);
+        let slot = self.len % KV_BLOCK;
+        if slot == 0 {
+            self.k.resize(self.k.len() + KV_BLOCK * self.row, 0.0);
+        }
+        let block = &mut self.k[(self.len / KV_BLOCK) * KV_BLOCK * self.row..];
+        for (i, &x) in k.iter().enumerate() {
+            block[i * KV_BLOCK + slot] = x;
+        }
         self.v.extend_from_slice(v);
+        self.len += 1;
     }
 
-    /// Bytes held by cached positions.
+    /// K block `b` of a KV head: `[head_dim][16]`, starting at feature `head_offset`.
+    pub(crate) fn k_block(&self, b: usize, head_offset: usize, head_dim: usize) -> &[f32] {
+        let start = (b * self.row + head_offset) * KV_BLOCK;
+        &self.k[start..start + head_dim * KV_BLOCK]
+    }
+
+    /// V of position `j`, features `head_offset..head_offset + head_dim`.
+    pub(crate) fn v_row(&self, j: usize, head_offset: usize, head_dim: usize) -> &[f32] {
+        let start = j * self.row + head_offset;
+        &self.v[start..start + head_dim]
+    }
+
+    /// K of position `j` as a plain vector (for tests and copies).
+    pub fn k_at(&self, j: usize) -> Vec<f32> {
+        let base = (j / KV_BLOCK) * KV_BLOCK * self.row;
+        (0..self.row)
+            .map(|i| self.k[base + i * KV_BLOCK + j % KV_BLOCK])
+            .collect()
+    }
+
+    /// V of position `j`.
+    pub fn v_at(&self, j: usize) -> &[f32] {
+        &self.v[j * self.row..(j + 1) * self.row]
+    }
+
+    /// Bytes held (K's last block counted whole).
     pub fn bytes(&self) -> usize {
         (self.k.len() + self.v.len()) * std::mem::size_of::<f32>()
     }
@@ -74,5 +120,31 @@ impl SeqCache {
 
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(LayerKv::bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_read_back_and_truncate_across_blocks() {
+        let row = 6;
+        let mut kv = LayerKv::new(row);
+        let pos = |j: usize| -> Vec<f32> { (0..row).map(|i| (j * 10 + i) as f32).collect() };
+        for j in 0..40 {
+            kv.push(&pos(j), &pos(j + 1000));
+        }
+        assert_eq!(kv.len(), 40);
+        for j in [0, 15, 16, 39] {
+            assert_eq!(kv.k_at(j), pos(j));
+            assert_eq!(kv.v_at(j), pos(j + 1000).as_slice());
+        }
+        kv.truncate(17);
+        assert_eq!(kv.len(), 17);
+        kv.push(&pos(77), &pos(77));
+        assert_eq!(kv.k_at(17), pos(77));
+        assert_eq!(kv.k_at(16), pos(16));
+        assert_eq!(kv.bytes(), (2 * KV_BLOCK * row + 18 * row) * 4);
     }
 }

@@ -18,6 +18,7 @@ pub mod linear;
 pub mod load;
 pub mod perplexity;
 pub mod rope;
+pub mod runtime;
 pub mod sampling;
 pub mod source;
 pub mod tokenizer;

@@ -1,75 +1,123 @@
-//! A bias-free linear layer with weights in `[out, in]` layout (the fast layout for candle's gemm
-//! on this CPU). Inputs up to [`matmul_nt_max_rows`] rows take rrt's own [`matmul_nt`] kernel;
-//! larger ones use candle.
+//! A bias-free linear layer. f32 weights are packed once at load ([`PackedWeight`]) and run by
+//! rrt's own [`matmul`] kernel, which beats candle's gemm at every batch size a server sees (`rrt
+//! bench matmul` measures both); other dtypes keep a candle tensor in `[out, in]` layout.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use crate::kernels::{matmul_nt, matmul_nt_max_rows};
+use crate::kernels::{matmul, PackedWeight};
+
+#[derive(Debug, Clone)]
+enum Storage {
+    Packed(Arc<PackedWeight>),
+    Tensor(Tensor),
+}
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    storage: Storage,
+    out_dim: usize,
+    in_dim: usize,
 }
 
 impl Linear {
-    /// `weight` is `[out, in]`; it is made contiguous once here.
+    /// `weight` is `[out, in]`.
     pub fn new(weight: Tensor) -> candle_core::Result<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        let storage = if weight.dtype() == DType::F32 {
+            let w = weight.flatten_all()?.to_vec1::<f32>()?;
+            Storage::Packed(Arc::new(PackedWeight::pack(&w, out_dim, in_dim)))
+        } else {
+            Storage::Tensor(weight.contiguous()?)
+        };
         Ok(Self {
-            weight: weight.contiguous()?,
+            storage,
+            out_dim,
+            in_dim,
         })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The weight as a `[out, in]` tensor (rebuilt from the packed form when needed).
+    pub fn weight(&self) -> candle_core::Result<Tensor> {
+        match &self.storage {
+            Storage::Tensor(t) => Ok(t.clone()),
+            Storage::Packed(p) => Tensor::from_vec(
+                p.unpack(),
+                (self.out_dim, self.in_dim),
+                &candle_core::Device::Cpu,
+            ),
+        }
     }
 
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        self.out_dim
     }
 
     pub fn in_dim(&self) -> usize {
-        self.weight.dims()[1]
+        self.in_dim
+    }
+
+    /// Bytes the weight occupies in memory.
+    pub fn bytes(&self) -> usize {
+        match &self.storage {
+            Storage::Packed(p) => p.bytes(),
+            Storage::Tensor(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        }
     }
 
     /// `x [rows, in]` (f32) -> `[rows, out]` (f32).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let rows = x.dim(0)?;
-        if rows <= matmul_nt_max_rows()
-            && self.weight.dtype() == DType::F32
-            && x.dtype() == DType::F32
-        {
-            return self.forward_nt(x);
-        }
-        self.forward_gemm(x)
-    }
-
-    /// candle's gemm: the reference path, and the fast one for many rows.
-    pub fn forward_gemm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if self.weight.dtype() == x.dtype() {
-            x.matmul(&self.weight.t()?)
-        } else {
-            x.to_dtype(self.weight.dtype())?
-                .matmul(&self.weight.t()?)?
-                .to_dtype(x.dtype())
+        match &self.storage {
+            Storage::Packed(p) => {
+                let rows = x.dim(0)?;
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(matmul(&xs, rows, p), (rows, self.out_dim), x.device())
+            }
+            Storage::Tensor(w) => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32),
         }
     }
+}
 
-    fn forward_nt(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (rows, k) = x.dims2()?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let n = self.out_dim();
-        let (storage, layout) = self.weight.storage_and_layout();
-        let out = match &*storage {
-            candle_core::Storage::Cpu(cpu) => {
-                let w = cpu.as_slice::<f32>()?;
-                let w = &w[layout.start_offset()..layout.start_offset() + n * k];
-                matmul_nt(&xs, rows, k, w, n)
-            }
-            _ => {
-                drop(storage);
-                return self.forward_gemm(x);
-            }
-        };
-        Tensor::from_vec(out, (rows, n), x.device())
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn packed_and_f16_paths_match_candle_matmul() {
+        let w = Tensor::randn(0f32, 1.0, (37, 29), &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 29), &Device::Cpu).unwrap();
+        let want = x.matmul(&w.t().unwrap()).unwrap();
+        let got = Linear::new(w.clone()).unwrap().forward(&x).unwrap();
+        let diff = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "packed: {diff}");
+        let half = Linear::new(w.to_dtype(DType::F16).unwrap()).unwrap();
+        let got = half.forward(&x).unwrap();
+        let diff = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 0.1, "f16: {diff}");
+        assert_eq!(
+            Linear::new(w.clone())
+                .unwrap()
+                .weight()
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+            w.to_vec2::<f32>().unwrap()
+        );
     }
 }

@@ -24,6 +24,10 @@ pub struct DecodeArgs {
     /// Prompt tokens per sequence before decoding starts.
     #[arg(long, default_value_t = 64)]
     prompt_len: usize,
+    /// Runs per batch size; the best is reported (this machine is a shared VM: best-of-N
+    /// against a best-of-N roofline compares peak with peak).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
 }
 
 struct Row {
@@ -94,26 +98,46 @@ fn decode(model: &Llama, batch: usize, prompt_len: usize, steps: usize) -> anyho
 pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     let loaded = args.model.load()?;
     let model = &loaded.model;
-    let peak = roofline_gflops()?;
+    // The roofline is measured before, between and after the decode runs; its best is the peak.
+    let mut peak = roofline_gflops()?;
     println!(
-        "decode benchmark: {} ({}), weights {:?}, {} threads, prompt {} tokens, {} steps",
+        "decode benchmark: {} ({}), weights {:?}, {} threads, prompt {} tokens, {} steps, best of {}",
         loaded.path.display(),
         loaded.format,
         args.model.dtype,
         rayon::current_num_threads(),
         args.prompt_len,
-        args.steps
+        args.steps,
+        args.repeats
     );
     println!(
-        "model: {:.3} GFLOP/token in matmuls; machine roofline (best large f32 gemm): {peak:.1} GFLOP/s",
+        "model: {:.3} GFLOP/token in matmuls; roofline = best large f32 matmul (candle or rrt) on this machine",
         model.cfg.matmul_flops_per_token() / 1e9
+    );
+    let mut rows = Vec::new();
+    for &b in &args.batches {
+        let mut best: Option<Row> = None;
+        for _ in 0..args.repeats.max(1) {
+            let r = decode(model, b, args.prompt_len, args.steps)?;
+            if best
+                .as_ref()
+                .is_none_or(|x| r.tokens_per_s > x.tokens_per_s)
+            {
+                best = Some(r);
+            }
+        }
+        rows.extend(best);
+        peak = peak.max(roofline_gflops()?);
+    }
+    println!(
+        "roofline (best of {} measurements): {peak:.1} GFLOP/s",
+        args.batches.len() + 1
     );
     println!(
         "{:>6} {:>10} {:>9} {:>9} {:>11} {:>11}",
         "batch", "tokens/s", "ms/step", "GFLOP/s", "of roofline", "cores busy"
     );
-    for &b in &args.batches {
-        let r = decode(model, b, args.prompt_len, args.steps)?;
+    for r in rows {
         println!(
             "{:>6} {:>10.1} {:>9.2} {:>9.1} {:>10.0}% {:>11}",
             r.batch,

@@ -1,16 +1,16 @@
-//! Few-row matmuls: rrt's two-core kernel vs candle's gemm on the model's projection shapes, and
-//! the large-batch gemm rate that serves as this machine's roofline.
+//! rrt's packed-weight matmul kernel vs candle's gemm on the model's projection shapes at decode
+//! batch sizes, and this machine's matmul roofline: the best rate either reaches on large shapes.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clap::Args;
-use rrt_model::kernels::matmul_nt;
+use rrt_model::kernels::{matmul, PackedWeight};
 
 #[derive(Args, Debug)]
 pub struct MatmulArgs {
     /// Row counts to compare.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16,32,64,128,512")]
     rows: Vec<usize>,
 }
 
@@ -30,24 +30,32 @@ fn random(rows: usize, cols: usize) -> anyhow::Result<Tensor> {
     Ok(Tensor::randn(0f32, 1f32, (rows, cols), &Device::Cpu)?)
 }
 
-/// Peak f32 matmul GFLOP/s of candle on this machine: the best of large, Linear-layout shapes.
+/// This machine's f32 matmul roofline in GFLOP/s: the best that candle's gemm or rrt's kernel
+/// reaches on large, Linear-layout shapes (best of several runs each).
 pub fn roofline_gflops() -> anyhow::Result<f64> {
     let mut best: f64 = 0.0;
     for (m, k, n) in [(512, 2048, 2048), (512, 576, 1536), (256, 1536, 576)] {
         let x = random(m, k)?;
         let w = random(n, k)?;
-        let secs = best_time(5, || {
+        let flops = 2.0 * (m * k * n) as f64;
+        let candle = best_time(8, || {
             x.matmul(&w.t()?)?;
             Ok(())
         })?;
-        best = best.max(2.0 * (m * k * n) as f64 / secs / 1e9);
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let packed = PackedWeight::pack(&w.flatten_all()?.to_vec1::<f32>()?, n, k);
+        let ours = best_time(8, || {
+            std::hint::black_box(matmul(&xv, m, &packed));
+            Ok(())
+        })?;
+        best = best.max(flops / candle.min(ours) / 1e9);
     }
     Ok(best)
 }
 
 pub fn run(args: MatmulArgs) -> anyhow::Result<()> {
     println!(
-        "few-row matmul, f32, weights [n, k] (Linear layout), threads: {}",
+        "matmul y = x w^T, f32, rrt (weights packed at load) vs candle gemm (Linear layout), threads: {}",
         rayon::current_num_threads()
     );
     println!(
@@ -60,13 +68,13 @@ pub fn run(args: MatmulArgs) -> anyhow::Result<()> {
         ("lm_head", 49152, 576),
     ] {
         let w = random(n, k)?;
-        let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        let packed = PackedWeight::pack(&w.flatten_all()?.to_vec1::<f32>()?, n, k);
         for &m in &args.rows {
             let x = random(m, k)?;
             let xv = x.flatten_all()?.to_vec1::<f32>()?;
             let flops = 2.0 * (m * n * k) as f64;
             let ours = best_time(10, || {
-                std::hint::black_box(matmul_nt(&xv, m, k, &wv, n));
+                std::hint::black_box(matmul(&xv, m, &packed));
                 Ok(())
             })?;
             let theirs = best_time(10, || {

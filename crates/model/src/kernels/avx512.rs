@@ -1,90 +1,91 @@
-//! AVX-512 register-tiled `C = X W^T` for few rows: 4 rows of X against 4 rows of W at a time,
-//! 16 accumulators of 16 lanes along k, with no packing (the weight is read in its Linear layout,
-//! which is already contiguous along k). The W tile stays in L1 while every X tile streams from L2.
+//! The AVX-512 micro-kernel of [`super::matmul`]: a tile of up to [`MR`] rows of X times up to
+//! [`NR`] weight panels (64 output columns), held in 24 accumulators. Each step along k loads one
+//! vector per panel and broadcasts one X value per row: 10 loads feed 24 FMAs.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-/// Computes `C[r, j]` for all rows `r < m` and columns `j in cols`.
+use super::packed::{PackedWeight, PANEL};
+
+/// Rows of X per tile.
+pub const MR: usize = 6;
+/// Panels per tile.
+pub const NR: usize = 4;
+
+/// Computes `C[rows, panels]` (columns `panels.start * 16 ..`, clipped to `w.n()`), prefetching
+/// `next` (the weight panels the caller computes next) into L2 while it works, so the weight
+/// stream from memory overlaps the arithmetic instead of stalling the first row tile.
 ///
 /// # Safety
-/// The CPU must support AVX-512F; `x` is `[m, k]`, `w` is `[n, k]` with `cols.end <= n`, and `c`
-/// is `[m, ldc]` with `cols.end <= ldc`; no other thread writes `C[.., cols]`.
+/// The CPU must support AVX-512F; `x` is `[m, k]` with `rows.end <= m`; `c` is `[m, ldc]` with
+/// `ldc == w.n()`; no other thread writes this block of C.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn gemm_nt_cols(
+pub unsafe fn matmul_block(
     x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[f32],
-    cols: Range<usize>,
+    w: &PackedWeight,
+    rows: Range<usize>,
+    panels: Range<usize>,
+    next: &[f32],
     c: *mut f32,
-    ldc: usize,
 ) {
-    // Blocks of X rows bound the working set (X block + this task's W columns) to L2.
-    for r0 in (0..m).step_by(ROW_BLOCK) {
-        let r1 = (r0 + ROW_BLOCK).min(m);
-        let mut j = cols.start;
-        while j < cols.end {
-            let nr = (cols.end - j).min(4);
-            let wp = w.as_ptr().add(j * k);
-            let mut r = r0;
-            while r < r1 {
-                let mr = (r1 - r).min(4);
-                let xp = x.as_ptr().add(r * k);
-                let cp = c.add(r * ldc + j);
-                macro_rules! dispatch {
-                    ($($a:literal $b:literal),*) => {
-                        match (mr, nr) {
-                            $(($a, $b) => tile::<$a, $b>(xp, k, wp, cp, ldc),)*
-                            _ => unreachable!("tile sizes are 1..=4"),
-                        }
-                    };
-                }
-                dispatch!(1 1, 1 2, 1 3, 1 4, 2 1, 2 2, 2 3, 2 4, 3 1, 3 2, 3 3, 3 4, 4 1, 4 2, 4 3, 4 4);
-                r += mr;
+    let k = w.k();
+    let n = w.n();
+    let mut p = panels.start;
+    while p < panels.end {
+        let nr = (panels.end - p).min(NR);
+        let cols_valid = n - p * PANEL; // may exceed nr * PANEL
+        let mut r = rows.start;
+        let mut tile_index = 0;
+        while r < rows.end {
+            let mr = (rows.end - r).min(MR);
+            // This tile prefetches its share of `next`: one 64-byte line per step along k.
+            let pf_start =
+                ((p - panels.start) / NR * rows.len().div_ceil(MR) + tile_index) * k * PANEL;
+            let pf = next.get(pf_start..).unwrap_or(&[]);
+            tile_index += 1;
+            let xp = x.as_ptr().add(r * k);
+            let cp = c.add(r * n + p * PANEL);
+            let wp = w.panel_ptr(p);
+            macro_rules! dispatch {
+                ($($a:literal $b:literal),*) => {
+                    match (mr, nr) {
+                        $(($a, $b) => tile::<$a, $b>(xp, k, wp, cp, n, cols_valid, pf),)*
+                        _ => unreachable!("tile sizes are 1..=MR x 1..=NR"),
+                    }
+                };
             }
-            j += nr;
+            dispatch!(1 1, 1 2, 1 3, 1 4, 2 1, 2 2, 2 3, 2 4, 3 1, 3 2, 3 3, 3 4,
+                      4 1, 4 2, 4 3, 4 4, 5 1, 5 2, 5 3, 5 4, 6 1, 6 2, 6 3, 6 4);
+            r += mr;
         }
+        p += nr;
     }
 }
 
-/// Rows of X per block (64 rows x 1536 floats = 384 KiB, well inside a 2 MiB L2).
-const ROW_BLOCK: usize = 64;
-
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile<const MR: usize, const NR: usize>(
+unsafe fn tile<const R: usize, const P: usize>(
     x: *const f32,
     k: usize,
     w: *const f32,
     c: *mut f32,
     ldc: usize,
+    cols_valid: usize,
+    prefetch: &[f32],
 ) {
-    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-    let full = k / 16;
-    for kk in 0..full {
-        let off = kk * 16;
-        let mut wv = [_mm512_setzero_ps(); NR];
+    let panel_stride = k * PANEL;
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
+    let pf_steps = (prefetch.len() / PANEL).min(k);
+    for kk in 0..k {
+        if kk < pf_steps {
+            _mm_prefetch::<_MM_HINT_T1>(prefetch.as_ptr().add(kk * PANEL) as *const i8);
+        }
+        let mut wv = [_mm512_setzero_ps(); P];
         for (b, v) in wv.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(w.add(b * k + off));
+            *v = _mm512_loadu_ps(w.add(b * panel_stride + kk * PANEL));
         }
         for (a, row) in acc.iter_mut().enumerate() {
-            let xv = _mm512_loadu_ps(x.add(a * k + off));
-            for (b, v) in row.iter_mut().enumerate() {
-                *v = _mm512_fmadd_ps(xv, wv[b], *v);
-            }
-        }
-    }
-    let rem = k % 16;
-    if rem != 0 {
-        let off = full * 16;
-        let mask: __mmask16 = ((1u32 << rem) - 1) as u16;
-        let mut wv = [_mm512_setzero_ps(); NR];
-        for (b, v) in wv.iter_mut().enumerate() {
-            *v = _mm512_maskz_loadu_ps(mask, w.add(b * k + off));
-        }
-        for (a, row) in acc.iter_mut().enumerate() {
-            let xv = _mm512_maskz_loadu_ps(mask, x.add(a * k + off));
+            let xv = _mm512_set1_ps(*x.add(a * k + kk));
             for (b, v) in row.iter_mut().enumerate() {
                 *v = _mm512_fmadd_ps(xv, wv[b], *v);
             }
@@ -92,7 +93,17 @@ unsafe fn tile<const MR: usize, const NR: usize>(
     }
     for (a, row) in acc.iter().enumerate() {
         for (b, v) in row.iter().enumerate() {
-            *c.add(a * ldc + b) = _mm512_reduce_add_ps(*v);
+            let col = b * PANEL;
+            if col >= cols_valid {
+                break;
+            }
+            let dst = c.add(a * ldc + col);
+            if cols_valid - col >= PANEL {
+                _mm512_storeu_ps(dst, *v);
+            } else {
+                let mask: __mmask16 = ((1u32 << (cols_valid - col)) - 1) as u16;
+                _mm512_mask_storeu_ps(dst, mask, *v);
+            }
         }
     }
 }

@@ -5,21 +5,14 @@
 //! cost more in dispatch than in arithmetic). Each kernel has a test against a plain reference.
 //!
 //! Instruction sets are picked at run time, so one binary runs everywhere: an AVX-512
-//! register-tiled kernel ([`avx512`]) where the CPU has it, else generic loops instantiated once
-//! with AVX2+FMA and once for the baseline target.
+//! micro-kernel over pre-packed weights ([`packed`]) where the CPU has it, else generic loops
+//! instantiated once with AVX2+FMA and once for the baseline target.
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod packed;
 
-/// Largest row count for which [`matmul_nt`] beats candle's gemm on this CPU (`rrt bench
-/// matmul` measures both): the AVX-512 kernel up to 1024 rows, the generic one up to 8.
-pub fn matmul_nt_max_rows() -> usize {
-    if has_avx512() {
-        1024
-    } else {
-        8
-    }
-}
+pub use packed::{PackedWeight, PANEL};
 
 use rayon::prelude::*;
 
@@ -52,33 +45,41 @@ pub(crate) fn has_avx2_fma() -> bool {
     }
 }
 
-/// Dot product with 16 independent accumulators so the compiler can keep them in vector lanes.
+/// `e^x`, written so 16 of them vectorize: Cody-Waite range reduction to `r` in [-ln2/2, ln2/2],
+/// a degree-6 polynomial, and the power of two put straight into the exponent bits. Relative
+/// error about 2e-7; inputs are clamped to [-87, 88] (results ~1e-38 and ~1.6e38 there).
 #[inline(always)]
-pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; L];
-    let chunks = n / L;
-    for c in 0..chunks {
-        let (ca, cb) = (&a[c * L..c * L + L], &b[c * L..c * L + L]);
-        for j in 0..L {
-            acc[j] = if FMA {
-                ca[j].mul_add(cb[j], acc[j])
-            } else {
-                acc[j] + ca[j] * cb[j]
-            };
-        }
-    }
-    let mut tail = 0f32;
-    for j in chunks * L..n {
-        tail += a[j] * b[j];
-    }
-    let mut s = 0f32;
-    for v in acc {
-        s += v;
-    }
-    s + tail
+pub(crate) fn exp_fast(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E).round();
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// SwiGLU over the fused gate|up projection: `gu` is `[rows, 2f]` (gate then up per row);
+/// returns `silu(gate) * up`, `[rows, f]`, in one parallel pass.
+pub fn swiglu(gu: &[f32], f: usize) -> Vec<f32> {
+    let rows = gu.len() / (2 * f).max(1);
+    let mut out = vec![0f32; rows * f];
+    out.par_chunks_mut(f)
+        .zip(gu.par_chunks(2 * f))
+        .for_each(|(o, row)| {
+            let (gate, up) = row.split_at(f);
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *o = g / (1.0 + exp_fast(-g)) * u;
+            }
+        });
+    out
 }
 
 /// `y += alpha * x`, element-wise.
@@ -93,83 +94,107 @@ pub(crate) fn axpy<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Output rows of `w` per parallel task in [`matmul_small`].
-const ROWS_PER_TASK: usize = 32;
+/// Rows of X per parallel task (a multiple of the micro-kernel's 6 rows).
+const ROW_BLOCK: usize = 96;
 
-#[inline(always)]
-fn matmul_rows<const FMA: bool>(x: &[f32], m: usize, k: usize, w_chunk: &[f32], out_t: &mut [f32]) {
-    for (j, w_row) in w_chunk.chunks_exact(k).enumerate() {
-        for r in 0..m {
-            out_t[j * m + r] = dot::<FMA>(w_row, &x[r * k..(r + 1) * k]);
-        }
-    }
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a disjoint block of the output (its rows x its panels).
+unsafe impl Sync for OutPtr {}
+
+/// `y = x w^T` for `x` (`[m, k]`, row-major) and a packed weight (`[n, k]`): returns `[m, n]`.
+/// Work is split over blocks of rows and of output panels, so one row (batch-1 decode) still
+/// spreads the weight over every core.
+pub fn matmul(x: &[f32], m: usize, w: &PackedWeight) -> Vec<f32> {
+    matmul_with(x, m, w, has_avx512())
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn matmul_rows_avx2(x: &[f32], m: usize, k: usize, w_chunk: &[f32], out_t: &mut [f32]) {
-    matmul_rows::<true>(x, m, k, w_chunk, out_t)
-}
-
-/// `y = x w^T` for `x` (`[m, k]`) and a weight `w` in Linear layout (`[n, k]`), split over
-/// output columns so every core streams its share of the weight. Returns `[m, n]`.
-pub fn matmul_nt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-    assert_eq!(x.len(), m * k, "x is not [m, k]");
-    assert_eq!(w.len(), n * k, "w is not [n, k]");
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        return matmul_nt_avx512(x, m, k, w, n);
-    }
-    matmul_nt_generic(x, m, k, w, n)
-}
-
-/// Output columns per parallel task of the AVX-512 path (a multiple of the 4-column tile).
-const COLS_PER_TASK: usize = 64;
-
-#[cfg(target_arch = "x86_64")]
-fn matmul_nt_avx512(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-    struct Out(*mut f32);
-    // SAFETY: tasks write disjoint column ranges of the output.
-    unsafe impl Sync for Out {}
+/// [`matmul`] with the instruction set chosen by the caller (`false` forces the generic path).
+pub fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, avx512: bool) -> Vec<f32> {
+    assert_eq!(x.len(), m * w.k(), "x is not [m, k]");
+    let n = w.n();
     let mut out = vec![0f32; m * n];
-    let ptr = Out(out.as_mut_ptr());
-    let tasks = n.div_ceil(COLS_PER_TASK);
-    (0..tasks).into_par_iter().for_each(|t| {
-        let cols = t * COLS_PER_TASK..((t + 1) * COLS_PER_TASK).min(n);
+    let panels = w.panels();
+    // Enough column groups for both cores to stay busy on narrow weights; wide tiles otherwise.
+    let group = if panels >= 16 * rayon::current_num_threads() {
+        4
+    } else {
+        2
+    };
+    let groups = panels.div_ceil(group);
+    let row_blocks = m.div_ceil(ROW_BLOCK);
+    // Each task walks a run of consecutive groups so it can prefetch the next one's weights.
+    let run = groups.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let runs = groups.div_ceil(run);
+    let ptr = OutPtr(out.as_mut_ptr());
+    (0..row_blocks * runs).into_par_iter().for_each(|t| {
+        let (rb, run_index) = (t / runs, t % runs);
+        let rows = rb * ROW_BLOCK..((rb + 1) * ROW_BLOCK).min(m);
         let ptr = &ptr;
-        // SAFETY: AVX-512F was detected; shapes were checked above; column ranges are disjoint.
-        unsafe { avx512::gemm_nt_cols(x, m, k, w, cols, ptr.0, n) };
+        for g in run_index * run..((run_index + 1) * run).min(groups) {
+            let cols = g * group..((g + 1) * group).min(panels);
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                let next_cols = cols.end..(cols.end + group).min(panels);
+                let next = w.panels_data(next_cols);
+                // SAFETY: AVX-512F was detected; shapes were checked; blocks are disjoint.
+                unsafe { avx512::matmul_block(x, w, rows.clone(), cols, next, ptr.0) };
+                continue;
+            }
+            // SAFETY: as above, blocks are disjoint and inside `out`.
+            unsafe { generic_block(x, w, rows.clone(), cols, ptr.0) }
+        }
     });
     out
 }
 
-/// The AVX2/baseline path: one dot product per (row, column), tasks over column blocks.
-pub fn matmul_nt_generic(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-    let mut out_t = vec![0f32; n * m];
-    let avx2 = has_avx2_fma();
-    out_t
-        .par_chunks_mut(ROWS_PER_TASK * m)
-        .zip(w.par_chunks(ROWS_PER_TASK * k))
-        .for_each(|(out_chunk, w_chunk)| {
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU supports AVX2 and FMA (checked at run time above).
-                unsafe { matmul_rows_avx2(x, m, k, w_chunk, out_chunk) };
-                return;
-            }
-            let _ = avx2;
-            matmul_rows::<false>(x, m, k, w_chunk, out_chunk)
-        });
-    if m == 1 {
-        return out_t;
+/// The portable micro-kernel: one row against one panel at a time, 16 lanes of accumulators.
+unsafe fn generic_block(
+    x: &[f32],
+    w: &PackedWeight,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    c: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        return generic_block_avx2(x, w, rows, panels, c);
     }
-    let mut out = vec![0f32; m * n];
-    for j in 0..n {
-        for r in 0..m {
-            out[r * n + j] = out_t[j * m + r];
+    generic_block_impl::<false>(x, w, rows, panels, c)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn generic_block_avx2(
+    x: &[f32],
+    w: &PackedWeight,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    c: *mut f32,
+) {
+    generic_block_impl::<true>(x, w, rows, panels, c)
+}
+
+#[inline(always)]
+unsafe fn generic_block_impl<const FMA: bool>(
+    x: &[f32],
+    w: &PackedWeight,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    c: *mut f32,
+) {
+    let (k, n) = (w.k(), w.n());
+    for p in panels {
+        let panel = w.panel(p);
+        let valid = (n - p * PANEL).min(PANEL);
+        for r in rows.clone() {
+            let xr = &x[r * k..(r + 1) * k];
+            let mut acc = [0f32; PANEL];
+            for (kk, &xv) in xr.iter().enumerate() {
+                axpy::<FMA>(xv, &panel[kk * PANEL..(kk + 1) * PANEL], &mut acc);
+            }
+            std::ptr::copy_nonoverlapping(acc.as_ptr(), c.add(r * n + p * PANEL), valid);
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -201,7 +226,35 @@ mod tests {
     }
 
     #[test]
-    fn few_row_matmul_matches_reference_for_odd_shapes() {
+    fn exp_fast_matches_std_exp() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp_fast(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 1e-6, "max relative error {worst}");
+        assert_eq!(exp_fast(0.0), 1.0);
+        assert!(exp_fast(-1000.0) < 1e-37);
+        assert!(exp_fast(1000.0).is_finite());
+    }
+
+    #[test]
+    fn swiglu_matches_formula() {
+        let f = 5;
+        let gu: Vec<f32> = (0..3 * 2 * f).map(|i| (i as f32 - 15.0) * 0.7).collect();
+        let got = swiglu(&gu, f);
+        for r in 0..3 {
+            for j in 0..f {
+                let (g, u) = (gu[r * 2 * f + j], gu[r * 2 * f + f + j]);
+                let want = g / (1.0 + (-g).exp()) * u;
+                assert!((got[r * f + j] - want).abs() <= 1e-5 * want.abs().max(1.0));
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_reference_for_odd_shapes_on_both_paths() {
         let shapes = [
             (1, 576, 1536),
             (3, 67, 101),
@@ -210,14 +263,17 @@ mod tests {
             (5, 1536, 576),
             (33, 576, 130),
             (64, 17, 257),
+            (200, 40, 70),
         ];
         for &(m, k, n) in &shapes {
             let x = pseudo_random(m * k, 1);
             let w = pseudo_random(n * k, 2);
+            let packed = PackedWeight::pack(&w, n, k);
+            assert_eq!(packed.unpack(), w, "pack/unpack round trip");
             let want = reference(&x, m, k, &w, n);
             for (path, got) in [
-                ("dispatched", matmul_nt(&x, m, k, &w, n)),
-                ("generic", matmul_nt_generic(&x, m, k, &w, n)),
+                ("dispatched", matmul(&x, m, &packed)),
+                ("generic", matmul_with(&x, m, &packed, false)),
             ] {
                 let diff = got
                     .iter()
@@ -227,14 +283,5 @@ mod tests {
                 assert!(diff < 1e-4, "{path}: m={m} k={k} n={n}: max diff {diff}");
             }
         }
-    }
-
-    #[test]
-    fn dot_plain_and_fma_agree_with_tail() {
-        let a = pseudo_random(103, 3);
-        let b = pseudo_random(103, 4);
-        let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        assert!((dot::<false>(&a, &b) - want).abs() < 1e-4);
-        assert!((dot::<true>(&a, &b) - want).abs() < 1e-4);
     }
 }
