@@ -39,11 +39,11 @@ fn main() {
         .init();
     let cli = Cli::parse();
     rrt_model::runtime::tune_allocator();
-    let result = match cli.command {
+    let result = rrt_model::runtime::on_compute_pool(|| match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(cmd) => bench::run(cmd),
-    };
+    });
     if let Err(err) = result {
         eprintln!("error: {err:#}");
         std::process::exit(1);

@@ -15,7 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kernels::swiglu;
 use crate::kv_cache::SeqCache;
-use crate::linear::Linear;
+use crate::linear::{with_f32_slice, Linear};
 use crate::rope::Rope;
 use crate::source::TensorSource;
 
@@ -183,7 +183,7 @@ impl Llama {
         let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
         let gu = layer.gate_up.forward(&h)?;
         let f = self.cfg.intermediate_size;
-        let act = swiglu(&gu.flatten_all()?.to_vec1::<f32>()?, f);
+        let act = with_f32_slice(&gu, |gu| swiglu(gu, f))?;
         let act = Tensor::from_vec(act, (rows, f), x.device())?;
         Ok((x + layer.down.forward(&act)?)?)
     }

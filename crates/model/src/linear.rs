@@ -71,12 +71,27 @@ impl Linear {
         match &self.storage {
             Storage::Packed(p) => {
                 let rows = x.dim(0)?;
-                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(matmul(&xs, rows, p), (rows, self.out_dim), x.device())
+                let y = with_f32_slice(x, |xs| matmul(xs, rows, p))?;
+                Tensor::from_vec(y, (rows, self.out_dim), x.device())
             }
             Storage::Tensor(w) => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32),
         }
     }
+}
+
+/// Calls `f` on the f32 data of `x`, borrowed in place when `x` is a contiguous f32 CPU tensor
+/// (the usual case: activations), copied otherwise.
+pub fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    if x.dtype() == DType::F32 && x.is_contiguous() {
+        let (storage, layout) = x.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            let data = cpu.as_slice::<f32>()?;
+            let start = layout.start_offset();
+            return Ok(f(&data[start..start + x.elem_count()]));
+        }
+    }
+    let copy = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&copy))
 }
 
 #[cfg(test)]

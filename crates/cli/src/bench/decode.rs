@@ -9,7 +9,7 @@ use rrt_model::sampling::argmax;
 use rrt_model::{BatchItem, Llama, Logits, SeqCache};
 
 use super::cpu_time::process_cpu_time;
-use super::matmul::roofline_gflops;
+use super::matmul::roofline;
 use crate::model_args::ModelArgs;
 
 #[derive(Args, Debug)]
@@ -99,7 +99,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     let loaded = args.model.load()?;
     let model = &loaded.model;
     // The roofline is measured before, between and after the decode runs; its best is the peak.
-    let mut peak = roofline_gflops()?;
+    let mut peak = roofline()?;
     println!(
         "decode benchmark: {} ({}), weights {:?}, {} threads, prompt {} tokens, {} steps, best of {}",
         loaded.path.display(),
@@ -111,7 +111,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         args.repeats
     );
     println!(
-        "model: {:.3} GFLOP/token in matmuls; roofline = best large f32 matmul (candle or rrt) on this machine",
+        "model: {:.3} GFLOP/token in matmuls (plus attention, counted at the mean context)",
         model.cfg.matmul_flops_per_token() / 1e9
     );
     let mut rows = Vec::new();
@@ -127,24 +127,28 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
             }
         }
         rows.extend(best);
-        peak = peak.max(roofline_gflops()?);
+        peak = peak.max(roofline()?);
     }
     println!(
-        "roofline (best of {} measurements): {peak:.1} GFLOP/s",
-        args.batches.len() + 1
+        "matmul roofline of this machine (best of {} measurements on large shapes): candle gemm {:.1} GFLOP/s, \
+         rrt kernel {:.1} GFLOP/s",
+        args.batches.len() + 1,
+        peak.candle,
+        peak.rrt
     );
     println!(
-        "{:>6} {:>10} {:>9} {:>9} {:>11} {:>11}",
-        "batch", "tokens/s", "ms/step", "GFLOP/s", "of roofline", "cores busy"
+        "{:>6} {:>10} {:>9} {:>9} {:>12} {:>12} {:>11}",
+        "batch", "tokens/s", "ms/step", "GFLOP/s", "% of candle", "% of rrt", "cores busy"
     );
     for r in rows {
         println!(
-            "{:>6} {:>10.1} {:>9.2} {:>9.1} {:>10.0}% {:>11}",
+            "{:>6} {:>10.1} {:>9.2} {:>9.1} {:>11.0}% {:>11.0}% {:>11}",
             r.batch,
             r.tokens_per_s,
             r.ms_per_step,
             r.gflops,
-            100.0 * r.gflops / peak,
+            100.0 * r.gflops / peak.candle,
+            100.0 * r.gflops / peak.rrt,
             r.cores.map_or("n/a".into(), |c| format!("{c:.2}")),
         );
     }

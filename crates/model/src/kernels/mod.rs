@@ -53,8 +53,11 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer in plain float
+    // arithmetic, which vectorizes (f32::round is a libm call).
+    const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E).round();
+    let n = (x * LOG2E + ROUND) - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0 / 720.0;
     let p = p * r + 1.0 / 120.0;
@@ -112,7 +115,9 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedWeight) -> Vec<f32> {
 pub fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, avx512: bool) -> Vec<f32> {
     assert_eq!(x.len(), m * w.k(), "x is not [m, k]");
     let n = w.n();
-    let mut out = vec![0f32; m * n];
+    // Every element is written exactly once below (each task owns its rows x panels, and both
+    // micro-kernels store every valid column), so the buffer is not zeroed first.
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let panels = w.panels();
     // Enough column groups for both cores to stay busy on narrow weights; wide tiles otherwise.
     let group = if panels >= 16 * rayon::current_num_threads() {
@@ -144,6 +149,8 @@ pub fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, avx512: bool) -> Vec<f
             unsafe { generic_block(x, w, rows.clone(), cols, ptr.0) }
         }
     });
+    // SAFETY: all m * n elements were initialised by the tasks above.
+    unsafe { out.set_len(m * n) };
     out
 }
 
