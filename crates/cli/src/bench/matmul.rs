@@ -110,6 +110,9 @@ pub fn run(args: MatmulArgs) -> anyhow::Result<()> {
         }
     }
     let r = roofline()?;
-    println!("peak on large shapes: candle {:.1} GFLOP/s, rrt {:.1} GFLOP/s", r.candle, r.rrt);
+    println!(
+        "peak on large shapes: candle {:.1} GFLOP/s, rrt {:.1} GFLOP/s",
+        r.candle, r.rrt
+    );
     Ok(())
 }
