@@ -8,6 +8,7 @@ use crate::error::{ModelError, Result};
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
 }
 
 impl ChatTemplate {
@@ -22,7 +23,15 @@ impl ChatTemplate {
         );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| ModelError::ChatTemplate(format!("cannot parse: {e}")))?;
-        Ok(Self { env })
+        Ok(Self {
+            env,
+            source: source.to_string(),
+        })
+    }
+
+    /// The template text (saved with converted models).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders `(role, content)` messages followed by the assistant's generation prompt.

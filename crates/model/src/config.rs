@@ -66,6 +66,18 @@ pub struct HfLlamaConfig {
     pub mlp_bias: bool,
     #[serde(default)]
     pub hidden_act: Option<String>,
+    /// Present in models written by `rrt convert` (see `recursive::RecursiveMeta`).
+    #[serde(default)]
+    pub rrt_recursive: Option<serde_json::Value>,
+}
+
+impl HfLlamaConfig {
+    /// Parses `config.json`; errors name the file and the field.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| ModelError::config(path, format!("invalid config: {e}")))
+    }
 }
 
 fn default_rms_eps() -> f64 {
@@ -99,10 +111,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads and validates a Hugging Face `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let hf: HfLlamaConfig = serde_json::from_str(&text)
-            .map_err(|e| ModelError::config(path, format!("invalid config: {e}")))?;
-        Self::from_hf(&hf, path)
+        Self::from_hf(&HfLlamaConfig::read(path)?, path)
     }
 
     /// Validates a parsed Hugging Face config; `path` names the file in errors.

@@ -17,6 +17,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod load;
 pub mod perplexity;
+pub mod recursive;
 pub mod rope;
 pub mod runtime;
 pub mod sampling;
@@ -24,7 +25,7 @@ pub mod source;
 pub mod tokenizer;
 
 pub use config::ModelConfig;
-pub use decoder::{BatchItem, LayerWeights, Llama, Logits};
+pub use decoder::{BatchItem, LayerWeights, Llama, Logits, RowGroup};
 pub use error::{ModelError, Result};
 pub use kv_cache::{LayerKv, SeqCache};
 pub use load::{load, LoadedModel};

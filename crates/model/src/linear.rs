@@ -66,6 +66,17 @@ impl Linear {
         }
     }
 
+    /// `x` (`[rows, in]`, row-major) -> `[rows, out]`.
+    pub fn forward_slice(&self, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
+        match &self.storage {
+            Storage::Packed(p) => Ok(matmul(x, rows, p)),
+            Storage::Tensor(_) => {
+                let t = Tensor::from_slice(x, (rows, self.in_dim), &candle_core::Device::Cpu)?;
+                self.forward(&t)?.flatten_all()?.to_vec1::<f32>()
+            }
+        }
+    }
+
     /// `x [rows, in]` (f32) -> `[rows, out]` (f32).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.storage {

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 
-use crate::config::ModelConfig;
+use crate::config::{HfLlamaConfig, ModelConfig};
 use crate::decoder::Llama;
 use crate::error::{ModelError, Result};
+use crate::recursive::RecursiveMeta;
 use crate::source::gguf::GgufSource;
 use crate::source::safetensors::SafetensorsSource;
 use crate::tokenizer::Tokenizer;
@@ -51,10 +52,20 @@ fn is_gguf(path: &Path) -> Result<bool> {
 }
 
 fn load_hf_dir(dir: &Path, dtype: DType) -> Result<LoadedModel> {
-    let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
+    let config_path = dir.join("config.json");
+    let hf = HfLlamaConfig::read(&config_path)?;
+    let cfg = ModelConfig::from_hf(&hf, &config_path)?;
+    let recursive = match &hf.rrt_recursive {
+        None => None,
+        Some(v) => Some(
+            serde_json::from_value::<RecursiveMeta>(v.clone()).map_err(|e| {
+                ModelError::config(&config_path, format!("field `rrt_recursive`: {e}"))
+            })?,
+        ),
+    };
     let mut src = SafetensorsSource::open_dir(dir)?;
     let tokenizer = Tokenizer::from_hf_dir(dir, cfg.bos_token_id, cfg.eos_token_ids.clone())?;
-    let model = Llama::load(cfg, &mut src, dtype)?;
+    let model = Llama::load(cfg, &mut src, dtype, recursive)?;
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -67,7 +78,7 @@ fn load_gguf(path: &Path, dtype: DType) -> Result<LoadedModel> {
     let mut src = GgufSource::open(path)?;
     let cfg = src.config()?;
     let tokenizer = Tokenizer::from_gguf(path, src.tokenizer_parts()?)?;
-    let model = Llama::load(cfg, &mut src, dtype)?;
+    let model = Llama::load(cfg, &mut src, dtype, None)?;
     Ok(LoadedModel {
         model,
         tokenizer,

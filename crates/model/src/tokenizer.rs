@@ -136,6 +136,25 @@ impl Tokenizer {
         })
     }
 
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (chat template, BOS/EOS) into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("tokenizer.json");
+        self.inner
+            .save(&path, false)
+            .map_err(|e| ModelError::Tokenizer {
+                path: path.clone(),
+                message: format!("cannot write: {e}"),
+            })?;
+        let name = |id: Option<u32>| id.and_then(|i| self.token_to_str(i));
+        let config = serde_json::json!({
+            "add_bos_token": self.add_bos,
+            "bos_token": name(self.bos),
+            "eos_token": name(self.eos.first().copied()),
+            "chat_template": self.chat_template.as_ref().map(|t| t.source()),
+        });
+        crate::recursive::save::write_json(&dir.join("tokenizer_config.json"), &config)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -13,7 +13,7 @@ fn load(name: &str) -> Llama {
         .join(name);
     let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
     let mut src = SafetensorsSource::open_dir(&dir).unwrap();
-    Llama::load(cfg, &mut src, DType::F32).unwrap()
+    Llama::load(cfg, &mut src, DType::F32, None).unwrap()
 }
 
 fn rows(t: candle_core::Tensor) -> Vec<Vec<f32>> {

@@ -17,7 +17,7 @@ fn load_tiny(name: &str) -> Llama {
     let dir = fixture(name);
     let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
     let mut src = SafetensorsSource::open_dir(&dir).unwrap();
-    Llama::load(cfg, &mut src, DType::F32).unwrap()
+    Llama::load(cfg, &mut src, DType::F32, None).unwrap()
 }
 
 struct Expected {

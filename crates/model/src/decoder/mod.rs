@@ -1,0 +1,395 @@
+//! The Llama-family decoder: embeddings, pre-norm layers (RMSNorm, RoPE grouped-query attention,
+//! SwiGLU MLP), final norm and LM head; optionally recursive (K shared layers looped N/K times,
+//! each unrolled layer with its own LoRA and norms, see [`crate::recursive`]).
+//!
+//! The forward works on a *flattened batch*: the new tokens of several independent sequences,
+//! each with its own position and [`SeqCache`], are stacked into one `[rows, hidden]` matrix so
+//! every projection is one matmul for all of them; only attention is per sequence. The layer-level
+//! pieces ([`Llama::embed`], [`Llama::layer_forward`], [`Llama::logits`]) are public because the
+//! depth-wise engine schedules rows of different sequences *and different loop depths* through
+//! the shared layers itself: [`RowGroup`]s say which rows are at which unrolled layer.
+
+mod load;
+
+pub(crate) use load::projection_shape;
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::attention::{attention, AttnDims, AttnSegment};
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::kernels::swiglu;
+use crate::kv_cache::SeqCache;
+use crate::linear::{with_f32_slice, Linear};
+use crate::recursive::lora::{add_fused, LayerLora};
+use crate::recursive::Recursion;
+use crate::rope::Rope;
+
+/// Weights of one (shared) decoder layer. Q, K, V are fused into one projection, gate and up
+/// into another.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    pub attn_norm: Tensor,
+    pub qkv: Linear,
+    pub o: Linear,
+    pub mlp_norm: Tensor,
+    pub gate_up: Linear,
+    pub down: Linear,
+}
+
+/// Which logits a batch item wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None (e.g. a prefill chunk that is not the last).
+    None,
+    /// The last new token's (generation).
+    Last,
+    /// Every new token's (scoring, perplexity).
+    All,
+}
+
+/// One sequence's part of a batch: its new tokens, where they start, and its cache.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`; the cache is cut back to this length (so a caller can roll back).
+    pub offset: usize,
+    pub cache: &'a mut SeqCache,
+    pub logits: Logits,
+}
+
+/// Rows of a batch that sit at the same unrolled layer (same LoRA, same norms).
+#[derive(Debug, Clone)]
+pub struct RowGroup {
+    pub rows: Range<usize>,
+    pub unrolled: usize,
+}
+
+/// A loaded Llama-family model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    /// `num_layers` is the unrolled depth N.
+    pub cfg: ModelConfig,
+    pub embed: Tensor,
+    /// The distinct layers: N for a plain model, K shared ones for a recursive model.
+    pub layers: Vec<LayerWeights>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+    pub rope: Rope,
+    pub recursion: Option<Recursion>,
+}
+
+impl Llama {
+    pub fn from_parts(
+        cfg: ModelConfig,
+        embed: Tensor,
+        layers: Vec<LayerWeights>,
+        norm: Tensor,
+        lm_head: Linear,
+        recursion: Option<Recursion>,
+    ) -> Self {
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings);
+        Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            recursion,
+        }
+    }
+
+    /// A fresh, empty cache for one sequence (one entry per unrolled layer).
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache::new(self.cfg.num_layers, self.cfg.kv_dim())
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// Unrolled layers per loop (K; N for a plain model).
+    pub fn block_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Loops over the shared block (1 for a plain model).
+    pub fn loops(&self) -> usize {
+        self.cfg.num_layers / self.layers.len().max(1)
+    }
+
+    fn dims(&self) -> AttnDims {
+        AttnDims {
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    fn lora(&self, unrolled: usize) -> Option<&LayerLora> {
+        self.recursion
+            .as_ref()
+            .map(|r| &r.lora[unrolled])
+            .filter(|l| !l.is_empty())
+    }
+
+    /// The (attention, MLP) norm weights unrolled layer `l` uses.
+    fn norms(&self, l: usize) -> (&Tensor, &Tensor) {
+        match self.recursion.as_ref().and_then(|r| r.loop_norms.get(l)) {
+            Some(n) => (&n.attn, &n.mlp),
+            None => {
+                let shared = &self.layers[l % self.layers.len()];
+                (&shared.attn_norm, &shared.mlp_norm)
+            }
+        }
+    }
+
+    /// Embeddings of `tokens`, `[rows, hidden]` f32.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let vocab = self.cfg.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        let ids = Tensor::new(tokens, self.device())?;
+        Ok(self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?)
+    }
+
+    /// RMSNorm of each group's rows with its unrolled layer's weight (`mlp`: the second norm).
+    fn norm_groups(&self, x: &Tensor, groups: &[RowGroup], mlp: bool) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        let weight = |l: usize| {
+            if mlp {
+                self.norms(l).1
+            } else {
+                self.norms(l).0
+            }
+        };
+        let first = weight(groups[0].unrolled);
+        if groups
+            .iter()
+            .all(|g| std::ptr::eq(weight(g.unrolled), first))
+        {
+            return Ok(candle_nn::ops::rms_norm(x, first, eps)?);
+        }
+        let parts = groups
+            .iter()
+            .map(|g| {
+                candle_nn::ops::rms_norm(
+                    &x.narrow(0, g.rows.start, g.rows.len())?,
+                    weight(g.unrolled),
+                    eps,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// A projection of the shared layer over all rows, plus each group's LoRA delta for the
+    /// projections `projs` (`(index, column, width)` in the fused output).
+    fn project(
+        &self,
+        linear: &Linear,
+        x: &Tensor,
+        groups: &[RowGroup],
+        projs: &[(usize, usize, usize)],
+    ) -> Result<Vec<f32>> {
+        let rows = x.dim(0)?;
+        let width = linear.out_dim();
+        let k = linear.in_dim();
+        with_f32_slice(x, |xs| -> Result<Vec<f32>> {
+            let mut y = linear.forward_slice(xs, rows)?;
+            for g in groups {
+                if let Some(lora) = self.lora(g.unrolled) {
+                    let xg = &xs[g.rows.start * k..g.rows.end * k];
+                    add_fused(&mut y, width, g.rows.start, xg, g.rows.len(), lora, projs)?;
+                }
+            }
+            Ok(y)
+        })?
+    }
+
+    /// One decoder layer over a flattened batch `x [rows, hidden]`. `groups` cover the rows in
+    /// order and must all run the same shared layer; `segments` say which rows belong to which
+    /// sequence and hold that sequence's cache for the group's unrolled layer.
+    pub fn layer_forward(
+        &self,
+        groups: &[RowGroup],
+        x: &Tensor,
+        segments: &mut [AttnSegment<'_>],
+    ) -> Result<Tensor> {
+        let k = self.layers.len();
+        let shared_index = groups.first().map(|g| g.unrolled % k).unwrap_or(0);
+        if groups
+            .iter()
+            .any(|g| g.unrolled % k != shared_index || g.unrolled >= self.cfg.num_layers)
+        {
+            return Err(ModelError::InvalidInput(
+                "row groups of one layer call must run the same shared layer".into(),
+            ));
+        }
+        let layer = &self.layers[shared_index];
+        let cfg = &self.cfg;
+        let rows = x.dim(0)?;
+        let (qd, kvd, f, h) = (
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+            cfg.hidden_size,
+        );
+
+        let hn = self.norm_groups(x, groups, false)?;
+        let mut qkv = self.project(
+            &layer.qkv,
+            &hn,
+            groups,
+            &[(0, 0, qd), (1, qd, kvd), (2, qd + kvd, kvd)],
+        )?;
+        let attn = attention(&mut qkv, segments, self.dims(), &self.rope);
+        let attn = Tensor::from_vec(attn, (rows, qd), x.device())?;
+        let o = self.project(&layer.o, &attn, groups, &[(3, 0, h)])?;
+        let x = (x + Tensor::from_vec(o, (rows, h), x.device())?)?;
+
+        let hn = self.norm_groups(&x, groups, true)?;
+        let gu = self.project(&layer.gate_up, &hn, groups, &[(4, 0, f), (5, f, f)])?;
+        let dev = x.device().clone();
+        let act = Tensor::from_vec(swiglu(&gu, f), (rows, f), &dev)?;
+        let down = self.project(&layer.down, &act, groups, &[(6, 0, h)])?;
+        Ok((x + Tensor::from_vec(down, (rows, h), &dev)?)?)
+    }
+
+    /// Final norm and LM head over hidden states `[rows, hidden]` -> logits `[rows, vocab]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let h = candle_nn::ops::rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        Ok(self.lm_head.forward(&h)?)
+    }
+
+    /// Checks a batch before any cache is touched.
+    fn validate(&self, items: &[BatchItem<'_>]) -> Result<()> {
+        for (i, item) in items.iter().enumerate() {
+            if item.tokens.is_empty() {
+                return Err(ModelError::InvalidInput(format!(
+                    "batch item {i} has no tokens"
+                )));
+            }
+            if item.offset > item.cache.len() {
+                return Err(ModelError::InvalidInput(format!(
+                    "batch item {i} starts at position {} but its cache holds only {}",
+                    item.offset,
+                    item.cache.len()
+                )));
+            }
+            if item.cache.layers.len() != self.cfg.num_layers {
+                return Err(ModelError::InvalidInput(format!(
+                    "batch item {i} has a cache for {} layers, the model unrolls {}",
+                    item.cache.layers.len(),
+                    self.cfg.num_layers
+                )));
+            }
+            let end = item.offset + item.tokens.len();
+            if end > self.rope.max_positions() {
+                return Err(ModelError::InvalidInput(format!(
+                    "batch item {i} reaches position {end}, beyond the context of {}",
+                    self.rope.max_positions()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the batch through every layer and returns the requested logits, stacked in item
+    /// order (`Last` gives one row, `All` one row per new token, `None` none).
+    pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Tensor> {
+        let mut out = self.forward_loops(items, false)?;
+        Ok(out.pop().expect("forward_loops returns the last loop"))
+    }
+
+    /// Like [`Llama::forward`], but with `every_loop` it also returns the logits an exit head
+    /// (final norm + LM head) reads after each loop: one tensor per loop, the last is the
+    /// model's output. Without it, only the last.
+    pub fn forward_loops(
+        &self,
+        items: &mut [BatchItem<'_>],
+        every_loop: bool,
+    ) -> Result<Vec<Tensor>> {
+        self.validate(items)?;
+        let tokens: Vec<u32> = items
+            .iter()
+            .flat_map(|it| it.tokens.iter().copied())
+            .collect();
+        let rows = tokens.len();
+        let mut x = self.embed(&tokens)?;
+        let keep = Self::kept_rows(items);
+        let block = self.block_layers();
+        let mut out = Vec::new();
+        for l in 0..self.cfg.num_layers {
+            let mut row = 0;
+            let mut segments: Vec<AttnSegment<'_>> = items
+                .iter_mut()
+                .map(|it| {
+                    let seg = AttnSegment {
+                        rows: row..row + it.tokens.len(),
+                        start: it.offset,
+                        cache: &mut it.cache.layers[l],
+                    };
+                    row += it.tokens.len();
+                    seg
+                })
+                .collect();
+            x = self.layer_forward(
+                &[RowGroup {
+                    rows: 0..rows,
+                    unrolled: l,
+                }],
+                &x,
+                &mut segments,
+            )?;
+            let last = l + 1 == self.cfg.num_layers;
+            if last || (every_loop && (l + 1) % block == 0) {
+                out.push(self.select_logits(&x, &keep)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn kept_rows(items: &[BatchItem<'_>]) -> Vec<u32> {
+        let mut keep = Vec::new();
+        let mut row = 0u32;
+        for it in items {
+            let n = it.tokens.len() as u32;
+            match it.logits {
+                Logits::None => {}
+                Logits::Last => keep.push(row + n - 1),
+                Logits::All => keep.extend(row..row + n),
+            }
+            row += n;
+        }
+        keep
+    }
+
+    fn select_logits(&self, x: &Tensor, keep: &[u32]) -> Result<Tensor> {
+        if keep.is_empty() {
+            return Ok(Tensor::zeros(
+                (0, self.cfg.vocab_size),
+                DType::F32,
+                self.device(),
+            )?);
+        }
+        let keep = Tensor::new(keep, self.device())?;
+        self.logits(&x.index_select(&keep, 0)?)
+    }
+
+    /// Non-embedding parameters held (the paper's convention): the distinct layers, the final
+    /// norm, and for a recursive model its LoRA and per-loop norms.
+    pub fn non_embedding_params(&self) -> usize {
+        let cfg = &self.cfg;
+        let mut n = self.layers.len() * cfg.layer_params() + cfg.hidden_size;
+        if let Some(r) = &self.recursion {
+            n += r.lora_params() + r.loop_norm_params();
+        }
+        n
+    }
+}
