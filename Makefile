@@ -13,7 +13,7 @@ TRAIN := .cache/data/kjv-train.txt
 RRT := target/release/rrt
 ARGS ?=
 
-.PHONY: help demo test bench lint fmt build model data deps fixtures eval clean
+.PHONY: help demo test bench lint fmt build model data deps fixtures eval curve clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ bench: model build ## speed: few-row matmul kernel vs candle, decode tokens/s vs
 
 eval: model data build ## perplexity of the bundled model on the held-out KJV slice
 	$(RRT) eval --data $(HELDOUT)
+
+curve: model data build ## the paper's curve: SmolLM2 as 15 x 2 loops, perplexity per init and per LoRA rank
+	$(RRT) sweep --data $(HELDOUT) --loops 2 --ranks 8,32,128,256,384,full
 
 lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check

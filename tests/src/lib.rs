@@ -51,31 +51,33 @@ pub fn kjv_heldout() -> PathBuf {
     ensure(root().join(".cache/data/kjv-heldout.txt"), "data")
 }
 
-/// The `rrt` binary of the same build profile as the running test (built if missing).
+/// The `rrt` binary of the same build profile as the running test, built (or brought up to
+/// date, a no-op when it is) once per test process so a test never runs a stale binary.
 pub fn rrt_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/rrt
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
-    let bin = profile_dir.join("rrt");
-    if !bin.exists() {
-        let _guard = MAKE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let profile = profile_dir
-            .file_name()
-            .and_then(|p| p.to_str())
-            .unwrap_or("debug");
-        let profile = if profile == "debug" { "dev" } else { profile };
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "rrt-cli", "--profile", profile])
-            .current_dir(root())
-            .status()
-            .expect("cargo build");
-        assert!(status.success(), "building rrt failed");
-    }
-    bin
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("current exe");
+            // target/<profile>/deps/<test> -> target/<profile>/rrt
+            let profile_dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_path_buf();
+            let profile = profile_dir
+                .file_name()
+                .and_then(|p| p.to_str())
+                .unwrap_or("debug");
+            let profile = if profile == "debug" { "dev" } else { profile };
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "-p", "rrt-cli", "--profile", profile])
+                .current_dir(root())
+                .status()
+                .expect("cargo build");
+            assert!(status.success(), "building rrt failed");
+            profile_dir.join("rrt")
+        })
+        .clone()
 }
 
 /// Runs `rrt ARGS` from the workspace root.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use rrt_model::perplexity::perplexity;
+use rrt_model::perplexity::perplexity_per_loop;
 
 use crate::model_args::ModelArgs;
 
@@ -32,7 +32,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let mut ids = loaded.tokenizer.encode(&text)?;
     ids.truncate(args.max_tokens);
     let started = Instant::now();
-    let report = perplexity(&loaded.model, &ids, args.window)?;
+    let per_loop = perplexity_per_loop(&loaded.model, &ids, args.window, true)?;
+    let report = *per_loop.last().context("no loops")?;
     let secs = started.elapsed().as_secs_f64();
     let cfg = &loaded.model.cfg;
     let params = loaded.model.non_embedding_params();
@@ -47,29 +48,31 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         ids.len(),
         args.window
     );
-    println!("layers:         {}", cfg.num_layers);
+    match &loaded.model.recursion {
+        Some(r) => println!(
+            "layers:         {} shared x {} loops = {} unrolled (init {}, LoRA rank attn {} / mlp {})",
+            r.meta.block_layers, r.meta.loops, cfg.num_layers, r.meta.init, r.meta.lora_rank_attn, r.meta.lora_rank_mlp
+        ),
+        None => println!("layers:         {}", cfg.num_layers),
+    }
     println!("non-emb params: {:.2}M", params as f64 / 1e6);
     println!(
         "weight memory:  {:.1} MiB",
-        weight_bytes(&loaded.model) as f64 / (1 << 20) as f64
+        loaded.model.weight_bytes() as f64 / (1 << 20) as f64
     );
     println!("scored tokens:  {}", report.scored);
     println!("nll:            {:.4} nats/token", report.nll);
     println!("perplexity:     {:.3}", report.perplexity());
+    if per_loop.len() > 1 {
+        for (i, r) in per_loop.iter().enumerate() {
+            println!(
+                "  exit after loop {}/{}: perplexity {:.3}",
+                i + 1,
+                per_loop.len(),
+                r.perplexity()
+            );
+        }
+    }
     println!("speed:          {:.0} tokens/s", ids.len() as f64 / secs);
     Ok(())
-}
-
-/// Bytes of weights held in memory (a tied LM head is packed separately from the embedding).
-fn weight_bytes(model: &rrt_model::Llama) -> usize {
-    let t = |t: &candle_core::Tensor| t.elem_count() * t.dtype().size_in_bytes();
-    let mut total = t(&model.embed) + t(&model.norm) + model.lm_head.bytes();
-    for l in &model.layers {
-        total += t(&l.attn_norm) + t(&l.mlp_norm);
-        total += [&l.qkv, &l.o, &l.gate_up, &l.down]
-            .iter()
-            .map(|x| x.bytes())
-            .sum::<usize>();
-    }
-    total
 }

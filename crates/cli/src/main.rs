@@ -2,9 +2,11 @@
 //! parses arguments, sets up logging and reports errors.
 
 mod bench;
+mod convert;
 mod eval;
 mod generate;
 mod model_args;
+mod sweep;
 
 use clap::{Parser, Subcommand};
 
@@ -23,8 +25,12 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streamed to stdout.
     Generate(generate::GenerateArgs),
-    /// Perplexity of a model on a text file.
+    /// Perplexity of a model on a text file (per loop for a recursive model).
     Eval(eval::EvalArgs),
+    /// Convert a pretrained model into a relaxed recursive one.
+    Convert(convert::ConvertArgs),
+    /// Perplexity of every init and of a range of LoRA ranks, in one run.
+    Sweep(sweep::SweepArgs),
     /// Measure speed (decode throughput, matmul roofline).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -42,6 +48,8 @@ fn main() {
     let result = rrt_model::runtime::on_compute_pool(|| match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Convert(args) => convert::run(args),
+        Command::Sweep(args) => sweep::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     });
     if let Err(err) = result {

@@ -28,29 +28,51 @@ pub fn nll_sum(logits: &Tensor, targets: &[u32]) -> Result<f64> {
     Ok(-picked.sum_all()?.to_scalar::<f64>()?)
 }
 
-/// Scores `ids` in windows of `window` tokens.
+/// Scores `ids` in windows of `window` tokens (the model's final output).
 pub fn perplexity(model: &Llama, ids: &[u32], window: usize) -> Result<PerplexityReport> {
+    let mut per_loop = perplexity_per_loop(model, ids, window, false)?;
+    Ok(per_loop.pop().expect("at least the final loop"))
+}
+
+/// Scores `ids` with an exit head after every loop of a recursive model (final norm + LM head
+/// on each loop's hidden state): one report per loop, the last is the model's output. With
+/// `every_loop` false, only the final one.
+pub fn perplexity_per_loop(
+    model: &Llama,
+    ids: &[u32],
+    window: usize,
+    every_loop: bool,
+) -> Result<Vec<PerplexityReport>> {
     if window < 2 || ids.len() < 2 {
         return Err(ModelError::InvalidInput(format!(
             "need at least 2 tokens and a window >= 2 (got {} tokens, window {window})",
             ids.len()
         )));
     }
-    let mut total = 0.0;
+    let mut totals: Vec<f64> = Vec::new();
     let mut scored = 0;
     for chunk in ids.chunks(window).filter(|c| c.len() >= 2) {
         let mut cache = model.new_cache();
-        let logits = model.forward(&mut [BatchItem {
-            tokens: &chunk[..chunk.len() - 1],
-            offset: 0,
-            cache: &mut cache,
-            logits: Logits::All,
-        }])?;
-        total += nll_sum(&logits, &chunk[1..])?;
+        let per_loop = model.forward_loops(
+            &mut [BatchItem {
+                tokens: &chunk[..chunk.len() - 1],
+                offset: 0,
+                cache: &mut cache,
+                logits: Logits::All,
+            }],
+            every_loop,
+        )?;
+        totals.resize(per_loop.len(), 0.0);
+        for (t, logits) in totals.iter_mut().zip(&per_loop) {
+            *t += nll_sum(logits, &chunk[1..])?;
+        }
         scored += chunk.len() - 1;
     }
-    Ok(PerplexityReport {
-        scored,
-        nll: total / scored as f64,
-    })
+    Ok(totals
+        .into_iter()
+        .map(|t| PerplexityReport {
+            scored,
+            nll: t / scored as f64,
+        })
+        .collect())
 }

@@ -382,6 +382,35 @@ impl Llama {
         self.logits(&x.index_select(&keep, 0)?)
     }
 
+    /// Bytes of weights held in memory (a tied LM head is packed separately from the embedding).
+    pub fn weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut total = t(&self.embed) + t(&self.norm) + self.lm_head.bytes();
+        for l in &self.layers {
+            total += t(&l.attn_norm) + t(&l.mlp_norm);
+            total += [&l.qkv, &l.o, &l.gate_up, &l.down]
+                .iter()
+                .map(|x| x.bytes())
+                .sum::<usize>();
+        }
+        if let Some(r) = &self.recursion {
+            for lora in &r.lora {
+                total += lora
+                    .proj
+                    .iter()
+                    .flatten()
+                    .map(|p| p.a.bytes() + p.b.bytes())
+                    .sum::<usize>();
+            }
+            total += r
+                .loop_norms
+                .iter()
+                .map(|n| t(&n.attn) + t(&n.mlp))
+                .sum::<usize>();
+        }
+        total
+    }
+
     /// Non-embedding parameters held (the paper's convention): the distinct layers, the final
     /// norm, and for a recursive model its LoRA and per-loop norms.
     pub fn non_embedding_params(&self) -> usize {
