@@ -1,38 +1,28 @@
 //! `rrt eval`: perplexity on a text file (a fixed prefix of it, in fixed windows), with speed and
 //! size figures.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
 use rrt_model::perplexity::perplexity_per_loop;
 
+use crate::eval_text::EvalText;
 use crate::model_args::ModelArgs;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Plain text to score.
-    #[arg(long, default_value = ".cache/data/kjv-heldout.txt")]
-    data: PathBuf,
-    /// Score only the first N tokens of the file.
-    #[arg(long, default_value_t = 4096)]
-    max_tokens: usize,
-    /// Tokens per independently scored window.
-    #[arg(long, default_value_t = 512)]
-    window: usize,
+    #[command(flatten)]
+    text: EvalText,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.data)
-        .with_context(|| format!("{}: cannot read the evaluation text", args.data.display()))?;
     let loaded = args.model.load()?;
-    let mut ids = loaded.tokenizer.encode(&text)?;
-    ids.truncate(args.max_tokens);
+    let ids = args.text.token_ids(&loaded.tokenizer)?;
     let started = Instant::now();
-    let per_loop = perplexity_per_loop(&loaded.model, &ids, args.window, true)?;
+    let per_loop = perplexity_per_loop(&loaded.model, &ids, args.text.window, true)?;
     let report = *per_loop.last().context("no loops")?;
     let secs = started.elapsed().as_secs_f64();
     let cfg = &loaded.model.cfg;
@@ -44,9 +34,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     );
     println!(
         "data:           {} (first {} tokens, windows of {})",
-        args.data.display(),
+        args.text.data.display(),
         ids.len(),
-        args.window
+        args.text.window
     );
     match &loaded.model.recursion {
         Some(r) => println!(

@@ -4,6 +4,7 @@
 mod bench;
 mod convert;
 mod eval;
+mod eval_text;
 mod generate;
 mod model_args;
 mod sweep;

@@ -2,7 +2,6 @@
 //! held-out text for the source, for each init without LoRA, and for Average + SVD-LoRA at a
 //! list of ranks (the SVDs are computed once and every rank is cut from them).
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -13,18 +12,15 @@ use rrt_model::recursive::mapping::Init;
 use rrt_model::Llama;
 
 use crate::convert::{block_layers, decompose_with_progress};
+use crate::eval_text::EvalText;
 use crate::model_args::ModelArgs;
 
 #[derive(Args, Debug)]
 pub struct SweepArgs {
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long, default_value = ".cache/data/kjv-heldout.txt")]
-    data: PathBuf,
-    #[arg(long, default_value_t = 4096)]
-    max_tokens: usize,
-    #[arg(long, default_value_t = 512)]
-    window: usize,
+    #[command(flatten)]
+    text: EvalText,
     /// Shared layers K.
     #[arg(long, conflicts_with = "loops")]
     block_layers: Option<usize>,
@@ -47,12 +43,9 @@ struct Row {
 }
 
 pub fn run(args: SweepArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.data)
-        .with_context(|| format!("{}: cannot read the evaluation text", args.data.display()))?;
     let loaded = args.model.load()?;
     let src = &loaded.model;
-    let mut ids = loaded.tokenizer.encode(&text)?;
-    ids.truncate(args.max_tokens);
+    let ids = args.text.token_ids(&loaded.tokenizer)?;
     let k = block_layers(src.layers.len(), args.block_layers, Some(args.loops))?;
     let ranks = args
         .ranks
@@ -68,13 +61,13 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         "sweep: {} as {k} shared layers x {} loops; perplexity on {} ({} tokens, windows of {})",
         loaded.path.display(),
         src.layers.len() / k,
-        args.data.display(),
+        args.text.data.display(),
         ids.len(),
-        args.window
+        args.text.window
     );
     let started = Instant::now();
     let eval = |name: String, m: &Llama| -> anyhow::Result<Row> {
-        let ppl = perplexity(m, &ids, args.window)?.perplexity();
+        let ppl = perplexity(m, &ids, args.text.window)?.perplexity();
         eprintln!(
             "  {name}: {ppl:.3} ({:.0}s)",
             started.elapsed().as_secs_f64()

@@ -1,20 +1,10 @@
 //! Batching must not change results: one forward over several sequences of different lengths
 //! and offsets equals each sequence run alone, through prefill and incremental decode.
 
-use std::path::PathBuf;
+mod common;
 
-use candle_core::DType;
-use rrt_model::source::safetensors::SafetensorsSource;
-use rrt_model::{BatchItem, Llama, Logits, ModelConfig, SeqCache};
-
-fn load(name: &str) -> Llama {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
-    let mut src = SafetensorsSource::open_dir(&dir).unwrap();
-    Llama::load(cfg, &mut src, DType::F32, None).unwrap()
-}
+use common::load_tiny;
+use rrt_model::{BatchItem, Llama, Logits, SeqCache};
 
 fn rows(t: candle_core::Tensor) -> Vec<Vec<f32>> {
     t.to_vec2::<f32>().unwrap()
@@ -48,7 +38,7 @@ fn run_alone(
 }
 
 fn check(model_name: &str) {
-    let model = load(model_name);
+    let model = load_tiny(model_name);
     let vocab = model.cfg.vocab_size as u32;
     let prompts: Vec<Vec<u32>> = [3usize, 11, 7]
         .iter()
@@ -127,7 +117,7 @@ fn batched_forward_equals_each_sequence_alone() {
 
 #[test]
 fn rolling_back_the_offset_recomputes_the_same_logits() {
-    let model = load("tiny-gqa-tied");
+    let model = load_tiny("tiny-gqa-tied");
     let mut cache = model.new_cache();
     let toks = [4u32, 9, 16, 25, 36];
     let first = run_alone(&model, &mut cache, &toks, 0, Logits::Last);
@@ -140,7 +130,7 @@ fn rolling_back_the_offset_recomputes_the_same_logits() {
 
 #[test]
 fn offset_beyond_cache_is_an_error_not_a_panic() {
-    let model = load("tiny-gqa-tied");
+    let model = load_tiny("tiny-gqa-tied");
     let mut cache = model.new_cache();
     let err = model
         .forward(&mut [BatchItem {

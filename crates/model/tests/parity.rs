@@ -1,24 +1,10 @@
 //! The decoder against an independent implementation: logits recorded by Hugging Face
 //! `transformers` (scripts/make_fixtures.py) for two tiny random Llama models.
 
-use std::path::PathBuf;
+mod common;
 
-use candle_core::DType;
-use rrt_model::source::safetensors::SafetensorsSource;
-use rrt_model::{BatchItem, Llama, Logits, ModelConfig};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn load_tiny(name: &str) -> Llama {
-    let dir = fixture(name);
-    let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
-    let mut src = SafetensorsSource::open_dir(&dir).unwrap();
-    Llama::load(cfg, &mut src, DType::F32, None).unwrap()
-}
+use common::{fixture, load_tiny, max_diff};
+use rrt_model::{BatchItem, Logits};
 
 struct Expected {
     ids: Vec<u32>,
@@ -44,14 +30,6 @@ fn expected(name: &str) -> Expected {
             .map(|x| x.as_f64().unwrap() as f32)
             .collect(),
     }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn check_full_sequence(name: &str) {

@@ -2,52 +2,15 @@
 //! reproduces the source, rank 0 is exactly the pure recursive model (the shared block looped),
 //! converted models survive a save/load round trip, and batching still does not change results.
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::DType;
+use common::{all_logits, fixture, load_tiny, max_diff};
 use rrt_model::recursive::convert::{convert, ConvertOptions, Converter};
 use rrt_model::recursive::mapping::Init;
-use rrt_model::source::safetensors::SafetensorsSource;
-use rrt_model::{BatchItem, Llama, Logits, ModelConfig};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn load(name: &str) -> Llama {
-    let dir = fixture(name);
-    let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
-    let mut src = SafetensorsSource::open_dir(&dir).unwrap();
-    Llama::load(cfg, &mut src, DType::F32, None).unwrap()
-}
+use rrt_model::{BatchItem, Llama, Logits};
 
 const IDS: [u32; 9] = [1, 17, 93, 4, 55, 23, 88, 8, 61];
-
-fn logits(model: &Llama, ids: &[u32]) -> Vec<f32> {
-    let mut cache = model.new_cache();
-    model
-        .forward(&mut [BatchItem {
-            tokens: ids,
-            offset: 0,
-            cache: &mut cache,
-            logits: Logits::All,
-        }])
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 fn opts(k: usize, init: Init, rank: usize, per_loop_norms: bool) -> ConvertOptions {
     ConvertOptions {
@@ -64,13 +27,13 @@ fn opts(k: usize, init: Init, rank: usize, per_loop_norms: bool) -> ConvertOptio
 #[test]
 fn full_rank_with_per_loop_norms_reproduces_the_source() {
     for name in ["tiny-gqa-tied", "tiny-mha-untied"] {
-        let src = load(name);
-        let want = logits(&src, &IDS);
+        let src = load_tiny(name);
+        let want = all_logits(&src, &IDS);
         for init in [Init::Average, Init::Stepwise, Init::Random] {
             let rec = convert(&src, &opts(1, init, 10_000, true), &|| {}).unwrap();
             assert_eq!(rec.layers.len(), 1);
             assert_eq!(rec.loops(), src.layers.len());
-            let d = max_diff(&logits(&rec, &IDS), &want);
+            let d = max_diff(&all_logits(&rec, &IDS), &want);
             assert!(
                 d < 1e-3,
                 "{name} {init}: full-rank recursive differs by {d}"
@@ -82,14 +45,14 @@ fn full_rank_with_per_loop_norms_reproduces_the_source() {
 #[test]
 fn without_lora_the_model_differs_from_the_source() {
     // The exactness test above must not pass trivially.
-    let src = load("tiny-mha-untied");
+    let src = load_tiny("tiny-mha-untied");
     let rec = convert(&src, &opts(1, Init::Average, 0, false), &|| {}).unwrap();
-    assert!(max_diff(&logits(&rec, &IDS), &logits(&src, &IDS)) > 0.1);
+    assert!(max_diff(&all_logits(&rec, &IDS), &all_logits(&src, &IDS)) > 0.1);
 }
 
 #[test]
 fn rank_zero_is_the_shared_block_looped() {
-    let src = load("tiny-mha-untied");
+    let src = load_tiny("tiny-mha-untied");
     let c = Converter::new(&src, 1, Init::Stepwise, 0).unwrap();
     let rec = c.build(0, 0, false, "fixture").unwrap();
     // The pure recursive model built by hand: a plain model whose every layer is the shared one.
@@ -102,19 +65,19 @@ fn rank_zero_is_the_shared_block_looped() {
         src.lm_head.clone(),
         None,
     );
-    let d = max_diff(&logits(&rec, &IDS), &logits(&looped, &IDS));
+    let d = max_diff(&all_logits(&rec, &IDS), &all_logits(&looped, &IDS));
     assert!(d < 1e-6, "rank-0 recursive vs looped plain model: {d}");
 }
 
 #[test]
 fn lora_rank_moves_the_model_toward_the_source() {
-    let src = load("tiny-gqa-tied");
-    let want = logits(&src, &IDS);
+    let src = load_tiny("tiny-gqa-tied");
+    let want = all_logits(&src, &IDS);
     let mut c = Converter::new(&src, 1, Init::Average, 0).unwrap();
     c.decompose(&|| {}).unwrap();
     let errs: Vec<f32> = [0, 2, 8, 64]
         .iter()
-        .map(|&r| max_diff(&logits(&c.build(r, r, true, "f").unwrap(), &IDS), &want))
+        .map(|&r| max_diff(&all_logits(&c.build(r, r, true, "f").unwrap(), &IDS), &want))
         .collect();
     assert!(errs.windows(2).all(|w| w[1] <= w[0] + 1e-4), "{errs:?}");
     assert!(errs[3] < 1e-3 && errs[0] > 0.1, "{errs:?}");
@@ -122,7 +85,7 @@ fn lora_rank_moves_the_model_toward_the_source() {
 
 #[test]
 fn every_loop_exit_reads_the_hidden_state_after_each_loop() {
-    let src = load("tiny-mha-untied");
+    let src = load_tiny("tiny-mha-untied");
     let rec = convert(&src, &opts(1, Init::Average, 4, false), &|| {}).unwrap();
     let mut cache = rec.new_cache();
     let per_loop = rec
@@ -138,7 +101,7 @@ fn every_loop_exit_reads_the_hidden_state_after_each_loop() {
         .unwrap();
     assert_eq!(per_loop.len(), 3);
     let last = per_loop[2].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let full = logits(&rec, &IDS);
+    let full = all_logits(&rec, &IDS);
     assert!(max_diff(&last, &full[full.len() - last.len()..]) < 1e-6);
     let first = per_loop[0].flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(
@@ -158,7 +121,7 @@ fn converted_models_round_trip_through_save_and_load() {
     )
     .unwrap();
     let tokenizer = rrt_model::Tokenizer::from_hf_dir(tmp.path(), Some(1), vec![2]).unwrap();
-    let src = load("tiny-gqa-tied");
+    let src = load_tiny("tiny-gqa-tied");
     let rec = convert(&src, &opts(1, Init::Average, 3, true), &|| {}).unwrap();
     let out = tmp.path().join("converted");
     rrt_model::recursive::save::save(&rec, &tokenizer, &out).unwrap();
@@ -168,14 +131,14 @@ fn converted_models_round_trip_through_save_and_load() {
         rec.recursion.as_ref().unwrap().meta
     );
     assert_eq!(back.non_embedding_params(), rec.non_embedding_params());
-    let d = max_diff(&logits(&back, &IDS), &logits(&rec, &IDS));
+    let d = max_diff(&all_logits(&back, &IDS), &all_logits(&rec, &IDS));
     assert!(d < 1e-6, "round trip changed logits by {d}");
     let _ = dir;
 }
 
 #[test]
 fn bad_conversion_requests_are_clear_errors() {
-    let src = load("tiny-mha-untied");
+    let src = load_tiny("tiny-mha-untied");
     let err = Converter::new(&src, 2, Init::Average, 0)
         .err()
         .unwrap()
