@@ -1,0 +1,202 @@
+//! The engine: admission under a KV budget, then one batch per [`Engine::step`] by the chosen
+//! scheduler. Plain state, no threads or async inside: a worker owns it on a compute thread.
+
+use std::collections::VecDeque;
+
+use rrt_model::{Llama, Sampler};
+
+use crate::error::EngineError;
+use crate::request::{Event, Request};
+use crate::sequence::Seq;
+
+/// How decode batches are formed (see the crate docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduler {
+    Static,
+    Csb,
+    Cdb,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub scheduler: Scheduler,
+    /// Rows (tokens) one step may run: decode rows first, prefill chunks fill the rest.
+    pub max_batch_rows: usize,
+    /// Sequences running at once.
+    pub max_sequences: usize,
+    /// KV cache bytes all running sequences may reserve (prompt + max new tokens, every loop).
+    pub kv_budget_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: Scheduler::Cdb,
+            max_batch_rows: 512,
+            max_sequences: 64,
+            kv_budget_bytes: 4 << 30,
+        }
+    }
+}
+
+pub struct Engine {
+    pub(crate) model: Llama,
+    pub(crate) cfg: EngineConfig,
+    waiting: VecDeque<Request>,
+    pub(crate) running: Vec<Seq>,
+    kv_reserved: usize,
+}
+
+impl Engine {
+    pub fn new(model: Llama, cfg: EngineConfig) -> Self {
+        Self {
+            model,
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            kv_reserved: 0,
+        }
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// Queues a request, or fails it at once (through its channel) if it can never run.
+    pub fn submit(&mut self, req: Request) {
+        match self.check(&req) {
+            Ok(()) => self.waiting.push_back(req),
+            Err(e) => {
+                let _ = req.events.send(Event::Failed(e));
+            }
+        }
+    }
+
+    fn kv_needed(&self, req: &Request) -> usize {
+        (req.prompt.len() + req.params.max_new_tokens) * self.model.cfg.kv_bytes_per_token()
+    }
+
+    fn check(&self, req: &Request) -> Result<(), EngineError> {
+        if req.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let context = self.model.cfg.max_position_embeddings;
+        if req.prompt.len() + req.params.max_new_tokens > context {
+            return Err(EngineError::TooLong {
+                prompt: req.prompt.len(),
+                max_new: req.params.max_new_tokens,
+                context,
+            });
+        }
+        let needed = self.kv_needed(req);
+        if needed > self.cfg.kv_budget_bytes {
+            return Err(EngineError::KvBudget {
+                needed,
+                budget: self.cfg.kv_budget_bytes,
+            });
+        }
+        if let Some(&bad) = req
+            .prompt
+            .iter()
+            .find(|&&t| t as usize >= self.model.cfg.vocab_size)
+        {
+            return Err(EngineError::Invalid(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
+        }
+        req.params
+            .sampling
+            .validate()
+            .map_err(|e| EngineError::Invalid(e.to_string()))
+    }
+
+    /// Waiting plus running requests.
+    pub fn pending(&self) -> usize {
+        self.waiting.len() + self.running.len()
+    }
+
+    pub fn kv_reserved_bytes(&self) -> usize {
+        self.kv_reserved
+    }
+
+    /// Moves waiting requests into the running set while sequences and KV allow (static
+    /// batching only admits into an empty batch).
+    fn admit(&mut self) {
+        if self.cfg.scheduler == Scheduler::Static && !self.running.is_empty() {
+            return;
+        }
+        while self.running.len() < self.cfg.max_sequences {
+            let Some(req) = self.waiting.front() else {
+                break;
+            };
+            let needed = self.kv_needed(req);
+            if self.kv_reserved + needed > self.cfg.kv_budget_bytes {
+                break;
+            }
+            let req = self.waiting.pop_front().expect("front exists");
+            let sampler = match Sampler::new(req.params.sampling.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = req.events.send(Event::Failed(e.into()));
+                    continue;
+                }
+            };
+            self.kv_reserved += needed;
+            self.running.push(Seq {
+                events: req.events,
+                sampler,
+                cache: self.model.new_cache(),
+                prompt_len: req.prompt.len(),
+                tokens: req.prompt,
+                params: req.params,
+                computed: 0,
+                reserved: needed,
+                flight: None,
+                done: false,
+            });
+        }
+    }
+
+    /// Admits, runs one batch, and retires finished or cancelled sequences (freeing their KV).
+    /// Returns the rows the batch ran.
+    pub fn step(&mut self) -> usize {
+        self.admit();
+        let rows = match self.cfg.scheduler {
+            Scheduler::Static | Scheduler::Csb => crate::step_csb::step(self),
+            Scheduler::Cdb => crate::step_cdb::step(self),
+        };
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                // A failed forward fails the running sequences with a clear error (their caches
+                // may be half-written); the engine itself keeps serving new requests.
+                tracing::error!("engine step failed: {e}");
+                for s in self.running.iter_mut() {
+                    s.emit(Event::Failed(e.clone()));
+                    s.done = true;
+                }
+                0
+            }
+        };
+        let before = self.running.len();
+        let mut freed = 0;
+        self.running.retain(|s| {
+            if s.done {
+                freed += s.reserved;
+            }
+            !s.done
+        });
+        self.kv_reserved -= freed;
+        if before != self.running.len() {
+            tracing::debug!(left = before - self.running.len(), "sequences retired");
+        }
+        rows
+    }
+
+    /// Steps until every request has finished.
+    pub fn run_until_idle(&mut self) {
+        while self.pending() > 0 {
+            self.step();
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! The engine's error type: what a request is told when it cannot be served.
+
+use rrt_model::ModelError;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum EngineError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error(
+        "prompt of {prompt} tokens plus {max_new} new tokens exceeds the context of {context}"
+    )]
+    TooLong {
+        prompt: usize,
+        max_new: usize,
+        context: usize,
+    },
+    #[error("request needs {needed} bytes of KV cache; the engine's budget is {budget}")]
+    KvBudget { needed: usize, budget: usize },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("model failure: {0}")]
+    Model(String),
+}
+
+impl From<ModelError> for EngineError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::InvalidInput(m) => EngineError::Invalid(m),
+            other => EngineError::Model(other.to_string()),
+        }
+    }
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        EngineError::Model(e.to_string())
+    }
+}

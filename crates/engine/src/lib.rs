@@ -1,0 +1,23 @@
+//! rrt's engine: the loop-stage pipeline a worker runs. Requests are admitted under a KV budget,
+//! prefilled in chunks, and decoded by one of three schedulers that share everything else, for
+//! honest comparison:
+//! - [`Scheduler::Static`]: a batch runs until all its sequences finish;
+//! - [`Scheduler::Csb`]: continuous sequence-wise batching (join and leave at token boundaries,
+//!   every token runs all loops in one step);
+//! - [`Scheduler::Cdb`]: continuous depth-wise batching (one step runs the shared block once over
+//!   rows at different loop depths; a row that finishes its last loop frees its slot at once).
+//!
+//! The engine is synchronous: [`Engine::step`] runs one batch; a worker drives it on its own
+//! thread. Tokens go back through each request's channel; a dropped receiver cancels the request
+//! and frees its KV at the next step.
+
+mod engine;
+mod error;
+mod request;
+mod sequence;
+mod step_cdb;
+mod step_csb;
+
+pub use engine::{Engine, EngineConfig, Scheduler};
+pub use error::EngineError;
+pub use request::{Event, FinishReason, GenParams, Request};

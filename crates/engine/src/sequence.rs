@@ -1,0 +1,78 @@
+//! One admitted request's state: its tokens, KV cache, sampler, and (under depth-wise batching)
+//! the unit of tokens it has in flight between loops.
+
+use std::sync::mpsc::Sender;
+
+use candle_core::Tensor;
+use rrt_model::{Sampler, SeqCache};
+
+use crate::request::{Event, FinishReason, GenParams};
+
+/// Tokens of a sequence between loops of the shared block (depth-wise batching).
+pub(crate) struct Flight {
+    /// Position of the first token of the unit.
+    pub start: usize,
+    pub len: usize,
+    /// The loop (0-based) the unit runs next.
+    pub next_loop: usize,
+    /// Hidden states after the loops run so far (`None` before the first).
+    pub hidden: Option<Tensor>,
+}
+
+pub(crate) struct Seq {
+    pub events: Sender<Event>,
+    pub params: GenParams,
+    pub sampler: Sampler,
+    pub cache: SeqCache,
+    /// Prompt then generated tokens.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Tokens whose K/V are in the cache at every loop.
+    pub computed: usize,
+    /// KV bytes reserved at admission (returned when the sequence leaves).
+    pub reserved: usize,
+    pub flight: Option<Flight>,
+    /// Set when the sequence is finished, failed or cancelled; removed after the step.
+    pub done: bool,
+}
+
+impl Seq {
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Tokens not yet run through the model (a prompt chunk, or the last sampled token).
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    /// Sends `event`; a closed receiver (client gone) marks the sequence done.
+    pub fn emit(&mut self, event: Event) {
+        if self.events.send(event).is_err() {
+            self.done = true;
+        }
+    }
+
+    /// Samples the next token from the logits of the sequence's last token and streams it, or
+    /// finishes the sequence.
+    pub fn on_logits(&mut self, logits: &[f32], exit_loop: usize) {
+        let next = self.sampler.sample(logits, &self.tokens);
+        if self.params.stop_tokens.contains(&next) {
+            return self.finish(FinishReason::Stop);
+        }
+        self.tokens.push(next);
+        self.emit(Event::Token {
+            token: next,
+            exit_loop,
+        });
+        if self.generated() >= self.params.max_new_tokens {
+            self.finish(FinishReason::Length);
+        }
+    }
+
+    pub fn finish(&mut self, reason: FinishReason) {
+        let generated = self.generated();
+        self.emit(Event::Finished { reason, generated });
+        self.done = true;
+    }
+}

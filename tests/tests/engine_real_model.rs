@@ -1,0 +1,98 @@
+//! The engine on SmolLM2-135M converted to 15 shared layers x 2 loops: 16 concurrent greedy
+//! requests through continuous depth-wise batching (and sequence-wise) equal one-at-a-time
+//! generation token for token.
+
+use std::sync::mpsc::channel;
+
+use candle_core::DType;
+use rrt_engine::{Engine, EngineConfig, Event, GenParams, Request, Scheduler};
+use rrt_model::generate::{generate, GenerateParams};
+use rrt_model::recursive::convert::{convert, ConvertOptions};
+use rrt_model::recursive::mapping::Init;
+use rrt_model::SamplingParams;
+use rrt_tests::smollm2_gguf;
+
+#[test]
+fn cdb_and_csb_on_smollm2_15x2_match_sequential_generation() {
+    let loaded = rrt_model::load(&smollm2_gguf(), DType::F32).unwrap();
+    let opts = ConvertOptions {
+        block_layers: 15,
+        init: Init::Stepwise,
+        seed: 0,
+        rank_attn: 8,
+        rank_mlp: 8,
+        per_loop_norms: false,
+        source: "smollm2".into(),
+    };
+    let model = convert(&loaded.model, &opts, &|| {}).unwrap();
+    let texts = [
+        "The capital of France is",
+        "In the beginning",
+        "Once upon a time there was",
+        "1 2 3 4",
+        "The LORD is my shepherd",
+        "Rust is a programming language",
+        "Hello",
+        "And God said, Let there be light: and there was light. And God saw the light",
+    ];
+    let cases: Vec<(Vec<u32>, usize)> = (0..16)
+        .map(|i| {
+            (
+                loaded.tokenizer.encode(texts[i % texts.len()]).unwrap(),
+                4 + i % 5,
+            )
+        })
+        .collect();
+    let want: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|(p, n)| {
+            let params = GenerateParams {
+                max_new_tokens: *n,
+                sampling: SamplingParams::default(),
+                stop_tokens: vec![],
+            };
+            generate(&model, p, &params, |_| Ok(true)).unwrap().tokens
+        })
+        .collect();
+    for scheduler in [Scheduler::Cdb, Scheduler::Csb] {
+        let mut engine = Engine::new(
+            model.clone(),
+            EngineConfig {
+                scheduler,
+                max_batch_rows: 64,
+                max_sequences: 16,
+                kv_budget_bytes: 1 << 30,
+            },
+        );
+        let rxs: Vec<_> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (p, n))| {
+                let (tx, rx) = channel();
+                engine.submit(Request {
+                    id: i as u64,
+                    prompt: p.clone(),
+                    params: GenParams {
+                        max_new_tokens: *n,
+                        sampling: SamplingParams::default(),
+                        stop_tokens: vec![],
+                    },
+                    events: tx,
+                });
+                rx
+            })
+            .collect();
+        engine.run_until_idle();
+        for (i, rx) in rxs.iter().enumerate() {
+            let got: Vec<u32> = rx
+                .try_iter()
+                .filter_map(|e| match e {
+                    Event::Token { token, .. } => Some(token),
+                    Event::Failed(e) => panic!("{e}"),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(got, want[i], "{scheduler:?}: request {i}");
+        }
+    }
+}
