@@ -62,6 +62,7 @@ fn cdb_and_csb_on_smollm2_15x2_match_sequential_generation() {
                 max_batch_rows: 64,
                 max_sequences: 16,
                 kv_budget_bytes: 1 << 30,
+                ..EngineConfig::default()
             },
         );
         let rxs: Vec<_> = cases
@@ -72,6 +73,7 @@ fn cdb_and_csb_on_smollm2_15x2_match_sequential_generation() {
                 engine.submit(Request {
                     id: i as u64,
                     prompt: p.clone(),
+                    exit: None,
                     params: GenParams {
                         max_new_tokens: *n,
                         sampling: SamplingParams::default(),

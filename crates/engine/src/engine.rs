@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use rrt_model::{Llama, Sampler};
 
 use crate::error::EngineError;
+use crate::exit::{ExitPolicy, ExitTrace, KvFill};
 use crate::request::{Event, Request};
 use crate::sequence::Seq;
 
@@ -26,6 +27,10 @@ pub struct EngineConfig {
     pub max_sequences: usize,
     /// KV cache bytes all running sequences may reserve (prompt + max new tokens, every loop).
     pub kv_budget_bytes: usize,
+    /// Exit policy of requests that name none (depth-wise batching only).
+    pub default_exit: ExitPolicy,
+    /// How exited tokens' skipped K/V are filled.
+    pub kv_fill: KvFill,
 }
 
 impl Default for EngineConfig {
@@ -35,6 +40,8 @@ impl Default for EngineConfig {
             max_batch_rows: 512,
             max_sequences: 64,
             kv_budget_bytes: 4 << 30,
+            default_exit: ExitPolicy::NONE,
+            kv_fill: KvFill::Propagate,
         }
     }
 }
@@ -45,6 +52,39 @@ pub struct Engine {
     waiting: VecDeque<Request>,
     pub(crate) running: Vec<Seq>,
     kv_reserved: usize,
+    /// Exit depths replayed by [`ExitKind::Replay`] and written by [`ExitKind::Oracle`].
+    pub(crate) trace: ExitTrace,
+    pub(crate) stats: EngineStats,
+}
+
+/// Counters the worker exports.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    pub steps: u64,
+    /// Rows x loops executed (one row through the shared block once = 1).
+    pub loop_rows: u64,
+    /// Generated tokens.
+    pub tokens: u64,
+    /// Generated tokens by the loop (index + 1) they exited after.
+    pub exit_histogram: Vec<u64>,
+    /// Rows per loop depth in the last step.
+    pub last_rows_per_depth: Vec<usize>,
+}
+
+impl EngineStats {
+    /// Mean loops per generated token.
+    pub fn mean_loops(&self) -> f64 {
+        let n: u64 = self.exit_histogram.iter().sum();
+        if n == 0 {
+            return 0.0;
+        }
+        self.exit_histogram
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i + 1) as f64 * *c as f64)
+            .sum::<f64>()
+            / n as f64
+    }
 }
 
 impl Engine {
@@ -55,7 +95,22 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             kv_reserved: 0,
+            trace: ExitTrace::default(),
+            stats: EngineStats::default(),
         }
+    }
+
+    pub fn trace(&self) -> &ExitTrace {
+        &self.trace
+    }
+
+    /// Sets the trace that [`ExitKind::Replay`] requests follow.
+    pub fn set_trace(&mut self, trace: ExitTrace) {
+        self.trace = trace;
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 
     pub fn model(&self) -> &Llama {
@@ -143,6 +198,8 @@ impl Engine {
             };
             self.kv_reserved += needed;
             self.running.push(Seq {
+                id: req.id,
+                exit: req.exit.unwrap_or(self.cfg.default_exit),
                 events: req.events,
                 sampler,
                 cache: self.model.new_cache(),
@@ -161,6 +218,7 @@ impl Engine {
     /// Returns the rows the batch ran.
     pub fn step(&mut self) -> usize {
         self.admit();
+        self.stats.steps += 1;
         let rows = match self.cfg.scheduler {
             Scheduler::Static | Scheduler::Csb => crate::step_csb::step(self),
             Scheduler::Cdb => crate::step_cdb::step(self),
@@ -191,6 +249,15 @@ impl Engine {
             tracing::debug!(left = before - self.running.len(), "sequences retired");
         }
         rows
+    }
+
+    /// Records one generated token's exit loop.
+    pub(crate) fn count_exit(stats: &mut EngineStats, exit_loop: usize) {
+        if stats.exit_histogram.len() < exit_loop {
+            stats.exit_histogram.resize(exit_loop, 0);
+        }
+        stats.exit_histogram[exit_loop - 1] += 1;
+        stats.tokens += 1;
     }
 
     /// Steps until every request has finished.

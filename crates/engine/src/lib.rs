@@ -13,11 +13,15 @@
 
 mod engine;
 mod error;
+mod exit;
+mod reference;
 mod request;
 mod sequence;
 mod step_cdb;
 mod step_csb;
 
-pub use engine::{Engine, EngineConfig, Scheduler};
+pub use engine::{Engine, EngineConfig, EngineStats, Scheduler};
 pub use error::EngineError;
+pub use exit::{confidence, cosine, oracle_depth, ExitKind, ExitPolicy, ExitTrace, KvFill};
+pub use reference::generate_with_exits;
 pub use request::{Event, FinishReason, GenParams, Request};

@@ -5,6 +5,7 @@ use std::sync::mpsc::Sender;
 use rrt_model::SamplingParams;
 
 use crate::error::EngineError;
+use crate::exit::ExitPolicy;
 
 /// Generation settings of one request.
 #[derive(Debug, Clone)]
@@ -21,6 +22,8 @@ pub struct Request {
     pub id: u64,
     pub prompt: Vec<u32>,
     pub params: GenParams,
+    /// Early-exit policy; `None` takes the engine's default.
+    pub exit: Option<ExitPolicy>,
     pub events: Sender<Event>,
 }
 

@@ -6,6 +6,7 @@ use std::sync::mpsc::Sender;
 use candle_core::Tensor;
 use rrt_model::{Sampler, SeqCache};
 
+use crate::exit::ExitPolicy;
 use crate::request::{Event, FinishReason, GenParams};
 
 /// Tokens of a sequence between loops of the shared block (depth-wise batching).
@@ -17,9 +18,13 @@ pub(crate) struct Flight {
     pub next_loop: usize,
     /// Hidden states after the loops run so far (`None` before the first).
     pub hidden: Option<Tensor>,
+    /// Argmax of the exit head after each loop (oracle recording only).
+    pub argmaxes: Vec<u32>,
 }
 
 pub(crate) struct Seq {
+    pub id: u64,
+    pub exit: ExitPolicy,
     pub events: Sender<Event>,
     pub params: GenParams,
     pub sampler: Sampler,
@@ -44,6 +49,12 @@ impl Seq {
     /// Tokens not yet run through the model (a prompt chunk, or the last sampled token).
     pub fn pending(&self) -> usize {
         self.tokens.len() - self.computed
+    }
+
+    /// For a unit of one generated token starting at `start`: that token's index among the
+    /// generated ones (the key of exit traces). `None` for prompt tokens.
+    pub fn generated_index(&self, start: usize, len: usize) -> Option<usize> {
+        (len == 1 && start >= self.prompt_len).then(|| start - self.prompt_len)
     }
 
     /// Sends `event`; a closed receiver (client gone) marks the sequence done.

@@ -54,7 +54,11 @@ pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
         if last {
             let row = rows.next().expect("one logits row per finishing item");
             s.on_logits(&row, loops);
+            Engine::count_exit(&mut engine.stats, loops);
         }
     }
-    Ok(takes.iter().sum())
+    let total: usize = takes.iter().sum();
+    engine.stats.loop_rows += (total * loops) as u64;
+    engine.stats.last_rows_per_depth = vec![total];
+    Ok(total)
 }

@@ -1,14 +1,16 @@
 //! Batching must not change results: with exits disabled, greedy outputs of 16 concurrent
 //! requests through each scheduler equal one-at-a-time generation token for token, on a relaxed
 //! recursive model (3 loops, per-loop LoRA and norms, so row groups really differ). Also:
-//! cancellation frees KV, and requests that cannot run fail clearly.
+//! cancellation frees KV, requests that cannot run fail clearly, and with exits from a fixed
+//! trace depth-wise batching equals a sequential reference that applies the same exits.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver};
 
 use candle_core::DType;
 use rrt_engine::{
-    Engine, EngineConfig, EngineError, Event, FinishReason, GenParams, Request, Scheduler,
+    generate_with_exits, Engine, EngineConfig, EngineError, Event, ExitKind, ExitPolicy, ExitTrace,
+    FinishReason, GenParams, KvFill, Request, Scheduler,
 };
 use rrt_model::generate::{generate, GenerateParams};
 use rrt_model::recursive::convert::{convert, ConvertOptions};
@@ -90,6 +92,7 @@ fn every_scheduler_matches_one_at_a_time_generation() {
             max_batch_rows: 24,
             max_sequences: 7,
             kv_budget_bytes: 1 << 30,
+            ..EngineConfig::default()
         };
         let mut engine = Engine::new(model.clone(), cfg);
         let receivers: Vec<Receiver<Event>> = cases
@@ -101,6 +104,7 @@ fn every_scheduler_matches_one_at_a_time_generation() {
                     id: i as u64,
                     prompt: p.clone(),
                     params: params(*n),
+                    exit: None,
                     events: tx,
                 });
                 rx
@@ -136,6 +140,7 @@ fn a_dropped_receiver_cancels_and_frees_kv() {
         id: 1,
         prompt: vec![1, 2, 3],
         params: params(50),
+        exit: None,
         events: tx,
     });
     engine.step();
@@ -172,6 +177,7 @@ fn requests_that_cannot_run_fail_with_a_reason() {
             id: 0,
             prompt,
             params: params(n),
+            exit: None,
             events: tx,
         });
         match rx.try_recv() {
@@ -181,4 +187,159 @@ fn requests_that_cannot_run_fail_with_a_reason() {
     }
     assert!(matches!(EngineError::EmptyPrompt, EngineError::EmptyPrompt));
     assert_eq!(engine.pending(), 0);
+}
+
+/// Submits the cases with `exit` and runs to completion; returns (token, exit loop) per request.
+fn run_cdb(
+    engine: &mut Engine,
+    cases: &[(Vec<u32>, usize)],
+    exit: ExitPolicy,
+) -> Vec<Vec<(u32, usize)>> {
+    let rxs: Vec<Receiver<Event>> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (p, n))| {
+            let (tx, rx) = channel();
+            engine.submit(Request {
+                id: i as u64,
+                prompt: p.clone(),
+                params: params(*n),
+                exit: Some(exit),
+                events: tx,
+            });
+            rx
+        })
+        .collect();
+    engine.run_until_idle();
+    rxs.iter()
+        .map(|rx| {
+            rx.try_iter()
+                .filter_map(|e| match e {
+                    Event::Token { token, exit_loop } => Some((token, exit_loop)),
+                    Event::Failed(e) => panic!("{e}"),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn cdb(model: &Llama, fill: KvFill) -> Engine {
+    Engine::new(
+        model.clone(),
+        EngineConfig {
+            scheduler: Scheduler::Cdb,
+            max_batch_rows: 24,
+            max_sequences: 7,
+            kv_fill: fill,
+            ..EngineConfig::default()
+        },
+    )
+}
+
+#[test]
+fn cdb_with_a_fixed_exit_trace_equals_the_sequential_reference() {
+    let model = tiny_recursive();
+    let cases = prompts(model.cfg.vocab_size as u32);
+    let mut trace = ExitTrace::default();
+    for (i, (_, n)) in cases.iter().enumerate() {
+        for t in 0..*n {
+            trace.insert(i as u64, t, 1 + (i * 7 + t * 5 + t * t) % 3);
+        }
+    }
+    for fill in [KvFill::Propagate, KvFill::Copy] {
+        let mut engine = cdb(&model, fill);
+        engine.set_trace(trace.clone());
+        let replay = ExitPolicy {
+            kind: ExitKind::Replay,
+            threshold: 0.0,
+        };
+        let got = run_cdb(&mut engine, &cases, replay);
+        let mut early = 0;
+        for (i, (p, n)) in cases.iter().enumerate() {
+            let want = generate_with_exits(&model, i as u64, p, &params(*n), &trace, fill).unwrap();
+            assert_eq!(got[i], want, "{fill:?}: request {i}");
+            early += want.iter().filter(|(_, l)| *l < 3).count();
+        }
+        assert!(
+            early > 20,
+            "the trace should make many tokens exit early ({early})"
+        );
+        let stats = engine.stats();
+        assert!(
+            stats.mean_loops() < 3.0 && stats.mean_loops() > 1.0,
+            "{stats:?}"
+        );
+    }
+    // Propagation and copy fill the skipped K/V differently: outputs should not all agree.
+    let a: Vec<_> = (0..cases.len())
+        .map(|i| {
+            generate_with_exits(
+                &model,
+                i as u64,
+                &cases[i].0,
+                &params(cases[i].1),
+                &trace,
+                KvFill::Propagate,
+            )
+            .unwrap()
+        })
+        .collect();
+    let b: Vec<_> = (0..cases.len())
+        .map(|i| {
+            generate_with_exits(
+                &model,
+                i as u64,
+                &cases[i].0,
+                &params(cases[i].1),
+                &trace,
+                KvFill::Copy,
+            )
+            .unwrap()
+        })
+        .collect();
+    assert_ne!(a, b, "the two KV fill modes never made a difference");
+}
+
+#[test]
+fn oracle_recording_then_confidence_policies_run_and_count_exits() {
+    let model = tiny_recursive();
+    let cases = prompts(model.cfg.vocab_size as u32);
+    let mut engine = cdb(&model, KvFill::Propagate);
+    let oracle = ExitPolicy {
+        kind: ExitKind::Oracle,
+        threshold: 0.0,
+    };
+    let full = run_cdb(&mut engine, &cases, oracle);
+    let recorded = engine.trace().clone();
+    let processed: usize = cases.iter().map(|(_, n)| n - 1).sum();
+    assert_eq!(
+        recorded.len(),
+        processed,
+        "one oracle depth per generated token that was run"
+    );
+    assert!((1.0..=3.0).contains(&recorded.mean_depth()));
+    // The oracle run itself runs full depth: same tokens as no exit.
+    let mut plain = cdb(&model, KvFill::Propagate);
+    assert_eq!(run_cdb(&mut plain, &cases, ExitPolicy::NONE), full);
+    for kind in [ExitKind::MaxProb, ExitKind::Margin, ExitKind::Cosine] {
+        let mut engine = cdb(&model, KvFill::Copy);
+        let out = run_cdb(
+            &mut engine,
+            &cases,
+            ExitPolicy {
+                kind,
+                threshold: -1.0,
+            },
+        );
+        // Threshold -1 (below any probability or cosine) exits every generated token after loop 1.
+        for (i, toks) in out.iter().enumerate() {
+            assert_eq!(toks.len(), cases[i].1);
+            assert!(toks[1..].iter().all(|(_, l)| *l == 1), "{kind:?}: {toks:?}");
+        }
+        assert_eq!(
+            engine.stats().tokens as usize,
+            cases.iter().map(|(_, n)| n).sum::<usize>()
+        );
+    }
 }

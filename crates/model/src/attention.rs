@@ -53,17 +53,13 @@ struct Task {
     pos0: usize,
 }
 
-/// Attention for a flattened batch. `qkv` is `[rows, q_dim + 2 * kv_dim]` (Q | K | V per row) and
-/// is rotated in place; returns the attention output `[rows, q_dim]`.
-pub fn attention(
-    qkv: &mut [f32],
-    segments: &mut [AttnSegment<'_>],
-    dims: AttnDims,
-    rope: &Rope,
-) -> Vec<f32> {
+/// Rotates Q and K of each segment's rows to their positions and appends K and V to the
+/// segment's cache (cut back to `start` first). `qkv` is `[rows, q_dim + 2 * kv_dim]`. This is
+/// attention's first half; on its own it fills the KV of tokens that skipped a layer (state
+/// propagation for early-exited tokens).
+pub fn append_kv(qkv: &mut [f32], segments: &mut [AttnSegment<'_>], dims: AttnDims, rope: &Rope) {
     let (q_dim, kv_dim) = (dims.q_dim(), dims.kv_dim());
     let width = q_dim + 2 * kv_dim;
-    let total_rows = qkv.len() / width;
     for seg in segments.iter_mut() {
         seg.cache.truncate(seg.start);
         for (i, row) in seg.rows.clone().enumerate() {
@@ -75,6 +71,20 @@ pub fn attention(
             seg.cache.push(k, v);
         }
     }
+}
+
+/// Attention for a flattened batch. `qkv` is `[rows, q_dim + 2 * kv_dim]` (Q | K | V per row) and
+/// is rotated in place; returns the attention output `[rows, q_dim]`.
+pub fn attention(
+    qkv: &mut [f32],
+    segments: &mut [AttnSegment<'_>],
+    dims: AttnDims,
+    rope: &Rope,
+) -> Vec<f32> {
+    let (q_dim, kv_dim) = (dims.q_dim(), dims.kv_dim());
+    let width = q_dim + 2 * kv_dim;
+    let total_rows = qkv.len() / width;
+    append_kv(qkv, segments, dims, rope);
     let mut tasks = Vec::new();
     for (s, seg) in segments.iter().enumerate() {
         for kv_head in 0..dims.kv_heads {

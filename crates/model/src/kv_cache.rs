@@ -48,7 +48,7 @@ impl LayerKv {
     }
 
     /// Appends one position; `k` and `v` are `[kv_heads * head_dim]` (head-major).
-    pub(crate) fn push(&mut self, k: &[f32], v: &[f32]) {
+    pub fn push(&mut self, k: &[f32], v: &[f32]) {
         let slot = self.len % KV_BLOCK;
         if slot == 0 {
             self.k.resize(self.k.len() + KV_BLOCK * self.row, 0.0);

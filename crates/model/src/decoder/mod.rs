@@ -17,7 +17,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::{attention, AttnDims, AttnSegment};
+use crate::attention::{append_kv, attention, AttnDims, AttnSegment};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kernels::swiglu;
@@ -212,15 +212,8 @@ impl Llama {
         })?
     }
 
-    /// One decoder layer over a flattened batch `x [rows, hidden]`. `groups` cover the rows in
-    /// order and must all run the same shared layer; `segments` say which rows belong to which
-    /// sequence and hold that sequence's cache for the group's unrolled layer.
-    pub fn layer_forward(
-        &self,
-        groups: &[RowGroup],
-        x: &Tensor,
-        segments: &mut [AttnSegment<'_>],
-    ) -> Result<Tensor> {
+    /// The shared layer every group runs (they must agree).
+    fn shared_layer(&self, groups: &[RowGroup]) -> Result<&LayerWeights> {
         let k = self.layers.len();
         let shared_index = groups.first().map(|g| g.unrolled % k).unwrap_or(0);
         if groups
@@ -231,7 +224,41 @@ impl Llama {
                 "row groups of one layer call must run the same shared layer".into(),
             ));
         }
-        let layer = &self.layers[shared_index];
+        Ok(&self.layers[shared_index])
+    }
+
+    /// Writes K and V of hidden states `h` (`[rows, hidden]`) into the caches of `segments` at
+    /// the groups' unrolled layers, without running attention or the MLP: state propagation
+    /// for a token that exited before those layers (CALM), so later tokens can attend to it.
+    pub fn fill_kv(
+        &self,
+        h: &Tensor,
+        groups: &[RowGroup],
+        segments: &mut [AttnSegment<'_>],
+    ) -> Result<()> {
+        let layer = self.shared_layer(groups)?;
+        let (qd, kvd) = (self.cfg.q_dim(), self.cfg.kv_dim());
+        let hn = self.norm_groups(h, groups, false)?;
+        let mut qkv = self.project(
+            &layer.qkv,
+            &hn,
+            groups,
+            &[(0, 0, qd), (1, qd, kvd), (2, qd + kvd, kvd)],
+        )?;
+        append_kv(&mut qkv, segments, self.dims(), &self.rope);
+        Ok(())
+    }
+
+    /// One decoder layer over a flattened batch `x [rows, hidden]`. `groups` cover the rows in
+    /// order and must all run the same shared layer; `segments` say which rows belong to which
+    /// sequence and hold that sequence's cache for the group's unrolled layer.
+    pub fn layer_forward(
+        &self,
+        groups: &[RowGroup],
+        x: &Tensor,
+        segments: &mut [AttnSegment<'_>],
+    ) -> Result<Tensor> {
+        let layer = self.shared_layer(groups)?;
         let cfg = &self.cfg;
         let rows = x.dim(0)?;
         let (qd, kvd, f, h) = (

@@ -1,0 +1,93 @@
+//! The sequential reference for early exit: one sequence, one token at a time, loop by loop,
+//! applying exit depths from a trace and filling skipped K/V the same way the engine does. The
+//! batched schedulers are tested against it; it shares only the model's layer calls with them.
+
+use rrt_model::attention::AttnSegment;
+use rrt_model::{BatchItem, Llama, Logits, RowGroup, Sampler};
+
+use crate::error::EngineError;
+use crate::exit::{ExitTrace, KvFill};
+use crate::request::GenParams;
+
+/// Generates for `prompt` (request `id`), exiting each generated token after the loop `trace`
+/// names (full depth where it names none). Returns `(token, exit_loop)` pairs.
+pub fn generate_with_exits(
+    model: &Llama,
+    id: u64,
+    prompt: &[u32],
+    params: &GenParams,
+    trace: &ExitTrace,
+    fill: KvFill,
+) -> Result<Vec<(u32, usize)>, EngineError> {
+    let (block, loops) = (model.block_layers(), model.loops());
+    let mut sampler = Sampler::new(params.sampling.clone())?;
+    let mut cache = model.new_cache();
+    let mut tokens = prompt.to_vec();
+    let logits = model.forward(&mut [BatchItem {
+        tokens: prompt,
+        offset: 0,
+        cache: &mut cache,
+        logits: Logits::Last,
+    }])?;
+    let mut row = logits.squeeze(0)?.to_vec1::<f32>()?;
+    let mut exit_loop = loops;
+    let mut out = Vec::new();
+    loop {
+        let next = sampler.sample(&row, &tokens);
+        if params.stop_tokens.contains(&next) {
+            break;
+        }
+        out.push((next, exit_loop));
+        tokens.push(next);
+        if out.len() >= params.max_new_tokens {
+            break;
+        }
+        let pos = tokens.len() - 1;
+        let index = pos - prompt.len();
+        let depth = trace.get(id, index).unwrap_or(loops).clamp(1, loops);
+        let mut h = model.embed(&[next])?;
+        for l in 0..depth * block {
+            let mut seg = [AttnSegment {
+                rows: 0..1,
+                start: pos,
+                cache: &mut cache.layers[l],
+            }];
+            h = model.layer_forward(
+                &[RowGroup {
+                    rows: 0..1,
+                    unrolled: l,
+                }],
+                &h,
+                &mut seg,
+            )?;
+        }
+        for l in depth * block..loops * block {
+            match fill {
+                KvFill::Propagate => {
+                    let mut seg = [AttnSegment {
+                        rows: 0..1,
+                        start: pos,
+                        cache: &mut cache.layers[l],
+                    }];
+                    model.fill_kv(
+                        &h,
+                        &[RowGroup {
+                            rows: 0..1,
+                            unrolled: l,
+                        }],
+                        &mut seg,
+                    )?;
+                }
+                KvFill::Copy => {
+                    let src = &cache.layers[(depth - 1) * block + l % block];
+                    let (k, v) = (src.k_at(pos), src.v_at(pos).to_vec());
+                    cache.layers[l].truncate(pos);
+                    cache.layers[l].push(&k, &v);
+                }
+            }
+        }
+        row = model.logits(&h)?.squeeze(0)?.to_vec1::<f32>()?;
+        exit_loop = depth;
+    }
+    Ok(out)
+}
