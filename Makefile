@@ -13,7 +13,7 @@ TRAIN := .cache/data/kjv-train.txt
 RRT := target/release/rrt
 ARGS ?=
 
-.PHONY: help demo test bench lint fmt build model data deps fixtures eval curve clean
+.PHONY: help demo test bench lint fmt build model data deps fixtures eval curve bench-engine clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ test: deps model data lint ## run every test (unit, parity, real model, end-to-e
 bench: model build ## speed: few-row matmul kernel vs candle, decode tokens/s vs the matmul roofline
 	$(RRT) bench matmul
 	$(RRT) bench decode --batches 1,8,32
+
+bench-engine: model data build ## serving throughput: static / CSB / CDB with exits, 256 prompts (long)
+	$(RRT) bench engine
 
 eval: model data build ## perplexity of the bundled model on the held-out KJV slice
 	$(RRT) eval --data $(HELDOUT)

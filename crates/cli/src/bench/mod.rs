@@ -2,6 +2,7 @@
 
 mod cpu_time;
 mod decode;
+mod engine;
 mod matmul;
 
 use clap::Subcommand;
@@ -12,11 +13,14 @@ pub enum BenchCommand {
     Decode(decode::DecodeArgs),
     /// The few-row matmul kernel against candle's gemm, per row count.
     Matmul(matmul::MatmulArgs),
+    /// Serving throughput: vanilla vs recursive, static vs CSB vs CDB, with early exits.
+    Engine(engine::EngineBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Decode(args) => decode::run(args),
         BenchCommand::Matmul(args) => matmul::run(args),
+        BenchCommand::Engine(args) => engine::run_bench(args),
     }
 }
