@@ -145,7 +145,7 @@ fn after_block(
     trace: &mut ExitTrace,
     stats: &mut EngineStats,
 ) -> Result<(), EngineError> {
-    let (block, loops) = (model.block_layers(), model.loops());
+    let loops = model.loops();
     // Each unit's last row (the one whose logits matter) and its loop count after this step.
     let mut last_rows = Vec::with_capacity(batch.len());
     let mut row = 0;
@@ -206,6 +206,7 @@ fn after_block(
         .collect();
     logits.extend(head(model, x, &missing, &last_rows)?);
 
+    let mut fills = Vec::new();
     let mut row = 0;
     for (i, s) in batch.iter_mut().enumerate() {
         let f = s.flight.as_mut().expect("in flight");
@@ -217,8 +218,12 @@ fn after_block(
                 let f = s.flight.take().expect("in flight");
                 let done = f.next_loop;
                 if done < loops {
-                    let h = x.narrow(0, unit.start, 1)?;
-                    fill_skipped(model, kv_fill, s, &h, f.start, done, block, loops)?;
+                    fills.push(Fill {
+                        unit: i,
+                        row: unit.start,
+                        position: f.start,
+                        done,
+                    });
                 }
                 s.computed = f.start + f.len;
                 let row_logits = &logits[&i];
@@ -237,6 +242,7 @@ fn after_block(
             }
         }
     }
+    fill_skipped(model, kv_fill, batch, x, &fills)?;
     Ok(())
 }
 
@@ -256,41 +262,92 @@ fn head(
     Ok(units.iter().copied().zip(logits).collect())
 }
 
-/// Fills K/V of the loops `done..loops` that an exited token at `position` skipped.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn fill_skipped(
-    model: &Llama,
-    mode: KvFill,
-    s: &mut Seq,
-    h: &Tensor,
+/// A token that left before the last loop: the K/V of loops `done..` at `position` are missing.
+struct Fill {
+    /// Index in the step's batch.
+    unit: usize,
+    /// Its row in the block output (the exit hidden state).
+    row: usize,
     position: usize,
     done: usize,
-    block: usize,
-    loops: usize,
+}
+
+/// Fills the K/V every early-exited token of this step skipped. Propagation projects all exit
+/// hidden states through each shared layer's K/V projection in one call per layer (rows grouped
+/// by the unrolled layer they fill); copy reuses the exit loop's K/V.
+fn fill_skipped(
+    model: &Llama,
+    mode: KvFill,
+    batch: &mut [&mut Seq],
+    x: &Tensor,
+    fills: &[Fill],
 ) -> Result<(), EngineError> {
-    for j in done..loops {
-        for k in 0..block {
-            let layer = j * block + k;
-            match mode {
-                KvFill::Propagate => {
-                    let groups = [RowGroup {
-                        rows: 0..1,
-                        unrolled: layer,
-                    }];
-                    let mut segs = [AttnSegment {
-                        rows: 0..1,
-                        start: position,
-                        cache: &mut s.cache.layers[layer],
-                    }];
-                    model.fill_kv(h, &groups, &mut segs)?;
+    if fills.is_empty() {
+        return Ok(());
+    }
+    let (block, loops) = (model.block_layers(), model.loops());
+    match mode {
+        KvFill::Copy => {
+            for fill in fills {
+                let s = &mut batch[fill.unit];
+                for k in 0..block {
+                    let src = &s.cache.layers[(fill.done - 1) * block + k];
+                    let (kk, vv) = (src.k_at(fill.position), src.v_at(fill.position).to_vec());
+                    for j in fill.done..loops {
+                        let dst = &mut s.cache.layers[j * block + k];
+                        dst.truncate(fill.position);
+                        dst.push(&kk, &vv);
+                    }
                 }
-                KvFill::Copy => {
-                    let src = &s.cache.layers[(done - 1) * block + k];
-                    let (kk, vv) = (src.k_at(position), src.v_at(position).to_vec());
-                    let dst = &mut s.cache.layers[layer];
-                    dst.truncate(position);
-                    dst.push(&kk, &vv);
+            }
+        }
+        KvFill::Propagate => {
+            // One row per (exited token, skipped loop), token-major.
+            let mut rows = Vec::new();
+            for (e, fill) in fills.iter().enumerate() {
+                for j in fill.done..loops {
+                    rows.push((e, j));
                 }
+            }
+            let idx: Vec<u32> = rows.iter().map(|&(e, _)| fills[e].row as u32).collect();
+            let h = x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?;
+            let mut by_unit: HashMap<usize, usize> = HashMap::new();
+            for (e, fill) in fills.iter().enumerate() {
+                by_unit.insert(fill.unit, e);
+            }
+            for k in 0..block {
+                let groups: Vec<RowGroup> = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(r, &(_, j))| RowGroup {
+                        rows: r..r + 1,
+                        unrolled: j * block + k,
+                    })
+                    .collect();
+                // Segments in row order: each exited sequence lends its layers j*K + k, j >= done.
+                // Fills were recorded in batch order, so walking the batch lines segments up
+                // with the rows.
+                let mut segments = Vec::with_capacity(rows.len());
+                let mut row = 0;
+                for (u, s) in batch.iter_mut().enumerate() {
+                    let Some(&e) = by_unit.get(&u) else { continue };
+                    let fill = &fills[e];
+                    for cache in s
+                        .cache
+                        .layers
+                        .iter_mut()
+                        .skip(fill.done * block + k)
+                        .step_by(block)
+                    {
+                        segments.push(AttnSegment {
+                            rows: row..row + 1,
+                            start: fill.position,
+                            cache,
+                        });
+                        row += 1;
+                    }
+                }
+                model.fill_kv(&h, &groups, &mut segments)?;
             }
         }
     }
