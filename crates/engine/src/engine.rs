@@ -72,6 +72,15 @@ pub struct EngineStats {
 }
 
 impl EngineStats {
+    /// Records one generated token's exit loop.
+    pub(crate) fn count_exit(&mut self, exit_loop: usize) {
+        if self.exit_histogram.len() < exit_loop {
+            self.exit_histogram.resize(exit_loop, 0);
+        }
+        self.exit_histogram[exit_loop - 1] += 1;
+        self.tokens += 1;
+    }
+
     /// Mean loops per generated token.
     pub fn mean_loops(&self) -> f64 {
         let n: u64 = self.exit_histogram.iter().sum();
@@ -249,15 +258,6 @@ impl Engine {
             tracing::debug!(left = before - self.running.len(), "sequences retired");
         }
         rows
-    }
-
-    /// Records one generated token's exit loop.
-    pub(crate) fn count_exit(stats: &mut EngineStats, exit_loop: usize) {
-        if stats.exit_histogram.len() < exit_loop {
-            stats.exit_histogram.resize(exit_loop, 0);
-        }
-        stats.exit_histogram[exit_loop - 1] += 1;
-        stats.tokens += 1;
     }
 
     /// Steps until every request has finished.

@@ -237,7 +237,7 @@ fn after_block(
                 // A prompt chunk that is not the last samples nothing.
                 if s.computed == s.tokens.len() {
                     s.on_logits(row_logits, done);
-                    Engine::count_exit(stats, done);
+                    stats.count_exit(done);
                 }
             }
         }

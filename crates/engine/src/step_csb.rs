@@ -54,7 +54,7 @@ pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
         if last {
             let row = rows.next().expect("one logits row per finishing item");
             s.on_logits(&row, loops);
-            Engine::count_exit(&mut engine.stats, loops);
+            engine.stats.count_exit(loops);
         }
     }
     let total: usize = takes.iter().sum();

@@ -5,7 +5,6 @@
 //! decoder uses the Hugging Face (half-split) RoPE, so those rows are permuted back here: every
 //! model in rrt, whatever its file format, has Hugging Face layout in memory.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -282,15 +281,11 @@ fn first_line(e: &candle_core::Error) -> String {
 
 /// Maps a Hugging Face tensor name to its GGUF name.
 fn gguf_name(hf: &str) -> Option<String> {
-    let fixed: HashMap<&str, &str> = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ]
-    .into_iter()
-    .collect();
-    if let Some(name) = fixed.get(hf) {
-        return Some((*name).to_string());
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, suffix) = rest.split_once('.')?;
