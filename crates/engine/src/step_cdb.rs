@@ -130,7 +130,8 @@ fn flight(s: &Seq) -> &Flight {
 enum Outcome {
     /// Goes on to its next loop.
     Continue,
-    /// Produces its token after `loops_done` loops.
+    /// Leaves the block: after its last loop, or early (exit policy); samples if it is the
+    /// sequence's newest token.
     Leave,
 }
 

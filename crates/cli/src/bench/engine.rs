@@ -236,6 +236,15 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
                 format!("{label}: CSB"),
             )?,
         ];
+        runs.push(run(
+            &rec,
+            &w,
+            &args,
+            Scheduler::Cdb,
+            none,
+            None,
+            format!("{label}: CDB, no exit"),
+        )?);
         let oracle = run(
             &rec,
             &w,
@@ -246,7 +255,7 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
                 threshold: 0.0,
             },
             None,
-            format!("{label}: CDB, no exit (oracle recording)"),
+            format!("{label}: CDB, oracle recording (exit head every loop)"),
         )?;
         let full_depth = oracle.outputs.clone();
         let trace = oracle.trace.clone();
