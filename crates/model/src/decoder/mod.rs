@@ -237,16 +237,21 @@ impl Llama {
         segments: &mut [AttnSegment<'_>],
     ) -> Result<()> {
         let layer = self.shared_layer(groups)?;
+        let mut qkv = self.qkv(layer, h, groups)?;
+        append_kv(&mut qkv, segments, self.dims(), &self.rope);
+        Ok(())
+    }
+
+    /// The attention norm and fused Q|K|V projection (with each group's LoRA) of `x`.
+    fn qkv(&self, layer: &LayerWeights, x: &Tensor, groups: &[RowGroup]) -> Result<Vec<f32>> {
         let (qd, kvd) = (self.cfg.q_dim(), self.cfg.kv_dim());
-        let hn = self.norm_groups(h, groups, false)?;
-        let mut qkv = self.project(
+        let hn = self.norm_groups(x, groups, false)?;
+        self.project(
             &layer.qkv,
             &hn,
             groups,
             &[(0, 0, qd), (1, qd, kvd), (2, qd + kvd, kvd)],
-        )?;
-        append_kv(&mut qkv, segments, self.dims(), &self.rope);
-        Ok(())
+        )
     }
 
     /// One decoder layer over a flattened batch `x [rows, hidden]`. `groups` cover the rows in
@@ -261,20 +266,9 @@ impl Llama {
         let layer = self.shared_layer(groups)?;
         let cfg = &self.cfg;
         let rows = x.dim(0)?;
-        let (qd, kvd, f, h) = (
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.intermediate_size,
-            cfg.hidden_size,
-        );
+        let (qd, f, h) = (cfg.q_dim(), cfg.intermediate_size, cfg.hidden_size);
 
-        let hn = self.norm_groups(x, groups, false)?;
-        let mut qkv = self.project(
-            &layer.qkv,
-            &hn,
-            groups,
-            &[(0, 0, qd), (1, qd, kvd), (2, qd + kvd, kvd)],
-        )?;
+        let mut qkv = self.qkv(layer, x, groups)?;
         let attn = attention(&mut qkv, segments, self.dims(), &self.rope);
         let attn = Tensor::from_vec(attn, (rows, qd), x.device())?;
         let o = self.project(&layer.o, &attn, groups, &[(3, 0, h)])?;
