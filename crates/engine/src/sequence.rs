@@ -22,6 +22,15 @@ pub(crate) struct Flight {
     pub argmaxes: Vec<u32>,
 }
 
+/// The K/V an early exit skipped (state propagation), written by the next step's block pass.
+pub(crate) struct PendingFill {
+    /// The exit hidden state `[1, hidden]`.
+    pub hidden: Tensor,
+    pub position: usize,
+    /// Loops run before the exit; loops `done..` at `position` are missing.
+    pub done: usize,
+}
+
 pub(crate) struct Seq {
     pub id: u64,
     pub exit: ExitPolicy,
@@ -37,6 +46,7 @@ pub(crate) struct Seq {
     /// KV bytes reserved at admission (returned when the sequence leaves).
     pub reserved: usize,
     pub flight: Option<Flight>,
+    pub fill: Option<PendingFill>,
     /// Set when the sequence is finished, failed or cancelled; removed after the step.
     pub done: bool,
 }

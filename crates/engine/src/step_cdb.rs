@@ -7,16 +7,17 @@
 //! slot never waits for slower neighbours.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use candle_core::Tensor;
 use rrt_model::attention::AttnSegment;
 use rrt_model::sampling::argmax;
-use rrt_model::{Llama, RowGroup};
+use rrt_model::{FillRows, Llama, RowGroup};
 
 use crate::engine::{Engine, EngineStats};
 use crate::error::EngineError;
 use crate::exit::{confidence, cosine, oracle_depth, ExitKind, ExitTrace, KvFill};
-use crate::sequence::{Flight, Seq};
+use crate::sequence::{Flight, PendingFill, Seq};
 
 pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
     let Engine {
@@ -54,34 +55,53 @@ pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
             });
         }
     }
-    let mut batch: Vec<&mut Seq> = running.iter_mut().filter(|s| s.flight.is_some()).collect();
-    if batch.is_empty() {
+    // The batch in loop order (stable: arrival order within a loop).
+    let mut order: Vec<usize> = (0..running.len())
+        .filter(|&i| running[i].flight.is_some())
+        .collect();
+    order.sort_by_key(|&i| flight(&running[i]).next_loop);
+    let fills = FillPlan::new(running, loops)?;
+    if order.is_empty() {
+        fills.write_alone(model, running)?;
         return Ok(0);
     }
-    batch.sort_by_key(|s| flight(s).next_loop);
 
-    // Inputs: carried hidden states, or embeddings for units entering loop 0.
-    let mut parts = Vec::with_capacity(batch.len());
-    for s in batch.iter() {
-        let f = flight(s);
-        parts.push(match &f.hidden {
-            Some(h) => h.clone(),
-            None => model.embed(&s.tokens[f.start..f.start + f.len])?,
-        });
+    // Inputs: one embedding call for all units entering loop 0, carried hidden states for the
+    // rest.
+    let entering: Vec<u32> = order
+        .iter()
+        .map(|&i| &running[i])
+        .filter(|s| flight(s).hidden.is_none())
+        .flat_map(|s| {
+            let f = flight(s);
+            s.tokens[f.start..f.start + f.len].iter().copied()
+        })
+        .collect();
+    let mut parts = Vec::with_capacity(order.len() + 1);
+    if !entering.is_empty() {
+        parts.push(model.embed(&entering)?);
     }
+    parts.extend(
+        order
+            .iter()
+            .filter_map(|&i| flight(&running[i]).hidden.clone()),
+    );
     let x_in = Tensor::cat(&parts, 0)?;
-    let mut groups: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+    let mut groups: Vec<(usize, Range<usize>)> = Vec::new();
+    let mut unit_rows = vec![None; running.len()];
     let mut row = 0;
-    for s in batch.iter() {
-        let f = flight(s);
+    for &i in &order {
+        let f = flight(&running[i]);
         match groups.last_mut() {
             Some((l, rows)) if *l == f.next_loop => rows.end += f.len,
             _ => groups.push((f.next_loop, row..row + f.len)),
         }
+        unit_rows[i] = Some(row..row + f.len);
         row += f.len;
     }
     let rows = row;
     stats.loop_rows += rows as u64;
+    stats.fill_rows += fills.rows.len() as u64;
     stats.last_rows_per_depth = (0..loops)
         .map(|l| {
             groups
@@ -101,25 +121,149 @@ pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
                 unrolled: l * block + k,
             })
             .collect();
-        let mut row = 0;
-        let mut segments: Vec<AttnSegment<'_>> = batch
-            .iter_mut()
-            .map(|s| {
-                let f = s.flight.as_ref().expect("in flight");
-                let (start, len, layer) = (f.start, f.len, f.next_loop * block + k);
-                let seg = AttnSegment {
-                    rows: row..row + len,
-                    start,
-                    cache: &mut s.cache.layers[layer],
-                };
-                row += len;
-                seg
-            })
+        let fill_groups = fills.groups(block, k);
+        // Each sequence lends its cache layer for its unit's loop, and the layers its pending
+        // fill skipped; split borrows of one sequence's layers, walked in running order.
+        let mut unit_segments: Vec<Option<AttnSegment<'_>>> =
+            (0..order.len()).map(|_| None).collect();
+        let slot: Vec<Option<usize>> = {
+            let mut slot = vec![None; running.len()];
+            for (p, &i) in order.iter().enumerate() {
+                slot[i] = Some(p);
+            }
+            slot
+        };
+        let mut fill_segments = Vec::with_capacity(fills.rows.len());
+        for (i, s) in running.iter_mut().enumerate() {
+            let unit = s
+                .flight
+                .as_ref()
+                .map(|f| (f.next_loop * block + k, f.start));
+            let fill = s.fill.as_ref().map(|f| (f.done, f.position));
+            for (layer, cache) in s.cache.layers.iter_mut().enumerate() {
+                if layer % block != k {
+                    continue;
+                }
+                match (unit, fill) {
+                    (Some((u, start)), _) if u == layer && slot[i].is_some() => {
+                        unit_segments[slot[i].expect("checked")] = Some(AttnSegment {
+                            rows: unit_rows[i].clone().expect("unit in the batch"),
+                            start,
+                            cache,
+                        });
+                    }
+                    (_, Some((done, position))) if layer / block >= done => {
+                        let r = fill_segments.len();
+                        fill_segments.push(AttnSegment {
+                            rows: r..r + 1,
+                            start: position,
+                            cache,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut segments: Vec<AttnSegment<'_>> = unit_segments
+            .into_iter()
+            .map(|s| s.expect("every unit has its layer"))
             .collect();
-        x = model.layer_forward(&row_groups, &x, &mut segments)?;
+        let fill = fills.h.as_ref().map(|h| FillRows {
+            h,
+            groups: &fill_groups,
+            segments: &mut fill_segments,
+        });
+        x = model.layer_forward_filling(&row_groups, &x, &mut segments, fill)?;
     }
+    for s in running.iter_mut() {
+        s.fill = None;
+    }
+    let mut slots: Vec<Option<&mut Seq>> = running.iter_mut().map(Some).collect();
+    let mut batch: Vec<&mut Seq> = order
+        .iter()
+        .map(|&i| slots[i].take().expect("each unit once"))
+        .collect();
     after_block(model, cfg.kv_fill, &mut batch, &x_in, &x, trace, stats)?;
     Ok(rows)
+}
+
+/// The K/V rows early exits of the previous step left to write (state propagation): one row
+/// per (exited token, skipped loop), in running order then loop order, written by this step's
+/// block pass alongside its own rows.
+struct FillPlan {
+    /// `(running index, loop)` per row.
+    rows: Vec<(usize, usize)>,
+    /// The exit hidden state of each row.
+    h: Option<Tensor>,
+}
+
+impl FillPlan {
+    fn new(running: &[Seq], loops: usize) -> Result<Self, EngineError> {
+        let mut rows = Vec::new();
+        let mut parts = Vec::new();
+        for (i, s) in running.iter().enumerate() {
+            if let Some(f) = &s.fill {
+                for j in f.done..loops {
+                    rows.push((i, j));
+                    parts.push(f.hidden.clone());
+                }
+            }
+        }
+        let h = if parts.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&parts, 0)?)
+        };
+        Ok(Self { rows, h })
+    }
+
+    /// Row groups of shared layer `k`: consecutive rows at the same loop share a group.
+    fn groups(&self, block: usize, k: usize) -> Vec<RowGroup> {
+        let mut groups: Vec<RowGroup> = Vec::new();
+        for (r, &(_, j)) in self.rows.iter().enumerate() {
+            let unrolled = j * block + k;
+            match groups.last_mut() {
+                Some(g) if g.unrolled == unrolled => g.rows.end += 1,
+                _ => groups.push(RowGroup {
+                    rows: r..r + 1,
+                    unrolled,
+                }),
+            }
+        }
+        groups
+    }
+
+    /// Writes the fills without a batch to ride along (a step with no units in flight).
+    fn write_alone(&self, model: &Llama, running: &mut [Seq]) -> Result<(), EngineError> {
+        let Some(h) = &self.h else { return Ok(()) };
+        let block = model.block_layers();
+        for k in 0..block {
+            let mut segments = Vec::with_capacity(self.rows.len());
+            for s in running.iter_mut() {
+                let Some(fill) = &s.fill else { continue };
+                let (done, position) = (fill.done, fill.position);
+                for cache in s
+                    .cache
+                    .layers
+                    .iter_mut()
+                    .skip(done * block + k)
+                    .step_by(block)
+                {
+                    let r = segments.len();
+                    segments.push(AttnSegment {
+                        rows: r..r + 1,
+                        start: position,
+                        cache,
+                    });
+                }
+            }
+            model.fill_kv(h, &self.groups(block, k), &mut segments)?;
+        }
+        for s in running.iter_mut() {
+            s.fill = None;
+        }
+        Ok(())
+    }
 }
 
 fn flight(s: &Seq) -> &Flight {
@@ -207,7 +351,7 @@ fn after_block(
         .collect();
     logits.extend(head(model, x, &missing, &last_rows)?);
 
-    let mut fills = Vec::new();
+    let mut copies = Vec::new();
     let mut row = 0;
     for (i, s) in batch.iter_mut().enumerate() {
         let f = s.flight.as_mut().expect("in flight");
@@ -218,14 +362,6 @@ fn after_block(
             Outcome::Leave => {
                 let f = s.flight.take().expect("in flight");
                 let done = f.next_loop;
-                if done < loops {
-                    fills.push(Fill {
-                        unit: i,
-                        row: unit.start,
-                        position: f.start,
-                        done,
-                    });
-                }
                 s.computed = f.start + f.len;
                 let row_logits = &logits[&i];
                 if let (Some(index), ExitKind::Oracle) =
@@ -240,10 +376,25 @@ fn after_block(
                     s.on_logits(row_logits, done);
                     stats.count_exit(done);
                 }
+                // The loops an early exit skipped need K/V only if the sequence goes on.
+                if done < loops && !s.done {
+                    match kv_fill {
+                        KvFill::Propagate => {
+                            s.fill = Some(PendingFill {
+                                hidden: x.narrow(0, unit.start, 1)?,
+                                position: f.start,
+                                done,
+                            })
+                        }
+                        KvFill::Copy => copies.push((i, f.start, done)),
+                    }
+                }
             }
         }
     }
-    fill_skipped(model, kv_fill, batch, x, &fills)?;
+    for (i, position, done) in copies {
+        copy_skipped(model.block_layers(), loops, batch[i], position, done);
+    }
     Ok(())
 }
 
@@ -263,94 +414,15 @@ fn head(
     Ok(units.iter().copied().zip(logits).collect())
 }
 
-/// A token that left before the last loop: the K/V of loops `done..` at `position` are missing.
-struct Fill {
-    /// Index in the step's batch.
-    unit: usize,
-    /// Its row in the block output (the exit hidden state).
-    row: usize,
-    position: usize,
-    done: usize,
-}
-
-/// Fills the K/V every early-exited token of this step skipped. Propagation projects all exit
-/// hidden states through each shared layer's K/V projection in one call per layer (rows grouped
-/// by the unrolled layer they fill); copy reuses the exit loop's K/V.
-fn fill_skipped(
-    model: &Llama,
-    mode: KvFill,
-    batch: &mut [&mut Seq],
-    x: &Tensor,
-    fills: &[Fill],
-) -> Result<(), EngineError> {
-    if fills.is_empty() {
-        return Ok(());
-    }
-    let (block, loops) = (model.block_layers(), model.loops());
-    match mode {
-        KvFill::Copy => {
-            for fill in fills {
-                let s = &mut batch[fill.unit];
-                for k in 0..block {
-                    let src = &s.cache.layers[(fill.done - 1) * block + k];
-                    let (kk, vv) = (src.k_at(fill.position), src.v_at(fill.position).to_vec());
-                    for j in fill.done..loops {
-                        let dst = &mut s.cache.layers[j * block + k];
-                        dst.truncate(fill.position);
-                        dst.push(&kk, &vv);
-                    }
-                }
-            }
-        }
-        KvFill::Propagate => {
-            // One row per (exited token, skipped loop), token-major.
-            let mut rows = Vec::new();
-            for (e, fill) in fills.iter().enumerate() {
-                for j in fill.done..loops {
-                    rows.push((e, j));
-                }
-            }
-            let idx: Vec<u32> = rows.iter().map(|&(e, _)| fills[e].row as u32).collect();
-            let h = x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?;
-            let mut by_unit: HashMap<usize, usize> = HashMap::new();
-            for (e, fill) in fills.iter().enumerate() {
-                by_unit.insert(fill.unit, e);
-            }
-            for k in 0..block {
-                let groups: Vec<RowGroup> = rows
-                    .iter()
-                    .enumerate()
-                    .map(|(r, &(_, j))| RowGroup {
-                        rows: r..r + 1,
-                        unrolled: j * block + k,
-                    })
-                    .collect();
-                // Segments in row order: each exited sequence lends its layers j*K + k, j >= done.
-                // Fills were recorded in batch order, so walking the batch lines segments up
-                // with the rows.
-                let mut segments = Vec::with_capacity(rows.len());
-                let mut row = 0;
-                for (u, s) in batch.iter_mut().enumerate() {
-                    let Some(&e) = by_unit.get(&u) else { continue };
-                    let fill = &fills[e];
-                    for cache in s
-                        .cache
-                        .layers
-                        .iter_mut()
-                        .skip(fill.done * block + k)
-                        .step_by(block)
-                    {
-                        segments.push(AttnSegment {
-                            rows: row..row + 1,
-                            start: fill.position,
-                            cache,
-                        });
-                        row += 1;
-                    }
-                }
-                model.fill_kv(&h, &groups, &mut segments)?;
-            }
+/// KV copy: the loops `done..` at `position` reuse the K/V of the exit loop.
+fn copy_skipped(block: usize, loops: usize, s: &mut Seq, position: usize, done: usize) {
+    for k in 0..block {
+        let src = &s.cache.layers[(done - 1) * block + k];
+        let (kk, vv) = (src.k_at(position), src.v_at(position).to_vec());
+        for j in done..loops {
+            let dst = &mut s.cache.layers[j * block + k];
+            dst.truncate(position);
+            dst.push(&kk, &vv);
         }
     }
-    Ok(())
 }

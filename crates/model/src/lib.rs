@@ -25,7 +25,7 @@ pub mod source;
 pub mod tokenizer;
 
 pub use config::ModelConfig;
-pub use decoder::{BatchItem, LayerWeights, Llama, Logits, RowGroup};
+pub use decoder::{BatchItem, FillRows, LayerWeights, Llama, Logits, RowGroup};
 pub use error::{ModelError, Result};
 pub use kv_cache::{LayerKv, SeqCache};
 pub use load::{load, LoadedModel};

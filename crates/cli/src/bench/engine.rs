@@ -5,6 +5,7 @@
 //! thresholds. Prints tokens/s, mean loops per token, the ideal bound, the ratios and the
 //! agreement of each run's greedy tokens with full-depth greedy decoding.
 
+use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver};
 use std::time::Instant;
 
@@ -19,6 +20,7 @@ use rrt_model::recursive::convert::Converter;
 use rrt_model::recursive::mapping::Init;
 use rrt_model::{Llama, SamplingParams};
 
+use crate::bench::plot::{write_png, Series, ThresholdPlot};
 use crate::convert::decompose_with_progress;
 use crate::eval_text::EvalText;
 use crate::model_args::ModelArgs;
@@ -60,6 +62,15 @@ pub struct EngineBenchArgs {
     /// Rows one step may run (prefill chunks fill what decode rows leave).
     #[arg(long, default_value_t = 256)]
     max_batch_rows: usize,
+    /// Where the PNG of throughput and agreement against threshold goes.
+    #[arg(long, default_value = ".cache/bench/engine-thresholds.png")]
+    plot: PathBuf,
+    /// TrueType font for the plot's text.
+    #[arg(
+        long,
+        default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    )]
+    font: PathBuf,
 }
 
 struct Workload {
@@ -160,6 +171,13 @@ fn agreement(a: &[Vec<u32>], reference: &[Vec<u32>]) -> f64 {
 }
 
 pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
+    // Fail before the runs, not after them.
+    std::fs::metadata(&args.font).with_context(|| {
+        format!(
+            "plot font {} (install fonts-dejavu-core: `make deps`, or pass --font)",
+            args.font.display()
+        )
+    })?;
     let loaded = args.model.load()?;
     let src = &loaded.model;
     let ids = args
@@ -209,6 +227,19 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         "vanilla 30 layers, CSB".into(),
     )?;
     let k = src.layers.len() / loops;
+    let mut plot = ThresholdPlot {
+        title: format!(
+            "SmolLM2-135M as {k} x {loops} ({}): CDB with max-probability exits, {} prompts",
+            args.init, args.prompts
+        ),
+        throughput: vec![],
+        throughput_refs: vec![
+            ("vanilla static".into(), v_static.tokens_per_s),
+            ("vanilla CSB".into(), v_csb.tokens_per_s),
+        ],
+        agreement: vec![],
+        agreement_refs: vec![],
+    };
     let mut converter = Converter::new(src, k, args.init, args.seed)?;
     for &rank in &args.lora_ranks {
         if rank > 0 {
@@ -272,6 +303,7 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
             Some(&trace),
             format!("{label}: CDB, oracle exits (replay)"),
         )?);
+        let first_threshold = runs.len();
         for &t in &args.thresholds {
             runs.push(run(
                 &rec,
@@ -320,6 +352,35 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
                 100.0 * agreement(&r.outputs, &full_depth)
             );
         }
+        let swept = &runs[first_threshold..];
+        plot.throughput.push(Series {
+            label: format!("r{rank}: CDB, max-prob"),
+            points: args
+                .thresholds
+                .iter()
+                .zip(swept)
+                .map(|(&t, r)| (t as f64, r.tokens_per_s))
+                .collect(),
+        });
+        plot.agreement.push(Series {
+            label: format!("r{rank}: CDB, max-prob"),
+            points: args
+                .thresholds
+                .iter()
+                .zip(swept)
+                .map(|(&t, r)| (t as f64, 100.0 * agreement(&r.outputs, &full_depth)))
+                .collect(),
+        });
+        plot.throughput_refs.extend([
+            (format!("r{rank}: CSB"), runs[1].tokens_per_s),
+            (format!("r{rank}: CDB oracle replay"), runs[4].tokens_per_s),
+        ]);
+        plot.agreement_refs.push((
+            format!("r{rank}: CDB oracle replay"),
+            100.0 * agreement(&runs[4].outputs, &full_depth),
+        ));
     }
+    let png = write_png(&plot, &args.plot, &args.font)?;
+    println!("\nplot: {}", png.display());
     Ok(())
 }

@@ -4,6 +4,7 @@ mod cpu_time;
 mod decode;
 mod engine;
 mod matmul;
+mod plot;
 
 use clap::Subcommand;
 

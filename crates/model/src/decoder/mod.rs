@@ -66,6 +66,15 @@ pub struct RowGroup {
     pub unrolled: usize,
 }
 
+/// K/V-only rows riding along a [`Llama::layer_forward_filling`] call: hidden states `h`
+/// (`[rows, hidden]`, row indices of `groups` and `segments` relative to it) whose K and V go
+/// into the segments' caches at the groups' unrolled layers.
+pub struct FillRows<'a, 's, 'c> {
+    pub h: &'a Tensor,
+    pub groups: &'a [RowGroup],
+    pub segments: &'s mut [AttnSegment<'c>],
+}
+
 /// A loaded Llama-family model.
 #[derive(Debug, Clone)]
 pub struct Llama {
@@ -237,18 +246,18 @@ impl Llama {
         segments: &mut [AttnSegment<'_>],
     ) -> Result<()> {
         let layer = self.shared_layer(groups)?;
-        let mut qkv = self.qkv(layer, h, groups)?;
+        let hn = self.norm_groups(h, groups, false)?;
+        let mut qkv = self.qkv(layer, &hn, groups)?;
         append_kv(&mut qkv, segments, self.dims(), &self.rope);
         Ok(())
     }
 
-    /// The attention norm and fused Q|K|V projection (with each group's LoRA) of `x`.
-    fn qkv(&self, layer: &LayerWeights, x: &Tensor, groups: &[RowGroup]) -> Result<Vec<f32>> {
+    /// The fused Q|K|V projection (with each group's LoRA) of normed rows `hn`.
+    fn qkv(&self, layer: &LayerWeights, hn: &Tensor, groups: &[RowGroup]) -> Result<Vec<f32>> {
         let (qd, kvd) = (self.cfg.q_dim(), self.cfg.kv_dim());
-        let hn = self.norm_groups(x, groups, false)?;
         self.project(
             &layer.qkv,
-            &hn,
+            hn,
             groups,
             &[(0, 0, qd), (1, qd, kvd), (2, qd + kvd, kvd)],
         )
@@ -263,12 +272,47 @@ impl Llama {
         x: &Tensor,
         segments: &mut [AttnSegment<'_>],
     ) -> Result<Tensor> {
-        let layer = self.shared_layer(groups)?;
+        self.layer_forward_filling(groups, x, segments, None)
+    }
+
+    /// [`Llama::layer_forward`] that also writes K/V for `fill` rows (what [`Llama::fill_kv`]
+    /// does) in the same Q|K|V matmul as the batch, so state propagation for early-exited
+    /// tokens costs rows of a matmul that streams the weights anyway, not a pass of its own.
+    /// Fill groups must run the same shared layer as `groups`.
+    pub fn layer_forward_filling(
+        &self,
+        groups: &[RowGroup],
+        x: &Tensor,
+        segments: &mut [AttnSegment<'_>],
+        fill: Option<FillRows<'_, '_, '_>>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let rows = x.dim(0)?;
         let (qd, f, h) = (cfg.q_dim(), cfg.intermediate_size, cfg.hidden_size);
+        let width = qd + 2 * cfg.kv_dim();
 
-        let mut qkv = self.qkv(layer, x, groups)?;
+        let hn = self.norm_groups(x, groups, false)?;
+        let (layer, mut qkv, fill) = match fill {
+            None => {
+                let layer = self.shared_layer(groups)?;
+                (layer, self.qkv(layer, &hn, groups)?, None)
+            }
+            Some(fill) => {
+                let mut all = groups.to_vec();
+                all.extend(fill.groups.iter().map(|g| RowGroup {
+                    rows: g.rows.start + rows..g.rows.end + rows,
+                    unrolled: g.unrolled,
+                }));
+                let layer = self.shared_layer(&all)?;
+                let hf = self.norm_groups(fill.h, fill.groups, false)?;
+                let mut qkv = self.qkv(layer, &Tensor::cat(&[&hn, &hf], 0)?, &all)?;
+                let fill_qkv = qkv.split_off(rows * width);
+                (layer, qkv, Some((fill_qkv, fill.segments)))
+            }
+        };
+        if let Some((mut fill_qkv, fill_segments)) = fill {
+            append_kv(&mut fill_qkv, fill_segments, self.dims(), &self.rope);
+        }
         let attn = attention(&mut qkv, segments, self.dims(), &self.rope);
         let attn = Tensor::from_vec(attn, (rows, qd), x.device())?;
         let o = self.project(&layer.o, &attn, groups, &[(3, 0, h)])?;
