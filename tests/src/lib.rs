@@ -1,10 +1,12 @@
 //! Helpers shared by the end-to-end tests: where the workspace, the bundled model and the
 //! held-out text live (fetched through the Makefile when missing, never silently skipped), and
-//! how to run the real `rrt` binary.
+//! how to run the real `rrt` binary; [`cluster`] starts the services in-process.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
+
+pub mod cluster;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -18,7 +20,7 @@ static MAKE_LOCK: Mutex<()> = Mutex::new(());
 
 /// Runs `make TARGET` in the workspace root unless `path` already exists; panics with make's
 /// output if it fails, so a missing download fails the test loudly.
-fn ensure(path: PathBuf, target: &str) -> PathBuf {
+pub fn ensure(path: PathBuf, target: &str) -> PathBuf {
     let _guard = MAKE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     if !path.exists() {
         let out = Command::new("make")

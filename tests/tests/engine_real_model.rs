@@ -79,7 +79,7 @@ fn cdb_and_csb_on_smollm2_15x2_match_sequential_generation() {
                         sampling: SamplingParams::default(),
                         stop_tokens: vec![],
                     },
-                    events: tx,
+                    events: Box::new(tx),
                 });
                 rx
             })

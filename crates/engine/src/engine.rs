@@ -67,6 +67,8 @@ pub struct EngineStats {
     pub fill_rows: u64,
     /// Generated tokens.
     pub tokens: u64,
+    /// Requests dropped because their receiver went away.
+    pub cancelled: u64,
     /// Generated tokens by the loop (index + 1) they exited after.
     pub exit_histogram: Vec<u64>,
     /// Rows per loop depth in the last step.
@@ -133,7 +135,7 @@ impl Engine {
         match self.check(&req) {
             Ok(()) => self.waiting.push_back(req),
             Err(e) => {
-                let _ = req.events.send(Event::Failed(e));
+                req.events.send(Event::Failed(e));
             }
         }
     }
@@ -185,6 +187,49 @@ impl Engine {
         self.kv_reserved
     }
 
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Requests waiting for admission.
+    pub fn queue_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Sequences admitted and not finished.
+    pub fn running_len(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Work not done yet: `(tokens still to generate, prompt tokens not yet run)` over waiting
+    /// and running requests (generation counted to max tokens: an upper bound).
+    pub fn pending_work(&self) -> (usize, usize) {
+        let waiting = self.waiting.iter().fold((0, 0), |(g, p), r| {
+            (g + r.params.max_new_tokens, p + r.prompt.len())
+        });
+        self.running.iter().fold(waiting, |(g, p), s| {
+            (
+                g + s.params.max_new_tokens.saturating_sub(s.generated()),
+                p + s.prompt_len.saturating_sub(s.computed),
+            )
+        })
+    }
+
+    /// Drops waiting requests whose receiver is gone and marks running ones done (their KV is
+    /// freed at the end of the step).
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|r| !r.events.is_closed());
+        let mut cancelled = before - self.waiting.len();
+        for s in self.running.iter_mut() {
+            if !s.done && s.events.is_closed() {
+                s.done = true;
+                cancelled += 1;
+            }
+        }
+        self.stats.cancelled += cancelled as u64;
+    }
+
     /// Moves waiting requests into the running set while sequences and KV allow (static
     /// batching only admits into an empty batch).
     fn admit(&mut self) {
@@ -203,7 +248,7 @@ impl Engine {
             let sampler = match Sampler::new(req.params.sampling.clone()) {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = req.events.send(Event::Failed(e.into()));
+                    req.events.send(Event::Failed(e.into()));
                     continue;
                 }
             };
@@ -229,6 +274,7 @@ impl Engine {
     /// Admits, runs one batch, and retires finished or cancelled sequences (freeing their KV).
     /// Returns the rows the batch ran.
     pub fn step(&mut self) -> usize {
+        self.drop_cancelled();
         self.admit();
         self.stats.steps += 1;
         let rows = match self.cfg.scheduler {

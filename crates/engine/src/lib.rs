@@ -24,4 +24,4 @@ pub use engine::{Engine, EngineConfig, EngineStats, Scheduler};
 pub use error::EngineError;
 pub use exit::{confidence, cosine, oracle_depth, ExitKind, ExitPolicy, ExitTrace, KvFill};
 pub use reference::generate_with_exits;
-pub use request::{Event, FinishReason, GenParams, Request};
+pub use request::{Event, EventSink, FinishReason, GenParams, Request};

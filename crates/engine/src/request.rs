@@ -1,7 +1,5 @@
 //! What a client asks for and what it gets back.
 
-use std::sync::mpsc::Sender;
-
 use rrt_model::SamplingParams;
 
 use crate::error::EngineError;
@@ -17,14 +15,42 @@ pub struct GenParams {
 }
 
 /// One generation request. Events go to `events`; dropping the receiver cancels the request.
-#[derive(Debug)]
 pub struct Request {
     pub id: u64,
     pub prompt: Vec<u32>,
     pub params: GenParams,
     /// Early-exit policy; `None` takes the engine's default.
     pub exit: Option<ExitPolicy>,
-    pub events: Sender<Event>,
+    pub events: Box<dyn EventSink>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("id", &self.id)
+            .field("prompt_tokens", &self.prompt.len())
+            .field("params", &self.params)
+            .field("exit", &self.exit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a request's events go: a std channel (tests, benchmarks) or an async channel of a
+/// server, without the engine knowing about async runtimes.
+pub trait EventSink: Send {
+    /// Delivers an event; `false` when the receiver is gone (the request is cancelled).
+    fn send(&self, event: Event) -> bool;
+    /// Whether the receiver is gone; checked every step, so cancelled requests leave the queue
+    /// and free their KV without waiting for their next token.
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+impl EventSink for std::sync::mpsc::Sender<Event> {
+    fn send(&self, event: Event) -> bool {
+        std::sync::mpsc::Sender::send(self, event).is_ok()
+    }
 }
 
 /// Why a sequence ended.

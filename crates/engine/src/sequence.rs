@@ -1,13 +1,11 @@
 //! One admitted request's state: its tokens, KV cache, sampler, and (under depth-wise batching)
 //! the unit of tokens it has in flight between loops.
 
-use std::sync::mpsc::Sender;
-
 use candle_core::Tensor;
 use rrt_model::{Sampler, SeqCache};
 
 use crate::exit::ExitPolicy;
-use crate::request::{Event, FinishReason, GenParams};
+use crate::request::{Event, EventSink, FinishReason, GenParams};
 
 /// Tokens of a sequence between loops of the shared block (depth-wise batching).
 pub(crate) struct Flight {
@@ -34,7 +32,7 @@ pub(crate) struct PendingFill {
 pub(crate) struct Seq {
     pub id: u64,
     pub exit: ExitPolicy,
-    pub events: Sender<Event>,
+    pub events: Box<dyn EventSink>,
     pub params: GenParams,
     pub sampler: Sampler,
     pub cache: SeqCache,
@@ -69,7 +67,7 @@ impl Seq {
 
     /// Sends `event`; a closed receiver (client gone) marks the sequence done.
     pub fn emit(&mut self, event: Event) {
-        if self.events.send(event).is_err() {
+        if !self.events.send(event) {
             self.done = true;
         }
     }

@@ -105,7 +105,7 @@ fn every_scheduler_matches_one_at_a_time_generation() {
                     prompt: p.clone(),
                     params: params(*n),
                     exit: None,
-                    events: tx,
+                    events: Box::new(tx),
                 });
                 rx
             })
@@ -141,7 +141,7 @@ fn a_dropped_receiver_cancels_and_frees_kv() {
         prompt: vec![1, 2, 3],
         params: params(50),
         exit: None,
-        events: tx,
+        events: Box::new(tx),
     });
     engine.step();
     engine.step();
@@ -178,7 +178,7 @@ fn requests_that_cannot_run_fail_with_a_reason() {
             prompt,
             params: params(n),
             exit: None,
-            events: tx,
+            events: Box::new(tx),
         });
         match rx.try_recv() {
             Ok(Event::Failed(e)) => assert!(e.to_string().contains(expect), "{e}"),
@@ -205,7 +205,7 @@ fn run_cdb(
                 prompt: p.clone(),
                 params: params(*n),
                 exit: Some(exit),
-                events: tx,
+                events: Box::new(tx),
             });
             rx
         })

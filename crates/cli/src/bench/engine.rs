@@ -126,7 +126,7 @@ fn run(
                     stop_tokens: vec![],
                 },
                 exit: None,
-                events: tx,
+                events: Box::new(tx),
             });
             rx
         })

@@ -1,0 +1,12 @@
+//! The generated gRPC code of `proto/rrt/v1`: messages, clients and servers of the public
+//! `Generation` service, the internal `Worker` service and the `Coordinator` service, and the
+//! descriptor set that server reflection serves.
+
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("rrt.v1");
+}
+
+/// The encoded `FileDescriptorSet` of `rrt.v1`, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/rrt_v1_descriptor.bin"));

@@ -1,0 +1,15 @@
+//! The rrt coordinator: workers register and report load and exit statistics every ~500 ms;
+//! the coordinator evicts silent workers, scores each by its predicted time to drain (pending
+//! loop-steps from its exit statistics over its measured loop-step throughput) and streams the
+//! resulting cluster view to routers.
+//!
+//! - [`registry`]: the plain state and the score; [`service`]: the gRPC service and the
+//!   publisher; [`server`]: start-up and shutdown; [`config`]: flags.
+
+pub mod config;
+pub mod registry;
+pub mod server;
+pub mod service;
+
+pub use config::CoordinatorArgs;
+pub use server::{start, RunningCoordinator};

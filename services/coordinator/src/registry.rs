@@ -1,0 +1,262 @@
+//! The worker registry: who is serving which model where, their latest load reports, their
+//! exit statistics, and the score routers pick by. Plain state behind a `DashMap` (reports from
+//! many workers update it concurrently); no I/O, so it is unit-tested with made-up clocks.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use rrt_proto::v1 as pb;
+
+/// Loop-steps per second assumed for a worker that has not measured any yet.
+pub const PRIOR_LOOP_STEPS_PER_SECOND: f64 = 1000.0;
+
+#[derive(Debug, Clone)]
+pub struct WorkerEntry {
+    pub address: String,
+    pub model: String,
+    pub loops: u32,
+    pub last_seen: Instant,
+    pub report: pb::WorkerReport,
+    /// Generated tokens by exit loop since registration.
+    pub exit_histogram: Vec<u64>,
+    /// Smoothed loop-steps per second (0 until measured).
+    pub throughput: f64,
+}
+
+impl WorkerEntry {
+    /// Expected loops per generated token from this worker's exit statistics (full depth
+    /// until it has any).
+    pub fn expected_loops(&self) -> f64 {
+        expected_loops(&self.exit_histogram, self.loops)
+    }
+
+    /// Pending loop-steps: tokens still to generate times expected loops, plus prompt tokens
+    /// not yet run through every loop.
+    pub fn pending_loop_steps(&self) -> f64 {
+        self.report.pending_new_tokens as f64 * self.expected_loops()
+            + self.report.pending_prompt_tokens as f64 * self.loops as f64
+    }
+
+    /// Predicted seconds to drain the pending loop-steps at the measured throughput.
+    pub fn score(&self) -> f64 {
+        let rate = if self.throughput > 0.0 {
+            self.throughput
+        } else {
+            PRIOR_LOOP_STEPS_PER_SECOND
+        };
+        self.pending_loop_steps() / rate
+    }
+}
+
+/// Mean exit loop of a histogram (`hist[i]` = tokens that exited after loop `i + 1`).
+pub fn expected_loops(hist: &[u64], loops: u32) -> f64 {
+    let n: u64 = hist.iter().sum();
+    if n == 0 {
+        return loops.max(1) as f64;
+    }
+    hist.iter()
+        .enumerate()
+        .map(|(i, c)| (i + 1) as f64 * *c as f64)
+        .sum::<f64>()
+        / n as f64
+}
+
+fn add_histogram(into: &mut Vec<u64>, delta: &[u64]) {
+    if into.len() < delta.len() {
+        into.resize(delta.len(), 0);
+    }
+    for (a, d) in into.iter_mut().zip(delta) {
+        *a += d;
+    }
+}
+
+#[derive(Debug)]
+pub struct Registry {
+    workers: DashMap<String, WorkerEntry>,
+    evict_after: Duration,
+}
+
+impl Registry {
+    pub fn new(evict_after: Duration) -> Self {
+        Self {
+            workers: DashMap::new(),
+            evict_after,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// Adds or replaces a worker (a re-registration starts its statistics afresh).
+    pub fn register(&self, req: pb::RegisterRequest, now: Instant) {
+        self.workers.insert(
+            req.worker_id.clone(),
+            WorkerEntry {
+                address: req.address,
+                model: req.model,
+                loops: req.loops,
+                last_seen: now,
+                report: pb::WorkerReport {
+                    worker_id: req.worker_id,
+                    ..Default::default()
+                },
+                exit_histogram: Vec::new(),
+                throughput: 0.0,
+            },
+        );
+    }
+
+    /// Applies a report; `false` if the worker is unknown (it must register again).
+    pub fn report(&self, report: pb::WorkerReport, now: Instant) -> bool {
+        let Some(mut e) = self.workers.get_mut(&report.worker_id) else {
+            return false;
+        };
+        add_histogram(&mut e.exit_histogram, &report.exit_histogram_delta);
+        if report.loop_steps_per_second > 0.0 {
+            e.throughput = if e.throughput > 0.0 {
+                0.5 * e.throughput + 0.5 * report.loop_steps_per_second
+            } else {
+                report.loop_steps_per_second
+            };
+        }
+        e.last_seen = now;
+        e.report = report;
+        true
+    }
+
+    /// Removes workers silent for longer than the eviction age; returns their ids.
+    pub fn evict(&self, now: Instant) -> Vec<String> {
+        let stale: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|e| now.duration_since(e.last_seen) > self.evict_after)
+            .map(|e| e.key().clone())
+            .collect();
+        for id in &stale {
+            self.workers.remove(id);
+        }
+        stale
+    }
+
+    pub fn get(&self, id: &str) -> Option<WorkerEntry> {
+        self.workers.get(id).map(|e| e.clone())
+    }
+
+    /// The cluster view routers receive, workers sorted by id.
+    pub fn view(&self, now: Instant) -> pb::ClusterView {
+        let mut workers: Vec<pb::WorkerView> = self
+            .workers
+            .iter()
+            .map(|e| pb::WorkerView {
+                worker_id: e.key().clone(),
+                address: e.address.clone(),
+                model: e.model.clone(),
+                score: e.score(),
+                queue_length: e.report.queue_length,
+                running: e.report.running,
+                loop_steps_per_second: e.throughput,
+                expected_loops: e.expected_loops(),
+                draining: e.report.draining,
+                age_ms: now.duration_since(e.last_seen).as_millis() as u64,
+            })
+            .collect();
+        workers.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+        pb::ClusterView {
+            workers,
+            model_expected_loops: self.model_expected_loops(),
+        }
+    }
+
+    /// Expected loops per token per model, pooling its workers' exit histograms.
+    pub fn model_expected_loops(&self) -> HashMap<String, f64> {
+        let mut pooled: HashMap<String, (Vec<u64>, u32)> = HashMap::new();
+        for e in self.workers.iter() {
+            let (hist, loops) = pooled.entry(e.model.clone()).or_default();
+            add_histogram(hist, &e.exit_histogram);
+            *loops = (*loops).max(e.loops);
+        }
+        pooled
+            .into_iter()
+            .map(|(m, (h, l))| (m, expected_loops(&h, l)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(id: &str) -> pb::RegisterRequest {
+        pb::RegisterRequest {
+            worker_id: id.into(),
+            address: format!("{id}:1"),
+            model: "m".into(),
+            loops: 4,
+            max_sequences: 8,
+        }
+    }
+
+    fn report(id: &str, pending: u64, rate: f64, delta: Vec<u64>) -> pb::WorkerReport {
+        pb::WorkerReport {
+            worker_id: id.into(),
+            pending_new_tokens: pending,
+            loop_steps_per_second: rate,
+            exit_histogram_delta: delta,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn score_is_pending_loop_steps_over_throughput_from_exit_statistics() {
+        let r = Registry::new(Duration::from_secs(2));
+        let t = Instant::now();
+        r.register(reg("a"), t);
+        // No exits measured: full depth (4 loops) and the prior throughput.
+        assert!(r.report(report("a", 100, 0.0, vec![]), t));
+        let a = r.get("a").unwrap();
+        assert_eq!(a.expected_loops(), 4.0);
+        assert!((a.score() - 400.0 / PRIOR_LOOP_STEPS_PER_SECOND).abs() < 1e-9);
+        // Half the tokens exit after loop 1, half after loop 3: 2 loops expected.
+        assert!(r.report(report("a", 100, 200.0, vec![5, 0, 5, 0]), t));
+        let a = r.get("a").unwrap();
+        assert_eq!(a.expected_loops(), 2.0);
+        assert!((a.score() - 100.0 * 2.0 / 200.0).abs() < 1e-9);
+        // Throughput is smoothed.
+        assert!(r.report(report("a", 100, 100.0, vec![]), t));
+        assert!((r.get("a").unwrap().throughput - 150.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_slower_worker_with_the_same_load_scores_worse() {
+        let r = Registry::new(Duration::from_secs(2));
+        let t = Instant::now();
+        r.register(reg("fast"), t);
+        r.register(reg("slow"), t);
+        r.report(report("fast", 50, 400.0, vec![0, 10]), t);
+        r.report(report("slow", 50, 100.0, vec![0, 10]), t);
+        let v = r.view(t);
+        assert!(v.workers[0].score < v.workers[1].score, "{v:?}");
+        assert_eq!(v.model_expected_loops["m"], 2.0);
+    }
+
+    #[test]
+    fn silent_workers_are_evicted_and_unknown_reports_ask_to_register() {
+        let r = Registry::new(Duration::from_secs(2));
+        let t = Instant::now();
+        r.register(reg("a"), t);
+        r.register(reg("b"), t);
+        r.report(report("b", 0, 0.0, vec![]), t + Duration::from_secs(2));
+        assert_eq!(
+            r.evict(t + Duration::from_millis(2500)),
+            vec!["a".to_string()]
+        );
+        assert_eq!(r.len(), 1);
+        assert!(!r.report(report("a", 0, 0.0, vec![]), t + Duration::from_secs(3)));
+    }
+}

@@ -1,0 +1,62 @@
+//! The router's command line (every flag also reads an `RRT_ROUTER_*` variable).
+
+use std::net::SocketAddr;
+
+use clap::Args;
+
+#[derive(Args, Debug, Clone)]
+pub struct RouterArgs {
+    /// gRPC address of the public Generation service.
+    #[arg(long, env = "RRT_ROUTER_LISTEN", default_value = "0.0.0.0:50050")]
+    pub listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint.
+    #[arg(
+        long,
+        env = "RRT_ROUTER_METRICS_LISTEN",
+        default_value = "0.0.0.0:9102"
+    )]
+    pub metrics_listen: SocketAddr,
+    /// Coordinator URL (`http://host:port`) to watch for workers and their scores.
+    #[arg(long, env = "RRT_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Worker URLs used besides (or without) the coordinator, comma-separated.
+    #[arg(long = "worker", env = "RRT_ROUTER_WORKERS", value_delimiter = ',')]
+    pub workers: Vec<String>,
+    /// Requests in flight through this router at most; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RRT_ROUTER_MAX_CONCURRENT", default_value_t = 512)]
+    pub max_concurrent: usize,
+    /// Largest max_new_tokens a request may ask for.
+    #[arg(long, env = "RRT_ROUTER_MAX_NEW_TOKENS", default_value_t = 1024)]
+    pub max_new_tokens: u32,
+    /// Deadline of requests that carry none (seconds).
+    #[arg(long, env = "RRT_ROUTER_REQUEST_TIMEOUT_S", default_value_t = 300)]
+    pub request_timeout_s: u64,
+    /// A coordinator view older than this is stale: pick by least outstanding instead (ms).
+    #[arg(long, env = "RRT_ROUTER_STALE_MS", default_value_t = 2000)]
+    pub stale_ms: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "RRT_ROUTER_DRAIN_S", default_value_t = 30)]
+    pub drain_s: u64,
+}
+
+impl RouterArgs {
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.coordinator.is_some() || !self.workers.is_empty(),
+            "give --coordinator or at least one --worker"
+        );
+        anyhow::ensure!(
+            self.max_concurrent > 0,
+            "--max-concurrent must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_new_tokens > 0,
+            "--max-new-tokens must be at least 1"
+        );
+        anyhow::ensure!(
+            self.request_timeout_s > 0,
+            "--request-timeout-s must be at least 1"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,18 @@
+//! The rrt router: the cluster's public `rrt.v1.Generation` API. It validates requests against
+//! its limits, admits them under a concurrency bound (RESOURCE_EXHAUSTED beyond it), picks a
+//! worker by power of two choices on the coordinator's drain-time score (least outstanding when
+//! the coordinator is unreachable), forwards deadlines and cancellation, and relays tokens.
+//!
+//! - [`pool`]: the worker view and the choice; [`watcher`]: keeping it current;
+//! - [`service`]: the gRPC service; [`server`]: start-up and drain; [`config`]: flags.
+
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod pool;
+pub mod server;
+pub mod service;
+pub mod watcher;
+
+pub use config::RouterArgs;
+pub use server::{start, RunningRouter};

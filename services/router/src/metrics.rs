@@ -1,0 +1,54 @@
+//! The router's Prometheus metrics: request outcomes, rejections by reason, routing decisions
+//! per worker and policy, and client-side latencies.
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, Unit};
+
+pub fn describe() {
+    describe_counter!(
+        "rrt_router_requests_total",
+        "Requests that ended, by outcome (length, eos, stop, cancelled, deadline, error)."
+    );
+    describe_counter!(
+        "rrt_router_requests_rejected_total",
+        "Requests refused, by reason (validation failures, overloaded, no_worker, draining)."
+    );
+    describe_counter!(
+        "rrt_router_routed_total",
+        "Requests sent to each worker, by the policy that chose it."
+    );
+    describe_counter!(
+        "rrt_router_retries_total",
+        "Requests resent to another worker after the first could not be reached."
+    );
+    describe_counter!(
+        "rrt_router_generated_tokens_total",
+        Unit::Count,
+        "Tokens streamed to clients."
+    );
+    describe_gauge!(
+        "rrt_router_in_flight",
+        "Requests in flight through the router."
+    );
+    describe_gauge!(
+        "rrt_router_workers",
+        "Workers the router knows, and whether its coordinator view is fresh."
+    );
+    describe_histogram!(
+        "rrt_router_time_to_first_token_seconds",
+        Unit::Seconds,
+        "Time from request arrival at the router to the first token sent."
+    );
+    describe_histogram!(
+        "rrt_router_e2e_request_latency_seconds",
+        Unit::Seconds,
+        "Time from request arrival at the router to its last message."
+    );
+}
+
+pub fn rejected(reason: impl Into<String>) {
+    counter!("rrt_router_requests_rejected_total", "reason" => reason.into()).increment(1);
+}
+
+pub fn ended(outcome: &'static str) {
+    counter!("rrt_router_requests_total", "outcome" => outcome).increment(1);
+}

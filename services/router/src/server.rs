@@ -1,0 +1,91 @@
+//! Starting and stopping the router.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rrt_proto::v1 as pb;
+use rrt_service::{grpc, metrics_http, Shutdown};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::RouterArgs;
+use crate::pool::Pool;
+use crate::service::{Client, Inner, RouterService};
+
+const SERVICE: &str = "rrt.v1.Generation";
+
+pub struct RunningRouter {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub pool: Arc<Pool<Client>>,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<RunningRouter> {
+    args.check()?;
+    crate::metrics::describe();
+    let listener = TcpListener::bind(args.listen).await?;
+    let grpc_addr = listener.local_addr()?;
+    let metrics_addr = metrics_http::spawn(args.metrics_listen, shutdown.clone()).await?;
+    let pool = Arc::new(Pool::new(Duration::from_millis(args.stale_ms)));
+    for url in &args.workers {
+        tokio::spawn(crate::watcher::add_static_worker(
+            pool.clone(),
+            url.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(url) = &args.coordinator {
+        tokio::spawn(crate::watcher::follow_coordinator(
+            pool.clone(),
+            url.clone(),
+            args.workers.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let inner = Arc::new(Inner {
+        pool: pool.clone(),
+        admission: Arc::new(Semaphore::new(args.max_concurrent)),
+        max_concurrent: args.max_concurrent,
+        max_new_tokens: args.max_new_tokens,
+        default_timeout: Duration::from_secs(args.request_timeout_s),
+        draining: AtomicBool::new(false),
+    });
+    let health = grpc::health(&[SERVICE]).await;
+    let (v1, v1alpha) = grpc::reflection()?;
+    let drain = {
+        let inner = inner.clone();
+        let reporter = health.reporter.clone();
+        let deadline = Duration::from_secs(args.drain_s);
+        async move {
+            shutdown.wait().await;
+            inner.draining.store(true, Ordering::Relaxed);
+            grpc::set_serving(&reporter, &[SERVICE], false).await;
+            let idle = inner.admission.acquire_many(inner.max_concurrent as u32);
+            if tokio::time::timeout(deadline, idle).await.is_err() {
+                tracing::warn!("drain deadline passed with requests in flight");
+            }
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(health.service)
+        .add_service(v1)
+        .add_service(v1alpha)
+        .add_service(pb::generation_server::GenerationServer::new(
+            RouterService { inner },
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+    grpc::set_serving(&health.reporter, &[SERVICE], true).await;
+    tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "router serving");
+    let task = tokio::spawn(async move { Ok(server.await?) });
+    Ok(RunningRouter {
+        grpc_addr,
+        metrics_addr,
+        pool,
+        task,
+    })
+}

@@ -1,0 +1,100 @@
+//! Keeps the router's pool current: follows the coordinator's cluster view (reconnecting with a
+//! pause when it is unreachable; the pool keeps its last workers and the router falls back to
+//! least-outstanding once the view is stale) and looks up statically configured workers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rrt_proto::v1 as pb;
+use rrt_proto::v1::coordinator_client::CoordinatorClient;
+use rrt_proto::v1::worker_client::WorkerClient;
+use rrt_service::Shutdown;
+use tonic::transport::Endpoint;
+
+use crate::pool::Pool;
+use crate::service::Client;
+
+const RETRY: Duration = Duration::from_millis(500);
+
+fn lazy_client(url: &str) -> Option<Client> {
+    let endpoint = Endpoint::from_shared(url.to_string()).ok()?;
+    Some(WorkerClient::new(
+        endpoint
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy(),
+    ))
+}
+
+/// Follows the coordinator until shutdown.
+pub async fn follow_coordinator(
+    pool: Arc<Pool<Client>>,
+    url: String,
+    static_workers: Vec<String>,
+    shutdown: Shutdown,
+) {
+    let run = async {
+        loop {
+            let endpoint = match Endpoint::from_shared(url.clone()) {
+                Ok(e) => e.connect_timeout(Duration::from_secs(2)),
+                Err(e) => {
+                    tracing::error!("bad coordinator URL {url:?}: {e}");
+                    return;
+                }
+            };
+            match endpoint.connect().await {
+                Ok(channel) => {
+                    let mut client = CoordinatorClient::new(channel);
+                    match client.watch_cluster(pb::WatchClusterRequest {}).await {
+                        Ok(resp) => {
+                            tracing::info!("following the coordinator's cluster view");
+                            let mut stream = resp.into_inner();
+                            while let Ok(Some(view)) = stream.message().await {
+                                pool.apply_view(
+                                    &view,
+                                    Instant::now(),
+                                    |w| lazy_client(&format!("http://{}", w.address)),
+                                    |addr| static_workers.iter().any(|s| s == addr),
+                                );
+                                metrics::gauge!("rrt_router_workers")
+                                    .set(pool.slots().len() as f64);
+                            }
+                            tracing::warn!("lost the coordinator; using the last view");
+                        }
+                        Err(e) => tracing::debug!("watch failed: {e}"),
+                    }
+                }
+                Err(e) => tracing::debug!("coordinator unreachable: {e}"),
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = shutdown.wait() => {}
+    }
+}
+
+/// Asks each `--worker` URL for its id and model until it answers, then adds it to the pool.
+pub async fn add_static_worker(pool: Arc<Pool<Client>>, url: String, shutdown: Shutdown) {
+    let Some(client) = lazy_client(&url) else {
+        tracing::error!("bad worker URL {url:?}");
+        return;
+    };
+    loop {
+        let mut c = client.clone();
+        match c.info(pb::WorkerInfoRequest {}).await {
+            Ok(info) => {
+                let info = info.into_inner();
+                let model = info.model.map(|m| m.model).unwrap_or_default();
+                tracing::info!(worker = %info.worker_id, %url, %model, "static worker added");
+                pool.add_static(info.worker_id, url, model, client);
+                return;
+            }
+            Err(e) => tracing::debug!("worker {url} not answering yet: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RETRY) => {}
+            _ = shutdown.wait() => return,
+        }
+    }
+}

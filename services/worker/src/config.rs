@@ -1,0 +1,144 @@
+//! The worker's command line (every flag also reads an `RRT_WORKER_*` environment variable),
+//! checked into typed engine settings before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use rrt_engine::{EngineConfig, ExitKind, ExitPolicy, KvFill, Scheduler};
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// gRPC address of the Worker service.
+    #[arg(long, env = "RRT_WORKER_LISTEN", default_value = "0.0.0.0:50061")]
+    pub listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint.
+    #[arg(
+        long,
+        env = "RRT_WORKER_METRICS_LISTEN",
+        default_value = "0.0.0.0:9101"
+    )]
+    pub metrics_listen: SocketAddr,
+    /// `host:port` routers use to reach this worker (default: the bound gRPC address; set it to
+    /// the pod IP or service name in a cluster).
+    #[arg(long, env = "RRT_WORKER_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Coordinator URL (`http://host:port`); without it the worker runs standalone.
+    #[arg(long, env = "RRT_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Worker name in metrics and the cluster view (default: `worker-<port>`).
+    #[arg(long, env = "RRT_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Model: a Hugging Face directory (e.g. from `rrt convert`) or a GGUF file.
+    #[arg(long, env = "RRT_MODEL")]
+    pub model: PathBuf,
+    /// Model name clients ask for (default: the file or directory name).
+    #[arg(long, env = "RRT_WORKER_MODEL_NAME")]
+    pub model_name: Option<String>,
+    #[arg(long, env = "RRT_WORKER_SCHEDULER", value_enum, default_value_t = SchedulerArg::Cdb)]
+    pub scheduler: SchedulerArg,
+    /// Sequences decoded at once.
+    #[arg(long, env = "RRT_WORKER_MAX_SEQUENCES", default_value_t = 32)]
+    pub max_sequences: usize,
+    /// Rows one engine step runs (decode rows first, prefill chunks fill the rest).
+    #[arg(long, env = "RRT_WORKER_MAX_BATCH_ROWS", default_value_t = 256)]
+    pub max_batch_rows: usize,
+    /// KV cache budget of all running sequences, MiB.
+    #[arg(long, env = "RRT_WORKER_KV_BUDGET_MIB", default_value_t = 2048)]
+    pub kv_budget_mib: usize,
+    /// Requests accepted beyond the running ones; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RRT_WORKER_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Largest max_new_tokens a request may ask for.
+    #[arg(long, env = "RRT_WORKER_MAX_NEW_TOKENS", default_value_t = 1024)]
+    pub max_new_tokens: u32,
+    /// Exit policy of requests that name none.
+    #[arg(long, env = "RRT_WORKER_EXIT", value_enum, default_value_t = ExitArg::None)]
+    pub exit: ExitArg,
+    #[arg(long, env = "RRT_WORKER_EXIT_THRESHOLD", default_value_t = 0.9)]
+    pub exit_threshold: f32,
+    /// How the K/V of loops an early exit skipped are filled.
+    #[arg(long, env = "RRT_WORKER_KV_FILL", value_enum, default_value_t = KvFillArg::Propagate)]
+    pub kv_fill: KvFillArg,
+    /// Milliseconds between reports to the coordinator.
+    #[arg(long, env = "RRT_WORKER_REPORT_MS", default_value_t = 500)]
+    pub report_ms: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "RRT_WORKER_DRAIN_S", default_value_t = 30)]
+    pub drain_s: u64,
+    /// Test knob: sleep this long after every engine step (makes a worker slower).
+    #[arg(long, env = "RRT_WORKER_STEP_DELAY_MS", default_value_t = 0)]
+    pub step_delay_ms: u64,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum SchedulerArg {
+    Static,
+    Csb,
+    Cdb,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum ExitArg {
+    None,
+    MaxProb,
+    Margin,
+    Cosine,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum KvFillArg {
+    Propagate,
+    Copy,
+}
+
+impl ExitArg {
+    pub fn kind(self) -> ExitKind {
+        match self {
+            ExitArg::None => ExitKind::None,
+            ExitArg::MaxProb => ExitKind::MaxProb,
+            ExitArg::Margin => ExitKind::Margin,
+            ExitArg::Cosine => ExitKind::Cosine,
+        }
+    }
+}
+
+impl WorkerArgs {
+    /// The engine settings, or what is wrong with the flags.
+    pub fn engine_config(&self) -> anyhow::Result<EngineConfig> {
+        anyhow::ensure!(self.max_sequences > 0, "--max-sequences must be at least 1");
+        anyhow::ensure!(
+            self.max_batch_rows > 0,
+            "--max-batch-rows must be at least 1"
+        );
+        anyhow::ensure!(self.kv_budget_mib > 0, "--kv-budget-mib must be at least 1");
+        anyhow::ensure!(
+            self.max_new_tokens > 0,
+            "--max-new-tokens must be at least 1"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.exit_threshold),
+            "--exit-threshold must be in [0, 1], got {}",
+            self.exit_threshold
+        );
+        anyhow::ensure!(self.report_ms > 0, "--report-ms must be at least 1");
+        Ok(EngineConfig {
+            scheduler: match self.scheduler {
+                SchedulerArg::Static => Scheduler::Static,
+                SchedulerArg::Csb => Scheduler::Csb,
+                SchedulerArg::Cdb => Scheduler::Cdb,
+            },
+            max_batch_rows: self.max_batch_rows,
+            max_sequences: self.max_sequences,
+            kv_budget_bytes: self.kv_budget_mib << 20,
+            default_exit: ExitPolicy {
+                kind: self.exit.kind(),
+                threshold: self.exit_threshold,
+            },
+            kv_fill: match self.kv_fill {
+                KvFillArg::Propagate => KvFill::Propagate,
+                KvFillArg::Copy => KvFill::Copy,
+            },
+        })
+    }
+}

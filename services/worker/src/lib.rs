@@ -1,0 +1,21 @@
+//! An rrt worker: the depth-wise batching engine of one model behind the internal
+//! `rrt.v1.Worker` gRPC service.
+//!
+//! - [`config`]: flags and environment, checked into the engine's settings;
+//! - [`actor`]: the engine on its own thread behind a bounded command channel;
+//! - [`service`]: the gRPC service (tokenize, limits, streaming text, deadlines, cancellation);
+//! - [`stop`]: stop sequences on the generated text;
+//! - [`reporter`]: registration with the coordinator and periodic load reports;
+//! - [`metrics`]: Prometheus series; [`server`]: start-up and SIGTERM drain.
+
+pub mod actor;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod reporter;
+pub mod server;
+pub mod service;
+pub mod stop;
+
+pub use config::WorkerArgs;
+pub use server::{start, RunningWorker};

@@ -1,0 +1,136 @@
+//! Registration with the coordinator and the periodic load report (also the heartbeat). A
+//! report the coordinator does not recognise (it restarted) or a failed call leads to a fresh
+//! registration, so workers rejoin a restarted coordinator on their own.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rrt_proto::v1 as pb;
+use rrt_proto::v1::coordinator_client::CoordinatorClient;
+use rrt_service::Shutdown;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::actor::Snapshot;
+use crate::metrics as m;
+use crate::service::Shared;
+
+/// Loop-step throughput over an interval, measured on busy engine time.
+#[derive(Default)]
+struct Throughput {
+    last: Option<Snapshot>,
+    rate: f64,
+}
+
+impl Throughput {
+    fn update(&mut self, now: &Snapshot) -> f64 {
+        if let Some(prev) = &self.last {
+            let busy = now.busy_seconds - prev.busy_seconds;
+            if busy > 0.01 {
+                self.rate = (now.stats.loop_rows - prev.stats.loop_rows) as f64 / busy;
+            }
+        }
+        self.last = Some(now.clone());
+        self.rate
+    }
+}
+
+/// Mirrors the engine into metrics every `interval` and, with a coordinator, reports to it.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    coordinator: Option<String>,
+    address: String,
+    interval: Duration,
+    shutdown: Shutdown,
+) {
+    let mut client = match &coordinator {
+        Some(url) => match Endpoint::from_shared(url.clone()) {
+            Ok(e) => Some(CoordinatorClient::new(
+                e.connect_timeout(Duration::from_secs(2))
+                    .timeout(Duration::from_secs(2))
+                    .connect_lazy(),
+            )),
+            Err(e) => {
+                tracing::error!("bad coordinator URL {url:?}: {e}; running standalone");
+                None
+            }
+        },
+        None => None,
+    };
+    let mut registered = false;
+    let mut throughput = Throughput::default();
+    let mut previous_hist: Vec<u64> = Vec::new();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.wait(), if !shutdown.is_triggered() => {}
+        }
+        let snap = shared.engine.snapshot();
+        let rate = throughput.update(&snap);
+        m::engine(&shared.id, &snap, rate);
+        let Some(client) = client.as_mut() else {
+            continue;
+        };
+        if !registered {
+            registered = register(client, &shared, &address).await;
+            if !registered {
+                continue;
+            }
+        }
+        let hist = &snap.stats.exit_histogram;
+        let delta: Vec<u64> = hist
+            .iter()
+            .enumerate()
+            .map(|(i, n)| n - previous_hist.get(i).copied().unwrap_or(0))
+            .collect();
+        let report = pb::WorkerReport {
+            worker_id: shared.id.clone(),
+            queue_length: snap.queue_length as u32,
+            running: snap.running as u32,
+            kv_bytes_used: snap.kv_bytes_used as u64,
+            kv_bytes_budget: snap.kv_bytes_budget as u64,
+            loop_steps_per_second: rate,
+            exit_histogram_delta: delta,
+            mean_loops: snap.stats.mean_loops(),
+            pending_new_tokens: snap.pending_new_tokens as u64,
+            pending_prompt_tokens: snap.pending_prompt_tokens as u64,
+            draining: shared.draining.load(Ordering::Relaxed),
+        };
+        match client.report(report).await {
+            Ok(r) if r.get_ref().known => previous_hist = hist.clone(),
+            Ok(_) => {
+                tracing::info!("the coordinator does not know this worker: registering again");
+                registered = false;
+                // A new coordinator starts its statistics from the next report.
+                previous_hist = hist.clone();
+            }
+            Err(e) => {
+                tracing::debug!("report failed: {e}");
+                registered = false;
+            }
+        }
+    }
+}
+
+async fn register(client: &mut CoordinatorClient<Channel>, shared: &Shared, address: &str) -> bool {
+    let model = shared.info.model.as_ref().expect("set at start");
+    let req = pb::RegisterRequest {
+        worker_id: shared.id.clone(),
+        address: address.to_string(),
+        model: model.model.clone(),
+        loops: model.loops,
+        max_sequences: shared.info.max_sequences,
+    };
+    match client.register(req).await {
+        Ok(_) => {
+            tracing::info!(worker = %shared.id, "registered with the coordinator");
+            true
+        }
+        Err(e) => {
+            tracing::debug!("registration failed: {e}");
+            false
+        }
+    }
+}

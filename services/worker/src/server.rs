@@ -1,0 +1,150 @@
+//! Starting and stopping a worker: load the model, start the engine thread, bind the gRPC and
+//! metrics ports, register with the coordinator; on shutdown turn health to NOT_SERVING, refuse
+//! new requests, let in-flight ones finish up to the drain deadline, then stop.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::DType;
+use rrt_engine::Engine;
+use rrt_proto::v1 as pb;
+use rrt_service::{grpc, metrics_http, Shutdown};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::actor::EngineHandle;
+use crate::config::WorkerArgs;
+use crate::service::{Shared, WorkerService};
+
+const SERVICE: &str = "rrt.v1.Worker";
+
+/// A started worker.
+pub struct RunningWorker {
+    pub id: String,
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// Ends when the server has drained and stopped.
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Loads the model and starts serving; returns once the ports are bound and health is SERVING.
+pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<RunningWorker> {
+    let cfg = args.engine_config()?;
+    crate::metrics::describe();
+    let path = args.model.clone();
+    let loaded = tokio::task::spawn_blocking(move || rrt_model::load(&path, DType::F32))
+        .await?
+        .map_err(|e| anyhow::anyhow!("loading the model: {e}"))?;
+    let model_name = args.model_name.clone().unwrap_or_else(|| {
+        args.model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let listener = TcpListener::bind(args.listen).await?;
+    let grpc_addr = listener.local_addr()?;
+    let metrics_addr = metrics_http::spawn(args.metrics_listen, shutdown.clone()).await?;
+    let id = args
+        .worker_id
+        .clone()
+        .unwrap_or_else(|| format!("worker-{}", grpc_addr.port()));
+    let advertise = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| grpc_addr.to_string());
+
+    let model = &loaded.model;
+    let info = pb::WorkerInfo {
+        worker_id: id.clone(),
+        model: Some(pb::ModelInfoResponse {
+            model: model_name,
+            context_length: model.cfg.max_position_embeddings as u32,
+            max_new_tokens_limit: args.max_new_tokens,
+            block_layers: model.block_layers() as u32,
+            loops: model.loops() as u32,
+            vocab_size: model.cfg.vocab_size as u32,
+            workers: 1,
+        }),
+        max_sequences: args.max_sequences as u32,
+    };
+    let capacity = args.max_sequences + args.max_waiting;
+    let default_exit = cfg.default_exit;
+    let engine = EngineHandle::spawn(
+        Engine::new(loaded.model, cfg),
+        capacity,
+        Duration::from_millis(args.step_delay_ms),
+    )?;
+    let shared = Arc::new(Shared {
+        id: id.clone(),
+        engine,
+        tokenizer: loaded.tokenizer,
+        info,
+        admission: Arc::new(Semaphore::new(capacity)),
+        capacity,
+        draining: AtomicBool::new(false),
+        next_id: AtomicU64::new(0),
+        default_exit,
+    });
+
+    let health = grpc::health(&[SERVICE]).await;
+    let (reflection_v1, reflection_v1alpha) = grpc::reflection()?;
+    let reporter = tokio::spawn(crate::reporter::run(
+        shared.clone(),
+        args.coordinator.clone(),
+        advertise,
+        Duration::from_millis(args.report_ms),
+        shutdown.clone(),
+    ));
+    let drain = drain_signal(
+        shared.clone(),
+        health.reporter.clone(),
+        shutdown,
+        Duration::from_secs(args.drain_s),
+    );
+    let server = tonic::transport::Server::builder()
+        .add_service(health.service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(pb::worker_server::WorkerServer::new(WorkerService {
+            shared: shared.clone(),
+        }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+    grpc::set_serving(&health.reporter, &[SERVICE], true).await;
+    tracing::info!(worker = %id, grpc = %grpc_addr, metrics = %metrics_addr, "worker serving");
+    let task = tokio::spawn(async move {
+        let result = server.await;
+        reporter.abort();
+        tracing::info!("worker stopped");
+        Ok(result?)
+    });
+    Ok(RunningWorker {
+        id,
+        grpc_addr,
+        metrics_addr,
+        task,
+    })
+}
+
+/// Resolves when the server should stop: after shutdown, once in-flight requests are done or
+/// the drain deadline has passed. Readiness goes NOT_SERVING first so traffic moves away.
+async fn drain_signal(
+    shared: Arc<Shared>,
+    health: grpc::HealthReporter,
+    shutdown: Shutdown,
+    deadline: Duration,
+) {
+    shutdown.wait().await;
+    shared.draining.store(true, Ordering::Relaxed);
+    grpc::set_serving(&health, &[SERVICE], false).await;
+    let idle = async {
+        // Every permit back = nothing in flight.
+        let _all = shared.admission.acquire_many(shared.capacity as u32).await;
+    };
+    if tokio::time::timeout(deadline, idle).await.is_err() {
+        tracing::warn!("drain deadline passed with requests in flight");
+    }
+}

@@ -1,0 +1,333 @@
+//! The `rrt.v1.Worker` gRPC service: turns a GenerateRequest into an engine request (chat
+//! template, tokenization, limits), streams the engine's tokens back as text, and enforces the
+//! caller's deadline, stop sequences and cancellation (a dropped stream frees the request's slot
+//! and KV at the engine's next step).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use metrics::{counter, histogram};
+use rrt_engine::{Event, EventSink, ExitKind, ExitPolicy, FinishReason, GenParams, Request};
+use rrt_model::{SamplingParams, TextStream, Tokenizer};
+use rrt_proto::v1 as pb;
+use rrt_service::{deadline, validate};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Response, Status};
+
+use crate::actor::EngineHandle;
+use crate::error::WorkerError;
+use crate::metrics as m;
+use crate::stop::{Step, StopMatcher};
+
+pub struct WorkerService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// What every request of the worker reads.
+pub(crate) struct Shared {
+    pub id: String,
+    pub engine: EngineHandle,
+    pub tokenizer: Tokenizer,
+    pub info: pb::WorkerInfo,
+    /// Requests in flight (running or waiting) at most: more get RESOURCE_EXHAUSTED.
+    pub admission: Arc<Semaphore>,
+    pub capacity: usize,
+    pub draining: AtomicBool,
+    pub next_id: AtomicU64,
+    pub default_exit: ExitPolicy,
+}
+
+impl Shared {
+    fn model(&self) -> &pb::ModelInfoResponse {
+        self.info.model.as_ref().expect("set at start")
+    }
+
+    /// Validates and tokenizes a request into the engine's form.
+    fn prepare(
+        &self,
+        req: &pb::GenerateRequest,
+    ) -> Result<(Vec<u32>, GenParams, Option<ExitPolicy>), WorkerError> {
+        let model = self.model();
+        validate::generate_request(req, model.max_new_tokens_limit)?;
+        if !req.model.is_empty() && req.model != model.model {
+            return Err(validate::Rejection::new(
+                "unknown_model",
+                format!(
+                    "unknown model {:?}; this worker serves {:?}",
+                    req.model, model.model
+                ),
+            )
+            .into());
+        }
+        let text = if req.chat {
+            self.tokenizer
+                .chat_prompt(&req.prompt)
+                .map_err(|e| validate::Rejection::new("chat_template", e.to_string()))?
+        } else {
+            req.prompt.clone()
+        };
+        let ids = self
+            .tokenizer
+            .encode(&text)
+            .map_err(|e| WorkerError::Tokenizer(e.to_string()))?;
+        let context = model.context_length as usize;
+        if ids.len() + req.max_new_tokens as usize > context {
+            return Err(validate::Rejection::new(
+                "prompt_too_long",
+                format!(
+                    "prompt of {} tokens plus max_new_tokens {} exceeds the context of {context}",
+                    ids.len(),
+                    req.max_new_tokens
+                ),
+            )
+            .into());
+        }
+        let s = req.sampling.unwrap_or_default();
+        let sampling = SamplingParams {
+            temperature: s.temperature,
+            top_k: s.top_k as usize,
+            top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
+            repetition_penalty: if s.repetition_penalty == 0.0 {
+                1.0
+            } else {
+                s.repetition_penalty
+            },
+            seed: s.seed.unwrap_or(0),
+        };
+        let exit = req.exit.as_ref().and_then(|e| {
+            let kind = match pb::ExitPolicy::try_from(e.policy).ok()? {
+                pb::ExitPolicy::Unspecified => return None,
+                pb::ExitPolicy::None => ExitKind::None,
+                pb::ExitPolicy::MaxProb => ExitKind::MaxProb,
+                pb::ExitPolicy::Margin => ExitKind::Margin,
+                pb::ExitPolicy::Cosine => ExitKind::Cosine,
+            };
+            Some(ExitPolicy {
+                kind,
+                threshold: e.threshold,
+            })
+        });
+        let params = GenParams {
+            max_new_tokens: req.max_new_tokens as usize,
+            sampling,
+            stop_tokens: self.tokenizer.eos.clone(),
+        };
+        Ok((ids, params, exit))
+    }
+}
+
+/// The engine's events for one request go into a tokio channel.
+struct TokioSink(mpsc::UnboundedSender<Event>);
+
+impl EventSink for TokioSink {
+    fn send(&self, event: Event) -> bool {
+        self.0.send(event).is_ok()
+    }
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+type GenStream = ReceiverStream<Result<pb::GenerateStreamResponse, Status>>;
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    type GenerateStream = GenStream;
+
+    async fn generate(
+        &self,
+        request: tonic::Request<pb::GenerateRequest>,
+    ) -> Result<Response<GenStream>, Status> {
+        let arrived = Instant::now();
+        let deadline = deadline::timeout(request.metadata()).map(|t| arrived + t);
+        let shared = &self.shared;
+        match self.start(request.into_inner(), arrived, deadline).await {
+            Ok(stream) => Ok(Response::new(stream)),
+            Err(e) => {
+                let reason = match &e {
+                    WorkerError::Rejected(r) => r.reason,
+                    WorkerError::Overloaded(_) => "overloaded",
+                    WorkerError::Draining => "draining",
+                    _ => "other",
+                };
+                m::rejected(&shared.id, reason);
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn tokenize(
+        &self,
+        request: tonic::Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let req = request.into_inner();
+        let model = self.shared.model();
+        if !req.model.is_empty() && req.model != model.model {
+            return Err(validate::Rejection::new(
+                "unknown_model",
+                format!("unknown model {:?}", req.model),
+            )
+            .into());
+        }
+        let token_ids = self
+            .shared
+            .tokenizer
+            .encode(&req.text)
+            .map_err(|e| Status::from(WorkerError::Tokenizer(e.to_string())))?;
+        Ok(Response::new(pb::TokenizeResponse { token_ids }))
+    }
+
+    async fn info(
+        &self,
+        _request: tonic::Request<pb::WorkerInfoRequest>,
+    ) -> Result<Response<pb::WorkerInfo>, Status> {
+        Ok(Response::new(self.shared.info.clone()))
+    }
+}
+
+impl WorkerService {
+    async fn start(
+        &self,
+        req: pb::GenerateRequest,
+        arrived: Instant,
+        deadline: Option<Instant>,
+    ) -> Result<GenStream, WorkerError> {
+        let shared = self.shared.clone();
+        if shared.draining.load(Ordering::Relaxed) {
+            return Err(WorkerError::Draining);
+        }
+        let (prompt, params, exit) = shared.prepare(&req)?;
+        let permit = shared
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| WorkerError::Overloaded(shared.capacity))?;
+        counter!("rrt_worker_prompt_tokens_total", "worker" => shared.id.clone())
+            .increment(prompt.len() as u64);
+        let (etx, erx) = mpsc::unbounded_channel();
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        shared
+            .engine
+            .submit(Request {
+                id,
+                prompt,
+                params,
+                exit: exit.or(Some(shared.default_exit)),
+                events: Box::new(TokioSink(etx)),
+            })
+            .await
+            .map_err(|_| WorkerError::EngineGone)?;
+        let (tx, rx) = mpsc::channel(32);
+        tokio::spawn(relay(shared, req.stop, erx, tx, permit, arrived, deadline));
+        Ok(ReceiverStream::new(rx))
+    }
+}
+
+/// Turns one request's engine events into stream messages until it ends, the client goes away
+/// (dropping `events` cancels it in the engine) or the deadline passes. Holds the admission
+/// permit for the request's whole life.
+async fn relay(
+    shared: Arc<Shared>,
+    stops: Vec<String>,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    tx: mpsc::Sender<Result<pb::GenerateStreamResponse, Status>>,
+    _permit: OwnedSemaphorePermit,
+    arrived: Instant,
+    deadline: Option<Instant>,
+) {
+    let worker = shared.id.clone();
+    let mut text = TextStream::new();
+    let mut stop = StopMatcher::new(stops);
+    let mut index = 0u32;
+    let mut last = arrived;
+    let deadline_sleep = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline_sleep);
+    let outcome = loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = tx.closed() => break "cancelled",
+            _ = &mut deadline_sleep => {
+                let _ = tx.send(Err(WorkerError::Deadline.into())).await;
+                break "deadline";
+            }
+        };
+        let msg = match event {
+            None => {
+                let _ = tx.send(Err(WorkerError::EngineGone.into())).await;
+                break "failed";
+            }
+            Some(Event::Failed(e)) => {
+                let _ = tx.send(Err(WorkerError::Engine(e).into())).await;
+                break "failed";
+            }
+            Some(Event::Finished { reason, .. }) => {
+                let finish = match reason {
+                    FinishReason::Length => pb::FinishReason::Length,
+                    FinishReason::Stop => pb::FinishReason::Eos,
+                };
+                let _ = tx
+                    .send(Ok(pb::GenerateStreamResponse {
+                        text: stop.flush(),
+                        finish_reason: finish as i32,
+                        index,
+                        ..Default::default()
+                    }))
+                    .await;
+                break match reason {
+                    FinishReason::Length => "length",
+                    FinishReason::Stop => "eos",
+                };
+            }
+            Some(Event::Token { token, exit_loop }) => {
+                let now = Instant::now();
+                if index == 0 {
+                    histogram!("rrt_worker_time_to_first_token_seconds", "worker" => worker.clone())
+                        .record(now.duration_since(arrived).as_secs_f64());
+                } else {
+                    histogram!("rrt_worker_inter_token_latency_seconds", "worker" => worker.clone())
+                        .record(now.duration_since(last).as_secs_f64());
+                }
+                last = now;
+                let piece = match text.push(&shared.tokenizer, token) {
+                    Ok(p) => p.unwrap_or_default(),
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(WorkerError::Tokenizer(e.to_string()).into()))
+                            .await;
+                        break "failed";
+                    }
+                };
+                let (piece, finish) = match stop.push(&piece) {
+                    Step::Emit(t) => (t, None),
+                    Step::Stop(t) => (t, Some(pb::FinishReason::Stop)),
+                };
+                let msg = pb::GenerateStreamResponse {
+                    text: piece,
+                    token_id: token,
+                    exit_loop: exit_loop as u32,
+                    finish_reason: finish.map_or(0, |f| f as i32),
+                    index,
+                };
+                index += 1;
+                if finish.is_some() {
+                    let _ = tx.send(Ok(msg)).await;
+                    break "stop";
+                }
+                msg
+            }
+        };
+        if tx.send(Ok(msg)).await.is_err() {
+            break "cancelled";
+        }
+    };
+    m::ended(&worker, outcome);
+    histogram!("rrt_worker_e2e_request_latency_seconds", "worker" => worker)
+        .record(arrived.elapsed().as_secs_f64());
+}

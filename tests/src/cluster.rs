@@ -1,0 +1,192 @@
+//! A whole cluster in the test process: a coordinator, workers and a router on 127.0.0.1:0, each
+//! with its own shutdown, serving the converted recursive model (`make models`). Services are the
+//! real libraries the binaries run; only the process is shared.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use rrt_coordinator::{CoordinatorArgs, RunningCoordinator};
+use rrt_proto::v1 as pb;
+use rrt_proto::v1::generation_client::GenerationClient;
+use rrt_router::{RouterArgs, RunningRouter};
+use rrt_service::Shutdown;
+use rrt_worker::{RunningWorker, WorkerArgs};
+use tonic::transport::Channel;
+
+use crate::{ensure, root};
+
+/// SmolLM2-135M as 15 shared layers x 2 loops, no LoRA (`make models`).
+pub fn recursive_model() -> PathBuf {
+    crate::smollm2_gguf();
+    ensure(
+        root().join(".cache/models/smollm2-15x2-r0/config.json"),
+        "models",
+    )
+    .parent()
+    .expect("config.json sits in the model directory")
+    .to_path_buf()
+}
+
+#[derive(Parser)]
+struct W {
+    #[command(flatten)]
+    args: WorkerArgs,
+}
+
+#[derive(Parser)]
+struct C {
+    #[command(flatten)]
+    args: CoordinatorArgs,
+}
+
+#[derive(Parser)]
+struct R {
+    #[command(flatten)]
+    args: RouterArgs,
+}
+
+fn with_loopback(extra: &[&str], flags: &[&str]) -> Vec<String> {
+    let mut v = vec!["test".to_string()];
+    v.extend(flags.iter().map(|s| s.to_string()));
+    v.extend(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"].map(String::from));
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+pub struct Service<T> {
+    pub running: T,
+    pub shutdown: Shutdown,
+}
+
+pub async fn coordinator(extra: &[&str]) -> Service<RunningCoordinator> {
+    let shutdown = Shutdown::new();
+    let args = C::parse_from(with_loopback(
+        extra,
+        &["--report-ms", "200", "--evict-ms", "1500"],
+    ))
+    .args;
+    let running = rrt_coordinator::start(args, shutdown.clone())
+        .await
+        .expect("coordinator starts");
+    Service { running, shutdown }
+}
+
+/// A worker serving the test model, reporting to `coordinator` if given.
+pub async fn worker(coordinator: Option<SocketAddr>, extra: &[&str]) -> Service<RunningWorker> {
+    let shutdown = Shutdown::new();
+    let model = recursive_model();
+    let mut flags = vec![
+        "--model".to_string(),
+        model.display().to_string(),
+        "--model-name".into(),
+        "smollm2-15x2".into(),
+        "--report-ms".into(),
+        "200".into(),
+        "--drain-s".into(),
+        "5".into(),
+    ];
+    if let Some(c) = coordinator {
+        flags.extend(["--coordinator".to_string(), format!("http://{c}")]);
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let args = W::parse_from(with_loopback(extra, &flags)).args;
+    let running = rrt_worker::start(args, shutdown.clone())
+        .await
+        .expect("worker starts");
+    Service { running, shutdown }
+}
+
+pub async fn router(coordinator: Option<SocketAddr>, extra: &[&str]) -> Service<RunningRouter> {
+    let shutdown = Shutdown::new();
+    let mut flags = vec![
+        "--stale-ms".to_string(),
+        "1000".into(),
+        "--drain-s".into(),
+        "5".into(),
+    ];
+    if let Some(c) = coordinator {
+        flags.extend(["--coordinator".to_string(), format!("http://{c}")]);
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let args = R::parse_from(with_loopback(extra, &flags)).args;
+    let running = rrt_router::start(args, shutdown.clone())
+        .await
+        .expect("router starts");
+    Service { running, shutdown }
+}
+
+/// Waits until the router knows `n` workers (from the coordinator's view or `--worker`).
+pub async fn wait_for_workers(router: &RunningRouter, n: usize) {
+    let started = Instant::now();
+    while router.pool.slots().len() < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the router saw {} of {n} workers after 20 s",
+            router.pool.slots().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn client(addr: SocketAddr) -> GenerationClient<Channel> {
+    GenerationClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to the router")
+}
+
+/// A greedy request for `max_new_tokens` tokens.
+pub fn greedy(prompt: &str, max_new_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: prompt.into(),
+        max_new_tokens,
+        ..Default::default()
+    }
+}
+
+/// Streams a request to the end: `(token ids, exit loops, text, finish reason)`.
+pub async fn stream(
+    client: &mut GenerationClient<Channel>,
+    req: pb::GenerateRequest,
+) -> Result<(Vec<u32>, Vec<u32>, String, i32), tonic::Status> {
+    let mut s = client.generate_stream(req).await?.into_inner();
+    let (mut ids, mut loops, mut text, mut finish) = (vec![], vec![], String::new(), 0);
+    while let Some(m) = s.message().await? {
+        text.push_str(&m.text);
+        if m.exit_loop != 0 {
+            ids.push(m.token_id);
+            loops.push(m.exit_loop);
+        }
+        if m.finish_reason != 0 {
+            finish = m.finish_reason;
+        }
+    }
+    Ok((ids, loops, text, finish))
+}
+
+/// The text of `GET http://addr/metrics`.
+pub async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics port");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.expect("read");
+    body
+}
+
+/// The value of the series `name{labels}` in a scrape (labels as Prometheus prints them, e.g.
+/// `reason="empty_prompt"`), or 0.
+pub fn metric(scrape: &str, name: &str, labels: &[&str]) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -1,0 +1,375 @@
+//! The cluster end to end: a coordinator, two workers and a router on 127.0.0.1:0 serving
+//! SmolLM2-135M as 15 x 2 loops, driven by the Rust client, grpcurl and a Python grpcio client.
+//! One cluster is shared by the tests of this file (its own runtime); tests that need other
+//! settings start their own router on it.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rrt_proto::v1 as pb;
+use rrt_tests::cluster::{self, greedy, metric, scrape, stream};
+use tonic::Code;
+
+struct Shared {
+    router: SocketAddr,
+    router_metrics: SocketAddr,
+    coordinator: SocketAddr,
+    coordinator_metrics: SocketAddr,
+    workers: Vec<(SocketAddr, SocketAddr)>,
+    runtime: &'static tokio::runtime::Runtime,
+}
+
+fn shared() -> &'static Shared {
+    static S: OnceLock<Shared> = OnceLock::new();
+    S.get_or_init(|| {
+        let runtime: &'static tokio::runtime::Runtime = Box::leak(Box::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime"),
+        ));
+        runtime.block_on(async {
+            let c = cluster::coordinator(&[]).await;
+            let addr = c.running.grpc_addr;
+            let w1 = cluster::worker(Some(addr), &["--worker-id", "w1"]).await;
+            let w2 = cluster::worker(Some(addr), &["--worker-id", "w2"]).await;
+            let r = cluster::router(Some(addr), &[]).await;
+            cluster::wait_for_workers(&r.running, 2).await;
+            let s = Shared {
+                router: r.running.grpc_addr,
+                router_metrics: r.running.metrics_addr,
+                coordinator: addr,
+                coordinator_metrics: c.running.metrics_addr,
+                workers: vec![
+                    (w1.running.grpc_addr, w1.running.metrics_addr),
+                    (w2.running.grpc_addr, w2.running.metrics_addr),
+                ],
+                runtime,
+            };
+            // The services live as long as the test process.
+            std::mem::forget((c, w1, w2, r));
+            s
+        })
+    })
+}
+
+const PROMPTS: [&str; 8] = [
+    "The capital of France is",
+    "In the beginning God created",
+    "Once upon a time there was",
+    "1, 2, 3, 4,",
+    "The LORD is my shepherd",
+    "Rust is a programming language",
+    "Hello",
+    "And God said, Let there be light: and there was light.",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_concurrent_streams_equal_single_requests() {
+    let s = shared();
+    let mut client = cluster::client(s.router).await;
+    let mut single = Vec::new();
+    for p in PROMPTS {
+        single.push(
+            stream(&mut client, greedy(p, 12))
+                .await
+                .expect("single request"),
+        );
+    }
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let mut c = client.clone();
+            tokio::spawn(async move { stream(&mut c, greedy(PROMPTS[i % 8], 12)).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (ids, loops, text, finish) = t.await.unwrap().expect("concurrent request");
+        let (want_ids, _, want_text, _) = &single[i % 8];
+        assert_eq!(&ids, want_ids, "request {i} ({:?})", PROMPTS[i % 8]);
+        assert_eq!(&text, want_text);
+        assert_eq!(finish, pb::FinishReason::Length as i32);
+        assert!(loops.iter().all(|&l| l == 2), "no exit policy: full depth");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_invalid_argument_with_a_message_and_are_counted() {
+    let s = shared();
+    let mut client = cluster::client(s.router).await;
+    let sampling = |t: f32, p: f32| {
+        Some(pb::SamplingParameters {
+            temperature: t,
+            top_p: p,
+            ..Default::default()
+        })
+    };
+    let long_prompt = "word ".repeat(9000);
+    let cases = [
+        ("empty_prompt", greedy("", 8)),
+        ("prompt_too_long", greedy(&long_prompt, 8)),
+        ("max_new_tokens_zero", greedy("hi", 0)),
+        ("max_new_tokens_over_limit", greedy("hi", 100_000)),
+        (
+            "bad_temperature",
+            pb::GenerateRequest {
+                sampling: sampling(f32::NAN, 1.0),
+                ..greedy("hi", 8)
+            },
+        ),
+        (
+            "bad_temperature",
+            pb::GenerateRequest {
+                sampling: sampling(-1.0, 1.0),
+                ..greedy("hi", 8)
+            },
+        ),
+        (
+            "bad_top_p",
+            pb::GenerateRequest {
+                sampling: sampling(0.0, 1.5),
+                ..greedy("hi", 8)
+            },
+        ),
+        (
+            "bad_top_p",
+            pb::GenerateRequest {
+                sampling: sampling(0.0, -0.5),
+                ..greedy("hi", 8)
+            },
+        ),
+        (
+            "unknown_model",
+            pb::GenerateRequest {
+                model: "gpt-9".into(),
+                ..greedy("hi", 8)
+            },
+        ),
+    ];
+    for (reason, req) in cases {
+        let err = client.generate(req.clone()).await.expect_err(reason);
+        assert_eq!(err.code(), Code::InvalidArgument, "{reason}: {err:?}");
+        assert!(!err.message().is_empty(), "{reason}: no message");
+        let err = stream(&mut client, req).await.expect_err(reason);
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{reason} (stream): {err:?}"
+        );
+    }
+    let m = scrape(s.router_metrics).await;
+    for reason in [
+        "empty_prompt",
+        "prompt_too_long",
+        "max_new_tokens_zero",
+        "max_new_tokens_over_limit",
+        "bad_temperature",
+        "bad_top_p",
+        "unknown_model",
+    ] {
+        let label = format!("reason=\"{reason}\"");
+        assert!(
+            metric(&m, "rrt_router_requests_rejected_total", &[&label]) >= 2.0,
+            "{reason} not counted:\n{m}"
+        );
+    }
+    // The service still serves.
+    let (ids, _, _, _) = stream(&mut client, greedy("Hello", 4)).await.unwrap();
+    assert_eq!(ids.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_gets_resource_exhausted_and_a_dropped_stream_cancels_on_the_worker() {
+    let s = shared();
+    // A second router on the same cluster that admits one request at a time.
+    let small = s
+        .runtime
+        .spawn(async move {
+            let r = cluster::router(Some(shared().coordinator), &["--max-concurrent", "1"]).await;
+            cluster::wait_for_workers(&r.running, 2).await;
+            let addr = r.running.grpc_addr;
+            std::mem::forget(r);
+            addr
+        })
+        .await
+        .unwrap();
+    let cancelled_before: f64 = {
+        let m = scrape(s.workers[0].1).await;
+        metric(&m, "rrt_worker_requests_total", &["outcome=\"cancelled\""])
+    };
+    let mut client = cluster::client(small).await;
+    let mut long = client
+        .generate_stream(greedy("Once upon a time", 1000))
+        .await
+        .expect("first request admitted")
+        .into_inner();
+    long.message()
+        .await
+        .expect("a first token")
+        .expect("a message");
+    let err = client
+        .generate(greedy("Hello", 4))
+        .await
+        .expect_err("over capacity");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    drop(long);
+    let started = Instant::now();
+    loop {
+        let m = scrape(s.workers[0].1).await;
+        if metric(&m, "rrt_worker_requests_total", &["outcome=\"cancelled\""]) > cancelled_before {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the worker never saw the cancel"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The slot is free again.
+    let (ids, _, _, _) = stream(&mut client, greedy("Hello", 4)).await.unwrap();
+    assert_eq!(ids.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_ends_a_long_generation_with_deadline_exceeded() {
+    let s = shared();
+    let mut client = cluster::client(s.router).await;
+    let mut req = tonic::Request::new(greedy("In the beginning", 1000));
+    req.set_timeout(Duration::from_millis(400));
+    let started = Instant::now();
+    let result = async {
+        let mut st = client.generate_stream(req).await?.into_inner();
+        while st.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    }
+    .await;
+    let err = result.expect_err("1000 tokens do not fit in 400 ms");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+fn venv_bin(name: &str) -> std::path::PathBuf {
+    rrt_tests::ensure(rrt_tests::root().join(".cache/venv/.ready"), "venv");
+    rrt_tests::root().join(".cache/venv/bin").join(name)
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run a client");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn grpcurl_lists_services_checks_health_and_streams_a_generation() {
+    let s = shared();
+    let grpcurl = venv_bin("grpcurl");
+    let addr = s.router.to_string();
+    let list = run(Command::new(&grpcurl).args(["-plaintext", &addr, "list"]));
+    for svc in ["rrt.v1.Generation", "grpc.health.v1.Health"] {
+        assert!(list.contains(svc), "{svc} missing from:\n{list}");
+    }
+    let describe = run(Command::new(&grpcurl).args([
+        "-plaintext",
+        &addr,
+        "describe",
+        "rrt.v1.GenerateRequest",
+    ]));
+    assert!(describe.contains("max_new_tokens"), "{describe}");
+    let health = run(Command::new(&grpcurl).args([
+        "-plaintext",
+        "-d",
+        r#"{"service":"rrt.v1.Generation"}"#,
+        &addr,
+        "grpc.health.v1.Health/Check",
+    ]));
+    assert!(health.contains("\"SERVING\""), "{health}");
+    let gen = run(Command::new(&grpcurl).args([
+        "-plaintext",
+        "-d",
+        r#"{"prompt":"The capital of France is","maxNewTokens":6}"#,
+        &addr,
+        "rrt.v1.Generation/GenerateStream",
+    ]));
+    assert_eq!(gen.matches("\"tokenId\"").count(), 6, "{gen}");
+    assert!(gen.contains("FINISH_REASON_LENGTH"), "{gen}");
+    assert!(gen.contains("\"exitLoop\": 2"), "{gen}");
+    // Workers and the coordinator answer reflection and health too.
+    for a in [s.coordinator, s.workers[0].0] {
+        let list = run(Command::new(&grpcurl).args(["-plaintext", &a.to_string(), "list"]));
+        assert!(list.contains("grpc.health.v1.Health"), "{list}");
+    }
+}
+
+#[test]
+fn a_python_grpcio_client_built_from_the_proto_gets_a_completion() {
+    let s = shared();
+    let python = venv_bin("python");
+    let out = run(Command::new(python).args([
+        rrt_tests::root()
+            .join("tests/python/generate_client.py")
+            .to_str()
+            .unwrap(),
+        rrt_tests::root().join("proto").to_str().unwrap(),
+        &s.router.to_string(),
+        "The capital of France is",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+    assert_eq!(v["health"], "SERVING", "{v}");
+    assert_eq!(v["model"], "smollm2-15x2", "{v}");
+    assert_eq!(v["loops"], 2, "{v}");
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 8, "{v}");
+    assert_eq!(v["finish_reason"], "FINISH_REASON_LENGTH", "{v}");
+    assert_eq!(v["empty_prompt"], "INVALID_ARGUMENT", "{v}");
+    assert!(v["worker"].as_str().unwrap().starts_with('w'), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_exports_prometheus_metrics_with_help_text() {
+    let s = shared();
+    let mut client = cluster::client(s.router).await;
+    stream(&mut client, greedy("Hello", 4)).await.unwrap();
+    // Workers mirror the engine into metrics every report interval.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let worker = scrape(s.workers[0].1).await + &scrape(s.workers[1].1).await;
+    for name in [
+        "rrt_worker_token_exits_total",
+        "rrt_worker_generated_tokens_total",
+        "rrt_worker_loop_steps_per_second",
+        "rrt_worker_kv_cache_usage_ratio",
+        "rrt_worker_time_to_first_token_seconds",
+    ] {
+        assert!(
+            worker.contains(&format!("# HELP {name}")),
+            "{name} has no HELP"
+        );
+    }
+    assert!(metric(&worker, "rrt_worker_token_exits_total", &["loop=\"2\""]) >= 4.0);
+    let router = scrape(s.router_metrics).await;
+    assert!(
+        metric(
+            &router,
+            "rrt_router_routed_total",
+            &["policy=\"p2c_score\""]
+        ) >= 1.0,
+        "{router}"
+    );
+    let coordinator = scrape(s.coordinator_metrics).await;
+    assert!(
+        metric(&coordinator, "rrt_coordinator_workers", &[]) >= 2.0,
+        "{coordinator}"
+    );
+    assert!(
+        metric(
+            &coordinator,
+            "rrt_coordinator_model_expected_loops",
+            &["model=\"smollm2-15x2\""]
+        ) > 0.0
+    );
+}
