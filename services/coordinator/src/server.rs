@@ -91,7 +91,11 @@ pub async fn start(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop);
     grpc::set_serving(&health.reporter, &[SERVICE], true).await;
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "coordinator serving");
-    let task = tokio::spawn(async move { Ok(server.await?) });
+    let task = tokio::spawn(async move {
+        server.await?;
+        tracing::info!("coordinator stopped");
+        Ok(())
+    });
     Ok(RunningCoordinator {
         grpc_addr,
         metrics_addr,

@@ -81,7 +81,11 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
     grpc::set_serving(&health.reporter, &[SERVICE], true).await;
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "router serving");
-    let task = tokio::spawn(async move { Ok(server.await?) });
+    let task = tokio::spawn(async move {
+        server.await?;
+        tracing::info!("router stopped");
+        Ok(())
+    });
     Ok(RunningRouter {
         grpc_addr,
         metrics_addr,

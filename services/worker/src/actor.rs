@@ -82,7 +82,9 @@ fn run(
             apply(&mut engine, cmd);
         }
         let started = Instant::now();
-        engine.step();
+        // On a rayon worker the step's parallel sections start without a cross-thread wake-up
+        // (the waiting above stays off the pool, so several engines never starve it).
+        rrt_model::runtime::on_compute_pool(|| engine.step());
         if !step_delay.is_zero() {
             std::thread::sleep(step_delay);
         }

@@ -35,6 +35,7 @@ pub struct RunningWorker {
 pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<RunningWorker> {
     let cfg = args.engine_config()?;
     crate::metrics::describe();
+    rrt_model::runtime::tune_allocator();
     let path = args.model.clone();
     let loaded = tokio::task::spawn_blocking(move || rrt_model::load(&path, DType::F32))
         .await?

@@ -5,6 +5,7 @@ mod decode;
 mod engine;
 mod matmul;
 mod plot;
+pub mod router;
 
 use clap::Subcommand;
 
@@ -16,6 +17,8 @@ pub enum BenchCommand {
     Matmul(matmul::MatmulArgs),
     /// Serving throughput: vanilla vs recursive, static vs CSB vs CDB, with early exits.
     Engine(engine::EngineBenchArgs),
+    /// Throughput through the router against straight to a worker, in one run.
+    Router(router::RouterBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -23,5 +26,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Decode(args) => decode::run(args),
         BenchCommand::Matmul(args) => matmul::run(args),
         BenchCommand::Engine(args) => engine::run_bench(args),
+        BenchCommand::Router(args) => router::run(args),
     }
 }
