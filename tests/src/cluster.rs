@@ -50,7 +50,10 @@ struct R {
 fn with_loopback(extra: &[&str], flags: &[&str]) -> Vec<String> {
     let mut v = vec!["test".to_string()];
     v.extend(flags.iter().map(|s| s.to_string()));
-    v.extend(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"].map(String::from));
+    if !extra.contains(&"--listen") {
+        v.extend(["--listen", "127.0.0.1:0"].map(String::from));
+    }
+    v.extend(["--metrics-listen", "127.0.0.1:0"].map(String::from));
     v.extend(extra.iter().map(|s| s.to_string()));
     v
 }

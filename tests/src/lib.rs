@@ -57,29 +57,37 @@ pub fn kjv_heldout() -> PathBuf {
 /// date, a no-op when it is) once per test process so a test never runs a stale binary.
 pub fn rrt_bin() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| build_bin("rrt-cli", "rrt")).clone()
+}
+
+/// The `rrt-worker` binary, built like [`rrt_bin`].
+pub fn worker_bin() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().expect("current exe");
-            // target/<profile>/deps/<test> -> target/<profile>/rrt
-            let profile_dir = exe
-                .parent()
-                .and_then(Path::parent)
-                .expect("target dir")
-                .to_path_buf();
-            let profile = profile_dir
-                .file_name()
-                .and_then(|p| p.to_str())
-                .unwrap_or("debug");
-            let profile = if profile == "debug" { "dev" } else { profile };
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "--quiet", "-p", "rrt-cli", "--profile", profile])
-                .current_dir(root())
-                .status()
-                .expect("cargo build");
-            assert!(status.success(), "building rrt failed");
-            profile_dir.join("rrt")
-        })
+        .get_or_init(|| build_bin("rrt-worker", "rrt-worker"))
         .clone()
+}
+
+fn build_bin(package: &str, name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    let profile = profile_dir
+        .file_name()
+        .and_then(|p| p.to_str())
+        .unwrap_or("debug");
+    let profile = if profile == "debug" { "dev" } else { profile };
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", package, "--profile", profile])
+        .current_dir(root())
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "building {package} failed");
+    profile_dir.join(name)
 }
 
 /// Runs `rrt ARGS` from the workspace root.

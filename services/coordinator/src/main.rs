@@ -1,5 +1,7 @@
 //! `rrt-coordinator`: the cluster's worker registry and load scores.
 
+use std::io::Write;
+
 use clap::Parser;
 use rrt_coordinator::CoordinatorArgs;
 use rrt_service::{telemetry, Shutdown};
@@ -21,9 +23,11 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown.on_signals();
     let c = rrt_coordinator::start(cli.args, shutdown).await?;
-    println!(
+    let _ = writeln!(
+        std::io::stdout(),
         "rrt-coordinator grpc={} metrics={}",
-        c.grpc_addr, c.metrics_addr
+        c.grpc_addr,
+        c.metrics_addr
     );
     c.task.await?
 }

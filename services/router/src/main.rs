@@ -1,5 +1,7 @@
 //! `rrt-router`: the public Generation API of an rrt cluster.
 
+use std::io::Write;
+
 use clap::Parser;
 use rrt_router::RouterArgs;
 use rrt_service::{telemetry, Shutdown};
@@ -21,6 +23,11 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown.on_signals();
     let r = rrt_router::start(cli.args, shutdown).await?;
-    println!("rrt-router grpc={} metrics={}", r.grpc_addr, r.metrics_addr);
+    let _ = writeln!(
+        std::io::stdout(),
+        "rrt-router grpc={} metrics={}",
+        r.grpc_addr,
+        r.metrics_addr
+    );
     r.task.await?
 }

@@ -1,5 +1,7 @@
 //! `rrt-worker`: serves one model's depth-wise batching engine over gRPC.
 
+use std::io::Write;
+
 use clap::Parser;
 use rrt_service::{telemetry, Shutdown};
 use rrt_worker::WorkerArgs;
@@ -21,10 +23,13 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown.on_signals();
     let worker = rrt_worker::start(cli.args, shutdown).await?;
-    // One line tests and scripts can read for the bound ports.
-    println!(
+    // One line tests and scripts can read for the bound ports (ignored if stdout is gone).
+    let _ = writeln!(
+        std::io::stdout(),
         "rrt-worker {} grpc={} metrics={}",
-        worker.id, worker.grpc_addr, worker.metrics_addr
+        worker.id,
+        worker.grpc_addr,
+        worker.metrics_addr
     );
     worker.task.await?
 }

@@ -42,7 +42,10 @@ struct Flags<T: Args> {
 }
 
 fn parse<T: Args>(flags: &[String]) -> anyhow::Result<T> {
-    Ok(Flags::<T>::try_parse_from(std::iter::once("bench").chain(flags.iter().map(String::as_str)))?.args)
+    Ok(Flags::<T>::try_parse_from(
+        std::iter::once("bench").chain(flags.iter().map(String::as_str)),
+    )?
+    .args)
 }
 
 pub fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
@@ -64,8 +67,12 @@ async fn bench(args: RouterBenchArgs) -> anyhow::Result<()> {
         "{}: no model (run `make models`)",
         args.model.display()
     );
-    let text = std::fs::read_to_string(&args.data)
-        .with_context(|| format!("{}: cannot read prompts (run `make data`)", args.data.display()))?;
+    let text = std::fs::read_to_string(&args.data).with_context(|| {
+        format!(
+            "{}: cannot read prompts (run `make data`)",
+            args.data.display()
+        )
+    })?;
     let prompts: Vec<String> = text
         .lines()
         .filter(|l| l.len() > 40)
@@ -75,7 +82,10 @@ async fn bench(args: RouterBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!prompts.is_empty(), "no prompts in {}", args.data.display());
 
     let shutdown = Shutdown::new();
-    let local = ["--listen=127.0.0.1:0".to_string(), "--metrics-listen=127.0.0.1:0".into()];
+    let local = [
+        "--listen=127.0.0.1:0".to_string(),
+        "--metrics-listen=127.0.0.1:0".into(),
+    ];
     let coordinator = rrt_coordinator::start(parse(&local)?, shutdown.clone()).await?;
     let url = format!("http://{}", coordinator.grpc_addr);
     let mut wflags = local.to_vec();
@@ -91,7 +101,10 @@ async fn bench(args: RouterBenchArgs) -> anyhow::Result<()> {
     let router = rrt_router::start(parse(&rflags)?, shutdown.clone()).await?;
     let started = Instant::now();
     while router.pool.slots().is_empty() {
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(20), "the router found no worker");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "the router found no worker"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let direct = WorkerClient::connect(format!("http://{}", worker.grpc_addr)).await?;
@@ -104,7 +117,14 @@ async fn bench(args: RouterBenchArgs) -> anyhow::Result<()> {
         args.model.display()
     );
     // Warm-up (first-touch allocations, connections).
-    workload(&prompts[..prompts.len().min(8)], &args, Path::Direct, &direct, &routed).await?;
+    workload(
+        &prompts[..prompts.len().min(8)],
+        &args,
+        Path::Direct,
+        &direct,
+        &routed,
+    )
+    .await?;
     let (mut best_direct, mut best_router) = (0.0f64, 0.0f64);
     for round in 0..args.rounds {
         let d = workload(&prompts, &args, Path::Direct, &direct, &routed).await?;
