@@ -31,28 +31,34 @@ fn shared() -> &'static Shared {
                 .build()
                 .expect("runtime"),
         ));
-        runtime.block_on(async {
-            let c = cluster::coordinator(&[]).await;
-            let addr = c.running.grpc_addr;
-            let w1 = cluster::worker(Some(addr), &["--worker-id", "w1"]).await;
-            let w2 = cluster::worker(Some(addr), &["--worker-id", "w2"]).await;
-            let r = cluster::router(Some(addr), &[]).await;
-            cluster::wait_for_workers(&r.running, 2).await;
-            let s = Shared {
-                router: r.running.grpc_addr,
-                router_metrics: r.running.metrics_addr,
-                coordinator: addr,
-                coordinator_metrics: c.running.metrics_addr,
-                workers: vec![
-                    (w1.running.grpc_addr, w1.running.metrics_addr),
-                    (w2.running.grpc_addr, w2.running.metrics_addr),
-                ],
-                runtime,
-            };
-            // The services live as long as the test process.
-            std::mem::forget((c, w1, w2, r));
-            s
+        // Started from a plain thread: async tests may be the first to ask, and a runtime
+        // cannot block inside another.
+        std::thread::spawn(move || {
+            runtime.block_on(async {
+                let c = cluster::coordinator(&[]).await;
+                let addr = c.running.grpc_addr;
+                let w1 = cluster::worker(Some(addr), &["--worker-id", "w1"]).await;
+                let w2 = cluster::worker(Some(addr), &["--worker-id", "w2"]).await;
+                let r = cluster::router(Some(addr), &[]).await;
+                cluster::wait_for_workers(&r.running, 2).await;
+                let s = Shared {
+                    router: r.running.grpc_addr,
+                    router_metrics: r.running.metrics_addr,
+                    coordinator: addr,
+                    coordinator_metrics: c.running.metrics_addr,
+                    workers: vec![
+                        (w1.running.grpc_addr, w1.running.metrics_addr),
+                        (w2.running.grpc_addr, w2.running.metrics_addr),
+                    ],
+                    runtime,
+                };
+                // The services live as long as the test process.
+                std::mem::forget((c, w1, w2, r));
+                s
+            })
         })
+        .join()
+        .expect("the cluster starts")
     })
 }
 
@@ -372,4 +378,48 @@ async fn every_service_exports_prometheus_metrics_with_help_text() {
             &["model=\"smollm2-15x2\""]
         ) > 0.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_sequences_end_the_text_before_them_and_tokenize_matches_the_model() {
+    let s = shared();
+    let mut client = cluster::client(s.router).await;
+    let (_, _, text, _) = stream(&mut client, greedy("The capital of France is", 16))
+        .await
+        .unwrap();
+    // A stop sequence taken from the middle of the greedy text (on a char boundary).
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 8, "{text:?}");
+    let stop: String = chars[4..7].iter().collect();
+    let before = &text[..text.find(&stop).unwrap()];
+    let req = pb::GenerateRequest {
+        stop: vec![stop.clone()],
+        ..greedy("The capital of France is", 16)
+    };
+    let (_, _, cut, finish) = stream(&mut client, req.clone()).await.unwrap();
+    assert_eq!(
+        (cut.as_str(), finish),
+        (before, pb::FinishReason::Stop as i32),
+        "stop {stop:?}"
+    );
+    let unary = client.generate(req).await.unwrap().into_inner();
+    assert_eq!(unary.text, before);
+
+    let ids = client
+        .tokenize(pb::TokenizeRequest {
+            model: String::new(),
+            text: "Hello world".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token_ids;
+    assert!(!ids.is_empty() && ids.len() <= 4, "{ids:?}");
+    let info = client
+        .model_info(pb::ModelInfoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((info.block_layers, info.loops, info.workers), (15, 2, 2));
+    assert_eq!(info.context_length, 8192);
 }
