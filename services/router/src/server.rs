@@ -27,6 +27,8 @@ pub struct RunningRouter {
 
 pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<RunningRouter> {
     args.check()?;
+    // The recorder first: descriptions given before it exists are lost.
+    metrics_http::handle();
     crate::metrics::describe();
     let listener = TcpListener::bind(args.listen).await?;
     let grpc_addr = listener.local_addr()?;

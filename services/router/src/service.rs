@@ -48,6 +48,10 @@ impl Inner {
     /// The model a request names, or the only/first served one when it names none.
     fn resolve_model(&self, name: &str) -> Result<String, RouterError> {
         let models = self.pool.models();
+        if models.is_empty() {
+            // Starting up or every worker gone: a retryable condition, not a bad request.
+            return Err(RouterError::NoWorker(name.to_string()));
+        }
         if name.is_empty() {
             return models
                 .into_iter()

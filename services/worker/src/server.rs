@@ -34,6 +34,8 @@ pub struct RunningWorker {
 /// Loads the model and starts serving; returns once the ports are bound and health is SERVING.
 pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<RunningWorker> {
     let cfg = args.engine_config()?;
+    // The recorder first: descriptions given before it exists are lost.
+    metrics_http::handle();
     crate::metrics::describe();
     rrt_model::runtime::tune_allocator();
     let path = args.model.clone();
