@@ -55,12 +55,13 @@ fmt: ## format the code
 build: ## release build of the rrt binary and the services
 	$(CARGO) build --release -p rrt-cli -p rrt-worker -p rrt-coordinator -p rrt-router
 
-deps: ## system packages: the KJV text (bible-kjv), the font of benchmark plots (fonts-dejavu-core), curl, python3-venv
+deps: ## system packages: the KJV text (bible-kjv), the font of benchmark plots (fonts-dejavu-core), curl, python3-venv, prometheus (+ promtool)
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first"; exit 1; }
 	@missing=""; \
 	command -v bible >/dev/null || missing="$$missing bible-kjv"; \
 	test -f $(FONT) || missing="$$missing fonts-dejavu-core"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi
 

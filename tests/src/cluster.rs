@@ -170,11 +170,16 @@ pub async fn stream(
 
 /// The text of `GET http://addr/metrics`.
 pub async fn scrape(addr: SocketAddr) -> String {
+    http_get(addr, "/metrics").await
+}
+
+/// The response (headers and body) of an HTTP/1.0 `GET path` to `addr`.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
-        .expect("metrics port");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .expect("HTTP port");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
         .await
         .expect("send");
     let mut body = String::new();

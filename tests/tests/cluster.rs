@@ -482,3 +482,105 @@ async fn the_dashboard_and_alert_rules_query_only_exported_metrics() {
         .collect();
     assert!(missing.is_empty(), "queried but not exported: {missing:?}");
 }
+
+#[test]
+fn promtool_accepts_the_shipped_config_and_rules() {
+    for (what, file) in [("config", "prometheus.yml"), ("rules", "rules.yml")] {
+        run(Command::new("promtool")
+            .args(["check", what])
+            .arg(rrt_tests::root().join("deploy/prometheus").join(file)));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_every_service_and_answers_queries() {
+    let s = shared();
+    let mut client = cluster::client(s.router).await;
+    stream(&mut client, greedy("Hello", 4)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // promtool's own lint of the exposition format (HELP text, names, types).
+    let exposition = scrape(s.workers[0].1).await;
+    let body = exposition
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (make deps installs prometheus)");
+    std::io::Write::write_all(&mut check.stdin.take().unwrap(), body.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let targets: Vec<String> = [
+        s.coordinator_metrics,
+        s.router_metrics,
+        s.workers[0].1,
+        s.workers[1].1,
+    ]
+    .iter()
+    .map(|a| format!("\"{a}\""))
+    .collect();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: rrt\n    static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let web: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prometheus (make deps installs it)");
+    let query = "/api/v1/query?query=sum(rrt_worker_generated_tokens_total)%20and%20count(up%3D%3D1)%3D%3D4";
+    let started = Instant::now();
+    let answer = loop {
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(web)).await
+        {
+            let r = cluster::http_get(web, query).await;
+            if r.contains("\"result\":[{") {
+                break r;
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = prometheus.kill();
+            panic!("Prometheus never scraped all four services");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    let value: f64 = answer
+        .rsplit("\"value\":[")
+        .next()
+        .and_then(|v| v.split('"').nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no value in {answer}"));
+    assert!(value >= 4.0, "{answer}");
+}
