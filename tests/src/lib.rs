@@ -56,38 +56,42 @@ pub fn kjv_heldout() -> PathBuf {
 /// The `rrt` binary of the same build profile as the running test, built (or brought up to
 /// date, a no-op when it is) once per test process so a test never runs a stale binary.
 pub fn rrt_bin() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT.get_or_init(|| build_bin("rrt-cli", "rrt")).clone()
+    binaries().join("rrt")
 }
 
 /// The `rrt-worker` binary, built like [`rrt_bin`].
 pub fn worker_bin() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| build_bin("rrt-worker", "rrt-worker"))
-        .clone()
+    binaries().join("rrt-worker")
 }
 
-fn build_bin(package: &str, name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
-    let profile = profile_dir
-        .file_name()
-        .and_then(|p| p.to_str())
-        .unwrap_or("debug");
-    let profile = if profile == "debug" { "dev" } else { profile };
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "-p", package, "--profile", profile])
-        .current_dir(root())
-        .status()
-        .expect("cargo build");
-    assert!(status.success(), "building {package} failed");
-    profile_dir.join(name)
+/// Builds every binary once per test process, with the same package set as `make build`: a
+/// different set would unify features differently and rebuild candle and friends.
+fn binaries() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("current exe");
+            // target/<profile>/deps/<test> -> target/<profile>/
+            let profile_dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_path_buf();
+            let profile = profile_dir
+                .file_name()
+                .and_then(|p| p.to_str())
+                .unwrap_or("debug");
+            let profile = if profile == "debug" { "dev" } else { profile };
+            let mut cmd = Command::new(env!("CARGO"));
+            cmd.args(["build", "--quiet", "--profile", profile]);
+            for p in ["rrt-cli", "rrt-worker", "rrt-coordinator", "rrt-router"] {
+                cmd.args(["-p", p]);
+            }
+            let status = cmd.current_dir(root()).status().expect("cargo build");
+            assert!(status.success(), "building the binaries failed");
+            profile_dir
+        })
+        .clone()
 }
 
 /// Runs `rrt ARGS` from the workspace root.
