@@ -193,11 +193,13 @@ impl<T> Pool<T> {
     }
 
     /// Picks a worker for `model` and counts the request in flight on it; `None` if no worker
-    /// serves the model. `exclude` skips a worker that just failed.
+    /// serves the model. `max_new_tokens` is the size of a generation (`None`: a metadata call
+    /// such as Tokenize, which is not counted as routed). `exclude` skips a worker that just
+    /// failed.
     pub fn pick(
         &self,
         model: &str,
-        max_new_tokens: u32,
+        max_new_tokens: Option<u32>,
         now: Instant,
         exclude: Option<&str>,
         rng: &mut impl Rng,
@@ -207,7 +209,9 @@ impl<T> Pool<T> {
                 .request_tokens
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            *t = 0.9 * *t + 0.1 * max_new_tokens as f64;
+            if let Some(n) = max_new_tokens {
+                *t = 0.9 * *t + 0.1 * n as f64;
+            }
             *t
         };
         let all: Vec<Arc<Slot<T>>> = self
@@ -260,7 +264,9 @@ impl<T> Pool<T> {
             )
         };
         chosen.in_flight.fetch_add(1, Ordering::Relaxed);
-        chosen.routed.fetch_add(1, Ordering::Relaxed);
+        if max_new_tokens.is_some() {
+            chosen.routed.fetch_add(1, Ordering::Relaxed);
+        }
         Some((InFlight { slot: chosen }, policy))
     }
 }
@@ -299,7 +305,7 @@ mod tests {
         let mut held = Vec::new();
         let mut order = String::new();
         for _ in 0..10 {
-            let (g, policy) = pool.pick("m", 64, t, None, &mut rng).unwrap();
+            let (g, policy) = pool.pick("m", Some(64), t, None, &mut rng).unwrap();
             assert_eq!(policy, Policy::PowerOfTwo);
             order.push_str(&g.slot.id);
             held.push(g);
@@ -326,12 +332,12 @@ mod tests {
         );
         let later = t + Duration::from_secs(3);
         let mut rng = StdRng::seed_from_u64(2);
-        let (g1, p) = pool.pick("m", 8, later, None, &mut rng).unwrap();
+        let (g1, p) = pool.pick("m", Some(8), later, None, &mut rng).unwrap();
         assert_eq!(p, Policy::LeastOutstanding);
-        let (g2, _) = pool.pick("m", 8, later, None, &mut rng).unwrap();
+        let (g2, _) = pool.pick("m", Some(8), later, None, &mut rng).unwrap();
         assert_ne!(g1.slot.id, g2.slot.id, "least outstanding alternates");
-        assert!(pool.pick("other", 8, later, None, &mut rng).is_none());
-        let (g3, _) = pool.pick("m", 8, later, Some("a"), &mut rng).unwrap();
+        assert!(pool.pick("other", Some(8), later, None, &mut rng).is_none());
+        let (g3, _) = pool.pick("m", Some(8), later, Some("a"), &mut rng).unwrap();
         assert_eq!(g3.slot.id, "b");
     }
 

@@ -71,15 +71,17 @@ impl Inner {
     fn pick(
         &self,
         model: &str,
-        tokens: u32,
+        tokens: Option<u32>,
         exclude: Option<&str>,
     ) -> Result<InFlight<Client>, RouterError> {
         let (guard, policy) = self
             .pool
             .pick(model, tokens, Instant::now(), exclude, &mut rand::rng())
             .ok_or_else(|| RouterError::NoWorker(model.to_string()))?;
-        counter!("rrt_router_routed_total", "worker" => guard.slot.id.clone(), "policy" => policy.label())
-            .increment(1);
+        if tokens.is_some() {
+            counter!("rrt_router_routed_total", "worker" => guard.slot.id.clone(), "policy" => policy.label())
+                .increment(1);
+        }
         Ok(guard)
     }
 
@@ -101,7 +103,7 @@ impl Inner {
             .map_err(|_| RouterError::Overloaded(self.max_concurrent))?;
         let mut exclude: Option<String> = None;
         loop {
-            let in_flight = self.pick(&model, req.max_new_tokens, exclude.as_deref())?;
+            let in_flight = self.pick(&model, Some(req.max_new_tokens), exclude.as_deref())?;
             let mut call = tonic::Request::new(req.clone());
             call.set_timeout(deadline.saturating_duration_since(Instant::now()));
             let mut client = in_flight.slot.client.clone();
@@ -257,7 +259,7 @@ impl pb::generation_server::Generation for RouterService {
         let mut req = request.into_inner();
         let model = self.inner.resolve_model(&req.model)?;
         req.model = model.clone();
-        let in_flight = self.inner.pick(&model, 0, None)?;
+        let in_flight = self.inner.pick(&model, None, None)?;
         let mut client = in_flight.slot.client.clone();
         client.tokenize(req).await
     }
@@ -268,7 +270,7 @@ impl pb::generation_server::Generation for RouterService {
     ) -> Result<Response<pb::ModelInfoResponse>, Status> {
         let req = request.into_inner();
         let model = self.inner.resolve_model(&req.model)?;
-        let in_flight = self.inner.pick(&model, 0, None)?;
+        let in_flight = self.inner.pick(&model, None, None)?;
         let mut client = in_flight.slot.client.clone();
         let info = client.info(pb::WorkerInfoRequest {}).await?.into_inner();
         let mut m = info
