@@ -10,7 +10,7 @@ use rrt_service::{grpc, metrics_http, Shutdown};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::config::CoordinatorArgs;
 use crate::registry::Registry;
@@ -90,7 +90,7 @@ pub async fn start(
                 report_ms: args.report_ms as u32,
             },
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop);
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop);
     grpc::set_serving(&health.reporter, &[SERVICE], true).await;
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "coordinator serving");
     let task = tokio::spawn(async move {

@@ -10,7 +10,7 @@ use rrt_service::{grpc, metrics_http, Shutdown};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::config::RouterArgs;
 use crate::pool::Pool;
@@ -80,7 +80,7 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         .add_service(pb::generation_server::GenerationServer::new(
             RouterService { inner },
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drain);
     grpc::set_serving(&health.reporter, &[SERVICE], true).await;
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "router serving");
     let task = tokio::spawn(async move {

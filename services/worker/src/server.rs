@@ -14,7 +14,7 @@ use rrt_service::{grpc, metrics_http, Shutdown};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::actor::EngineHandle;
 use crate::config::WorkerArgs;
@@ -115,7 +115,7 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         .add_service(pb::worker_server::WorkerServer::new(WorkerService {
             shared: shared.clone(),
         }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drain);
     grpc::set_serving(&health.reporter, &[SERVICE], true).await;
     tracing::info!(worker = %id, grpc = %grpc_addr, metrics = %metrics_addr, "worker serving");
     let task = tokio::spawn(async move {
