@@ -88,15 +88,16 @@ pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
     );
     let x_in = Tensor::cat(&parts, 0)?;
     let mut groups: Vec<(usize, Range<usize>)> = Vec::new();
-    let mut unit_rows = vec![None; running.len()];
+    // Per running sequence: its unit's place in the batch and its rows.
+    let mut unit_rows: Vec<Option<(usize, Range<usize>)>> = vec![None; running.len()];
     let mut row = 0;
-    for &i in &order {
+    for (place, &i) in order.iter().enumerate() {
         let f = flight(&running[i]);
         match groups.last_mut() {
             Some((l, rows)) if *l == f.next_loop => rows.end += f.len,
             _ => groups.push((f.next_loop, row..row + f.len)),
         }
-        unit_rows[i] = Some(row..row + f.len);
+        unit_rows[i] = Some((place, row..row + f.len));
         row += f.len;
     }
     let rows = row;
@@ -126,33 +127,21 @@ pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
         // fill skipped; split borrows of one sequence's layers, walked in running order.
         let mut unit_segments: Vec<Option<AttnSegment<'_>>> =
             (0..order.len()).map(|_| None).collect();
-        let slot: Vec<Option<usize>> = {
-            let mut slot = vec![None; running.len()];
-            for (p, &i) in order.iter().enumerate() {
-                slot[i] = Some(p);
-            }
-            slot
-        };
         let mut fill_segments = Vec::with_capacity(fills.rows.len());
-        for (i, s) in running.iter_mut().enumerate() {
-            let unit = s
-                .flight
-                .as_ref()
-                .map(|f| (f.next_loop * block + k, f.start));
+        for (s, unit) in running.iter_mut().zip(&unit_rows) {
+            let unit_loop = s.flight.as_ref().map(|f| (f.next_loop, f.start));
             let fill = s.fill.as_ref().map(|f| (f.done, f.position));
-            for (layer, cache) in s.cache.layers.iter_mut().enumerate() {
-                if layer % block != k {
-                    continue;
-                }
-                match (unit, fill) {
-                    (Some((u, start)), _) if u == layer && slot[i].is_some() => {
-                        unit_segments[slot[i].expect("checked")] = Some(AttnSegment {
-                            rows: unit_rows[i].clone().expect("unit in the batch"),
+            // Shared layer k at loop j is unrolled layer j * block + k.
+            for (j, cache) in s.cache.layers.iter_mut().skip(k).step_by(block).enumerate() {
+                match (unit, unit_loop, fill) {
+                    (Some((place, rows)), Some((l, start)), _) if l == j => {
+                        unit_segments[*place] = Some(AttnSegment {
+                            rows: rows.clone(),
                             start,
                             cache,
                         });
                     }
-                    (_, Some((done, position))) if layer / block >= done => {
+                    (_, _, Some((done, position))) if j >= done => {
                         let r = fill_segments.len();
                         fill_segments.push(AttnSegment {
                             rows: r..r + 1,

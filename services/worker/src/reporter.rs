@@ -115,13 +115,13 @@ pub(crate) async fn run(
 }
 
 async fn register(client: &mut CoordinatorClient<Channel>, shared: &Shared, address: &str) -> bool {
-    let model = shared.info.model.as_ref().expect("set at start");
+    let model = &shared.model;
     let req = pb::RegisterRequest {
         worker_id: shared.id.clone(),
         address: address.to_string(),
         model: model.model.clone(),
         loops: model.loops,
-        max_sequences: shared.info.max_sequences,
+        max_sequences: shared.max_sequences as u32,
     };
     match client.register(req).await {
         Ok(_) => {

@@ -61,18 +61,14 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         .unwrap_or_else(|| grpc_addr.to_string());
 
     let model = &loaded.model;
-    let info = pb::WorkerInfo {
-        worker_id: id.clone(),
-        model: Some(pb::ModelInfoResponse {
-            model: model_name,
-            context_length: model.cfg.max_position_embeddings as u32,
-            max_new_tokens_limit: args.max_new_tokens,
-            block_layers: model.block_layers() as u32,
-            loops: model.loops() as u32,
-            vocab_size: model.cfg.vocab_size as u32,
-            workers: 1,
-        }),
-        max_sequences: args.max_sequences as u32,
+    let model_info = pb::ModelInfoResponse {
+        model: model_name,
+        context_length: model.cfg.max_position_embeddings as u32,
+        max_new_tokens_limit: args.max_new_tokens,
+        block_layers: model.block_layers() as u32,
+        loops: model.loops() as u32,
+        vocab_size: model.cfg.vocab_size as u32,
+        workers: 1,
     };
     let capacity = args.max_sequences + args.max_waiting;
     let default_exit = cfg.default_exit;
@@ -85,7 +81,8 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         id: id.clone(),
         engine,
         tokenizer: loaded.tokenizer,
-        info,
+        model: model_info,
+        max_sequences: args.max_sequences,
         admission: Arc::new(Semaphore::new(capacity)),
         capacity,
         draining: AtomicBool::new(false),

@@ -30,7 +30,8 @@ pub(crate) struct Shared {
     pub id: String,
     pub engine: EngineHandle,
     pub tokenizer: Tokenizer,
-    pub info: pb::WorkerInfo,
+    pub model: pb::ModelInfoResponse,
+    pub max_sequences: usize,
     /// Requests in flight (running or waiting) at most: more get RESOURCE_EXHAUSTED.
     pub admission: Arc<Semaphore>,
     pub capacity: usize,
@@ -40,16 +41,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn model(&self) -> &pb::ModelInfoResponse {
-        self.info.model.as_ref().expect("set at start")
-    }
-
     /// Validates and tokenizes a request into the engine's form.
     fn prepare(
         &self,
         req: &pb::GenerateRequest,
     ) -> Result<(Vec<u32>, GenParams, Option<ExitPolicy>), WorkerError> {
-        let model = self.model();
+        let model = &self.model;
         validate::generate_request(req, model.max_new_tokens_limit)?;
         if !req.model.is_empty() && req.model != model.model {
             return Err(validate::Rejection::new(
@@ -163,7 +160,7 @@ impl pb::worker_server::Worker for WorkerService {
         request: tonic::Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let req = request.into_inner();
-        let model = self.shared.model();
+        let model = &self.shared.model;
         if !req.model.is_empty() && req.model != model.model {
             return Err(validate::Rejection::new(
                 "unknown_model",
@@ -183,7 +180,11 @@ impl pb::worker_server::Worker for WorkerService {
         &self,
         _request: tonic::Request<pb::WorkerInfoRequest>,
     ) -> Result<Response<pb::WorkerInfo>, Status> {
-        Ok(Response::new(self.shared.info.clone()))
+        Ok(Response::new(pb::WorkerInfo {
+            worker_id: self.shared.id.clone(),
+            model: Some(self.shared.model.clone()),
+            max_sequences: self.shared.max_sequences as u32,
+        }))
     }
 }
 
