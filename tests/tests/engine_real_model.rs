@@ -78,6 +78,7 @@ fn cdb_and_csb_on_smollm2_15x2_match_sequential_generation() {
                         max_new_tokens: *n,
                         sampling: SamplingParams::default(),
                         stop_tokens: vec![],
+                        ..GenParams::default()
                     },
                     events: Box::new(tx),
                 });
@@ -122,6 +123,16 @@ fn engine_bench_prints_the_comparison_and_writes_the_plot() {
         "0",
         "--thresholds",
         "0.9,0.5,0.3",
+        "--synthetic",
+        "1.0",
+        "--repeats",
+        "2",
+        "--score-windows",
+        "3",
+        "--score-context",
+        "4",
+        "--score-tokens",
+        "8",
         "--plot",
         png.to_str().unwrap(),
     ]);
@@ -133,10 +144,33 @@ fn engine_bench_prints_the_comparison_and_writes_the_plot() {
         "LoRA r0: CSB |",
         "LoRA r0: CDB, no exit |",
         "LoRA r0: CDB, oracle exits (replay) |",
+        "LoRA r0: CDB, oracle exits (replay), KV copy |",
         "LoRA r0: CDB, max-prob >= 0.3 |",
+        "where the time goes",
     ] {
         assert!(text.contains(row), "missing {row:?} in\n{text}");
     }
+    // Two rounds per row; a perplexity per row; every generated token of the synthetic 100%
+    // trace exits after loop 1 (only each request's first token, from the prompt, runs both).
+    let synthetic = text
+        .lines()
+        .find(|l| l.contains("synthetic: 100% exit after loop 1 |"))
+        .unwrap_or_else(|| panic!("no synthetic row in\n{text}"));
+    let cells: Vec<&str> = synthetic.split('|').map(str::trim).collect();
+    assert_eq!(cells[3].split(" / ").count(), 2, "two rounds: {synthetic}");
+    let depth: f64 = cells[4].trim_end_matches(" loops").parse().unwrap();
+    assert!(depth < 1.3, "{synthetic}");
+    let perplexity: f64 = cells[11].parse().unwrap();
+    assert!(perplexity.is_finite() && perplexity > 1.0, "{synthetic}");
+    let vanilla = text
+        .lines()
+        .find(|l| l.starts_with("| vanilla 30 layers, CSB |"))
+        .unwrap();
+    let vanilla_ppl: f64 = vanilla.split('|').nth(11).unwrap().trim().parse().unwrap();
+    assert!(
+        vanilla_ppl < perplexity,
+        "the source model scores the text better than exits after loop 1 of an un-uptrained conversion: {vanilla} vs {synthetic}"
+    );
     let bytes = std::fs::read(&png).unwrap();
     assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
 }

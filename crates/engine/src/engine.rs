@@ -2,6 +2,7 @@
 //! scheduler. Plain state, no threads or async inside: a worker owns it on a compute thread.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use rrt_model::{Llama, Sampler};
 
@@ -73,6 +74,31 @@ pub struct EngineStats {
     pub exit_histogram: Vec<u64>,
     /// Rows per loop depth in the last step.
     pub last_rows_per_depth: Vec<usize>,
+    /// Rows the exit head (final norm + LM head) ran on, including the ones that sample.
+    pub head_rows: u64,
+    /// Where the steps' time went.
+    pub time: PhaseTimes,
+}
+
+/// Wall time of each phase of the steps so far (a profile at the cost of a clock read per
+/// phase per step).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PhaseTimes {
+    /// Forming the batch: choosing units, embedding, gathering carried hidden states.
+    pub gather: Duration,
+    /// The shared block (CDB: once over every unit, K/V fill rows riding along; CSB and static:
+    /// the whole forward, LM head included).
+    pub block: Duration,
+    /// The exit head on the rows that need logits (CDB).
+    pub head: Duration,
+    /// Exit decisions, sampling, streaming, K/V copies, carrying hidden states.
+    pub decide: Duration,
+}
+
+impl PhaseTimes {
+    pub fn total(&self) -> Duration {
+        self.gather + self.block + self.head + self.decide
+    }
 }
 
 impl EngineStats {
@@ -166,6 +192,7 @@ impl Engine {
         if let Some(&bad) = req
             .prompt
             .iter()
+            .chain(&req.params.forced)
             .find(|&&t| t as usize >= self.model.cfg.vocab_size)
         {
             return Err(EngineError::Invalid(format!(

@@ -70,6 +70,11 @@ impl ExitTrace {
         self.depths.len()
     }
 
+    /// `((request, index), exit loop)` in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&(u64, usize), &usize)> {
+        self.depths.iter()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.depths.is_empty()
     }

@@ -20,7 +20,7 @@ mod sequence;
 mod step_cdb;
 mod step_csb;
 
-pub use engine::{Engine, EngineConfig, EngineStats, Scheduler};
+pub use engine::{Engine, EngineConfig, EngineStats, PhaseTimes, Scheduler};
 pub use error::EngineError;
 pub use exit::{confidence, cosine, oracle_depth, ExitKind, ExitPolicy, ExitTrace, KvFill};
 pub use reference::generate_with_exits;

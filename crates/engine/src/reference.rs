@@ -33,7 +33,10 @@ pub fn generate_with_exits(
     let mut exit_loop = loops;
     let mut out = Vec::new();
     loop {
-        let next = sampler.sample(&row, &tokens);
+        let next = match params.forced.get(out.len()) {
+            Some(&forced) => forced,
+            None => sampler.sample(&row, &tokens),
+        };
         if params.stop_tokens.contains(&next) {
             break;
         }

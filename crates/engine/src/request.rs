@@ -12,6 +12,24 @@ pub struct GenParams {
     pub sampling: SamplingParams,
     /// Token ids that end generation (EOS); not emitted.
     pub stop_tokens: Vec<u32>,
+    /// Teacher forcing (scoring a known text): generated token `i` is `forced[i]` instead of a
+    /// sample while there is one; exits and K/V behave as in generation.
+    pub forced: Vec<u32>,
+    /// Report each token's log-probability under the logits it was chosen from (the exit
+    /// loop's head, before sampling settings): one log-softmax over the vocabulary per token.
+    pub logprobs: bool,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 16,
+            sampling: SamplingParams::default(),
+            stop_tokens: Vec::new(),
+            forced: Vec::new(),
+            logprobs: false,
+        }
+    }
 }
 
 /// One generation request. Events go to `events`; dropping the receiver cancels the request.
@@ -67,6 +85,8 @@ pub enum Event {
         token: u32,
         /// The loop (1-based) after which the token was produced.
         exit_loop: usize,
+        /// Natural-log probability of the token ([`GenParams::logprobs`]).
+        logprob: Option<f32>,
     },
     Finished {
         reason: FinishReason,

@@ -75,14 +75,19 @@ impl Seq {
     /// Samples the next token from the logits of the sequence's last token and streams it, or
     /// finishes the sequence.
     pub fn on_logits(&mut self, logits: &[f32], exit_loop: usize) {
-        let next = self.sampler.sample(logits, &self.tokens);
+        let next = match self.params.forced.get(self.generated()) {
+            Some(&forced) => forced,
+            None => self.sampler.sample(logits, &self.tokens),
+        };
         if self.params.stop_tokens.contains(&next) {
             return self.finish(FinishReason::Stop);
         }
+        let logprob = self.params.logprobs.then(|| log_softmax_at(logits, next));
         self.tokens.push(next);
         self.emit(Event::Token {
             token: next,
             exit_loop,
+            logprob,
         });
         if self.generated() >= self.params.max_new_tokens {
             self.finish(FinishReason::Length);
@@ -93,5 +98,28 @@ impl Seq {
         let generated = self.generated();
         self.emit(Event::Finished { reason, generated });
         self.done = true;
+    }
+}
+
+/// `log softmax(logits)[token]`.
+pub(crate) fn log_softmax_at(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&l| ((l - max) as f64 - sum.ln()) as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_softmax_at;
+
+    #[test]
+    fn log_softmax_of_one_token() {
+        let l = [1.0f32, 2.0, 3.0];
+        let z: f32 = l.iter().map(|x| x.exp()).sum();
+        assert!((log_softmax_at(&l, 2) - (3f32.exp() / z).ln()).abs() < 1e-6);
+        assert!((log_softmax_at(&[5.0; 4], 0) - 0.25f32.ln()).abs() < 1e-6);
+        assert_eq!(log_softmax_at(&l, 7), f32::NEG_INFINITY);
     }
 }

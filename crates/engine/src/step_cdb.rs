@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::time::Instant;
 
 use candle_core::Tensor;
 use rrt_model::attention::AttnSegment;
@@ -29,6 +30,7 @@ pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
         ..
     } = engine;
     let model = &*model;
+    let started = Instant::now();
     let (block, loops) = (model.block_layers(), model.loops());
     // Units already in flight keep their rows; new units (next token or prompt chunk) fill the
     // remaining row budget, decode tokens before prompt chunks.
@@ -63,6 +65,7 @@ pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
     let fills = FillPlan::new(running, loops)?;
     if order.is_empty() {
         fills.write_alone(model, running)?;
+        stats.time.block += started.elapsed();
         return Ok(0);
     }
 
@@ -113,6 +116,8 @@ pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
         })
         .collect();
 
+    let block_started = Instant::now();
+    stats.time.gather += block_started - started;
     let mut x = x_in.clone();
     for k in 0..block {
         let row_groups: Vec<RowGroup> = groups
@@ -167,12 +172,19 @@ pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
     for s in running.iter_mut() {
         s.fill = None;
     }
+    let decide_started = Instant::now();
+    stats.time.block += decide_started - block_started;
     let mut slots: Vec<Option<&mut Seq>> = running.iter_mut().map(Some).collect();
     let mut batch: Vec<&mut Seq> = order
         .iter()
         .map(|&i| slots[i].take().expect("each unit once"))
         .collect();
+    let head_before = stats.time.head;
     after_block(model, cfg.kv_fill, &mut batch, &x_in, &x, trace, stats)?;
+    // The exit head is timed inside; the rest of the step is deciding and sampling.
+    stats.time.decide += decide_started
+        .elapsed()
+        .saturating_sub(stats.time.head - head_before);
     Ok(rows)
 }
 
@@ -260,12 +272,23 @@ fn flight(s: &Seq) -> &Flight {
 }
 
 /// What happens to a unit after this step's pass through the block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     /// Goes on to its next loop.
     Continue,
     /// Leaves the block: after its last loop, or early (exit policy); samples if it is the
     /// sequence's newest token.
     Leave,
+}
+
+impl Outcome {
+    fn exit_if(exit: bool) -> Self {
+        if exit {
+            Outcome::Leave
+        } else {
+            Outcome::Continue
+        }
+    }
 }
 
 /// Decides, for every unit, whether it continues, exits early or finished its last loop; fills
@@ -289,56 +312,67 @@ fn after_block(
         row += f.len;
         last_rows.push(row - 1);
     }
-    // Logits are needed for every unit that finished its last loop, and after intermediate
-    // loops for generated tokens whose policy reads the exit head.
+    // Decide what can be decided without the exit head: last loops leave, prompt chunks go on,
+    // replay, cosine and no-exit policies decide alone. The rest read the head's logits.
+    let mut outcome: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
+    for (i, s) in batch.iter().enumerate() {
+        let f = flight(s);
+        let done = f.next_loop;
+        let decided = if done == loops {
+            Some(Outcome::Leave)
+        } else if let Some(index) = s.generated_index(f.start, f.len) {
+            let r = last_rows[i];
+            match s.exit.kind {
+                ExitKind::None => Some(Outcome::Continue),
+                ExitKind::Replay => Some(Outcome::exit_if(trace.get(s.id, index) == Some(done))),
+                ExitKind::Cosine => {
+                    let a = x_in.narrow(0, r, 1)?.flatten_all()?.to_vec1::<f32>()?;
+                    let b = x.narrow(0, r, 1)?.flatten_all()?.to_vec1::<f32>()?;
+                    Some(Outcome::exit_if(cosine(&a, &b) >= s.exit.threshold))
+                }
+                ExitKind::MaxProb | ExitKind::Margin | ExitKind::Oracle => None,
+            }
+        } else {
+            Some(Outcome::Continue)
+        };
+        outcome.push(decided);
+    }
+    // One exit-head call per step (its weight is read once, not once per purpose): the units a
+    // policy must read, and the leaving units that sample (the last chunk of a prompt, or a
+    // generated token; a prompt chunk that is not the last samples nothing).
     let needs_logits: Vec<usize> = (0..batch.len())
-        .filter(|&i| {
-            let s = &batch[i];
-            let f = flight(s);
-            f.next_loop == loops
-                || (s.generated_index(f.start, f.len).is_some() && s.exit.needs_logits())
+        .filter(|&i| match outcome[i] {
+            None => true,
+            Some(Outcome::Leave) => {
+                let f = flight(batch[i]);
+                f.start + f.len == batch[i].tokens.len()
+            }
+            Some(Outcome::Continue) => false,
         })
         .collect();
-    let mut logits = head(model, x, &needs_logits, &last_rows)?;
-    let mut outcome = Vec::with_capacity(batch.len());
-    for (i, s) in batch.iter_mut().enumerate() {
-        let f = s.flight.as_ref().expect("in flight");
-        let done = f.next_loop;
-        if done == loops {
-            outcome.push(Outcome::Leave);
-            continue;
-        }
-        let Some(index) = s.generated_index(f.start, f.len) else {
-            outcome.push(Outcome::Continue);
-            continue;
-        };
-        let r = last_rows[i];
-        let exit = match s.exit.kind {
-            ExitKind::None | ExitKind::Oracle => false,
-            ExitKind::Replay => trace.get(s.id, index) == Some(done),
-            ExitKind::Cosine => {
-                let a = x_in.narrow(0, r, 1)?.flatten_all()?.to_vec1::<f32>()?;
-                let b = x.narrow(0, r, 1)?.flatten_all()?.to_vec1::<f32>()?;
-                cosine(&a, &b) >= s.exit.threshold
+    let logits = head(model, x, &needs_logits, &last_rows, stats)?;
+    let outcome: Vec<Outcome> = outcome
+        .into_iter()
+        .enumerate()
+        .map(|(i, decided)| {
+            if let Some(o) = decided {
+                return o;
             }
-            ExitKind::MaxProb => confidence(&logits[&i]).0 >= s.exit.threshold,
-            ExitKind::Margin => confidence(&logits[&i]).1 >= s.exit.threshold,
-        };
-        if s.exit.kind == ExitKind::Oracle {
-            let a = argmax(&logits[&i]);
-            s.flight.as_mut().expect("in flight").argmaxes.push(a);
-        }
-        outcome.push(if exit {
-            Outcome::Leave
-        } else {
-            Outcome::Continue
-        });
-    }
-    // Early exits whose policy did not compute logits get them now.
-    let missing: Vec<usize> = (0..batch.len())
-        .filter(|i| matches!(outcome[*i], Outcome::Leave) && !logits.contains_key(i))
+            let s = &mut batch[i];
+            let row = &logits[&i];
+            let threshold = s.exit.threshold;
+            match s.exit.kind {
+                ExitKind::MaxProb => Outcome::exit_if(confidence(row).0 >= threshold),
+                ExitKind::Margin => Outcome::exit_if(confidence(row).1 >= threshold),
+                _ => {
+                    // The oracle records the argmax and runs on to full depth.
+                    let f = s.flight.as_mut().expect("in flight");
+                    f.argmaxes.push(argmax(row));
+                    Outcome::Continue
+                }
+            }
+        })
         .collect();
-    logits.extend(head(model, x, &missing, &last_rows)?);
 
     let mut copies = Vec::new();
     let mut row = 0;
@@ -352,16 +386,16 @@ fn after_block(
                 let f = s.flight.take().expect("in flight");
                 let done = f.next_loop;
                 s.computed = f.start + f.len;
-                let row_logits = &logits[&i];
-                if let (Some(index), ExitKind::Oracle) =
-                    (s.generated_index(f.start, f.len), s.exit.kind)
-                {
-                    let mut argmaxes = f.argmaxes;
-                    argmaxes.push(argmax(row_logits));
-                    trace.insert(s.id, index, oracle_depth(&argmaxes));
-                }
-                // A prompt chunk that is not the last samples nothing.
+                // A prompt chunk that is not the last samples nothing (and has no logits).
                 if s.computed == s.tokens.len() {
+                    let row_logits = &logits[&i];
+                    if let (Some(index), ExitKind::Oracle) =
+                        (s.generated_index(f.start, f.len), s.exit.kind)
+                    {
+                        let mut argmaxes = f.argmaxes;
+                        argmaxes.push(argmax(row_logits));
+                        trace.insert(s.id, index, oracle_depth(&argmaxes));
+                    }
                     s.on_logits(row_logits, done);
                     stats.count_exit(done);
                 }
@@ -387,19 +421,23 @@ fn after_block(
     Ok(())
 }
 
-/// Exit-head logits of the given units' last rows, by unit index.
+/// Exit-head logits of the given units' last rows, by unit index (timed and counted).
 fn head(
     model: &Llama,
     x: &Tensor,
     units: &[usize],
     last_rows: &[usize],
+    stats: &mut EngineStats,
 ) -> Result<HashMap<usize, Vec<f32>>, EngineError> {
     if units.is_empty() {
         return Ok(HashMap::new());
     }
+    let started = Instant::now();
     let idx: Vec<u32> = units.iter().map(|&i| last_rows[i] as u32).collect();
     let rows = x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?;
     let logits = model.logits(&rows)?.to_vec2::<f32>()?;
+    stats.head_rows += units.len() as u64;
+    stats.time.head += started.elapsed();
     Ok(units.iter().copied().zip(logits).collect())
 }
 

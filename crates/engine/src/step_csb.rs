@@ -2,12 +2,15 @@
 //! batch): every sequence's pending tokens — its last sampled token, or the next prompt chunk —
 //! go through all loops in one forward.
 
+use std::time::Instant;
+
 use rrt_model::{BatchItem, Logits};
 
 use crate::engine::Engine;
 use crate::error::EngineError;
 
 pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
+    let started = Instant::now();
     let model = &engine.model;
     let loops = model.loops();
     let mut budget = engine.cfg.max_batch_rows;
@@ -44,9 +47,14 @@ pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
     if items.is_empty() {
         return Ok(0);
     }
+    let forward_started = Instant::now();
     let logits = model.forward(&mut items)?;
     drop(items);
     let logits = logits.to_vec2::<f32>()?;
+    let decide_started = Instant::now();
+    engine.stats.time.gather += forward_started - started;
+    engine.stats.time.block += decide_started - forward_started;
+    engine.stats.head_rows += logits.len() as u64;
     let mut rows = logits.into_iter();
     for (i, last) in wants_logits {
         let s = &mut engine.running[i];
@@ -60,5 +68,6 @@ pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
     let total: usize = takes.iter().sum();
     engine.stats.loop_rows += (total * loops) as u64;
     engine.stats.last_rows_per_depth = vec![total];
+    engine.stats.time.decide += decide_started.elapsed();
     Ok(total)
 }

@@ -41,6 +41,7 @@ fn params(max_new: usize) -> GenParams {
         max_new_tokens: max_new,
         sampling: SamplingParams::default(),
         stop_tokens: vec![],
+        ..GenParams::default()
     }
 }
 
@@ -215,7 +216,9 @@ fn run_cdb(
         .map(|rx| {
             rx.try_iter()
                 .filter_map(|e| match e {
-                    Event::Token { token, exit_loop } => Some((token, exit_loop)),
+                    Event::Token {
+                        token, exit_loop, ..
+                    } => Some((token, exit_loop)),
                     Event::Failed(e) => panic!("{e}"),
                     _ => None,
                 })
@@ -322,5 +325,143 @@ fn oracle_recording_then_confidence_policies_run_and_count_exits() {
             engine.stats().tokens as usize,
             cases.iter().map(|(_, n)| n).sum::<usize>()
         );
+    }
+}
+
+/// Submits one teacher-forced request (logprobs on) and returns `(token, exit loop, logprob)`.
+fn score(engine: &mut Engine, id: u64, prompt: &[u32], forced: &[u32]) -> Vec<(u32, usize, f32)> {
+    let (tx, rx) = channel();
+    engine.submit(Request {
+        id,
+        prompt: prompt.to_vec(),
+        params: GenParams {
+            max_new_tokens: forced.len(),
+            forced: forced.to_vec(),
+            logprobs: true,
+            ..GenParams::default()
+        },
+        exit: None,
+        events: Box::new(tx),
+    });
+    engine.run_until_idle();
+    rx.try_iter()
+        .filter_map(|e| match e {
+            Event::Token {
+                token,
+                exit_loop,
+                logprob,
+            } => Some((token, exit_loop, logprob.expect("logprobs were asked for"))),
+            Event::Failed(e) => panic!("{e}"),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn teacher_forcing_scores_a_text_as_a_full_forward_does_and_follows_exits() {
+    use rrt_model::perplexity::nll_sum;
+    use rrt_model::{BatchItem, Logits};
+
+    let model = tiny_recursive();
+    let vocab = model.cfg.vocab_size as u32;
+    let text: Vec<u32> = (0..40u32).map(|j| (j * 13 + j * j + 5) % vocab).collect();
+    let (prompt, forced) = text.split_at(9);
+    // The reference: one forward over the text, log-softmax of each next token.
+    let mut cache = model.new_cache();
+    let logits = model
+        .forward(&mut [BatchItem {
+            tokens: &text[..text.len() - 1],
+            offset: 0,
+            cache: &mut cache,
+            logits: Logits::All,
+        }])
+        .unwrap();
+    let want_nll = nll_sum(
+        &logits.narrow(0, prompt.len() - 1, forced.len()).unwrap(),
+        forced,
+    )
+    .unwrap();
+    for scheduler in [Scheduler::Static, Scheduler::Csb, Scheduler::Cdb] {
+        let mut engine = Engine::new(
+            model.clone(),
+            EngineConfig {
+                scheduler,
+                ..EngineConfig::default()
+            },
+        );
+        let got = score(&mut engine, 0, prompt, forced);
+        let tokens: Vec<u32> = got.iter().map(|t| t.0).collect();
+        assert_eq!(tokens, forced, "{scheduler:?}: forced tokens are emitted");
+        let nll: f64 = got.iter().map(|t| -t.2 as f64).sum();
+        assert!(
+            (nll - want_nll).abs() < 1e-3 * want_nll.abs().max(1.0),
+            "{scheduler:?}: nll {nll} vs a full forward {want_nll}"
+        );
+    }
+    // With exits from a trace, forced scoring goes through the same exits as the sequential
+    // reference does, and the log-probabilities come from the exit loop's head.
+    let mut trace = ExitTrace::default();
+    for t in 0..forced.len() {
+        trace.insert(3, t, 1 + (t * 5 + t * t) % 3);
+    }
+    let mut engine = cdb(&model, KvFill::Propagate);
+    engine.set_trace(trace.clone());
+    let (tx, rx) = channel();
+    engine.submit(Request {
+        id: 3,
+        prompt: prompt.to_vec(),
+        params: GenParams {
+            max_new_tokens: forced.len(),
+            forced: forced.to_vec(),
+            logprobs: true,
+            ..GenParams::default()
+        },
+        exit: Some(ExitPolicy {
+            kind: ExitKind::Replay,
+            threshold: 0.0,
+        }),
+        events: Box::new(tx),
+    });
+    engine.run_until_idle();
+    let got: Vec<(u32, usize)> = rx
+        .try_iter()
+        .filter_map(|e| match e {
+            Event::Token {
+                token, exit_loop, ..
+            } => Some((token, exit_loop)),
+            _ => None,
+        })
+        .collect();
+    let params = GenParams {
+        max_new_tokens: forced.len(),
+        forced: forced.to_vec(),
+        ..GenParams::default()
+    };
+    let want = generate_with_exits(&model, 3, prompt, &params, &trace, KvFill::Propagate).unwrap();
+    assert_eq!(got, want);
+    assert!(want.iter().filter(|(_, l)| *l < 3).count() > 10);
+}
+
+#[test]
+fn a_forced_token_outside_the_vocabulary_is_refused() {
+    let model = tiny_recursive();
+    let mut engine = cdb(&model, KvFill::Propagate);
+    let (tx, rx) = channel();
+    engine.submit(Request {
+        id: 0,
+        prompt: vec![1, 2, 3],
+        params: GenParams {
+            max_new_tokens: 2,
+            forced: vec![4, model.cfg.vocab_size as u32],
+            ..GenParams::default()
+        },
+        exit: None,
+        events: Box::new(tx),
+    });
+    match rx.try_recv() {
+        Ok(Event::Failed(EngineError::Invalid(msg))) => {
+            assert!(msg.contains("vocabulary"), "{msg}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
     }
 }

@@ -110,6 +110,7 @@ impl Shared {
             max_new_tokens: req.max_new_tokens as usize,
             sampling,
             stop_tokens: self.tokenizer.eos.clone(),
+            ..GenParams::default()
         };
         Ok((ids, params, exit))
     }
@@ -286,7 +287,9 @@ async fn relay(
                     FinishReason::Stop => "eos",
                 };
             }
-            Some(Event::Token { token, exit_loop }) => {
+            Some(Event::Token {
+                token, exit_loop, ..
+            }) => {
                 let now = Instant::now();
                 if index == 0 {
                     histogram!("rrt_worker_time_to_first_token_seconds", "worker" => worker.clone())

@@ -1,25 +1,26 @@
 //! `rrt bench engine`: the serving comparison of the paper's throughput table, measured (not
 //! simulated) in one run on one workload: the vanilla model under static and sequence-wise
 //! batching, and the recursive model under static, sequence-wise and depth-wise batching, the
-//! latter with no exit, with an oracle trace replayed, and with confidence exits at several
-//! thresholds. Prints tokens/s, mean loops per token, the ideal bound, the ratios and the
-//! agreement of each run's greedy tokens with full-depth greedy decoding.
+//! latter with no exit, with an oracle trace replayed (both K/V fill modes), with synthetic
+//! traces (a given share of tokens exits after loop 1: what the engine makes of a known exit
+//! distribution), and with confidence exits at several thresholds. Prints tokens/s, mean loops
+//! per token, the ideal bound, the ratios, quality (agreement of greedy tokens with full depth;
+//! perplexity of held-out text scored through the same engine configuration) and where the
+//! time goes (the engine's phase times). `--repeats` runs every row that many times in
+//! interleaved rounds and keeps the best, against the VM's drift.
 
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver};
-use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rrt_engine::{
-    Engine, EngineConfig, Event, ExitKind, ExitPolicy, ExitTrace, GenParams, Request, Scheduler,
-};
+use rrt_engine::{ExitKind, ExitPolicy, ExitTrace, KvFill, Scheduler};
 use rrt_model::recursive::convert::Converter;
 use rrt_model::recursive::mapping::Init;
-use rrt_model::{Llama, SamplingParams};
+use rrt_model::Llama;
 
+use crate::bench::engine_runs::{agreement, run, synthetic_trace, Run, Spec, TraceFrom, Workload};
 use crate::bench::plot::{write_png, Series, ThresholdPlot};
 use crate::convert::decompose_with_progress;
 use crate::eval_text::EvalText;
@@ -56,6 +57,21 @@ pub struct EngineBenchArgs {
     /// Max-probability exit thresholds.
     #[arg(long, value_delimiter = ',', default_value = "0.9,0.7,0.5")]
     thresholds: Vec<f32>,
+    /// Synthetic traces: shares of tokens that exit after loop 1 (empty: none).
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.9")]
+    synthetic: Vec<f64>,
+    /// Rounds: every row runs this many times, interleaved; the best is kept.
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
+    /// Held-out windows scored (teacher-forced) for each row's perplexity.
+    #[arg(long, default_value_t = 32)]
+    score_windows: usize,
+    /// Context tokens of each scoring window (prefilled, not scored).
+    #[arg(long, default_value_t = 32)]
+    score_context: usize,
+    /// Scored tokens of each window (generated positions, so exits apply).
+    #[arg(long, default_value_t = 96)]
+    score_tokens: usize,
     /// Sequences batched at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -73,101 +89,162 @@ pub struct EngineBenchArgs {
     font: PathBuf,
 }
 
-struct Workload {
-    prompts: Vec<Vec<u32>>,
-    outputs: Vec<usize>,
+fn replay(kind: ExitKind) -> ExitPolicy {
+    ExitPolicy {
+        kind,
+        threshold: 0.0,
+    }
 }
 
-struct Run {
-    name: String,
-    tokens_per_s: f64,
-    mean_loops: f64,
-    outputs: Vec<Vec<u32>>,
-    trace: ExitTrace,
+/// The rows of one recursive model, in the order they run (the oracle recording before the
+/// replays of its trace). Returns the specs and the index of the threshold runs.
+fn recursive_specs(label: &str, args: &EngineBenchArgs) -> (Vec<Spec>, usize) {
+    let spec = |name: &str, scheduler, exit, fill, trace| Spec {
+        name: format!("{label}: {name}"),
+        scheduler,
+        exit,
+        fill,
+        trace,
+    };
+    let (none, prop) = (ExitPolicy::NONE, KvFill::Propagate);
+    let mut specs = vec![
+        spec("static", Scheduler::Static, none, prop, TraceFrom::None),
+        spec("CSB", Scheduler::Csb, none, prop, TraceFrom::None),
+        spec("CDB, no exit", Scheduler::Cdb, none, prop, TraceFrom::None),
+        spec(
+            "CDB, oracle recording (exit head every loop)",
+            Scheduler::Cdb,
+            replay(ExitKind::Oracle),
+            prop,
+            TraceFrom::None,
+        ),
+        spec(
+            "CDB, oracle exits (replay)",
+            Scheduler::Cdb,
+            replay(ExitKind::Replay),
+            prop,
+            TraceFrom::Oracle,
+        ),
+        spec(
+            "CDB, oracle exits (replay), KV copy",
+            Scheduler::Cdb,
+            replay(ExitKind::Replay),
+            KvFill::Copy,
+            TraceFrom::Oracle,
+        ),
+    ];
+    for &p in &args.synthetic {
+        specs.push(spec(
+            &format!("CDB, synthetic: {:.0}% exit after loop 1", 100.0 * p),
+            Scheduler::Cdb,
+            replay(ExitKind::Replay),
+            prop,
+            TraceFrom::Synthetic(p),
+        ));
+    }
+    let first_threshold = specs.len();
+    for &t in &args.thresholds {
+        specs.push(spec(
+            &format!("CDB, max-prob >= {t}"),
+            Scheduler::Cdb,
+            ExitPolicy {
+                kind: ExitKind::MaxProb,
+                threshold: t,
+            },
+            prop,
+            TraceFrom::None,
+        ));
+    }
+    (specs, first_threshold)
 }
 
-fn run(
+/// Runs `specs` on `model` in `args.repeats` interleaved rounds (best throughput kept; outputs,
+/// traces and perplexity from the first round), together with `extra` rows on other models
+/// (the vanilla references), so drift hits every row alike.
+fn rounds(
     model: &Llama,
+    specs: &[Spec],
+    extra: &mut [(&Llama, Spec, Option<Run>)],
     w: &Workload,
     args: &EngineBenchArgs,
-    scheduler: Scheduler,
-    exit: ExitPolicy,
-    trace: Option<&ExitTrace>,
-    name: String,
-) -> anyhow::Result<Run> {
-    let mut engine = Engine::new(
-        model.clone(),
-        EngineConfig {
-            scheduler,
-            max_batch_rows: args.max_batch_rows,
-            max_sequences: args.concurrency,
-            kv_budget_bytes: 16 << 30,
-            default_exit: exit,
-            ..EngineConfig::default()
-        },
-    );
-    if let Some(t) = trace {
-        engine.set_trace(t.clone());
-    }
-    let started = Instant::now();
-    let rxs: Vec<Receiver<Event>> = w
-        .prompts
-        .iter()
-        .zip(&w.outputs)
-        .enumerate()
-        .map(|(i, (p, &n))| {
-            let (tx, rx) = channel();
-            engine.submit(Request {
-                id: i as u64,
-                prompt: p.clone(),
-                params: GenParams {
-                    max_new_tokens: n,
-                    sampling: SamplingParams::default(),
-                    stop_tokens: vec![],
-                },
-                exit: None,
-                events: Box::new(tx),
-            });
-            rx
-        })
-        .collect();
-    engine.run_until_idle();
-    let secs = started.elapsed().as_secs_f64();
-    let mut outputs = Vec::with_capacity(rxs.len());
-    for rx in &rxs {
-        let mut toks = Vec::new();
-        for ev in rx.try_iter() {
-            match ev {
-                Event::Token { token, .. } => toks.push(token),
-                Event::Failed(e) => anyhow::bail!("{name}: a request failed: {e}"),
-                Event::Finished { .. } => {}
+) -> anyhow::Result<Vec<Run>> {
+    let limits = (args.concurrency, args.max_batch_rows);
+    let mut runs: Vec<Option<Run>> = vec![None; specs.len()];
+    let oracle_at = specs.iter().position(|s| s.exit.kind == ExitKind::Oracle);
+    for round in 0..args.repeats.max(1) {
+        eprintln!("round {}/{}", round + 1, args.repeats.max(1));
+        for (m, spec, slot) in extra.iter_mut() {
+            let r = run(m, w, spec, None, limits, slot.is_none())?;
+            match slot {
+                Some(best) => best.add_round(r),
+                None => *slot = Some(r),
             }
         }
-        outputs.push(toks);
+        for (i, spec) in specs.iter().enumerate() {
+            let trace: Option<ExitTrace> = match spec.trace {
+                TraceFrom::None => None,
+                TraceFrom::Oracle => {
+                    let at = oracle_at.context("a replay row needs the oracle row before it")?;
+                    Some(
+                        runs[at]
+                            .as_ref()
+                            .context("oracle not run yet")?
+                            .trace
+                            .clone(),
+                    )
+                }
+                TraceFrom::Synthetic(p) => Some(synthetic_trace(w, p, model.loops(), args.seed)),
+            };
+            let r = run(model, w, spec, trace.as_ref(), limits, round == 0)?;
+            match &mut runs[i] {
+                Some(best) => best.add_round(r),
+                slot => *slot = Some(r),
+            }
+        }
     }
-    let generated: usize = outputs.iter().map(Vec::len).sum();
-    let r = Run {
-        name,
-        tokens_per_s: generated as f64 / secs,
-        mean_loops: engine.stats().mean_loops(),
-        outputs,
-        trace: engine.trace().clone(),
-    };
-    eprintln!(
-        "  {}: {:.1} tokens/s, {:.2} loops/token ({secs:.0}s)",
-        r.name, r.tokens_per_s, r.mean_loops
-    );
-    Ok(r)
+    Ok(runs
+        .into_iter()
+        .map(|r| r.expect("every row ran"))
+        .collect())
 }
 
-/// Fraction of generated tokens equal to the reference at the same index.
-fn agreement(a: &[Vec<u32>], reference: &[Vec<u32>]) -> f64 {
-    let (mut same, mut total) = (0usize, 0usize);
-    for (x, y) in a.iter().zip(reference) {
-        same += x.iter().zip(y).filter(|(p, q)| p == q).count();
-        total += y.len();
-    }
-    same as f64 / total.max(1) as f64
+fn workload(args: &EngineBenchArgs, ids: &[u32]) -> anyhow::Result<Workload> {
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    anyhow::ensure!(
+        ids.len() > args.max_prompt + 1,
+        "the workload text is shorter than one prompt"
+    );
+    let window = args.score_context + args.score_tokens;
+    anyhow::ensure!(
+        args.score_context >= 1 && args.score_tokens >= 1,
+        "--score-context and --score-tokens must be at least 1"
+    );
+    anyhow::ensure!(
+        ids.len() >= window * args.score_windows,
+        "the workload text has {} tokens, fewer than {} scoring windows of {window}",
+        ids.len(),
+        args.score_windows
+    );
+    Ok(Workload {
+        prompts: (0..args.prompts)
+            .map(|_| {
+                let len = rng.random_range(args.min_prompt..=args.max_prompt);
+                let at = rng.random_range(0..ids.len() - len);
+                ids[at..at + len].to_vec()
+            })
+            .collect(),
+        outputs: (0..args.prompts)
+            .map(|_| rng.random_range(args.min_output..=args.max_output))
+            .collect(),
+        scoring: ids
+            .chunks_exact(window)
+            .take(args.score_windows)
+            .map(|c| {
+                let (context, text) = c.split_at(args.score_context);
+                (context.to_vec(), text.to_vec())
+            })
+            .collect(),
+    })
 }
 
 pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
@@ -184,48 +261,24 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         .text
         .token_ids(&loaded.tokenizer)
         .context("workload text")?;
-    let mut rng = StdRng::seed_from_u64(args.seed);
-    anyhow::ensure!(
-        ids.len() > args.max_prompt + 1,
-        "the workload text is shorter than one prompt"
-    );
-    let w = Workload {
-        prompts: (0..args.prompts)
-            .map(|_| {
-                let len = rng.random_range(args.min_prompt..=args.max_prompt);
-                let at = rng.random_range(0..ids.len() - len);
-                ids[at..at + len].to_vec()
-            })
-            .collect(),
-        outputs: (0..args.prompts)
-            .map(|_| rng.random_range(args.min_output..=args.max_output))
-            .collect(),
-    };
+    let w = workload(&args, &ids)?;
     let loops = args.loops;
     println!(
-        "engine benchmark: {} prompts ({}-{} tokens), outputs {}-{} tokens, seed {}, concurrency {}, {} threads",
+        "engine benchmark: {} prompts ({}-{} tokens), outputs {}-{} tokens, seed {}, concurrency {}, {} threads, {} round(s); perplexity: {} held-out windows, {} context + {} scored tokens",
         args.prompts, args.min_prompt, args.max_prompt, args.min_output, args.max_output, args.seed, args.concurrency,
-        rayon::current_num_threads()
+        rayon::current_num_threads(), args.repeats.max(1), w.scoring.len(), args.score_context, args.score_tokens
     );
-    let none = ExitPolicy::NONE;
-    let v_static = run(
-        src,
-        &w,
-        &args,
-        Scheduler::Static,
-        none,
-        None,
-        "vanilla 30 layers, static".into(),
-    )?;
-    let v_csb = run(
-        src,
-        &w,
-        &args,
-        Scheduler::Csb,
-        none,
-        None,
-        "vanilla 30 layers, CSB".into(),
-    )?;
+    let vanilla = |name: &str, scheduler| Spec {
+        name: format!("vanilla {} layers, {name}", src.layers.len()),
+        scheduler,
+        exit: ExitPolicy::NONE,
+        fill: KvFill::Propagate,
+        trace: TraceFrom::None,
+    };
+    let mut extra = vec![
+        (src, vanilla("static", Scheduler::Static), None),
+        (src, vanilla("CSB", Scheduler::Csb), None),
+    ];
     let k = src.layers.len() / loops;
     let mut plot = ThresholdPlot {
         title: format!(
@@ -233,10 +286,7 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
             args.init, args.prompts
         ),
         throughput: vec![],
-        throughput_refs: vec![
-            ("vanilla static".into(), v_static.tokens_per_s),
-            ("vanilla CSB".into(), v_csb.tokens_per_s),
-        ],
+        throughput_refs: vec![],
         agreement: vec![],
         agreement_refs: vec![],
     };
@@ -247,129 +297,34 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         }
         let rec = converter.build(rank, rank, false, "bench")?;
         let label = format!("{k} x {loops}, {}, LoRA r{rank}", args.init);
-        let mut runs = vec![
-            run(
-                &rec,
-                &w,
-                &args,
-                Scheduler::Static,
-                none,
-                None,
-                format!("{label}: static"),
-            )?,
-            run(
-                &rec,
-                &w,
-                &args,
-                Scheduler::Csb,
-                none,
-                None,
-                format!("{label}: CSB"),
-            )?,
-        ];
-        runs.push(run(
-            &rec,
-            &w,
-            &args,
-            Scheduler::Cdb,
-            none,
-            None,
-            format!("{label}: CDB, no exit"),
-        )?);
-        let oracle = run(
-            &rec,
-            &w,
-            &args,
-            Scheduler::Cdb,
-            ExitPolicy {
-                kind: ExitKind::Oracle,
-                threshold: 0.0,
-            },
-            None,
-            format!("{label}: CDB, oracle recording (exit head every loop)"),
-        )?;
-        let full_depth = oracle.outputs.clone();
-        let trace = oracle.trace.clone();
-        runs.push(oracle);
-        runs.push(run(
-            &rec,
-            &w,
-            &args,
-            Scheduler::Cdb,
-            ExitPolicy {
-                kind: ExitKind::Replay,
-                threshold: 0.0,
-            },
-            Some(&trace),
-            format!("{label}: CDB, oracle exits (replay)"),
-        )?);
-        let first_threshold = runs.len();
-        for &t in &args.thresholds {
-            runs.push(run(
-                &rec,
-                &w,
-                &args,
-                Scheduler::Cdb,
-                ExitPolicy {
-                    kind: ExitKind::MaxProb,
-                    threshold: t,
-                },
-                None,
-                format!("{label}: CDB, max-prob >= {t}"),
-            )?);
-        }
-        let csb = runs[1].tokens_per_s;
-        println!(
-            "\n{label} (oracle mean exit loop {:.2}; ideal CDB gain over CSB = loops / E[loops])",
-            trace.mean_depth()
+        let (specs, first_threshold) = recursive_specs(&label, &args);
+        let runs = rounds(&rec, &specs, &mut extra, &w, &args)?;
+        let v_static = extra[0].2.as_ref().expect("ran");
+        let v_csb = extra[1].2.as_ref().expect("ran");
+        let full_depth = &runs[3].outputs;
+        report(
+            &label,
+            &runs,
+            [v_static, v_csb],
+            full_depth,
+            loops,
+            src.layers.len(),
         );
-        println!("| run | tokens/s | depth per token | ideal bound | vs vanilla static | vs vanilla CSB | vs recursive CSB | of ideal | agreement with full depth |");
-        println!("|---|---|---|---|---|---|---|---|---|");
-        for r in [&v_static, &v_csb] {
-            println!(
-                "| {} | {:.1} | {} | | {:.2} | {:.2} | {:.2} | | |",
-                r.name,
-                r.tokens_per_s,
-                src.loops() * src.layers.len(),
-                r.tokens_per_s / v_static.tokens_per_s,
-                r.tokens_per_s / v_csb.tokens_per_s,
-                r.tokens_per_s / csb,
-            );
-        }
-        for r in &runs {
-            let ideal = loops as f64 / r.mean_loops.max(1e-9);
-            let gain = r.tokens_per_s / csb;
-            println!(
-                "| {} | {:.1} | {:.2} loops | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {:.1}% |",
-                r.name,
-                r.tokens_per_s,
-                r.mean_loops,
-                ideal,
-                r.tokens_per_s / v_static.tokens_per_s,
-                r.tokens_per_s / v_csb.tokens_per_s,
-                gain,
-                100.0 * gain / ideal,
-                100.0 * agreement(&r.outputs, &full_depth)
-            );
-        }
         let swept = &runs[first_threshold..];
-        plot.throughput.push(Series {
-            label: format!("r{rank}: CDB, max-prob"),
-            points: args
-                .thresholds
+        let points = |f: &dyn Fn(&Run) -> f64| {
+            args.thresholds
                 .iter()
                 .zip(swept)
-                .map(|(&t, r)| (t as f64, r.tokens_per_s))
-                .collect(),
+                .map(|(&t, r)| (t as f64, f(r)))
+                .collect()
+        };
+        plot.throughput.push(Series {
+            label: format!("r{rank}: CDB, max-prob"),
+            points: points(&|r| r.tokens_per_s),
         });
         plot.agreement.push(Series {
             label: format!("r{rank}: CDB, max-prob"),
-            points: args
-                .thresholds
-                .iter()
-                .zip(swept)
-                .map(|(&t, r)| (t as f64, 100.0 * agreement(&r.outputs, &full_depth)))
-                .collect(),
+            points: points(&|r| 100.0 * agreement(&r.outputs, full_depth)),
         });
         plot.throughput_refs.extend([
             (format!("r{rank}: CSB"), runs[1].tokens_per_s),
@@ -377,10 +332,93 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         ]);
         plot.agreement_refs.push((
             format!("r{rank}: CDB oracle replay"),
-            100.0 * agreement(&runs[4].outputs, &full_depth),
+            100.0 * agreement(&runs[4].outputs, full_depth),
         ));
+    }
+    for (_, _, r) in &extra {
+        let r = r.as_ref().expect("ran");
+        plot.throughput_refs.push((r.name.clone(), r.tokens_per_s));
     }
     let png = write_png(&plot, &args.plot, &args.font)?;
     println!("\nplot: {}", png.display());
     Ok(())
+}
+
+/// Prints one model's tables: throughput and quality, then where the time goes.
+fn report(
+    label: &str,
+    runs: &[Run],
+    [v_static, v_csb]: [&Run; 2],
+    full_depth: &[Vec<u32>],
+    loops: usize,
+    layers: usize,
+) {
+    let csb = runs[1].tokens_per_s;
+    let oracle_depth = runs[3].trace.mean_depth();
+    println!(
+        "\n{label} (oracle mean exit loop {oracle_depth:.2}; ideal CDB gain over CSB = loops / E[loops])"
+    );
+    println!("| run | tokens/s | rounds | depth per token | ideal bound | vs vanilla static | vs vanilla CSB | vs recursive CSB | of ideal | agreement with full depth | perplexity |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let rounds = |r: &Run| {
+        r.rounds
+            .iter()
+            .map(|t| format!("{t:.0}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    for r in [v_static, v_csb] {
+        println!(
+            "| {} | {:.1} | {} | {layers} layers | | {:.2} | {:.2} | {:.2} | | | {:.1} |",
+            r.name,
+            r.tokens_per_s,
+            rounds(r),
+            r.tokens_per_s / v_static.tokens_per_s,
+            r.tokens_per_s / v_csb.tokens_per_s,
+            r.tokens_per_s / csb,
+            r.perplexity,
+        );
+    }
+    for r in runs {
+        let ideal = loops as f64 / r.mean_loops.max(1e-9);
+        let gain = r.tokens_per_s / csb;
+        println!(
+            "| {} | {:.1} | {} | {:.2} loops | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {:.1}% | {:.1} |",
+            r.name,
+            r.tokens_per_s,
+            rounds(r),
+            r.mean_loops,
+            ideal,
+            r.tokens_per_s / v_static.tokens_per_s,
+            r.tokens_per_s / v_csb.tokens_per_s,
+            gain,
+            100.0 * gain / ideal,
+            100.0 * agreement(&r.outputs, full_depth),
+            r.perplexity,
+        );
+    }
+    println!(
+        "bound vs vanilla static with {loops} loops (every token exits after loop 1, exits free): {loops} x recursive CSB / vanilla static = {:.2} (paper: 2.66)",
+        loops as f64 * csb / v_static.tokens_per_s
+    );
+    println!("\nwhere the time goes ({label}; ms per generated token, best round; CSB/static: the head is inside the block's forward)");
+    println!("| run | total | gather | block | exit head | decide + sample | head rows/token | loop rows/token | fill rows/token |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in [v_static, v_csb].into_iter().chain(runs) {
+        let s = &r.stats;
+        let n = s.tokens.max(1) as f64;
+        let ms = |d: std::time::Duration| 1e3 * d.as_secs_f64() / n;
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            r.name,
+            ms(s.time.total()),
+            ms(s.time.gather),
+            ms(s.time.block),
+            ms(s.time.head),
+            ms(s.time.decide),
+            s.head_rows as f64 / n,
+            s.loop_rows as f64 / n,
+            s.fill_rows as f64 / n,
+        );
+    }
 }

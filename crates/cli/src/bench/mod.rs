@@ -3,6 +3,7 @@
 mod cpu_time;
 mod decode;
 mod engine;
+mod engine_runs;
 mod matmul;
 mod plot;
 pub mod router;
@@ -16,7 +17,7 @@ pub enum BenchCommand {
     /// The few-row matmul kernel against candle's gemm, per row count.
     Matmul(matmul::MatmulArgs),
     /// Serving throughput: vanilla vs recursive, static vs CSB vs CDB, with early exits.
-    Engine(engine::EngineBenchArgs),
+    Engine(Box<engine::EngineBenchArgs>),
     /// Throughput through the router against straight to a worker, in one run.
     Router(router::RouterBenchArgs),
 }
@@ -25,7 +26,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Decode(args) => decode::run(args),
         BenchCommand::Matmul(args) => matmul::run(args),
-        BenchCommand::Engine(args) => engine::run_bench(args),
+        BenchCommand::Engine(args) => engine::run_bench(*args),
         BenchCommand::Router(args) => router::run(args),
     }
 }

@@ -1,0 +1,243 @@
+//! One measured configuration of `rrt bench engine`: the workload, a timed generation run
+//! through a fresh engine, and a teacher-forced scoring run (perplexity with the same scheduler,
+//! exit policy and trace), plus the synthetic exit traces.
+
+use std::sync::mpsc::{channel, Receiver};
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rrt_engine::{
+    Engine, EngineConfig, EngineStats, Event, ExitPolicy, ExitTrace, GenParams, KvFill, Request,
+    Scheduler,
+};
+use rrt_model::Llama;
+
+/// Request ids of the scoring windows start here (generation requests count from 0), so one
+/// trace can hold the exits of both.
+pub const SCORE_ID_BASE: u64 = 1 << 32;
+
+/// The generation requests and the scoring windows.
+pub struct Workload {
+    pub prompts: Vec<Vec<u32>>,
+    pub outputs: Vec<usize>,
+    /// `(context, continuation)` of each scoring window.
+    pub scoring: Vec<(Vec<u32>, Vec<u32>)>,
+}
+
+/// Which exit trace a replaying run follows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TraceFrom {
+    None,
+    /// The trace the oracle-recording run of the same model wrote.
+    Oracle,
+    /// Every token exits after loop 1 with this probability, else runs every loop.
+    Synthetic(f64),
+}
+
+/// One row of the benchmark.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub name: String,
+    pub scheduler: Scheduler,
+    pub exit: ExitPolicy,
+    pub fill: KvFill,
+    pub trace: TraceFrom,
+}
+
+/// What one spec measured (throughput is the best round's).
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub name: String,
+    pub tokens_per_s: f64,
+    pub rounds: Vec<f64>,
+    pub mean_loops: f64,
+    pub outputs: Vec<Vec<u32>>,
+    /// Exits of the generation and scoring runs (what the oracle recorder wrote).
+    pub trace: ExitTrace,
+    /// Perplexity of the scoring windows' continuations under this configuration.
+    pub perplexity: f64,
+    /// Counters and phase times of the best round.
+    pub stats: EngineStats,
+}
+
+impl Run {
+    /// Folds in another round of the same spec: keeps the best throughput and its profile.
+    pub fn add_round(&mut self, other: Run) {
+        self.rounds.extend(other.rounds);
+        if other.tokens_per_s > self.tokens_per_s {
+            self.tokens_per_s = other.tokens_per_s;
+            self.stats = other.stats;
+        }
+    }
+}
+
+fn engine(
+    model: &Llama,
+    spec: &Spec,
+    concurrency: usize,
+    max_rows: usize,
+    trace: Option<&ExitTrace>,
+) -> Engine {
+    let mut engine = Engine::new(
+        model.clone(),
+        EngineConfig {
+            scheduler: spec.scheduler,
+            max_batch_rows: max_rows,
+            max_sequences: concurrency,
+            kv_budget_bytes: 16 << 30,
+            default_exit: spec.exit,
+            kv_fill: spec.fill,
+        },
+    );
+    if let Some(t) = trace {
+        engine.set_trace(t.clone());
+    }
+    engine
+}
+
+/// Drains one request's events: `(tokens, logprobs)`, or the failure.
+fn drain(rx: &Receiver<Event>, name: &str) -> anyhow::Result<(Vec<u32>, Vec<f32>)> {
+    let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
+    for ev in rx.try_iter() {
+        match ev {
+            Event::Token { token, logprob, .. } => {
+                tokens.push(token);
+                logprobs.extend(logprob);
+            }
+            Event::Failed(e) => anyhow::bail!("{name}: a request failed: {e}"),
+            Event::Finished { .. } => {}
+        }
+    }
+    Ok((tokens, logprobs))
+}
+
+/// Runs `spec` on the workload: timed generation, then (when `score`) the scoring windows.
+pub fn run(
+    model: &Llama,
+    w: &Workload,
+    spec: &Spec,
+    trace: Option<&ExitTrace>,
+    (concurrency, max_rows): (usize, usize),
+    score: bool,
+) -> anyhow::Result<Run> {
+    let mut gen = engine(model, spec, concurrency, max_rows, trace);
+    let started = Instant::now();
+    let rxs: Vec<Receiver<Event>> = w
+        .prompts
+        .iter()
+        .zip(&w.outputs)
+        .enumerate()
+        .map(|(i, (p, &n))| {
+            let (tx, rx) = channel();
+            gen.submit(Request {
+                id: i as u64,
+                prompt: p.clone(),
+                params: GenParams {
+                    max_new_tokens: n,
+                    ..GenParams::default()
+                },
+                exit: None,
+                events: Box::new(tx),
+            });
+            rx
+        })
+        .collect();
+    gen.run_until_idle();
+    let secs = started.elapsed().as_secs_f64();
+    let outputs = rxs
+        .iter()
+        .map(|rx| drain(rx, &spec.name).map(|(t, _)| t))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let generated: usize = outputs.iter().map(Vec::len).sum();
+    let tokens_per_s = generated as f64 / secs;
+    let mut trace_out = gen.trace().clone();
+    let perplexity = if score {
+        let mut scorer = engine(model, spec, concurrency, max_rows, trace);
+        let rxs: Vec<Receiver<Event>> = w
+            .scoring
+            .iter()
+            .enumerate()
+            .map(|(i, (context, text))| {
+                let (tx, rx) = channel();
+                scorer.submit(Request {
+                    id: SCORE_ID_BASE + i as u64,
+                    prompt: context.clone(),
+                    params: GenParams {
+                        max_new_tokens: text.len(),
+                        forced: text.clone(),
+                        logprobs: true,
+                        ..GenParams::default()
+                    },
+                    exit: None,
+                    events: Box::new(tx),
+                });
+                rx
+            })
+            .collect();
+        scorer.run_until_idle();
+        let (mut nll, mut n) = (0f64, 0usize);
+        for rx in &rxs {
+            let (_, logprobs) = drain(rx, &spec.name)?;
+            nll -= logprobs.iter().map(|&l| l as f64).sum::<f64>();
+            n += logprobs.len();
+        }
+        for (&(id, index), &depth) in scorer.trace().iter() {
+            trace_out.insert(id, index, depth);
+        }
+        (nll / n.max(1) as f64).exp()
+    } else {
+        f64::NAN
+    };
+    let stats = gen.stats().clone();
+    eprintln!(
+        "  {}: {tokens_per_s:.1} tokens/s, {:.2} loops/token, perplexity {perplexity:.1} ({secs:.0}s)",
+        spec.name,
+        stats.mean_loops()
+    );
+    Ok(Run {
+        name: spec.name.clone(),
+        tokens_per_s,
+        rounds: vec![tokens_per_s],
+        mean_loops: stats.mean_loops(),
+        outputs,
+        trace: trace_out,
+        perplexity,
+        stats,
+    })
+}
+
+/// A trace in which every generated token (of the requests and of the scoring windows) exits
+/// after loop 1 with probability `p` and otherwise runs all `loops`.
+pub fn synthetic_trace(w: &Workload, p: f64, loops: usize, seed: u64) -> ExitTrace {
+    let mut rng = StdRng::seed_from_u64(seed ^ p.to_bits());
+    let mut trace = ExitTrace::default();
+    let lengths = w
+        .outputs
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (i as u64, n))
+        .chain(
+            w.scoring
+                .iter()
+                .enumerate()
+                .map(|(i, (_, t))| (SCORE_ID_BASE + i as u64, t.len())),
+        );
+    for (id, n) in lengths {
+        for index in 0..n {
+            let depth = if rng.random_bool(p) { 1 } else { loops };
+            trace.insert(id, index, depth);
+        }
+    }
+    trace
+}
+
+/// Fraction of generated tokens equal to the reference at the same index.
+pub fn agreement(a: &[Vec<u32>], reference: &[Vec<u32>]) -> f64 {
+    let (mut same, mut total) = (0usize, 0usize);
+    for (x, y) in a.iter().zip(reference) {
+        same += x.iter().zip(y).filter(|(p, q)| p == q).count();
+        total += y.len();
+    }
+    same as f64 / total.max(1) as f64
+}
