@@ -4,7 +4,9 @@
 //! latter with no exit, with an oracle trace replayed (both K/V fill modes), with synthetic
 //! traces (a given share of tokens exits after loop 1: what the engine makes of a known exit
 //! distribution), and with confidence exits at several thresholds. Prints tokens/s, mean loops
-//! per token, the ideal bound, the ratios, quality (agreement of greedy tokens with full depth;
+//! per token, the ideal bound (loops / E[loops] over generated tokens) and a work bound (loop
+//! rows per token of CSB over this run's, counting the prompt rows that cannot exit), the
+//! ratios, quality (agreement of greedy tokens with full depth;
 //! perplexity of held-out text scored through the same engine configuration) and where the
 //! time goes (the engine's phase times). `--repeats` runs every row that many times in
 //! interleaved rounds and keeps the best, against the VM's drift.
@@ -302,13 +304,15 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         let v_static = extra[0].2.as_ref().expect("ran");
         let v_csb = extra[1].2.as_ref().expect("ran");
         let full_depth = &runs[3].outputs;
+        let prompt_tokens: usize = w.prompts.iter().map(Vec::len).sum();
+        let generated: usize = w.outputs.iter().sum();
         report(
             &label,
             &runs,
             [v_static, v_csb],
             full_depth,
-            loops,
-            src.layers.len(),
+            (loops, src.layers.len()),
+            (prompt_tokens, generated),
         );
         let swept = &runs[first_threshold..];
         let points = |f: &dyn Fn(&Run) -> f64| {
@@ -350,16 +354,18 @@ fn report(
     runs: &[Run],
     [v_static, v_csb]: [&Run; 2],
     full_depth: &[Vec<u32>],
-    loops: usize,
-    layers: usize,
+    (loops, layers): (usize, usize),
+    (prompt_tokens, generated): (usize, usize),
 ) {
     let csb = runs[1].tokens_per_s;
+    let rows_per_token = |r: &Run| r.stats.loop_rows as f64 / r.stats.tokens.max(1) as f64;
+    let csb_rows = rows_per_token(&runs[1]);
     let oracle_depth = runs[3].trace.mean_depth();
     println!(
         "\n{label} (oracle mean exit loop {oracle_depth:.2}; ideal CDB gain over CSB = loops / E[loops])"
     );
-    println!("| run | tokens/s | rounds | depth per token | ideal bound | vs vanilla static | vs vanilla CSB | vs recursive CSB | of ideal | agreement with full depth | perplexity |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| run | tokens/s | rounds | depth per token | ideal bound | vs vanilla static | vs vanilla CSB | vs recursive CSB | of ideal | work bound | of work bound | agreement with full depth | perplexity |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let rounds = |r: &Run| {
         r.rounds
             .iter()
@@ -369,7 +375,7 @@ fn report(
     };
     for r in [v_static, v_csb] {
         println!(
-            "| {} | {:.1} | {} | {layers} layers | | {:.2} | {:.2} | {:.2} | | | {:.1} |",
+            "| {} | {:.1} | {} | {layers} layers | | {:.2} | {:.2} | {:.2} | | | | | {:.1} |",
             r.name,
             r.tokens_per_s,
             rounds(r),
@@ -382,8 +388,9 @@ fn report(
     for r in runs {
         let ideal = loops as f64 / r.mean_loops.max(1e-9);
         let gain = r.tokens_per_s / csb;
+        let work = csb_rows / rows_per_token(r).max(1e-9);
         println!(
-            "| {} | {:.1} | {} | {:.2} loops | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {:.1}% | {:.1} |",
+            "| {} | {:.1} | {} | {:.2} loops | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {:.2} | {:.0}% | {:.1}% | {:.1} |",
             r.name,
             r.tokens_per_s,
             rounds(r),
@@ -393,13 +400,23 @@ fn report(
             r.tokens_per_s / v_csb.tokens_per_s,
             gain,
             100.0 * gain / ideal,
+            work,
+            100.0 * gain / work,
             100.0 * agreement(&r.outputs, full_depth),
             r.perplexity,
         );
     }
+    // Prompt tokens run every loop (their K/V is needed at every depth); only generated
+    // tokens can exit. Even if all of them exit after loop 1, the rows a request costs fall from
+    // (P + G) x loops to P x loops + G.
+    let (p, g, l) = (prompt_tokens as f64, generated as f64, loops as f64);
+    let work_bound = (p + g) * l / (p * l + g);
+    let vs = csb / v_static.tokens_per_s;
     println!(
-        "bound vs vanilla static with {loops} loops (every token exits after loop 1, exits free): {loops} x recursive CSB / vanilla static = {:.2} (paper: 2.66)",
-        loops as f64 * csb / v_static.tokens_per_s
+        "bounds vs vanilla static, every generated token exiting after loop 1 with free exits: decode only {l} x {vs:.2} = {:.2}; with this workload's prompts at full depth ({p:.0} prompt + {g:.0} generated tokens) {work_bound:.2} x {vs:.2} = {:.2}; with infinitely many loops {:.2} (paper: 2.66)",
+        l * vs,
+        work_bound * vs,
+        (p + g) / p * vs,
     );
     println!("\nwhere the time goes ({label}; ms per generated token, best round; CSB/static: the head is inside the block's forward)");
     println!("| run | total | gather | block | exit head | decide + sample | head rows/token | loop rows/token | fill rows/token |");
