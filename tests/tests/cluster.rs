@@ -424,6 +424,74 @@ async fn stop_sequences_end_the_text_before_them_and_tokenize_matches_the_model(
     assert_eq!(info.context_length, 8192);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_come_back_when_asked_and_equal_the_models_log_softmax() {
+    use rrt_model::{BatchItem, Logits};
+
+    let s = shared();
+    let mut client = cluster::client(s.router).await;
+    let prompt = "The LORD is my shepherd";
+    let req = pb::GenerateRequest {
+        logprobs: true,
+        ..greedy(prompt, 6)
+    };
+    let unary = client.generate(req.clone()).await.unwrap().into_inner();
+    assert_eq!(unary.token_ids.len(), 6);
+    assert_eq!(unary.logprobs.len(), 6, "one logprob per token");
+    let mut st = client.generate_stream(req).await.unwrap().into_inner();
+    let mut streamed = Vec::new();
+    while let Some(m) = st.message().await.unwrap() {
+        if m.exit_loop != 0 {
+            streamed.push(m.logprob.expect("a logprob on every token message"));
+        }
+    }
+    assert_eq!(streamed, unary.logprobs, "stream and unary agree");
+    let plain = client
+        .generate(greedy(prompt, 6))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(plain.logprobs.is_empty(), "not asked, not sent");
+    assert_eq!(plain.token_ids, unary.token_ids);
+
+    // The reference: the served model scoring prompt + generated tokens in one forward.
+    let prompt_ids = client
+        .tokenize(pb::TokenizeRequest {
+            model: String::new(),
+            text: prompt.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token_ids;
+    let loaded = rrt_model::load(&cluster::recursive_model(), candle_core::DType::F32).unwrap();
+    let mut text = prompt_ids.clone();
+    text.extend(&unary.token_ids[..5]);
+    let mut cache = loaded.model.new_cache();
+    let logits = loaded
+        .model
+        .forward(&mut [BatchItem {
+            tokens: &text,
+            offset: 0,
+            cache: &mut cache,
+            logits: Logits::All,
+        }])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (i, (&token, &got)) in unary.token_ids.iter().zip(&unary.logprobs).enumerate() {
+        let row = &logits[prompt_ids.len() - 1 + i];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
+        let want = (row[token as usize] - max) as f64 - z.ln();
+        assert!(got <= 0.0, "token {i}: {got}");
+        assert!(
+            (got as f64 - want).abs() < 2e-3,
+            "token {i}: served {got}, model {want}"
+        );
+    }
+}
+
 /// Metric names (`rrt_...`) a PromQL text mentions, without histogram suffixes.
 fn queried_metrics(text: &str) -> std::collections::BTreeSet<String> {
     let mut names = std::collections::BTreeSet::new();

@@ -66,7 +66,7 @@ pub struct EngineStats {
     pub loop_rows: u64,
     /// K/V-only rows written for the loops early exits skipped (state propagation).
     pub fill_rows: u64,
-    /// Generated tokens.
+    /// Streamed tokens (a stop token that ends a sequence is not one).
     pub tokens: u64,
     /// Requests dropped because their receiver went away.
     pub cancelled: u64,

@@ -73,14 +73,15 @@ impl Seq {
     }
 
     /// Samples the next token from the logits of the sequence's last token and streams it, or
-    /// finishes the sequence.
-    pub fn on_logits(&mut self, logits: &[f32], exit_loop: usize) {
+    /// finishes the sequence. Returns whether a token was emitted (a stop token is not).
+    pub fn on_logits(&mut self, logits: &[f32], exit_loop: usize) -> bool {
         let next = match self.params.forced.get(self.generated()) {
             Some(&forced) => forced,
             None => self.sampler.sample(logits, &self.tokens),
         };
         if self.params.stop_tokens.contains(&next) {
-            return self.finish(FinishReason::Stop);
+            self.finish(FinishReason::Stop);
+            return false;
         }
         let logprob = self.params.logprobs.then(|| log_softmax_at(logits, next));
         self.tokens.push(next);
@@ -92,6 +93,7 @@ impl Seq {
         if self.generated() >= self.params.max_new_tokens {
             self.finish(FinishReason::Length);
         }
+        true
     }
 
     pub fn finish(&mut self, reason: FinishReason) {

@@ -396,8 +396,10 @@ fn after_block(
                         argmaxes.push(argmax(row_logits));
                         trace.insert(s.id, index, oracle_depth(&argmaxes));
                     }
-                    s.on_logits(row_logits, done);
-                    stats.count_exit(done);
+                    // The exit histogram counts streamed tokens (not a stop token).
+                    if s.on_logits(row_logits, done) {
+                        stats.count_exit(done);
+                    }
                 }
                 // The loops an early exit skipped need K/V only if the sequence goes on.
                 if done < loops && !s.done {

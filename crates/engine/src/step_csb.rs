@@ -61,8 +61,9 @@ pub(crate) fn step(engine: &mut Engine) -> Result<usize, EngineError> {
         s.computed += takes[i];
         if last {
             let row = rows.next().expect("one logits row per finishing item");
-            s.on_logits(&row, loops);
-            engine.stats.count_exit(loops);
+            if s.on_logits(&row, loops) {
+                engine.stats.count_exit(loops);
+            }
         }
     }
     let total: usize = takes.iter().sum();

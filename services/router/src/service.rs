@@ -189,6 +189,7 @@ impl pb::generation_server::Generation for RouterService {
                 if msg.exit_loop != 0 {
                     out.token_ids.push(msg.token_id);
                     out.exit_loops.push(msg.exit_loop);
+                    out.logprobs.extend(msg.logprob);
                 }
                 if msg.finish_reason != 0 {
                     out.finish_reason = msg.finish_reason;

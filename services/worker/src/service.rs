@@ -110,6 +110,7 @@ impl Shared {
             max_new_tokens: req.max_new_tokens as usize,
             sampling,
             stop_tokens: self.tokenizer.eos.clone(),
+            logprobs: req.logprobs,
             ..GenParams::default()
         };
         Ok((ids, params, exit))
@@ -288,7 +289,9 @@ async fn relay(
                 };
             }
             Some(Event::Token {
-                token, exit_loop, ..
+                token,
+                exit_loop,
+                logprob,
             }) => {
                 let now = Instant::now();
                 if index == 0 {
@@ -318,6 +321,7 @@ async fn relay(
                     exit_loop: exit_loop as u32,
                     finish_reason: finish.map_or(0, |f| f as i32),
                     index,
+                    logprob,
                 };
                 index += 1;
                 if finish.is_some() {

@@ -4,9 +4,9 @@
 //! latter with no exit, with an oracle trace replayed (both K/V fill modes), with synthetic
 //! traces (a given share of tokens exits after loop 1: what the engine makes of a known exit
 //! distribution), and with confidence exits at several thresholds. Prints tokens/s, mean loops
-//! per token, the ideal bound (loops / E[loops] over generated tokens) and a work bound (loop
-//! rows per token of CSB over this run's, counting the prompt rows that cannot exit), the
-//! ratios, quality (agreement of greedy tokens with full depth;
+//! per token, the ideal bound (loops / E[loops] over generated tokens) and a compute bound
+//! (matmul MACs per token of CSB over this run's: prompt rows that cannot exit, exit heads and
+//! K/V fill rows counted), the ratios, quality (agreement of greedy tokens with full depth;
 //! perplexity of held-out text scored through the same engine configuration) and where the
 //! time goes (the engine's phase times). `--repeats` runs every row that many times in
 //! interleaved rounds and keeps the best, against the VM's drift.
@@ -311,7 +311,7 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
             &runs,
             [v_static, v_csb],
             full_depth,
-            (loops, src.layers.len()),
+            (loops, src.layers.len(), Macs::of(&rec, rank)),
             (prompt_tokens, generated),
         );
         let swept = &runs[first_threshold..];
@@ -348,23 +348,66 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Multiply-accumulates of the matmuls a row costs (attention scores over the context are left
+/// out: a few percent at these lengths), from the model's shapes: the compute-bound view of
+/// what exits can save on a CPU.
+#[derive(Debug, Clone, Copy)]
+struct Macs {
+    /// One row through the shared block once (every layer of one loop, LoRA included).
+    loop_row: f64,
+    /// One row through the final norm + LM head.
+    head_row: f64,
+    /// One state-propagation row: K and V projections of every layer of one loop.
+    fill_row: f64,
+}
+
+impl Macs {
+    fn of(model: &Llama, rank: usize) -> Self {
+        let c = &model.cfg;
+        let (h, q, kv, f) = (
+            c.hidden_size as f64,
+            c.q_dim() as f64,
+            c.kv_dim() as f64,
+            c.intermediate_size as f64,
+        );
+        let r = rank as f64;
+        let block = model.block_layers() as f64;
+        let layer = h * (q + 2.0 * kv) + q * h + 3.0 * h * f;
+        // LoRA: in x r + r x out per projection (q, k, v, o, gate, up, down).
+        let lora = r * ((h + q) + 2.0 * (h + kv) + (q + h) + 2.0 * (h + f) + (f + h));
+        Self {
+            loop_row: block * (layer + lora),
+            head_row: h * c.vocab_size as f64,
+            fill_row: block * (2.0 * h * kv + r * 2.0 * (h + kv)),
+        }
+    }
+
+    /// Per generated token, from a run's counters.
+    fn per_token(&self, r: &Run) -> f64 {
+        let s = &r.stats;
+        (s.loop_rows as f64 * self.loop_row
+            + s.head_rows as f64 * self.head_row
+            + s.fill_rows as f64 * self.fill_row)
+            / s.tokens.max(1) as f64
+    }
+}
+
 /// Prints one model's tables: throughput and quality, then where the time goes.
 fn report(
     label: &str,
     runs: &[Run],
     [v_static, v_csb]: [&Run; 2],
     full_depth: &[Vec<u32>],
-    (loops, layers): (usize, usize),
+    (loops, layers, macs): (usize, usize, Macs),
     (prompt_tokens, generated): (usize, usize),
 ) {
     let csb = runs[1].tokens_per_s;
-    let rows_per_token = |r: &Run| r.stats.loop_rows as f64 / r.stats.tokens.max(1) as f64;
-    let csb_rows = rows_per_token(&runs[1]);
+    let csb_macs = macs.per_token(&runs[1]);
     let oracle_depth = runs[3].trace.mean_depth();
     println!(
-        "\n{label} (oracle mean exit loop {oracle_depth:.2}; ideal CDB gain over CSB = loops / E[loops])"
+        "\n{label} (oracle mean exit loop {oracle_depth:.2}; ideal CDB gain over CSB = loops / E[loops]; compute bound = CSB's matmul MACs per token / the run's, prompts, exit heads and K/V fill rows counted)"
     );
-    println!("| run | tokens/s | rounds | depth per token | ideal bound | vs vanilla static | vs vanilla CSB | vs recursive CSB | of ideal | work bound | of work bound | agreement with full depth | perplexity |");
+    println!("| run | tokens/s | rounds | depth per token | ideal bound | vs vanilla static | vs vanilla CSB | vs recursive CSB | of ideal | compute bound | of compute bound | agreement with full depth | perplexity |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let rounds = |r: &Run| {
         r.rounds
@@ -388,7 +431,7 @@ fn report(
     for r in runs {
         let ideal = loops as f64 / r.mean_loops.max(1e-9);
         let gain = r.tokens_per_s / csb;
-        let work = csb_rows / rows_per_token(r).max(1e-9);
+        let bound = csb_macs / macs.per_token(r).max(1e-9);
         println!(
             "| {} | {:.1} | {} | {:.2} loops | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {:.2} | {:.0}% | {:.1}% | {:.1} |",
             r.name,
@@ -400,23 +443,27 @@ fn report(
             r.tokens_per_s / v_csb.tokens_per_s,
             gain,
             100.0 * gain / ideal,
-            work,
-            100.0 * gain / work,
+            bound,
+            100.0 * gain / bound,
             100.0 * agreement(&r.outputs, full_depth),
             r.perplexity,
         );
     }
-    // Prompt tokens run every loop (their K/V is needed at every depth); only generated
-    // tokens can exit. Even if all of them exit after loop 1, the rows a request costs fall from
-    // (P + G) x loops to P x loops + G.
+    // Prompt tokens run every loop (their K/V is needed at every depth); only generated tokens
+    // can exit, and each still needs its head row (and K/V fill rows for the loops it skips).
+    // The best case: every generated token exits after loop 1, exit decisions free.
     let (p, g, l) = (prompt_tokens as f64, generated as f64, loops as f64);
-    let work_bound = (p + g) * l / (p * l + g);
+    let (b, hd, fl) = (macs.loop_row, macs.head_row, macs.fill_row);
+    let full = l * b;
+    let decode = (full + hd) / (b + hd + (l - 1.0) * fl);
+    let workload = ((p + g) * full + g * hd) / (p * full + g * (b + hd + (l - 1.0) * fl));
+    let infinite = ((p + g) * full + g * hd) / (p * full + g * hd);
     let vs = csb / v_static.tokens_per_s;
     println!(
-        "bounds vs vanilla static, every generated token exiting after loop 1 with free exits: decode only {l} x {vs:.2} = {:.2}; with this workload's prompts at full depth ({p:.0} prompt + {g:.0} generated tokens) {work_bound:.2} x {vs:.2} = {:.2}; with infinitely many loops {:.2} (paper: 2.66)",
-        l * vs,
-        work_bound * vs,
-        (p + g) / p * vs,
+        "bounds vs vanilla static, every generated token exiting after loop 1 (compute-bound, exit decisions free; recursive CSB / vanilla static = {vs:.2}): decode only {:.2}; with this workload's prompts at full depth ({p:.0} prompt + {g:.0} generated tokens) {:.2}; same total depth cut into infinitely many loops {:.2} (paper: 2.66)",
+        decode * vs,
+        workload * vs,
+        infinite * vs,
     );
     println!("\nwhere the time goes ({label}; ms per generated token, best round; CSB/static: the head is inside the block's forward)");
     println!("| run | total | gather | block | exit head | decide + sample | head rows/token | loop rows/token | fill rows/token |");
