@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::time::Instant;
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 use rrt_model::attention::AttnSegment;
 use rrt_model::sampling::argmax;
 use rrt_model::{FillRows, Llama, RowGroup};
@@ -351,6 +352,16 @@ fn after_block(
         })
         .collect();
     let logits = head(model, x, &needs_logits, &last_rows, stats)?;
+    // Confidence reads a softmax over the whole vocabulary per row: on the compute pool, not
+    // one row after another on the engine thread.
+    let kinds: Vec<ExitKind> = batch.iter().map(|s| s.exit.kind).collect();
+    let confidences: HashMap<usize, (f32, f32)> = needs_logits
+        .par_iter()
+        .filter(|&&i| {
+            outcome[i].is_none() && matches!(kinds[i], ExitKind::MaxProb | ExitKind::Margin)
+        })
+        .map(|&i| (i, confidence(&logits[&i])))
+        .collect();
     let outcome: Vec<Outcome> = outcome
         .into_iter()
         .enumerate()
@@ -362,8 +373,8 @@ fn after_block(
             let row = &logits[&i];
             let threshold = s.exit.threshold;
             match s.exit.kind {
-                ExitKind::MaxProb => Outcome::exit_if(confidence(row).0 >= threshold),
-                ExitKind::Margin => Outcome::exit_if(confidence(row).1 >= threshold),
+                ExitKind::MaxProb => Outcome::exit_if(confidences[&i].0 >= threshold),
+                ExitKind::Margin => Outcome::exit_if(confidences[&i].1 >= threshold),
                 _ => {
                     // The oracle records the argmax and runs on to full depth.
                     let f = s.flight.as_mut().expect("in flight");
