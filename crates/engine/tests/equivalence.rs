@@ -129,6 +129,12 @@ fn every_scheduler_matches_one_at_a_time_generation() {
                 "{scheduler:?}: request {i}"
             );
         }
+        // Without exits the exit head runs once per sampled token (not for prompt chunks that
+        // sample nothing, which the small row budget makes plenty of), and the profile filled.
+        let stats = engine.stats();
+        assert_eq!(stats.head_rows, stats.tokens, "{scheduler:?}: {stats:?}");
+        assert!(stats.time.block > std::time::Duration::ZERO, "{stats:?}");
+        assert!(stats.time.total() >= stats.time.block + stats.time.head);
     }
 }
 

@@ -162,11 +162,13 @@ fn recursive_specs(label: &str, args: &EngineBenchArgs) -> (Vec<Spec>, usize) {
 
 /// Runs `specs` on `model` in `args.repeats` interleaved rounds (best throughput kept; outputs,
 /// traces and perplexity from the first round), together with `extra` rows on other models
-/// (the vanilla references), so drift hits every row alike.
+/// (the vanilla references, measured again beside each model so drift hits every row of a
+/// table alike; scored only when `score_extra`).
 fn rounds(
     model: &Llama,
     specs: &[Spec],
     extra: &mut [(&Llama, Spec, Option<Run>)],
+    score_extra: bool,
     w: &Workload,
     args: &EngineBenchArgs,
 ) -> anyhow::Result<Vec<Run>> {
@@ -176,7 +178,7 @@ fn rounds(
     for round in 0..args.repeats.max(1) {
         eprintln!("round {}/{}", round + 1, args.repeats.max(1));
         for (m, spec, slot) in extra.iter_mut() {
-            let r = run(m, w, spec, None, limits, slot.is_none())?;
+            let r = run(m, w, spec, None, limits, score_extra && slot.is_none())?;
             match slot {
                 Some(best) => best.add_round(r),
                 None => *slot = Some(r),
@@ -277,10 +279,8 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         fill: KvFill::Propagate,
         trace: TraceFrom::None,
     };
-    let mut extra = vec![
-        (src, vanilla("static", Scheduler::Static), None),
-        (src, vanilla("CSB", Scheduler::Csb), None),
-    ];
+    // Perplexity of the vanilla rows, scored in the first model's rounds.
+    let mut vanilla_ppl: Option<[f64; 2]> = None;
     let k = src.layers.len() / loops;
     let mut plot = ThresholdPlot {
         title: format!(
@@ -300,9 +300,17 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         let rec = converter.build(rank, rank, false, "bench")?;
         let label = format!("{k} x {loops}, {}, LoRA r{rank}", args.init);
         let (specs, first_threshold) = recursive_specs(&label, &args);
-        let runs = rounds(&rec, &specs, &mut extra, &w, &args)?;
-        let v_static = extra[0].2.as_ref().expect("ran");
-        let v_csb = extra[1].2.as_ref().expect("ran");
+        let mut extra = vec![
+            (src, vanilla("static", Scheduler::Static), None),
+            (src, vanilla("CSB", Scheduler::Csb), None),
+        ];
+        let runs = rounds(&rec, &specs, &mut extra, vanilla_ppl.is_none(), &w, &args)?;
+        let [mut v_static, mut v_csb] = [0, 1].map(|i| extra[i].2.take().expect("ran"));
+        match vanilla_ppl {
+            None => vanilla_ppl = Some([v_static.perplexity, v_csb.perplexity]),
+            Some([a, b]) => (v_static.perplexity, v_csb.perplexity) = (a, b),
+        }
+        let (v_static, v_csb) = (&v_static, &v_csb);
         let full_depth = &runs[3].outputs;
         let prompt_tokens: usize = w.prompts.iter().map(Vec::len).sum();
         let generated: usize = w.outputs.iter().sum();
@@ -333,15 +341,12 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         plot.throughput_refs.extend([
             (format!("r{rank}: CSB"), runs[1].tokens_per_s),
             (format!("r{rank}: CDB oracle replay"), runs[4].tokens_per_s),
+            (format!("r{rank} rounds: vanilla CSB"), v_csb.tokens_per_s),
         ]);
         plot.agreement_refs.push((
             format!("r{rank}: CDB oracle replay"),
             100.0 * agreement(&runs[4].outputs, full_depth),
         ));
-    }
-    for (_, _, r) in &extra {
-        let r = r.as_ref().expect("ran");
-        plot.throughput_refs.push((r.name.clone(), r.tokens_per_s));
     }
     let png = write_png(&plot, &args.plot, &args.font)?;
     println!("\nplot: {}", png.display());
@@ -357,7 +362,8 @@ struct Macs {
     loop_row: f64,
     /// One row through the final norm + LM head.
     head_row: f64,
-    /// One state-propagation row: K and V projections of every layer of one loop.
+    /// One state-propagation row: it rides in the fused Q|K|V projection of every layer of one
+    /// loop (its Q is computed and dropped).
     fill_row: f64,
 }
 
@@ -378,7 +384,7 @@ impl Macs {
         Self {
             loop_row: block * (layer + lora),
             head_row: h * c.vocab_size as f64,
-            fill_row: block * (2.0 * h * kv + r * 2.0 * (h + kv)),
+            fill_row: block * (h * (q + 2.0 * kv) + r * ((h + q) + 2.0 * (h + kv))),
         }
     }
 
