@@ -472,56 +472,50 @@ fn a_forced_token_outside_the_vocabulary_is_refused() {
     }
 }
 
+/// One request through a fresh engine: its tokens, finish reason, and the engine's stats.
+fn run_one(
+    model: &Llama,
+    scheduler: Scheduler,
+    prompt: &[u32],
+    params: GenParams,
+) -> (Vec<u32>, Option<FinishReason>, rrt_engine::EngineStats) {
+    let mut engine = Engine::new(
+        model.clone(),
+        EngineConfig {
+            scheduler,
+            ..EngineConfig::default()
+        },
+    );
+    let (tx, rx) = channel();
+    engine.submit(Request {
+        id: 0,
+        prompt: prompt.to_vec(),
+        params,
+        exit: None,
+        events: Box::new(tx),
+    });
+    engine.run_until_idle();
+    let (tokens, finish) = collect(&rx);
+    (tokens, finish, engine.stats().clone())
+}
+
 #[test]
 fn a_stop_token_ends_the_sequence_without_counting_as_a_token() {
     let model = tiny_recursive();
-    let prompt = vec![3, 1, 4, 1, 5];
+    let prompt = [3, 1, 4, 1, 5];
     for scheduler in [Scheduler::Csb, Scheduler::Cdb] {
-        let mut engine = Engine::new(
-            model.clone(),
-            EngineConfig {
-                scheduler,
-                ..EngineConfig::default()
-            },
-        );
         // Greedy's first two tokens; then the second one is made the stop token.
-        let (tx, rx) = channel();
-        engine.submit(Request {
-            id: 0,
-            prompt: prompt.clone(),
-            params: params(2),
-            exit: None,
-            events: Box::new(tx),
-        });
-        engine.run_until_idle();
-        let (first, _) = collect(&rx);
-        assert_eq!(engine.stats().tokens, 2);
-        let mut engine = Engine::new(
-            model.clone(),
-            EngineConfig {
-                scheduler,
-                ..EngineConfig::default()
-            },
-        );
-        let (tx, rx) = channel();
-        let mut stop = params(8);
-        stop.stop_tokens = vec![first[1]];
+        let (first, _, stats) = run_one(&model, scheduler, &prompt, params(2));
+        assert_eq!(stats.tokens, 2);
         assert_ne!(
             first[0], first[1],
             "pick a prompt whose first two tokens differ"
         );
-        engine.submit(Request {
-            id: 1,
-            prompt: prompt.clone(),
-            params: stop,
-            exit: None,
-            events: Box::new(tx),
-        });
-        engine.run_until_idle();
-        let (tokens, finish) = collect(&rx);
+        let mut stop = params(8);
+        stop.stop_tokens = vec![first[1]];
+        let (tokens, finish, stats) = run_one(&model, scheduler, &prompt, stop);
         assert_eq!(tokens, vec![first[0]], "{scheduler:?}");
         assert_eq!(finish, Some(FinishReason::Stop));
-        let stats = engine.stats();
         assert_eq!(stats.tokens, 1, "{scheduler:?}: {stats:?}");
         assert_eq!(stats.exit_histogram.iter().sum::<u64>(), 1, "{stats:?}");
     }
