@@ -233,6 +233,14 @@ fn run_cdb(
         .collect()
 }
 
+/// Exits at the depths of the engine's trace.
+fn replay() -> ExitPolicy {
+    ExitPolicy {
+        kind: ExitKind::Replay,
+        threshold: 0.0,
+    }
+}
+
 fn cdb(model: &Llama, fill: KvFill) -> Engine {
     Engine::new(
         model.clone(),
@@ -260,11 +268,7 @@ fn cdb_with_a_fixed_exit_trace_equals_the_sequential_reference() {
     for fill in [KvFill::Propagate, KvFill::Copy] {
         let mut engine = cdb(&model, fill);
         engine.set_trace(trace.clone());
-        let replay = ExitPolicy {
-            kind: ExitKind::Replay,
-            threshold: 0.0,
-        };
-        let got = run_cdb(&mut engine, &cases, replay);
+        let got = run_cdb(&mut engine, &cases, replay());
         let mut early = 0;
         let mut wants = Vec::new();
         for (i, (p, n)) in cases.iter().enumerate() {
@@ -335,7 +339,13 @@ fn oracle_recording_then_confidence_policies_run_and_count_exits() {
 }
 
 /// Submits one teacher-forced request (logprobs on) and returns `(token, exit loop, logprob)`.
-fn score(engine: &mut Engine, id: u64, prompt: &[u32], forced: &[u32]) -> Vec<(u32, usize, f32)> {
+fn score(
+    engine: &mut Engine,
+    id: u64,
+    prompt: &[u32],
+    forced: &[u32],
+    exit: Option<ExitPolicy>,
+) -> Vec<(u32, usize, f32)> {
     let (tx, rx) = channel();
     engine.submit(Request {
         id,
@@ -346,7 +356,7 @@ fn score(engine: &mut Engine, id: u64, prompt: &[u32], forced: &[u32]) -> Vec<(u
             logprobs: true,
             ..GenParams::default()
         },
-        exit: None,
+        exit,
         events: Box::new(tx),
     });
     engine.run_until_idle();
@@ -395,7 +405,7 @@ fn teacher_forcing_scores_a_text_as_a_full_forward_does_and_follows_exits() {
                 ..EngineConfig::default()
             },
         );
-        let got = score(&mut engine, 0, prompt, forced);
+        let got = score(&mut engine, 0, prompt, forced, None);
         let tokens: Vec<u32> = got.iter().map(|t| t.0).collect();
         assert_eq!(tokens, forced, "{scheduler:?}: forced tokens are emitted");
         let nll: f64 = got.iter().map(|t| -t.2 as f64).sum();
@@ -405,38 +415,16 @@ fn teacher_forcing_scores_a_text_as_a_full_forward_does_and_follows_exits() {
         );
     }
     // With exits from a trace, forced scoring goes through the same exits as the sequential
-    // reference does, and the log-probabilities come from the exit loop's head.
+    // reference does.
     let mut trace = ExitTrace::default();
     for t in 0..forced.len() {
         trace.insert(3, t, 1 + (t * 5 + t * t) % 3);
     }
     let mut engine = cdb(&model, KvFill::Propagate);
     engine.set_trace(trace.clone());
-    let (tx, rx) = channel();
-    engine.submit(Request {
-        id: 3,
-        prompt: prompt.to_vec(),
-        params: GenParams {
-            max_new_tokens: forced.len(),
-            forced: forced.to_vec(),
-            logprobs: true,
-            ..GenParams::default()
-        },
-        exit: Some(ExitPolicy {
-            kind: ExitKind::Replay,
-            threshold: 0.0,
-        }),
-        events: Box::new(tx),
-    });
-    engine.run_until_idle();
-    let got: Vec<(u32, usize)> = rx
-        .try_iter()
-        .filter_map(|e| match e {
-            Event::Token {
-                token, exit_loop, ..
-            } => Some((token, exit_loop)),
-            _ => None,
-        })
+    let got: Vec<(u32, usize)> = score(&mut engine, 3, prompt, forced, Some(replay()))
+        .into_iter()
+        .map(|(token, exit_loop, _)| (token, exit_loop))
         .collect();
     let params = GenParams {
         max_new_tokens: forced.len(),

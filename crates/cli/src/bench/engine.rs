@@ -435,7 +435,7 @@ fn report(
         );
     }
     for r in runs {
-        let ideal = loops as f64 / r.mean_loops.max(1e-9);
+        let ideal = loops as f64 / r.stats.mean_loops().max(1e-9);
         let gain = r.tokens_per_s / csb;
         let bound = csb_macs / macs.per_token(r).max(1e-9);
         println!(
@@ -443,7 +443,7 @@ fn report(
             r.name,
             r.tokens_per_s,
             rounds(r),
-            r.mean_loops,
+            r.stats.mean_loops(),
             ideal,
             r.tokens_per_s / v_static.tokens_per_s,
             r.tokens_per_s / v_csb.tokens_per_s,

@@ -51,7 +51,6 @@ pub struct Run {
     pub name: String,
     pub tokens_per_s: f64,
     pub rounds: Vec<f64>,
-    pub mean_loops: f64,
     pub outputs: Vec<Vec<u32>>,
     /// Exits of the generation and scoring runs (what the oracle recorder wrote).
     pub trace: ExitTrace,
@@ -199,7 +198,6 @@ pub fn run(
         name: spec.name.clone(),
         tokens_per_s,
         rounds: vec![tokens_per_s],
-        mean_loops: stats.mean_loops(),
         outputs,
         trace: trace_out,
         perplexity,
