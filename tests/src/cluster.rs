@@ -157,11 +157,11 @@ pub async fn stream(
     let (mut ids, mut loops, mut text, mut finish) = (vec![], vec![], String::new(), 0);
     while let Some(m) = s.message().await? {
         text.push_str(&m.text);
-        if m.exit_loop != 0 {
-            ids.push(m.token_id);
-            loops.push(m.exit_loop);
+        if let Some(t) = m.token() {
+            ids.push(t.id);
+            loops.push(t.exit_loop);
         }
-        if m.finish_reason != 0 {
+        if m.finish().is_some() {
             finish = m.finish_reason;
         }
     }

@@ -441,8 +441,8 @@ async fn logprobs_come_back_when_asked_and_equal_the_models_log_softmax() {
     let mut st = client.generate_stream(req).await.unwrap().into_inner();
     let mut streamed = Vec::new();
     while let Some(m) = st.message().await.unwrap() {
-        if m.exit_loop != 0 {
-            streamed.push(m.logprob.expect("a logprob on every token message"));
+        if let Some(t) = m.token() {
+            streamed.push(t.logprob.expect("a logprob on every token message"));
         }
     }
     assert_eq!(streamed, unary.logprobs, "stream and unary agree");

@@ -120,7 +120,7 @@ async fn a_worker_process_drains_on_sigterm() {
     let mut tokens = 1;
     let mut finish = 0;
     while let Some(m) = long.message().await.expect("the in-flight stream finishes") {
-        tokens += (m.exit_loop != 0) as usize;
+        tokens += m.token().is_some() as usize;
         finish = m.finish_reason;
     }
     assert_eq!((tokens, finish), (200, pb::FinishReason::Length as i32));

@@ -1,15 +1,18 @@
 //! The engine: admission under a KV budget, then one batch per [`Engine::step`] by the chosen
-//! scheduler. Plain state, no threads or async inside: a worker owns it on a compute thread.
+//! scheduler, then retiring what finished. Plain state, no threads or async inside: a worker
+//! owns it on a compute thread.
 
 use std::collections::VecDeque;
-use std::time::Duration;
 
 use rrt_model::{Llama, Sampler};
 
 use crate::error::EngineError;
-use crate::exit::{ExitPolicy, ExitTrace, KvFill};
+use crate::exit::{ExitPolicy, KvFill};
 use crate::request::{Event, Request};
-use crate::sequence::Seq;
+use crate::sequence::{Seq, Stage};
+use crate::stats::EngineStats;
+use crate::step::StepCtx;
+use crate::trace::ExitTrace;
 
 /// How decode batches are formed (see the crate docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,82 +51,15 @@ impl Default for EngineConfig {
 }
 
 pub struct Engine {
-    pub(crate) model: Llama,
-    pub(crate) cfg: EngineConfig,
+    model: Llama,
+    cfg: EngineConfig,
     waiting: VecDeque<Request>,
-    pub(crate) running: Vec<Seq>,
+    running: Vec<Seq>,
     kv_reserved: usize,
-    /// Exit depths replayed by [`ExitKind::Replay`] and written by [`ExitKind::Oracle`].
-    pub(crate) trace: ExitTrace,
-    pub(crate) stats: EngineStats,
-}
-
-/// Counters the worker exports.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct EngineStats {
-    pub steps: u64,
-    /// Rows x loops executed (one row through the shared block once = 1).
-    pub loop_rows: u64,
-    /// K/V-only rows written for the loops early exits skipped (state propagation).
-    pub fill_rows: u64,
-    /// Streamed tokens (a stop token that ends a sequence is not one).
-    pub tokens: u64,
-    /// Requests dropped because their receiver went away.
-    pub cancelled: u64,
-    /// Generated tokens by the loop (index + 1) they exited after.
-    pub exit_histogram: Vec<u64>,
-    /// Rows per loop depth in the last step.
-    pub last_rows_per_depth: Vec<usize>,
-    /// Rows the exit head (final norm + LM head) ran on, including the ones that sample.
-    pub head_rows: u64,
-    /// Where the steps' time went.
-    pub time: PhaseTimes,
-}
-
-/// Wall time of each phase of the steps so far (a profile at the cost of a clock read per
-/// phase per step).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct PhaseTimes {
-    /// Forming the batch: choosing units, embedding, gathering carried hidden states.
-    pub gather: Duration,
-    /// The shared block (CDB: once over every unit, K/V fill rows riding along; CSB and static:
-    /// the whole forward, LM head included).
-    pub block: Duration,
-    /// The exit head on the rows that need logits (CDB).
-    pub head: Duration,
-    /// Exit decisions, sampling, streaming, K/V copies, carrying hidden states.
-    pub decide: Duration,
-}
-
-impl PhaseTimes {
-    pub fn total(&self) -> Duration {
-        self.gather + self.block + self.head + self.decide
-    }
-}
-
-impl EngineStats {
-    /// Records one generated token's exit loop.
-    pub(crate) fn count_exit(&mut self, exit_loop: usize) {
-        if self.exit_histogram.len() < exit_loop {
-            self.exit_histogram.resize(exit_loop, 0);
-        }
-        self.exit_histogram[exit_loop - 1] += 1;
-        self.tokens += 1;
-    }
-
-    /// Mean loops per generated token.
-    pub fn mean_loops(&self) -> f64 {
-        let n: u64 = self.exit_histogram.iter().sum();
-        if n == 0 {
-            return 0.0;
-        }
-        self.exit_histogram
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (i + 1) as f64 * *c as f64)
-            .sum::<f64>()
-            / n as f64
-    }
+    /// Exit depths replayed by [`crate::ExitKind::Replay`] and written by
+    /// [`crate::ExitKind::Oracle`].
+    trace: ExitTrace,
+    stats: EngineStats,
 }
 
 impl Engine {
@@ -143,7 +79,7 @@ impl Engine {
         &self.trace
     }
 
-    /// Sets the trace that [`ExitKind::Replay`] requests follow.
+    /// Sets the trace that [`crate::ExitKind::Replay`] requests follow.
     pub fn set_trace(&mut self, trace: ExitTrace) {
         self.trace = trace;
     }
@@ -154,6 +90,10 @@ impl Engine {
 
     pub fn model(&self) -> &Llama {
         &self.model
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
     }
 
     /// Queues a request, or fails it at once (through its channel) if it can never run.
@@ -214,10 +154,6 @@ impl Engine {
         self.kv_reserved
     }
 
-    pub fn config(&self) -> &EngineConfig {
-        &self.cfg
-    }
-
     /// Requests waiting for admission.
     pub fn queue_len(&self) -> usize {
         self.waiting.len()
@@ -243,14 +179,14 @@ impl Engine {
     }
 
     /// Drops waiting requests whose receiver is gone and marks running ones done (their KV is
-    /// freed at the end of the step).
+    /// freed at the end of the step; the step runs nothing for them).
     fn drop_cancelled(&mut self) {
         let before = self.waiting.len();
         self.waiting.retain(|r| !r.events.is_closed());
         let mut cancelled = before - self.waiting.len();
         for s in self.running.iter_mut() {
-            if !s.done && s.events.is_closed() {
-                s.done = true;
+            if !s.is_done() && s.events.is_closed() {
+                s.mark_done();
                 cancelled += 1;
             }
         }
@@ -264,14 +200,15 @@ impl Engine {
             return;
         }
         while self.running.len() < self.cfg.max_sequences {
-            let Some(req) = self.waiting.front() else {
+            let Some(needed) = self.waiting.front().map(|r| self.kv_needed(r)) else {
                 break;
             };
-            let needed = self.kv_needed(req);
             if self.kv_reserved + needed > self.cfg.kv_budget_bytes {
                 break;
             }
-            let req = self.waiting.pop_front().expect("front exists");
+            let Some(req) = self.waiting.pop_front() else {
+                break;
+            };
             let sampler = match Sampler::new(req.params.sampling.clone()) {
                 Ok(s) => s,
                 Err(e) => {
@@ -291,9 +228,8 @@ impl Engine {
                 params: req.params,
                 computed: 0,
                 reserved: needed,
-                flight: None,
+                stage: Stage::Ready,
                 fill: None,
-                done: false,
             });
         }
     }
@@ -304,36 +240,45 @@ impl Engine {
         self.drop_cancelled();
         self.admit();
         self.stats.steps += 1;
+        let mut ctx = StepCtx {
+            model: &self.model,
+            cfg: &self.cfg,
+            running: &mut self.running,
+            trace: &mut self.trace,
+            stats: &mut self.stats,
+        };
         let rows = match self.cfg.scheduler {
-            Scheduler::Static | Scheduler::Csb => crate::step_csb::step(self),
-            Scheduler::Cdb => crate::step_cdb::step(self),
+            Scheduler::Static | Scheduler::Csb => crate::csb::step(&mut ctx),
+            Scheduler::Cdb => crate::cdb::step(&mut ctx),
         };
-        let rows = match rows {
-            Ok(rows) => rows,
-            Err(e) => {
-                // A failed forward fails the running sequences with a clear error (their caches
-                // may be half-written); the engine itself keeps serving new requests.
-                tracing::error!("engine step failed: {e}");
-                for s in self.running.iter_mut() {
-                    s.emit(Event::Failed(e.clone()));
-                    s.done = true;
-                }
-                0
+        let rows = rows.unwrap_or_else(|e| {
+            // A failed forward fails the running sequences with a clear error (their caches
+            // may be half-written); the engine itself keeps serving new requests.
+            tracing::error!("engine step failed: {e}");
+            for s in self.running.iter_mut().filter(|s| !s.is_done()) {
+                s.emit(Event::Failed(e.clone()));
+                s.mark_done();
             }
-        };
+            0
+        });
+        self.retire();
+        rows
+    }
+
+    /// Removes the sequences that are done and returns their KV reservations.
+    fn retire(&mut self) {
         let before = self.running.len();
         let mut freed = 0;
         self.running.retain(|s| {
-            if s.done {
+            if s.is_done() {
                 freed += s.reserved;
             }
-            !s.done
+            !s.is_done()
         });
         self.kv_reserved -= freed;
         if before != self.running.len() {
             tracing::debug!(left = before - self.running.len(), "sequences retired");
         }
-        rows
     }
 
     /// Steps until every request has finished.

@@ -1,8 +1,12 @@
 //! Early exit: after each loop a token's confidence decides whether it leaves the shared block
-//! (CALM's measures), plus a replay policy that takes exit depths from a recorded trace and an
-//! oracle recorder that writes one (exit at the first loop whose argmax equals the last loop's).
+//! (CALM's measures), plus two policies for benchmarks: one replays exit depths from an
+//! [`ExitTrace`], the other records the oracle depth into one (exit at the first loop whose
+//! argmax equals the last loop's). Everything a policy decides goes through [`ExitPolicy`]'s
+//! methods, so the depth-wise step does not branch on which policy a unit has.
 
-use std::collections::HashMap;
+use rrt_model::sampling::argmax;
+
+use crate::trace::{ExitTrace, TraceKey};
 
 /// Which signal decides an exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,18 +31,71 @@ pub struct ExitPolicy {
     pub threshold: f32,
 }
 
+/// What a policy says after a loop that is not the unit's last, before any exit head runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Stay,
+    Leave,
+    /// Decided by [`ExitPolicy::exits_on`] from the exit head's logits.
+    ReadHead,
+}
+
+impl Verdict {
+    fn leave_if(exit: bool) -> Self {
+        if exit {
+            Verdict::Leave
+        } else {
+            Verdict::Stay
+        }
+    }
+}
+
 impl ExitPolicy {
     pub const NONE: ExitPolicy = ExitPolicy {
         kind: ExitKind::None,
         threshold: 1.0,
     };
 
-    /// Whether deciding needs the exit head's logits.
-    pub fn needs_logits(&self) -> bool {
-        matches!(
-            self.kind,
-            ExitKind::MaxProb | ExitKind::Margin | ExitKind::Oracle
-        )
+    /// The verdict after `after` loops of the generated token `key`; `cosine` gives the cosine
+    /// of the token's hidden state before and after this step's loop (computed only if read).
+    pub(crate) fn verdict<E>(
+        &self,
+        trace: &ExitTrace,
+        key: TraceKey,
+        after: usize,
+        cosine: impl FnOnce() -> Result<f32, E>,
+    ) -> Result<Verdict, E> {
+        Ok(match self.kind {
+            ExitKind::None => Verdict::Stay,
+            ExitKind::Replay => Verdict::leave_if(trace.get(key.0, key.1) == Some(after)),
+            ExitKind::Cosine => Verdict::leave_if(cosine()? >= self.threshold),
+            ExitKind::MaxProb | ExitKind::Margin | ExitKind::Oracle => Verdict::ReadHead,
+        })
+    }
+
+    /// Whether the exit head's `logits` make the token leave (for a [`Verdict::ReadHead`]).
+    /// Pure, so a step runs it for all its units in parallel (a softmax over the vocabulary).
+    pub(crate) fn exits_on(&self, logits: &[f32]) -> bool {
+        match self.kind {
+            ExitKind::MaxProb => confidence(logits).0 >= self.threshold,
+            ExitKind::Margin => confidence(logits).1 >= self.threshold,
+            _ => false,
+        }
+    }
+
+    /// Called with the exit head's logits of every loop the token ran but the last: the oracle
+    /// records the argmax.
+    pub(crate) fn observe(&self, trace: &mut ExitTrace, key: TraceKey, logits: &[f32]) {
+        if self.kind == ExitKind::Oracle {
+            trace.observe(key, argmax(logits));
+        }
+    }
+
+    /// Called with the logits the token is sampled from: the oracle writes its depth.
+    pub(crate) fn close(&self, trace: &mut ExitTrace, key: TraceKey, logits: &[f32]) {
+        if self.kind == ExitKind::Oracle {
+            trace.close(key, argmax(logits));
+        }
     }
 }
 
@@ -49,43 +106,6 @@ pub enum KvFill {
     Propagate,
     /// Reuse the exit loop's K/V for the deeper loops (recursive KV sharing, MoR).
     Copy,
-}
-
-/// Exit depths (1-based loop) by (request id, generated-token index).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ExitTrace {
-    depths: HashMap<(u64, usize), usize>,
-}
-
-impl ExitTrace {
-    pub fn get(&self, request: u64, index: usize) -> Option<usize> {
-        self.depths.get(&(request, index)).copied()
-    }
-
-    pub fn insert(&mut self, request: u64, index: usize, exit_loop: usize) {
-        self.depths.insert((request, index), exit_loop);
-    }
-
-    pub fn len(&self) -> usize {
-        self.depths.len()
-    }
-
-    /// `((request, index), exit loop)` in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (&(u64, usize), &usize)> {
-        self.depths.iter()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.depths.is_empty()
-    }
-
-    /// Mean exit loop over the recorded tokens.
-    pub fn mean_depth(&self) -> f64 {
-        if self.depths.is_empty() {
-            return 0.0;
-        }
-        self.depths.values().sum::<usize>() as f64 / self.depths.len() as f64
-    }
 }
 
 /// Softmax max probability and top-1 minus top-2 margin of a logits row.
@@ -116,29 +136,66 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     (ab / (aa.sqrt() * bb.sqrt()).max(1e-30)) as f32
 }
 
-/// The oracle depth: first loop (1-based) whose argmax equals the last loop's.
-pub fn oracle_depth(argmaxes: &[u32]) -> usize {
-    let last = *argmaxes.last().expect("at least one loop");
-    argmaxes
-        .iter()
-        .position(|&a| a == last)
-        .map_or(argmaxes.len(), |i| i + 1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn confidence_cosine_and_oracle_depth() {
+    fn confidence_and_cosine() {
         let (p, m) = confidence(&[0.0, 0.0, 10.0]);
         assert!(p > 0.99 && m > 0.99);
         let (p, m) = confidence(&[1.0, 1.0, 1.0, 1.0]);
         assert!((p - 0.25).abs() < 1e-6 && m.abs() < 1e-6);
         assert!((cosine(&[1.0, 0.0], &[2.0, 0.0]) - 1.0).abs() < 1e-6);
         assert!(cosine(&[1.0, 0.0], &[0.0, 3.0]).abs() < 1e-6);
-        assert_eq!(oracle_depth(&[5, 7, 7]), 2);
-        assert_eq!(oracle_depth(&[7, 5, 7]), 1);
-        assert_eq!(oracle_depth(&[1, 2, 3]), 3);
+    }
+
+    #[test]
+    fn policies_decide_through_one_interface() {
+        let mut trace = ExitTrace::default();
+        trace.insert(7, 0, 2);
+        let never = || -> Result<f32, ()> { panic!("cosine read by a policy that needs none") };
+        let replay = ExitPolicy {
+            kind: ExitKind::Replay,
+            threshold: 0.0,
+        };
+        assert_eq!(replay.verdict(&trace, (7, 0), 1, never), Ok(Verdict::Stay));
+        assert_eq!(replay.verdict(&trace, (7, 0), 2, never), Ok(Verdict::Leave));
+        let cos = ExitPolicy {
+            kind: ExitKind::Cosine,
+            threshold: 0.5,
+        };
+        assert_eq!(
+            cos.verdict(&trace, (1, 0), 1, || Ok::<_, ()>(0.9)),
+            Ok(Verdict::Leave)
+        );
+        assert_eq!(
+            cos.verdict(&trace, (1, 0), 1, || Ok::<_, ()>(0.1)),
+            Ok(Verdict::Stay)
+        );
+        let max_prob = ExitPolicy {
+            kind: ExitKind::MaxProb,
+            threshold: 0.9,
+        };
+        assert_eq!(
+            max_prob.verdict(&trace, (1, 0), 1, never),
+            Ok(Verdict::ReadHead)
+        );
+        assert!(max_prob.exits_on(&[0.0, 0.0, 10.0]));
+        assert!(!max_prob.exits_on(&[1.0, 1.0, 1.0]));
+        // The oracle reads every loop's head, never exits, and records the first loop whose
+        // argmax equals the last one's.
+        let oracle = ExitPolicy {
+            kind: ExitKind::Oracle,
+            threshold: 0.0,
+        };
+        assert!(!oracle.exits_on(&[0.0, 0.0, 10.0]));
+        oracle.observe(&mut trace, (3, 4), &[0.0, 5.0, 1.0]);
+        oracle.observe(&mut trace, (3, 4), &[0.0, 1.0, 5.0]);
+        oracle.close(&mut trace, (3, 4), &[0.0, 1.0, 7.0]);
+        assert_eq!(trace.get(3, 4), Some(2));
+        max_prob.observe(&mut trace, (9, 9), &[1.0]);
+        max_prob.close(&mut trace, (9, 9), &[1.0]);
+        assert_eq!(trace.get(9, 9), None, "only the oracle records");
     }
 }

@@ -11,17 +11,30 @@
 //! thread. Tokens go back through each request's channel; a dropped receiver cancels the request
 //! and frees its KV at the next step.
 
+//!
+//! Module map: [`Engine`] (admission, the step loop, retiring) · `csb` and `cdb` (the
+//! schedulers' steps; CDB as plan -> gather -> run block -> decide -> commit) · `sequence` (a
+//! running request's state) · [`ExitPolicy`] and [`ExitTrace`] (early exit) · [`EngineStats`] ·
+//! [`generate_with_exits`] (the sequential reference the batched paths are tested against).
+
+#![forbid(unsafe_code)]
+
+mod cdb;
+mod csb;
 mod engine;
 mod error;
 mod exit;
 mod reference;
 mod request;
 mod sequence;
-mod step_cdb;
-mod step_csb;
+mod stats;
+mod step;
+mod trace;
 
-pub use engine::{Engine, EngineConfig, EngineStats, PhaseTimes, Scheduler};
+pub use engine::{Engine, EngineConfig, Scheduler};
 pub use error::EngineError;
-pub use exit::{confidence, cosine, oracle_depth, ExitKind, ExitPolicy, ExitTrace, KvFill};
+pub use exit::{confidence, cosine, ExitKind, ExitPolicy, KvFill};
 pub use reference::generate_with_exits;
 pub use request::{Event, EventSink, FinishReason, GenParams, Request};
+pub use stats::{EngineStats, PhaseTimes};
+pub use trace::{oracle_depth, ExitTrace, TraceKey};

@@ -6,8 +6,9 @@ use rrt_model::attention::AttnSegment;
 use rrt_model::{BatchItem, Llama, Logits, RowGroup, Sampler};
 
 use crate::error::EngineError;
-use crate::exit::{ExitTrace, KvFill};
+use crate::exit::KvFill;
 use crate::request::GenParams;
+use crate::trace::ExitTrace;
 
 /// Generates for `prompt` (request `id`), exiting each generated token after the loop `trace`
 /// names (full depth where it names none). Returns `(token, exit_loop)` pairs.

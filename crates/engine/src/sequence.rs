@@ -1,5 +1,6 @@
-//! One admitted request's state: its tokens, KV cache, sampler, and (under depth-wise batching)
-//! the unit of tokens it has in flight between loops.
+//! One admitted request's state: its tokens, KV cache and sampler, where it stands ([`Stage`]:
+//! ready for its next unit, a unit carried between loops, or done), and the K/V an early exit
+//! left to write.
 
 use candle_core::Tensor;
 use rrt_model::{Sampler, SeqCache};
@@ -7,26 +8,52 @@ use rrt_model::{Sampler, SeqCache};
 use crate::exit::ExitPolicy;
 use crate::request::{Event, EventSink, FinishReason, GenParams};
 
-/// Tokens of a sequence between loops of the shared block (depth-wise batching).
+/// Tokens of a sequence running through the shared block: a prompt chunk or one generated
+/// token (a *unit*), and how far it has come.
 pub(crate) struct Flight {
-    /// Position of the first token of the unit.
+    /// Position of the unit's first token.
     pub start: usize,
     pub len: usize,
-    /// The loop (0-based) the unit runs next.
-    pub next_loop: usize,
-    /// Hidden states after the loops run so far (`None` before the first).
+    /// Loops run so far (also the 0-based loop the unit runs next).
+    pub loops_done: usize,
+    /// Hidden states after those loops (`None` before the first).
     pub hidden: Option<Tensor>,
-    /// Argmax of the exit head after each loop (oracle recording only).
-    pub argmaxes: Vec<u32>,
 }
 
-/// The K/V an early exit skipped (state propagation), written by the next step's block pass.
+impl Flight {
+    /// A unit of `len` tokens from `start`, entering loop 0.
+    pub fn enter(start: usize, len: usize) -> Self {
+        Self {
+            start,
+            len,
+            loops_done: 0,
+            hidden: None,
+        }
+    }
+
+    pub fn end(&self) -> usize {
+        self.start + self.len
+    }
+}
+
+/// The K/V of the loops an early exit skipped (state propagation), written by the next step's
+/// block pass.
 pub(crate) struct PendingFill {
     /// The exit hidden state `[1, hidden]`.
     pub hidden: Tensor,
     pub position: usize,
     /// Loops run before the exit; loops `done..` at `position` are missing.
     pub done: usize,
+}
+
+/// Where a sequence stands between steps.
+pub(crate) enum Stage {
+    /// Its next unit (a prompt chunk, or the last sampled token) has not started.
+    Ready,
+    /// A unit carried to its next loop (depth-wise batching).
+    Carried(Flight),
+    /// Finished, failed or cancelled: removed, and its KV freed, after the step.
+    Done,
 }
 
 pub(crate) struct Seq {
@@ -43,10 +70,8 @@ pub(crate) struct Seq {
     pub computed: usize,
     /// KV bytes reserved at admission (returned when the sequence leaves).
     pub reserved: usize,
-    pub flight: Option<Flight>,
+    pub stage: Stage,
     pub fill: Option<PendingFill>,
-    /// Set when the sequence is finished, failed or cancelled; removed after the step.
-    pub done: bool,
 }
 
 impl Seq {
@@ -59,16 +84,30 @@ impl Seq {
         self.tokens.len() - self.computed
     }
 
-    /// For a unit of one generated token starting at `start`: that token's index among the
-    /// generated ones (the key of exit traces). `None` for prompt tokens.
-    pub fn generated_index(&self, start: usize, len: usize) -> Option<usize> {
-        (len == 1 && start >= self.prompt_len).then(|| start - self.prompt_len)
+    pub fn is_done(&self) -> bool {
+        matches!(self.stage, Stage::Done)
+    }
+
+    pub fn mark_done(&mut self) {
+        self.stage = Stage::Done;
+    }
+
+    /// For a unit of one generated token: that token's index among the generated ones (the
+    /// key of exit traces). `None` for prompt tokens.
+    pub fn generated_index(&self, unit: &Flight) -> Option<usize> {
+        (unit.len == 1 && unit.start >= self.prompt_len).then(|| unit.start - self.prompt_len)
+    }
+
+    /// Whether `unit` ends at the sequence's newest token, so leaving the block samples the
+    /// next one (a prompt chunk that is not the last samples nothing).
+    pub fn samples_after(&self, unit: &Flight) -> bool {
+        unit.end() == self.tokens.len()
     }
 
     /// Sends `event`; a closed receiver (client gone) marks the sequence done.
     pub fn emit(&mut self, event: Event) {
         if !self.events.send(event) {
-            self.done = true;
+            self.mark_done();
         }
     }
 
@@ -99,7 +138,7 @@ impl Seq {
     pub fn finish(&mut self, reason: FinishReason) {
         let generated = self.generated();
         self.emit(Event::Finished { reason, generated });
-        self.done = true;
+        self.mark_done();
     }
 }
 

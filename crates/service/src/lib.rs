@@ -1,8 +1,12 @@
 //! Plumbing every rrt service shares, so the services hold only their own logic: the shutdown
 //! signal and drain ([`shutdown`]), the Prometheus `/metrics` endpoint ([`metrics_http`]), gRPC
 //! health and server reflection ([`grpc`]), request deadlines ([`deadline`]) and log setup
-//! ([`telemetry`]) and request validation ([`validate`]).
+//! ([`telemetry`]), request validation ([`validate`]) and bounded admission with draining
+//! ([`admission`]).
 
+#![forbid(unsafe_code)]
+
+pub mod admission;
 pub mod deadline;
 pub mod grpc;
 pub mod metrics_http;
@@ -10,4 +14,5 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod validate;
 
+pub use admission::{Admission, Permit, Refusal};
 pub use shutdown::Shutdown;

@@ -6,10 +6,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use rrt_proto::exits::{add_histogram, mean_exit_loop, PRIOR_LOOP_STEPS_PER_SECOND};
 use rrt_proto::v1 as pb;
-
-/// Loop-steps per second assumed for a worker that has not measured any yet.
-pub const PRIOR_LOOP_STEPS_PER_SECOND: f64 = 1000.0;
 
 #[derive(Debug, Clone)]
 pub struct WorkerEntry {
@@ -49,26 +47,10 @@ impl WorkerEntry {
     }
 }
 
-/// Mean exit loop of a histogram (`hist[i]` = tokens that exited after loop `i + 1`).
+/// Expected loops per generated token: the histogram's mean exit loop, full depth until the
+/// histogram has any tokens.
 pub fn expected_loops(hist: &[u64], loops: u32) -> f64 {
-    let n: u64 = hist.iter().sum();
-    if n == 0 {
-        return loops.max(1) as f64;
-    }
-    hist.iter()
-        .enumerate()
-        .map(|(i, c)| (i + 1) as f64 * *c as f64)
-        .sum::<f64>()
-        / n as f64
-}
-
-fn add_histogram(into: &mut Vec<u64>, delta: &[u64]) {
-    if into.len() < delta.len() {
-        into.resize(delta.len(), 0);
-    }
-    for (a, d) in into.iter_mut().zip(delta) {
-        *a += d;
-    }
+    mean_exit_loop(hist).unwrap_or(loops.max(1) as f64)
 }
 
 #[derive(Debug)]

@@ -37,6 +37,10 @@ pub struct RouterArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "RRT_ROUTER_DRAIN_S", default_value_t = 30)]
     pub drain_s: u64,
+    /// Seed of the worker choices' random draws (default: from the OS; set it to make a test's
+    /// routing reproducible).
+    #[arg(long, env = "RRT_ROUTER_SEED")]
+    pub seed: Option<u64>,
 }
 
 impl RouterArgs {

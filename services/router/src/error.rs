@@ -1,6 +1,11 @@
-//! The router's error type and its one mapping to gRPC status codes.
+//! The router's error type, with its one mapping to gRPC status codes and, next to it, how each
+//! error is counted in the metrics.
 
-use rrt_service::validate::Rejection;
+use std::borrow::Cow;
+
+use rrt_service::validate::{self, Rejection};
+use rrt_service::Refusal;
+use tonic::Code;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -15,6 +20,43 @@ pub enum RouterError {
     /// A worker's own status, passed through.
     #[error("{0}")]
     Worker(tonic::Status),
+}
+
+impl From<Refusal> for RouterError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Full { capacity } => RouterError::Overloaded(capacity),
+            Refusal::Draining => RouterError::Draining,
+        }
+    }
+}
+
+/// How a failed request shows in the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Counted {
+    /// Refused before any work: `rrt_router_requests_rejected_total{reason}`.
+    Rejected(Cow<'static, str>),
+    /// Failed after admission: `rrt_router_requests_total{outcome="error"}`.
+    Failed,
+}
+
+impl RouterError {
+    pub fn counted(&self) -> Counted {
+        let reason = match self {
+            RouterError::Rejected(r) => r.reason.into(),
+            RouterError::Overloaded(_) => "overloaded".into(),
+            RouterError::NoWorker(_) => "no_worker".into(),
+            RouterError::Draining => "draining".into(),
+            RouterError::Worker(s) if s.code() == Code::InvalidArgument => {
+                validate::reason_of(s).into()
+            }
+            RouterError::Worker(s) if s.code() == Code::ResourceExhausted => {
+                "worker_overloaded".into()
+            }
+            RouterError::Worker(_) => return Counted::Failed,
+        };
+        Counted::Rejected(reason)
+    }
 }
 
 impl From<RouterError> for tonic::Status {

@@ -4,12 +4,16 @@
 //! the coordinator is unreachable), forwards deadlines and cancellation, and relays tokens.
 //!
 //! - [`pool`]: the worker view and the choice; [`watcher`]: keeping it current;
-//! - [`service`]: the gRPC service; [`server`]: start-up and drain; [`config`]: flags.
+//! - [`service`]: the gRPC service; [`relay`]: a request's token stream, for both RPCs;
+//! - [`server`]: start-up and drain; [`config`]: flags; [`error`]: status codes and metric labels.
+
+#![forbid(unsafe_code)]
 
 pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod pool;
+pub mod relay;
 pub mod server;
 pub mod service;
 pub mod watcher;

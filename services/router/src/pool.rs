@@ -10,10 +10,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use rrt_proto::exits::PRIOR_LOOP_STEPS_PER_SECOND;
 use rrt_proto::v1 as pb;
-
-/// Loop-steps per second assumed when a worker has not measured any.
-const PRIOR_LOOP_STEPS_PER_SECOND: f64 = 1000.0;
 
 /// One worker as the router sees it. `T` is the client handle (a gRPC client in the service,
 /// `()` in unit tests).

@@ -1,14 +1,14 @@
 //! Starting and stopping the router.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 use rrt_proto::v1 as pb;
-use rrt_service::{grpc, metrics_http, Shutdown};
+use rrt_service::{grpc, metrics_http, Admission, Shutdown};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
@@ -51,11 +51,13 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     }
     let inner = Arc::new(Inner {
         pool: pool.clone(),
-        admission: Arc::new(Semaphore::new(args.max_concurrent)),
-        max_concurrent: args.max_concurrent,
+        admission: Admission::new(args.max_concurrent),
         max_new_tokens: args.max_new_tokens,
         default_timeout: Duration::from_secs(args.request_timeout_s),
-        draining: AtomicBool::new(false),
+        rng: Mutex::new(match args.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        }),
     });
     let health = grpc::health(&[SERVICE]).await;
     let (v1, v1alpha) = grpc::reflection()?;
@@ -65,10 +67,9 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         let deadline = Duration::from_secs(args.drain_s);
         async move {
             shutdown.wait().await;
-            inner.draining.store(true, Ordering::Relaxed);
+            inner.admission.stop_admitting();
             grpc::set_serving(&reporter, &[SERVICE], false).await;
-            let idle = inner.admission.acquire_many(inner.max_concurrent as u32);
-            if tokio::time::timeout(deadline, idle).await.is_err() {
+            if !inner.admission.drain(deadline).await {
                 tracing::warn!("drain deadline passed with requests in flight");
             }
         }

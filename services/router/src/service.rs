@@ -1,47 +1,40 @@
 //! The public `rrt.v1.Generation` service: validates each request, admits it under the
 //! concurrency bound, picks a worker, forwards the call with the caller's remaining deadline,
-//! and relays the token stream. A client that goes away cancels the worker call (and so frees
-//! the engine slot); a worker that cannot be reached is replaced by another once.
+//! and relays the token stream ([`crate::relay`]). A worker that cannot be reached is replaced
+//! by another once.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge};
+use rand::rngs::StdRng;
 use rrt_proto::v1 as pb;
 use rrt_proto::v1::worker_client::WorkerClient;
-use rrt_service::{deadline, validate};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use rrt_service::{deadline, validate, Admission};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
-use tonic::{Code, Response, Status, Streaming};
+use tonic::{Code, Response, Status};
 
-use crate::error::RouterError;
+use crate::error::{Counted, RouterError};
 use crate::metrics as m;
 use crate::pool::{InFlight, Pool};
+use crate::relay::{collect, relay, Item, Opened};
 
 pub type Client = WorkerClient<Channel>;
 
 pub struct Inner {
     pub pool: Arc<Pool<Client>>,
-    pub admission: Arc<Semaphore>,
-    pub max_concurrent: usize,
+    pub admission: Admission,
     pub max_new_tokens: u32,
     pub default_timeout: Duration,
-    pub draining: AtomicBool,
+    /// The power-of-two-choices draws (seeded with `--seed`, for reproducible tests).
+    pub rng: Mutex<StdRng>,
 }
 
 #[derive(Clone)]
 pub struct RouterService {
     pub inner: Arc<Inner>,
-}
-
-/// An admitted request with its worker stream open.
-struct Opened {
-    stream: Streaming<pb::GenerateStreamResponse>,
-    permit: OwnedSemaphorePermit,
-    in_flight: InFlight<Client>,
-    worker: String,
 }
 
 impl Inner {
@@ -74,9 +67,10 @@ impl Inner {
         tokens: Option<u32>,
         exclude: Option<&str>,
     ) -> Result<InFlight<Client>, RouterError> {
+        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
         let (guard, policy) = self
             .pool
-            .pick(model, tokens, Instant::now(), exclude, &mut rand::rng())
+            .pick(model, tokens, Instant::now(), exclude, &mut *rng)
             .ok_or_else(|| RouterError::NoWorker(model.to_string()))?;
         if tokens.is_some() {
             counter!("rrt_router_routed_total", "worker" => guard.slot.id.clone(), "policy" => policy.label())
@@ -85,22 +79,20 @@ impl Inner {
         Ok(guard)
     }
 
+    /// Validates, admits and opens the worker stream of a generation request.
     async fn open(
         &self,
         mut req: pb::GenerateRequest,
+        arrived: Instant,
         deadline: Instant,
     ) -> Result<Opened, RouterError> {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.admission.is_draining() {
             return Err(RouterError::Draining);
         }
         validate::generate_request(&req, self.max_new_tokens)?;
         let model = self.resolve_model(&req.model)?;
         req.model = model.clone();
-        let permit = self
-            .admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| RouterError::Overloaded(self.max_concurrent))?;
+        let permit = self.admission.try_admit()?;
         let mut exclude: Option<String> = None;
         loop {
             let in_flight = self.pick(&model, Some(req.max_new_tokens), exclude.as_deref())?;
@@ -114,6 +106,8 @@ impl Inner {
                         permit,
                         worker: in_flight.slot.id.clone(),
                         in_flight,
+                        arrived,
+                        deadline,
                     })
                 }
                 Err(s) if s.code() == Code::Unavailable && exclude.is_none() => {
@@ -126,38 +120,37 @@ impl Inner {
         }
     }
 
-    fn count_failure(&self, e: &RouterError) {
-        match e {
-            RouterError::Rejected(r) => m::rejected(r.reason),
-            RouterError::Overloaded(_) => m::rejected("overloaded"),
-            RouterError::NoWorker(_) => m::rejected("no_worker"),
-            RouterError::Draining => m::rejected("draining"),
-            RouterError::Worker(s) if s.code() == Code::InvalidArgument => {
-                m::rejected(validate::reason_of(s))
+    /// Opens the request and starts its relay; the receiver gets its messages.
+    async fn start(
+        self: &Arc<Self>,
+        request: tonic::Request<pb::GenerateRequest>,
+    ) -> Result<(mpsc::Receiver<Item>, String), Status> {
+        let arrived = Instant::now();
+        let deadline =
+            arrived + deadline::timeout(request.metadata()).unwrap_or(self.default_timeout);
+        let opened = match self.open(request.into_inner(), arrived, deadline).await {
+            Ok(o) => o,
+            Err(e) => {
+                match e.counted() {
+                    Counted::Rejected(reason) => m::rejected(reason),
+                    Counted::Failed => m::ended("error"),
+                }
+                return Err(e.into());
             }
-            RouterError::Worker(s) if s.code() == Code::ResourceExhausted => {
-                m::rejected("worker_overloaded")
-            }
-            RouterError::Worker(_) => m::ended("error"),
-        }
+        };
+        self.in_flight_gauge();
+        let worker = opened.worker.clone();
+        let (tx, rx) = mpsc::channel(32);
+        tokio::spawn(relay(self.clone(), opened, tx));
+        Ok((rx, worker))
     }
 
-    fn in_flight_gauge(&self) {
-        gauge!("rrt_router_in_flight")
-            .set((self.max_concurrent - self.admission.available_permits()) as f64);
+    pub(crate) fn in_flight_gauge(&self) {
+        gauge!("rrt_router_in_flight").set(self.admission.in_flight() as f64);
     }
 }
 
-fn outcome(finish: i32) -> &'static str {
-    match pb::FinishReason::try_from(finish) {
-        Ok(pb::FinishReason::Length) => "length",
-        Ok(pb::FinishReason::Eos) => "eos",
-        Ok(pb::FinishReason::Stop) => "stop",
-        _ => "error",
-    }
-}
-
-type GenStream = ReceiverStream<Result<pb::GenerateStreamResponse, Status>>;
+type GenStream = ReceiverStream<Item>;
 
 #[tonic::async_trait]
 impl pb::generation_server::Generation for RouterService {
@@ -165,68 +158,9 @@ impl pb::generation_server::Generation for RouterService {
         &self,
         request: tonic::Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let arrived = Instant::now();
-        let deadline =
-            arrived + deadline::timeout(request.metadata()).unwrap_or(self.inner.default_timeout);
-        let req = request.into_inner();
-        let inner = &self.inner;
-        let mut opened = match inner.open(req, deadline).await {
-            Ok(o) => o,
-            Err(e) => {
-                inner.count_failure(&e);
-                return Err(e.into());
-            }
-        };
-        inner.in_flight_gauge();
-        let mut out = pb::GenerateResponse {
-            worker: opened.worker.clone(),
-            ..Default::default()
-        };
-        let result = tokio::time::timeout_at(deadline.into(), async {
-            while let Some(msg) = opened.stream.message().await? {
-                out.text.push_str(&msg.text);
-                // Every token exited after some loop (>= 1); a final message may carry none.
-                if msg.exit_loop != 0 {
-                    out.token_ids.push(msg.token_id);
-                    out.exit_loops.push(msg.exit_loop);
-                    out.logprobs.extend(msg.logprob);
-                }
-                if msg.finish_reason != 0 {
-                    out.finish_reason = msg.finish_reason;
-                    return Ok(());
-                }
-            }
-            Err(Status::unavailable(
-                "the worker ended the stream without a finish reason",
-            ))
-        })
-        .await;
-        drop(opened.permit);
-        drop(opened.in_flight);
-        inner.in_flight_gauge();
-        histogram!("rrt_router_e2e_request_latency_seconds")
-            .record(arrived.elapsed().as_secs_f64());
-        match result {
-            Ok(Ok(())) => {
-                m::ended(outcome(out.finish_reason));
-                counter!("rrt_router_generated_tokens_total").increment(out.token_ids.len() as u64);
-                Ok(Response::new(out))
-            }
-            Ok(Err(s)) => {
-                m::ended(if s.code() == Code::DeadlineExceeded {
-                    "deadline"
-                } else {
-                    "error"
-                });
-                Err(s)
-            }
-            Err(_) => {
-                m::ended("deadline");
-                Err(Status::deadline_exceeded(
-                    "the request ran past its deadline",
-                ))
-            }
-        }
+        let (rx, worker) = self.inner.start(request).await?;
+        // Dropping `rx` (the client went away) cancels the relay as a closed stream does.
+        collect(rx, worker).await.map(Response::new)
     }
 
     type GenerateStreamStream = GenStream;
@@ -235,21 +169,7 @@ impl pb::generation_server::Generation for RouterService {
         &self,
         request: tonic::Request<pb::GenerateRequest>,
     ) -> Result<Response<GenStream>, Status> {
-        let arrived = Instant::now();
-        let deadline =
-            arrived + deadline::timeout(request.metadata()).unwrap_or(self.inner.default_timeout);
-        let req = request.into_inner();
-        let inner = self.inner.clone();
-        let opened = match inner.open(req, deadline).await {
-            Ok(o) => o,
-            Err(e) => {
-                inner.count_failure(&e);
-                return Err(e.into());
-            }
-        };
-        inner.in_flight_gauge();
-        let (tx, rx) = mpsc::channel(32);
-        tokio::spawn(relay(inner, opened, tx, arrived, deadline));
+        let (rx, _) = self.inner.start(request).await?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -287,72 +207,4 @@ impl pb::generation_server::Generation for RouterService {
         m.max_new_tokens_limit = m.max_new_tokens_limit.min(self.inner.max_new_tokens);
         Ok(Response::new(m))
     }
-}
-
-/// Relays one request's worker stream to its client until it finishes, fails, passes its
-/// deadline, or the client goes away (dropping the worker stream cancels it downstream).
-async fn relay(
-    inner: Arc<Inner>,
-    opened: Opened,
-    tx: mpsc::Sender<Result<pb::GenerateStreamResponse, Status>>,
-    arrived: Instant,
-    deadline: Instant,
-) {
-    let Opened {
-        mut stream,
-        permit,
-        in_flight,
-        ..
-    } = opened;
-    let mut first = true;
-    let mut tokens = 0u64;
-    let outcome = loop {
-        let next = tokio::select! {
-            m = stream.message() => m,
-            _ = tx.closed() => break "cancelled",
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                let _ = tx.send(Err(Status::deadline_exceeded("the request ran past its deadline"))).await;
-                break "deadline";
-            }
-        };
-        match next {
-            Ok(Some(msg)) => {
-                if first {
-                    histogram!("rrt_router_time_to_first_token_seconds")
-                        .record(arrived.elapsed().as_secs_f64());
-                    first = false;
-                }
-                let finish = msg.finish_reason;
-                if msg.exit_loop != 0 {
-                    tokens += 1;
-                }
-                if tx.send(Ok(msg)).await.is_err() {
-                    break "cancelled";
-                }
-                if finish != 0 {
-                    break outcome(finish);
-                }
-            }
-            Ok(None) => {
-                let _ = tx
-                    .send(Err(Status::unavailable(
-                        "the worker ended the stream without a finish reason",
-                    )))
-                    .await;
-                break "error";
-            }
-            Err(s) => {
-                let deadline_passed = s.code() == Code::DeadlineExceeded;
-                let _ = tx.send(Err(s)).await;
-                break if deadline_passed { "deadline" } else { "error" };
-            }
-        }
-    };
-    drop(stream);
-    drop(in_flight);
-    drop(permit);
-    inner.in_flight_gauge();
-    m::ended(outcome);
-    counter!("rrt_router_generated_tokens_total").increment(tokens);
-    histogram!("rrt_router_e2e_request_latency_seconds").record(arrived.elapsed().as_secs_f64());
 }

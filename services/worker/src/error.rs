@@ -2,6 +2,7 @@
 
 use rrt_engine::EngineError;
 use rrt_service::validate::Rejection;
+use rrt_service::Refusal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -21,26 +22,51 @@ pub enum WorkerError {
     Tokenizer(String),
 }
 
+impl From<Refusal> for WorkerError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Full { capacity } => WorkerError::Overloaded(capacity),
+            Refusal::Draining => WorkerError::Draining,
+        }
+    }
+}
+
+impl WorkerError {
+    /// The metric label of a request refused with this error
+    /// (`rrt_worker_requests_rejected_total{reason}`); bounded.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            WorkerError::Rejected(r) => r.reason,
+            WorkerError::Overloaded(_) => "overloaded",
+            WorkerError::Draining => "draining",
+            WorkerError::EngineGone => "engine_gone",
+            WorkerError::Deadline => "deadline",
+            WorkerError::Engine(e) => match e {
+                EngineError::EmptyPrompt => "empty_prompt",
+                EngineError::TooLong { .. } => "prompt_too_long",
+                EngineError::KvBudget { .. } => "over_kv_budget",
+                EngineError::Invalid(_) => "invalid",
+                EngineError::Model(_) => "model",
+            },
+            WorkerError::Tokenizer(_) => "tokenizer",
+        }
+    }
+}
+
 impl From<WorkerError> for tonic::Status {
     fn from(e: WorkerError) -> Self {
         use tonic::Status;
+        let reason = e.reason();
         match e {
             WorkerError::Rejected(r) => r.into(),
             WorkerError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
             WorkerError::Draining | WorkerError::EngineGone => Status::unavailable(e.to_string()),
             WorkerError::Deadline => Status::deadline_exceeded(e.to_string()),
-            WorkerError::Engine(ref inner) => match inner {
-                EngineError::EmptyPrompt => Rejection::new("empty_prompt", e.to_string()).into(),
-                EngineError::TooLong { .. } => {
-                    Rejection::new("prompt_too_long", e.to_string()).into()
-                }
-                EngineError::KvBudget { .. } => {
-                    Rejection::new("over_kv_budget", e.to_string()).into()
-                }
-                EngineError::Invalid(_) => Rejection::new("invalid", e.to_string()).into(),
-                EngineError::Model(_) => Status::internal(e.to_string()),
-            },
-            WorkerError::Tokenizer(_) => Status::internal(e.to_string()),
+            WorkerError::Engine(EngineError::Model(_)) | WorkerError::Tokenizer(_) => {
+                Status::internal(e.to_string())
+            }
+            // The engine's other errors are the request's fault: INVALID_ARGUMENT.
+            WorkerError::Engine(_) => Rejection::new(reason, e.to_string()).into(),
         }
     }
 }

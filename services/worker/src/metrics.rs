@@ -4,6 +4,8 @@
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 
+use rrt_proto::exits::mean_exit_loop;
+
 use crate::actor::Snapshot;
 
 pub fn describe() {
@@ -105,7 +107,8 @@ pub fn engine(worker: &str, s: &Snapshot, loop_steps_per_second: f64) {
     gauge!("rrt_worker_kv_cache_usage_ratio", "worker" => w())
         .set(s.kv_bytes_used as f64 / s.kv_bytes_budget.max(1) as f64);
     gauge!("rrt_worker_loop_steps_per_second", "worker" => w()).set(loop_steps_per_second);
-    gauge!("rrt_worker_mean_loops_per_token", "worker" => w()).set(s.stats.mean_loops());
+    gauge!("rrt_worker_mean_loops_per_token", "worker" => w())
+        .set(mean_exit_loop(&s.stats.exit_histogram).unwrap_or(0.0));
     counter!("rrt_worker_loop_steps_total", "worker" => w()).absolute(s.stats.loop_rows);
     counter!("rrt_worker_engine_steps_total", "worker" => w()).absolute(s.stats.steps);
     counter!("rrt_worker_generated_tokens_total", "worker" => w()).absolute(s.stats.tokens);

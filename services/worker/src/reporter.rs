@@ -2,10 +2,10 @@
 //! report the coordinator does not recognise (it restarted) or a failed call leads to a fresh
 //! registration, so workers rejoin a restarted coordinator on their own.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rrt_proto::exits::mean_exit_loop;
 use rrt_proto::v1 as pb;
 use rrt_proto::v1::coordinator_client::CoordinatorClient;
 use rrt_service::Shutdown;
@@ -93,10 +93,10 @@ pub(crate) async fn run(
             kv_bytes_budget: snap.kv_bytes_budget as u64,
             loop_steps_per_second: rate,
             exit_histogram_delta: delta,
-            mean_loops: snap.stats.mean_loops(),
+            mean_loops: mean_exit_loop(&snap.stats.exit_histogram).unwrap_or(0.0),
             pending_new_tokens: snap.pending_new_tokens as u64,
             pending_prompt_tokens: snap.pending_prompt_tokens as u64,
-            draining: shared.draining.load(Ordering::Relaxed),
+            draining: shared.admission.is_draining(),
         };
         match client.report(report).await {
             Ok(r) if r.get_ref().known => previous_hist = hist.clone(),

@@ -3,16 +3,15 @@
 //! new requests, let in-flight ones finish up to the drain deadline, then stop.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::DType;
 use rrt_engine::Engine;
 use rrt_proto::v1 as pb;
-use rrt_service::{grpc, metrics_http, Shutdown};
+use rrt_service::{grpc, metrics_http, Admission, Shutdown};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
@@ -71,7 +70,6 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         workers: 1,
     };
     let capacity = args.max_sequences + args.max_waiting;
-    let default_exit = cfg.default_exit;
     let engine = EngineHandle::spawn(
         Engine::new(loaded.model, cfg),
         capacity,
@@ -83,11 +81,8 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         tokenizer: loaded.tokenizer,
         model: model_info,
         max_sequences: args.max_sequences,
-        admission: Arc::new(Semaphore::new(capacity)),
-        capacity,
-        draining: AtomicBool::new(false),
+        admission: Admission::new(capacity),
         next_id: AtomicU64::new(0),
-        default_exit,
     });
 
     let health = grpc::health(&[SERVICE]).await;
@@ -138,13 +133,9 @@ async fn drain_signal(
     deadline: Duration,
 ) {
     shutdown.wait().await;
-    shared.draining.store(true, Ordering::Relaxed);
+    shared.admission.stop_admitting();
     grpc::set_serving(&health, &[SERVICE], false).await;
-    let idle = async {
-        // Every permit back = nothing in flight.
-        let _all = shared.admission.acquire_many(shared.capacity as u32).await;
-    };
-    if tokio::time::timeout(deadline, idle).await.is_err() {
+    if !shared.admission.drain(deadline).await {
         tracing::warn!("drain deadline passed with requests in flight");
     }
 }

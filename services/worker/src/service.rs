@@ -3,16 +3,17 @@
 //! caller's deadline, stop sequences and cancellation (a dropped stream frees the request's slot
 //! and KV at the engine's next step).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use metrics::{counter, histogram};
 use rrt_engine::{Event, EventSink, ExitKind, ExitPolicy, FinishReason, GenParams, Request};
 use rrt_model::{SamplingParams, TextStream, Tokenizer};
+use rrt_proto::stream::Token;
 use rrt_proto::v1 as pb;
-use rrt_service::{deadline, validate};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use rrt_service::{deadline, validate, Admission, Permit};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status};
 
@@ -33,11 +34,8 @@ pub(crate) struct Shared {
     pub model: pb::ModelInfoResponse,
     pub max_sequences: usize,
     /// Requests in flight (running or waiting) at most: more get RESOURCE_EXHAUSTED.
-    pub admission: Arc<Semaphore>,
-    pub capacity: usize,
-    pub draining: AtomicBool,
+    pub admission: Admission,
     pub next_id: AtomicU64,
-    pub default_exit: ExitPolicy,
 }
 
 impl Shared {
@@ -145,13 +143,7 @@ impl pb::worker_server::Worker for WorkerService {
         match self.start(request.into_inner(), arrived, deadline).await {
             Ok(stream) => Ok(Response::new(stream)),
             Err(e) => {
-                let reason = match &e {
-                    WorkerError::Rejected(r) => r.reason,
-                    WorkerError::Overloaded(_) => "overloaded",
-                    WorkerError::Draining => "draining",
-                    _ => "other",
-                };
-                m::rejected(&shared.id, reason);
+                m::rejected(&shared.id, e.reason());
                 Err(e.into())
             }
         }
@@ -198,15 +190,11 @@ impl WorkerService {
         deadline: Option<Instant>,
     ) -> Result<GenStream, WorkerError> {
         let shared = self.shared.clone();
-        if shared.draining.load(Ordering::Relaxed) {
+        if shared.admission.is_draining() {
             return Err(WorkerError::Draining);
         }
         let (prompt, params, exit) = shared.prepare(&req)?;
-        let permit = shared
-            .admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| WorkerError::Overloaded(shared.capacity))?;
+        let permit = shared.admission.try_admit()?;
         counter!("rrt_worker_prompt_tokens_total", "worker" => shared.id.clone())
             .increment(prompt.len() as u64);
         let (etx, erx) = mpsc::unbounded_channel();
@@ -217,7 +205,8 @@ impl WorkerService {
                 id,
                 prompt,
                 params,
-                exit: exit.or(Some(shared.default_exit)),
+                // None: the engine's default policy (the worker's --exit).
+                exit,
                 events: Box::new(TokioSink(etx)),
             })
             .await
@@ -236,7 +225,7 @@ async fn relay(
     stops: Vec<String>,
     mut events: mpsc::UnboundedReceiver<Event>,
     tx: mpsc::Sender<Result<pb::GenerateStreamResponse, Status>>,
-    _permit: OwnedSemaphorePermit,
+    _permit: Permit,
     arrived: Instant,
     deadline: Option<Instant>,
 ) {
@@ -275,14 +264,8 @@ async fn relay(
                     FinishReason::Length => pb::FinishReason::Length,
                     FinishReason::Stop => pb::FinishReason::Eos,
                 };
-                let _ = tx
-                    .send(Ok(pb::GenerateStreamResponse {
-                        text: stop.flush(),
-                        finish_reason: finish as i32,
-                        index,
-                        ..Default::default()
-                    }))
-                    .await;
+                let last = pb::GenerateStreamResponse::finish_message(stop.flush(), finish, index);
+                let _ = tx.send(Ok(last)).await;
                 break match reason {
                     FinishReason::Length => "length",
                     FinishReason::Stop => "eos",
@@ -315,17 +298,15 @@ async fn relay(
                     Step::Emit(t) => (t, None),
                     Step::Stop(t) => (t, Some(pb::FinishReason::Stop)),
                 };
-                let msg = pb::GenerateStreamResponse {
-                    text: piece,
-                    token_id: token,
+                let token = Token {
+                    id: token,
                     exit_loop: exit_loop as u32,
-                    finish_reason: finish.map_or(0, |f| f as i32),
-                    index,
                     logprob,
                 };
+                let msg = pb::GenerateStreamResponse::token_message(piece, token, index);
                 index += 1;
-                if finish.is_some() {
-                    let _ = tx.send(Ok(msg)).await;
+                if let Some(finish) = finish {
+                    let _ = tx.send(Ok(msg.finishing(finish))).await;
                     break "stop";
                 }
                 msg

@@ -22,7 +22,9 @@ use rrt_model::recursive::convert::Converter;
 use rrt_model::recursive::mapping::Init;
 use rrt_model::Llama;
 
-use crate::bench::engine_runs::{agreement, run, synthetic_trace, Run, Spec, TraceFrom, Workload};
+use crate::bench::engine_runs::{
+    agreement, mean_loops, run, synthetic_trace, Run, Spec, TraceFrom, Workload,
+};
 use crate::bench::plot::{write_png, Series, ThresholdPlot};
 use crate::convert::decompose_with_progress;
 use crate::eval_text::EvalText;
@@ -435,7 +437,7 @@ fn report(
         );
     }
     for r in runs {
-        let ideal = loops as f64 / r.stats.mean_loops().max(1e-9);
+        let ideal = loops as f64 / mean_loops(&r.stats).max(1e-9);
         let gain = r.tokens_per_s / csb;
         let bound = csb_macs / macs.per_token(r).max(1e-9);
         println!(
@@ -443,7 +445,7 @@ fn report(
             r.name,
             r.tokens_per_s,
             rounds(r),
-            r.stats.mean_loops(),
+            mean_loops(&r.stats),
             ideal,
             r.tokens_per_s / v_static.tokens_per_s,
             r.tokens_per_s / v_csb.tokens_per_s,

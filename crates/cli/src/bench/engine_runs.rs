@@ -12,6 +12,7 @@ use rrt_engine::{
     Scheduler,
 };
 use rrt_model::Llama;
+use rrt_proto::exits::mean_exit_loop;
 
 /// Request ids of the scoring windows start here (generation requests count from 0), so one
 /// trace can hold the exits of both.
@@ -192,7 +193,7 @@ pub fn run(
     eprintln!(
         "  {}: {tokens_per_s:.1} tokens/s, {:.2} loops/token, perplexity {perplexity:.1} ({secs:.0}s)",
         spec.name,
-        stats.mean_loops()
+        mean_loops(&stats)
     );
     Ok(Run {
         name: spec.name.clone(),
@@ -228,6 +229,11 @@ pub fn synthetic_trace(w: &Workload, p: f64, loops: usize, seed: u64) -> ExitTra
         }
     }
     trace
+}
+
+/// Mean loops per generated token of a run (0 without tokens).
+pub fn mean_loops(stats: &EngineStats) -> f64 {
+    mean_exit_loop(&stats.exit_histogram).unwrap_or(0.0)
 }
 
 /// Fraction of generated tokens equal to the reference at the same index.

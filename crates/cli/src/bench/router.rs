@@ -175,7 +175,7 @@ async fn workload(
                         Path::Router => routed.generate_stream(req).await?.into_inner(),
                     };
                     while let Some(m) = stream.message().await? {
-                        tokens += (m.exit_loop != 0) as usize;
+                        tokens += m.token().is_some() as usize;
                     }
                 }
                 Ok::<usize, tonic::Status>(tokens)

@@ -1,0 +1,105 @@
+//! The commit half of a depth-wise step: each unit's [`Outcome`] applied to its sequence. A
+//! continuing unit goes back to its sequence with its hidden states; a leaving one advances the
+//! sequence, samples and streams the next token when it is the sequence's newest, and leaves
+//! the K/V of the loops it skipped to be filled (state propagation, by the next step) or copies
+//! the exit loop's (KV copy).
+
+use candle_core::Tensor;
+use rrt_model::Llama;
+
+use super::decide::Outcome;
+use super::plan::Unit;
+use crate::error::EngineError;
+use crate::exit::KvFill;
+use crate::sequence::{Flight, PendingFill, Seq, Stage};
+use crate::stats::EngineStats;
+use crate::trace::ExitTrace;
+
+/// Applies each unit's outcome; `x` is the block's output rows.
+pub(super) fn commit(
+    model: &Llama,
+    kv_fill: KvFill,
+    running: &mut [Seq],
+    units: Vec<Unit>,
+    outcomes: Vec<Outcome>,
+    x: &Tensor,
+    (trace, stats): (&mut ExitTrace, &mut EngineStats),
+) -> Result<(), EngineError> {
+    for (unit, outcome) in units.into_iter().zip(outcomes) {
+        let s = &mut running[unit.seq];
+        let hidden = x.narrow(0, unit.rows.start, unit.rows.len())?;
+        match outcome {
+            Outcome::Continue => {
+                if !s.is_done() {
+                    s.stage = Stage::Carried(Flight {
+                        loops_done: unit.flight.loops_done + 1,
+                        hidden: Some(hidden),
+                        ..unit.flight
+                    });
+                }
+            }
+            Outcome::Leave { after, logits } => {
+                leave(s, &unit.flight, after, logits.as_deref(), (trace, stats));
+                if after < model.loops() && !s.is_done() {
+                    skipped_kv(model, kv_fill, s, &unit.flight, after, hidden);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The unit's tokens are in the cache (at the loops it ran); with `logits`, the next token is
+/// sampled and streamed.
+fn leave(
+    s: &mut Seq,
+    unit: &Flight,
+    after: usize,
+    logits: Option<&[f32]>,
+    (trace, stats): (&mut ExitTrace, &mut EngineStats),
+) {
+    s.computed = unit.end();
+    let Some(logits) = logits else { return };
+    if let Some(index) = s.generated_index(unit) {
+        s.exit.close(trace, (s.id, index), logits);
+    }
+    // The exit histogram counts streamed tokens (not a stop token).
+    if s.on_logits(logits, after) {
+        stats.count_exit(after);
+    }
+}
+
+/// The K/V of loops `after..` that an early exit skipped, needed since the sequence goes on.
+fn skipped_kv(
+    model: &Llama,
+    kv_fill: KvFill,
+    s: &mut Seq,
+    unit: &Flight,
+    after: usize,
+    hidden: Tensor,
+) {
+    match kv_fill {
+        KvFill::Propagate => {
+            s.fill = Some(PendingFill {
+                hidden,
+                position: unit.start,
+                done: after,
+            })
+        }
+        KvFill::Copy => copy_skipped(model, s, unit.start, after),
+    }
+}
+
+/// KV copy: the loops `done..` at `position` reuse the K/V of the exit loop.
+fn copy_skipped(model: &Llama, s: &mut Seq, position: usize, done: usize) {
+    let (block, loops) = (model.block_layers(), model.loops());
+    for k in 0..block {
+        let src = &s.cache.layers[(done - 1) * block + k];
+        let (kk, vv) = (src.k_at(position), src.v_at(position).to_vec());
+        for j in done..loops {
+            let dst = &mut s.cache.layers[j * block + k];
+            dst.truncate(position);
+            dst.push(&kk, &vv);
+        }
+    }
+}

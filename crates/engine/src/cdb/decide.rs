@@ -1,0 +1,153 @@
+//! The decide half of a depth-wise step: one [`Decision`] per unit from what is known without
+//! logits (last loop, prompt chunk, or a policy that needs no exit head), then one exit-head
+//! call for the units a policy reads and the leaving units that sample, which turns every
+//! decision into an [`Outcome`].
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use rayon::prelude::*;
+use rrt_model::Llama;
+
+use super::plan::{StepPlan, Unit};
+use crate::error::EngineError;
+use crate::exit::{cosine, Verdict};
+use crate::sequence::Seq;
+use crate::stats::EngineStats;
+use crate::trace::ExitTrace;
+
+/// What a unit does after this step's pass, as far as it is known before the exit head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Decision {
+    /// Runs its next loop in a later step.
+    Continue,
+    /// Leaves early: its policy is confident after `after` loops.
+    Exit { after: usize },
+    /// Ran the last loop.
+    Finish,
+    /// Its policy reads the exit head's logits to decide.
+    NeedsHead,
+}
+
+/// What a unit does, decided.
+pub(super) enum Outcome {
+    Continue,
+    /// Leaves the block after `after` loops; `logits` (of its last row) when it samples.
+    Leave {
+        after: usize,
+        logits: Option<Vec<f32>>,
+    },
+}
+
+/// The decision of each unit of `plan` (in unit order) after the pass `x_in` -> `x`.
+pub(super) fn decide(
+    running: &[Seq],
+    plan: &StepPlan,
+    trace: &ExitTrace,
+    loops: usize,
+    (x_in, x): (&Tensor, &Tensor),
+) -> Result<Vec<Decision>, EngineError> {
+    plan.units
+        .iter()
+        .map(|u| {
+            let s = &running[u.seq];
+            let after = u.flight.loops_done + 1;
+            if after == loops {
+                return Ok(Decision::Finish);
+            }
+            // Prompt chunks never exit: their K/V is needed at every loop.
+            let Some(index) = s.generated_index(&u.flight) else {
+                return Ok(Decision::Continue);
+            };
+            let row_cosine = || -> Result<f32, EngineError> {
+                let r = u.last_row();
+                let a = x_in.narrow(0, r, 1)?.flatten_all()?.to_vec1::<f32>()?;
+                let b = x.narrow(0, r, 1)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(cosine(&a, &b))
+            };
+            Ok(
+                match s.exit.verdict(trace, (s.id, index), after, row_cosine)? {
+                    Verdict::Stay => Decision::Continue,
+                    Verdict::Leave => Decision::Exit { after },
+                    Verdict::ReadHead => Decision::NeedsHead,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Runs the exit head once for every unit that needs logits and settles each decision.
+pub(super) fn settle(
+    model: &Llama,
+    running: &[Seq],
+    plan: &StepPlan,
+    decisions: Vec<Decision>,
+    x: &Tensor,
+    (trace, stats): (&mut ExitTrace, &mut EngineStats),
+) -> Result<Vec<Outcome>, EngineError> {
+    let units = &plan.units;
+    let wants: Vec<bool> = units
+        .iter()
+        .zip(&decisions)
+        .map(|(u, d)| match d {
+            Decision::NeedsHead => true,
+            Decision::Exit { .. } | Decision::Finish => running[u.seq].samples_after(&u.flight),
+            Decision::Continue => false,
+        })
+        .collect();
+    let logits = head(model, x, units, &wants, stats)?;
+    // Policies read their rows' logits on the compute pool (a softmax over the vocabulary each).
+    let policies: Vec<_> = units.iter().map(|u| running[u.seq].exit).collect();
+    let exits: Vec<bool> = (&decisions, &logits, &policies)
+        .into_par_iter()
+        .map(|(d, l, p)| *d == Decision::NeedsHead && l.as_deref().is_some_and(|l| p.exits_on(l)))
+        .collect();
+    let settled = units.iter().zip(decisions).zip(logits).zip(exits);
+    Ok(settled
+        .map(|(((u, d), logits), exit)| {
+            let after = u.flight.loops_done + 1;
+            match d {
+                Decision::Continue => Outcome::Continue,
+                Decision::Exit { after } => Outcome::Leave { after, logits },
+                Decision::Finish => Outcome::Leave { after, logits },
+                Decision::NeedsHead if exit => Outcome::Leave { after, logits },
+                Decision::NeedsHead => {
+                    let s = &running[u.seq];
+                    if let (Some(index), Some(l)) = (s.generated_index(&u.flight), &logits) {
+                        s.exit.observe(trace, (s.id, index), l);
+                    }
+                    Outcome::Continue
+                }
+            }
+        })
+        .collect())
+}
+
+/// Exit-head logits of the last row of each unit that `wants` them (`None` for the others);
+/// one call, so the head's weight is read once per step. Timed and counted.
+fn head(
+    model: &Llama,
+    x: &Tensor,
+    units: &[Unit],
+    wants: &[bool],
+    stats: &mut EngineStats,
+) -> Result<Vec<Option<Vec<f32>>>, EngineError> {
+    let rows: Vec<u32> = units
+        .iter()
+        .zip(wants)
+        .filter(|(_, &w)| w)
+        .map(|(u, _)| u.last_row() as u32)
+        .collect();
+    if rows.is_empty() {
+        return Ok(vec![None; units.len()]);
+    }
+    let started = Instant::now();
+    let picked = x.index_select(&Tensor::new(rows.as_slice(), x.device())?, 0)?;
+    let mut logits = model.logits(&picked)?.to_vec2::<f32>()?.into_iter();
+    stats.head_rows += rows.len() as u64;
+    stats.time.head += started.elapsed();
+    Ok(wants
+        .iter()
+        .map(|&w| if w { logits.next() } else { None })
+        .collect())
+}
