@@ -2,6 +2,8 @@
 //! held-out text live (fetched through the Makefile when missing, never silently skipped), and
 //! how to run the real `rrt` binary; [`cluster`] starts the services in-process.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;

@@ -3,6 +3,8 @@
 //! choices to the faster worker. Then the coordinator goes away and the router keeps serving on
 //! its own view (least outstanding).
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 

@@ -3,6 +3,8 @@
 //! One cluster is shared by the tests of this file (its own runtime); tests that need other
 //! settings start their own router on it.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::OnceLock;

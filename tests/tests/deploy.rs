@@ -3,6 +3,8 @@
 //! lists every manifest in the folder. (The dashboard's and the rules' metric names are checked
 //! against a running cluster's exports in `cluster.rs`.)
 
+#![forbid(unsafe_code)]
+
 use std::process::Command;
 
 use rrt_tests::{ensure, root};

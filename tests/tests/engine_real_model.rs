@@ -2,6 +2,8 @@
 //! requests through continuous depth-wise batching (and sequence-wise) equal one-at-a-time
 //! generation token for token.
 
+#![forbid(unsafe_code)]
+
 use std::sync::mpsc::channel;
 
 use candle_core::DType;

@@ -1,6 +1,8 @@
 //! The bundled SmolLM2-135M GGUF, end to end: tokenizer and logits against what `transformers`
 //! computes from the same file, greedy generation through the real `rrt` binary, and perplexity.
 
+#![forbid(unsafe_code)]
+
 use candle_core::DType;
 use rrt_model::{BatchItem, Logits};
 use rrt_tests::{kjv_heldout, rrt, smollm2_gguf, stderr, stdout};

@@ -2,6 +2,8 @@
 //! library: full-rank relaxation with per-loop norms reproduces the source's logits, converted
 //! directories load everywhere, and bad requests are clear errors.
 
+#![forbid(unsafe_code)]
+
 use candle_core::DType;
 use rrt_model::recursive::convert::{convert, ConvertOptions};
 use rrt_model::recursive::mapping::Init;

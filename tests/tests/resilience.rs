@@ -2,6 +2,8 @@
 //! the router follows the new one; a worker process drains on SIGTERM (readiness NOT_SERVING,
 //! new work refused, in-flight streams finish) and exits cleanly.
 
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

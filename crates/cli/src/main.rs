@@ -1,6 +1,8 @@
 //! `rrt`: the command-line front end. Each subcommand lives in its own module; this file only
 //! parses arguments, sets up logging and reports errors.
 
+#![forbid(unsafe_code)]
+
 mod bench;
 mod convert;
 mod eval;

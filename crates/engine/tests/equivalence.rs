@@ -4,6 +4,8 @@
 //! cancellation frees KV, requests that cannot run fail clearly, and with exits from a fixed
 //! trace depth-wise batching equals a sequential reference that applies the same exits.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver};
 

@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::kernels::{axpy, exp_fast, has_avx2_fma, has_avx512};
+use crate::kernels::{axpy, exp_fast, Isa, Supported};
 use crate::kv_cache::{LayerKv, KV_BLOCK};
 use crate::rope::Rope;
 
@@ -81,6 +81,17 @@ pub fn attention(
     dims: AttnDims,
     rope: &Rope,
 ) -> Vec<f32> {
+    attention_on(Supported::best(), qkv, segments, dims, rope)
+}
+
+/// [`attention`] on a given instruction set of this CPU (tests compare them).
+pub fn attention_on(
+    isa: Supported,
+    qkv: &mut [f32],
+    segments: &mut [AttnSegment<'_>],
+    dims: AttnDims,
+    rope: &Rope,
+) -> Vec<f32> {
     let (q_dim, kv_dim) = (dims.q_dim(), dims.kv_dim());
     let width = q_dim + 2 * kv_dim;
     let total_rows = qkv.len() / width;
@@ -107,7 +118,7 @@ pub fn attention(
         .par_iter()
         .map(|t| {
             let mut out = vec![0f32; t.rows.len() * dims.group() * dims.head_dim];
-            run_task(t, qkv, width, caches[t.segment], dims, &mut out);
+            run_task(isa, t, qkv, width, caches[t.segment], dims, &mut out);
             out
         })
         .collect();
@@ -126,21 +137,30 @@ pub fn attention(
     out
 }
 
-fn run_task(t: &Task, qkv: &[f32], width: usize, cache: &LayerKv, dims: AttnDims, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if has_avx512() {
-            // SAFETY: AVX-512F was detected at run time.
-            return unsafe { attend_avx512(t, qkv, width, cache, dims, out) };
-        }
-        if has_avx2_fma() {
-            // SAFETY: AVX2 and FMA were detected at run time.
-            return unsafe { attend_avx2(t, qkv, width, cache, dims, out) };
-        }
+fn run_task(
+    isa: Supported,
+    t: &Task,
+    qkv: &[f32],
+    width: usize,
+    cache: &LayerKv,
+    dims: AttnDims,
+    out: &mut [f32],
+) {
+    match isa.isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F runs on this CPU (only detection makes a `Supported`).
+        Isa::Avx512 => unsafe { attend_avx512(t, qkv, width, cache, dims, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA run on this CPU (as above).
+        Isa::Avx2 => unsafe { attend_avx2(t, qkv, width, cache, dims, out) },
+        _ => attend::<false>(t, qkv, width, cache, dims, out),
     }
-    attend::<false>(t, qkv, width, cache, dims, out)
 }
 
+/// [`attend`] compiled for AVX-512F.
+///
+/// # Safety
+/// The CPU supports AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn attend_avx512(
@@ -154,6 +174,10 @@ unsafe fn attend_avx512(
     attend::<true>(t, qkv, width, cache, dims, out)
 }
 
+/// [`attend`] compiled for AVX2 with FMA.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2(
@@ -246,6 +270,146 @@ fn attend<const FMA: bool>(
                         axpy::<FMA>(p * inv, cache.v_row(j, kv_off, d), o);
                     }
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::Supported;
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// Causal GQA attention in f64 over a whole sequence: `qkv` rows are unrotated; RoPE
+    /// (half-split) computed here from its definition. Returns `[positions, q_dim]`.
+    fn reference(qkv: &[f32], dims: AttnDims, theta: f64) -> Vec<f64> {
+        let (d, q_dim, kv_dim) = (dims.head_dim, dims.q_dim(), dims.kv_dim());
+        let width = q_dim + 2 * kv_dim;
+        let n = qkv.len() / width;
+        let rotate = |x: &[f32], pos: usize| -> Vec<f64> {
+            let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            for head in out.chunks_exact_mut(d) {
+                for i in 0..d / 2 {
+                    let angle = pos as f64 * theta.powf(-2.0 * i as f64 / d as f64);
+                    let (a, b) = (head[i], head[i + d / 2]);
+                    head[i] = a * angle.cos() - b * angle.sin();
+                    head[i + d / 2] = b * angle.cos() + a * angle.sin();
+                }
+            }
+            out
+        };
+        let q: Vec<Vec<f64>> = (0..n)
+            .map(|t| rotate(&qkv[t * width..t * width + q_dim], t))
+            .collect();
+        let k: Vec<Vec<f64>> = (0..n)
+            .map(|t| rotate(&qkv[t * width + q_dim..t * width + q_dim + kv_dim], t))
+            .collect();
+        let v = |t: usize| &qkv[t * width + q_dim + kv_dim..(t + 1) * width];
+        let mut out = vec![0f64; n * q_dim];
+        for t in 0..n {
+            for h in 0..dims.heads {
+                let kvh = h / dims.group();
+                let qh = &q[t][h * d..(h + 1) * d];
+                let scores: Vec<f64> = (0..=t)
+                    .map(|j| {
+                        let kj = &k[j][kvh * d..(kvh + 1) * d];
+                        qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (j, p) in e.iter().enumerate() {
+                    for i in 0..d {
+                        out[t * q_dim + h * d + i] += p / z * v(j)[kvh * d + i] as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Two sequences in one batch, each run as a prefill and then a few more rows against its
+    /// cache (long enough to span several K blocks and query chunks), against the reference, on
+    /// every instruction set this CPU runs and every head size with a path of its own.
+    #[test]
+    fn attention_matches_an_f64_reference_on_every_instruction_set_here() {
+        let theta = 10_000.0;
+        for head_dim in [16, 24, 64] {
+            let dims = AttnDims {
+                heads: 4,
+                kv_heads: 2,
+                head_dim,
+            };
+            let width = dims.q_dim() + 2 * dims.kv_dim();
+            let rope = Rope::new(head_dim, theta, 128);
+            // Sequence lengths and where each splits into prefill + continuation.
+            let seqs = [(37usize, 20usize), (19, 16)];
+            let texts: Vec<Vec<f32>> = seqs
+                .iter()
+                .enumerate()
+                .map(|(i, &(n, _))| pseudo_random(n * width, (head_dim * 10 + i) as u64))
+                .collect();
+            let want: Vec<Vec<f64>> = texts.iter().map(|t| reference(t, dims, theta)).collect();
+            for &isa in Supported::all() {
+                let mut caches: Vec<LayerKv> =
+                    seqs.iter().map(|_| LayerKv::new(dims.kv_dim())).collect();
+                let mut worst = 0f64;
+                for part in 0..2 {
+                    let spans: Vec<Range<usize>> = seqs
+                        .iter()
+                        .map(|&(n, split)| if part == 0 { 0..split } else { split..n })
+                        .collect();
+                    let mut qkv: Vec<f32> = spans
+                        .iter()
+                        .zip(&texts)
+                        .flat_map(|(s, t)| t[s.start * width..s.end * width].iter().copied())
+                        .collect();
+                    let mut row = 0;
+                    let mut segments: Vec<AttnSegment<'_>> = spans
+                        .iter()
+                        .zip(caches.iter_mut())
+                        .map(|(s, cache)| {
+                            row += s.len();
+                            AttnSegment {
+                                rows: row - s.len()..row,
+                                start: s.start,
+                                cache,
+                            }
+                        })
+                        .collect();
+                    let got = attention_on(isa, &mut qkv, &mut segments, dims, &rope);
+                    let mut row = 0;
+                    for (s, w) in spans.iter().zip(&want) {
+                        for t in s.clone() {
+                            let g = &got[row * dims.q_dim()..(row + 1) * dims.q_dim()];
+                            let r = &w[t * dims.q_dim()..(t + 1) * dims.q_dim()];
+                            for (a, b) in g.iter().zip(r) {
+                                worst = worst.max((*a as f64 - b).abs());
+                            }
+                            row += 1;
+                        }
+                    }
+                }
+                assert!(
+                    worst < 1e-5,
+                    "{} head_dim {head_dim}: max error {worst}",
+                    isa.isa().name()
+                );
             }
         }
     }

@@ -1,5 +1,7 @@
 //! Broken model files give typed errors that name the file and the field or tensor, never a panic.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;

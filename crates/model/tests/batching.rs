@@ -1,6 +1,8 @@
 //! Batching must not change results: one forward over several sequences of different lengths
 //! and offsets equals each sequence run alone, through prefill and incremental decode.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::load_tiny;

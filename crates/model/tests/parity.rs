@@ -1,6 +1,8 @@
 //! The decoder against an independent implementation: logits recorded by Hugging Face
 //! `transformers` (scripts/make_fixtures.py) for two tiny random Llama models.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::{fixture, load_tiny, max_diff};

@@ -2,6 +2,8 @@
 //! reproduces the source, rank 0 is exactly the pure recursive model (the shared block looped),
 //! converted models survive a save/load round trip, and batching still does not change results.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use candle_core::DType;

@@ -6,6 +6,8 @@
 //! - [`registry`]: the plain state and the score; [`service`]: the gRPC service and the
 //!   publisher; [`server`]: start-up and shutdown; [`config`]: flags.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod registry;
 pub mod server;

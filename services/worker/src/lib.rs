@@ -8,6 +8,8 @@
 //! - [`reporter`]: registration with the coordinator and periodic load reports;
 //! - [`metrics`]: Prometheus series; [`server`]: start-up and SIGTERM drain.
 
+#![forbid(unsafe_code)]
+
 pub mod actor;
 pub mod config;
 pub mod error;

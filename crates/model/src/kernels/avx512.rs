@@ -20,7 +20,7 @@ pub const NR: usize = 4;
 /// The CPU must support AVX-512F; `x` is `[m, k]` with `rows.end <= m`; `c` is `[m, ldc]` with
 /// `ldc == w.n()`; no other thread writes this block of C.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn matmul_block(
+pub(super) unsafe fn matmul_block(
     x: &[f32],
     w: &PackedWeight,
     rows: Range<usize>,
@@ -43,13 +43,21 @@ pub unsafe fn matmul_block(
                 ((p - panels.start) / NR * rows.len().div_ceil(MR) + tile_index) * k * PANEL;
             let pf = next.get(pf_start..).unwrap_or(&[]);
             tile_index += 1;
-            let xp = x.as_ptr().add(r * k);
-            let cp = c.add(r * n + p * PANEL);
-            let wp = w.panel_ptr(p);
+            // SAFETY: row `r` < m and panel `p` < w.panels() (the caller's ranges), so the
+            // pointers stay inside `x`, `c` and the packed weight.
+            let (xp, cp, wp) = unsafe {
+                (
+                    x.as_ptr().add(r * k),
+                    c.add(r * n + p * PANEL),
+                    w.panel_ptr(p),
+                )
+            };
             macro_rules! dispatch {
                 ($($a:literal $b:literal),*) => {
                     match (mr, nr) {
-                        $(($a, $b) => tile::<$a, $b>(xp, k, wp, cp, n, cols_valid, pf),)*
+                        // SAFETY: a tile of `mr` <= rows left x `nr` <= panels left, inside the
+                        // caller's block; AVX-512F runs here (the caller's promise).
+                        $(($a, $b) => unsafe { tile::<$a, $b>(xp, k, wp, cp, n, cols_valid, pf) },)*
                         _ => unreachable!("tile sizes are 1..=MR x 1..=NR"),
                     }
                 };
@@ -62,6 +70,13 @@ pub unsafe fn matmul_block(
     }
 }
 
+/// One `R` x `P` tile: `R` rows of X (stride `k`) times `P` panels from `w`, stored to `c`
+/// (stride `ldc`), columns clipped to `cols_valid`; prefetches one line of `prefetch` per step.
+///
+/// # Safety
+/// The CPU supports AVX-512F; `x` holds `R` rows of `k` floats; `w` holds `P` panels of
+/// `k * PANEL` floats; `c` has `R` rows of `ldc` floats with room for `min(cols_valid, P *
+/// PANEL)` columns each; no other thread writes them.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile<const R: usize, const P: usize>(
@@ -78,14 +93,17 @@ unsafe fn tile<const R: usize, const P: usize>(
     let pf_steps = (prefetch.len() / PANEL).min(k);
     for kk in 0..k {
         if kk < pf_steps {
-            _mm_prefetch::<_MM_HINT_T1>(prefetch.as_ptr().add(kk * PANEL) as *const i8);
+            // SAFETY: `kk * PANEL` < `prefetch.len()` (pf_steps); a prefetch never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(prefetch.as_ptr().add(kk * PANEL) as *const i8) };
         }
         let mut wv = [_mm512_setzero_ps(); P];
         for (b, v) in wv.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(w.add(b * panel_stride + kk * PANEL));
+            // SAFETY: panel `b` < P, step `kk` < k: 16 floats inside `w`.
+            *v = unsafe { _mm512_loadu_ps(w.add(b * panel_stride + kk * PANEL)) };
         }
         for (a, row) in acc.iter_mut().enumerate() {
-            let xv = _mm512_set1_ps(*x.add(a * k + kk));
+            // SAFETY: row `a` < R, column `kk` < k: inside `x`.
+            let xv = _mm512_set1_ps(unsafe { *x.add(a * k + kk) });
             for (b, v) in row.iter_mut().enumerate() {
                 *v = _mm512_fmadd_ps(xv, wv[b], *v);
             }
@@ -97,12 +115,16 @@ unsafe fn tile<const R: usize, const P: usize>(
             if col >= cols_valid {
                 break;
             }
-            let dst = c.add(a * ldc + col);
-            if cols_valid - col >= PANEL {
-                _mm512_storeu_ps(dst, *v);
-            } else {
-                let mask: __mmask16 = ((1u32 << (cols_valid - col)) - 1) as u16;
-                _mm512_mask_storeu_ps(dst, mask, *v);
+            // SAFETY: row `a` < R; columns `col..` up to `cols_valid` are inside `c`'s row
+            // (the caller's promise); the masked store writes only those.
+            unsafe {
+                let dst = c.add(a * ldc + col);
+                if cols_valid - col >= PANEL {
+                    _mm512_storeu_ps(dst, *v);
+                } else {
+                    let mask: __mmask16 = ((1u32 << (cols_valid - col)) - 1) as u16;
+                    _mm512_mask_storeu_ps(dst, mask, *v);
+                }
             }
         }
     }

@@ -4,46 +4,20 @@
 //! attention over per-sequence KV caches of different lengths (one small op per sequence would
 //! cost more in dispatch than in arithmetic). Each kernel has a test against a plain reference.
 //!
-//! Instruction sets are picked at run time, so one binary runs everywhere: an AVX-512
+//! Instruction sets are picked at run time ([`isa`]), so one binary runs everywhere: an AVX-512
 //! micro-kernel over pre-packed weights ([`packed`]) where the CPU has it, else generic loops
-//! instantiated once with AVX2+FMA and once for the baseline target.
+//! instantiated once with AVX2+FMA and once for the baseline target. Every path of every kernel
+//! is tested against an f64 reference on each instruction set the host runs.
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod isa;
 pub mod packed;
 
+pub use isa::{Isa, Supported};
 pub use packed::{PackedWeight, PANEL};
 
 use rayon::prelude::*;
-
-/// Whether the CPU has AVX-512F (checked once).
-pub(crate) fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Whether the CPU has AVX2 and FMA (checked once).
-pub(crate) fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 /// `e^x`, written so 16 of them vectorize: Cody-Waite range reduction to `r` in [-ln2/2, ln2/2],
 /// a degree-6 polynomial, and the power of two put straight into the exponent bits. Relative
@@ -100,23 +74,25 @@ pub(crate) fn axpy<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// Rows of X per parallel task (a multiple of the micro-kernel's 6 rows).
 const ROW_BLOCK: usize = 96;
 
+/// The output buffer, shared by the tasks of one matmul.
 struct OutPtr(*mut f32);
-// SAFETY: every task writes a disjoint block of the output (its rows x its panels).
+// SAFETY: every task writes a disjoint block of the output (its rows x its panels), and the
+// buffer outlives the parallel section.
 unsafe impl Sync for OutPtr {}
 
 /// `y = x w^T` for `x` (`[m, k]`, row-major) and a packed weight (`[n, k]`): returns `[m, n]`.
 /// Work is split over blocks of rows and of output panels, so one row (batch-1 decode) still
 /// spreads the weight over every core.
 pub fn matmul(x: &[f32], m: usize, w: &PackedWeight) -> Vec<f32> {
-    matmul_with(x, m, w, has_avx512())
+    matmul_on(Supported::best(), x, m, w)
 }
 
-/// [`matmul`] with the instruction set chosen by the caller (`false` forces the generic path).
-pub fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, avx512: bool) -> Vec<f32> {
+/// [`matmul`] on a given instruction set of this CPU (tests and benchmarks compare them).
+pub fn matmul_on(isa: Supported, x: &[f32], m: usize, w: &PackedWeight) -> Vec<f32> {
     assert_eq!(x.len(), m * w.k(), "x is not [m, k]");
     let n = w.n();
-    // Every element is written exactly once below (each task owns its rows x panels, and both
-    // micro-kernels store every valid column), so the buffer is not zeroed first.
+    // Every element is written exactly once below (each task owns its rows x panels, and every
+    // micro-kernel stores every valid column), so the buffer is not zeroed first.
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let panels = w.panels();
     // Enough column groups for both cores to stay busy on narrow weights; wide tiles otherwise.
@@ -137,16 +113,11 @@ pub fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, avx512: bool) -> Vec<f
         let ptr = &ptr;
         for g in run_index * run..((run_index + 1) * run).min(groups) {
             let cols = g * group..((g + 1) * group).min(panels);
-            #[cfg(target_arch = "x86_64")]
-            if avx512 {
-                let next_cols = cols.end..(cols.end + group).min(panels);
-                let next = w.panels_data(next_cols);
-                // SAFETY: AVX-512F was detected; shapes were checked; blocks are disjoint.
-                unsafe { avx512::matmul_block(x, w, rows.clone(), cols, next, ptr.0) };
-                continue;
-            }
-            // SAFETY: as above, blocks are disjoint and inside `out`.
-            unsafe { generic_block(x, w, rows.clone(), cols, ptr.0) }
+            let next = w.panels_data(cols.end..(cols.end + group).min(panels));
+            // SAFETY: `isa` runs on this CPU (only detection makes a `Supported`); `x` is
+            // `[m, k]` (asserted above) and `rows` lie within it; `out` has room for `[m, n]`;
+            // this task is the only writer of block `rows` x `cols`.
+            unsafe { matmul_block(isa, x, w, rows.clone(), cols, next, ptr.0) };
         }
     });
     // SAFETY: all m * n elements were initialised by the tasks above.
@@ -154,21 +125,36 @@ pub fn matmul_with(x: &[f32], m: usize, w: &PackedWeight, avx512: bool) -> Vec<f
     out
 }
 
-/// The portable micro-kernel: one row against one panel at a time, 16 lanes of accumulators.
-unsafe fn generic_block(
+/// `C[rows, panels] = x[rows] W[panels]^T` with the instruction set's kernel.
+///
+/// # Safety
+/// `isa` runs on this CPU; `x` is `[m, w.k()]` with `rows.end <= m`; `c` points to a buffer of
+/// `[m, w.n()]` floats; no other thread writes this block of it.
+unsafe fn matmul_block(
+    isa: Supported,
     x: &[f32],
     w: &PackedWeight,
     rows: std::ops::Range<usize>,
     panels: std::ops::Range<usize>,
+    next: &[f32],
     c: *mut f32,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        return generic_block_avx2(x, w, rows, panels, c);
+    match isa.isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F runs here (`isa`); the shapes and the block are the caller's promise.
+        Isa::Avx512 => unsafe { avx512::matmul_block(x, w, rows, panels, next, c) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA run here (`isa`); the rest is the caller's promise.
+        Isa::Avx2 => unsafe { generic_block_avx2(x, w, rows, panels, c) },
+        // SAFETY: the caller's promise.
+        _ => unsafe { generic_block::<false>(x, w, rows, panels, c) },
     }
-    generic_block_impl::<false>(x, w, rows, panels, c)
 }
 
+/// [`generic_block`] compiled for AVX2 with FMA.
+///
+/// # Safety
+/// The CPU runs AVX2 and FMA; otherwise as [`generic_block`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn generic_block_avx2(
@@ -178,11 +164,17 @@ unsafe fn generic_block_avx2(
     panels: std::ops::Range<usize>,
     c: *mut f32,
 ) {
-    generic_block_impl::<true>(x, w, rows, panels, c)
+    // SAFETY: the caller's promise.
+    unsafe { generic_block::<true>(x, w, rows, panels, c) }
 }
 
+/// The portable micro-kernel: one row against one panel at a time, 16 lanes of accumulators.
+///
+/// # Safety
+/// `x` is `[m, w.k()]` with `rows.end <= m`; `c` points to `[m, w.n()]` floats; no other
+/// thread writes block `rows` x `panels` of it.
 #[inline(always)]
-unsafe fn generic_block_impl<const FMA: bool>(
+unsafe fn generic_block<const FMA: bool>(
     x: &[f32],
     w: &PackedWeight,
     rows: std::ops::Range<usize>,
@@ -199,7 +191,9 @@ unsafe fn generic_block_impl<const FMA: bool>(
             for (kk, &xv) in xr.iter().enumerate() {
                 axpy::<FMA>(xv, &panel[kk * PANEL..(kk + 1) * PANEL], &mut acc);
             }
-            std::ptr::copy_nonoverlapping(acc.as_ptr(), c.add(r * n + p * PANEL), valid);
+            // SAFETY: row `r` < m and columns `p * PANEL .. + valid` <= n lie inside `c`, in
+            // this task's block.
+            unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), c.add(r * n + p * PANEL), valid) };
         }
     }
 }
@@ -261,7 +255,7 @@ mod tests {
     }
 
     #[test]
-    fn matmul_matches_reference_for_odd_shapes_on_both_paths() {
+    fn matmul_matches_an_f64_reference_on_every_instruction_set_here() {
         let shapes = [
             (1, 576, 1536),
             (3, 67, 101),
@@ -278,10 +272,11 @@ mod tests {
             let packed = PackedWeight::pack(&w, n, k);
             assert_eq!(packed.unpack(), w, "pack/unpack round trip");
             let want = reference(&x, m, k, &w, n);
-            for (path, got) in [
-                ("dispatched", matmul(&x, m, &packed)),
-                ("generic", matmul_with(&x, m, &packed, false)),
-            ] {
+            let paths = Supported::all()
+                .iter()
+                .map(|&isa| (isa.isa().name(), matmul_on(isa, &x, m, &packed)))
+                .chain([("dispatched", matmul(&x, m, &packed))]);
+            for (path, got) in paths {
                 let diff = got
                     .iter()
                     .zip(&want)
