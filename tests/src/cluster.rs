@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use rrt_coordinator::{CoordinatorArgs, RunningCoordinator};
@@ -122,15 +122,11 @@ pub async fn router(coordinator: Option<SocketAddr>, extra: &[&str]) -> Service<
 
 /// Waits until the router knows `n` workers (from the coordinator's view or `--worker`).
 pub async fn wait_for_workers(router: &RunningRouter, n: usize) {
-    let started = Instant::now();
-    while router.pool.slots().len() < n {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the router saw {} of {n} workers after 20 s",
-            router.pool.slots().len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("the router to know {n} workers");
+    crate::eventually(Duration::from_secs(60), &what, || async {
+        (router.pool.slots().len() >= n).then_some(())
+    })
+    .await
 }
 
 pub async fn client(addr: SocketAddr) -> GenerationClient<Channel> {
@@ -185,6 +181,29 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut body = String::new();
     s.read_to_string(&mut body).await.expect("read");
     body
+}
+
+/// The sum of the series `name{labels}` on the metrics endpoint `addr`. Every service of a test
+/// process exports the same process-wide registry, so compare values of one endpoint before
+/// and after, never sums over endpoints.
+pub async fn metric_at(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
+    metric(&scrape(addr).await, name, labels)
+}
+
+/// Waits until `name{labels}` on `addr` has grown by at least `by` over `before`; returns it.
+pub async fn wait_for_metric(
+    addr: SocketAddr,
+    name: &str,
+    labels: &[&str],
+    before: f64,
+    by: f64,
+) -> f64 {
+    let what = format!("{name}{labels:?} to grow by {by} from {before}");
+    crate::eventually(Duration::from_secs(30), &what, || async {
+        let now = metric_at(addr, name, labels).await;
+        (now - before >= by).then_some(now)
+    })
+    .await
 }
 
 /// The value of the series `name{labels}` in a scrape (labels as Prometheus prints them, e.g.

@@ -4,9 +4,11 @@
 
 #![forbid(unsafe_code)]
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 pub mod cluster;
 
@@ -112,4 +114,25 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Waits for a condition instead of a fixed time: polls `check` until it gives `Some(value)`
+/// and returns the value, or panics naming `what` once `timeout` has passed (a bound on a hang,
+/// not a speed requirement: tests pass on a loaded machine).
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited {timeout:?} for {what}, in vain"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use rrt_proto::v1 as pb;
 use rrt_proto::v1::worker_client::WorkerClient;
-use rrt_tests::cluster::{self, greedy, metric, scrape, stream};
+use rrt_tests::cluster::{self, greedy, metric_at, stream};
+use rrt_tests::eventually;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,23 +26,29 @@ async fn workers_rejoin_a_restarted_coordinator_and_the_router_follows_it() {
     c.running.task.await.unwrap().unwrap();
     // A new coordinator on the same address knows nobody until the worker registers again.
     let c2 = cluster::coordinator(&["--listen", &addr.to_string()]).await;
-    let started = Instant::now();
-    while c2.running.registry.get("rejoin").is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the worker never re-registered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // The router reconnects and picks by score again.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let restarted = Instant::now();
+    let wait = Duration::from_secs(30);
+    eventually(wait, "the worker to register again", || async {
+        c2.running.registry.get("rejoin").map(|_| ())
+    })
+    .await;
+    // The router reconnects: a view from the new coordinator, listing the worker.
+    let pool = &r.running.pool;
+    eventually(wait, "a view from the new coordinator", || async {
+        let fresh = pool.view_at().is_some_and(|t| t > restarted) && pool.is_fresh(Instant::now());
+        (fresh && !pool.slots().is_empty()).then_some(())
+    })
+    .await;
+    let (routed, p2c) = ("rrt_router_routed_total", ["policy=\"p2c_score\""]);
+    let before = metric_at(r.running.metrics_addr, routed, &p2c).await;
     let mut client = cluster::client(r.running.grpc_addr).await;
     let (ids, _, _, _) = stream(&mut client, greedy("Hello again", 4)).await.unwrap();
     assert_eq!(ids.len(), 4);
-    let m = scrape(r.running.metrics_addr).await;
-    assert!(
-        metric(&m, "rrt_router_routed_total", &["policy=\"p2c_score\""]) >= 1.0,
-        "{m}"
+    let after = metric_at(r.running.metrics_addr, routed, &p2c).await;
+    assert_eq!(
+        after - before,
+        1.0,
+        "picked by the new coordinator's scores"
     );
     drop(w);
 }
@@ -93,26 +100,19 @@ async fn a_worker_process_drains_on_sigterm() {
         .connect()
         .await
         .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let started = Instant::now();
-    loop {
-        let s = health
-            .check(tonic_health::pb::HealthCheckRequest {
+    let health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    eventually(Duration::from_secs(30), "health NOT_SERVING", || {
+        let mut health = health.clone();
+        async move {
+            let request = tonic_health::pb::HealthCheckRequest {
                 service: "rrt.v1.Worker".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
-        if s == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32 {
-            break;
+            };
+            let status = health.check(request).await.ok()?.into_inner().status;
+            (status == not_serving).then_some(())
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "health stayed SERVING"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     let refused = client
         .generate(greedy("Hello", 4))
         .await

@@ -30,53 +30,82 @@ impl TokenIds {
 /// `config.json` of a Hugging Face Llama-family checkpoint (the fields the decoder needs).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct HfLlamaConfig {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architectures: Option<Vec<String>>,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     pub vocab_size: usize,
     #[serde(default = "default_rms_eps")]
     pub rms_norm_eps: f64,
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
     /// transformers >= 5 writes `{"rope_theta": .., "rope_type": "default"}` here instead.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<serde_json::Value>,
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<TokenIds>,
     #[serde(default)]
     pub attention_bias: bool,
     #[serde(default)]
     pub mlp_bias: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden_act: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
     /// Present in models written by `rrt convert` (see `recursive::RecursiveMeta`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rrt_recursive: Option<serde_json::Value>,
 }
 
 impl HfLlamaConfig {
     /// Parses `config.json`; errors name the file and the field.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| ModelError::config(path, format!("invalid config: {e}")))
+        crate::json::read(path, "config")
+    }
+
+    /// The `config.json` of a Llama model with hyper-parameters `cfg` and `layers` layers (a
+    /// recursive model stores its K shared layers; the caller adds `rrt_recursive`).
+    pub fn from_model(cfg: &ModelConfig, layers: usize) -> Self {
+        Self {
+            model_type: Some("llama".into()),
+            architectures: Some(vec!["LlamaForCausalLM".into()]),
+            hidden_size: cfg.hidden_size,
+            intermediate_size: cfg.intermediate_size,
+            num_hidden_layers: layers,
+            num_attention_heads: cfg.num_heads,
+            num_key_value_heads: Some(cfg.num_kv_heads),
+            head_dim: Some(cfg.head_dim),
+            vocab_size: cfg.vocab_size,
+            rms_norm_eps: cfg.rms_norm_eps,
+            rope_theta: cfg.rope_theta,
+            rope_scaling: None,
+            rope_parameters: None,
+            max_position_embeddings: cfg.max_position_embeddings,
+            tie_word_embeddings: cfg.tie_word_embeddings,
+            bos_token_id: cfg.bos_token_id,
+            eos_token_id: Some(TokenIds::Many(cfg.eos_token_ids.clone())),
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: Some("silu".into()),
+            torch_dtype: Some("float32".into()),
+            rrt_recursive: None,
+        }
     }
 }
 
@@ -251,5 +280,34 @@ impl ModelConfig {
     /// Bytes of K and V per cached token over all layers, in f32.
     pub fn kv_bytes_per_token(&self) -> usize {
         self.num_layers * 2 * self.kv_dim() * std::mem::size_of::<f32>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_config_reads_back_as_the_same_model_config() {
+        let cfg = ModelConfig {
+            hidden_size: 64,
+            intermediate_size: 160,
+            num_layers: 6,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            vocab_size: 300,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100_000.0,
+            max_position_embeddings: 512,
+            tie_word_embeddings: true,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2, 3],
+        };
+        let text = serde_json::to_string(&HfLlamaConfig::from_model(&cfg, 6)).unwrap();
+        let back: HfLlamaConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(ModelConfig::from_hf(&back, Path::new("x")).unwrap(), cfg);
+        assert!(!text.contains("null"), "unset options are left out: {text}");
+        assert!(text.contains("\"torch_dtype\":\"float32\""), "{text}");
     }
 }

@@ -3,8 +3,8 @@
 //! one-sequence generation and perplexity loops that faster paths are checked against.
 //!
 //! Module map: [`config`] (hyper-parameters) · [`source`] (weight files) · [`load`] (detect and
-//! open) · [`decoder`] (the network) · [`attention`], [`rope`], [`linear`], [`kernels`] (its
-//! pieces) · [`kv_cache`] · [`tokenizer`], [`chat`] · [`sampling`] · [`generate`], [`perplexity`].
+//! open) · [`decoder`] (the network) · [`attention`], [`rope`], [`linear`], [`kernels`],
+//! [`projection`] (its pieces) · [`kv_cache`] · [`tokenizer`], [`chat`] · [`sampling`] · [`generate`], [`perplexity`].
 
 pub mod attention;
 pub mod chat;
@@ -12,11 +12,13 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod generate;
+pub mod json;
 pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod load;
 pub mod perplexity;
+pub mod projection;
 pub mod recursive;
 pub mod rope;
 pub mod runtime;
@@ -29,5 +31,6 @@ pub use decoder::{BatchItem, FillRows, LayerWeights, Llama, Logits, RowGroup};
 pub use error::{ModelError, Result};
 pub use kv_cache::{LayerKv, SeqCache};
 pub use load::{load, LoadedModel};
+pub use projection::{Fused, Projection};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{TextStream, Tokenizer};

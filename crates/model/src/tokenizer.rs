@@ -43,10 +43,7 @@ impl Tokenizer {
         let mut chat_template = None;
         let mut add_bos = false;
         if config_path.exists() {
-            let text = std::fs::read_to_string(&config_path)
-                .map_err(|e| ModelError::io(&config_path, e))?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::config(&config_path, format!("invalid JSON: {e}")))?;
+            let json: serde_json::Value = crate::json::read(&config_path, "JSON")?;
             if let Some(t) = json.get("chat_template").and_then(|t| t.as_str()) {
                 chat_template = Some(ChatTemplate::new(t)?);
             }
@@ -152,7 +149,7 @@ impl Tokenizer {
             "eos_token": name(self.eos.first().copied()),
             "chat_template": self.chat_template.as_ref().map(|t| t.source()),
         });
-        crate::recursive::save::write_json(&dir.join("tokenizer_config.json"), &config)
+        crate::json::write(&dir.join("tokenizer_config.json"), &config)
     }
 
     pub fn vocab_size(&self) -> usize {

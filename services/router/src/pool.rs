@@ -55,7 +55,10 @@ impl<T> Slot<T> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The coordinator's score plus the predicted cost of requests sent since.
+    /// Predicted seconds until one more request would be done here: the coordinator's score
+    /// (the worker's pending work over its measured speed), plus the requests this router sent
+    /// since that view and the new one itself, at that speed. Counting the new request makes an
+    /// idle slow worker lose to a fast one that has a little work.
     fn effective_score(&self, request_tokens: f64) -> f64 {
         let s = self.state();
         let since = self
@@ -67,7 +70,7 @@ impl<T> Slot<T> {
         } else {
             PRIOR_LOOP_STEPS_PER_SECOND
         };
-        s.score + since as f64 * request_tokens * s.expected_loops.max(1.0) / rate
+        s.score + (since + 1) as f64 * request_tokens * s.expected_loops.max(1.0) / rate
     }
 }
 
@@ -183,10 +186,14 @@ impl<T> Pool<T> {
         *self.view_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
     }
 
-    fn fresh(&self, now: Instant) -> bool {
-        self.view_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    /// When the latest coordinator view arrived (`None` before the first).
+    pub fn view_at(&self) -> Option<Instant> {
+        *self.view_at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the coordinator view is recent enough to pick by its scores.
+    pub fn is_fresh(&self, now: Instant) -> bool {
+        self.view_at()
             .is_some_and(|t| now.duration_since(t) <= self.stale_after)
     }
 
@@ -226,7 +233,7 @@ impl<T> Pool<T> {
         if candidates.is_empty() {
             return None;
         }
-        let (chosen, policy) = if self.fresh(now) {
+        let (chosen, policy) = if self.is_fresh(now) {
             let a = rng.random_range(0..candidates.len());
             let chosen = if candidates.len() == 1 {
                 &candidates[a]
@@ -316,6 +323,22 @@ mod tests {
             .slots()
             .iter()
             .all(|s| s.in_flight.load(Ordering::Relaxed) == 0));
+    }
+
+    #[test]
+    fn an_idle_slow_worker_loses_to_a_faster_one_with_a_little_work() {
+        let pool: Pool<()> = Pool::new(Duration::from_secs(2));
+        let t = Instant::now();
+        let mut v = view(&[("fast", 0.5), ("slow", 0.0)]);
+        v.workers[0].loop_steps_per_second = 1000.0;
+        v.workers[1].loop_steps_per_second = 100.0;
+        pool.apply_view(&v, t, |_| Some(()), |_| false);
+        let mut rng = StdRng::seed_from_u64(3);
+        // 64 tokens x 2 loops: 0.128 s more on the fast worker, 1.28 s on the slow one.
+        for _ in 0..4 {
+            let (g, _) = pool.pick("m", Some(64), t, None, &mut rng).unwrap();
+            assert_eq!(g.slot.id, "fast");
+        }
     }
 
     #[test]

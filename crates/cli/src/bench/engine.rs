@@ -284,9 +284,13 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     // Perplexity of the vanilla rows, scored in the first model's rounds.
     let mut vanilla_ppl: Option<[f64; 2]> = None;
     let k = src.layers.len() / loops;
+    let model_name = loaded
+        .path
+        .file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
     let mut plot = ThresholdPlot {
         title: format!(
-            "SmolLM2-135M as {k} x {loops} ({}): CDB with max-probability exits, {} prompts",
+            "{model_name} as {k} x {loops} ({}): CDB with max-probability exits, {} prompts",
             args.init, args.prompts
         ),
         throughput: vec![],

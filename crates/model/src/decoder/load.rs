@@ -7,54 +7,55 @@ use super::{LayerWeights, Llama};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::linear::Linear;
-use crate::recursive::lora::{projection_path, LayerLora, ProjLora, PROJECTIONS};
+use crate::projection::{Fused, Projection};
+use crate::recursive::lora::{LayerLora, ProjLora};
 use crate::recursive::mapping::check_shape;
 use crate::recursive::{LoopNorms, Recursion, RecursiveMeta};
 use crate::source::TensorSource;
 
-/// `[out, in]` of projection `p` (see [`PROJECTIONS`]).
-pub(crate) fn projection_shape(cfg: &ModelConfig, p: usize) -> [usize; 2] {
-    let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
-    match p {
-        0 => [cfg.q_dim(), h],
-        1 | 2 => [cfg.kv_dim(), h],
-        3 => [h, cfg.q_dim()],
-        4 | 5 => [f, h],
-        _ => [h, f],
-    }
-}
-
 impl LayerWeights {
-    /// Builds a layer from its 7 projections (in [`PROJECTIONS`] order) and two norms.
+    /// Builds a layer from its projections (indexed by [`Projection::index`]) and two norms.
     pub fn from_projections(
         proj: &[Tensor; 7],
         attn_norm: Tensor,
         mlp_norm: Tensor,
     ) -> Result<Self> {
+        let fuse = |f: Fused| -> Result<Linear> {
+            let parts: Vec<&Tensor> = f.parts().iter().map(|p| &proj[p.index()]).collect();
+            Ok(Linear::new(Tensor::cat(&parts, 0)?)?)
+        };
         Ok(Self {
             attn_norm,
-            qkv: Linear::new(Tensor::cat(&[&proj[0], &proj[1], &proj[2]], 0)?)?,
-            o: Linear::new(proj[3].clone())?,
+            qkv: fuse(Fused::Qkv)?,
+            o: fuse(Fused::O)?,
             mlp_norm,
-            gate_up: Linear::new(Tensor::cat(&[&proj[4], &proj[5]], 0)?)?,
-            down: Linear::new(proj[6].clone())?,
+            gate_up: fuse(Fused::GateUp)?,
+            down: fuse(Fused::Down)?,
         })
     }
 
-    /// The 7 projection weights, unfused, in [`PROJECTIONS`] order.
+    /// The fused weight `f`.
+    pub fn linear(&self, f: Fused) -> &Linear {
+        match f {
+            Fused::Qkv => &self.qkv,
+            Fused::O => &self.o,
+            Fused::GateUp => &self.gate_up,
+            Fused::Down => &self.down,
+        }
+    }
+
+    /// The projection weights, unfused, indexed by [`Projection::index`].
     pub fn projections(&self, cfg: &ModelConfig) -> Result<[Tensor; 7]> {
-        let (qd, kvd, f) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
-        let qkv = self.qkv.weight()?;
-        let gu = self.gate_up.weight()?;
-        Ok([
-            qkv.narrow(0, 0, qd)?,
-            qkv.narrow(0, qd, kvd)?,
-            qkv.narrow(0, qd + kvd, kvd)?,
-            self.o.weight()?,
-            gu.narrow(0, 0, f)?,
-            gu.narrow(0, f, f)?,
-            self.down.weight()?,
-        ])
+        // Fused weights list their parts in checkpoint order.
+        let mut out = Vec::with_capacity(7);
+        for f in Fused::ALL {
+            let w = self.linear(f).weight()?;
+            for p in f.parts() {
+                out.push(w.narrow(0, p.fused_offset(cfg), p.shape(cfg)[0])?);
+            }
+        }
+        out.try_into()
+            .map_err(|_| ModelError::InvalidInput("7 projections".into()))
     }
 }
 
@@ -73,9 +74,9 @@ impl Llama {
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
             let mut proj = Vec::with_capacity(7);
-            for (j, _) in PROJECTIONS.iter().enumerate() {
-                let name = format!("{p}.{}.weight", projection_path(j));
-                proj.push(src.load_shaped(&name, &projection_shape(&cfg, j), dtype)?);
+            for j in Projection::ALL {
+                let name = format!("{p}.{}.weight", j.path());
+                proj.push(src.load_shaped(&name, &j.shape(&cfg), dtype)?);
             }
             let proj: [Tensor; 7] = proj
                 .try_into()
@@ -151,12 +152,12 @@ fn load_recursion(
     let mut loop_norms = Vec::new();
     for l in 0..meta.source_layers {
         let mut layer = LayerLora::default();
-        for p in 0..PROJECTIONS.len() {
-            let base = format!("rrt.lora.{l}.{}", projection_path(p));
+        for p in Projection::ALL {
+            let base = format!("rrt.lora.{l}.{}", p.path());
             let a = src.load(&format!("{base}.lora_A.weight"), dtype)?;
             let b = src.load(&format!("{base}.lora_B.weight"), dtype)?;
-            let [out, inp] = projection_shape(cfg, p);
-            layer.proj[p] = match (a, b) {
+            let [out, inp] = p.shape(cfg);
+            layer.proj[p.index()] = match (a, b) {
                 (None, None) => None,
                 (Some(a), Some(b)) => {
                     let r = a.dim(0)?;

@@ -11,8 +11,6 @@
 
 mod load;
 
-pub(crate) use load::projection_shape;
-
 use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
@@ -23,6 +21,7 @@ use crate::error::{ModelError, Result};
 use crate::kernels::swiglu;
 use crate::kv_cache::SeqCache;
 use crate::linear::{with_f32_slice, Linear};
+use crate::projection::Fused;
 use crate::recursive::lora::{add_fused, LayerLora};
 use crate::recursive::Recursion;
 use crate::rope::Rope;
@@ -197,24 +196,23 @@ impl Llama {
         Ok(Tensor::cat(&parts, 0)?)
     }
 
-    /// A projection of the shared layer over all rows, plus each group's LoRA delta for the
-    /// projections `projs` (`(index, column, width)` in the fused output).
+    /// The shared layer's fused weight `f` over all rows, plus each group's LoRA deltas.
     fn project(
         &self,
-        linear: &Linear,
+        layer: &LayerWeights,
+        f: Fused,
         x: &Tensor,
         groups: &[RowGroup],
-        projs: &[(usize, usize, usize)],
     ) -> Result<Vec<f32>> {
         let rows = x.dim(0)?;
-        let width = linear.out_dim();
+        let linear = layer.linear(f);
         let k = linear.in_dim();
         with_f32_slice(x, |xs| -> Result<Vec<f32>> {
             let mut y = linear.forward_slice(xs, rows)?;
             for g in groups {
                 if let Some(lora) = self.lora(g.unrolled) {
                     let xg = &xs[g.rows.start * k..g.rows.end * k];
-                    add_fused(&mut y, width, g.rows.start, xg, g.rows.len(), lora, projs)?;
+                    add_fused(&mut y, g.rows.start, xg, lora, f, &self.cfg)?;
                 }
             }
             Ok(y)
@@ -254,13 +252,7 @@ impl Llama {
 
     /// The fused Q|K|V projection (with each group's LoRA) of normed rows `hn`.
     fn qkv(&self, layer: &LayerWeights, hn: &Tensor, groups: &[RowGroup]) -> Result<Vec<f32>> {
-        let (qd, kvd) = (self.cfg.q_dim(), self.cfg.kv_dim());
-        self.project(
-            &layer.qkv,
-            hn,
-            groups,
-            &[(0, 0, qd), (1, qd, kvd), (2, qd + kvd, kvd)],
-        )
+        self.project(layer, Fused::Qkv, hn, groups)
     }
 
     /// One decoder layer over a flattened batch `x [rows, hidden]`. `groups` cover the rows in
@@ -315,14 +307,14 @@ impl Llama {
         }
         let attn = attention(&mut qkv, segments, self.dims(), &self.rope);
         let attn = Tensor::from_vec(attn, (rows, qd), x.device())?;
-        let o = self.project(&layer.o, &attn, groups, &[(3, 0, h)])?;
+        let o = self.project(layer, Fused::O, &attn, groups)?;
         let x = (x + Tensor::from_vec(o, (rows, h), x.device())?)?;
 
         let hn = self.norm_groups(&x, groups, true)?;
-        let gu = self.project(&layer.gate_up, &hn, groups, &[(4, 0, f), (5, f, f)])?;
+        let gu = self.project(layer, Fused::GateUp, &hn, groups)?;
         let dev = x.device().clone();
         let act = Tensor::from_vec(swiglu(&gu, f), (rows, f), &dev)?;
-        let down = self.project(&layer.down, &act, groups, &[(6, 0, h)])?;
+        let down = self.project(layer, Fused::Down, &act, groups)?;
         Ok((x + Tensor::from_vec(down, (rows, h), &dev)?)?)
     }
 

@@ -6,12 +6,13 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::lora::{is_attention, LayerLora, ProjLora, PROJECTIONS};
+use super::lora::{LayerLora, ProjLora};
 use super::mapping::{check_shape, source_layers, Init};
 use super::svd::Factors;
 use super::{LoopNorms, Recursion, RecursiveMeta};
 use crate::decoder::{LayerWeights, Llama};
 use crate::error::{ModelError, Result};
+use crate::projection::Projection;
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -29,6 +30,7 @@ pub struct ConvertOptions {
     pub source: String,
 }
 
+/// Indexed by [`Projection::index`].
 type Projections = [Vec<f32>; 7];
 
 /// One layer's weights as plain row-major matrices.
@@ -86,15 +88,10 @@ impl<'a> Converter<'a> {
             .iter()
             .map(|l| {
                 let p = l.projections(&src.cfg)?;
-                let proj: Projections = [
-                    to_vec(&p[0])?,
-                    to_vec(&p[1])?,
-                    to_vec(&p[2])?,
-                    to_vec(&p[3])?,
-                    to_vec(&p[4])?,
-                    to_vec(&p[5])?,
-                    to_vec(&p[6])?,
-                ];
+                let proj: Vec<Vec<f32>> = p.iter().map(to_vec).collect::<Result<_>>()?;
+                let proj: Projections = proj
+                    .try_into()
+                    .map_err(|_| ModelError::InvalidInput("7 projections".into()))?;
                 Ok(PlainLayer {
                     proj,
                     attn_norm: to_vec(&l.attn_norm)?,
@@ -134,7 +131,7 @@ impl<'a> Converter<'a> {
 
     /// Jobs [`Converter::decompose`] runs (N x 7).
     pub fn svd_jobs(&self) -> usize {
-        self.depth() * PROJECTIONS.len()
+        self.depth() * Projection::ALL.len()
     }
 
     /// SVD of every residual; `progress` is called after each (from worker threads).
@@ -145,16 +142,16 @@ impl<'a> Converter<'a> {
         // faer's own threading is slower than one matrix per core here.
         faer::set_global_parallelism(faer::Par::Seq);
         let k = self.block;
-        let jobs: Vec<(usize, usize)> = (0..self.depth())
-            .flat_map(|l| (0..7).map(move |p| (l, p)))
+        let jobs: Vec<(usize, Projection)> = (0..self.depth())
+            .flat_map(|l| Projection::ALL.map(move |p| (l, p)))
             .collect();
         let done: Vec<Factors> = jobs
             .par_iter()
             .map(|&(l, p)| {
-                let w = &self.layers[l].proj[p];
-                let shared = &self.shared[l % k].proj[p];
+                let w = &self.layers[l].proj[p.index()];
+                let shared = &self.shared[l % k].proj[p.index()];
                 let residual: Vec<f32> = w.iter().zip(shared).map(|(a, b)| a - b).collect();
-                let [out, inp] = crate::decoder::projection_shape(&self.src.cfg, p);
+                let [out, inp] = p.shape(&self.src.cfg);
                 let f = Factors::new(&residual, out, inp);
                 progress();
                 f
@@ -189,10 +186,11 @@ impl<'a> Converter<'a> {
                      attn_norm: an,
                      mlp_norm: mn,
                  }| {
-                    let t: Vec<Tensor> = (0..7)
+                    let t: Vec<Tensor> = Projection::ALL
+                        .iter()
                         .map(|p| {
-                            let [o, i] = crate::decoder::projection_shape(cfg, p);
-                            tensor(&proj[p], (o, i))
+                            let [o, i] = p.shape(cfg);
+                            tensor(&proj[p.index()], (o, i))
                         })
                         .collect::<candle_core::Result<_>>()?;
                     let t: [Tensor; 7] = t
@@ -209,8 +207,12 @@ impl<'a> Converter<'a> {
         let mut lora = Vec::with_capacity(self.depth());
         for l in 0..self.depth() {
             let mut layer = LayerLora::default();
-            for p in 0..7 {
-                let rank = if is_attention(p) { rank_attn } else { rank_mlp };
+            for p in Projection::ALL {
+                let rank = if p.is_attention() {
+                    rank_attn
+                } else {
+                    rank_mlp
+                };
                 if rank == 0 {
                     continue;
                 }
@@ -219,11 +221,12 @@ impl<'a> Converter<'a> {
                         "LoRA rank > 0 needs the residual SVDs (decompose first)".into(),
                     )
                 })?;
-                let f = &factors[l][p];
+                let f = &factors[l][p.index()];
                 let (out, inp) = f.shape();
                 let r = rank.min(f.full_rank());
                 let (a, b) = f.lora(r);
-                layer.proj[p] = Some(ProjLora::new(tensor(&a, (r, inp))?, tensor(&b, (out, r))?)?);
+                layer.proj[p.index()] =
+                    Some(ProjLora::new(tensor(&a, (r, inp))?, tensor(&b, (out, r))?)?);
             }
             lora.push(layer);
         }
@@ -246,8 +249,8 @@ impl<'a> Converter<'a> {
         } else {
             Vec::new()
         };
-        let full = |r: usize, p: usize| {
-            let [o, i] = crate::decoder::projection_shape(cfg, p);
+        let full = |r: usize, p: Projection| {
+            let [o, i] = p.shape(cfg);
             r.min(o.min(i))
         };
         let meta = RecursiveMeta {
@@ -257,8 +260,8 @@ impl<'a> Converter<'a> {
             loops: self.depth() / self.block,
             init: self.init,
             seed: self.seed,
-            lora_rank_attn: full(rank_attn, 0),
-            lora_rank_mlp: full(rank_mlp, 4),
+            lora_rank_attn: full(rank_attn, Projection::Q),
+            lora_rank_mlp: full(rank_mlp, Projection::Gate),
             per_loop_norms,
             layer_mapping: self.mapping.clone(),
         };

@@ -4,30 +4,10 @@
 
 use candle_core::Tensor;
 
+use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::linear::Linear;
-
-/// The projections a LoRA can relax, in checkpoint naming.
-pub const PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
-/// Whether projection `p` (an index into [`PROJECTIONS`]) belongs to attention (else the MLP).
-pub fn is_attention(p: usize) -> bool {
-    p < 4
-}
-
-/// The checkpoint path of projection `p` inside a layer (`self_attn.q_proj`, `mlp.up_proj`, ...).
-pub fn projection_path(p: usize) -> String {
-    let module = if is_attention(p) { "self_attn" } else { "mlp" };
-    format!("{module}.{}", PROJECTIONS[p])
-}
+use crate::projection::{Fused, Projection};
 
 /// One projection's low-rank delta: `A` is `[rank, in]`, `B` is `[out, rank]`.
 #[derive(Debug, Clone)]
@@ -59,7 +39,7 @@ impl ProjLora {
     }
 }
 
-/// The LoRA deltas of one unrolled layer, indexed like [`PROJECTIONS`] (`None`: rank 0).
+/// The LoRA deltas of one unrolled layer, indexed by [`Projection::index`] (`None`: rank 0).
 #[derive(Debug, Clone, Default)]
 pub struct LayerLora {
     pub proj: [Option<ProjLora>; 7],
@@ -72,6 +52,10 @@ impl LayerLora {
 
     pub fn is_empty(&self) -> bool {
         self.proj.iter().all(Option::is_none)
+    }
+
+    pub fn get(&self, p: Projection) -> Option<&ProjLora> {
+        self.proj[p.index()].as_ref()
     }
 }
 
@@ -93,21 +77,21 @@ pub(crate) fn add_columns(
     }
 }
 
-/// Applies a layer's LoRA for projection indices `projs` whose outputs sit side by side in `y`
-/// (a fused projection): `x` holds the input rows of the group starting at `row0`.
+/// Adds a layer's LoRA deltas of the projections fused into `f` to `y` (the fused output,
+/// `[.., f.out_dim()]`): `x` holds the input rows of a group starting at row `row0` of `y`.
 pub(crate) fn add_fused(
     y: &mut [f32],
-    y_width: usize,
     row0: usize,
     x: &[f32],
-    rows: usize,
     lora: &LayerLora,
-    projs: &[(usize, usize, usize)],
+    f: Fused,
+    cfg: &ModelConfig,
 ) -> Result<()> {
-    for &(p, col, width) in projs {
-        if let Some(l) = &lora.proj[p] {
+    let (y_width, rows) = (f.out_dim(cfg), x.len() / f.in_dim(cfg).max(1));
+    for &p in f.parts() {
+        if let Some(l) = lora.get(p) {
             let d = l.delta(x, rows)?;
-            add_columns(y, y_width, row0, col, &d, width);
+            add_columns(y, y_width, row0, p.fused_offset(cfg), &d, p.shape(cfg)[0]);
         }
     }
     Ok(())

@@ -7,16 +7,35 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::Tensor;
-use serde_json::json;
 
-use super::lora::{projection_path, PROJECTIONS};
+use crate::config::HfLlamaConfig;
 use crate::decoder::Llama;
 use crate::error::{ModelError, Result};
+use crate::projection::Projection;
 use crate::tokenizer::Tokenizer;
 
 /// Writes `model` and `tokenizer` into `dir` (created if missing; files replaced).
 pub fn save(model: &Llama, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let weights = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors(model)?, &weights).map_err(|e| {
+        ModelError::Safetensors {
+            path: weights.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    let mut config = HfLlamaConfig::from_model(&model.cfg, model.layers.len());
+    if let Some(r) = &model.recursion {
+        config.rrt_recursive = Some(
+            serde_json::to_value(&r.meta).map_err(|e| ModelError::InvalidInput(e.to_string()))?,
+        );
+    }
+    crate::json::write(&dir.join("config.json"), &config)?;
+    tokenizer.save(dir)
+}
+
+/// Every tensor of the model by its checkpoint name.
+fn tensors(model: &Llama) -> Result<HashMap<String, Tensor>> {
     let cfg = &model.cfg;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     tensors.insert("model.embed_tokens.weight".into(), model.embed.clone());
@@ -26,11 +45,8 @@ pub fn save(model: &Llama, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
     }
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        for (j, t) in layer.projections(cfg)?.into_iter().enumerate() {
-            tensors.insert(
-                format!("{p}.{}.weight", projection_path(j)),
-                t.contiguous()?,
-            );
+        for (proj, t) in Projection::ALL.iter().zip(layer.projections(cfg)?) {
+            tensors.insert(format!("{p}.{}.weight", proj.path()), t.contiguous()?);
         }
         tensors.insert(
             format!("{p}.input_layernorm.weight"),
@@ -41,65 +57,27 @@ pub fn save(model: &Llama, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
             layer.mlp_norm.clone(),
         );
     }
-    let mut recursive = serde_json::Value::Null;
-    if let Some(r) = &model.recursion {
-        for (l, lora) in r.lora.iter().enumerate() {
-            for (p, proj) in lora.proj.iter().enumerate() {
-                if let Some(proj) = proj {
-                    let base = format!("rrt.lora.{l}.{}", projection_path(p));
-                    tensors.insert(format!("{base}.lora_A.weight"), proj.a.weight()?);
-                    tensors.insert(format!("{base}.lora_B.weight"), proj.b.weight()?);
-                }
+    let Some(r) = &model.recursion else {
+        return Ok(tensors);
+    };
+    for (l, lora) in r.lora.iter().enumerate() {
+        for p in Projection::ALL {
+            if let Some(proj) = lora.get(p) {
+                let base = format!("rrt.lora.{l}.{}", p.path());
+                tensors.insert(format!("{base}.lora_A.weight"), proj.a.weight()?);
+                tensors.insert(format!("{base}.lora_B.weight"), proj.b.weight()?);
             }
         }
-        for (l, n) in r.loop_norms.iter().enumerate() {
-            tensors.insert(
-                format!("rrt.loop_norms.{l}.input_layernorm.weight"),
-                n.attn.clone(),
-            );
-            tensors.insert(
-                format!("rrt.loop_norms.{l}.post_attention_layernorm.weight"),
-                n.mlp.clone(),
-            );
-        }
-        recursive =
-            serde_json::to_value(&r.meta).map_err(|e| ModelError::InvalidInput(e.to_string()))?;
     }
-    debug_assert_eq!(PROJECTIONS.len(), 7);
-    let weights = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &weights).map_err(|e| ModelError::Safetensors {
-        path: weights.clone(),
-        message: e.to_string(),
-    })?;
-    let mut config = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": model.layers.len(),
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "hidden_act": "silu",
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_ids,
-        "torch_dtype": "float32",
-    });
-    if !recursive.is_null() {
-        config["rrt_recursive"] = recursive;
+    for (l, n) in r.loop_norms.iter().enumerate() {
+        tensors.insert(
+            format!("rrt.loop_norms.{l}.input_layernorm.weight"),
+            n.attn.clone(),
+        );
+        tensors.insert(
+            format!("rrt.loop_norms.{l}.post_attention_layernorm.weight"),
+            n.mlp.clone(),
+        );
     }
-    write_json(&dir.join("config.json"), &config)?;
-    tokenizer.save(dir)?;
-    Ok(())
-}
-
-pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text =
-        serde_json::to_string_pretty(value).map_err(|e| ModelError::InvalidInput(e.to_string()))?;
-    std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
+    Ok(tensors)
 }

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use super::TensorSource;
 use crate::config::{ModelConfig, SUPPORTED_ARCHITECTURES};
 use crate::error::{ModelError, Result};
+use crate::projection::Projection;
 
 /// An open GGUF file: parsed header and metadata, tensors read on demand.
 pub struct GgufSource {
@@ -289,19 +290,16 @@ fn gguf_name(hf: &str) -> Option<String> {
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, suffix) = rest.split_once('.')?;
-    let part = match suffix {
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        "input_layernorm.weight" => "attn_norm.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        _ => return None,
+    let part = suffix.strip_suffix(".weight")?;
+    let part = match part {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => Projection::ALL
+            .into_iter()
+            .find(|p| p.path() == part)?
+            .gguf_name(),
     };
-    Some(format!("blk.{layer}.{part}"))
+    Some(format!("blk.{layer}.{part}.weight"))
 }
 
 /// Undoes llama.cpp's Q/K row permutation: rows of each head go from interleaved pairs back to
