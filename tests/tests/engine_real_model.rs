@@ -4,14 +4,11 @@
 
 #![forbid(unsafe_code)]
 
-use std::sync::mpsc::channel;
-
 use candle_core::DType;
-use rrt_engine::{Engine, EngineConfig, Event, GenParams, Request, Scheduler};
-use rrt_model::generate::{generate, GenerateParams};
+use rrt_engine::{Engine, EngineConfig, GenParams, Received, Request, Scheduler};
+use rrt_model::generate::greedy;
 use rrt_model::recursive::convert::{convert, ConvertOptions};
 use rrt_model::recursive::mapping::Init;
-use rrt_model::SamplingParams;
 use rrt_tests::smollm2_gguf;
 
 #[test]
@@ -47,14 +44,7 @@ fn cdb_and_csb_on_smollm2_15x2_match_sequential_generation() {
         .collect();
     let want: Vec<Vec<u32>> = cases
         .iter()
-        .map(|(p, n)| {
-            let params = GenerateParams {
-                max_new_tokens: *n,
-                sampling: SamplingParams::default(),
-                stop_tokens: vec![],
-            };
-            generate(&model, p, &params, |_| Ok(true)).unwrap().tokens
-        })
+        .map(|(p, n)| greedy(&model, p, *n).unwrap())
         .collect();
     for scheduler in [Scheduler::Cdb, Scheduler::Csb] {
         let mut engine = Engine::new(
@@ -71,32 +61,18 @@ fn cdb_and_csb_on_smollm2_15x2_match_sequential_generation() {
             .iter()
             .enumerate()
             .map(|(i, (p, n))| {
-                let (tx, rx) = channel();
-                engine.submit(Request {
-                    id: i as u64,
-                    prompt: p.clone(),
-                    exit: None,
-                    params: GenParams {
-                        max_new_tokens: *n,
-                        sampling: SamplingParams::default(),
-                        stop_tokens: vec![],
-                        ..GenParams::default()
-                    },
-                    events: Box::new(tx),
-                });
+                let params = GenParams {
+                    max_new_tokens: *n,
+                    ..GenParams::default()
+                };
+                let (req, rx) = Request::with_channel(i as u64, p.clone(), params, None);
+                engine.submit(req);
                 rx
             })
             .collect();
         engine.run_until_idle();
         for (i, rx) in rxs.iter().enumerate() {
-            let got: Vec<u32> = rx
-                .try_iter()
-                .filter_map(|e| match e {
-                    Event::Token { token, .. } => Some(token),
-                    Event::Failed(e) => panic!("{e}"),
-                    _ => None,
-                })
-                .collect();
+            let got = Received::drain(rx).unwrap_or_else(|e| panic!("{e}")).tokens;
             assert_eq!(got, want[i], "{scheduler:?}: request {i}");
         }
     }

@@ -8,6 +8,7 @@ use rrt_model::{BatchItem, Logits};
 
 use crate::error::EngineError;
 use crate::sequence::Seq;
+use crate::stats::EngineStats;
 use crate::step::StepCtx;
 
 /// Tokens each running sequence runs this step: decode rows first (one each), then prompt
@@ -25,6 +26,30 @@ fn plan(running: &[Seq], mut budget: usize) -> Vec<usize> {
         }
     }
     takes
+}
+
+/// Advances each sequence by the tokens it ran; those that sample take their logits row (one
+/// per sampling sequence, in running order) and stream the next token.
+fn commit(
+    running: &mut [Seq],
+    takes: &[usize],
+    samples: &[bool],
+    logits: &[Vec<f32>],
+    loops: usize,
+    stats: &mut EngineStats,
+) {
+    let mut rows = logits.iter();
+    for ((s, &n), &last) in running.iter_mut().zip(takes).zip(samples) {
+        s.computed += n;
+        if !last {
+            continue;
+        }
+        if let Some(row) = rows.next() {
+            if s.on_logits(row, loops) {
+                stats.count_exit(loops);
+            }
+        }
+    }
 }
 
 /// Runs one step; returns the batch's rows.
@@ -65,19 +90,7 @@ pub(crate) fn step(ctx: &mut StepCtx<'_>) -> Result<usize, EngineError> {
     stats.time.gather += forward_started - started;
     stats.time.block += decide_started - forward_started;
     stats.head_rows += logits.len() as u64;
-    // Commit: one logits row per sampling sequence, in running order.
-    let mut rows = logits.iter();
-    for ((s, &n), &last) in ctx.running.iter_mut().zip(&takes).zip(&samples) {
-        s.computed += n;
-        if !last {
-            continue;
-        }
-        if let Some(row) = rows.next() {
-            if s.on_logits(row, loops) {
-                stats.count_exit(loops);
-            }
-        }
-    }
+    commit(ctx.running, &takes, &samples, &logits, loops, stats);
     stats.loop_rows += (total * loops) as u64;
     stats.last_rows_per_depth = vec![total];
     stats.time.decide += decide_started.elapsed();

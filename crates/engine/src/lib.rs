@@ -35,6 +35,6 @@ pub use engine::{Engine, EngineConfig, Scheduler};
 pub use error::EngineError;
 pub use exit::{confidence, cosine, ExitKind, ExitPolicy, KvFill};
 pub use reference::generate_with_exits;
-pub use request::{Event, EventSink, FinishReason, GenParams, Request};
+pub use request::{Event, EventSink, FinishReason, GenParams, Received, Request};
 pub use stats::{EngineStats, PhaseTimes};
 pub use trace::{oracle_depth, ExitTrace, TraceKey};

@@ -2,8 +2,9 @@
 //! applying exit depths from a trace and filling skipped K/V the same way the engine does. The
 //! batched schedulers are tested against it; it shares only the model's layer calls with them.
 
+use candle_core::Tensor;
 use rrt_model::attention::AttnSegment;
-use rrt_model::{BatchItem, Llama, Logits, RowGroup, Sampler};
+use rrt_model::{BatchItem, Llama, Logits, RowGroup, Sampler, SeqCache};
 
 use crate::error::EngineError;
 use crate::exit::KvFill;
@@ -20,7 +21,7 @@ pub fn generate_with_exits(
     trace: &ExitTrace,
     fill: KvFill,
 ) -> Result<Vec<(u32, usize)>, EngineError> {
-    let (block, loops) = (model.block_layers(), model.loops());
+    let loops = model.loops();
     let mut sampler = Sampler::new(params.sampling.clone())?;
     let mut cache = model.new_cache();
     let mut tokens = prompt.to_vec();
@@ -47,51 +48,56 @@ pub fn generate_with_exits(
             break;
         }
         let pos = tokens.len() - 1;
-        let index = pos - prompt.len();
-        let depth = trace.get(id, index).unwrap_or(loops).clamp(1, loops);
-        let mut h = model.embed(&[next])?;
-        for l in 0..depth * block {
-            let mut seg = [AttnSegment {
-                rows: 0..1,
-                start: pos,
-                cache: &mut cache.layers[l],
-            }];
-            h = model.layer_forward(
-                &[RowGroup {
-                    rows: 0..1,
-                    unrolled: l,
-                }],
-                &h,
-                &mut seg,
-            )?;
-        }
-        for l in depth * block..loops * block {
-            match fill {
-                KvFill::Propagate => {
-                    let mut seg = [AttnSegment {
-                        rows: 0..1,
-                        start: pos,
-                        cache: &mut cache.layers[l],
-                    }];
-                    model.fill_kv(
-                        &h,
-                        &[RowGroup {
-                            rows: 0..1,
-                            unrolled: l,
-                        }],
-                        &mut seg,
-                    )?;
-                }
-                KvFill::Copy => {
-                    let src = &cache.layers[(depth - 1) * block + l % block];
-                    let (k, v) = (src.k_at(pos), src.v_at(pos).to_vec());
-                    cache.layers[l].truncate(pos);
-                    cache.layers[l].push(&k, &v);
-                }
-            }
-        }
+        let depth = trace
+            .get(id, pos - prompt.len())
+            .unwrap_or(loops)
+            .clamp(1, loops);
+        let h = run_token(model, &mut cache, next, pos, depth, fill)?;
         row = model.logits(&h)?.squeeze(0)?.to_vec1::<f32>()?;
         exit_loop = depth;
     }
     Ok(out)
+}
+
+/// Runs `token` at `pos` through the first `depth` loops, one layer at a time, and fills the
+/// K/V of the loops it skips; returns its exit hidden state.
+fn run_token(
+    model: &Llama,
+    cache: &mut SeqCache,
+    token: u32,
+    pos: usize,
+    depth: usize,
+    fill: KvFill,
+) -> Result<Tensor, EngineError> {
+    let (block, loops) = (model.block_layers(), model.loops());
+    let one = |l: usize| RowGroup {
+        rows: 0..1,
+        unrolled: l,
+    };
+    let mut h = model.embed(&[token])?;
+    for l in 0..depth * block {
+        let mut seg = [segment(cache, l, pos)];
+        h = model.layer_forward(&[one(l)], &h, &mut seg)?;
+    }
+    for l in depth * block..loops * block {
+        match fill {
+            KvFill::Propagate => model.fill_kv(&h, &[one(l)], &mut [segment(cache, l, pos)])?,
+            KvFill::Copy => {
+                let src = &cache.layers[(depth - 1) * block + l % block];
+                let (k, v) = (src.k_at(pos), src.v_at(pos).to_vec());
+                cache.layers[l].truncate(pos);
+                cache.layers[l].push(&k, &v);
+            }
+        }
+    }
+    Ok(h)
+}
+
+/// One row at `pos` attending through unrolled layer `l` of `cache`.
+fn segment(cache: &mut SeqCache, l: usize, pos: usize) -> AttnSegment<'_> {
+    AttnSegment {
+        rows: 0..1,
+        start: pos,
+        cache: &mut cache.layers[l],
+    }
 }

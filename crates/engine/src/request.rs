@@ -1,5 +1,7 @@
 //! What a client asks for and what it gets back.
 
+use std::sync::mpsc::{channel, Receiver};
+
 use rrt_model::SamplingParams;
 
 use crate::error::EngineError;
@@ -40,6 +42,71 @@ pub struct Request {
     /// Early-exit policy; `None` takes the engine's default.
     pub exit: Option<ExitPolicy>,
     pub events: Box<dyn EventSink>,
+}
+
+impl Request {
+    /// A request whose events go to a new std channel, and the receiver to read them from
+    /// (benchmarks, scoring, tests: everything that drives an engine synchronously).
+    pub fn with_channel(
+        id: u64,
+        prompt: Vec<u32>,
+        params: GenParams,
+        exit: Option<ExitPolicy>,
+    ) -> (Self, Receiver<Event>) {
+        let (tx, rx) = channel();
+        let events = Box::new(tx);
+        let req = Self {
+            id,
+            prompt,
+            params,
+            exit,
+            events,
+        };
+        (req, rx)
+    }
+}
+
+/// Everything a request received, collected from its channel after it ended.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Received {
+    pub tokens: Vec<u32>,
+    /// The loop each token exited after.
+    pub exit_loops: Vec<usize>,
+    /// One per token when the request asked for logprobs.
+    pub logprobs: Vec<f32>,
+    pub finish: Option<FinishReason>,
+}
+
+impl Received {
+    /// Drains the events waiting in `rx`; the request's failure, if it failed.
+    pub fn drain(rx: &Receiver<Event>) -> Result<Self, EngineError> {
+        let mut r = Self::default();
+        for event in rx.try_iter() {
+            match event {
+                Event::Token {
+                    token,
+                    exit_loop,
+                    logprob,
+                } => {
+                    r.tokens.push(token);
+                    r.exit_loops.push(exit_loop);
+                    r.logprobs.extend(logprob);
+                }
+                Event::Finished { reason, .. } => r.finish = Some(reason),
+                Event::Failed(e) => return Err(e),
+            }
+        }
+        Ok(r)
+    }
+
+    /// `(token, exit loop)` pairs.
+    pub fn pairs(&self) -> Vec<(u32, usize)> {
+        self.tokens
+            .iter()
+            .copied()
+            .zip(self.exit_loops.iter().copied())
+            .collect()
+    }
 }
 
 impl std::fmt::Debug for Request {

@@ -7,14 +7,14 @@
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::Receiver;
 
 use candle_core::DType;
 use rrt_engine::{
     generate_with_exits, Engine, EngineConfig, EngineError, Event, ExitKind, ExitPolicy, ExitTrace,
-    FinishReason, GenParams, KvFill, Request, Scheduler,
+    FinishReason, GenParams, KvFill, Received, Request, Scheduler,
 };
-use rrt_model::generate::{generate, GenerateParams};
+use rrt_model::generate::greedy;
 use rrt_model::recursive::convert::{convert, ConvertOptions};
 use rrt_model::recursive::mapping::Init;
 use rrt_model::source::safetensors::SafetensorsSource;
@@ -59,17 +59,25 @@ fn prompts(vocab: u32) -> Vec<(Vec<u32>, usize)> {
         .collect()
 }
 
-fn collect(rx: &Receiver<Event>) -> (Vec<u32>, Option<FinishReason>) {
-    let mut tokens = Vec::new();
-    let mut finish = None;
-    for ev in rx.try_iter() {
-        match ev {
-            Event::Token { token, .. } => tokens.push(token),
-            Event::Finished { reason, .. } => finish = Some(reason),
-            Event::Failed(e) => panic!("request failed: {e}"),
-        }
-    }
-    (tokens, finish)
+fn collect(rx: &Receiver<Event>) -> Received {
+    Received::drain(rx).unwrap_or_else(|e| panic!("request failed: {e}"))
+}
+
+/// Submits every case (request id = its index) with `exit`; the receivers in case order.
+fn submit_all(
+    engine: &mut Engine,
+    cases: &[(Vec<u32>, usize)],
+    exit: Option<ExitPolicy>,
+) -> Vec<Receiver<Event>> {
+    cases
+        .iter()
+        .enumerate()
+        .map(|(i, (p, n))| {
+            let (req, rx) = Request::with_channel(i as u64, p.clone(), params(*n), exit);
+            engine.submit(req);
+            rx
+        })
+        .collect()
 }
 
 #[test]
@@ -79,14 +87,7 @@ fn every_scheduler_matches_one_at_a_time_generation() {
     let cases = prompts(model.cfg.vocab_size as u32);
     let want: Vec<Vec<u32>> = cases
         .iter()
-        .map(|(p, n)| {
-            let params = GenerateParams {
-                max_new_tokens: *n,
-                sampling: SamplingParams::default(),
-                stop_tokens: vec![],
-            };
-            generate(&model, p, &params, |_| Ok(true)).unwrap().tokens
-        })
+        .map(|(p, n)| greedy(&model, p, *n).unwrap())
         .collect();
     for scheduler in [Scheduler::Static, Scheduler::Csb, Scheduler::Cdb] {
         let cfg = EngineConfig {
@@ -98,21 +99,7 @@ fn every_scheduler_matches_one_at_a_time_generation() {
             ..EngineConfig::default()
         };
         let mut engine = Engine::new(model.clone(), cfg);
-        let receivers: Vec<Receiver<Event>> = cases
-            .iter()
-            .enumerate()
-            .map(|(i, (p, n))| {
-                let (tx, rx) = channel();
-                engine.submit(Request {
-                    id: i as u64,
-                    prompt: p.clone(),
-                    params: params(*n),
-                    exit: None,
-                    events: Box::new(tx),
-                });
-                rx
-            })
-            .collect();
+        let receivers = submit_all(&mut engine, &cases, None);
         engine.run_until_idle();
         assert_eq!(
             engine.kv_reserved_bytes(),
@@ -120,13 +107,13 @@ fn every_scheduler_matches_one_at_a_time_generation() {
             "{scheduler:?}: KV not released"
         );
         for (i, rx) in receivers.iter().enumerate() {
-            let (tokens, finish) = collect(rx);
+            let got = collect(rx);
             assert_eq!(
-                tokens, want[i],
+                got.tokens, want[i],
                 "{scheduler:?}: request {i} differs from one-at-a-time"
             );
             assert_eq!(
-                finish,
+                got.finish,
                 Some(FinishReason::Length),
                 "{scheduler:?}: request {i}"
             );
@@ -144,14 +131,8 @@ fn every_scheduler_matches_one_at_a_time_generation() {
 fn a_dropped_receiver_cancels_and_frees_kv() {
     let model = tiny_recursive();
     let mut engine = Engine::new(model, EngineConfig::default());
-    let (tx, rx) = channel();
-    engine.submit(Request {
-        id: 1,
-        prompt: vec![1, 2, 3],
-        params: params(50),
-        exit: None,
-        events: Box::new(tx),
-    });
+    let (req, rx) = Request::with_channel(1, vec![1, 2, 3], params(50), None);
+    engine.submit(req);
     engine.step();
     engine.step();
     assert!(engine.kv_reserved_bytes() > 0);
@@ -188,14 +169,8 @@ fn requests_that_cannot_run_fail_with_a_reason() {
         }),
     ];
     for (prompt, n, expect, variant) in cases {
-        let (tx, rx) = channel();
-        engine.submit(Request {
-            id: 0,
-            prompt,
-            params: params(n),
-            exit: None,
-            events: Box::new(tx),
-        });
+        let (req, rx) = Request::with_channel(0, prompt, params(n), None);
+        engine.submit(req);
         match rx.try_recv() {
             Ok(Event::Failed(e)) => {
                 assert!(e.to_string().contains(expect), "{e}");
@@ -213,35 +188,9 @@ fn run_cdb(
     cases: &[(Vec<u32>, usize)],
     exit: ExitPolicy,
 ) -> Vec<Vec<(u32, usize)>> {
-    let rxs: Vec<Receiver<Event>> = cases
-        .iter()
-        .enumerate()
-        .map(|(i, (p, n))| {
-            let (tx, rx) = channel();
-            engine.submit(Request {
-                id: i as u64,
-                prompt: p.clone(),
-                params: params(*n),
-                exit: Some(exit),
-                events: Box::new(tx),
-            });
-            rx
-        })
-        .collect();
+    let rxs = submit_all(engine, cases, Some(exit));
     engine.run_until_idle();
-    rxs.iter()
-        .map(|rx| {
-            rx.try_iter()
-                .filter_map(|e| match e {
-                    Event::Token {
-                        token, exit_loop, ..
-                    } => Some((token, exit_loop)),
-                    Event::Failed(e) => panic!("{e}"),
-                    _ => None,
-                })
-                .collect()
-        })
-        .collect()
+    rxs.iter().map(|rx| collect(rx).pairs()).collect()
 }
 
 /// Exits at the depths of the engine's trace.
@@ -358,31 +307,23 @@ fn score(
     forced: &[u32],
     exit: Option<ExitPolicy>,
 ) -> Vec<(u32, usize, f32)> {
-    let (tx, rx) = channel();
-    engine.submit(Request {
-        id,
-        prompt: prompt.to_vec(),
-        params: GenParams {
-            max_new_tokens: forced.len(),
-            forced: forced.to_vec(),
-            logprobs: true,
-            ..GenParams::default()
-        },
-        exit,
-        events: Box::new(tx),
-    });
+    let params = GenParams {
+        max_new_tokens: forced.len(),
+        forced: forced.to_vec(),
+        logprobs: true,
+        ..GenParams::default()
+    };
+    let (req, rx) = Request::with_channel(id, prompt.to_vec(), params, exit);
+    engine.submit(req);
     engine.run_until_idle();
-    rx.try_iter()
-        .filter_map(|e| match e {
-            Event::Token {
-                token,
-                exit_loop,
-                logprob,
-            } => Some((token, exit_loop, logprob.expect("logprobs were asked for"))),
-            Event::Failed(e) => panic!("{e}"),
-            _ => None,
-        })
-        .collect()
+    let got = collect(&rx);
+    assert_eq!(
+        got.logprobs.len(),
+        got.tokens.len(),
+        "logprobs were asked for"
+    );
+    let pairs = got.pairs().into_iter().zip(got.logprobs);
+    pairs.map(|((t, l), p)| (t, l, p)).collect()
 }
 
 #[test]
@@ -452,18 +393,13 @@ fn teacher_forcing_scores_a_text_as_a_full_forward_does_and_follows_exits() {
 fn a_forced_token_outside_the_vocabulary_is_refused() {
     let model = tiny_recursive();
     let mut engine = cdb(&model, KvFill::Propagate);
-    let (tx, rx) = channel();
-    engine.submit(Request {
-        id: 0,
-        prompt: vec![1, 2, 3],
-        params: GenParams {
-            max_new_tokens: 2,
-            forced: vec![4, model.cfg.vocab_size as u32],
-            ..GenParams::default()
-        },
-        exit: None,
-        events: Box::new(tx),
-    });
+    let forced = GenParams {
+        max_new_tokens: 2,
+        forced: vec![4, model.cfg.vocab_size as u32],
+        ..GenParams::default()
+    };
+    let (req, rx) = Request::with_channel(0, vec![1, 2, 3], forced, None);
+    engine.submit(req);
     match rx.try_recv() {
         Ok(Event::Failed(EngineError::Invalid(msg))) => {
             assert!(msg.contains("vocabulary"), "{msg}")
@@ -486,17 +422,11 @@ fn run_one(
             ..EngineConfig::default()
         },
     );
-    let (tx, rx) = channel();
-    engine.submit(Request {
-        id: 0,
-        prompt: prompt.to_vec(),
-        params,
-        exit: None,
-        events: Box::new(tx),
-    });
+    let (req, rx) = Request::with_channel(0, prompt.to_vec(), params, None);
+    engine.submit(req);
     engine.run_until_idle();
-    let (tokens, finish) = collect(&rx);
-    (tokens, finish, engine.stats().clone())
+    let got = collect(&rx);
+    (got.tokens, got.finish, engine.stats().clone())
 }
 
 #[test]

@@ -18,6 +18,17 @@ pub struct GenerateParams {
     pub stop_tokens: Vec<u32>,
 }
 
+impl GenerateParams {
+    /// Greedy decoding of exactly `max_new_tokens` tokens (no stop tokens).
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self {
+            max_new_tokens,
+            sampling: SamplingParams::default(),
+            stop_tokens: Vec::new(),
+        }
+    }
+}
+
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -33,6 +44,12 @@ pub struct Generation {
     pub finish: FinishReason,
     pub prefill_time: Duration,
     pub decode_time: Duration,
+}
+
+/// The `max_new_tokens` greedy tokens after `prompt` (the one-sequence reference of tests).
+pub fn greedy(model: &Llama, prompt: &[u32], max_new_tokens: usize) -> Result<Vec<u32>> {
+    let params = GenerateParams::greedy(max_new_tokens);
+    Ok(generate(model, prompt, &params, |_| Ok(true))?.tokens)
 }
 
 /// Generates after `prompt`; `on_token` gets each new token and returns `false` to stop.

@@ -1,33 +1,26 @@
 //! `rrt-coordinator`: the cluster's worker registry and load scores.
 
-use std::io::Write;
+#![forbid(unsafe_code)]
 
 use clap::Parser;
-use rrt_coordinator::CoordinatorArgs;
-use rrt_service::{telemetry, Shutdown};
 
+/// rrt coordinator: worker registry, exit statistics, load scores.
 #[derive(Parser)]
-#[command(
-    version,
-    about = "rrt coordinator: worker registry, exit statistics, load scores"
-)]
+#[command(version)]
 struct Cli {
     #[command(flatten)]
-    args: CoordinatorArgs,
+    args: rrt_coordinator::CoordinatorArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init();
-    let cli = Cli::parse();
-    let shutdown = Shutdown::new();
-    shutdown.on_signals();
-    let c = rrt_coordinator::start(cli.args, shutdown).await?;
-    let _ = writeln!(
-        std::io::stdout(),
-        "rrt-coordinator grpc={} metrics={}",
-        c.grpc_addr,
-        c.metrics_addr
-    );
-    c.task.await?
+    let args = Cli::parse().args;
+    rrt_service::main_loop::run("rrt-coordinator", |shutdown| async move {
+        let c = rrt_coordinator::start(args, shutdown).await?;
+        Ok((
+            format!("grpc={} metrics={}", c.grpc_addr, c.metrics_addr),
+            c.task,
+        ))
+    })
+    .await
 }

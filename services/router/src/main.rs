@@ -1,33 +1,26 @@
 //! `rrt-router`: the public Generation API of an rrt cluster.
 
-use std::io::Write;
+#![forbid(unsafe_code)]
 
 use clap::Parser;
-use rrt_router::RouterArgs;
-use rrt_service::{telemetry, Shutdown};
 
+/// rrt router: the public Generation API, balancing over workers.
 #[derive(Parser)]
-#[command(
-    version,
-    about = "rrt router: the public Generation API, balancing over workers"
-)]
+#[command(version)]
 struct Cli {
     #[command(flatten)]
-    args: RouterArgs,
+    args: rrt_router::RouterArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init();
-    let cli = Cli::parse();
-    let shutdown = Shutdown::new();
-    shutdown.on_signals();
-    let r = rrt_router::start(cli.args, shutdown).await?;
-    let _ = writeln!(
-        std::io::stdout(),
-        "rrt-router grpc={} metrics={}",
-        r.grpc_addr,
-        r.metrics_addr
-    );
-    r.task.await?
+    let args = Cli::parse().args;
+    rrt_service::main_loop::run("rrt-router", |shutdown| async move {
+        let r = rrt_router::start(args, shutdown).await?;
+        Ok((
+            format!("grpc={} metrics={}", r.grpc_addr, r.metrics_addr),
+            r.task,
+        ))
+    })
+    .await
 }

@@ -3,7 +3,8 @@
 //!
 //! - [`config`]: flags and environment, checked into the engine's settings;
 //! - [`actor`]: the engine on its own thread behind a bounded command channel;
-//! - [`service`]: the gRPC service (tokenize, limits, streaming text, deadlines, cancellation);
+//! - [`service`]: the gRPC service (validation, tokenization, limits, admission);
+//! - [`relay`]: one request's engine events as stream messages (text, stops, deadline);
 //! - [`stop`]: stop sequences on the generated text;
 //! - [`reporter`]: registration with the coordinator and periodic load reports;
 //! - [`metrics`]: Prometheus series; [`server`]: start-up and SIGTERM drain.
@@ -14,6 +15,7 @@ pub mod actor;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod relay;
 pub mod reporter;
 pub mod server;
 pub mod service;

@@ -7,12 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use metrics::{counter, histogram};
-use rrt_engine::{Event, EventSink, ExitKind, ExitPolicy, FinishReason, GenParams, Request};
-use rrt_model::{SamplingParams, TextStream, Tokenizer};
-use rrt_proto::stream::Token;
+use metrics::counter;
+use rrt_engine::{Event, EventSink, ExitKind, ExitPolicy, GenParams, Request};
+use rrt_model::{SamplingParams, Tokenizer};
 use rrt_proto::v1 as pb;
-use rrt_service::{deadline, validate, Admission, Permit};
+use rrt_service::{deadline, validate, Admission};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status};
@@ -20,7 +19,7 @@ use tonic::{Response, Status};
 use crate::actor::EngineHandle;
 use crate::error::WorkerError;
 use crate::metrics as m;
-use crate::stop::{Step, StopMatcher};
+use crate::relay::{relay, Item, TextRelay};
 
 pub struct WorkerService {
     pub(crate) shared: Arc<Shared>,
@@ -127,7 +126,7 @@ impl EventSink for TokioSink {
     }
 }
 
-type GenStream = ReceiverStream<Result<pb::GenerateStreamResponse, Status>>;
+type GenStream = ReceiverStream<Item>;
 
 #[tonic::async_trait]
 impl pb::worker_server::Worker for WorkerService {
@@ -212,111 +211,8 @@ impl WorkerService {
             .await
             .map_err(|_| WorkerError::EngineGone)?;
         let (tx, rx) = mpsc::channel(32);
-        tokio::spawn(relay(shared, req.stop, erx, tx, permit, arrived, deadline));
+        let text = TextRelay::new(shared.clone(), req.stop, arrived);
+        tokio::spawn(relay(text, erx, tx, permit, deadline));
         Ok(ReceiverStream::new(rx))
     }
-}
-
-/// Turns one request's engine events into stream messages until it ends, the client goes away
-/// (dropping `events` cancels it in the engine) or the deadline passes. Holds the admission
-/// permit for the request's whole life.
-async fn relay(
-    shared: Arc<Shared>,
-    stops: Vec<String>,
-    mut events: mpsc::UnboundedReceiver<Event>,
-    tx: mpsc::Sender<Result<pb::GenerateStreamResponse, Status>>,
-    _permit: Permit,
-    arrived: Instant,
-    deadline: Option<Instant>,
-) {
-    let worker = shared.id.clone();
-    let mut text = TextStream::new();
-    let mut stop = StopMatcher::new(stops);
-    let mut index = 0u32;
-    let mut last = arrived;
-    let deadline_sleep = async {
-        match deadline {
-            Some(d) => tokio::time::sleep_until(d.into()).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(deadline_sleep);
-    let outcome = loop {
-        let event = tokio::select! {
-            e = events.recv() => e,
-            _ = tx.closed() => break "cancelled",
-            _ = &mut deadline_sleep => {
-                let _ = tx.send(Err(WorkerError::Deadline.into())).await;
-                break "deadline";
-            }
-        };
-        let msg = match event {
-            None => {
-                let _ = tx.send(Err(WorkerError::EngineGone.into())).await;
-                break "failed";
-            }
-            Some(Event::Failed(e)) => {
-                let _ = tx.send(Err(WorkerError::Engine(e).into())).await;
-                break "failed";
-            }
-            Some(Event::Finished { reason, .. }) => {
-                let finish = match reason {
-                    FinishReason::Length => pb::FinishReason::Length,
-                    FinishReason::Stop => pb::FinishReason::Eos,
-                };
-                let last = pb::GenerateStreamResponse::finish_message(stop.flush(), finish, index);
-                let _ = tx.send(Ok(last)).await;
-                break match reason {
-                    FinishReason::Length => "length",
-                    FinishReason::Stop => "eos",
-                };
-            }
-            Some(Event::Token {
-                token,
-                exit_loop,
-                logprob,
-            }) => {
-                let now = Instant::now();
-                if index == 0 {
-                    histogram!("rrt_worker_time_to_first_token_seconds", "worker" => worker.clone())
-                        .record(now.duration_since(arrived).as_secs_f64());
-                } else {
-                    histogram!("rrt_worker_inter_token_latency_seconds", "worker" => worker.clone())
-                        .record(now.duration_since(last).as_secs_f64());
-                }
-                last = now;
-                let piece = match text.push(&shared.tokenizer, token) {
-                    Ok(p) => p.unwrap_or_default(),
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(WorkerError::Tokenizer(e.to_string()).into()))
-                            .await;
-                        break "failed";
-                    }
-                };
-                let (piece, finish) = match stop.push(&piece) {
-                    Step::Emit(t) => (t, None),
-                    Step::Stop(t) => (t, Some(pb::FinishReason::Stop)),
-                };
-                let token = Token {
-                    id: token,
-                    exit_loop: exit_loop as u32,
-                    logprob,
-                };
-                let msg = pb::GenerateStreamResponse::token_message(piece, token, index);
-                index += 1;
-                if let Some(finish) = finish {
-                    let _ = tx.send(Ok(msg.finishing(finish))).await;
-                    break "stop";
-                }
-                msg
-            }
-        };
-        if tx.send(Ok(msg)).await.is_err() {
-            break "cancelled";
-        }
-    };
-    m::ended(&worker, outcome);
-    histogram!("rrt_worker_e2e_request_latency_seconds", "worker" => worker)
-        .record(arrived.elapsed().as_secs_f64());
 }

@@ -2,14 +2,14 @@
 //! through a fresh engine, and a teacher-forced scoring run (perplexity with the same scheduler,
 //! exit policy and trace), plus the synthetic exit traces.
 
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rrt_engine::{
-    Engine, EngineConfig, EngineStats, Event, ExitPolicy, ExitTrace, GenParams, KvFill, Request,
-    Scheduler,
+    Engine, EngineConfig, EngineStats, Event, ExitPolicy, ExitTrace, GenParams, KvFill, Received,
+    Request, Scheduler,
 };
 use rrt_model::Llama;
 use rrt_proto::exits::mean_exit_loop;
@@ -96,20 +96,23 @@ fn engine(
     engine
 }
 
-/// Drains one request's events: `(tokens, logprobs)`, or the failure.
-fn drain(rx: &Receiver<Event>, name: &str) -> anyhow::Result<(Vec<u32>, Vec<f32>)> {
-    let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
-    for ev in rx.try_iter() {
-        match ev {
-            Event::Token { token, logprob, .. } => {
-                tokens.push(token);
-                logprobs.extend(logprob);
-            }
-            Event::Failed(e) => anyhow::bail!("{name}: a request failed: {e}"),
-            Event::Finished { .. } => {}
-        }
-    }
-    Ok((tokens, logprobs))
+/// Drains one request's events: what it received, or the failure.
+fn drain(rx: &Receiver<Event>, name: &str) -> anyhow::Result<Received> {
+    Received::drain(rx).map_err(|e| anyhow::anyhow!("{name}: a request failed: {e}"))
+}
+
+/// Submits `(id, prompt, params)` requests (exit policy: the engine's default).
+fn submit_all(
+    engine: &mut Engine,
+    requests: impl Iterator<Item = (u64, Vec<u32>, GenParams)>,
+) -> Vec<Receiver<Event>> {
+    requests
+        .map(|(id, prompt, params)| {
+            let (req, rx) = Request::with_channel(id, prompt, params, None);
+            engine.submit(req);
+            rx
+        })
+        .collect()
 }
 
 /// Runs `spec` on the workload: timed generation, then (when `score`) the scoring windows.
@@ -123,62 +126,40 @@ pub fn run(
 ) -> anyhow::Result<Run> {
     let mut gen = engine(model, spec, concurrency, max_rows, trace);
     let started = Instant::now();
-    let rxs: Vec<Receiver<Event>> = w
-        .prompts
-        .iter()
-        .zip(&w.outputs)
-        .enumerate()
-        .map(|(i, (p, &n))| {
-            let (tx, rx) = channel();
-            gen.submit(Request {
-                id: i as u64,
-                prompt: p.clone(),
-                params: GenParams {
-                    max_new_tokens: n,
-                    ..GenParams::default()
-                },
-                exit: None,
-                events: Box::new(tx),
-            });
-            rx
-        })
-        .collect();
+    let requests = w.prompts.iter().zip(&w.outputs).enumerate();
+    let requests = requests.map(|(i, (p, &n))| {
+        let params = GenParams {
+            max_new_tokens: n,
+            ..GenParams::default()
+        };
+        (i as u64, p.clone(), params)
+    });
+    let rxs = submit_all(&mut gen, requests);
     gen.run_until_idle();
     let secs = started.elapsed().as_secs_f64();
     let outputs = rxs
         .iter()
-        .map(|rx| drain(rx, &spec.name).map(|(t, _)| t))
+        .map(|rx| drain(rx, &spec.name).map(|r| r.tokens))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let generated: usize = outputs.iter().map(Vec::len).sum();
     let tokens_per_s = generated as f64 / secs;
     let mut trace_out = gen.trace().clone();
     let perplexity = if score {
         let mut scorer = engine(model, spec, concurrency, max_rows, trace);
-        let rxs: Vec<Receiver<Event>> = w
-            .scoring
-            .iter()
-            .enumerate()
-            .map(|(i, (context, text))| {
-                let (tx, rx) = channel();
-                scorer.submit(Request {
-                    id: SCORE_ID_BASE + i as u64,
-                    prompt: context.clone(),
-                    params: GenParams {
-                        max_new_tokens: text.len(),
-                        forced: text.clone(),
-                        logprobs: true,
-                        ..GenParams::default()
-                    },
-                    exit: None,
-                    events: Box::new(tx),
-                });
-                rx
-            })
-            .collect();
+        let windows = w.scoring.iter().enumerate().map(|(i, (context, text))| {
+            let params = GenParams {
+                max_new_tokens: text.len(),
+                forced: text.clone(),
+                logprobs: true,
+                ..GenParams::default()
+            };
+            (SCORE_ID_BASE + i as u64, context.clone(), params)
+        });
+        let rxs = submit_all(&mut scorer, windows);
         scorer.run_until_idle();
         let (mut nll, mut n) = (0f64, 0usize);
         for rx in &rxs {
-            let (_, logprobs) = drain(rx, &spec.name)?;
+            let logprobs = drain(rx, &spec.name)?.logprobs;
             nll -= logprobs.iter().map(|&l| l as f64).sum::<f64>();
             n += logprobs.len();
         }

@@ -116,33 +116,9 @@ impl StepPlan {
     /// Takes every carried unit and pending fill out of `running` and starts new units in the
     /// rows the carried ones leave of `max_rows` (decode tokens first, then prompt chunks).
     pub fn take(running: &mut [Seq], max_rows: usize, loops: usize) -> Result<Self, EngineError> {
-        let mut flights: Vec<Option<Flight>> = running
-            .iter_mut()
-            .map(|s| match std::mem::replace(&mut s.stage, Stage::Ready) {
-                Stage::Carried(f) => Some(f),
-                Stage::Ready => None,
-                Stage::Done => {
-                    s.stage = Stage::Done;
-                    None
-                }
-            })
-            .collect();
+        let mut flights = take_carried(running);
         let carried: usize = flights.iter().flatten().map(|f| f.len).sum();
-        let mut budget = max_rows.saturating_sub(carried);
-        for decode in [true, false] {
-            for (s, flight) in running.iter().zip(flights.iter_mut()) {
-                let pending = s.pending();
-                if flight.is_some() || s.is_done() || pending == 0 || (pending == 1) != decode {
-                    continue;
-                }
-                let len = pending.min(budget);
-                if len == 0 {
-                    break;
-                }
-                budget -= len;
-                *flight = Some(Flight::enter(s.computed, len));
-            }
-        }
+        start_units(running, &mut flights, max_rows.saturating_sub(carried));
         let mut order: Vec<(usize, Flight)> = flights
             .into_iter()
             .enumerate()
@@ -194,6 +170,40 @@ impl StepPlan {
             rows[u.flight.loops_done] += u.flight.len;
         }
         rows
+    }
+}
+
+/// Each sequence's carried unit, taken out of it (the step owns it until commit).
+fn take_carried(running: &mut [Seq]) -> Vec<Option<Flight>> {
+    running
+        .iter_mut()
+        .map(|s| match std::mem::replace(&mut s.stage, Stage::Ready) {
+            Stage::Carried(f) => Some(f),
+            Stage::Ready => None,
+            Stage::Done => {
+                s.stage = Stage::Done;
+                None
+            }
+        })
+        .collect()
+}
+
+/// New units for sequences without one, within `budget` rows: decode tokens first (one row
+/// each), then prompt chunks.
+fn start_units(running: &[Seq], flights: &mut [Option<Flight>], mut budget: usize) {
+    for decode in [true, false] {
+        for (s, flight) in running.iter().zip(flights.iter_mut()) {
+            let pending = s.pending();
+            if flight.is_some() || s.is_done() || pending == 0 || (pending == 1) != decode {
+                continue;
+            }
+            let len = pending.min(budget);
+            if len == 0 {
+                return;
+            }
+            budget -= len;
+            *flight = Some(Flight::enter(s.computed, len));
+        }
     }
 }
 
