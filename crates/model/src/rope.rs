@@ -37,6 +37,22 @@ impl Rope {
         self.max_positions
     }
 
+    /// Rotates back each `head_dim` chunk of `x` from `position` (the transpose of
+    /// [`Rope::apply`]: what the gradient of a rotated vector goes through).
+    pub fn apply_inverse(&self, x: &mut [f32], position: usize) {
+        let h = self.half;
+        let cos = &self.cos[position * h..(position + 1) * h];
+        let sin = &self.sin[position * h..(position + 1) * h];
+        for head in x.chunks_exact_mut(2 * h) {
+            let (a, b) = head.split_at_mut(h);
+            for i in 0..h {
+                let (x1, x2) = (a[i], b[i]);
+                a[i] = x1 * cos[i] + x2 * sin[i];
+                b[i] = x2 * cos[i] - x1 * sin[i];
+            }
+        }
+    }
+
     /// Rotates each `head_dim` chunk of `x` (one token's heads) to `position`.
     pub fn apply(&self, x: &mut [f32], position: usize) {
         let h = self.half;

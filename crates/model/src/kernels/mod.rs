@@ -11,6 +11,7 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod gemm;
 pub mod isa;
 pub mod packed;
 

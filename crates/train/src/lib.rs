@@ -1,0 +1,23 @@
+//! Uptraining recursive models on the CPU. The forward and backward passes are written out by
+//! hand over plain `f32` buffers (no autograd framework: candle's drops gradients through its
+//! fused ops and is slow here), with every large product a call of the same `gemm` the model
+//! crate uses, so a training step costs about its matrix products.
+//!
+//! Module map: [`params`] (the model as named tensors, trainable or frozen) · [`norm`],
+//! [`attention`], [`layer`] (one unrolled layer, forward and backward) · [`loss`] (exit heads,
+//! cross-entropy, distillation, the early-exit loss) · [`model`] (a batch through the model).
+
+#![forbid(unsafe_code)]
+
+pub mod attention;
+pub mod error;
+pub mod layer;
+pub mod loss;
+pub mod model;
+pub mod norm;
+pub mod params;
+
+pub use error::{Result, TrainError};
+pub use loss::{LossSums, LossWeights, TeacherTopK};
+pub use model::{eval_step, train_step, Batch};
+pub use params::{Grads, Groups, Params, TrainModel};
