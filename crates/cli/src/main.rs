@@ -11,6 +11,8 @@ mod generate;
 mod model_args;
 mod serve;
 mod sweep;
+mod uptrain;
+mod uptrain_plot;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +37,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Perplexity of every init and of a range of LoRA ranks, in one run.
     Sweep(sweep::SweepArgs),
+    /// Train a converted model by distillation from its source, with the early-exit loss.
+    Uptrain(uptrain::UptrainArgs),
     /// Run the whole cluster (coordinator, workers, router) in this process.
     Serve(serve::ServeArgs),
     /// Measure speed (decode throughput, matmul roofline).
@@ -63,6 +67,7 @@ fn main() {
                 Command::Eval(args) => eval::run(args),
                 Command::Convert(args) => convert::run(args),
                 Command::Sweep(args) => sweep::run(args),
+                Command::Uptrain(args) => uptrain::run(args),
                 Command::Bench(cmd) => bench::run(cmd),
                 Command::Serve(_) => unreachable!("matched above"),
             })

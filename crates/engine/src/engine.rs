@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use rrt_model::{Llama, Sampler};
 
 use crate::error::EngineError;
-use crate::exit::{ExitPolicy, KvFill};
+use crate::exit::{ExitKind, ExitPolicy, KvFill};
 use crate::request::{Event, Request};
 use crate::sequence::{Seq, Stage};
 use crate::stats::EngineStats;
@@ -128,6 +128,12 @@ impl Engine {
                 needed,
                 budget: self.cfg.kv_budget_bytes,
             });
+        }
+        let exit = req.exit.unwrap_or(self.cfg.default_exit);
+        if exit.kind == ExitKind::Learned && self.model.exit_heads.is_none() {
+            return Err(EngineError::Invalid(
+                "learned exits need a model with exit heads (train them with `rrt uptrain --train exit`)".into(),
+            ));
         }
         if let Some(&bad) = req
             .prompt

@@ -19,6 +19,9 @@ pub enum ExitKind {
     Margin,
     /// Cosine similarity of the hidden state before and after the loop >= threshold (no LM head).
     Cosine,
+    /// The model's learned exit classifier: probability that the (adapted) exit agrees with
+    /// the last loop >= threshold (one dot product; the LM head runs only for tokens that exit).
+    Learned,
     /// Exit depths from the engine's trace (benchmarks).
     Replay,
     /// Run every loop and record the oracle exit depth into the engine's trace.
@@ -56,19 +59,24 @@ impl ExitPolicy {
         threshold: 1.0,
     };
 
-    /// The verdict after `after` loops of the generated token `key`; `cosine` gives the cosine
-    /// of the token's hidden state before and after this step's loop (computed only if read).
+    /// The verdict after `after` loops of the generated token `key`. `signals` reads what a
+    /// policy needs of the token's hidden state, only when it reads it.
     pub(crate) fn verdict<E>(
         &self,
         trace: &ExitTrace,
         key: TraceKey,
         after: usize,
-        cosine: impl FnOnce() -> Result<f32, E>,
+        signals: &dyn Signals<E>,
     ) -> Result<Verdict, E> {
         Ok(match self.kind {
             ExitKind::None => Verdict::Stay,
             ExitKind::Replay => Verdict::leave_if(trace.get(key.0, key.1) == Some(after)),
-            ExitKind::Cosine => Verdict::leave_if(cosine()? >= self.threshold),
+            ExitKind::Cosine => Verdict::leave_if(signals.cosine()? >= self.threshold),
+            ExitKind::Learned => Verdict::leave_if(
+                signals
+                    .exit_probability()?
+                    .is_some_and(|p| p >= self.threshold),
+            ),
             ExitKind::MaxProb | ExitKind::Margin | ExitKind::Oracle => Verdict::ReadHead,
         })
     }
@@ -97,6 +105,14 @@ impl ExitPolicy {
             trace.close(key, argmax(logits));
         }
     }
+}
+
+/// What a policy may read of a token's hidden state after a loop.
+pub(crate) trait Signals<E> {
+    /// Cosine of the hidden state before and after the loop.
+    fn cosine(&self) -> Result<f32, E>;
+    /// The learned exit classifier's probability (`None`: no classifier for this loop).
+    fn exit_probability(&self) -> Result<Option<f32>, E>;
 }
 
 /// How the K/V of the loops an exited token skipped are filled.
@@ -150,11 +166,34 @@ mod tests {
         assert!(cosine(&[1.0, 0.0], &[0.0, 3.0]).abs() < 1e-6);
     }
 
+    struct Fixed(f32, Option<f32>);
+
+    impl Signals<()> for Fixed {
+        fn cosine(&self) -> Result<f32, ()> {
+            Ok(self.0)
+        }
+        fn exit_probability(&self) -> Result<Option<f32>, ()> {
+            Ok(self.1)
+        }
+    }
+
+    /// Signals a policy must not read.
+    struct Unread;
+
+    impl Signals<()> for Unread {
+        fn cosine(&self) -> Result<f32, ()> {
+            panic!("cosine read by a policy that needs none")
+        }
+        fn exit_probability(&self) -> Result<Option<f32>, ()> {
+            panic!("exit probability read by a policy that needs none")
+        }
+    }
+
     #[test]
     fn policies_decide_through_one_interface() {
         let mut trace = ExitTrace::default();
         trace.insert(7, 0, 2);
-        let never = || -> Result<f32, ()> { panic!("cosine read by a policy that needs none") };
+        let never = &Unread;
         let replay = ExitPolicy {
             kind: ExitKind::Replay,
             threshold: 0.0,
@@ -166,11 +205,27 @@ mod tests {
             threshold: 0.5,
         };
         assert_eq!(
-            cos.verdict(&trace, (1, 0), 1, || Ok::<_, ()>(0.9)),
+            cos.verdict(&trace, (1, 0), 1, &Fixed(0.9, None)),
             Ok(Verdict::Leave)
         );
         assert_eq!(
-            cos.verdict(&trace, (1, 0), 1, || Ok::<_, ()>(0.1)),
+            cos.verdict(&trace, (1, 0), 1, &Fixed(0.1, None)),
+            Ok(Verdict::Stay)
+        );
+        let learned = ExitPolicy {
+            kind: ExitKind::Learned,
+            threshold: 0.8,
+        };
+        assert_eq!(
+            learned.verdict(&trace, (1, 0), 1, &Fixed(0.0, Some(0.9))),
+            Ok(Verdict::Leave)
+        );
+        assert_eq!(
+            learned.verdict(&trace, (1, 0), 1, &Fixed(0.0, Some(0.7))),
+            Ok(Verdict::Stay)
+        );
+        assert_eq!(
+            learned.verdict(&trace, (1, 0), 1, &Fixed(0.0, None)),
             Ok(Verdict::Stay)
         );
         let max_prob = ExitPolicy {

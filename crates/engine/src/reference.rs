@@ -53,7 +53,10 @@ pub fn generate_with_exits(
             .unwrap_or(loops)
             .clamp(1, loops);
         let h = run_token(model, &mut cache, next, pos, depth, fill)?;
-        row = model.logits(&h)?.squeeze(0)?.to_vec1::<f32>()?;
+        row = model
+            .logits(&model.exit_input(depth, &h)?)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
         exit_loop = depth;
     }
     Ok(out)

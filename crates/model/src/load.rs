@@ -9,6 +9,7 @@ use candle_core::DType;
 use crate::config::{HfLlamaConfig, ModelConfig};
 use crate::decoder::Llama;
 use crate::error::{ModelError, Result};
+use crate::recursive::exit_heads::ExitHeads;
 use crate::recursive::RecursiveMeta;
 use crate::source::gguf::GgufSource;
 use crate::source::safetensors::SafetensorsSource;
@@ -65,7 +66,9 @@ fn load_hf_dir(dir: &Path, dtype: DType) -> Result<LoadedModel> {
     };
     let mut src = SafetensorsSource::open_dir(dir)?;
     let tokenizer = Tokenizer::from_hf_dir(dir, cfg.bos_token_id, cfg.eos_token_ids.clone())?;
-    let model = Llama::load(cfg, &mut src, dtype, recursive)?;
+    let hidden = cfg.hidden_size;
+    let mut model = Llama::load(cfg, &mut src, dtype, recursive)?;
+    model.exit_heads = ExitHeads::load_dir(dir, &mut src, hidden)?;
     Ok(LoadedModel {
         model,
         tokenizer,

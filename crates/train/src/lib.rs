@@ -5,17 +5,25 @@
 //!
 //! Module map: [`params`] (the model as named tensors, trainable or frozen) · [`norm`],
 //! [`attention`], [`layer`] (one unrolled layer, forward and backward) · [`loss`] (exit heads,
-//! cross-entropy, distillation, the early-exit loss) · [`model`] (a batch through the model).
+//! cross-entropy, distillation, the early-exit loss) · [`model`] (a batch through the model) ·
+//! [`optim`] (AdamW, clipping, schedule) · [`data`] (text to packed windows) · [`teacher`] (the
+//! cached teacher top-k) · [`checkpoint`] · [`trainer`] (the loop).
 
 #![forbid(unsafe_code)]
 
 pub mod attention;
+pub mod checkpoint;
+pub mod data;
 pub mod error;
+pub mod exit_head;
 pub mod layer;
 pub mod loss;
 pub mod model;
 pub mod norm;
+pub mod optim;
 pub mod params;
+pub mod teacher;
+pub mod trainer;
 
 pub use error::{Result, TrainError};
 pub use loss::{LossSums, LossWeights, TeacherTopK};

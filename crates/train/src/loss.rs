@@ -9,11 +9,12 @@
 use rayon::prelude::*;
 use rrt_model::kernels::gemm::{gemm, MatMut, MatRef};
 
+use crate::exit_head;
 use crate::norm;
 use crate::params::{Grads, TrainModel};
 
 /// How the losses are weighted.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LossWeights {
     /// Cross-entropy of the next token.
     pub ce: f32,
@@ -25,6 +26,13 @@ pub struct LossWeights {
     pub exit_weight: f32,
     /// Distillation from the detached last loop to each earlier loop.
     pub self_kd: f32,
+    /// Binary cross-entropy of the exit classifiers (models with exit heads).
+    #[serde(default = "one")]
+    pub classifier: f32,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 impl Default for LossWeights {
@@ -35,6 +43,7 @@ impl Default for LossWeights {
             temperature: 1.0,
             exit_weight: 0.1,
             self_kd: 0.1,
+            classifier: 1.0,
         }
     }
 }
@@ -63,6 +72,9 @@ pub struct LossSums {
     pub agree_with_last: Vec<usize>,
     /// The weighted objective (what the gradients are of), before the `scale`.
     pub objective: f64,
+    /// Exit classifiers: binary cross-entropy sums, and every row's (probability, agreement).
+    pub classifier_bce: Vec<f64>,
+    pub classifier_points: Vec<Vec<(f32, bool)>>,
 }
 
 impl LossSums {
@@ -74,6 +86,8 @@ impl LossSums {
             self_kd: vec![0.0; loops],
             agree_with_last: vec![0; loops],
             objective: 0.0,
+            classifier_bce: vec![0.0; loops],
+            classifier_points: vec![Vec::new(); loops],
         }
     }
 
@@ -88,6 +102,8 @@ impl LossSums {
             self.kd[j] += o.kd[j];
             self.self_kd[j] += o.self_kd[j];
             self.agree_with_last[j] += o.agree_with_last[j];
+            self.classifier_bce[j] += o.classifier_bce[j];
+            self.classifier_points[j].extend_from_slice(&o.classifier_points[j]);
         }
     }
 }
@@ -107,69 +123,123 @@ pub fn heads(
     scale: f32,
     grads: &mut Grads,
 ) -> (LossSums, Vec<Vec<f32>>) {
-    let (h, v) = (model.cfg.hidden_size, model.cfg.vocab_size);
+    let h = model.cfg.hidden_size;
     let loops = exits.len();
     let rows = targets.len();
-    let eps = model.cfg.rms_norm_eps as f32;
-    let gf = model.params.get(model.final_norm);
-    let head = model.params.get(model.head());
     let mut sums = LossSums::new(loops);
     let mut dexits: Vec<Vec<f32>> = (0..loops).map(|_| vec![0f32; rows * h]).collect();
     for start in (0..rows).step_by(CHUNK) {
         let end = (start + CHUNK).min(rows);
-        let c = end - start;
-        let mut normed = Vec::with_capacity(loops);
-        let mut logits = Vec::with_capacity(loops);
-        for x in exits {
-            let (n, r) = norm::forward(&x[start * h..end * h], gf, eps);
-            let mut z = vec![0f32; c * v];
-            gemm(
-                MatMut::new(&mut z, c, v),
-                MatRef::new(&n, c, h),
-                MatRef::new(head, v, h).t(),
-                false,
-            );
-            normed.push((n, r));
-            logits.push(z);
-        }
+        let chunk: Vec<&[f32]> = exits.iter().map(|x| &x[start * h..end * h]).collect();
         let chunk_teacher = teacher.map(|t| Rows {
             k: t.k,
             ids: &t.ids[start * t.k..end * t.k],
             logits: &t.logits[start * t.k..end * t.k],
             lse: &t.lse[start..end],
         });
-        let part = losses(
-            &mut logits,
+        let part = head_chunk(
+            model,
+            &chunk,
             &targets[start..end],
             chunk_teacher,
             w,
             scale,
-            v,
+            grads,
         );
-        sums.add(&part);
-        // Back through the head and the final norm.
-        for (j, (dz, (n, r))) in logits.iter().zip(&normed).enumerate() {
-            let mut dn = vec![0f32; c * h];
-            gemm(
-                MatMut::new(&mut dn, c, h),
-                MatRef::new(dz, c, v),
-                MatRef::new(head, v, h),
-                false,
-            );
-            if let Some(dhead) = grads.get_mut(model.head()) {
-                gemm(
-                    MatMut::new(dhead, v, h),
-                    MatRef::new(dz, c, v).t(),
-                    MatRef::new(n, c, h),
-                    true,
-                );
-            }
-            let x = &exits[j][start * h..end * h];
-            let dx = norm::backward(x, r, gf, &dn, grads.get_mut(model.final_norm));
-            dexits[j][start * h..end * h].copy_from_slice(&dx);
+        for (d, dx) in dexits.iter_mut().zip(part.1) {
+            d[start * h..end * h].copy_from_slice(&dx);
         }
+        sums.add(&part.0);
     }
     (sums, dexits)
+}
+
+/// One chunk of rows through every loop's exit head (adapter, final norm, LM head), its losses,
+/// the exit classifiers, and the gradients back to each loop's hidden state.
+fn head_chunk(
+    model: &TrainModel,
+    xs: &[&[f32]],
+    targets: &[u32],
+    teacher: Option<Rows<'_>>,
+    w: LossWeights,
+    scale: f32,
+    grads: &mut Grads,
+) -> (LossSums, Vec<Vec<f32>>) {
+    let (h, v) = (model.cfg.hidden_size, model.cfg.vocab_size);
+    let (loops, c) = (xs.len(), targets.len());
+    let eps = model.cfg.rms_norm_eps as f32;
+    let p = &model.params;
+    let (gf, head) = (p.get(model.final_norm), p.get(model.head()));
+    let mut saved = Vec::with_capacity(loops);
+    let mut logits = Vec::with_capacity(loops);
+    for (j, x) in xs.iter().enumerate() {
+        let (input, adapter) = match model.exits.get(j).filter(|_| j + 1 < loops) {
+            Some(e) => {
+                let (y, s) = exit_head::adapter_forward(p, e, x, h);
+                (y, Some(s))
+            }
+            None => (x.to_vec(), None),
+        };
+        let (n, r) = norm::forward(&input, gf, eps);
+        let mut z = vec![0f32; c * v];
+        gemm(
+            MatMut::new(&mut z, c, v),
+            MatRef::new(&n, c, h),
+            MatRef::new(head, v, h).t(),
+            false,
+        );
+        saved.push((input, n, r, adapter));
+        logits.push(z);
+    }
+    let argmaxes: Vec<Vec<usize>> = logits
+        .iter()
+        .map(|z| z.par_chunks(v).map(argmax).collect())
+        .collect();
+    let mut sums = losses(&mut logits, targets, teacher, w, scale, v);
+    let mut dxs = Vec::with_capacity(loops);
+    for (j, (dz, (input, n, r, adapter))) in logits.iter().zip(&saved).enumerate() {
+        let mut dn = vec![0f32; c * h];
+        gemm(
+            MatMut::new(&mut dn, c, h),
+            MatRef::new(dz, c, v),
+            MatRef::new(head, v, h),
+            false,
+        );
+        if let Some(dhead) = grads.get_mut(model.head()) {
+            gemm(
+                MatMut::new(dhead, v, h),
+                MatRef::new(dz, c, v).t(),
+                MatRef::new(n, c, h),
+                true,
+            );
+        }
+        let mut dx = norm::backward(input, r, gf, &dn, grads.get_mut(model.final_norm));
+        if let (Some(e), Some(a)) = (model.exits.get(j), adapter) {
+            dx = exit_head::adapter_backward(p, e, a, &dx, h, grads);
+            // The classifier learns whether this loop's (adapted) argmax is the last loop's.
+            let agree: Vec<bool> = argmaxes[j]
+                .iter()
+                .zip(&argmaxes[loops - 1])
+                .map(|(a, b)| a == b)
+                .collect();
+            let (probs, xn) = exit_head::classify(p, e, xs[j], h, eps);
+            let bce = exit_head::classifier_backward(
+                e,
+                &probs,
+                &agree,
+                &xn,
+                h,
+                w.classifier,
+                scale,
+                grads,
+            );
+            sums.classifier_bce[j] += bce;
+            sums.objective += w.classifier as f64 * bce;
+            sums.classifier_points[j].extend(probs.into_iter().zip(agree));
+        }
+        dxs.push(dx);
+    }
+    (sums, dxs)
 }
 
 /// A chunk's teacher rows.
@@ -212,13 +282,12 @@ fn losses(
             });
             row_losses(zs, targets[i], t, w, scale)
         })
-        .reduce(
-            || LossSums::new(loops),
-            |mut a, b| {
-                a.add(&b);
-                a
-            },
-        )
+        .collect::<Vec<_>>()
+        .iter()
+        .fold(LossSums::new(loops), |mut a, b| {
+            a.add(b);
+            a
+        })
 }
 
 struct TeacherRow<'a> {
@@ -413,6 +482,7 @@ mod tests {
             temperature: 1.0,
             exit_weight: 0.0,
             self_kd: 1.0,
+            classifier: 0.0,
         };
         let (mut a, mut b) = (z0.clone(), z1.clone());
         let mut zs: Vec<&mut [f32]> = vec![&mut a, &mut b];

@@ -83,17 +83,16 @@ pub fn train_step(
     scale: f32,
     grads: &mut Grads,
 ) -> LossSums {
-    let (exits, mut saved) = forward(model, batch, true);
-    let (sums, mut dexits) = loss::heads(
-        model,
-        &exits,
-        &batch.targets(),
-        batch.teacher.as_ref(),
-        w,
-        scale,
-        grads,
-    );
+    let train_layers = model.layers_train();
+    let (exits, mut saved) = forward(model, batch, train_layers);
+    let targets = batch.targets();
+    let teacher = batch.teacher.as_ref();
+    let (sums, mut dexits) = loss::heads(model, &exits, &targets, teacher, w, scale, grads);
     drop(exits);
+    if !train_layers {
+        // Only the exit heads (or the final norm) train: nothing below them needs a gradient.
+        return sums;
+    }
     let ctx = Ctx { model, t: batch.t };
     let block = model.block();
     let mut dx = dexits.pop().unwrap_or_default();
@@ -109,6 +108,11 @@ pub fn train_step(
         }
     }
     sums
+}
+
+/// The hidden state after every loop, without keeping anything for a backward pass.
+pub fn exits(model: &TrainModel, batch: &Batch) -> Vec<Vec<f32>> {
+    forward(model, batch, false).0
 }
 
 /// Every loop's exit logits (`[rows, vocab]` each): final norm and LM head on the hidden state

@@ -51,14 +51,11 @@ pub fn backward(x: &[f32], r: &[f32], g: &[f32], dy: &[f32], dg: Option<&mut [f3
                 }
                 acc
             })
-            .reduce(
-                || vec![0f32; h],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
-        dg.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
+            .collect::<Vec<_>>();
+        // Summed in a fixed order, so a run repeats bit for bit.
+        for p in partial {
+            dg.iter_mut().zip(p).for_each(|(d, p)| *d += p);
+        }
     }
     dx
 }

@@ -128,12 +128,25 @@ pub struct Unrolled {
     pub mlp_norm: Id,
 }
 
+/// A loop's learned exit head: adapter `V` (`[rank, h]`) and `U` (`[h, rank]`), classifier
+/// weight (`[h]`) and bias (`[1]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ExitIds {
+    pub down: Id,
+    pub up: Id,
+    pub classifier: Id,
+    pub bias: Id,
+    pub rank: usize,
+}
+
 /// Which parameter groups train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Groups {
     pub shared: bool,
     pub lora: bool,
     pub norms: bool,
+    /// The exit adapters and classifiers.
+    pub exits: bool,
 }
 
 /// The model in training form.
@@ -151,6 +164,8 @@ pub struct TrainModel {
     pub rope: Rope,
     /// The recursion the model came with (`None`: a plain model, every layer its own).
     pub recursion: Option<rrt_model::recursive::RecursiveMeta>,
+    /// Learned exit heads, per loop but the last (empty: none).
+    pub exits: Vec<ExitIds>,
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {
@@ -251,7 +266,7 @@ impl TrainModel {
                 mlp_norm,
             });
         }
-        Ok(Self {
+        Self {
             rope: Rope::new(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings),
             cfg,
             params,
@@ -261,7 +276,121 @@ impl TrainModel {
             shared,
             unrolled,
             recursion: model.recursion.as_ref().map(|r| r.meta.clone()),
-        })
+            exits: Vec::new(),
+        }
+        .with_exit_heads_of(model)
+    }
+
+    /// Takes the exit heads `model` has, if any.
+    fn with_exit_heads_of(mut self, model: &Llama) -> Result<Self> {
+        let Some(e) = &model.exit_heads else {
+            return Ok(self);
+        };
+        let h = self.cfg.hidden_size;
+        let rank = e.meta.adapter_rank;
+        if rank == 0 {
+            return Err(TrainError::Input(
+                "exit heads without adapters cannot be trained here".into(),
+            ));
+        }
+        for (j, head) in e.heads.iter().enumerate() {
+            let [down, up, w, b] = rrt_model::recursive::exit_heads::names(j);
+            let (d, u) = head
+                .adapter
+                .as_ref()
+                .ok_or_else(|| TrainError::Input(format!("exit head {j} has no adapter")))?;
+            let ids = ExitIds {
+                down: self.params.add(down, vec![rank, h], values(&d.weight()?)?),
+                up: self.params.add(up, vec![h, rank], values(&u.weight()?)?),
+                classifier: self.params.add(w, vec![h], head.classifier.clone()),
+                bias: self.params.add(b, vec![1], vec![head.bias]),
+                rank,
+            };
+            self.exits.push(ids);
+        }
+        Ok(self)
+    }
+
+    /// Gives every loop but the last a fresh exit head: the adapter starts as the identity
+    /// (`U = 0`, `V` small and seeded), the classifier at probability 1/2.
+    pub fn add_exit_heads(&mut self, rank: usize, seed: u64) {
+        let h = self.cfg.hidden_size;
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let mut noise = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+                })
+                .collect()
+        };
+        self.exits = (0..self.loops().saturating_sub(1))
+            .map(|j| {
+                let [down, up, w, b] = rrt_model::recursive::exit_heads::names(j);
+                ExitIds {
+                    down: self.params.add(
+                        down,
+                        vec![rank, h],
+                        noise(rank * h, 2.0 / (h as f32).sqrt()),
+                    ),
+                    up: self.params.add(up, vec![h, rank], vec![0.0; h * rank]),
+                    classifier: self.params.add(w, vec![h], vec![0.0; h]),
+                    bias: self.params.add(b, vec![1], vec![0.0]),
+                    rank,
+                }
+            })
+            .collect();
+    }
+
+    /// Whether any tensor of the decoder layers trains (else the backward pass stops at the
+    /// exit heads).
+    pub fn layers_train(&self) -> bool {
+        self.shared
+            .iter()
+            .any(|s| s.fused.iter().any(|&id| self.params.trainable(id)))
+            || self.unrolled.iter().any(|u| {
+                self.params.trainable(u.attn_norm)
+                    || self.params.trainable(u.mlp_norm)
+                    || u.lora.iter().flatten().any(|l| self.params.trainable(l.a))
+            })
+    }
+
+    /// The exit heads in inference form (`None` without any).
+    pub fn to_exit_heads(
+        &self,
+        trained: String,
+    ) -> Result<Option<rrt_model::recursive::exit_heads::ExitHeads>> {
+        use rrt_model::recursive::exit_heads::{ExitHead, ExitHeads, ExitHeadsMeta};
+        let Some(rank) = self.exits.first().map(|e| e.rank) else {
+            return Ok(None);
+        };
+        let dev = Device::Cpu;
+        let t = |id: Id| -> Result<Tensor> {
+            let p = &self.params.list[id.0];
+            Ok(Tensor::from_slice(&p.value, p.shape.as_slice(), &dev)?)
+        };
+        let heads = self
+            .exits
+            .iter()
+            .map(|e| {
+                Ok(ExitHead {
+                    adapter: Some((
+                        rrt_model::linear::Linear::new(t(e.down)?)?,
+                        rrt_model::linear::Linear::new(t(e.up)?)?,
+                    )),
+                    classifier: self.params.get(e.classifier).to_vec(),
+                    bias: self.params.get(e.bias)[0],
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta = ExitHeadsMeta {
+            adapter_rank: rank,
+            loops: heads.len(),
+            trained,
+        };
+        Ok(Some(ExitHeads { meta, heads }))
     }
 
     /// Shared layers (K).
@@ -305,6 +434,19 @@ impl TrainModel {
         if groups.norms {
             ids.push(self.final_norm);
             ids.extend(self.unrolled.iter().flat_map(|u| [u.attn_norm, u.mlp_norm]));
+        }
+        if groups.exits {
+            if self.exits.is_empty() {
+                return Err(TrainError::Input(
+                    "--train exit: the model has no exit heads (give --adapter-rank to add them)"
+                        .into(),
+                ));
+            }
+            ids.extend(
+                self.exits
+                    .iter()
+                    .flat_map(|e| [e.down, e.up, e.classifier, e.bias]),
+            );
         }
         for id in ids {
             self.params.list[id.0].trainable = true;

@@ -84,6 +84,8 @@ pub enum ExitArg {
     MaxProb,
     Margin,
     Cosine,
+    /// The model's learned exit classifier (needs exit heads).
+    Learned,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -99,6 +101,7 @@ impl ExitArg {
             ExitArg::MaxProb => ExitKind::MaxProb,
             ExitArg::Margin => ExitKind::Margin,
             ExitArg::Cosine => ExitKind::Cosine,
+            ExitArg::Learned => ExitKind::Learned,
         }
     }
 }

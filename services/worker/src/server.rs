@@ -41,6 +41,12 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     let loaded = tokio::task::spawn_blocking(move || rrt_model::load(&path, DType::F32))
         .await?
         .map_err(|e| anyhow::anyhow!("loading the model: {e}"))?;
+    if cfg.default_exit.kind == rrt_engine::ExitKind::Learned && loaded.model.exit_heads.is_none() {
+        anyhow::bail!(
+            "--exit learned: {} has no exit heads (train them with `rrt uptrain --train exit`)",
+            args.model.display()
+        );
+    }
     let model_name = args.model_name.clone().unwrap_or_else(|| {
         args.model
             .file_stem()

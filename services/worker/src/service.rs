@@ -97,6 +97,7 @@ impl Shared {
                 pb::ExitPolicy::MaxProb => ExitKind::MaxProb,
                 pb::ExitPolicy::Margin => ExitKind::Margin,
                 pb::ExitPolicy::Cosine => ExitKind::Cosine,
+                pb::ExitPolicy::Learned => ExitKind::Learned,
             };
             Some(ExitPolicy {
                 kind,

@@ -5,7 +5,7 @@ mod decode;
 mod engine;
 mod engine_runs;
 mod matmul;
-mod plot;
+pub(crate) mod plot;
 pub mod router;
 
 use clap::Subcommand;

@@ -26,7 +26,7 @@ pub struct ThresholdPlot {
 }
 
 /// Makes `font` the plot's sans-serif face (once per process).
-fn load_font(font: &Path) -> anyhow::Result<()> {
+pub fn load_font(font: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(font).with_context(|| {
         format!(
             "reading the plot font {} (install fonts-dejavu-core: `make deps`, or pass --font)",
@@ -38,7 +38,7 @@ fn load_font(font: &Path) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("{} is not a TrueType font", font.display()))
 }
 
-const COLORS: [RGBColor; 10] = [
+pub const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),

@@ -11,7 +11,7 @@ use rrt_model::Llama;
 
 use super::plan::{StepPlan, Unit};
 use crate::error::EngineError;
-use crate::exit::{cosine, Verdict};
+use crate::exit::{cosine, Signals, Verdict};
 use crate::sequence::Seq;
 use crate::stats::EngineStats;
 use crate::trace::ExitTrace;
@@ -39,14 +39,43 @@ pub(super) enum Outcome {
     },
 }
 
+/// What a policy reads of one row: its hidden state before and after the pass.
+struct RowSignals<'a> {
+    model: &'a Llama,
+    row: usize,
+    /// Loops the row has run after this pass.
+    after: usize,
+    x_in: &'a Tensor,
+    x: &'a Tensor,
+}
+
+impl RowSignals<'_> {
+    fn row_of(&self, t: &Tensor) -> Result<Vec<f32>, EngineError> {
+        Ok(t.narrow(0, self.row, 1)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+impl Signals<EngineError> for RowSignals<'_> {
+    fn cosine(&self) -> Result<f32, EngineError> {
+        Ok(cosine(&self.row_of(self.x_in)?, &self.row_of(self.x)?))
+    }
+
+    fn exit_probability(&self) -> Result<Option<f32>, EngineError> {
+        Ok(self
+            .model
+            .exit_probability(self.after, &self.row_of(self.x)?))
+    }
+}
+
 /// The decision of each unit of `plan` (in unit order) after the pass `x_in` -> `x`.
 pub(super) fn decide(
+    model: &Llama,
     running: &[Seq],
     plan: &StepPlan,
     trace: &ExitTrace,
-    loops: usize,
     (x_in, x): (&Tensor, &Tensor),
 ) -> Result<Vec<Decision>, EngineError> {
+    let loops = model.loops();
     plan.units
         .iter()
         .map(|u| {
@@ -59,14 +88,15 @@ pub(super) fn decide(
             let Some(index) = s.generated_index(&u.flight) else {
                 return Ok(Decision::Continue);
             };
-            let row_cosine = || -> Result<f32, EngineError> {
-                let r = u.last_row();
-                let a = x_in.narrow(0, r, 1)?.flatten_all()?.to_vec1::<f32>()?;
-                let b = x.narrow(0, r, 1)?.flatten_all()?.to_vec1::<f32>()?;
-                Ok(cosine(&a, &b))
+            let signals = RowSignals {
+                model,
+                row: u.last_row(),
+                after,
+                x_in,
+                x,
             };
             Ok(
-                match s.exit.verdict(trace, (s.id, index), after, row_cosine)? {
+                match s.exit.verdict(trace, (s.id, index), after, &signals)? {
                     Verdict::Stay => Decision::Continue,
                     Verdict::Leave => Decision::Exit { after },
                     Verdict::ReadHead => Decision::NeedsHead,
@@ -123,6 +153,29 @@ pub(super) fn settle(
         .collect())
 }
 
+/// Rows that leave before the last loop go through that loop's exit adapter (when the model
+/// has learned exit heads) before the shared final norm and head.
+fn adapt_early_exits(
+    model: &Llama,
+    units: &[Unit],
+    wants: &[bool],
+    picked: Tensor,
+) -> Result<Tensor, EngineError> {
+    if model.exit_heads.is_none() {
+        return Ok(picked);
+    }
+    let afters = units
+        .iter()
+        .zip(wants)
+        .filter(|(_, &w)| w)
+        .map(|(u, _)| u.flight.loops_done + 1);
+    let rows: Vec<Tensor> = afters
+        .enumerate()
+        .map(|(i, after)| model.exit_input(after, &picked.narrow(0, i, 1)?))
+        .collect::<Result<_, _>>()?;
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
 /// Exit-head logits of the last row of each unit that `wants` them (`None` for the others);
 /// one call, so the head's weight is read once per step. Timed and counted.
 fn head(
@@ -143,6 +196,7 @@ fn head(
     }
     let started = Instant::now();
     let picked = x.index_select(&Tensor::new(rows.as_slice(), x.device())?, 0)?;
+    let picked = adapt_early_exits(model, units, wants, picked)?;
     let mut logits = model.logits(&picked)?.to_vec2::<f32>()?.into_iter();
     stats.head_rows += rows.len() as u64;
     stats.time.head += started.elapsed();

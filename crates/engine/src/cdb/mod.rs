@@ -44,7 +44,7 @@ pub(crate) fn step(ctx: &mut StepCtx<'_>) -> Result<usize, EngineError> {
     };
 
     let head_before = stats.time.head;
-    let decisions = decide::decide(running, &plan, trace, loops, (&x_in, &x))?;
+    let decisions = decide::decide(model, running, &plan, trace, (&x_in, &x))?;
     let outcomes = decide::settle(model, running, &plan, decisions, &x, (trace, stats))?;
     commit::commit(
         model,

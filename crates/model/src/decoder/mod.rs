@@ -22,6 +22,7 @@ use crate::kernels::swiglu;
 use crate::kv_cache::SeqCache;
 use crate::linear::{with_f32_slice, Linear};
 use crate::projection::Fused;
+use crate::recursive::exit_heads::ExitHeads;
 use crate::recursive::lora::{add_fused, LayerLora};
 use crate::recursive::Recursion;
 use crate::rope::Rope;
@@ -86,6 +87,8 @@ pub struct Llama {
     pub lm_head: Linear,
     pub rope: Rope,
     pub recursion: Option<Recursion>,
+    /// Learned exit heads (adapters and classifiers), when trained for this model.
+    pub exit_heads: Option<ExitHeads>,
 }
 
 impl Llama {
@@ -106,6 +109,7 @@ impl Llama {
             lm_head,
             rope,
             recursion,
+            exit_heads: None,
         }
     }
 
@@ -316,6 +320,32 @@ impl Llama {
         let act = Tensor::from_vec(swiglu(&gu, f), (rows, f), &dev)?;
         let down = self.project(layer, Fused::Down, &act, groups)?;
         Ok((x + Tensor::from_vec(down, (rows, h), &dev)?)?)
+    }
+
+    /// Hidden states `[rows, hidden]` that exit after `loops_done` loops, made ready for the
+    /// shared final norm and LM head: through that loop's exit adapter when the model has one
+    /// (an early exit), unchanged otherwise.
+    pub fn exit_input(&self, loops_done: usize, hidden: &Tensor) -> Result<Tensor> {
+        match &self.exit_heads {
+            Some(e) if loops_done >= 1 && loops_done < self.loops() => {
+                match e.heads.get(loops_done - 1) {
+                    Some(head) => head.adapt(hidden),
+                    None => Ok(hidden.clone()),
+                }
+            }
+            _ => Ok(hidden.clone()),
+        }
+    }
+
+    /// The probability that a token exiting after `loops_done` loops agrees with the last loop,
+    /// from its hidden state (`None` without a learned exit head for that loop).
+    pub fn exit_probability(&self, loops_done: usize, hidden: &[f32]) -> Option<f32> {
+        let head = self
+            .exit_heads
+            .as_ref()?
+            .heads
+            .get(loops_done.checked_sub(1)?)?;
+        Some(head.exit_probability(hidden, self.cfg.rms_norm_eps as f32))
     }
 
     /// Final norm and LM head over hidden states `[rows, hidden]` -> logits `[rows, vocab]`.

@@ -4,6 +4,7 @@
 //! one, [`save`] writes it as a loadable directory.
 
 pub mod convert;
+pub mod exit_heads;
 pub mod lora;
 pub mod mapping;
 pub mod save;

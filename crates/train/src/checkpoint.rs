@@ -1,0 +1,137 @@
+//! Checkpoints: the trainable tensors, the optimizer's moments and the run's position, written
+//! into a fresh directory and swapped in by renames, so an interrupted or failed write (a full
+//! disk) leaves the previous checkpoint whole. Resuming restores all of it; the data order is a
+//! function of the seed and the epoch, so the position is enough to continue exactly.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::optim::AdamW;
+use crate::params::Params;
+
+/// Where a run stands.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Position {
+    /// Optimizer steps done.
+    pub step: u64,
+    pub epoch: u64,
+    /// Micro-batches of the epoch's order consumed.
+    pub offset: usize,
+    /// Training tokens seen.
+    pub tokens: u64,
+}
+
+/// What `state.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    position: Position,
+    adam_step: u64,
+    /// The run's settings, to refuse resuming a different run.
+    settings: serde_json::Value,
+}
+
+/// The checkpoint directory of a run's output directory.
+pub fn dir(out: &Path) -> PathBuf {
+    out.join("checkpoint")
+}
+
+/// Writes a checkpoint of `params` (trainable tensors), `opt` and `position` under `out`.
+pub fn save(
+    out: &Path,
+    params: &Params,
+    opt: &AdamW,
+    position: &Position,
+    settings: &serde_json::Value,
+) -> Result<()> {
+    let final_dir = dir(out);
+    let tmp = out.join("checkpoint.tmp");
+    let old = out.join("checkpoint.old");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::file(&tmp, e))?;
+    let mut tensors = HashMap::new();
+    for (i, p) in params.list.iter().enumerate() {
+        if !p.trainable {
+            continue;
+        }
+        let t = |v: &[f32]| Tensor::from_slice(v, p.shape.as_slice(), &Device::Cpu);
+        tensors.insert(format!("param.{}", p.name), t(&p.value)?);
+        tensors.insert(format!("m.{}", p.name), t(&opt.m[i])?);
+        tensors.insert(format!("v.{}", p.name), t(&opt.v[i])?);
+    }
+    let weights = tmp.join("train.safetensors");
+    candle_core::safetensors::save(&tensors, &weights)
+        .map_err(|e| TrainError::file(&weights, e))?;
+    let state = State {
+        position: position.clone(),
+        adam_step: opt.step,
+        settings: settings.clone(),
+    };
+    let json =
+        serde_json::to_string_pretty(&state).map_err(|e| TrainError::Input(e.to_string()))?;
+    std::fs::write(tmp.join("state.json"), json)
+        .map_err(|e| TrainError::file(tmp.join("state.json"), e))?;
+    // Swap: the old checkpoint stays until the new one is in place.
+    let _ = std::fs::remove_dir_all(&old);
+    if final_dir.exists() {
+        std::fs::rename(&final_dir, &old).map_err(|e| TrainError::file(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::file(&final_dir, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Restores the checkpoint under `out` into `params` and `opt`; returns the position. A swap
+/// cut short (only the old checkpoint left) is recovered.
+pub fn load(
+    out: &Path,
+    params: &mut Params,
+    opt: &mut AdamW,
+    settings: &serde_json::Value,
+) -> Result<Position> {
+    let mut d = dir(out);
+    if !d.exists() && out.join("checkpoint.old").exists() {
+        d = out.join("checkpoint.old");
+    }
+    let state_path = d.join("state.json");
+    let text = std::fs::read_to_string(&state_path)
+        .map_err(|e| TrainError::file(&state_path, format!("no checkpoint to resume ({e})")))?;
+    let state: State = serde_json::from_str(&text).map_err(|e| TrainError::file(&state_path, e))?;
+    if &state.settings != settings {
+        return Err(TrainError::file(&state_path, format!(
+            "the checkpoint is of a run with other settings; resume with the same flags (checkpoint: {}, now: {settings})",
+            state.settings
+        )));
+    }
+    let weights = d.join("train.safetensors");
+    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
+        .map_err(|e| TrainError::file(&weights, e))?;
+    for (i, p) in params.list.iter_mut().enumerate() {
+        if !p.trainable {
+            continue;
+        }
+        let len = p.value.len();
+        let get = |prefix: &str| -> Result<Vec<f32>> {
+            let name = format!("{prefix}.{}", p.name);
+            let t = tensors
+                .get(&name)
+                .ok_or_else(|| TrainError::file(&weights, format!("missing tensor {name}")))?;
+            let v = t.flatten_all()?.to_vec1::<f32>()?;
+            if v.len() != len {
+                return Err(TrainError::file(
+                    &weights,
+                    format!("{name} has {} values, the model {len}", v.len()),
+                ));
+            }
+            Ok(v)
+        };
+        p.value = get("param")?;
+        opt.m[i] = get("m")?;
+        opt.v[i] = get("v")?;
+    }
+    opt.step = state.adam_step;
+    Ok(state.position)
+}

@@ -1,0 +1,333 @@
+//! The training loop: optimizer steps of `accum` micro-batches of packed windows in a seeded
+//! order, the learning-rate schedule, gradient clipping, a held-out evaluation every so many
+//! steps, checkpoints, and the matmul roofline the step's speed is measured against.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, Position};
+use crate::data::{Corpus, Split};
+use crate::error::{Result, TrainError};
+use crate::loss::{LossSums, LossWeights};
+use crate::model::{eval_step, train_step, Batch};
+use crate::optim::{clip, AdamW, AdamWConfig, Schedule};
+use crate::params::{Grads, TrainModel};
+use crate::teacher::TeacherCache;
+
+/// A run's settings (all of them change the result; a resumed run must match).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub seq_len: usize,
+    pub batch_seqs: usize,
+    pub accum: usize,
+    pub steps: u64,
+    pub schedule: Schedule,
+    pub clip: f64,
+    pub adam: AdamWConfig,
+    pub seed: u64,
+    pub loss: LossWeights,
+    pub top_k: usize,
+    pub groups: String,
+}
+
+/// One optimizer step's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub tokens: u64,
+    pub lr: f32,
+    /// The weighted objective per token.
+    pub objective: f64,
+    /// Cross-entropy and distillation per loop, per token.
+    pub ce: Vec<f64>,
+    pub kd: Vec<f64>,
+    pub grad_norm: f64,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+}
+
+/// A held-out evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalRecord {
+    pub step: u64,
+    /// Perplexity after each loop (exp of the cross-entropy).
+    pub perplexity: Vec<f64>,
+    pub kd: Vec<f64>,
+    /// Share of tokens whose argmax after the loop equals the last loop's.
+    pub agreement: Vec<f64>,
+    /// Per loop with an exit classifier: its trade-off at several thresholds.
+    pub exit_curve: Vec<Vec<ExitPoint>>,
+}
+
+/// What a learned-exit threshold would do on the held-out tokens.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ExitPoint {
+    pub threshold: f32,
+    /// Share of tokens whose classifier probability reaches the threshold.
+    pub exit_rate: f64,
+    /// Of those, the share whose exit agrees with the last loop.
+    pub exit_agreement: f64,
+    /// Per-token agreement with the last loop if those tokens exit (the rest run every loop).
+    pub overall_agreement: f64,
+}
+
+/// The exit trade-off of `(probability, agrees)` points at the usual thresholds.
+pub fn exit_curve(points: &[(f32, bool)]) -> Vec<ExitPoint> {
+    if points.is_empty() {
+        return Vec::new();
+    }
+    let n = points.len() as f64;
+    [0.5f32, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99]
+        .iter()
+        .map(|&threshold| {
+            let exiting: Vec<bool> = points
+                .iter()
+                .filter(|p| p.0 >= threshold)
+                .map(|p| p.1)
+                .collect();
+            let agree = exiting.iter().filter(|&&a| a).count() as f64;
+            let exits = exiting.len() as f64;
+            ExitPoint {
+                threshold,
+                exit_rate: exits / n,
+                exit_agreement: if exiting.is_empty() {
+                    1.0
+                } else {
+                    agree / exits
+                },
+                overall_agreement: 1.0 - (exits - agree) / n,
+            }
+        })
+        .collect()
+}
+
+/// The data a run reads: the corpus, which windows train and which evaluate, and the
+/// teacher's cached view of each (`None`: no distillation).
+pub struct Data {
+    pub train: Corpus,
+    pub split: Split,
+    pub train_teacher: Option<TeacherCache>,
+    /// A separate held-out text (else `split.eval` windows of `train`).
+    pub eval: Option<(Corpus, Option<TeacherCache>)>,
+    pub eval_windows: usize,
+}
+
+pub struct Trainer {
+    pub model: TrainModel,
+    pub opt: AdamW,
+    pub settings: Settings,
+    pub data: Data,
+    pub position: Position,
+    grads: Grads,
+    order: Vec<usize>,
+    pub out: PathBuf,
+}
+
+impl Trainer {
+    pub fn new(model: TrainModel, settings: Settings, data: Data, out: PathBuf) -> Result<Self> {
+        if model.params.trainable_count() == 0 {
+            return Err(TrainError::Input(
+                "nothing to train: the chosen groups have no tensors".into(),
+            ));
+        }
+        if settings.batch_seqs == 0 || settings.accum == 0 || settings.seq_len == 0 {
+            return Err(TrainError::Input(
+                "--batch-seqs, --accum and --seq-len must be at least 1".into(),
+            ));
+        }
+        if data.split.train.len() < settings.batch_seqs {
+            return Err(TrainError::Input(format!(
+                "the training text has {} sequences of {} tokens, fewer than one batch of {}",
+                data.split.train.len(),
+                settings.seq_len,
+                settings.batch_seqs
+            )));
+        }
+        let opt = AdamW::new(settings.adam, &model.params);
+        let grads = Grads::zeros(&model.params);
+        let order = data.split.epoch_order(settings.seed, 0);
+        Ok(Self {
+            model,
+            opt,
+            settings,
+            data,
+            position: Position::default(),
+            grads,
+            order,
+            out,
+        })
+    }
+
+    fn settings_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.settings).unwrap_or_default()
+    }
+
+    /// Continues from the checkpoint in the output directory.
+    pub fn resume(&mut self) -> Result<()> {
+        let s = self.settings_json();
+        self.position = checkpoint::load(&self.out, &mut self.model.params, &mut self.opt, &s)?;
+        self.order = self
+            .data
+            .split
+            .epoch_order(self.settings.seed, self.position.epoch);
+        Ok(())
+    }
+
+    pub fn checkpoint(&self) -> Result<()> {
+        checkpoint::save(
+            &self.out,
+            &self.model.params,
+            &self.opt,
+            &self.position,
+            &self.settings_json(),
+        )
+    }
+
+    /// Every training window the rest of the run will read, in order (what the teacher must
+    /// have seen).
+    pub fn planned_windows(&self) -> Vec<usize> {
+        let b = self.settings.batch_seqs;
+        let batches =
+            (self.settings.steps.saturating_sub(self.position.step) as usize) * self.settings.accum;
+        let (mut epoch, mut offset, mut order) = (
+            self.position.epoch,
+            self.position.offset,
+            self.order.clone(),
+        );
+        let mut out = Vec::with_capacity(batches * b);
+        for _ in 0..batches {
+            if (offset + 1) * b > order.len() {
+                epoch += 1;
+                offset = 0;
+                order = self.data.split.epoch_order(self.settings.seed, epoch);
+            }
+            out.extend_from_slice(&order[offset * b..(offset + 1) * b]);
+            offset += 1;
+        }
+        out
+    }
+
+    /// The windows the held-out evaluation reads (of the evaluation text when there is one).
+    pub fn eval_windows(&self) -> Vec<usize> {
+        match &self.data.eval {
+            Some((c, _)) => {
+                (0..c.windows(self.settings.seq_len).min(self.data.eval_windows)).collect()
+            }
+            None => self.data.split.eval.clone(),
+        }
+    }
+
+    /// The next micro-batch's windows (a new epoch's order when this one is used up).
+    fn next_windows(&mut self) -> Vec<usize> {
+        let b = self.settings.batch_seqs;
+        if (self.position.offset + 1) * b > self.order.len() {
+            self.position.epoch += 1;
+            self.position.offset = 0;
+            self.order = self
+                .data
+                .split
+                .epoch_order(self.settings.seed, self.position.epoch);
+        }
+        let w = self.order[self.position.offset * b..(self.position.offset + 1) * b].to_vec();
+        self.position.offset += 1;
+        w
+    }
+
+    fn batch(
+        corpus: &Corpus,
+        teacher: Option<&TeacherCache>,
+        windows: &[usize],
+        t: usize,
+    ) -> Batch {
+        Batch {
+            tokens: windows
+                .iter()
+                .flat_map(|&w| corpus.window(w, t).iter().copied())
+                .collect(),
+            seqs: windows.len(),
+            t,
+            teacher: teacher.map(|c| c.batch(windows)),
+        }
+    }
+
+    /// One optimizer step. A non-finite loss stops the run before the update (the last
+    /// checkpoint stays the last good state).
+    pub fn step(&mut self) -> Result<StepRecord> {
+        let started = Instant::now();
+        let s = self.settings.clone();
+        let rows = s.batch_seqs * s.seq_len;
+        let scale = 1.0 / (rows * s.accum) as f32;
+        self.grads.clear();
+        let mut sums = LossSums::default();
+        for _ in 0..s.accum {
+            let windows = self.next_windows();
+            let batch = Self::batch(
+                &self.data.train,
+                self.data.train_teacher.as_ref(),
+                &windows,
+                s.seq_len,
+            );
+            sums.add(&train_step(
+                &self.model,
+                &batch,
+                s.loss,
+                scale,
+                &mut self.grads,
+            ));
+        }
+        let n = sums.rows.max(1) as f64;
+        let objective = sums.objective / n;
+        if !objective.is_finite() {
+            return Err(TrainError::Input(format!(
+                "the loss is {objective} at step {}: stopping (the last checkpoint is kept; lower --lr?)",
+                self.position.step + 1
+            )));
+        }
+        let grad_norm = clip(&mut self.grads, s.clip);
+        let lr = s.schedule.lr(self.position.step);
+        self.opt.update(&mut self.model.params, &self.grads, lr);
+        self.position.step += 1;
+        self.position.tokens += (rows * s.accum) as u64;
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(StepRecord {
+            step: self.position.step,
+            tokens: self.position.tokens,
+            lr,
+            objective,
+            ce: sums.ce.iter().map(|x| x / n).collect(),
+            kd: sums.kd.iter().map(|x| x / n).collect(),
+            grad_norm,
+            seconds,
+            tokens_per_s: (rows * s.accum) as f64 / seconds,
+        })
+    }
+
+    /// Held-out losses: perplexity, distillation and agreement with the last loop, per loop.
+    pub fn evaluate(&self) -> EvalRecord {
+        let t = self.settings.seq_len;
+        let windows = self.eval_windows();
+        let (corpus, teacher): (&Corpus, Option<&TeacherCache>) = match &self.data.eval {
+            Some((c, teacher)) => (c, teacher.as_ref()),
+            None => (&self.data.train, self.data.train_teacher.as_ref()),
+        };
+        let mut sums = LossSums::default();
+        for chunk in windows.chunks(self.settings.batch_seqs.max(1)) {
+            let batch = Self::batch(corpus, teacher, chunk, t);
+            sums.add(&eval_step(&self.model, &batch, self.settings.loss));
+        }
+        let n = sums.rows.max(1) as f64;
+        EvalRecord {
+            step: self.position.step,
+            perplexity: sums.ce.iter().map(|x| (x / n).exp()).collect(),
+            kd: sums.kd.iter().map(|x| x / n).collect(),
+            agreement: sums.agree_with_last.iter().map(|&a| a as f64 / n).collect(),
+            exit_curve: sums
+                .classifier_points
+                .iter()
+                .map(|p| exit_curve(p))
+                .collect(),
+        }
+    }
+}
