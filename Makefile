@@ -20,7 +20,7 @@ TEST_MODEL := .cache/models/smollm2-15x2-r0
 DEMO_MODEL := .cache/models/smollm2-15x2-full
 ARGS ?=
 
-.PHONY: help demo test bench lint fmt build model data deps fixtures eval curve bench-engine clean venv models
+.PHONY: help demo test bench lint fmt build model data deps fixtures train-fixtures eval curve bench-engine clean venv models
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -103,6 +103,15 @@ $(TRAIN): $(KJV)
 
 fixtures: ## regenerate the transformers parity fixtures (needs torch + transformers + gguf + accelerate)
 	$(PYTHON) scripts/make_fixtures.py $(MODEL)
+
+TORCH_VENV := .cache/torch-venv
+GRAD_FIXTURE := crates/train/tests/fixtures/pytorch-gradients
+
+train-fixtures: ## regenerate rrt-train's PyTorch gradient fixture (installs torch into .cache/torch-venv; tests do not need it)
+	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install --quiet --disable-pip-version-check torch safetensors numpy
+	$(CARGO) run --release -p rrt-train --example grad_fixture
+	$(TORCH_VENV)/bin/python scripts/train_reference.py $(GRAD_FIXTURE)
 
 clean: ## remove build outputs (keeps .cache downloads)
 	$(CARGO) clean

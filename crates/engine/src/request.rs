@@ -18,7 +18,8 @@ pub struct GenParams {
     /// sample while there is one; exits and K/V behave as in generation.
     pub forced: Vec<u32>,
     /// Report each token's log-probability under the logits it was chosen from (the exit
-    /// loop's head, before sampling settings): one log-softmax over the vocabulary per token.
+    /// loop's head, before sampling settings) and their argmax: one pass over the vocabulary
+    /// per token.
     pub logprobs: bool,
 }
 
@@ -74,6 +75,8 @@ pub struct Received {
     pub exit_loops: Vec<usize>,
     /// One per token when the request asked for logprobs.
     pub logprobs: Vec<f32>,
+    /// The greedy choice behind each token, when the request asked for logprobs.
+    pub argmaxes: Vec<u32>,
     pub finish: Option<FinishReason>,
 }
 
@@ -87,10 +90,12 @@ impl Received {
                     token,
                     exit_loop,
                     logprob,
+                    argmax,
                 } => {
                     r.tokens.push(token);
                     r.exit_loops.push(exit_loop);
                     r.logprobs.extend(logprob);
+                    r.argmaxes.extend(argmax);
                 }
                 Event::Finished { reason, .. } => r.finish = Some(reason),
                 Event::Failed(e) => return Err(e),
@@ -154,6 +159,9 @@ pub enum Event {
         exit_loop: usize,
         /// Natural-log probability of the token ([`GenParams::logprobs`]).
         logprob: Option<f32>,
+        /// The greedy choice of the same logits ([`GenParams::logprobs`]): under teacher
+        /// forcing, whether the exit loop would have predicted the text.
+        argmax: Option<u32>,
     },
     Finished {
         reason: FinishReason,

@@ -123,11 +123,16 @@ impl Seq {
             return false;
         }
         let logprob = self.params.logprobs.then(|| log_softmax_at(logits, next));
+        let argmax = self
+            .params
+            .logprobs
+            .then(|| rrt_model::sampling::argmax(logits));
         self.tokens.push(next);
         self.emit(Event::Token {
             token: next,
             exit_loop,
             logprob,
+            argmax,
         });
         if self.generated() >= self.params.max_new_tokens {
             self.finish(FinishReason::Length);

@@ -68,6 +68,7 @@ impl TextRelay {
                 token,
                 exit_loop,
                 logprob,
+                ..
             }) => {
                 let token = Token {
                     id: token,

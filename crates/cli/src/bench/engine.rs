@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 use rrt_engine::{ExitKind, ExitPolicy, ExitTrace, KvFill, Scheduler};
 use rrt_model::recursive::convert::Converter;
 use rrt_model::recursive::mapping::Init;
-use rrt_model::Llama;
+use rrt_model::{Fused, Llama};
 
 use crate::bench::engine_runs::{
     agreement, mean_loops, run, synthetic_trace, Run, Spec, TraceFrom, Workload,
@@ -55,12 +55,19 @@ pub struct EngineBenchArgs {
     /// Init of the shared layers.
     #[arg(long, default_value = "stepwise")]
     init: Init,
-    /// LoRA ranks to benchmark (0 = the pure recursive model).
+    /// LoRA ranks to benchmark (0 = the pure recursive model), converted from --model.
     #[arg(long, value_delimiter = ',', default_value = "0,64")]
     lora_ranks: Vec<usize>,
+    /// Recursive model directories to benchmark instead (e.g. uptrained ones); --model is their
+    /// vanilla reference.
+    #[arg(long, value_delimiter = ',')]
+    recursive: Vec<PathBuf>,
     /// Max-probability exit thresholds.
     #[arg(long, value_delimiter = ',', default_value = "0.9,0.7,0.5")]
     thresholds: Vec<f32>,
+    /// Learned-exit thresholds (models with exit heads).
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9,0.95")]
+    learned: Vec<f32>,
     /// Synthetic traces: shares of tokens that exit after loop 1 (empty: none).
     #[arg(long, value_delimiter = ',', default_value = "0.5,0.9")]
     synthetic: Vec<f64>,
@@ -101,8 +108,12 @@ fn replay(kind: ExitKind) -> ExitPolicy {
 }
 
 /// The rows of one recursive model, in the order they run (the oracle recording before the
-/// replays of its trace). Returns the specs and the index of the threshold runs.
-fn recursive_specs(label: &str, args: &EngineBenchArgs) -> (Vec<Spec>, usize) {
+/// replays of its trace), and the indices of the max-probability and the learned-exit rows.
+fn recursive_specs(
+    label: &str,
+    args: &EngineBenchArgs,
+    learned: bool,
+) -> (Vec<Spec>, usize, usize) {
     let spec = |name: &str, scheduler, exit, fill, trace| Spec {
         name: format!("{label}: {name}"),
         scheduler,
@@ -159,7 +170,22 @@ fn recursive_specs(label: &str, args: &EngineBenchArgs) -> (Vec<Spec>, usize) {
             TraceFrom::None,
         ));
     }
-    (specs, first_threshold)
+    let first_learned = specs.len();
+    if learned {
+        for &t in &args.learned {
+            specs.push(spec(
+                &format!("CDB, learned exit >= {t}"),
+                Scheduler::Cdb,
+                ExitPolicy {
+                    kind: ExitKind::Learned,
+                    threshold: t,
+                },
+                prop,
+                TraceFrom::None,
+            ));
+        }
+    }
+    (specs, first_threshold, first_learned)
 }
 
 /// Runs `specs` on `model` in `args.repeats` interleaved rounds (best throughput kept; outputs,
@@ -212,6 +238,52 @@ fn rounds(
         .into_iter()
         .map(|r| r.expect("every row ran"))
         .collect())
+}
+
+/// The recursive models to measure: converted from `src` at each LoRA rank, or the given
+/// directories. `(short label, label, model)` each.
+fn candidates(
+    args: &EngineBenchArgs,
+    src: &Llama,
+    k: usize,
+) -> anyhow::Result<Vec<(String, String, Llama)>> {
+    if !args.recursive.is_empty() {
+        return args
+            .recursive
+            .iter()
+            .map(|dir| {
+                let m = rrt_model::load(dir, candle_core::DType::F32)
+                    .with_context(|| format!("loading --recursive {}", dir.display()))?
+                    .model;
+                anyhow::ensure!(
+                    m.recursion.is_some(),
+                    "{}: not a recursive model",
+                    dir.display()
+                );
+                let short = dir
+                    .file_name()
+                    .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+                let heads = if m.exit_heads.is_some() {
+                    ", exit heads"
+                } else {
+                    ""
+                };
+                let label = format!("{short} ({} x {}{heads})", m.block_layers(), m.loops());
+                Ok((short, label, m))
+            })
+            .collect();
+    }
+    let mut converter = Converter::new(src, k, args.init, args.seed)?;
+    let mut out = Vec::new();
+    for &rank in &args.lora_ranks {
+        if rank > 0 {
+            decompose_with_progress(&mut converter)?;
+        }
+        let rec = converter.build(rank, rank, false, "bench")?;
+        let label = format!("{k} x {}, {}, LoRA r{rank}", args.loops, args.init);
+        out.push((format!("r{rank}"), label, rec));
+    }
+    Ok(out)
 }
 
 fn workload(args: &EngineBenchArgs, ids: &[u32]) -> anyhow::Result<Workload> {
@@ -298,59 +370,60 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         agreement: vec![],
         agreement_refs: vec![],
     };
-    let mut converter = Converter::new(src, k, args.init, args.seed)?;
-    for &rank in &args.lora_ranks {
-        if rank > 0 {
-            decompose_with_progress(&mut converter)?;
-        }
-        let rec = converter.build(rank, rank, false, "bench")?;
-        let label = format!("{k} x {loops}, {}, LoRA r{rank}", args.init);
-        let (specs, first_threshold) = recursive_specs(&label, &args);
+    let models = candidates(&args, src, k)?;
+    for (short, label, rec) in &models {
+        let (specs, first_threshold, first_learned) =
+            recursive_specs(label, &args, rec.exit_heads.is_some());
         let mut extra = vec![
             (src, vanilla("static", Scheduler::Static), None),
             (src, vanilla("CSB", Scheduler::Csb), None),
         ];
-        let runs = rounds(&rec, &specs, &mut extra, vanilla_ppl.is_none(), &w, &args)?;
+        let runs = rounds(rec, &specs, &mut extra, vanilla_ppl.is_none(), &w, &args)?;
         let [mut v_static, mut v_csb] = [0, 1].map(|i| extra[i].2.take().expect("ran"));
         match vanilla_ppl {
             None => vanilla_ppl = Some([v_static.perplexity, v_csb.perplexity]),
             Some([a, b]) => (v_static.perplexity, v_csb.perplexity) = (a, b),
         }
         let (v_static, v_csb) = (&v_static, &v_csb);
-        let full_depth = &runs[3].outputs;
         let prompt_tokens: usize = w.prompts.iter().map(Vec::len).sum();
         let generated: usize = w.outputs.iter().sum();
         report(
-            &label,
+            label,
             &runs,
             [v_static, v_csb],
-            full_depth,
-            (loops, src.layers.len(), Macs::of(&rec, rank)),
+            (rec.loops(), src.layers.len(), Macs::of(rec)),
             (prompt_tokens, generated),
         );
-        let swept = &runs[first_threshold..];
-        let points = |f: &dyn Fn(&Run) -> f64| {
-            args.thresholds
-                .iter()
-                .zip(swept)
-                .map(|(&t, r)| (t as f64, f(r)))
-                .collect()
+        let full_depth = &runs[3].outputs;
+        let mut sweep = |kind: &str, thresholds: &[f32], from: usize| {
+            let swept = &runs[from..from + thresholds.len()];
+            let points = |f: &dyn Fn(&Run) -> f64| -> Vec<(f64, f64)> {
+                thresholds
+                    .iter()
+                    .zip(swept)
+                    .map(|(&t, r)| (t as f64, f(r)))
+                    .collect()
+            };
+            plot.throughput.push(Series {
+                label: format!("{short}: CDB, {kind}"),
+                points: points(&|r| r.tokens_per_s),
+            });
+            plot.agreement.push(Series {
+                label: format!("{short}: CDB, {kind}"),
+                points: points(&|r| 100.0 * agreement(&r.outputs, full_depth)),
+            });
         };
-        plot.throughput.push(Series {
-            label: format!("r{rank}: CDB, max-prob"),
-            points: points(&|r| r.tokens_per_s),
-        });
-        plot.agreement.push(Series {
-            label: format!("r{rank}: CDB, max-prob"),
-            points: points(&|r| 100.0 * agreement(&r.outputs, full_depth)),
-        });
+        sweep("max-prob", &args.thresholds, first_threshold);
+        if rec.exit_heads.is_some() {
+            sweep("learned", &args.learned, first_learned);
+        }
         plot.throughput_refs.extend([
-            (format!("r{rank}: CSB"), runs[1].tokens_per_s),
-            (format!("r{rank}: CDB oracle replay"), runs[4].tokens_per_s),
-            (format!("r{rank} rounds: vanilla CSB"), v_csb.tokens_per_s),
+            (format!("{short}: CSB"), runs[1].tokens_per_s),
+            (format!("{short}: CDB oracle replay"), runs[4].tokens_per_s),
+            (format!("{short} rounds: vanilla CSB"), v_csb.tokens_per_s),
         ]);
         plot.agreement_refs.push((
-            format!("r{rank}: CDB oracle replay"),
+            format!("{short}: CDB oracle replay"),
             100.0 * agreement(&runs[4].outputs, full_depth),
         ));
     }
@@ -374,7 +447,7 @@ struct Macs {
 }
 
 impl Macs {
-    fn of(model: &Llama, rank: usize) -> Self {
+    fn of(model: &Llama) -> Self {
         let c = &model.cfg;
         let (h, q, kv, f) = (
             c.hidden_size as f64,
@@ -382,15 +455,25 @@ impl Macs {
             c.kv_dim() as f64,
             c.intermediate_size as f64,
         );
-        let r = rank as f64;
         let block = model.block_layers() as f64;
+        let loops = model.loops() as f64;
         let layer = h * (q + 2.0 * kv) + q * h + 3.0 * h * f;
-        // LoRA: in x r + r x out per projection (q, k, v, o, gate, up, down).
-        let lora = r * ((h + q) + 2.0 * (h + kv) + (q + h) + 2.0 * (h + f) + (f + h));
+        // LoRA: a row costs each delta's parameters (in x r + r x out), averaged over loops;
+        // fill rows only the Q|K|V deltas'.
+        let (lora, lora_qkv) = model.recursion.as_ref().map_or((0.0, 0.0), |r| {
+            let all: usize = r.lora.iter().map(|l| l.params()).sum();
+            let qkv: usize = r
+                .lora
+                .iter()
+                .flat_map(|l| Fused::Qkv.parts().iter().filter_map(|&p| l.get(p)))
+                .map(|p| p.params())
+                .sum();
+            (all as f64 / loops, qkv as f64 / loops)
+        });
         Self {
-            loop_row: block * (layer + lora),
+            loop_row: block * layer + lora,
             head_row: h * c.vocab_size as f64,
-            fill_row: block * (h * (q + 2.0 * kv) + r * ((h + q) + 2.0 * (h + kv))),
+            fill_row: block * h * (q + 2.0 * kv) + lora_qkv,
         }
     }
 
@@ -409,17 +492,19 @@ fn report(
     label: &str,
     runs: &[Run],
     [v_static, v_csb]: [&Run; 2],
-    full_depth: &[Vec<u32>],
     (loops, layers, macs): (usize, usize, Macs),
     (prompt_tokens, generated): (usize, usize),
 ) {
     let csb = runs[1].tokens_per_s;
     let csb_macs = macs.per_token(&runs[1]);
+    // Full depth: free-running outputs of the oracle recording, teacher-forced argmaxes of the
+    // plain depth-wise run.
+    let (full_depth, forced_full) = (&runs[3].outputs, &runs[2].forced_argmaxes);
     let oracle_depth = runs[3].trace.mean_depth();
     println!(
         "\n{label} (oracle mean exit loop {oracle_depth:.2}; ideal CDB gain over CSB = loops / E[loops]; compute bound = CSB's matmul MACs per token / the run's, prompts, exit heads and K/V fill rows counted)"
     );
-    println!("| run | tokens/s | rounds | depth per token | ideal bound | vs vanilla static | vs vanilla CSB | vs recursive CSB | of ideal | compute bound | of compute bound | agreement with full depth | perplexity |");
+    println!("| run | tokens/s | rounds | depth per token | ideal bound | vs vanilla static | vs vanilla CSB | vs recursive CSB | of ideal | compute bound | of compute bound | agreement with full depth: teacher-forced / free-running | perplexity |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let rounds = |r: &Run| {
         r.rounds
@@ -445,7 +530,7 @@ fn report(
         let gain = r.tokens_per_s / csb;
         let bound = csb_macs / macs.per_token(r).max(1e-9);
         println!(
-            "| {} | {:.1} | {} | {:.2} loops | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {:.2} | {:.0}% | {:.1}% | {:.1} |",
+            "| {} | {:.1} | {} | {:.2} loops | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {:.2} | {:.0}% | {:.1}% / {:.1}% | {:.1} |",
             r.name,
             r.tokens_per_s,
             rounds(r),
@@ -457,6 +542,7 @@ fn report(
             100.0 * gain / ideal,
             bound,
             100.0 * gain / bound,
+            100.0 * agreement(&r.forced_argmaxes, forced_full),
             100.0 * agreement(&r.outputs, full_depth),
             r.perplexity,
         );

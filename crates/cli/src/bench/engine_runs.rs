@@ -57,6 +57,8 @@ pub struct Run {
     pub trace: ExitTrace,
     /// Perplexity of the scoring windows' continuations under this configuration.
     pub perplexity: f64,
+    /// The exit head's greedy choice at every scored position (teacher-forced), per window.
+    pub forced_argmaxes: Vec<Vec<u32>>,
     /// Counters and phase times of the best round.
     pub stats: EngineStats,
 }
@@ -144,6 +146,7 @@ pub fn run(
     let generated: usize = outputs.iter().map(Vec::len).sum();
     let tokens_per_s = generated as f64 / secs;
     let mut trace_out = gen.trace().clone();
+    let mut forced_argmaxes = Vec::new();
     let perplexity = if score {
         let mut scorer = engine(model, spec, concurrency, max_rows, trace);
         let windows = w.scoring.iter().enumerate().map(|(i, (context, text))| {
@@ -159,7 +162,9 @@ pub fn run(
         scorer.run_until_idle();
         let (mut nll, mut n) = (0f64, 0usize);
         for rx in &rxs {
-            let logprobs = drain(rx, &spec.name)?.logprobs;
+            let got = drain(rx, &spec.name)?;
+            forced_argmaxes.push(got.argmaxes);
+            let logprobs = got.logprobs;
             nll -= logprobs.iter().map(|&l| l as f64).sum::<f64>();
             n += logprobs.len();
         }
@@ -183,6 +188,7 @@ pub fn run(
         outputs,
         trace: trace_out,
         perplexity,
+        forced_argmaxes,
         stats,
     })
 }
