@@ -130,5 +130,5 @@ for j, z in enumerate(logits):
 (objective / R).backward()
 grads = {n: P[n].grad.float().contiguous() for n in sorted(trainable)}
 save_file(grads, f"{d}/grads.safetensors")
-json.dump({"objective_per_row": float(objective / R)}, open(f"{d}/expected.json", "w"))
-print("objective per row", float(objective / R), "tensors", len(grads))
+json.dump({"objective_per_row": float(objective.detach() / R)}, open(f"{d}/expected.json", "w"))
+print("objective per row", float(objective.detach() / R), "tensors", len(grads))

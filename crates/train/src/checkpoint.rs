@@ -39,6 +39,20 @@ pub fn dir(out: &Path) -> PathBuf {
     out.join("checkpoint")
 }
 
+/// Where checkpoint files are written: the disk, or in tests a disk that fills up.
+pub trait Storage {
+    fn write(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()>;
+}
+
+/// The real file system.
+pub struct Disk;
+
+impl Storage for Disk {
+    fn write(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        std::fs::write(path, bytes)
+    }
+}
+
 /// Writes a checkpoint of `params` (trainable tensors), `opt` and `position` under `out`.
 pub fn save(
     out: &Path,
@@ -47,11 +61,39 @@ pub fn save(
     position: &Position,
     settings: &serde_json::Value,
 ) -> Result<()> {
-    let final_dir = dir(out);
+    save_to(&Disk, out, params, opt, position, settings)
+}
+
+/// [`save`] through `storage`. A failed write removes the partial new checkpoint and leaves the
+/// previous one in place.
+pub fn save_to(
+    storage: &dyn Storage,
+    out: &Path,
+    params: &Params,
+    opt: &AdamW,
+    position: &Position,
+    settings: &serde_json::Value,
+) -> Result<()> {
     let tmp = out.join("checkpoint.tmp");
-    let old = out.join("checkpoint.old");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::file(&tmp, e))?;
+    let written = write_files(storage, &tmp, params, opt, position, settings);
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written?;
+    swap_in(out, &tmp)
+}
+
+/// The checkpoint's two files, into `tmp`.
+fn write_files(
+    storage: &dyn Storage,
+    tmp: &Path,
+    params: &Params,
+    opt: &AdamW,
+    position: &Position,
+    settings: &serde_json::Value,
+) -> Result<()> {
     let mut tensors = HashMap::new();
     for (i, p) in params.list.iter().enumerate() {
         if !p.trainable {
@@ -63,7 +105,10 @@ pub fn save(
         tensors.insert(format!("v.{}", p.name), t(&opt.v[i])?);
     }
     let weights = tmp.join("train.safetensors");
-    candle_core::safetensors::save(&tensors, &weights)
+    let bytes =
+        safetensors::serialize(&tensors, None).map_err(|e| TrainError::file(&weights, e))?;
+    storage
+        .write(&weights, &bytes)
         .map_err(|e| TrainError::file(&weights, e))?;
     let state = State {
         position: position.clone(),
@@ -72,14 +117,21 @@ pub fn save(
     };
     let json =
         serde_json::to_string_pretty(&state).map_err(|e| TrainError::Input(e.to_string()))?;
-    std::fs::write(tmp.join("state.json"), json)
-        .map_err(|e| TrainError::file(tmp.join("state.json"), e))?;
-    // Swap: the old checkpoint stays until the new one is in place.
+    let state_path = tmp.join("state.json");
+    storage
+        .write(&state_path, json.as_bytes())
+        .map_err(|e| TrainError::file(&state_path, e))
+}
+
+/// Renames the complete checkpoint in `tmp` into place; the old one stays until then.
+fn swap_in(out: &Path, tmp: &Path) -> Result<()> {
+    let final_dir = dir(out);
+    let old = out.join("checkpoint.old");
     let _ = std::fs::remove_dir_all(&old);
     if final_dir.exists() {
         std::fs::rename(&final_dir, &old).map_err(|e| TrainError::file(&final_dir, e))?;
     }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::file(&final_dir, e))?;
+    std::fs::rename(tmp, &final_dir).map_err(|e| TrainError::file(&final_dir, e))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }

@@ -176,7 +176,13 @@ impl Trainer {
     }
 
     pub fn checkpoint(&self) -> Result<()> {
-        checkpoint::save(
+        self.checkpoint_to(&checkpoint::Disk)
+    }
+
+    /// [`Trainer::checkpoint`] through other storage (tests: a disk that fills up).
+    pub fn checkpoint_to(&self, storage: &dyn checkpoint::Storage) -> Result<()> {
+        checkpoint::save_to(
+            storage,
             &self.out,
             &self.model.params,
             &self.opt,

@@ -1,9 +1,11 @@
 //! The training loop on the tiny fixture model turned recursive: the objective falls below a
 //! stated bound in a few dozen steps, two runs are bit-identical, and a run interrupted and
-//! resumed from its checkpoint ends exactly where an uninterrupted one does.
+//! resumed from its checkpoint ends exactly where an uninterrupted one does, and a disk that fills
+//! up while checkpointing leaves the previous checkpoint whole.
 
 #![forbid(unsafe_code)]
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
@@ -11,6 +13,7 @@ use rrt_model::recursive::convert::{convert, ConvertOptions};
 use rrt_model::recursive::mapping::Init;
 use rrt_model::source::safetensors::SafetensorsSource;
 use rrt_model::{Llama, ModelConfig};
+use rrt_train::checkpoint::Storage;
 use rrt_train::data::{Corpus, Split};
 use rrt_train::optim::{AdamWConfig, Schedule};
 use rrt_train::trainer::{Data, Settings, Trainer};
@@ -181,4 +184,52 @@ fn resuming_with_other_settings_is_refused() {
     let mut other = trainer(d.path(), 13);
     let err = other.resume().unwrap_err().to_string();
     assert!(err.contains("other settings"), "{err}");
+}
+
+/// A disk with room for `room` more bytes: a write past it stores what fits and fails as a
+/// full disk does (ENOSPC).
+struct FullDisk {
+    room: Cell<usize>,
+}
+
+impl Storage for FullDisk {
+    fn write(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        let room = self.room.get();
+        std::fs::write(path, &bytes[..bytes.len().min(room)])?;
+        self.room.set(room.saturating_sub(bytes.len()));
+        if bytes.len() > room {
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_full_disk_while_checkpointing_keeps_the_old_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let mut t = trainer(d.path(), 12);
+    t.step().unwrap();
+    t.checkpoint().unwrap();
+    let saved = values(&t);
+    t.step().unwrap();
+    // No room at all, room for part of the weights, room for the weights but not `state.json`.
+    let weights = std::fs::metadata(d.path().join("checkpoint/train.safetensors")).unwrap();
+    for room in [0, 1000, weights.len() as usize] {
+        let disk = FullDisk {
+            room: Cell::new(room),
+        };
+        let err = t.checkpoint_to(&disk).unwrap_err().to_string();
+        assert!(err.contains("No space left on device"), "{err}");
+        assert!(err.contains("checkpoint.tmp"), "{err}");
+        assert!(!d.path().join("checkpoint.tmp").exists());
+        let mut resumed = trainer(d.path(), 12);
+        resumed.resume().unwrap();
+        assert_eq!(resumed.position.step, 1);
+        assert_eq!(values(&resumed), saved);
+    }
+    // With room again, the next checkpoint replaces the old one.
+    t.checkpoint().unwrap();
+    let mut resumed = trainer(d.path(), 12);
+    resumed.resume().unwrap();
+    assert_eq!(resumed.position.step, 2);
 }
