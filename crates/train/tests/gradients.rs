@@ -7,34 +7,13 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::{DType, Tensor};
-use rrt_model::recursive::convert::{convert, ConvertOptions};
-use rrt_model::recursive::mapping::Init;
-use rrt_model::source::safetensors::SafetensorsSource;
-use rrt_model::{BatchItem, Llama, Logits, ModelConfig};
+use rrt_model::{BatchItem, Logits};
 use rrt_train::{
     eval_step, train_step, Batch, Grads, Groups, LossWeights, TeacherTopK, TrainModel,
 };
-
-fn tiny_recursive() -> Llama {
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-gqa-tied");
-    let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
-    let mut src = SafetensorsSource::open_dir(&dir).unwrap();
-    let plain = Llama::load(cfg, &mut src, DType::F32, None).unwrap();
-    let opts = ConvertOptions {
-        block_layers: 1,
-        init: Init::Average,
-        seed: 0,
-        rank_attn: 4,
-        rank_mlp: 3,
-        per_loop_norms: true,
-        source: "fixture".into(),
-    };
-    convert(&plain, &opts, &|| {}).unwrap()
-}
 
 /// A deterministic pseudo-random stream in [-0.5, 0.5).
 fn noise(n: usize, seed: u64) -> Vec<f32> {
@@ -104,7 +83,7 @@ fn weights() -> LossWeights {
 
 #[test]
 fn every_gradient_matches_finite_differences() {
-    let mut model = TrainModel::from_llama(&tiny_recursive()).unwrap();
+    let mut model = TrainModel::from_llama(&common::tiny_recursive(4, 3)).unwrap();
     model.add_exit_heads(3, 1);
     // A non-identity adapter, so both of its factors have gradients.
     let up = model.exits[0].up;
@@ -165,7 +144,7 @@ fn every_gradient_matches_finite_differences() {
 
 #[test]
 fn the_training_forward_equals_the_inference_model_after_every_loop() {
-    let llama = tiny_recursive();
+    let llama = common::tiny_recursive(4, 3);
     let model = TrainModel::from_llama(&llama).unwrap();
     let b = batch(model.cfg.vocab_size, 1.0);
     let exits = rrt_train::model::exit_logits(&model, &b);

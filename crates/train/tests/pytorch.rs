@@ -7,13 +7,11 @@
 
 #![forbid(unsafe_code)]
 
+mod common;
+
 use std::path::PathBuf;
 
-use candle_core::{DType, Device};
-use rrt_model::recursive::convert::{convert, ConvertOptions};
-use rrt_model::recursive::mapping::Init;
-use rrt_model::source::safetensors::SafetensorsSource;
-use rrt_model::{Llama, ModelConfig};
+use candle_core::Device;
 use rrt_train::{train_step, Batch, Grads, Groups, LossWeights, TeacherTopK, TrainModel};
 
 fn fixture() -> PathBuf {
@@ -22,21 +20,7 @@ fn fixture() -> PathBuf {
 
 /// The fixture's model: the same structure `grad_fixture` built, every tensor from the file.
 fn model() -> TrainModel {
-    let src =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-gqa-tied");
-    let cfg = ModelConfig::from_hf_file(&src.join("config.json")).unwrap();
-    let mut st = SafetensorsSource::open_dir(&src).unwrap();
-    let plain = Llama::load(cfg, &mut st, DType::F32, None).unwrap();
-    let opts = ConvertOptions {
-        block_layers: 1,
-        init: Init::Average,
-        seed: 0,
-        rank_attn: 4,
-        rank_mlp: 3,
-        per_loop_norms: true,
-        source: "tiny-gqa-tied".into(),
-    };
-    let mut model = TrainModel::from_llama(&convert(&plain, &opts, &|| {}).unwrap()).unwrap();
+    let mut model = TrainModel::from_llama(&common::tiny_recursive(4, 3)).unwrap();
     model.add_exit_heads(3, 1);
     let saved =
         candle_core::safetensors::load(fixture().join("params.safetensors"), &Device::Cpu).unwrap();

@@ -5,37 +5,16 @@
 
 #![forbid(unsafe_code)]
 
-use std::cell::Cell;
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::DType;
-use rrt_model::recursive::convert::{convert, ConvertOptions};
-use rrt_model::recursive::mapping::Init;
-use rrt_model::source::safetensors::SafetensorsSource;
-use rrt_model::{Llama, ModelConfig};
+use std::cell::Cell;
+use std::path::Path;
+
 use rrt_train::checkpoint::Storage;
 use rrt_train::data::{Corpus, Split};
 use rrt_train::optim::{AdamWConfig, Schedule};
 use rrt_train::trainer::{Data, Settings, Trainer};
 use rrt_train::{Groups, LossWeights, TrainModel};
-
-fn tiny() -> Llama {
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-gqa-tied");
-    let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
-    let mut src = SafetensorsSource::open_dir(&dir).unwrap();
-    let plain = Llama::load(cfg, &mut src, DType::F32, None).unwrap();
-    let opts = ConvertOptions {
-        block_layers: 1,
-        init: Init::Average,
-        seed: 0,
-        rank_attn: 4,
-        rank_mlp: 4,
-        per_loop_norms: true,
-        source: "fixture".into(),
-    };
-    convert(&plain, &opts, &|| {}).unwrap()
-}
 
 /// A learnable token stream: a few repeating phrases.
 fn corpus() -> Corpus {
@@ -82,7 +61,7 @@ fn settings(steps: u64) -> Settings {
 }
 
 fn trainer(out: &Path, steps: u64) -> Trainer {
-    let mut model = TrainModel::from_llama(&tiny()).unwrap();
+    let mut model = TrainModel::from_llama(&common::tiny_recursive(4, 4)).unwrap();
     let all = Groups {
         shared: true,
         lora: true,
