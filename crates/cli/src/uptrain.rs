@@ -44,6 +44,13 @@ pub struct UptrainArgs {
     /// Rank of new exit adapters (added when the model has none and `exit` trains).
     #[arg(long, default_value_t = 64)]
     adapter_rank: usize,
+    /// Training windows new exit adapters are first fitted on in closed form (ridge regression
+    /// to the last loop, truncated by SVD); 0 starts them at the identity.
+    #[arg(long, default_value_t = 32)]
+    exit_fit_windows: usize,
+    /// Ridge of that fit, relative to the mean diagonal of the inputs' Gram matrix.
+    #[arg(long, default_value_t = 1e-3)]
+    exit_fit_ridge: f64,
     /// Weight of the exit classifiers' loss.
     #[arg(long, default_value_t = 1.0)]
     classifier_weight: f32,
@@ -144,7 +151,8 @@ pub fn run(args: UptrainArgs) -> anyhow::Result<()> {
         anyhow::bail!("{}: not a recursive model, so it has no LoRA to train (convert it with `rrt convert`, or use --train all)", args.model.display());
     }
     let mut model = TrainModel::from_llama(&student.model)?;
-    if groups.exits && model.exits.is_empty() {
+    let fresh_exits = groups.exits && model.exits.is_empty();
+    if fresh_exits {
         if model.loops() < 2 {
             anyhow::bail!(
                 "{}: exit heads need a recursive model with at least 2 loops",
@@ -186,6 +194,9 @@ pub fn run(args: UptrainArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut trainer = Trainer::new(model, settings, data, args.out.clone())?;
+    if fresh_exits && !args.resume && args.exit_fit_windows > 0 {
+        fit_exits(&mut trainer, &args)?;
+    }
     if args.resume {
         trainer.resume()?;
         eprintln!(
@@ -209,6 +220,25 @@ pub fn run(args: UptrainArgs) -> anyhow::Result<()> {
     );
     train_loop(&mut trainer, &args, &roof)?;
     finish(&trainer, &student.tokenizer, &args)
+}
+
+/// The closed-form start of new exit adapters, reported per exit.
+fn fit_exits(trainer: &mut Trainer, args: &UptrainArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let reports = trainer.fit_exit_adapters(args.exit_fit_windows, args.exit_fit_ridge)?;
+    for (j, r) in reports.iter().enumerate() {
+        eprintln!(
+            "exit adapter after loop {}: fitted on {} rows in {:.0} s, rank {} keeps {:.1}% of the map's energy; error against the last loop {:.3} -> {:.3}",
+            j + 1,
+            r.rows,
+            started.elapsed().as_secs_f64(),
+            args.adapter_rank,
+            100.0 * r.energy_kept,
+            r.error_before,
+            r.error_after
+        );
+    }
+    Ok(())
 }
 
 /// The corpus and its split (the teacher's view is added once the run's windows are known).
@@ -357,6 +387,9 @@ impl Roofline {
             c.kv_dim() as f64,
         );
         let layer = h * (qd + 2.0 * kvd) + qd * h + 3.0 * h * f;
+        // Gradients flow back through the model unless only the exit heads train.
+        let backward = m.layers_train();
+        let passes = if backward { 2.0 } else { 1.0 };
         let mut macs = 0.0;
         for u in &m.unrolled {
             let lora: f64 = u
@@ -368,19 +401,21 @@ impl Roofline {
                     (a + b) as f64
                 })
                 .sum();
-            // Forward and input gradients of the projections and LoRA.
-            macs += 2.0 * (layer + lora);
+            // Forward (and input gradients) of the projections and LoRA.
+            macs += passes * (layer + lora);
             if m.params.trainable(m.shared[u.shared].fused[0]) {
                 macs += layer;
             }
             if u.lora.iter().flatten().any(|l| m.params.trainable(l.a)) {
                 macs += lora;
             }
-            // Causal attention: scores and weighted sum, then their four gradients.
-            macs += 6.0 * (s.seq_len as f64 / 2.0) * qd;
+            // Causal attention: scores and weighted sum (then their four gradients).
+            macs += passes * 3.0 * (s.seq_len as f64 / 2.0) * qd;
         }
-        // Every loop's head: logits and the gradient of its input.
-        macs += 2.0 * m.loops() as f64 * h * c.vocab_size as f64;
+        // Every loop's head: logits, and the gradient of its input where the loss reaches back
+        // (all loops, or with only exit heads training the loops that have one).
+        let head_grads = if backward { m.loops() } else { m.loops() - 1 };
+        macs += (m.loops() + head_grads) as f64 * h * c.vocab_size as f64;
         Self {
             flops_per_step: 2.0 * macs * rows,
             peak: gemm_peak(c.hidden_size, c.intermediate_size),

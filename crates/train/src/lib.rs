@@ -15,6 +15,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod exit_fit;
 pub mod exit_head;
 pub mod layer;
 pub mod loss;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, Position};
 use crate::data::{Corpus, Split};
 use crate::error::{Result, TrainError};
+use crate::exit_fit::{self, FitReport};
 use crate::loss::{LossSums, LossWeights};
 use crate::model::{eval_step, train_step, Batch};
 use crate::optim::{clip, AdamW, AdamWConfig, Schedule};
@@ -189,6 +190,19 @@ impl Trainer {
             &self.position,
             &self.settings_json(),
         )
+    }
+
+    /// Fits the exit adapters in closed form ([`exit_fit`]) on the first `windows` windows of
+    /// the run's first epoch, before any step.
+    pub fn fit_exit_adapters(&mut self, windows: usize, ridge: f64) -> Result<Vec<FitReport>> {
+        let order = self.data.split.epoch_order(self.settings.seed, 0);
+        let take = &order[..windows.min(order.len())];
+        let t = self.settings.seq_len;
+        let batches: Vec<Batch> = take
+            .chunks(self.settings.batch_seqs.max(1))
+            .map(|c| Self::batch(&self.data.train, None, c, t))
+            .collect();
+        exit_fit::fit_adapters(&mut self.model, batches.into_iter(), ridge)
     }
 
     /// Every training window the rest of the run will read, in order (what the teacher must
