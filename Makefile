@@ -18,14 +18,17 @@ VENV := .cache/venv
 # nothing is uptrained yet).
 TEST_MODEL := .cache/models/smollm2-15x2-r0
 DEMO_MODEL := .cache/models/smollm2-15x2-full
+# The demo model's learned exit heads (committed; `make demo-exit-heads` retrains them).
+DEMO_EXITS := deploy/models/smollm2-15x2-full
 ARGS ?=
 
-.PHONY: help demo test bench lint fmt build model data deps fixtures train-fixtures eval curve bench-engine clean venv models
+.PHONY: help demo test bench lint fmt build model data deps fixtures train-fixtures demo-exit-heads eval curve bench-engine clean venv models
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 demo: deps model venv build $(DEMO_MODEL)/config.json ## the cluster on loopback: convert the bundled model, start coordinator + 2 workers + router, stream a generation (ARGS=--once to stop after)
+	if [ -f $(DEMO_EXITS)/exit-heads.json ]; then cp $(DEMO_EXITS)/exit-heads.* $(DEMO_MODEL)/; fi
 	scripts/demo.sh $(DEMO_MODEL) $(ARGS)
 
 test: deps model data venv models lint ## run every test (unit, parity, real model, end-to-end)
@@ -87,6 +90,13 @@ $(TEST_MODEL)/config.json: $(MODEL) | build
 
 $(DEMO_MODEL)/config.json: $(MODEL) | build
 	$(RRT) convert --model $(MODEL) --block-layers 15 --init stepwise --lora-rank 576 --norms per-loop --out $(DEMO_MODEL)
+	if [ -f $(DEMO_EXITS)/exit-heads.json ]; then cp $(DEMO_EXITS)/exit-heads.* $(DEMO_MODEL)/; fi
+
+demo-exit-heads: model data build $(DEMO_MODEL)/config.json ## retrain the demo model's committed exit heads (frozen model; ~30 min on 2 cores)
+	$(RRT) uptrain --model $(DEMO_MODEL) --data $(TRAIN) --eval-data $(HELDOUT) --eval-windows 8 --out .cache/trained/demo-exits \
+		--train exit --adapter-rank 64 --kd-weight 0 --ce-weight 0 --exit-weight 0 --self-kd-weight 1 \
+		--seq-len 256 --batch-seqs 4 --accum 2 --steps 24 --lr 1e-3 --warmup 3 --eval-every 8
+	mkdir -p $(DEMO_EXITS) && cp .cache/trained/demo-exits/exit-heads.* $(DEMO_EXITS)/ && cp $(DEMO_EXITS)/exit-heads.* $(DEMO_MODEL)/
 
 data: $(HELDOUT) $(TRAIN) ## the KJV text: Genesis-Jude for training, Revelation held out
 

@@ -59,10 +59,19 @@ done
 echo "== grpcurl: services by reflection"
 $VENV/bin/grpcurl -plaintext 127.0.0.1:50050 list
 
-echo "== streaming a chat completion through the router (Python grpcio client)"
+# Learned exits when the model has exit heads (the Makefile puts the committed ones there).
+EXIT=max-prob
+THRESHOLD=0.9
+if [ -f "$MODEL/exit-heads.json" ]; then
+    # 0.7: the threshold at which the committed heads keep >= 95% agreement (exit-heads.json).
+    EXIT=learned
+    THRESHOLD=0.7
+    echo "== the model's exit heads: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["trained"])' "$MODEL/exit-heads.json")"
+fi
+echo "== streaming a chat completion through the router (Python grpcio client), $EXIT exits"
 $VENV/bin/python scripts/stream_client.py proto 127.0.0.1:50050 \
     "What is the capital of France? Answer in one sentence." --chat --max-new-tokens 48 \
-    --exit max-prob --threshold 0.9
+    --exit $EXIT --threshold $THRESHOLD
 
 echo "== exit statistics reported by the workers to the coordinator"
 sleep 1

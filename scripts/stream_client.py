@@ -2,7 +2,7 @@
 every token. Stubs are generated from proto/ at run time (grpcio-tools).
 
 Usage: stream_client.py PROTO_ROOT HOST:PORT PROMPT [--chat] [--max-new-tokens N]
-       [--exit max-prob|margin|cosine|none --threshold T]
+       [--exit max-prob|margin|cosine|learned|none --threshold T]
 """
 
 import argparse
@@ -44,6 +44,7 @@ def main():
     policy = {
         "none": pb.EXIT_POLICY_NONE, "max-prob": pb.EXIT_POLICY_MAX_PROB,
         "margin": pb.EXIT_POLICY_MARGIN, "cosine": pb.EXIT_POLICY_COSINE,
+        "learned": pb.EXIT_POLICY_LEARNED,
     }[a.exit]
     req = pb.GenerateRequest(
         prompt=a.prompt, chat=a.chat, max_new_tokens=a.max_new_tokens,

@@ -38,7 +38,7 @@ enum Command {
     /// Perplexity of every init and of a range of LoRA ranks, in one run.
     Sweep(sweep::SweepArgs),
     /// Train a converted model by distillation from its source, with the early-exit loss.
-    Uptrain(uptrain::UptrainArgs),
+    Uptrain(Box<uptrain::UptrainArgs>),
     /// Run the whole cluster (coordinator, workers, router) in this process.
     Serve(serve::ServeArgs),
     /// Measure speed (decode throughput, matmul roofline).
@@ -67,7 +67,7 @@ fn main() {
                 Command::Eval(args) => eval::run(args),
                 Command::Convert(args) => convert::run(args),
                 Command::Sweep(args) => sweep::run(args),
-                Command::Uptrain(args) => uptrain::run(args),
+                Command::Uptrain(args) => uptrain::run(*args),
                 Command::Bench(cmd) => bench::run(cmd),
                 Command::Serve(_) => unreachable!("matched above"),
             })

@@ -51,6 +51,10 @@ pub struct UptrainArgs {
     /// Ridge of that fit, relative to the mean diagonal of the inputs' Gram matrix.
     #[arg(long, default_value_t = 1e-3)]
     exit_fit_ridge: f64,
+    /// Training windows the exit classifiers are fitted on by logistic regression after
+    /// training (on the final adapters); 0 keeps what gradient descent reached.
+    #[arg(long, default_value_t = 32)]
+    classifier_fit_windows: usize,
     /// Weight of the exit classifiers' loss.
     #[arg(long, default_value_t = 1.0)]
     classifier_weight: f32,
@@ -219,6 +223,9 @@ pub fn run(args: UptrainArgs) -> anyhow::Result<()> {
         roof.peak / 1e9
     );
     train_loop(&mut trainer, &args, &roof)?;
+    if groups.exits && args.classifier_fit_windows > 0 {
+        fit_classifiers(&mut trainer, &args)?;
+    }
     finish(&trainer, &student.tokenizer, &args)
 }
 
@@ -236,6 +243,24 @@ fn fit_exits(trainer: &mut Trainer, args: &UptrainArgs) -> anyhow::Result<()> {
             100.0 * r.energy_kept,
             r.error_before,
             r.error_after
+        );
+    }
+    Ok(())
+}
+
+/// The closing logistic-regression fit of the exit classifiers, reported per exit.
+fn fit_classifiers(trainer: &mut Trainer, args: &UptrainArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let reports = trainer.fit_exit_classifiers(args.classifier_fit_windows, 1e-4)?;
+    for (j, r) in reports.iter().enumerate() {
+        eprintln!(
+            "exit classifier after loop {}: fitted on {} rows in {:.0} s ({:.1}% agree with the last loop); cross-entropy {:.3} -> {:.3}",
+            j + 1,
+            r.rows,
+            started.elapsed().as_secs_f64(),
+            100.0 * r.agreement,
+            r.bce_before,
+            r.bce_after
         );
     }
     Ok(())

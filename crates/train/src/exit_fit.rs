@@ -1,8 +1,10 @@
-//! A closed-form start for the exit adapters: ridge regression from the hidden state after an
-//! early loop to the last loop's (each target row rescaled to its input's RMS, since the shared
-//! final norm only sees directions), truncated to the adapter's rank by SVD, like the LoRA
-//! relaxation. Distillation then trains from there instead of from the identity, which on a
-//! frozen model is where most of an adapter's gain comes from.
+//! Closed-form fits of the exit heads. The adapters start from ridge regression from the hidden
+//! state after an early loop to the last loop's (each target row rescaled to its input's RMS,
+//! since the shared final norm only sees directions), truncated to the adapter's rank by SVD,
+//! like the LoRA relaxation; distillation then trains from there instead of from the identity.
+//! The classifiers end with a logistic regression (Newton's method on standardised features) on
+//! the final adapters' agreement with the last loop: a few hundred gradient steps at the
+//! adapters' learning rate barely move a classifier from zero.
 
 use faer::linalg::solvers::Solve;
 use faer::{Mat, Side};
@@ -10,8 +12,9 @@ use rrt_model::kernels::gemm::{gemm, MatMut, MatRef};
 use rrt_model::recursive::svd::Factors;
 
 use crate::error::{Result, TrainError};
+use crate::loss::{heads, LossWeights};
 use crate::model::{exits, Batch};
-use crate::params::TrainModel;
+use crate::params::{Grads, TrainModel};
 
 /// The sums one exit's regression needs: `X^T X` and `X^T (T - X)` over the rows seen.
 struct Normal {
@@ -176,4 +179,177 @@ fn errors(
     }
     let n = norm.max(f64::MIN_POSITIVE);
     ((before / n).sqrt(), (after / n).sqrt())
+}
+
+/// A classifier fit, per exit: the rows, the share of them whose adapted argmax agrees with the
+/// last loop's, and the mean binary cross-entropy before and after (on the fit rows).
+#[derive(Debug, Clone)]
+pub struct ClassifierReport {
+    pub rows: usize,
+    pub agreement: f64,
+    pub bce_before: f64,
+    pub bce_after: f64,
+}
+
+/// Fits every exit classifier of `model` on `batches` by L2-regularised logistic regression
+/// (`ridge` on the standardised weights) of "the adapted exit's argmax equals the last loop's"
+/// on the classifier's input, the RMS-normalised hidden state.
+pub fn fit_classifiers(
+    model: &mut TrainModel,
+    batches: impl Iterator<Item = Batch>,
+    ridge: f64,
+) -> Result<Vec<ClassifierReport>> {
+    let h = model.cfg.hidden_size;
+    let eps = model.cfg.rms_norm_eps as f32;
+    let n_exits = model.exits.len();
+    let mut features: Vec<Vec<f32>> = vec![Vec::new(); n_exits];
+    let mut labels: Vec<Vec<bool>> = vec![Vec::new(); n_exits];
+    let mut before = vec![0.0; n_exits];
+    let none = LossWeights {
+        ce: 0.0,
+        kd: 0.0,
+        temperature: 1.0,
+        exit_weight: 0.0,
+        self_kd: 0.0,
+        classifier: 0.0,
+    };
+    for batch in batches {
+        let states = exits(model, &batch);
+        let mut no_grads = Grads(vec![Vec::new(); model.params.list.len()]);
+        let (sums, _) = heads(
+            model,
+            &states,
+            &batch.targets(),
+            None,
+            none,
+            1.0,
+            &mut no_grads,
+        );
+        for j in 0..n_exits {
+            before[j] += sums.classifier_bce[j];
+            labels[j].extend(sums.classifier_points[j].iter().map(|&(_, a)| a));
+            features[j].extend(states[j].chunks(h).flat_map(|x| {
+                let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / h as f32 + eps).sqrt();
+                x.iter().map(move |v| v * r)
+            }));
+        }
+    }
+    let mut reports = Vec::with_capacity(n_exits);
+    for j in 0..n_exits {
+        let rows = labels[j].len();
+        if rows == 0 {
+            return Err(TrainError::Input(
+                "no rows to fit the exit classifiers on".into(),
+            ));
+        }
+        let (w, b, bce) = logistic(&features[j], &labels[j], h, ridge)?;
+        let e = &model.exits[j];
+        model.params.list[e.classifier.0].value = w;
+        model.params.list[e.bias.0].value = vec![b];
+        reports.push(ClassifierReport {
+            rows,
+            agreement: labels[j].iter().filter(|&&a| a).count() as f64 / rows as f64,
+            bce_before: before[j] / rows as f64,
+            bce_after: bce,
+        });
+    }
+    Ok(reports)
+}
+
+/// Newton's method for `P(y) = sigmoid(w . x + b)` on standardised columns; returns the
+/// weights and bias for the raw features and the final mean cross-entropy.
+fn logistic(x: &[f32], y: &[bool], h: usize, ridge: f64) -> Result<(Vec<f32>, f32, f64)> {
+    let n = y.len();
+    let d = h + 1;
+    let mut mean = vec![0f64; h];
+    let mut sq = vec![0f64; h];
+    for row in x.chunks(h) {
+        for (k, &v) in row.iter().enumerate() {
+            mean[k] += v as f64;
+            sq[k] += (v as f64).powi(2);
+        }
+    }
+    let std: Vec<f64> = (0..h)
+        .map(|k| {
+            mean[k] /= n as f64;
+            (sq[k] / n as f64 - mean[k] * mean[k])
+                .max(0.0)
+                .sqrt()
+                .max(1e-6)
+        })
+        .collect();
+    // Standardised design matrix with a constant column.
+    let z: Vec<f32> = x
+        .chunks(h)
+        .flat_map(|row| {
+            row.iter()
+                .enumerate()
+                .map(|(k, &v)| ((v as f64 - mean[k]) / std[k]) as f32)
+                .chain(std::iter::once(1.0))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut theta = vec![0f64; d];
+    for _ in 0..25 {
+        let (probs, _) = predict(&z, y, &theta, d);
+        // Gradient and Hessian: Z^T (p - y) + lambda theta, Z^T W Z + lambda I (bias unpenalised).
+        let mut grad = vec![0f64; d];
+        let mut weighted = vec![0f32; n * d];
+        for (i, (row, &p)) in z.chunks(d).zip(&probs).enumerate() {
+            let r = p - y[i] as u8 as f64;
+            let s = (p * (1.0 - p)).max(1e-9).sqrt() as f32;
+            for (k, &v) in row.iter().enumerate() {
+                grad[k] += r * v as f64;
+                weighted[i * d + k] = v * s;
+            }
+        }
+        let mut hess = vec![0f32; d * d];
+        let wz = MatRef::new(&weighted, n, d);
+        gemm(MatMut::new(&mut hess, d, d), wz.t(), wz, false);
+        let lambda = ridge * n as f64;
+        let a = Mat::<f64>::from_fn(d, d, |i, k| {
+            let reg = if i == k && i < h { lambda } else { 0.0 };
+            hess[i * d + k] as f64 + reg + if i == k { 1e-9 * n as f64 } else { 0.0 }
+        });
+        let g = Mat::<f64>::from_fn(d, 1, |i, _| {
+            grad[i] + if i < h { lambda * theta[i] } else { 0.0 }
+        });
+        let llt = a
+            .llt(Side::Lower)
+            .map_err(|e| TrainError::Input(format!("exit classifier fit: {e:?}")))?;
+        let step = llt.solve(&g);
+        let mut moved = 0f64;
+        for (k, t) in theta.iter_mut().enumerate() {
+            *t -= step[(k, 0)];
+            moved = moved.max(step[(k, 0)].abs());
+        }
+        if moved < 1e-6 {
+            break;
+        }
+    }
+    let (_, last) = predict(&z, y, &theta, d);
+    // Back to raw features: w_k = theta_k / std_k, b = theta_h - sum theta_k mean_k / std_k.
+    let w: Vec<f32> = (0..h).map(|k| (theta[k] / std[k]) as f32).collect();
+    let b = theta[h] - (0..h).map(|k| theta[k] * mean[k] / std[k]).sum::<f64>();
+    Ok((w, b as f32, last))
+}
+
+/// Probabilities and mean binary cross-entropy of `theta` on the standardised rows `z`.
+fn predict(z: &[f32], y: &[bool], theta: &[f64], d: usize) -> (Vec<f64>, f64) {
+    let mut loss = 0.0;
+    let probs: Vec<f64> = z
+        .chunks(d)
+        .zip(y)
+        .map(|(row, &a)| {
+            let t: f64 = row.iter().zip(theta).map(|(&v, &w)| v as f64 * w).sum();
+            let p = 1.0 / (1.0 + (-t).exp());
+            loss -= if a {
+                p.max(1e-12).ln()
+            } else {
+                (1.0 - p).max(1e-12).ln()
+            };
+            p
+        })
+        .collect();
+    (probs, loss / y.len() as f64)
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, Position};
 use crate::data::{Corpus, Split};
 use crate::error::{Result, TrainError};
-use crate::exit_fit::{self, FitReport};
+use crate::exit_fit::{self, ClassifierReport, FitReport};
 use crate::loss::{LossSums, LossWeights};
 use crate::model::{eval_step, train_step, Batch};
 use crate::optim::{clip, AdamW, AdamWConfig, Schedule};
@@ -195,14 +195,29 @@ impl Trainer {
     /// Fits the exit adapters in closed form ([`exit_fit`]) on the first `windows` windows of
     /// the run's first epoch, before any step.
     pub fn fit_exit_adapters(&mut self, windows: usize, ridge: f64) -> Result<Vec<FitReport>> {
+        let batches = self.first_batches(windows);
+        exit_fit::fit_adapters(&mut self.model, batches.into_iter(), ridge)
+    }
+
+    /// Fits the exit classifiers in closed form ([`exit_fit::fit_classifiers`]) on the first
+    /// `windows` windows of the run's first epoch (after training: on the final adapters).
+    pub fn fit_exit_classifiers(
+        &mut self,
+        windows: usize,
+        ridge: f64,
+    ) -> Result<Vec<ClassifierReport>> {
+        let batches = self.first_batches(windows);
+        exit_fit::fit_classifiers(&mut self.model, batches.into_iter(), ridge)
+    }
+
+    /// The first `windows` training windows of epoch 0, as micro-batches.
+    fn first_batches(&self, windows: usize) -> Vec<Batch> {
         let order = self.data.split.epoch_order(self.settings.seed, 0);
-        let take = &order[..windows.min(order.len())];
         let t = self.settings.seq_len;
-        let batches: Vec<Batch> = take
+        order[..windows.min(order.len())]
             .chunks(self.settings.batch_seqs.max(1))
             .map(|c| Self::batch(&self.data.train, None, c, t))
-            .collect();
-        exit_fit::fit_adapters(&mut self.model, batches.into_iter(), ridge)
+            .collect()
     }
 
     /// Every training window the rest of the run will read, in order (what the teacher must

@@ -1,12 +1,13 @@
-//! The closed-form start of the exit adapters: on the tiny recursive model, the fitted adapter
-//! maps the first loop's hidden state closer to the last loop's than the identity does, and the
-//! exit's distillation loss from the last loop falls with it.
+//! The closed-form fits of the exit heads on the tiny recursive model: the fitted adapter maps
+//! the first loop's hidden state closer to the last loop's than the identity does, and the
+//! exit's distillation loss from the last loop falls with it; the fitted classifier predicts
+//! agreement with the last loop better than the untrained one, on held-out rows too.
 
 #![forbid(unsafe_code)]
 
 mod common;
 
-use rrt_train::exit_fit::fit_adapters;
+use rrt_train::exit_fit::{fit_adapters, fit_classifiers};
 use rrt_train::{eval_step, Batch, Groups, LossWeights, TrainModel};
 
 fn batch(seed: u32) -> Batch {
@@ -61,5 +62,42 @@ fn the_fitted_adapter_brings_the_exit_closer_to_the_last_loop() {
     assert!(
         after < before,
         "held-out exit distillation {before:.4} -> {after:.4}"
+    );
+}
+
+fn classifier_bce(model: &TrainModel, b: &Batch) -> f64 {
+    let only_classifier = LossWeights {
+        ce: 0.0,
+        kd: 0.0,
+        temperature: 1.0,
+        exit_weight: 0.0,
+        self_kd: 0.0,
+        classifier: 1.0,
+    };
+    let sums = eval_step(model, b, only_classifier);
+    sums.classifier_bce[0] / sums.rows as f64
+}
+
+#[test]
+fn the_fitted_classifier_predicts_agreement_better_than_chance() {
+    let mut model = TrainModel::from_llama(&common::tiny_recursive(4, 4)).unwrap();
+    model.add_exit_heads(16, 0);
+    fit_adapters(&mut model, (0..6).map(batch), 1e-3).unwrap();
+    let held_out = batch(99);
+    let untrained = classifier_bce(&model, &held_out);
+    let reports = fit_classifiers(&mut model, (0..12).map(batch), 1e-2).unwrap();
+    let r = &reports[0];
+    assert_eq!(r.rows, 12 * 4 * 24);
+    assert!(r.agreement > 0.0 && r.agreement < 1.0, "{r:?}");
+    // Untrained, the classifier says 0.5 everywhere: ln 2.
+    assert!(
+        (r.bce_before - std::f64::consts::LN_2).abs() < 1e-6,
+        "{r:?}"
+    );
+    assert!(r.bce_after < 0.9 * r.bce_before, "{r:?}");
+    let fitted = classifier_bce(&model, &held_out);
+    assert!(
+        fitted < untrained,
+        "held-out classifier cross-entropy {untrained:.4} -> {fitted:.4}"
     );
 }

@@ -68,8 +68,8 @@ pub struct EngineBenchArgs {
     /// Learned-exit thresholds (models with exit heads).
     #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9,0.95")]
     learned: Vec<f32>,
-    /// Synthetic traces: shares of tokens that exit after loop 1 (empty: none).
-    #[arg(long, value_delimiter = ',', default_value = "0.5,0.9")]
+    /// Synthetic traces: shares of tokens that exit after loop 1 (`--synthetic` alone: none).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "0.5,0.9")]
     synthetic: Vec<f64>,
     /// Rounds: every row runs this many times, interleaved; the best is kept.
     #[arg(long, default_value_t = 1)]
