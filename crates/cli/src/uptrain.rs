@@ -235,14 +235,17 @@ fn fit_exits(trainer: &mut Trainer, args: &UptrainArgs) -> anyhow::Result<()> {
     let reports = trainer.fit_exit_adapters(args.exit_fit_windows, args.exit_fit_ridge)?;
     for (j, r) in reports.iter().enumerate() {
         eprintln!(
-            "exit adapter after loop {}: fitted on {} rows in {:.0} s, rank {} keeps {:.1}% of the map's energy; error against the last loop {:.3} -> {:.3}",
+            "exit adapter after loop {}: fitted on {} rows in {:.0} s, rank {} keeps {:.1}% of the map's energy; error against the last loop {:.3} -> {:.3}; distillation {:.3} -> {:.3}: {}",
             j + 1,
             r.rows,
             started.elapsed().as_secs_f64(),
             args.adapter_rank,
             100.0 * r.energy_kept,
             r.error_before,
-            r.error_after
+            r.error_after,
+            r.distillation_before,
+            r.distillation_after,
+            if r.kept { "kept" } else { "worse, the identity kept" }
         );
     }
     Ok(())

@@ -23,14 +23,20 @@ struct Normal {
     rows: usize,
 }
 
-/// What a fit did, per exit: the share of the residual's energy the rank kept, and the
-/// relative error of the adapted rows against their targets before and after (on the fit rows).
+/// What a fit did, per exit: the share of the residual's energy the rank kept, the relative
+/// error of the adapted rows against their targets before and after (on the fit rows), and the
+/// exit's distillation loss from the last loop on the first fit batch with the adapter as it
+/// was and as fitted. The fit is kept only if that loss falls (`kept`): on a model whose loops
+/// were trained to exit, the hidden-state regression can be worse than the identity.
 #[derive(Debug, Clone)]
 pub struct FitReport {
     pub rows: usize,
     pub energy_kept: f64,
     pub error_before: f64,
     pub error_after: f64,
+    pub distillation_before: f64,
+    pub distillation_after: f64,
+    pub kept: bool,
 }
 
 /// Fits every exit adapter of `model` on `batches`; `ridge` is relative to the mean diagonal
@@ -50,7 +56,11 @@ pub fn fit_adapters(
         })
         .collect();
     let mut seen = Vec::new();
+    let mut first = None;
     for batch in batches {
+        if first.is_none() {
+            first = Some(batch.clone());
+        }
         let states = exits(model, &batch);
         let last = states.last().expect("a model has at least one loop");
         for (j, normal) in normals.iter_mut().enumerate() {
@@ -79,16 +89,42 @@ pub fn fit_adapters(
             .map(|&v| (v as f64).powi(2))
             .sum();
         let (before, after) = errors(&seen, j, (&down, &up), e.rank, h);
-        model.params.list[e.down.0].value = down;
-        model.params.list[e.up.0].value = up;
+        let (e_down, e_up) = (e.down.0, e.up.0);
+        let check = first.as_ref().expect("rows were seen");
+        let distillation_before = exit_distillation(model, check, j);
+        let old_down = std::mem::replace(&mut model.params.list[e_down].value, down);
+        let old_up = std::mem::replace(&mut model.params.list[e_up].value, up);
+        let distillation_after = exit_distillation(model, check, j);
+        let better = distillation_after < distillation_before;
+        if !better {
+            model.params.list[e_down].value = old_down;
+            model.params.list[e_up].value = old_up;
+        }
         reports.push(FitReport {
             rows: normal.rows,
             energy_kept: kept / total.max(f64::MIN_POSITIVE),
             error_before: before,
             error_after: after,
+            distillation_before,
+            distillation_after,
+            kept: better,
         });
     }
     Ok(reports)
+}
+
+/// Exit `j`'s distillation loss from the last loop, per row, on `batch`.
+fn exit_distillation(model: &TrainModel, batch: &Batch, j: usize) -> f64 {
+    let only_self_kd = LossWeights {
+        ce: 0.0,
+        kd: 0.0,
+        temperature: 1.0,
+        exit_weight: 0.0,
+        self_kd: 1.0,
+        classifier: 0.0,
+    };
+    let sums = crate::model::eval_step(model, batch, only_self_kd);
+    sums.self_kd[j] / sums.rows.max(1) as f64
 }
 
 /// The last loop's rows scaled to the RMS of the early loop's rows.

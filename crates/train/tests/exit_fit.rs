@@ -60,6 +60,10 @@ fn the_fitted_adapter_brings_the_exit_closer_to_the_last_loop() {
     );
     assert!(r.energy_kept > 0.5 && r.energy_kept <= 1.0 + 1e-9, "{r:?}");
     assert!(
+        r.kept && r.distillation_after < r.distillation_before,
+        "{r:?}"
+    );
+    assert!(
         after < before,
         "held-out exit distillation {before:.4} -> {after:.4}"
     );
