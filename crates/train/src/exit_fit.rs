@@ -116,12 +116,8 @@ pub fn fit_adapters(
 /// Exit `j`'s distillation loss from the last loop, per row, on `batch`.
 fn exit_distillation(model: &TrainModel, batch: &Batch, j: usize) -> f64 {
     let only_self_kd = LossWeights {
-        ce: 0.0,
-        kd: 0.0,
-        temperature: 1.0,
-        exit_weight: 0.0,
         self_kd: 1.0,
-        classifier: 0.0,
+        ..LossWeights::NONE
     };
     let sums = crate::model::eval_step(model, batch, only_self_kd);
     sums.self_kd[j] / sums.rows.max(1) as f64
@@ -241,14 +237,7 @@ pub fn fit_classifiers(
     let mut features: Vec<Vec<f32>> = vec![Vec::new(); n_exits];
     let mut labels: Vec<Vec<bool>> = vec![Vec::new(); n_exits];
     let mut before = vec![0.0; n_exits];
-    let none = LossWeights {
-        ce: 0.0,
-        kd: 0.0,
-        temperature: 1.0,
-        exit_weight: 0.0,
-        self_kd: 0.0,
-        classifier: 0.0,
-    };
+    let none = LossWeights::NONE;
     for batch in batches {
         let states = exits(model, &batch);
         let mut no_grads = Grads(vec![Vec::new(); model.params.list.len()]);

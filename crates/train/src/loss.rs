@@ -31,6 +31,18 @@ pub struct LossWeights {
     pub classifier: f32,
 }
 
+impl LossWeights {
+    /// Every term off (temperature 1): the start of a weighting that measures one term.
+    pub const NONE: LossWeights = LossWeights {
+        ce: 0.0,
+        kd: 0.0,
+        temperature: 1.0,
+        exit_weight: 0.0,
+        self_kd: 0.0,
+        classifier: 0.0,
+    };
+}
+
 fn one() -> f32 {
     1.0
 }
@@ -477,12 +489,8 @@ mod tests {
         let (q0, _) = softmax(&z0, 1.0);
         let (p1, _) = softmax(&z1, 1.0);
         let w = LossWeights {
-            ce: 0.0,
-            kd: 0.0,
-            temperature: 1.0,
-            exit_weight: 0.0,
             self_kd: 1.0,
-            classifier: 0.0,
+            ..LossWeights::NONE
         };
         let (mut a, mut b) = (z0.clone(), z1.clone());
         let mut zs: Vec<&mut [f32]> = vec![&mut a, &mut b];

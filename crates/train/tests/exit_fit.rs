@@ -25,12 +25,8 @@ fn batch(seed: u32) -> Batch {
 
 fn exit_distillation(model: &TrainModel, b: &Batch) -> f64 {
     let only_self_kd = LossWeights {
-        ce: 0.0,
-        kd: 0.0,
-        temperature: 1.0,
-        exit_weight: 0.0,
         self_kd: 1.0,
-        classifier: 0.0,
+        ..LossWeights::NONE
     };
     let sums = eval_step(model, b, only_self_kd);
     sums.self_kd[0] / sums.rows as f64
@@ -71,12 +67,8 @@ fn the_fitted_adapter_brings_the_exit_closer_to_the_last_loop() {
 
 fn classifier_bce(model: &TrainModel, b: &Batch) -> f64 {
     let only_classifier = LossWeights {
-        ce: 0.0,
-        kd: 0.0,
-        temperature: 1.0,
-        exit_weight: 0.0,
-        self_kd: 0.0,
         classifier: 1.0,
+        ..LossWeights::NONE
     };
     let sums = eval_step(model, b, only_classifier);
     sums.classifier_bce[0] / sums.rows as f64
