@@ -53,20 +53,10 @@ impl Storage for Disk {
     }
 }
 
-/// Writes a checkpoint of `params` (trainable tensors), `opt` and `position` under `out`.
+/// Writes a checkpoint of `params` (trainable tensors), `opt` and `position` under `out`,
+/// through `storage` ([`Disk`] outside tests). A failed write removes the partial new checkpoint
+/// and leaves the previous one in place.
 pub fn save(
-    out: &Path,
-    params: &Params,
-    opt: &AdamW,
-    position: &Position,
-    settings: &serde_json::Value,
-) -> Result<()> {
-    save_to(&Disk, out, params, opt, position, settings)
-}
-
-/// [`save`] through `storage`. A failed write removes the partial new checkpoint and leaves the
-/// previous one in place.
-pub fn save_to(
     storage: &dyn Storage,
     out: &Path,
     params: &Params,

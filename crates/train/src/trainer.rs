@@ -182,7 +182,7 @@ impl Trainer {
 
     /// [`Trainer::checkpoint`] through other storage (tests: a disk that fills up).
     pub fn checkpoint_to(&self, storage: &dyn checkpoint::Storage) -> Result<()> {
-        checkpoint::save_to(
+        checkpoint::save(
             storage,
             &self.out,
             &self.model.params,
