@@ -217,3 +217,56 @@ pub fn metric(scrape: &str, name: &str, labels: &[&str]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A worker as its own `rrt-worker` process serving the test model (so a test can `kill -9` or
+/// SIGSTOP it), and its gRPC URL once it prints its ports. The process is killed when dropped.
+pub struct WorkerProcess {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl WorkerProcess {
+    pub fn start(extra: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(crate::worker_bin())
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .arg("--model")
+            .arg(recursive_model())
+            .args(["--model-name", "smollm2-15x2"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start rrt-worker");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("the worker prints its ports");
+        let grpc = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("grpc="))
+            .unwrap_or_else(|| panic!("no grpc= in {line:?}"))
+            .to_string();
+        Self {
+            child,
+            url: format!("http://{grpc}"),
+        }
+    }
+
+    /// Sends `signal` (`KILL`, `STOP`, `CONT`, `TERM`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // A stopped process must be continued to die of SIGTERM; SIGKILL needs no care.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

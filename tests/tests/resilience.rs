@@ -4,8 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rrt_proto::v1 as pb;
@@ -55,32 +53,8 @@ async fn workers_rejoin_a_restarted_coordinator_and_the_router_follows_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_process_drains_on_sigterm() {
-    let model = cluster::recursive_model();
-    let mut child = Command::new(rrt_tests::worker_bin())
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--drain-s",
-            "20",
-        ])
-        .arg("--model")
-        .arg(&model)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start rrt-worker");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .expect("the worker prints its ports");
-    let grpc = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .unwrap_or_else(|| panic!("no grpc= in {line:?}"))
-        .to_string();
-    let url = format!("http://{grpc}");
+    let mut worker = cluster::WorkerProcess::start(&["--drain-s", "20"]);
+    let url = worker.url.clone();
     let mut client = WorkerClient::connect(url.clone()).await.unwrap();
     let mut long = client
         .generate(greedy("In the beginning", 200))
@@ -89,11 +63,7 @@ async fn a_worker_process_drains_on_sigterm() {
         .into_inner();
     long.message().await.unwrap().expect("a first token");
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    worker.signal("TERM");
     // Readiness goes NOT_SERVING and new work is refused while the stream goes on.
     let channel = tonic::transport::Endpoint::from_shared(url)
         .unwrap()
@@ -126,6 +96,6 @@ async fn a_worker_process_drains_on_sigterm() {
         finish = m.finish_reason;
     }
     assert_eq!((tokens, finish), (200, pb::FinishReason::Length as i32));
-    let status = child.wait().unwrap();
+    let status = worker.child.wait().unwrap();
     assert!(status.success(), "the worker exited with {status}");
 }

@@ -1,5 +1,10 @@
 //! Next-token choice from logits: repetition penalty, temperature, top-k, top-p, seeded sampling,
 //! in the order Hugging Face `generate` applies them. Temperature 0 means greedy.
+//!
+//! The random draw of a token depends only on the seed and the token's position in the sequence
+//! (a generator seeded from both), not on the draws before it: a request resumed elsewhere from
+//! its prompt plus the tokens already generated continues with exactly the tokens it would have
+//! drawn (the router's failover relies on this).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -61,21 +66,27 @@ impl SamplingParams {
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: StdRng,
+}
+
+/// The generator of the draw at `position` (the length of the context before the token).
+fn rng_at(seed: u64, position: usize) -> StdRng {
+    // Golden-ratio stride: distinct positions of one seed never share a generator seed, and
+    // `seed_from_u64` mixes the bits (PCG) before seeding ChaCha.
+    StdRng::seed_from_u64(seed ^ (position as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
-        let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Self { params, rng })
+        Ok(Self { params })
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
-    /// Picks the next token from `logits`; `context` is the sequence so far (for the penalty).
+    /// Picks the next token from `logits`; `context` is the whole sequence so far, prompt
+    /// included (the penalty reads it; its length keys the random draw).
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
         let mut logits = logits.to_vec();
         let penalty = self.params.repetition_penalty;
@@ -120,7 +131,7 @@ impl Sampler {
             cand.truncate(keep);
         }
         let total: f32 = probs.iter().sum();
-        let mut u = self.rng.random::<f32>() * total;
+        let mut u = rng_at(self.params.seed, context.len()).random::<f32>() * total;
         for (i, p) in probs.iter().enumerate() {
             if u < *p {
                 return cand[i].0;
@@ -176,10 +187,33 @@ mod tests {
         assert_eq!(s.sample(&logits, &[]), argmax(&logits));
         let draw = |seed| {
             let mut s = Sampler::new(params(1.0, 0, 0.9, seed)).unwrap();
-            (0..20).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+            (0..20)
+                .map(|i| s.sample(&logits, &vec![0; i]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+        let seven = draw(7);
+        assert!(
+            seven.iter().any(|&t| t != seven[0]),
+            "positions draw differently: {seven:?}"
+        );
+    }
+
+    #[test]
+    fn a_draw_depends_on_its_position_not_on_the_draws_before() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let context: Vec<u32> = (0..30).collect();
+        let mut first = Sampler::new(params(1.0, 0, 1.0, 11)).unwrap();
+        let whole: Vec<u32> = (10..30)
+            .map(|n| first.sample(&logits, &context[..n]))
+            .collect();
+        // A fresh sampler picking up at position 20 (a resumed request) draws the same tokens.
+        let mut resumed = Sampler::new(params(1.0, 0, 1.0, 11)).unwrap();
+        let tail: Vec<u32> = (20..30)
+            .map(|n| resumed.sample(&logits, &context[..n]))
+            .collect();
+        assert_eq!(tail, whole[10..]);
     }
 
     #[test]

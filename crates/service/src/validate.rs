@@ -36,9 +36,39 @@ impl std::fmt::Display for Rejection {
 
 impl std::error::Error for Rejection {}
 
+/// Longest message a status carries: user input quoted in it must not overflow a client's
+/// header limit (grpc-message is a header), and a log line stays a line.
+pub const MAX_MESSAGE_BYTES: usize = 512;
+
+/// User input as a message quotes it: Debug-escaped, cut to 64 bytes with the full length after.
+pub fn quote(input: &str) -> String {
+    const SHOWN: usize = 64;
+    if input.len() <= SHOWN {
+        return format!("{input:?}");
+    }
+    let cut = (0..=SHOWN)
+        .rev()
+        .find(|&i| input.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{:?}... ({} bytes)", &input[..cut], input.len())
+}
+
+/// `message` cut to [`MAX_MESSAGE_BYTES`] on a character boundary.
+pub fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let cut = (0..=MAX_MESSAGE_BYTES - 3)
+            .rev()
+            .find(|&i| message.is_char_boundary(i))
+            .unwrap_or(0);
+        message.truncate(cut);
+        message.push_str("...");
+    }
+    message
+}
+
 impl From<Rejection> for tonic::Status {
     fn from(r: Rejection) -> Self {
-        let mut status = tonic::Status::invalid_argument(r.message);
+        let mut status = tonic::Status::invalid_argument(bounded(r.message));
         if let Ok(v) = r.reason.parse() {
             status.metadata_mut().insert(REASON_KEY, v);
         }
@@ -74,6 +104,16 @@ pub fn generate_request(req: &GenerateRequest, max_new_tokens: u32) -> Result<()
             "max_new_tokens_over_limit",
             format!(
                 "max_new_tokens {} is above this server's limit of {max_new_tokens}",
+                req.max_new_tokens
+            ),
+        ));
+    }
+    if req.resume_token_ids.len() > req.max_new_tokens as usize {
+        return Err(Rejection::new(
+            "bad_resume",
+            format!(
+                "{} resumed tokens are more than max_new_tokens {}",
+                req.resume_token_ids.len(),
                 req.max_new_tokens
             ),
         ));
@@ -189,6 +229,13 @@ mod tests {
             "max_new_tokens_over_limit"
         );
         assert_eq!(
+            reason(GenerateRequest {
+                resume_token_ids: vec![1; 9],
+                ..ok()
+            }),
+            "bad_resume"
+        );
+        assert_eq!(
             reason(sampling(|s| s.temperature = f32::NAN)),
             "bad_temperature"
         );
@@ -241,5 +288,20 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert_eq!(reason_of(&status), "empty_prompt");
         assert_eq!(reason_of(&tonic::Status::invalid_argument("x")), "other");
+    }
+
+    #[test]
+    fn user_input_in_messages_is_bounded() {
+        assert_eq!(quote("llama"), "\"llama\"");
+        let long = "é".repeat(5000);
+        let q = quote(&long);
+        assert!(q.len() < 100 && q.ends_with("(10000 bytes)"), "{q}");
+        let status = tonic::Status::from(Rejection::new("unknown_model", format!("x {long}")));
+        assert!(
+            status.message().len() <= MAX_MESSAGE_BYTES,
+            "{}",
+            status.message().len()
+        );
+        assert!(status.message().ends_with("..."));
     }
 }

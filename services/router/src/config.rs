@@ -37,6 +37,14 @@ pub struct RouterArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "RRT_ROUTER_DRAIN_S", default_value_t = 30)]
     pub drain_s: u64,
+    /// Workers one request may run on: the first, then each one a stream fails over to when its
+    /// worker dies, stalls or cannot be reached (the request resumes after the tokens sent).
+    #[arg(long, env = "RRT_ROUTER_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: usize,
+    /// HTTP/2 PING interval on worker connections (ms); a worker that leaves two unanswered
+    /// (killed, frozen, cut off) counts as lost and its streams fail over.
+    #[arg(long, env = "RRT_ROUTER_KEEPALIVE_MS", default_value_t = 1000)]
+    pub keepalive_ms: u64,
     /// Seed of the worker choices' random draws (default: from the OS; set it to make a test's
     /// routing reproducible).
     #[arg(long, env = "RRT_ROUTER_SEED")]
@@ -57,6 +65,8 @@ impl RouterArgs {
             self.max_new_tokens > 0,
             "--max-new-tokens must be at least 1"
         );
+        anyhow::ensure!(self.max_attempts > 0, "--max-attempts must be at least 1");
+        anyhow::ensure!(self.keepalive_ms > 0, "--keepalive-ms must be at least 1");
         anyhow::ensure!(
             self.request_timeout_s > 0,
             "--request-timeout-s must be at least 1"

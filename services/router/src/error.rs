@@ -13,13 +13,32 @@ pub enum RouterError {
     Rejected(#[from] Rejection),
     #[error("the router is at capacity ({0} requests in flight); retry later")]
     Overloaded(usize),
-    #[error("no worker is available for model {0:?}")]
+    #[error("no worker is available for model {0}")]
     NoWorker(String),
     #[error("the router is draining")]
     Draining,
-    /// A worker's own status, passed through.
+    /// Every worker the request could run on failed or could not be reached.
+    #[error(
+        "no worker could run the request ({attempts} tried, {tokens} tokens sent); last: {last}"
+    )]
+    Lost {
+        attempts: usize,
+        tokens: usize,
+        last: String,
+    },
+    /// A worker's own status, passed through (UNKNOWN, a broken stream, as UNAVAILABLE).
     #[error("{0}")]
     Worker(tonic::Status),
+}
+
+/// Whether a worker's status means the worker (or the way to it) failed, not the request: the
+/// request may go on elsewhere. Everything a worker refuses on purpose (bad input, capacity,
+/// deadline) is final.
+pub fn worker_lost(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted | Code::Internal
+    )
 }
 
 impl From<Refusal> for RouterError {
@@ -53,7 +72,7 @@ impl RouterError {
             RouterError::Worker(s) if s.code() == Code::ResourceExhausted => {
                 "worker_overloaded".into()
             }
-            RouterError::Worker(_) => return Counted::Failed,
+            RouterError::Worker(_) | RouterError::Lost { .. } => return Counted::Failed,
         };
         Counted::Rejected(reason)
     }
@@ -65,7 +84,12 @@ impl From<RouterError> for tonic::Status {
         match e {
             RouterError::Rejected(r) => r.into(),
             RouterError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
-            RouterError::NoWorker(_) | RouterError::Draining => Status::unavailable(e.to_string()),
+            RouterError::NoWorker(_) | RouterError::Draining | RouterError::Lost { .. } => {
+                Status::unavailable(validate::bounded(e.to_string()))
+            }
+            RouterError::Worker(s) if s.code() == Code::Unknown => Status::unavailable(
+                validate::bounded(format!("the worker's stream broke: {}", s.message())),
+            ),
             RouterError::Worker(s) => s,
         }
     }

@@ -21,6 +21,15 @@ pub fn describe() {
         "Requests resent to another worker after the first could not be reached."
     );
     describe_counter!(
+        "rrt_router_resumes_total",
+        "Streams resumed on another worker after theirs failed mid-stream, by reason (unavailable, stream_broken, stream_ended, cancelled, internal)."
+    );
+    describe_counter!(
+        "rrt_router_resumed_tokens_total",
+        Unit::Count,
+        "Generated tokens sent again to a worker as part of a resumed request's prompt (re-prefilled)."
+    );
+    describe_counter!(
         "rrt_router_generated_tokens_total",
         Unit::Count,
         "Tokens streamed to clients."

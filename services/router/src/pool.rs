@@ -199,14 +199,14 @@ impl<T> Pool<T> {
 
     /// Picks a worker for `model` and counts the request in flight on it; `None` if no worker
     /// serves the model. `max_new_tokens` is the size of a generation (`None`: a metadata call
-    /// such as Tokenize, which is not counted as routed). `exclude` skips a worker that just
-    /// failed.
+    /// such as Tokenize, which is not counted as routed). `exclude` skips workers that
+    /// failed this request.
     pub fn pick(
         &self,
         model: &str,
         max_new_tokens: Option<u32>,
         now: Instant,
-        exclude: Option<&str>,
+        exclude: &[String],
         rng: &mut impl Rng,
     ) -> Option<(InFlight<T>, Policy)> {
         let request_tokens = {
@@ -222,7 +222,7 @@ impl<T> Pool<T> {
         let all: Vec<Arc<Slot<T>>> = self
             .slots()
             .into_iter()
-            .filter(|s| s.model == model && Some(s.id.as_str()) != exclude)
+            .filter(|s| s.model == model && !exclude.contains(&s.id))
             .collect();
         let serving: Vec<Arc<Slot<T>>> = all
             .iter()
@@ -310,7 +310,7 @@ mod tests {
         let mut held = Vec::new();
         let mut order = String::new();
         for _ in 0..10 {
-            let (g, policy) = pool.pick("m", Some(64), t, None, &mut rng).unwrap();
+            let (g, policy) = pool.pick("m", Some(64), t, &[], &mut rng).unwrap();
             assert_eq!(policy, Policy::PowerOfTwo);
             order.push_str(&g.slot.id);
             held.push(g);
@@ -336,7 +336,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         // 64 tokens x 2 loops: 0.128 s more on the fast worker, 1.28 s on the slow one.
         for _ in 0..4 {
-            let (g, _) = pool.pick("m", Some(64), t, None, &mut rng).unwrap();
+            let (g, _) = pool.pick("m", Some(64), t, &[], &mut rng).unwrap();
             assert_eq!(g.slot.id, "fast");
         }
     }
@@ -353,12 +353,14 @@ mod tests {
         );
         let later = t + Duration::from_secs(3);
         let mut rng = StdRng::seed_from_u64(2);
-        let (g1, p) = pool.pick("m", Some(8), later, None, &mut rng).unwrap();
+        let (g1, p) = pool.pick("m", Some(8), later, &[], &mut rng).unwrap();
         assert_eq!(p, Policy::LeastOutstanding);
-        let (g2, _) = pool.pick("m", Some(8), later, None, &mut rng).unwrap();
+        let (g2, _) = pool.pick("m", Some(8), later, &[], &mut rng).unwrap();
         assert_ne!(g1.slot.id, g2.slot.id, "least outstanding alternates");
-        assert!(pool.pick("other", Some(8), later, None, &mut rng).is_none());
-        let (g3, _) = pool.pick("m", Some(8), later, Some("a"), &mut rng).unwrap();
+        assert!(pool.pick("other", Some(8), later, &[], &mut rng).is_none());
+        let (g3, _) = pool
+            .pick("m", Some(8), later, &["a".into()], &mut rng)
+            .unwrap();
         assert_eq!(g3.slot.id, "b");
     }
 

@@ -12,6 +12,7 @@ use rrt_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::{Code, Status, Streaming};
 
+use crate::error::{worker_lost, RouterError};
 use crate::metrics as m;
 use crate::pool::InFlight;
 use crate::service::{Client, Inner};
@@ -25,9 +26,16 @@ pub struct Opened {
     pub stream: Streaming<pb::GenerateStreamResponse>,
     pub permit: rrt_service::Permit,
     pub in_flight: InFlight<Client>,
+    /// The worker the request started on.
     pub worker: String,
     pub arrived: Instant,
     pub deadline: Instant,
+    /// The request as sent to the worker, for resuming it on another.
+    pub request: pb::GenerateRequest,
+    /// The client's own `resume_token_ids` (the tokens sent since go after them).
+    pub base_resume: Vec<u32>,
+    /// The workers it was sent to.
+    pub tried: Vec<String>,
 }
 
 /// The outcome label of a finished request.
@@ -40,18 +48,37 @@ fn outcome(reason: pb::FinishReason) -> &'static str {
     }
 }
 
-/// Relays `opened` into `tx` until the request ends.
+/// Why a stream is being resumed: a bounded metric label.
+fn resume_reason(failure: &Result<(), Status>) -> &'static str {
+    match failure {
+        Ok(()) => "stream_ended",
+        Err(s) => match s.code() {
+            Code::Unavailable => "unavailable",
+            Code::Unknown => "stream_broken",
+            Code::Cancelled => "cancelled",
+            Code::Internal => "internal",
+            _ => "other",
+        },
+    }
+}
+
+/// Relays `opened` into `tx` until the request ends. When its worker dies, stalls past the
+/// keepalive or fails the stream, the request resumes on another worker from the prompt plus
+/// the tokens already sent (`resume_token_ids`); the client sees one stream.
 pub async fn relay(inner: Arc<Inner>, opened: Opened, tx: mpsc::Sender<Item>) {
     let Opened {
         mut stream,
         permit,
-        in_flight,
+        mut in_flight,
         arrived,
         deadline,
+        mut request,
+        base_resume,
+        mut tried,
         ..
     } = opened;
     let mut first = true;
-    let mut tokens = 0u64;
+    let mut sent: Vec<u32> = Vec::new();
     let outcome = loop {
         let next = tokio::select! {
             m = stream.message() => m,
@@ -61,14 +88,17 @@ pub async fn relay(inner: Arc<Inner>, opened: Opened, tx: mpsc::Sender<Item>) {
                 break "deadline";
             }
         };
-        match next {
+        // Ok(()): the stream ended without a finish; Err: the worker's failure.
+        let failure = match next {
             Ok(Some(msg)) => {
                 if first {
                     histogram!("rrt_router_time_to_first_token_seconds")
                         .record(arrived.elapsed().as_secs_f64());
                     first = false;
                 }
-                tokens += msg.token().is_some() as u64;
+                if let Some(t) = msg.token() {
+                    sent.push(t.id);
+                }
                 let finish = msg.finish();
                 if tx.send(Ok(msg)).await.is_err() {
                     break "cancelled";
@@ -76,26 +106,57 @@ pub async fn relay(inner: Arc<Inner>, opened: Opened, tx: mpsc::Sender<Item>) {
                 if let Some(reason) = finish {
                     break outcome(reason);
                 }
+                continue;
             }
-            Ok(None) => {
-                let ended =
-                    Status::unavailable("the worker ended the stream without a finish reason");
-                let _ = tx.send(Err(ended)).await;
-                break "error";
-            }
+            Ok(None) => Ok(()),
+            Err(s) if worker_lost(&s) => Err(s),
             Err(s) => {
                 let deadline_passed = s.code() == Code::DeadlineExceeded;
                 let _ = tx.send(Err(s)).await;
                 break if deadline_passed { "deadline" } else { "error" };
             }
+        };
+        let reason = resume_reason(&failure);
+        let worker = in_flight.slot.id.clone();
+        tracing::warn!(%worker, reason, tokens = sent.len(), "worker lost mid-stream; resuming elsewhere");
+        drop(stream);
+        drop(in_flight);
+        if tried.len() >= inner.max_attempts {
+            let last = match failure {
+                Ok(()) => "the stream ended without a finish reason".to_string(),
+                Err(s) => format!("{:?}: {}", s.code(), s.message()),
+            };
+            let lost = RouterError::Lost {
+                attempts: tried.len(),
+                tokens: sent.len(),
+                last,
+            };
+            let _ = tx.send(Err(lost.into())).await;
+            break "error";
+        }
+        request.resume_token_ids = [base_resume.as_slice(), sent.as_slice()].concat();
+        match inner
+            .connect(&request, deadline, &mut tried, sent.len())
+            .await
+        {
+            Ok((s, f)) => {
+                counter!("rrt_router_resumes_total", "reason" => reason).increment(1);
+                counter!("rrt_router_resumed_tokens_total")
+                    .increment(request.resume_token_ids.len() as u64);
+                (stream, in_flight) = (s, f);
+            }
+            Err(e) => {
+                let deadline_passed =
+                    matches!(&e, RouterError::Worker(s) if s.code() == Code::DeadlineExceeded);
+                let _ = tx.send(Err(e.into())).await;
+                break if deadline_passed { "deadline" } else { "error" };
+            }
         }
     };
-    drop(stream);
-    drop(in_flight);
     drop(permit);
     inner.in_flight_gauge();
     m::ended(outcome);
-    counter!("rrt_router_generated_tokens_total").increment(tokens);
+    counter!("rrt_router_generated_tokens_total").increment(sent.len() as u64);
     histogram!("rrt_router_e2e_request_latency_seconds").record(arrived.elapsed().as_secs_f64());
 }
 

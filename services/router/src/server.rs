@@ -18,6 +18,10 @@ use crate::service::{Client, Inner, RouterService};
 
 const SERVICE: &str = "rrt.v1.Generation";
 
+/// Largest request message the public API decodes (a prompt of a few hundred thousand
+/// characters); larger ones are refused before they are read whole.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
 pub struct RunningRouter {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -34,10 +38,12 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     let grpc_addr = listener.local_addr()?;
     let metrics_addr = metrics_http::spawn(args.metrics_listen, shutdown.clone()).await?;
     let pool = Arc::new(Pool::new(Duration::from_millis(args.stale_ms)));
+    let keepalive = Duration::from_millis(args.keepalive_ms);
     for url in &args.workers {
         tokio::spawn(crate::watcher::add_static_worker(
             pool.clone(),
             url.clone(),
+            keepalive,
             shutdown.clone(),
         ));
     }
@@ -46,6 +52,7 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             pool.clone(),
             url.clone(),
             args.workers.clone(),
+            keepalive,
             shutdown.clone(),
         ));
     }
@@ -54,6 +61,7 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         admission: Admission::new(args.max_concurrent),
         max_new_tokens: args.max_new_tokens,
         default_timeout: Duration::from_secs(args.request_timeout_s),
+        max_attempts: args.max_attempts,
         rng: Mutex::new(match args.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
@@ -78,9 +86,10 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         .add_service(health.service)
         .add_service(v1)
         .add_service(v1alpha)
-        .add_service(pb::generation_server::GenerationServer::new(
-            RouterService { inner },
-        ))
+        .add_service(
+            pb::generation_server::GenerationServer::new(RouterService { inner })
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drain);
     grpc::set_serving(&health.reporter, &[SERVICE], true).await;
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "router serving");

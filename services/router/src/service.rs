@@ -1,7 +1,8 @@
 //! The public `rrt.v1.Generation` service: validates each request, admits it under the
 //! concurrency bound, picks a worker, forwards the call with the caller's remaining deadline,
 //! and relays the token stream ([`crate::relay`]). A worker that cannot be reached is replaced
-//! by another once.
+//! by another, and a stream whose worker dies resumes on another ([`Inner::connect`]), up to
+//! `--max-attempts` workers per request.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,9 +15,9 @@ use rrt_service::{deadline, validate, Admission};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
-use tonic::{Code, Response, Status};
+use tonic::{Response, Status, Streaming};
 
-use crate::error::{Counted, RouterError};
+use crate::error::{worker_lost, Counted, RouterError};
 use crate::metrics as m;
 use crate::pool::{InFlight, Pool};
 use crate::relay::{collect, relay, Item, Opened};
@@ -30,7 +31,12 @@ pub struct Inner {
     pub default_timeout: Duration,
     /// The power-of-two-choices draws (seeded with `--seed`, for reproducible tests).
     pub rng: Mutex<StdRng>,
+    /// Workers one request may run on (`--max-attempts`).
+    pub max_attempts: usize,
 }
+
+/// How long a worker may take to answer a Generate call with its stream's headers.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct RouterService {
@@ -43,20 +49,23 @@ impl Inner {
         let models = self.pool.models();
         if models.is_empty() {
             // Starting up or every worker gone: a retryable condition, not a bad request.
-            return Err(RouterError::NoWorker(name.to_string()));
+            return Err(RouterError::NoWorker(validate::quote(name)));
         }
         if name.is_empty() {
             return models
                 .into_iter()
                 .next()
-                .ok_or_else(|| RouterError::NoWorker(String::new()));
+                .ok_or_else(|| RouterError::NoWorker(validate::quote("")));
         }
         if models.iter().any(|m| m == name) {
             return Ok(name.to_string());
         }
         Err(validate::Rejection::new(
             "unknown_model",
-            format!("unknown model {name:?}; served: {models:?}"),
+            format!(
+                "unknown model {}; served: {models:?}",
+                validate::quote(name)
+            ),
         )
         .into())
     }
@@ -65,13 +74,13 @@ impl Inner {
         &self,
         model: &str,
         tokens: Option<u32>,
-        exclude: Option<&str>,
+        exclude: &[String],
     ) -> Result<InFlight<Client>, RouterError> {
         let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
         let (guard, policy) = self
             .pool
             .pick(model, tokens, Instant::now(), exclude, &mut *rng)
-            .ok_or_else(|| RouterError::NoWorker(model.to_string()))?;
+            .ok_or_else(|| RouterError::NoWorker(validate::quote(model)))?;
         if tokens.is_some() {
             counter!("rrt_router_routed_total", "worker" => guard.slot.id.clone(), "policy" => policy.label())
                 .increment(1);
@@ -91,32 +100,73 @@ impl Inner {
         }
         validate::generate_request(&req, self.max_new_tokens)?;
         let model = self.resolve_model(&req.model)?;
-        req.model = model.clone();
+        req.model = model;
         let permit = self.admission.try_admit()?;
-        let mut exclude: Option<String> = None;
+        let mut tried = Vec::new();
+        let (stream, in_flight) = self.connect(&req, deadline, &mut tried, 0).await?;
+        Ok(Opened {
+            stream,
+            permit,
+            worker: in_flight.slot.id.clone(),
+            in_flight,
+            arrived,
+            deadline,
+            base_resume: req.resume_token_ids.clone(),
+            request: req,
+            tried,
+        })
+    }
+
+    /// Opens `req`'s stream on a worker it has not tried (`tried`, which grows), moving on while
+    /// workers cannot be reached, up to `max_attempts` workers in all. `sent`: tokens the
+    /// client already has (for the error message).
+    pub(crate) async fn connect(
+        &self,
+        req: &pb::GenerateRequest,
+        deadline: Instant,
+        tried: &mut Vec<String>,
+        sent: usize,
+    ) -> Result<(Streaming<pb::GenerateStreamResponse>, InFlight<Client>), RouterError> {
         loop {
-            let in_flight = self.pick(&model, Some(req.max_new_tokens), exclude.as_deref())?;
-            let mut call = tonic::Request::new(req.clone());
-            call.set_timeout(deadline.saturating_duration_since(Instant::now()));
-            let mut client = in_flight.slot.client.clone();
-            match client.generate(call).await {
-                Ok(resp) => {
-                    return Ok(Opened {
-                        stream: resp.into_inner(),
-                        permit,
-                        worker: in_flight.slot.id.clone(),
-                        in_flight,
-                        arrived,
-                        deadline,
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RouterError::Worker(Status::deadline_exceeded(
+                    "the request ran past its deadline",
+                )));
+            }
+            let in_flight = match self.pick(&req.model, Some(req.max_new_tokens), tried) {
+                Ok(f) => f,
+                Err(e) if tried.is_empty() => return Err(e),
+                Err(_) => {
+                    return Err(RouterError::Lost {
+                        attempts: tried.len(),
+                        tokens: sent,
+                        last: "no other worker serves the model".into(),
                     })
                 }
-                Err(s) if s.code() == Code::Unavailable && exclude.is_none() => {
-                    tracing::warn!(worker = %in_flight.slot.id, "worker unavailable ({}); trying another", s.message());
-                    counter!("rrt_router_retries_total").increment(1);
-                    exclude = Some(in_flight.slot.id.clone());
-                }
-                Err(s) => return Err(RouterError::Worker(s)),
+            };
+            tried.push(in_flight.slot.id.clone());
+            let mut call = tonic::Request::new(req.clone());
+            call.set_timeout(left);
+            let mut client = in_flight.slot.client.clone();
+            // A worker answers a Generate at once (its stream starts before the first token):
+            // one that does not within this bound is frozen or cut off.
+            let opened = tokio::time::timeout(OPEN_TIMEOUT.min(left), client.generate(call)).await;
+            let failure = match opened {
+                Ok(Ok(resp)) => return Ok((resp.into_inner(), in_flight)),
+                Ok(Err(s)) if !worker_lost(&s) => return Err(RouterError::Worker(s)),
+                Ok(Err(s)) => format!("{:?}: {}", s.code(), s.message()),
+                Err(_) => format!("no answer within {OPEN_TIMEOUT:?}"),
+            };
+            tracing::warn!(worker = %in_flight.slot.id, "worker failed to open the stream ({failure}); trying another");
+            if tried.len() >= self.max_attempts {
+                return Err(RouterError::Lost {
+                    attempts: tried.len(),
+                    tokens: sent,
+                    last: failure,
+                });
             }
+            counter!("rrt_router_retries_total").increment(1);
         }
     }
 
@@ -180,7 +230,7 @@ impl pb::generation_server::Generation for RouterService {
         let mut req = request.into_inner();
         let model = self.inner.resolve_model(&req.model)?;
         req.model = model.clone();
-        let in_flight = self.inner.pick(&model, None, None)?;
+        let in_flight = self.inner.pick(&model, None, &[])?;
         let mut client = in_flight.slot.client.clone();
         client.tokenize(req).await
     }
@@ -191,7 +241,7 @@ impl pb::generation_server::Generation for RouterService {
     ) -> Result<Response<pb::ModelInfoResponse>, Status> {
         let req = request.into_inner();
         let model = self.inner.resolve_model(&req.model)?;
-        let in_flight = self.inner.pick(&model, None, None)?;
+        let in_flight = self.inner.pick(&model, None, &[])?;
         let mut client = in_flight.slot.client.clone();
         let info = client.info(pb::WorkerInfoRequest {}).await?.into_inner();
         let mut m = info

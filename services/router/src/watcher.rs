@@ -16,11 +16,17 @@ use crate::service::Client;
 
 const RETRY: Duration = Duration::from_millis(500);
 
-fn lazy_client(url: &str) -> Option<Client> {
+/// A worker's channel, connected on first use. HTTP/2 PINGs every `keepalive` (idle or not)
+/// and a connection that leaves one unanswered for two intervals is closed: the streams on a
+/// killed or frozen (SIGSTOP) worker then end with an error and fail over.
+fn lazy_client(url: &str, keepalive: Duration) -> Option<Client> {
     let endpoint = Endpoint::from_shared(url.to_string()).ok()?;
     Some(WorkerClient::new(
         endpoint
             .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(keepalive)
+            .keep_alive_timeout(2 * keepalive)
+            .keep_alive_while_idle(true)
             .connect_lazy(),
     ))
 }
@@ -30,6 +36,7 @@ pub async fn follow_coordinator(
     pool: Arc<Pool<Client>>,
     url: String,
     static_workers: Vec<String>,
+    keepalive: Duration,
     shutdown: Shutdown,
 ) {
     let run = async {
@@ -52,7 +59,7 @@ pub async fn follow_coordinator(
                                 pool.apply_view(
                                     &view,
                                     Instant::now(),
-                                    |w| lazy_client(&format!("http://{}", w.address)),
+                                    |w| lazy_client(&format!("http://{}", w.address), keepalive),
                                     |addr| static_workers.iter().any(|s| s == addr),
                                 );
                                 metrics::gauge!("rrt_router_workers")
@@ -75,8 +82,13 @@ pub async fn follow_coordinator(
 }
 
 /// Asks each `--worker` URL for its id and model until it answers, then adds it to the pool.
-pub async fn add_static_worker(pool: Arc<Pool<Client>>, url: String, shutdown: Shutdown) {
-    let Some(client) = lazy_client(&url) else {
+pub async fn add_static_worker(
+    pool: Arc<Pool<Client>>,
+    url: String,
+    keepalive: Duration,
+    shutdown: Shutdown,
+) {
+    let Some(client) = lazy_client(&url, keepalive) else {
         tracing::error!("bad worker URL {url:?}");
         return;
     };

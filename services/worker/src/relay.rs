@@ -13,6 +13,7 @@ use rrt_engine::{Event, FinishReason};
 use rrt_model::TextStream;
 use rrt_proto::stream::Token;
 use rrt_proto::v1 as pb;
+use rrt_service::validate::Rejection;
 use rrt_service::Permit;
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -52,6 +53,28 @@ impl TextRelay {
             arrived,
             last_token: arrived,
         }
+    }
+
+    /// Replays the tokens an earlier attempt of the request already streamed
+    /// (`resume_token_ids`) without sending them: the detokenizer, the stop matcher and the
+    /// message index end where that attempt's were, so the next token's text continues its text.
+    pub(crate) fn resume(&mut self, tokens: &[u32]) -> Result<(), WorkerError> {
+        for &id in tokens {
+            let piece = self
+                .text
+                .push(&self.shared.tokenizer, id)
+                .map_err(|e| WorkerError::Tokenizer(e.to_string()))?
+                .unwrap_or_default();
+            if let Step::Stop(_) = self.stop.push(&piece) {
+                return Err(Rejection::new(
+                    "bad_resume",
+                    "the resumed tokens already end in a stop sequence",
+                )
+                .into());
+            }
+            self.index += 1;
+        }
+        Ok(())
     }
 
     /// The reply to an engine event (`None`: the engine dropped the request's channel).

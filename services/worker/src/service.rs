@@ -49,8 +49,9 @@ impl Shared {
             return Err(validate::Rejection::new(
                 "unknown_model",
                 format!(
-                    "unknown model {:?}; this worker serves {:?}",
-                    req.model, model.model
+                    "unknown model {}; this worker serves {:?}",
+                    validate::quote(&req.model),
+                    model.model
                 ),
             )
             .into());
@@ -62,7 +63,7 @@ impl Shared {
         } else {
             req.prompt.clone()
         };
-        let ids = self
+        let mut ids = self
             .tokenizer
             .encode(&text)
             .map_err(|e| WorkerError::Tokenizer(e.to_string()))?;
@@ -104,8 +105,19 @@ impl Shared {
                 threshold: e.threshold,
             })
         });
+        let vocab = model.vocab_size;
+        if let Some(bad) = req.resume_token_ids.iter().find(|&&t| t >= vocab) {
+            return Err(validate::Rejection::new(
+                "bad_resume",
+                format!("resumed token id {bad} is outside the vocabulary of {vocab}"),
+            )
+            .into());
+        }
+        // A resumed request runs as prompt + the tokens already sent, for what is left.
+        ids.extend_from_slice(&req.resume_token_ids);
         let params = GenParams {
-            max_new_tokens: req.max_new_tokens as usize,
+            max_new_tokens: (req.max_new_tokens as usize)
+                .saturating_sub(req.resume_token_ids.len()),
             sampling,
             stop_tokens: self.tokenizer.eos.clone(),
             logprobs: req.logprobs,
@@ -158,7 +170,7 @@ impl pb::worker_server::Worker for WorkerService {
         if !req.model.is_empty() && req.model != model.model {
             return Err(validate::Rejection::new(
                 "unknown_model",
-                format!("unknown model {:?}", req.model),
+                format!("unknown model {}", validate::quote(&req.model)),
             )
             .into());
         }
@@ -194,25 +206,34 @@ impl WorkerService {
             return Err(WorkerError::Draining);
         }
         let (prompt, params, exit) = shared.prepare(&req)?;
+        let mut text = TextRelay::new(shared.clone(), req.stop, arrived);
+        text.resume(&req.resume_token_ids)?;
         let permit = shared.admission.try_admit()?;
         counter!("rrt_worker_prompt_tokens_total", "worker" => shared.id.clone())
             .increment(prompt.len() as u64);
         let (etx, erx) = mpsc::unbounded_channel();
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        shared
-            .engine
-            .submit(Request {
-                id,
-                prompt,
-                params,
-                // None: the engine's default policy (the worker's --exit).
-                exit,
-                events: Box::new(TokioSink(etx)),
-            })
-            .await
-            .map_err(|_| WorkerError::EngineGone)?;
+        if params.max_new_tokens == 0 {
+            // Resumed after its last token: only the finish message is left to send.
+            let _ = etx.send(Event::Finished {
+                reason: rrt_engine::FinishReason::Length,
+                generated: 0,
+            });
+        } else {
+            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+            shared
+                .engine
+                .submit(Request {
+                    id,
+                    prompt,
+                    params,
+                    // None: the engine's default policy (the worker's --exit).
+                    exit,
+                    events: Box::new(TokioSink(etx)),
+                })
+                .await
+                .map_err(|_| WorkerError::EngineGone)?;
+        }
         let (tx, rx) = mpsc::channel(32);
-        let text = TextRelay::new(shared.clone(), req.stop, arrived);
         tokio::spawn(relay(text, erx, tx, permit, deadline));
         Ok(ReceiverStream::new(rx))
     }

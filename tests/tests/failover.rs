@@ -1,0 +1,245 @@
+//! Nothing lost when a worker dies or freezes mid-stream: the router resumes each of its
+//! streams on another worker from the prompt plus the tokens already sent, and the client sees
+//! one stream with the same tokens, text, indices and finish reason as without the fault.
+//! Workers are real `rrt-worker` processes (killed with SIGKILL, frozen with SIGSTOP); the
+//! router is the library in-process.
+
+#![forbid(unsafe_code)]
+
+use std::time::{Duration, Instant};
+
+use rrt_proto::v1 as pb;
+use rrt_proto::v1::generation_client::GenerationClient;
+use rrt_tests::cluster::{self, metric_at, WorkerProcess};
+use tonic::transport::Channel;
+
+/// One request's stream as the client saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    ids: Vec<u32>,
+    text: String,
+    finish: i32,
+}
+
+/// Streams `req`, checking the message indices run 0, 1, 2, ... without gap or repeat.
+async fn run(mut client: GenerationClient<Channel>, req: pb::GenerateRequest) -> Seen {
+    let mut s = client
+        .generate_stream(req)
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let mut seen = Seen {
+        ids: vec![],
+        text: String::new(),
+        finish: 0,
+    };
+    while let Some(m) = s.message().await.expect("the stream ends cleanly") {
+        seen.text.push_str(&m.text);
+        if let Some(t) = m.token() {
+            assert_eq!(m.index as usize, seen.ids.len(), "indices are continuous");
+            seen.ids.push(t.id);
+        }
+        if m.finish().is_some() {
+            seen.finish = m.finish_reason;
+        }
+    }
+    seen
+}
+
+/// Greedy and seeded-sampled requests, long enough to be cut by a fault.
+fn requests() -> Vec<pb::GenerateRequest> {
+    (0..6)
+        .map(|i| pb::GenerateRequest {
+            prompt: format!("Request {i}: tell me a story about the sea."),
+            max_new_tokens: 48,
+            sampling: (i % 2 == 1).then_some(pb::SamplingParameters {
+                temperature: 0.8,
+                top_p: 0.95,
+                seed: Some(100 + i as u64),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Runs every request at once on two worker processes and applies `fault` to the first worker
+/// once every stream has its first tokens; returns what the client saw, the no-fault outputs
+/// (run first on the same cluster), the resumes counted and how long the faulted run took.
+async fn with_fault(fault: &str) -> (Vec<Seen>, Vec<Seen>, f64, Duration) {
+    let victim = WorkerProcess::start(&[]);
+    let survivor = WorkerProcess::start(&[]);
+    let workers = format!("{},{}", victim.url, survivor.url);
+    let r = cluster::router(
+        None,
+        &["--worker", &workers, "--seed", "7", "--keepalive-ms", "500"],
+    )
+    .await;
+    cluster::wait_for_workers(&r.running, 2).await;
+    let client = cluster::client(r.running.grpc_addr).await;
+    let mut expected = Vec::new();
+    for req in requests() {
+        expected.push(run(client.clone(), req).await);
+    }
+    let resumes = || metric_at(r.running.metrics_addr, "rrt_router_resumes_total", &[]);
+    let before = resumes().await;
+
+    // Each stream on its own task; the fault lands once every stream has started.
+    let started = Instant::now();
+    let mut streams = Vec::new();
+    let mut firsts = Vec::new();
+    for req in requests() {
+        let mut c = client.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        firsts.push(rx);
+        streams.push(tokio::spawn(async move {
+            let mut s = c.generate_stream(req).await.expect("opens").into_inner();
+            let first = s
+                .message()
+                .await
+                .expect("a first message")
+                .expect("not empty");
+            let _ = tx.send(());
+            // Continue through the same checks as `run`, starting with the first message.
+            let mut seen = Seen {
+                ids: vec![],
+                text: first.text.clone(),
+                finish: first.finish_reason,
+            };
+            if let Some(t) = first.token() {
+                seen.ids.push(t.id);
+            }
+            while let Some(m) = s.message().await.expect("the stream survives the fault") {
+                seen.text.push_str(&m.text);
+                if let Some(t) = m.token() {
+                    assert_eq!(m.index as usize, seen.ids.len(), "indices are continuous");
+                    seen.ids.push(t.id);
+                }
+                if m.finish().is_some() {
+                    seen.finish = m.finish_reason;
+                }
+            }
+            seen
+        }));
+    }
+    for f in firsts {
+        f.await.expect("every stream starts");
+    }
+    victim.signal(fault);
+    let mut got = Vec::new();
+    for s in streams {
+        got.push(s.await.expect("stream task"));
+    }
+    let took = started.elapsed();
+    let resumed = resumes().await - before;
+    if fault == "STOP" {
+        victim.signal("CONT");
+    }
+    (got, expected, resumed, took)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_of_a_killed_worker_resume_on_another_with_the_same_tokens() {
+    let (got, expected, resumed, _) = with_fault("KILL").await;
+    assert!(resumed >= 1.0, "some stream ran on the killed worker");
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g, e, "a resumed stream equals the uninterrupted one");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_of_a_frozen_worker_resume_within_the_keepalive_bound() {
+    let (got, expected, resumed, took) = with_fault("STOP").await;
+    assert!(resumed >= 1.0, "some stream ran on the frozen worker");
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g, e, "a resumed stream equals the uninterrupted one");
+    }
+    // Keepalive 500 ms, lost after 2 unanswered intervals: detection within ~1.5 s, then the
+    // resumed streams re-prefill and finish on one worker. Bound generously for a loaded CI box.
+    assert!(took < Duration::from_secs(90), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_no_worker_left_fails_as_unavailable_with_a_message() {
+    let only = WorkerProcess::start(&[]);
+    let r = cluster::router(None, &["--worker", &only.url, "--keepalive-ms", "500"]).await;
+    cluster::wait_for_workers(&r.running, 1).await;
+    let mut client = cluster::client(r.running.grpc_addr).await;
+    let mut s = client
+        .generate_stream(cluster::greedy("In the beginning", 200))
+        .await
+        .unwrap()
+        .into_inner();
+    s.message().await.unwrap().expect("a first token");
+    only.signal("KILL");
+    let err = loop {
+        match s.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream cannot finish without a worker"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("no worker could run the request"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resume_continues_where_the_tokens_end() {
+    let w = cluster::worker(None, &[]).await;
+    let r = cluster::router(
+        None,
+        &["--worker", &format!("http://{}", w.running.grpc_addr)],
+    )
+    .await;
+    cluster::wait_for_workers(&r.running, 1).await;
+    let client = cluster::client(r.running.grpc_addr).await;
+    let req = pb::GenerateRequest {
+        prompt: "Once upon a time".into(),
+        max_new_tokens: 24,
+        sampling: Some(pb::SamplingParameters {
+            temperature: 1.0,
+            seed: Some(5),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let whole = run(client.clone(), req.clone()).await;
+    let n = whole.ids.len();
+    assert!(n >= 2, "{whole:?}");
+    for cut in [1, n / 2, n - 1, n] {
+        let mut c = client.clone();
+        let mut s = c
+            .generate_stream(pb::GenerateRequest {
+                resume_token_ids: whole.ids[..cut].to_vec(),
+                ..req.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let (mut ids, mut finish, mut index) = (whole.ids[..cut].to_vec(), 0, None);
+        while let Some(m) = s.message().await.unwrap() {
+            index.get_or_insert(m.index);
+            ids.extend(m.token().map(|t| t.id));
+            finish = m.finish_reason;
+        }
+        assert_eq!(index, Some(cut as u32), "indices continue at the cut");
+        assert_eq!(
+            (ids, finish),
+            (whole.ids.clone(), whole.finish),
+            "cut {cut}"
+        );
+    }
+    let mut c = client.clone();
+    let bad = c
+        .generate_stream(pb::GenerateRequest {
+            resume_token_ids: vec![u32::MAX],
+            ..req
+        })
+        .await
+        .expect_err("an id outside the vocabulary");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("vocabulary"), "{bad:?}");
+}
