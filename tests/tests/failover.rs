@@ -63,12 +63,31 @@ fn requests() -> Vec<pb::GenerateRequest> {
         .collect()
 }
 
-/// Runs every request at once on two worker processes and applies `fault` to the first worker
-/// once every stream has its first tokens; returns what the client saw, the no-fault outputs
-/// (run first on the same cluster), the resumes counted and how long the faulted run took.
-async fn with_fault(fault: &str) -> (Vec<Seen>, Vec<Seen>, f64, Duration) {
-    let victim = WorkerProcess::start(&[]);
+/// What goes wrong with the first worker.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// A signal once every stream has its first tokens (`KILL`, `STOP`).
+    Signal(&'static str),
+    /// `--inject-fault` (`error@N`, `panic@N`): the worker's N-th engine step fails.
+    Injected(&'static str),
+}
+
+/// Runs every request at once on two worker processes, the first of which suffers `fault`;
+/// returns what the client saw, the no-fault outputs (run first on the healthy worker alone),
+/// the resumes counted, how long the faulted run took, and the first worker.
+async fn with_fault(fault: Fault) -> (Vec<Seen>, Vec<Seen>, f64, Duration, WorkerProcess) {
+    let victim = match fault {
+        Fault::Signal(_) => WorkerProcess::start(&[]),
+        Fault::Injected(f) => WorkerProcess::start(&["--inject-fault", f]),
+    };
     let survivor = WorkerProcess::start(&[]);
+    let alone = cluster::router(None, &["--worker", &survivor.url]).await;
+    cluster::wait_for_workers(&alone.running, 1).await;
+    let reference = cluster::client(alone.running.grpc_addr).await;
+    let mut expected = Vec::new();
+    for req in requests() {
+        expected.push(run(reference.clone(), req).await);
+    }
     let workers = format!("{},{}", victim.url, survivor.url);
     let r = cluster::router(
         None,
@@ -77,10 +96,6 @@ async fn with_fault(fault: &str) -> (Vec<Seen>, Vec<Seen>, f64, Duration) {
     .await;
     cluster::wait_for_workers(&r.running, 2).await;
     let client = cluster::client(r.running.grpc_addr).await;
-    let mut expected = Vec::new();
-    for req in requests() {
-        expected.push(run(client.clone(), req).await);
-    }
     let resumes = || metric_at(r.running.metrics_addr, "rrt_router_resumes_total", &[]);
     let before = resumes().await;
 
@@ -125,22 +140,24 @@ async fn with_fault(fault: &str) -> (Vec<Seen>, Vec<Seen>, f64, Duration) {
     for f in firsts {
         f.await.expect("every stream starts");
     }
-    victim.signal(fault);
+    if let Fault::Signal(signal) = fault {
+        victim.signal(signal);
+    }
     let mut got = Vec::new();
     for s in streams {
         got.push(s.await.expect("stream task"));
     }
     let took = started.elapsed();
     let resumed = resumes().await - before;
-    if fault == "STOP" {
+    if let Fault::Signal("STOP") = fault {
         victim.signal("CONT");
     }
-    (got, expected, resumed, took)
+    (got, expected, resumed, took, victim)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_of_a_killed_worker_resume_on_another_with_the_same_tokens() {
-    let (got, expected, resumed, _) = with_fault("KILL").await;
+    let (got, expected, resumed, _, _) = with_fault(Fault::Signal("KILL")).await;
     assert!(resumed >= 1.0, "some stream ran on the killed worker");
     for (g, e) in got.iter().zip(&expected) {
         assert_eq!(g, e, "a resumed stream equals the uninterrupted one");
@@ -149,7 +166,7 @@ async fn streams_of_a_killed_worker_resume_on_another_with_the_same_tokens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_of_a_frozen_worker_resume_within_the_keepalive_bound() {
-    let (got, expected, resumed, took) = with_fault("STOP").await;
+    let (got, expected, resumed, took, _) = with_fault(Fault::Signal("STOP")).await;
     assert!(resumed >= 1.0, "some stream ran on the frozen worker");
     for (g, e) in got.iter().zip(&expected) {
         assert_eq!(g, e, "a resumed stream equals the uninterrupted one");
@@ -157,6 +174,62 @@ async fn streams_of_a_frozen_worker_resume_within_the_keepalive_bound() {
     // Keepalive 500 ms, lost after 2 unanswered intervals: detection within ~1.5 s, then the
     // resumed streams re-prefill and finish on one worker. Bound generously for a loaded CI box.
     assert!(took < Duration::from_secs(90), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_engine_fails_its_streams_over_and_its_worker_exits_non_zero() {
+    let (got, expected, resumed, _, mut victim) = with_fault(Fault::Injected("panic@12")).await;
+    assert!(resumed >= 1.0, "some stream ran on the panicking worker");
+    assert_eq!(
+        got, expected,
+        "resumed streams equal the uninterrupted ones"
+    );
+    let status = rrt_tests::eventually(Duration::from_secs(30), "the worker to exit", || {
+        let status = victim.child.try_wait().expect("try_wait");
+        async move { status }
+    })
+    .await;
+    assert!(!status.success(), "a dead engine exits non-zero: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_step_fails_its_streams_over_and_the_worker_recovers() {
+    let (got, expected, resumed, _, victim) = with_fault(Fault::Injected("error@12")).await;
+    assert!(resumed >= 1.0, "some stream ran on the failing worker");
+    assert_eq!(
+        got, expected,
+        "resumed streams equal the uninterrupted ones"
+    );
+    // The worker serves again: health SERVING, and a request straight to it completes.
+    let channel = tonic::transport::Endpoint::from_shared(victim.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: "rrt.v1.Worker".into(),
+    };
+    let status = health
+        .clone()
+        .check(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    assert_eq!(status, serving);
+    let mut worker = rrt_proto::v1::worker_client::WorkerClient::new(channel);
+    let mut s = worker
+        .generate(cluster::greedy("Hello", 4))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tokens = 0;
+    while let Some(m) = s.message().await.unwrap() {
+        tokens += m.token().is_some() as usize;
+    }
+    assert_eq!(tokens, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,33 @@ pub struct EngineConfig {
     pub default_exit: ExitPolicy,
     /// How exited tokens' skipped K/V are filled.
     pub kv_fill: KvFill,
+    /// Test knob: a failure injected into one forward step (fault-tolerance tests).
+    pub fault: Option<InjectedFault>,
+}
+
+/// A failure [`Engine::step`] injects at step `at_step` (1-based), in place of its forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InjectedFault {
+    pub at_step: u64,
+    /// `true`: the step panics; `false`: its forward returns an error.
+    pub panic: bool,
+}
+
+impl std::str::FromStr for InjectedFault {
+    type Err = String;
+
+    /// `error@N` or `panic@N`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("expected error@STEP or panic@STEP, got {s:?}");
+        let (kind, step) = s.split_once('@').ok_or_else(bad)?;
+        let at_step = step.parse().map_err(|_| bad())?;
+        let panic = match kind {
+            "error" => false,
+            "panic" => true,
+            _ => return Err(bad()),
+        };
+        Ok(Self { at_step, panic })
+    }
 }
 
 impl Default for EngineConfig {
@@ -46,6 +73,7 @@ impl Default for EngineConfig {
             kv_budget_bytes: 4 << 30,
             default_exit: ExitPolicy::NONE,
             kv_fill: KvFill::Propagate,
+            fault: None,
         }
     }
 }
@@ -253,16 +281,28 @@ impl Engine {
             trace: &mut self.trace,
             stats: &mut self.stats,
         };
-        let rows = match self.cfg.scheduler {
-            Scheduler::Static | Scheduler::Csb => crate::csb::step(&mut ctx),
-            Scheduler::Cdb => crate::cdb::step(&mut ctx),
+        let rows = match self.cfg.fault {
+            Some(f) if f.at_step == ctx.stats.steps && f.panic => {
+                panic!("injected fault: panic in step {}", f.at_step)
+            }
+            Some(f) if f.at_step == ctx.stats.steps => Err(EngineError::Model(format!(
+                "injected fault: error in step {}",
+                f.at_step
+            ))),
+            _ => match self.cfg.scheduler {
+                Scheduler::Static | Scheduler::Csb => crate::csb::step(&mut ctx),
+                Scheduler::Cdb => crate::cdb::step(&mut ctx),
+            },
         };
         let rows = rows.unwrap_or_else(|e| {
-            // A failed forward fails the running sequences with a clear error (their caches
-            // may be half-written); the engine itself keeps serving new requests.
+            // A failed forward fails the running sequences (their caches may be half-written)
+            // as the engine's fault, not theirs: they may run again elsewhere. The engine
+            // itself keeps serving new requests.
             tracing::error!("engine step failed: {e}");
+            self.stats.failed_steps += 1;
+            let failed = EngineError::StepFailed(e.to_string());
             for s in self.running.iter_mut().filter(|s| !s.is_done()) {
-                s.emit(Event::Failed(e.clone()));
+                s.emit(Event::Failed(failed.clone()));
                 s.mark_done();
             }
             0

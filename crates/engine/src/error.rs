@@ -20,6 +20,9 @@ pub enum EngineError {
     Invalid(String),
     #[error("model failure: {0}")]
     Model(String),
+    /// A forward step failed under the request (not the request's fault: it may run again).
+    #[error("the engine failed a step: {0}")]
+    StepFailed(String),
 }
 
 impl From<ModelError> for EngineError {

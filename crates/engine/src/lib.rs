@@ -31,7 +31,7 @@ mod stats;
 mod step;
 mod trace;
 
-pub use engine::{Engine, EngineConfig, Scheduler};
+pub use engine::{Engine, EngineConfig, InjectedFault, Scheduler};
 pub use error::EngineError;
 pub use exit::{confidence, cosine, ExitKind, ExitPolicy, KvFill};
 pub use reference::generate_with_exits;

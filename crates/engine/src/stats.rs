@@ -6,6 +6,8 @@ use std::time::Duration;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EngineStats {
     pub steps: u64,
+    /// Steps whose forward failed (their running requests failed with `StepFailed`).
+    pub failed_steps: u64,
     /// Rows x loops executed (one row through the shared block once = 1).
     pub loop_rows: u64,
     /// K/V-only rows written for the loops early exits skipped (state propagation).

@@ -128,6 +128,38 @@ fn every_scheduler_matches_one_at_a_time_generation() {
 }
 
 #[test]
+fn an_injected_step_error_fails_the_running_requests_as_the_engine_s_fault_and_serving_goes_on() {
+    let model = tiny_recursive();
+    let cfg = EngineConfig {
+        fault: Some("error@3".parse().unwrap()),
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(model, cfg);
+    let (req, rx) = Request::with_channel(1, vec![1, 2, 3], params(50), None);
+    engine.submit(req);
+    for _ in 0..3 {
+        engine.step();
+    }
+    let err = Received::drain(&rx).expect_err("the step failed under it");
+    assert!(
+        matches!(err, EngineError::StepFailed(ref m) if m.contains("injected")),
+        "{err:?}"
+    );
+    assert_eq!(
+        (engine.stats().failed_steps, engine.kv_reserved_bytes()),
+        (1, 0)
+    );
+    // The engine goes on serving.
+    let (req, rx) = Request::with_channel(2, vec![1, 2, 3], params(4), None);
+    engine.submit(req);
+    while engine.pending() > 0 {
+        engine.step();
+    }
+    assert_eq!(collect(&rx).tokens.len(), 4);
+    assert!("panic@x".parse::<rrt_engine::InjectedFault>().is_err());
+}
+
+#[test]
 fn a_dropped_receiver_cancels_and_frees_kv() {
     let model = tiny_recursive();
     let mut engine = Engine::new(model, EngineConfig::default());

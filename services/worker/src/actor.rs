@@ -1,12 +1,15 @@
 //! The engine actor: the synchronous engine on its own OS thread, driven by commands from a
 //! bounded channel. Async code talks to it only through [`EngineHandle`] (a cloneable sender)
-//! and reads its load from the published [`Snapshot`]; it never blocks on compute.
+//! and reads its load from the published [`Snapshot`] and its [`EngineHealth`]; it never blocks
+//! on compute. A step that fails fails its requests over; a step that panics, or too many
+//! failed steps in a row, end the thread, and the worker exits non-zero.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rrt_engine::{Engine, EngineStats, Request};
-use tokio::sync::mpsc;
+use rrt_engine::{Engine, EngineStats, GenParams, Request};
+use tokio::sync::{mpsc, watch};
 
 /// What the engine thread is asked to do.
 pub enum Command {
@@ -27,22 +30,55 @@ pub struct Snapshot {
     pub busy_seconds: f64,
 }
 
+/// Whether the engine thread can serve, as the worker's health shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineHealth {
+    Serving,
+    /// The last step failed (its requests failed over); the next good step recovers.
+    Faulted(String),
+    /// The thread is gone (a panic, or `max_step_failures` failed steps in a row): the worker
+    /// must stop and exit non-zero.
+    Dead(String),
+}
+
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     snapshot: Arc<Mutex<Snapshot>>,
+    health: watch::Receiver<EngineHealth>,
 }
 
 impl EngineHandle {
-    /// Starts the engine thread. `step_delay` is a test knob that slows every step down.
-    pub fn spawn(engine: Engine, capacity: usize, step_delay: Duration) -> std::io::Result<Self> {
+    /// Starts the engine thread. `step_delay` is a test knob that slows every step down;
+    /// `max_step_failures` failed steps in a row end the thread.
+    pub fn spawn(
+        engine: Engine,
+        capacity: usize,
+        step_delay: Duration,
+        max_step_failures: u64,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let snapshot = Arc::new(Mutex::new(Snapshot::default()));
-        let published = snapshot.clone();
+        let (health_tx, health) = watch::channel(EngineHealth::Serving);
+        let thread = Thread {
+            snapshot: snapshot.clone(),
+            health: health_tx,
+            step_delay,
+            max_step_failures: max_step_failures.max(1),
+        };
         std::thread::Builder::new()
             .name("rrt-engine".into())
-            .spawn(move || run(engine, rx, published, step_delay))?;
-        Ok(Self { tx, snapshot })
+            .spawn(move || thread.run(engine, rx))?;
+        Ok(Self {
+            tx,
+            snapshot,
+            health,
+        })
+    }
+
+    /// The engine's health, changing as steps fail and recover.
+    pub fn health(&self) -> watch::Receiver<EngineHealth> {
+        self.health.clone()
     }
 
     /// Hands a request to the engine; `Err` gives it back when the engine thread is gone.
@@ -61,35 +97,91 @@ impl EngineHandle {
     }
 }
 
-/// The engine thread: take every queued command, run one step, publish, repeat; sleep on the
-/// channel when there is no work. Ends when every handle is dropped and the work is done.
-fn run(
-    mut engine: Engine,
-    mut rx: mpsc::Receiver<Command>,
+/// The engine thread's settings and outputs.
+struct Thread {
     snapshot: Arc<Mutex<Snapshot>>,
+    health: watch::Sender<EngineHealth>,
     step_delay: Duration,
-) {
-    let mut busy = 0.0f64;
-    loop {
-        if engine.pending() == 0 {
-            publish(&engine, &snapshot, busy);
-            match rx.blocking_recv() {
-                Some(cmd) => apply(&mut engine, cmd),
-                None => return,
+    max_step_failures: u64,
+}
+
+impl Thread {
+    /// Runs the engine until every handle is dropped and the work is done, or it dies; a dead
+    /// engine is dropped at once, which ends every request's event channel (the worker answers
+    /// them UNAVAILABLE and the router resumes them elsewhere).
+    fn run(self, engine: Engine, rx: mpsc::Receiver<Command>) {
+        if let Err(reason) = self.serve(engine, rx) {
+            tracing::error!("the engine thread stops: {reason}");
+            self.health.send_replace(EngineHealth::Dead(reason));
+        }
+    }
+
+    /// Take every queued command, run one step, publish, repeat; sleep on the channel when
+    /// there is no work. `Err`: why the engine died.
+    fn serve(&self, mut engine: Engine, mut rx: mpsc::Receiver<Command>) -> Result<(), String> {
+        let mut busy = 0.0f64;
+        let mut failures_in_a_row = 0;
+        // After a failed step with nothing left to run, a one-token request checks the engine
+        // (its receiver is held here: a dropped one would cancel it).
+        let mut _probe = None;
+        loop {
+            if failures_in_a_row > 0 && engine.pending() == 0 {
+                let (req, rx) = Request::with_channel(
+                    u64::MAX,
+                    vec![0],
+                    GenParams {
+                        max_new_tokens: 1,
+                        ..GenParams::default()
+                    },
+                    None,
+                );
+                engine.submit(req);
+                _probe = Some(rx);
             }
+            if engine.pending() == 0 {
+                publish(&engine, &self.snapshot, busy);
+                match rx.blocking_recv() {
+                    Some(cmd) => apply(&mut engine, cmd),
+                    None => return Ok(()),
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                apply(&mut engine, cmd);
+            }
+            let started = Instant::now();
+            let failed_before = engine.stats().failed_steps;
+            // On a rayon worker the step's parallel sections start without a cross-thread
+            // wake-up (the waiting above stays off the pool, so several engines never starve
+            // it). A panic leaves the engine's state unknown: it is not stepped again.
+            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                rrt_model::runtime::on_compute_pool(|| engine.step())
+            }));
+            if let Err(panic) = stepped {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("a panic");
+                return Err(format!("a step panicked: {what}"));
+            }
+            if engine.stats().failed_steps > failed_before {
+                failures_in_a_row += 1;
+                if failures_in_a_row >= self.max_step_failures {
+                    return Err(format!("{failures_in_a_row} steps in a row failed"));
+                }
+                self.health
+                    .send_replace(EngineHealth::Faulted("a step failed".into()));
+            } else if failures_in_a_row > 0 {
+                failures_in_a_row = 0;
+                _probe = None;
+                self.health.send_replace(EngineHealth::Serving);
+            }
+            if !self.step_delay.is_zero() {
+                std::thread::sleep(self.step_delay);
+            }
+            busy += started.elapsed().as_secs_f64();
+            publish(&engine, &self.snapshot, busy);
         }
-        while let Ok(cmd) = rx.try_recv() {
-            apply(&mut engine, cmd);
-        }
-        let started = Instant::now();
-        // On a rayon worker the step's parallel sections start without a cross-thread wake-up
-        // (the waiting above stays off the pool, so several engines never starve it).
-        rrt_model::runtime::on_compute_pool(|| engine.step());
-        if !step_delay.is_zero() {
-            std::thread::sleep(step_delay);
-        }
-        busy += started.elapsed().as_secs_f64();
-        publish(&engine, &snapshot, busy);
     }
 }
 

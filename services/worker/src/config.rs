@@ -69,6 +69,13 @@ pub struct WorkerArgs {
     /// Test knob: sleep this long after every engine step (makes a worker slower).
     #[arg(long, env = "RRT_WORKER_STEP_DELAY_MS", default_value_t = 0)]
     pub step_delay_ms: u64,
+    /// Failed engine steps in a row after which the worker stops and exits non-zero (its
+    /// health goes NOT_SERVING at the first; a good step recovers).
+    #[arg(long, env = "RRT_WORKER_MAX_STEP_FAILURES", default_value_t = 3)]
+    pub max_step_failures: u64,
+    /// Test knob: `error@N` fails the engine's N-th step, `panic@N` panics in it.
+    #[arg(long, env = "RRT_WORKER_INJECT_FAULT")]
+    pub inject_fault: Option<rrt_engine::InjectedFault>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -138,6 +145,7 @@ impl WorkerArgs {
                 kind: self.exit.kind(),
                 threshold: self.exit_threshold,
             },
+            fault: self.inject_fault,
             kv_fill: match self.kv_fill {
                 KvFillArg::Propagate => KvFill::Propagate,
                 KvFillArg::Copy => KvFill::Copy,

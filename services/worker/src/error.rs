@@ -47,6 +47,7 @@ impl WorkerError {
                 EngineError::KvBudget { .. } => "over_kv_budget",
                 EngineError::Invalid(_) => "invalid",
                 EngineError::Model(_) => "model",
+                EngineError::StepFailed(_) => "step_failed",
             },
             WorkerError::Tokenizer(_) => "tokenizer",
         }
@@ -60,7 +61,10 @@ impl From<WorkerError> for tonic::Status {
         match e {
             WorkerError::Rejected(r) => r.into(),
             WorkerError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
-            WorkerError::Draining | WorkerError::EngineGone => Status::unavailable(e.to_string()),
+            // The worker's failure, not the request's: retryable, and the router resumes it.
+            WorkerError::Draining
+            | WorkerError::EngineGone
+            | WorkerError::Engine(EngineError::StepFailed(_)) => Status::unavailable(e.to_string()),
             WorkerError::Deadline => Status::deadline_exceeded(e.to_string()),
             WorkerError::Engine(EngineError::Model(_)) | WorkerError::Tokenizer(_) => {
                 Status::internal(e.to_string())

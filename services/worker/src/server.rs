@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::DType;
@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
-use crate::actor::EngineHandle;
+use crate::actor::{EngineHandle, EngineHealth};
 use crate::config::WorkerArgs;
 use crate::service::{Shared, WorkerService};
 
@@ -80,6 +80,7 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         Engine::new(loaded.model, cfg),
         capacity,
         Duration::from_millis(args.step_delay_ms),
+        args.max_step_failures,
     )?;
     let shared = Arc::new(Shared {
         id: id.clone(),
@@ -99,6 +100,13 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         advertise,
         Duration::from_millis(args.report_ms),
         shutdown.clone(),
+    ));
+    let engine_died = Arc::new(Mutex::new(None));
+    tokio::spawn(follow_engine(
+        shared.clone(),
+        health.reporter.clone(),
+        shutdown.clone(),
+        engine_died.clone(),
     ));
     let drain = drain_signal(
         shared.clone(),
@@ -120,7 +128,12 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         let result = server.await;
         reporter.abort();
         tracing::info!("worker stopped");
-        Ok(result?)
+        result?;
+        let died = engine_died.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match died {
+            Some(reason) => Err(anyhow::anyhow!("the engine died: {reason}")),
+            None => Ok(()),
+        }
     });
     Ok(RunningWorker {
         id,
@@ -143,5 +156,39 @@ async fn drain_signal(
     grpc::set_serving(&health, &[SERVICE], false).await;
     if !shared.admission.drain(deadline).await {
         tracing::warn!("drain deadline passed with requests in flight");
+    }
+}
+
+/// Mirrors the engine's health in the worker's: NOT_SERVING while a failed step has not been
+/// followed by a good one; when the engine dies, records why (the worker's task then ends with
+/// that error, so the process exits non-zero) and shuts the worker down.
+async fn follow_engine(
+    shared: Arc<Shared>,
+    health: grpc::HealthReporter,
+    shutdown: Shutdown,
+    died: Arc<Mutex<Option<String>>>,
+) {
+    let mut engine = shared.engine.health();
+    while engine.changed().await.is_ok() {
+        let now = engine.borrow_and_update().clone();
+        match now {
+            EngineHealth::Serving if !shared.admission.is_draining() => {
+                tracing::info!("the engine recovered");
+                grpc::set_serving(&health, &[SERVICE], true).await;
+            }
+            EngineHealth::Serving => {}
+            EngineHealth::Faulted(why) => {
+                tracing::warn!("engine fault: {why}; NOT_SERVING until a step succeeds");
+                grpc::set_serving(&health, &[SERVICE], false).await;
+            }
+            EngineHealth::Dead(why) => {
+                tracing::error!("engine dead: {why}; stopping the worker");
+                *died.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                shared.admission.stop_admitting();
+                grpc::set_serving(&health, &[SERVICE], false).await;
+                shutdown.trigger();
+                return;
+            }
+        }
     }
 }

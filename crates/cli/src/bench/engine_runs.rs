@@ -90,6 +90,7 @@ fn engine(
             kv_budget_bytes: 16 << 30,
             default_exit: spec.exit,
             kv_fill: spec.fill,
+            fault: None,
         },
     );
     if let Some(t) = trace {
