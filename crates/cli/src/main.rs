@@ -54,6 +54,7 @@ fn main() {
         // the compute pool themselves.
         Command::Serve(args) => serve::run(args),
         Command::Bench(bench::BenchCommand::Router(args)) => bench::router::run(args),
+        Command::Bench(bench::BenchCommand::Chaos(args)) => bench::chaos::run(args),
         command => {
             tracing_subscriber::fmt()
                 .with_env_filter(

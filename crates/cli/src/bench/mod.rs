@@ -1,5 +1,6 @@
 //! `rrt bench`: speed measurements that print ratios measured side by side in one run.
 
+pub mod chaos;
 mod cpu_time;
 mod decode;
 mod engine;
@@ -20,6 +21,8 @@ pub enum BenchCommand {
     Engine(Box<engine::EngineBenchArgs>),
     /// Throughput through the router against straight to a worker, in one run.
     Router(router::RouterBenchArgs),
+    /// Requests lost or changed when workers are killed mid-stream (`make chaos`).
+    Chaos(chaos::ChaosArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -28,5 +31,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Matmul(args) => matmul::run(args),
         BenchCommand::Engine(args) => engine::run_bench(*args),
         BenchCommand::Router(args) => router::run(args),
+        BenchCommand::Chaos(args) => chaos::run(args),
     }
 }

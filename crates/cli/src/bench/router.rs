@@ -41,7 +41,8 @@ struct Flags<T: Args> {
     args: T,
 }
 
-fn parse<T: Args>(flags: &[String]) -> anyhow::Result<T> {
+/// A service's flags parsed as its binary would.
+pub(super) fn parse<T: Args>(flags: &[String]) -> anyhow::Result<T> {
     Ok(Flags::<T>::try_parse_from(
         std::iter::once("bench").chain(flags.iter().map(String::as_str)),
     )?
