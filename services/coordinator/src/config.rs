@@ -22,6 +22,8 @@ pub struct CoordinatorArgs {
     /// A worker silent for this long is evicted (ms).
     #[arg(long, env = "RRT_COORDINATOR_EVICT_MS", default_value_t = 2000)]
     pub evict_ms: u64,
+    #[command(flatten)]
+    pub tls: rrt_service::tls::TlsArgs,
 }
 
 impl CoordinatorArgs {

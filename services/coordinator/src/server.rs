@@ -79,7 +79,11 @@ pub async fn start(
         shutdown.wait().await;
         grpc::set_serving(&reporter, &[SERVICE], false).await;
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = args.tls.load()? {
+        builder = builder.tls_config(tls.server(true))?;
+    }
+    let server = builder
         .add_service(health.service)
         .add_service(v1)
         .add_service(v1alpha)

@@ -45,10 +45,24 @@ pub struct RouterArgs {
     /// (killed, frozen, cut off) counts as lost and its streams fail over.
     #[arg(long, env = "RRT_ROUTER_KEEPALIVE_MS", default_value_t = 1000)]
     pub keepalive_ms: u64,
+    /// File of API tokens (one per line): callers must send `authorization: Bearer <token>`
+    /// (UNAUTHENTICATED otherwise). Without tokens the API is open.
+    #[arg(long, env = "RRT_ROUTER_API_TOKEN_FILE")]
+    pub api_token_file: Option<std::path::PathBuf>,
+    /// API tokens, comma-separated (e.g. from a Secret as an environment variable).
+    #[arg(
+        long = "api-token",
+        env = "RRT_ROUTER_API_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_tokens: Vec<String>,
     /// Seed of the worker choices' random draws (default: from the OS; set it to make a test's
     /// routing reproducible).
     #[arg(long, env = "RRT_ROUTER_SEED")]
     pub seed: Option<u64>,
+    #[command(flatten)]
+    pub tls: rrt_service::tls::TlsArgs,
 }
 
 impl RouterArgs {

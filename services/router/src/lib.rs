@@ -5,10 +5,12 @@
 //!
 //! - [`pool`]: the worker view and the choice; [`watcher`]: keeping it current;
 //! - [`service`]: the gRPC service; [`relay`]: a request's token stream, for both RPCs;
-//! - [`server`]: start-up and drain; [`config`]: flags; [`error`]: status codes and metric labels.
+//! - [`server`]: start-up and drain; [`config`]: flags; [`error`]: status codes and metric labels;
+//! - [`auth`]: bearer tokens on the public API.
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod metrics;

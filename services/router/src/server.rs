@@ -31,6 +31,8 @@ pub struct RunningRouter {
 
 pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<RunningRouter> {
     args.check()?;
+    let tls = args.tls.load()?;
+    let tokens = crate::auth::ApiTokens::load(args.api_token_file.as_deref(), &args.api_tokens)?;
     // The recorder first: descriptions given before it exists are lost.
     metrics_http::handle();
     crate::metrics::describe();
@@ -44,6 +46,7 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             pool.clone(),
             url.clone(),
             keepalive,
+            tls.clone(),
             shutdown.clone(),
         ));
     }
@@ -53,6 +56,7 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             url.clone(),
             args.workers.clone(),
             keepalive,
+            tls.clone(),
             shutdown.clone(),
         ));
     }
@@ -82,14 +86,23 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             }
         }
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        // The public port: TLS, no client certificate (callers present bearer tokens).
+        builder = builder.tls_config(tls.server(false))?;
+    }
+    let server = builder
         .add_service(health.service)
         .add_service(v1)
         .add_service(v1alpha)
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             pb::generation_server::GenerationServer::new(RouterService { inner })
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
+            move |req| match &tokens {
+                Some(t) => t.check(req),
+                None => Ok(req),
+            },
+        ))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drain);
     grpc::set_serving(&health.reporter, &[SERVICE], true).await;
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "router serving");

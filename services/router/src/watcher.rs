@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use rrt_proto::v1 as pb;
 use rrt_proto::v1::coordinator_client::CoordinatorClient;
 use rrt_proto::v1::worker_client::WorkerClient;
+use rrt_service::tls::{self, Tls};
 use rrt_service::Shutdown;
-use tonic::transport::Endpoint;
 
 use crate::pool::Pool;
 use crate::service::Client;
@@ -19,8 +19,10 @@ const RETRY: Duration = Duration::from_millis(500);
 /// A worker's channel, connected on first use. HTTP/2 PINGs every `keepalive` (idle or not)
 /// and a connection that leaves one unanswered for two intervals is closed: the streams on a
 /// killed or frozen (SIGSTOP) worker then end with an error and fail over.
-fn lazy_client(url: &str, keepalive: Duration) -> Option<Client> {
-    let endpoint = Endpoint::from_shared(url.to_string()).ok()?;
+fn lazy_client(url: &str, keepalive: Duration, tls: Option<&Tls>) -> Option<Client> {
+    let endpoint = tls::endpoint(url, tls)
+        .map_err(|e| tracing::error!("worker {url}: {e:#}"))
+        .ok()?;
     Some(WorkerClient::new(
         endpoint
             .connect_timeout(Duration::from_secs(2))
@@ -37,14 +39,15 @@ pub async fn follow_coordinator(
     url: String,
     static_workers: Vec<String>,
     keepalive: Duration,
+    tls: Option<Tls>,
     shutdown: Shutdown,
 ) {
     let run = async {
         loop {
-            let endpoint = match Endpoint::from_shared(url.clone()) {
+            let endpoint = match tls::endpoint(&url, tls.as_ref()) {
                 Ok(e) => e.connect_timeout(Duration::from_secs(2)),
                 Err(e) => {
-                    tracing::error!("bad coordinator URL {url:?}: {e}");
+                    tracing::error!("bad coordinator URL {url:?}: {e:#}");
                     return;
                 }
             };
@@ -59,7 +62,13 @@ pub async fn follow_coordinator(
                                 pool.apply_view(
                                     &view,
                                     Instant::now(),
-                                    |w| lazy_client(&format!("http://{}", w.address), keepalive),
+                                    |w| {
+                                        lazy_client(
+                                            &tls::url(&w.address, tls.as_ref()),
+                                            keepalive,
+                                            tls.as_ref(),
+                                        )
+                                    },
                                     |addr| static_workers.iter().any(|s| s == addr),
                                 );
                                 metrics::gauge!("rrt_router_workers")
@@ -86,9 +95,10 @@ pub async fn add_static_worker(
     pool: Arc<Pool<Client>>,
     url: String,
     keepalive: Duration,
+    tls: Option<Tls>,
     shutdown: Shutdown,
 ) {
-    let Some(client) = lazy_client(&url, keepalive) else {
+    let Some(client) = lazy_client(&url, keepalive, tls.as_ref()) else {
         tracing::error!("bad worker URL {url:?}");
         return;
     };

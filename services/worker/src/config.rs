@@ -76,6 +76,8 @@ pub struct WorkerArgs {
     /// Test knob: `error@N` fails the engine's N-th step, `panic@N` panics in it.
     #[arg(long, env = "RRT_WORKER_INJECT_FAULT")]
     pub inject_fault: Option<rrt_engine::InjectedFault>,
+    #[command(flatten)]
+    pub tls: rrt_service::tls::TlsArgs,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]

@@ -9,7 +9,7 @@ use rrt_proto::exits::mean_exit_loop;
 use rrt_proto::v1 as pb;
 use rrt_proto::v1::coordinator_client::CoordinatorClient;
 use rrt_service::Shutdown;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::actor::Snapshot;
 use crate::metrics as m;
@@ -39,12 +39,13 @@ impl Throughput {
 pub(crate) async fn run(
     shared: Arc<Shared>,
     coordinator: Option<String>,
+    tls: Option<rrt_service::tls::Tls>,
     address: String,
     interval: Duration,
     shutdown: Shutdown,
 ) {
     let mut client = match &coordinator {
-        Some(url) => match Endpoint::from_shared(url.clone()) {
+        Some(url) => match rrt_service::tls::endpoint(url, tls.as_ref()) {
             Ok(e) => Some(CoordinatorClient::new(
                 e.connect_timeout(Duration::from_secs(2))
                     .timeout(Duration::from_secs(2))

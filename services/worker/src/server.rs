@@ -33,6 +33,7 @@ pub struct RunningWorker {
 /// Loads the model and starts serving; returns once the ports are bound and health is SERVING.
 pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<RunningWorker> {
     let cfg = args.engine_config()?;
+    let tls = args.tls.load()?;
     // The recorder first: descriptions given before it exists are lost.
     metrics_http::handle();
     crate::metrics::describe();
@@ -97,6 +98,7 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     let reporter = tokio::spawn(crate::reporter::run(
         shared.clone(),
         args.coordinator.clone(),
+        tls.clone(),
         advertise,
         Duration::from_millis(args.report_ms),
         shutdown.clone(),
@@ -114,7 +116,11 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         shutdown,
         Duration::from_secs(args.drain_s),
     );
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(tls.server(true))?;
+    }
+    let server = builder
         .add_service(health.service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
