@@ -36,6 +36,30 @@ pub async fn set_serving(reporter: &HealthReporter, services: &[&str], serving: 
     for s in services.iter().copied().chain([""]) {
         reporter.set_service_status(s, status).await;
     }
+    let mut ready = READY.lock().unwrap_or_else(|p| p.into_inner());
+    for s in services {
+        ready.insert(s.to_string(), serving);
+    }
+}
+
+/// The serving status of every service of this process, as [`set_serving`] last set it: what
+/// the metrics port's `/ready` answers (kubelet's gRPC probes cannot speak TLS).
+static READY: std::sync::Mutex<std::collections::BTreeMap<String, bool>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// `Ok` when every service of the process is SERVING; `Err` names those that are not.
+pub fn readiness() -> Result<(), String> {
+    let ready = READY.lock().unwrap_or_else(|p| p.into_inner());
+    let down: Vec<&str> = ready
+        .iter()
+        .filter(|(_, &up)| !up)
+        .map(|(s, _)| s.as_str())
+        .collect();
+    match (ready.is_empty(), down.is_empty()) {
+        (true, _) => Err("starting".into()),
+        (false, true) => Ok(()),
+        (false, false) => Err(format!("NOT_SERVING: {}", down.join(", "))),
+    }
 }
 
 /// Reflection services (v1, v1alpha) describing rrt.v1 and grpc.health.v1.

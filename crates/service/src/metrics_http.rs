@@ -34,7 +34,8 @@ pub fn handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves `/metrics` (and `/healthz`) on `listener` until `shutdown`.
+/// Serves `/metrics`, `/healthz` (the process answers) and `/ready` (its services are SERVING:
+/// 200, else 503) on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
     let handle = handle();
     let app = Router::new()
@@ -49,7 +50,16 @@ pub async fn serve(listener: TcpListener, shutdown: Shutdown) -> std::io::Result
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok" }));
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/ready",
+            get(|| async {
+                match crate::grpc::readiness() {
+                    Ok(()) => (axum::http::StatusCode::OK, "SERVING".to_string()),
+                    Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, why),
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await
