@@ -22,7 +22,7 @@ DEMO_MODEL := .cache/models/smollm2-15x2-full
 DEMO_EXITS := deploy/models/smollm2-15x2-full
 ARGS ?=
 
-.PHONY: help demo test bench lint fmt build model data deps fixtures train-fixtures demo-exit-heads eval curve bench-engine clean venv models chaos
+.PHONY: help demo test bench lint fmt build model data deps fixtures train-fixtures demo-exit-heads eval curve bench-engine clean venv models chaos fuzz
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ bench-engine: model data build ## serving throughput: static / CSB / CDB with ex
 
 chaos: model models build ## kill -9 a worker mid-stream, 5 times: 200 streams at concurrency 32 on 3 worker processes, none lost or changed (~15 min)
 	$(RRT) bench chaos
+
+fuzz: model models ## coverage-guided fuzzing (cargo-fuzz, nightly): request validation, GGUF, safetensors, config.json, tokenizer.json, stop sequences; FUZZ_SECONDS each (600)
+	scripts/fuzz.sh
 
 eval: model data build ## perplexity of the bundled model on the held-out KJV slice
 	$(RRT) eval --data $(HELDOUT)
