@@ -35,9 +35,16 @@ impl Tokenizer {
     /// Loads `tokenizer.json` (and the chat template of `tokenizer_config.json`, if present).
     pub fn from_hf_dir(dir: &Path, bos: Option<u32>, eos: Vec<u32>) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer {
+        // tokenizers panics on some malformed files (an `expect` in its decoder's Deserialize,
+        // found by fuzzing): a bad file must be an error naming it, not a crash.
+        let loaded = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(&path));
+        let inner = match loaded {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("malformed (the tokenizers library panicked reading it)".to_string()),
+        }
+        .map_err(|message| ModelError::Tokenizer {
             path: path.clone(),
-            message: e.to_string(),
+            message,
         })?;
         let config_path = dir.join("tokenizer_config.json");
         let mut chat_template = None;

@@ -154,3 +154,21 @@ fn a_file_that_is_neither_format_is_explained() {
         "{msg}"
     );
 }
+
+/// Found by fuzzing (`make fuzz`, target `tokenizer`): a tokenizer.json whose decoder is
+/// malformed made the tokenizers library panic (an `expect` in its Deserialize); it is an
+/// error naming the file.
+#[test]
+fn a_malformed_tokenizer_json_is_an_error_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("tokenizer.json"),
+        br#"{"version":"1.0","decoder":{"type":"ByteLevel","add_prefix_space":true,"use_regex":tru1}}"#,
+    )
+    .unwrap();
+    let err = rrt_model::Tokenizer::from_hf_dir(tmp.path(), None, vec![])
+        .err()
+        .expect("a malformed file is refused");
+    let msg = err.to_string();
+    assert!(msg.contains("tokenizer.json"), "{msg}");
+}

@@ -95,4 +95,14 @@ mod tests {
         let mut none = StopMatcher::new(vec![]);
         assert_eq!(none.push("é"), Step::Emit("é".into()));
     }
+
+    /// Found by fuzzing (`make fuzz`, target `stop`; a flaw of the harness's reference, kept as
+    /// the rule it pinned down): the first stop sequence to complete ends generation, even when
+    /// another one started earlier and was still a partial match.
+    #[test]
+    fn the_first_stop_to_complete_wins_over_an_earlier_partial_one() {
+        let mut m = StopMatcher::new(vec!["xabz".into(), "ab".into()]);
+        assert_eq!(m.push("x"), Step::Emit("".into()));
+        assert_eq!(m.push("ab"), Step::Stop("x".into()));
+    }
 }
