@@ -17,7 +17,11 @@ fuzz_target!(|data: &[u8]| {
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .collect();
     let n = (n as usize % 4).min(parts.len());
-    let stops: Vec<String> = parts[..n].iter().filter(|s| !s.is_empty()).cloned().collect();
+    let stops: Vec<String> = parts[..n]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .collect();
     let pieces = &parts[n..];
     let mut matcher = StopMatcher::new(stops.clone());
     let mut released = String::new();
@@ -36,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
             }
             (step, first) => panic!("matcher {step:?}, reference stop at {first:?} in {text:?}"),
         }
-        assert!(text.starts_with(&released), "released text is the text's start");
+        assert!(
+            text.starts_with(&released),
+            "released text is the text's start"
+        );
     }
     released.push_str(&matcher.flush());
     assert_eq!(released, text, "without a stop, all of the text");
