@@ -12,37 +12,50 @@ use rrt_proto::v1 as pb;
 use rrt_proto::v1::generation_client::GenerationClient;
 use rrt_tests::cluster::{self, metric_at, WorkerProcess};
 use tonic::transport::Channel;
+use tonic::Streaming;
 
 /// One request's stream as the client saw it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct Seen {
     ids: Vec<u32>,
     text: String,
     finish: i32,
 }
 
-/// Streams `req`, checking the message indices run 0, 1, 2, ... without gap or repeat.
+impl Seen {
+    /// Adds a message, checking the indices run 0, 1, 2, ... without gap or repeat.
+    fn push(&mut self, m: &pb::GenerateStreamResponse) {
+        self.text.push_str(&m.text);
+        if let Some(t) = m.token() {
+            assert_eq!(m.index as usize, self.ids.len(), "indices are continuous");
+            self.ids.push(t.id);
+        }
+        if m.finish().is_some() {
+            self.finish = m.finish_reason;
+        }
+    }
+
+    /// Reads `s` to its end; returns the longest silence between two messages.
+    async fn read_to_end(&mut self, s: &mut Streaming<pb::GenerateStreamResponse>) -> Duration {
+        let (mut last, mut gap) = (Instant::now(), Duration::ZERO);
+        while let Some(m) = s.message().await.expect("the stream ends cleanly") {
+            gap = gap.max(last.elapsed());
+            last = Instant::now();
+            self.push(&m);
+        }
+        gap
+    }
+}
+
+/// Streams `req` to its end.
 async fn run(mut client: GenerationClient<Channel>, req: pb::GenerateRequest) -> Seen {
     let mut s = client
         .generate_stream(req)
         .await
         .expect("stream opens")
         .into_inner();
-    let mut seen = Seen {
-        ids: vec![],
-        text: String::new(),
-        finish: 0,
-    };
-    while let Some(m) = s.message().await.expect("the stream ends cleanly") {
-        seen.text.push_str(&m.text);
-        if let Some(t) = m.token() {
-            assert_eq!(m.index as usize, seen.ids.len(), "indices are continuous");
-            seen.ids.push(t.id);
-        }
-        if m.finish().is_some() {
-            seen.finish = m.finish_reason;
-        }
-    }
+    let mut seen = Seen::default();
+    seen.read_to_end(&mut s).await;
     seen
 }
 
@@ -115,28 +128,9 @@ async fn with_fault(fault: Fault) -> (Vec<Seen>, Vec<Seen>, f64, Duration, Worke
                 .expect("a first message")
                 .expect("not empty");
             let _ = tx.send(());
-            // Continue through the same checks as `run`, starting with the first message.
-            let mut seen = Seen {
-                ids: vec![],
-                text: first.text.clone(),
-                finish: first.finish_reason,
-            };
-            if let Some(t) = first.token() {
-                seen.ids.push(t.id);
-            }
-            let (mut last, mut gap) = (Instant::now(), Duration::ZERO);
-            while let Some(m) = s.message().await.expect("the stream survives the fault") {
-                gap = gap.max(last.elapsed());
-                last = Instant::now();
-                seen.text.push_str(&m.text);
-                if let Some(t) = m.token() {
-                    assert_eq!(m.index as usize, seen.ids.len(), "indices are continuous");
-                    seen.ids.push(t.id);
-                }
-                if m.finish().is_some() {
-                    seen.finish = m.finish_reason;
-                }
-            }
+            let mut seen = Seen::default();
+            seen.push(&first);
+            let gap = seen.read_to_end(&mut s).await;
             (seen, gap)
         }));
     }
