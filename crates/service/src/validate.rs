@@ -40,26 +40,29 @@ impl std::error::Error for Rejection {}
 /// header limit (grpc-message is a header), and a log line stays a line.
 pub const MAX_MESSAGE_BYTES: usize = 512;
 
+/// The largest char boundary of `s` at or below `at` (`str::floor_char_boundary`, newer than
+/// this workspace's MSRV).
+fn floor_char_boundary(s: &str, at: usize) -> usize {
+    (0..=at.min(s.len()))
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0)
+}
+
 /// User input as a message quotes it: Debug-escaped, cut to 64 bytes with the full length after.
 pub fn quote(input: &str) -> String {
     const SHOWN: usize = 64;
     if input.len() <= SHOWN {
         return format!("{input:?}");
     }
-    let cut = (0..=SHOWN)
-        .rev()
-        .find(|&i| input.is_char_boundary(i))
-        .unwrap_or(0);
+    let cut = floor_char_boundary(input, SHOWN);
     format!("{:?}... ({} bytes)", &input[..cut], input.len())
 }
 
 /// `message` cut to [`MAX_MESSAGE_BYTES`] on a character boundary.
 pub fn bounded(mut message: String) -> String {
     if message.len() > MAX_MESSAGE_BYTES {
-        let cut = (0..=MAX_MESSAGE_BYTES - 3)
-            .rev()
-            .find(|&i| message.is_char_boundary(i))
-            .unwrap_or(0);
+        let cut = floor_char_boundary(&message, MAX_MESSAGE_BYTES - 3);
         message.truncate(cut);
         message.push_str("...");
     }
