@@ -11,6 +11,7 @@ use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::tls::{self, Side, Tls};
 use crate::Shutdown;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -35,8 +36,13 @@ pub fn handle() -> PrometheusHandle {
 }
 
 /// Serves `/metrics`, `/healthz` (the process answers) and `/ready` (its services are SERVING:
-/// 200, else 503) on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+/// 200, else 503) on `listener` (HTTPS with `tls`) until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<&Tls>,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
+    let incoming = tls::incoming(listener, tls, Side::Http)?;
     let handle = handle();
     let app = Router::new()
         .route(
@@ -60,17 +66,24 @@ pub async fn serve(listener: TcpListener, shutdown: Shutdown) -> std::io::Result
                 }
             }),
         );
-    axum::serve(listener, app)
+    axum::serve(incoming, app)
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await
 }
 
-/// Binds `addr` and serves `/metrics` in the background; returns the bound address.
-pub async fn spawn(addr: SocketAddr, shutdown: Shutdown) -> std::io::Result<SocketAddr> {
+/// Binds `addr` and serves `/metrics` in the background (HTTPS with `tls` unless it says
+/// `--metrics-plaintext`; a server certificate only: probes and Prometheus verify it against the
+/// CA); returns the bound address.
+pub async fn spawn(
+    addr: SocketAddr,
+    tls: Option<&Tls>,
+    shutdown: Shutdown,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    let tls = tls.and_then(Tls::for_metrics).cloned();
     tokio::spawn(async move {
-        if let Err(e) = serve(listener, shutdown).await {
+        if let Err(e) = serve(listener, tls.as_ref(), shutdown).await {
             tracing::error!("metrics endpoint failed: {e}");
         }
     });

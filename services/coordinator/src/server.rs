@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use metrics::{describe_counter, describe_gauge};
 use rrt_proto::v1 as pb;
+use rrt_service::tls::{self, Side};
 use rrt_service::{grpc, metrics_http, Shutdown};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 
 use crate::config::CoordinatorArgs;
 use crate::registry::Registry;
@@ -64,9 +64,11 @@ pub async fn start(
     // The recorder first: descriptions given before it exists are lost.
     metrics_http::handle();
     describe();
+    let tls = args.tls.start(&shutdown)?;
     let listener = TcpListener::bind(args.listen).await?;
     let grpc_addr = listener.local_addr()?;
-    let metrics_addr = metrics_http::spawn(args.metrics_listen, shutdown.clone()).await?;
+    let metrics_addr =
+        metrics_http::spawn(args.metrics_listen, tls.as_ref(), shutdown.clone()).await?;
     let interval = Duration::from_millis(args.report_ms);
     let registry = Arc::new(Registry::new(Duration::from_millis(args.evict_ms)));
     let (tx, rx) = watch::channel(pb::ClusterView::default());
@@ -79,11 +81,8 @@ pub async fn start(
         shutdown.wait().await;
         grpc::set_serving(&reporter, &[SERVICE], false).await;
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = args.tls.load()? {
-        builder = builder.tls_config(tls.server(true))?;
-    }
-    let server = builder
+    let incoming = tls::incoming(listener, tls.as_ref(), Side::Internal)?;
+    let server = tonic::transport::Server::builder()
         .add_service(health.service)
         .add_service(v1)
         .add_service(v1alpha)
@@ -94,7 +93,7 @@ pub async fn start(
                 report_ms: args.report_ms as u32,
             },
         ))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop);
+        .serve_with_incoming_shutdown(incoming, stop);
     grpc::set_serving(&health.reporter, &[SERVICE], true).await;
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "coordinator serving");
     let task = tokio::spawn(async move {

@@ -7,10 +7,10 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rrt_proto::v1 as pb;
+use rrt_service::tls::{self, Side};
 use rrt_service::{grpc, metrics_http, Admission, Shutdown};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 
 use crate::config::RouterArgs;
 use crate::pool::Pool;
@@ -31,14 +31,15 @@ pub struct RunningRouter {
 
 pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<RunningRouter> {
     args.check()?;
-    let tls = args.tls.load()?;
+    let tls = args.tls.start(&shutdown)?;
     let tokens = crate::auth::ApiTokens::load(args.api_token_file.as_deref(), &args.api_tokens)?;
     // The recorder first: descriptions given before it exists are lost.
     metrics_http::handle();
     crate::metrics::describe();
     let listener = TcpListener::bind(args.listen).await?;
     let grpc_addr = listener.local_addr()?;
-    let metrics_addr = metrics_http::spawn(args.metrics_listen, shutdown.clone()).await?;
+    let metrics_addr =
+        metrics_http::spawn(args.metrics_listen, tls.as_ref(), shutdown.clone()).await?;
     let pool = Arc::new(Pool::new(Duration::from_millis(args.stale_ms)));
     let keepalive = Duration::from_millis(args.keepalive_ms);
     for url in &args.workers {
@@ -86,12 +87,9 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             }
         }
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &tls {
-        // The public port: TLS, no client certificate (callers present bearer tokens).
-        builder = builder.tls_config(tls.server(false))?;
-    }
-    let server = builder
+    // The public port: TLS without a client certificate (callers present bearer tokens).
+    let incoming = tls::incoming(listener, tls.as_ref(), Side::Public)?;
+    let server = tonic::transport::Server::builder()
         .add_service(health.service)
         .add_service(v1)
         .add_service(v1alpha)
@@ -103,7 +101,7 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
                 None => Ok(req),
             },
         ))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drain);
+        .serve_with_incoming_shutdown(incoming, drain);
     grpc::set_serving(&health.reporter, &[SERVICE], true).await;
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "router serving");
     let task = tokio::spawn(async move {

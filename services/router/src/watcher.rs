@@ -23,14 +23,12 @@ fn lazy_client(url: &str, keepalive: Duration, tls: Option<&Tls>) -> Option<Clie
     let endpoint = tls::endpoint(url, tls)
         .map_err(|e| tracing::error!("worker {url}: {e:#}"))
         .ok()?;
-    Some(WorkerClient::new(
-        endpoint
-            .connect_timeout(Duration::from_secs(2))
-            .http2_keep_alive_interval(keepalive)
-            .keep_alive_timeout(2 * keepalive)
-            .keep_alive_while_idle(true)
-            .connect_lazy(),
-    ))
+    let endpoint = endpoint
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(2 * keepalive)
+        .keep_alive_while_idle(true);
+    Some(WorkerClient::new(tls::connect_lazy(&endpoint, tls)))
 }
 
 /// Follows the coordinator until shutdown.
@@ -51,7 +49,7 @@ pub async fn follow_coordinator(
                     return;
                 }
             };
-            match endpoint.connect().await {
+            match tls::connect(&endpoint, tls.as_ref()).await {
                 Ok(channel) => {
                     let mut client = CoordinatorClient::new(channel);
                     match client.watch_cluster(pb::WatchClusterRequest {}).await {

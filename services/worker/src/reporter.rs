@@ -46,11 +46,11 @@ pub(crate) async fn run(
 ) {
     let mut client = match &coordinator {
         Some(url) => match rrt_service::tls::endpoint(url, tls.as_ref()) {
-            Ok(e) => Some(CoordinatorClient::new(
-                e.connect_timeout(Duration::from_secs(2))
-                    .timeout(Duration::from_secs(2))
-                    .connect_lazy(),
-            )),
+            Ok(e) => Some(CoordinatorClient::new(rrt_service::tls::connect_lazy(
+                &e.connect_timeout(Duration::from_secs(2))
+                    .timeout(Duration::from_secs(2)),
+                tls.as_ref(),
+            ))),
             Err(e) => {
                 tracing::error!("bad coordinator URL {url:?}: {e}; running standalone");
                 None

@@ -10,10 +10,10 @@ use std::time::Duration;
 use candle_core::DType;
 use rrt_engine::Engine;
 use rrt_proto::v1 as pb;
+use rrt_service::tls::{self, Side};
 use rrt_service::{grpc, metrics_http, Admission, Shutdown};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 
 use crate::actor::{EngineHandle, EngineHealth};
 use crate::config::WorkerArgs;
@@ -33,7 +33,7 @@ pub struct RunningWorker {
 /// Loads the model and starts serving; returns once the ports are bound and health is SERVING.
 pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<RunningWorker> {
     let cfg = args.engine_config()?;
-    let tls = args.tls.load()?;
+    let tls = args.tls.start(&shutdown)?;
     // The recorder first: descriptions given before it exists are lost.
     metrics_http::handle();
     crate::metrics::describe();
@@ -56,7 +56,8 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     });
     let listener = TcpListener::bind(args.listen).await?;
     let grpc_addr = listener.local_addr()?;
-    let metrics_addr = metrics_http::spawn(args.metrics_listen, shutdown.clone()).await?;
+    let metrics_addr =
+        metrics_http::spawn(args.metrics_listen, tls.as_ref(), shutdown.clone()).await?;
     let id = args
         .worker_id
         .clone()
@@ -116,18 +117,15 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         shutdown,
         Duration::from_secs(args.drain_s),
     );
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &tls {
-        builder = builder.tls_config(tls.server(true))?;
-    }
-    let server = builder
+    let incoming = tls::incoming(listener, tls.as_ref(), Side::Internal)?;
+    let server = tonic::transport::Server::builder()
         .add_service(health.service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(pb::worker_server::WorkerServer::new(WorkerService {
             shared: shared.clone(),
         }))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drain);
+        .serve_with_incoming_shutdown(incoming, drain);
     grpc::set_serving(&health.reporter, &[SERVICE], true).await;
     tracing::info!(worker = %id, grpc = %grpc_addr, metrics = %metrics_addr, "worker serving");
     let task = tokio::spawn(async move {
