@@ -42,8 +42,9 @@ bench: model data models build ## speed: matmul kernel vs candle, decode tokens/
 bench-engine: model data build ## serving throughput: static / CSB / CDB with exits, 256 prompts (long)
 	$(RRT) bench engine
 
-chaos: model models build ## kill -9 a worker mid-stream, 5 times: 200 streams at concurrency 32 on 3 worker processes, none lost or changed (~15 min)
+chaos: model models build ## kill -9 a worker mid-stream, 5 times: 200 streams at concurrency 32 on 3 worker processes, none lost or changed; then bursts of 10x capacity at the router and a worker (~17 min)
 	$(RRT) bench chaos
+	$(RRT) bench overload
 
 fuzz: model models ## coverage-guided fuzzing (cargo-fuzz, nightly): request validation, GGUF, safetensors, config.json, tokenizer.json, stop sequences; FUZZ_SECONDS each (600)
 	scripts/fuzz.sh

@@ -22,9 +22,24 @@ printf '\x02</s>\xff\n\nUser:\xffanswer</\xffs> more' > "$CORPUS/stop/two"
 # A GenerateRequest: prompt "hi", max_new_tokens 8, stop ["x"] (protobuf wire format).
 printf '\x12\x02hi\x20\x08\x32\x01x' > "$CORPUS/request/basic"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+failed=0
+summary=""
 for t in $TARGETS; do
   echo "== $t: ${SECONDS_EACH}s"
+  log=$(mktemp)
+  set +e
   cargo +nightly fuzz run --fuzz-dir tests/fuzz -s none "$t" "$CORPUS/$t" -- \
-    -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 -timeout=20 -print_final_stats=1 2>&1 |
-    grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|Done|==|SUMMARY|.*panicked)" || true
+    -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 -timeout=20 -print_final_stats=1 >"$log" 2>&1
+  rc=$?
+  set -e
+  grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|Done|==|SUMMARY|.*panicked)" "$log" || true
+  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+  rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$log" | tail -1)
+  corpus=$(ls "$CORPUS/$t" | wc -l)
+  if [ $rc -eq 0 ]; then result=clean; else result="FAILED (rc $rc; see tests/fuzz/artifacts/$t)"; failed=1; tail -30 "$log"; fi
+  summary+=$(printf '%-12s %8ss %12s %8s %10s  %s' "$t" "$SECONDS_EACH" "${execs:-?}" "${rss:-?}" "$corpus" "$result")$'\n'
+  rm -f "$log"
 done
+printf '\n%-12s %9s %12s %8s %10s  %s\n' target time executions "rss MB" corpus result
+printf '%s' "$summary"
+exit $failed

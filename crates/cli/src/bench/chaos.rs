@@ -56,12 +56,22 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
 }
 
 /// A worker process; killed when dropped.
-struct Worker {
+pub(super) struct Worker {
     child: Child,
+    grpc: String,
 }
 
 impl Worker {
     fn start(model: &std::path::Path, coordinator: &str) -> anyhow::Result<Self> {
+        Self::start_with(model, coordinator, &[])
+    }
+
+    /// A worker serving `model`, registered with `coordinator`, with `extra` flags.
+    pub(super) fn start_with(
+        model: &std::path::Path,
+        coordinator: &str,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let bin = exe.with_file_name("rrt-worker");
         anyhow::ensure!(
@@ -74,14 +84,31 @@ impl Worker {
             .arg(format!("--model={}", model.display()))
             .arg(format!("--coordinator={coordinator}"))
             .args(["--report-ms=200", "--model-name=chaos"])
+            .args(extra)
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let mut line = String::new();
         BufReader::new(child.stdout.take().context("worker stdout")?).read_line(&mut line)?;
-        anyhow::ensure!(line.contains("grpc="), "the worker did not start: {line:?}");
-        Ok(Self { child })
+        let grpc = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("grpc="))
+            .with_context(|| format!("the worker did not start: {line:?}"))?
+            .to_string();
+        Ok(Self { child, grpc })
+    }
+}
+
+impl Worker {
+    /// The process id (for its RSS).
+    pub(super) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The gRPC address it printed (`grpc=ADDR`).
+    pub(super) fn grpc(&self) -> &str {
+        &self.grpc
     }
 }
 
@@ -284,7 +311,7 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
 }
 
 /// The sum of every series of `name` on the metrics endpoint `addr`.
-async fn scrape(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
+pub(super) async fn scrape(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")

@@ -6,6 +6,7 @@ mod decode;
 mod engine;
 mod engine_runs;
 mod matmul;
+mod overload;
 pub(crate) mod plot;
 pub mod router;
 
@@ -23,6 +24,8 @@ pub enum BenchCommand {
     Router(router::RouterBenchArgs),
     /// Requests lost or changed when workers are killed mid-stream (`make chaos`).
     Chaos(chaos::ChaosArgs),
+    /// Bursts of 10x capacity at the router and at a worker: refusal latency, completions, RSS.
+    Overload(overload::OverloadArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -32,5 +35,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Engine(args) => engine::run_bench(*args),
         BenchCommand::Router(args) => router::run(args),
         BenchCommand::Chaos(args) => chaos::run(args),
+        BenchCommand::Overload(args) => overload::run(args),
     }
 }
