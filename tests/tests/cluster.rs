@@ -552,6 +552,23 @@ async fn the_dashboard_and_alert_rules_query_only_exported_metrics() {
         .filter(|n| !helped.contains(n.as_str()))
         .collect();
     assert!(missing.is_empty(), "queried but not exported: {missing:?}");
+
+    // docs/metrics.md lists every series the services export.
+    let doc = std::fs::read_to_string(rrt_tests::root().join("docs/metrics.md")).unwrap();
+    let typed: std::collections::BTreeSet<&str> = exported
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(typed.len() >= 20, "{typed:?}");
+    let undocumented: Vec<&&str> = typed
+        .iter()
+        .filter(|n| !doc.contains(&format!("| `{n}` |")))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "exported but not in docs/metrics.md: {undocumented:?}"
+    );
 }
 
 #[test]

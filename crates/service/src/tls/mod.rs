@@ -116,6 +116,15 @@ impl TlsArgs {
     /// [`TlsArgs::load`], and the files re-read every `--tls-reload-ms` until `shutdown`.
     pub fn start(&self, shutdown: &Shutdown) -> anyhow::Result<Option<Tls>> {
         let tls = self.load()?;
+        crate::metrics_http::handle();
+        metrics::describe_counter!(
+            "rrt_tls_reloads_total",
+            "Changed TLS files: applied, or refused (they did not load; the previous set stays)."
+        );
+        metrics::describe_counter!(
+            "rrt_tls_handshake_failures_total",
+            "Incoming TLS handshakes that failed or timed out."
+        );
         if let Some(t) = &tls {
             t.spawn_reloader(shutdown.clone());
         }
