@@ -77,3 +77,43 @@ fn the_kustomization_lists_every_manifest() {
         );
     }
 }
+
+/// The Prometheus Operator's ServiceMonitor (a CRD: no built-in schema to validate it against)
+/// checked for what would make it scrape nothing: its kind and API version, a selector that
+/// matches every rrt Service, and an endpoint port those Services name.
+#[test]
+fn the_service_monitor_selects_every_service_by_a_port_they_have() {
+    let script = r#"
+import sys, yaml
+mon = yaml.safe_load(open(sys.argv[1]))
+assert mon["apiVersion"] == "monitoring.coreos.com/v1" and mon["kind"] == "ServiceMonitor", mon
+want = mon["spec"]["selector"]["matchLabels"]
+ports = {e["port"] for e in mon["spec"]["endpoints"]}
+assert mon["metadata"]["namespace"] in mon["spec"]["namespaceSelector"]["matchNames"]
+services = []
+for f in sys.argv[2:]:
+    for doc in yaml.safe_load_all(open(f)):
+        if doc and doc["kind"] == "Service":
+            services.append(doc["metadata"]["name"])
+            labels = doc["metadata"].get("labels", {})
+            assert all(labels.get(k) == v for k, v in want.items()), (doc["metadata"]["name"], labels)
+            named = {p["name"] for p in doc["spec"]["ports"]}
+            assert ports <= named, (doc["metadata"]["name"], named)
+assert sorted(services) == ["rrt-coordinator", "rrt-router", "rrt-worker"], services
+print("ok", services)
+"#;
+    ensure(root().join(".cache/venv/.ready"), "venv");
+    let k = root().join("deploy/kubernetes");
+    let out = Command::new(root().join(".cache/venv/bin/python"))
+        .args(["-c", script])
+        .arg(root().join("deploy/prometheus/servicemonitor.yaml"))
+        .args(["coordinator.yaml", "worker.yaml", "router.yaml"].map(|f| k.join(f)))
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
