@@ -251,6 +251,7 @@ impl Engine {
                 }
             };
             self.kv_reserved += needed;
+            req.events.send(Event::Admitted);
             self.running.push(Seq {
                 id: req.id,
                 exit: req.exit.unwrap_or(self.cfg.default_exit),

@@ -97,6 +97,7 @@ impl Received {
                     r.logprobs.extend(logprob);
                     r.argmaxes.extend(argmax);
                 }
+                Event::Admitted => {}
                 Event::Finished { reason, .. } => r.finish = Some(reason),
                 Event::Failed(e) => return Err(e),
             }
@@ -150,9 +151,12 @@ pub enum FinishReason {
     Stop,
 }
 
-/// What a request receives, in order: tokens, then exactly one `Finished` or `Failed`.
+/// What a request receives, in order: `Admitted`, tokens, then exactly one `Finished` or
+/// `Failed` (a request refused before it ran gets only `Failed`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The request left the waiting queue: its prefill runs from the next step.
+    Admitted,
     Token {
         token: u32,
         /// The loop (1-based) after which the token was produced.

@@ -72,6 +72,11 @@ pub fn describe() {
         "Rows at each loop depth in the engine's latest step."
     );
     describe_histogram!(
+        "rrt_worker_queue_time_seconds",
+        Unit::Seconds,
+        "Time from request arrival at the worker to its admission into the engine (prefill starts)."
+    );
+    describe_histogram!(
         "rrt_worker_time_to_first_token_seconds",
         Unit::Seconds,
         "Time from request arrival at the worker to its first token."

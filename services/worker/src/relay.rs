@@ -1,7 +1,8 @@
 //! One request's engine events turned into stream messages: text pieces from the streaming
 //! detokenizer, held back while they may start a stop sequence, token ids with their exit loop
-//! and log-probability, the finish reason; latency histograms on the way. [`TextRelay`] is the
-//! plain state (one event in, at most one message out); [`relay`] drives it until the request
+//! and log-probability, the finish reason; latency histograms (queue time, first token, between
+//! tokens, end to end) on the way. [`TextRelay`] is the plain state (one event in, at most one
+//! message out); [`relay`] drives it until the request
 //! ends, the client goes away (dropping the engine's channel cancels the request there) or the
 //! deadline passes.
 
@@ -26,9 +27,10 @@ use crate::stop::{Step, StopMatcher};
 /// What goes to the router: messages, or the status the request ended with.
 pub type Item = Result<pb::GenerateStreamResponse, Status>;
 
-/// What an event turns into: a message to send, and the outcome label if the request ends.
+/// What an event turns into: a message to send (none for admission), and the outcome label if
+/// the request ends.
 pub struct Reply {
-    pub item: Item,
+    pub item: Option<Item>,
     pub end: Option<&'static str>,
 }
 
@@ -80,11 +82,19 @@ impl TextRelay {
     /// The reply to an engine event (`None`: the engine dropped the request's channel).
     pub fn reply(&mut self, event: Option<Event>) -> Reply {
         let failed = |e: WorkerError| Reply {
-            item: Err(e.into()),
+            item: Some(Err(e.into())),
             end: Some("failed"),
         };
         match event {
             None => failed(WorkerError::EngineGone),
+            Some(Event::Admitted) => {
+                histogram!("rrt_worker_queue_time_seconds", "worker" => self.shared.id.clone())
+                    .record(self.arrived.elapsed().as_secs_f64());
+                Reply {
+                    item: None,
+                    end: None,
+                }
+            }
             Some(Event::Failed(e)) => failed(WorkerError::Engine(e)),
             Some(Event::Finished { reason, .. }) => self.finished(reason),
             Some(Event::Token {
@@ -111,7 +121,7 @@ impl TextRelay {
         let last =
             pb::GenerateStreamResponse::finish_message(self.stop.flush(), finish, self.index);
         Reply {
-            item: Ok(last),
+            item: Some(Ok(last)),
             end: Some(end),
         }
     }
@@ -130,7 +140,10 @@ impl TextRelay {
         };
         self.index += 1;
         let end = msg.finish().map(|_| "stop");
-        Ok(Reply { item: Ok(msg), end })
+        Ok(Reply {
+            item: Some(Ok(msg)),
+            end,
+        })
     }
 
     fn record_latency(&mut self) {
@@ -172,7 +185,10 @@ pub(crate) async fn relay(
             }
         };
         let reply = state.reply(event);
-        let sent = tx.send(reply.item).await.is_ok();
+        let sent = match reply.item {
+            Some(item) => tx.send(item).await.is_ok(),
+            None => true,
+        };
         match reply.end {
             Some(end) => break end,
             None if !sent => break "cancelled",
