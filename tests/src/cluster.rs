@@ -104,7 +104,9 @@ pub async fn worker(coordinator: Option<SocketAddr>, extra: &[&str]) -> Service<
 pub async fn router(coordinator: Option<SocketAddr>, extra: &[&str]) -> Service<RunningRouter> {
     let shutdown = Shutdown::new();
     let mut flags = vec![
-        "--stale-ms".to_string(),
+        "--http-listen".to_string(),
+        "127.0.0.1:0".into(),
+        "--stale-ms".into(),
         "1000".into(),
         "--drain-s".into(),
         "5".into(),

@@ -22,6 +22,9 @@ pub struct ServeArgs {
     /// The public Generation API.
     #[arg(long, env = "RRT_LISTEN", default_value = "127.0.0.1:50050")]
     listen: SocketAddr,
+    /// The OpenAI-compatible HTTP API (`/v1/completions`, `/v1/chat/completions`); `off` for none.
+    #[arg(long, env = "RRT_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    http_listen: String,
     /// Prometheus `/metrics` of every service.
     #[arg(long, env = "RRT_METRICS_LISTEN", default_value = "127.0.0.1:9100")]
     metrics_listen: SocketAddr,
@@ -84,14 +87,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let router = rrt_router::start(
         parse(vec![
             format!("--listen={}", args.listen),
+            format!("--http-listen={}", args.http_listen),
             "--metrics-listen=127.0.0.1:0".into(),
             format!("--coordinator={url}"),
         ])?,
         shutdown.clone(),
     )
     .await?;
+    let http = router
+        .http_addr
+        .map_or_else(|| "off".to_string(), |a| format!("http://{a}/v1"));
     println!(
-        "rrt serve: Generation API on {} ({} worker(s)), metrics on http://{}/metrics; Ctrl-C stops",
+        "rrt serve: Generation API on {} ({} worker(s)), OpenAI API on {http}, metrics on http://{}/metrics; Ctrl-C stops",
         router.grpc_addr,
         workers.len(),
         coordinator.metrics_addr

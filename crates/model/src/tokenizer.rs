@@ -200,6 +200,12 @@ impl Tokenizer {
 
     /// Renders a one-turn chat prompt with the model's template.
     pub fn chat_prompt(&self, user: &str) -> Result<String> {
+        self.chat_conversation(&[("user", user)])
+    }
+
+    /// Renders `(role, content)` messages with the model's template, followed by the assistant's
+    /// generation prompt.
+    pub fn chat_conversation(&self, messages: &[(&str, &str)]) -> Result<String> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
             ModelError::ChatTemplate(format!(
                 "{}: the model has no chat template",
@@ -215,7 +221,7 @@ impl Tokenizer {
             .first()
             .and_then(|&id| self.token_to_str(id))
             .unwrap_or_default();
-        template.render(&[("user", user)], &bos, &eos)
+        template.render(messages, &bos, &eos)
     }
 }
 

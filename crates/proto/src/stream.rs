@@ -25,6 +25,7 @@ impl pb::GenerateStreamResponse {
             finish_reason: 0,
             index,
             logprob: token.logprob,
+            prompt_tokens: 0,
         }
     }
 

@@ -93,8 +93,23 @@ pub fn reason_of(status: &tonic::Status) -> String {
 /// Checks everything about a generation request that needs no tokenizer. `max_new_tokens` is
 /// the server's limit.
 pub fn generate_request(req: &GenerateRequest, max_new_tokens: u32) -> Result<(), Rejection> {
-    if req.prompt.is_empty() {
-        return Err(Rejection::new("empty_prompt", "prompt must not be empty"));
+    if req.messages.is_empty() && req.prompt.is_empty() {
+        return Err(Rejection::new(
+            "empty_prompt",
+            "prompt must not be empty (or give messages)",
+        ));
+    }
+    if !req.messages.is_empty() && !req.prompt.is_empty() {
+        return Err(Rejection::new(
+            "prompt_and_messages",
+            "give either prompt or messages, not both",
+        ));
+    }
+    if let Some(i) = req.messages.iter().position(|m| m.role.is_empty()) {
+        return Err(Rejection::new(
+            "bad_message",
+            format!("messages[{i}] has an empty role"),
+        ));
     }
     if req.max_new_tokens == 0 {
         return Err(Rejection::new(

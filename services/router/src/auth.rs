@@ -58,21 +58,24 @@ impl ApiTokens {
         ok.into()
     }
 
+    /// The check of an `authorization` header's value (gRPC metadata or HTTP): why it fails.
+    pub fn check_header(&self, header: Option<&[u8]>) -> Result<(), &'static str> {
+        let header = header.ok_or("missing authorization: Bearer <token>")?;
+        let token = header
+            .strip_prefix(b"Bearer ")
+            .ok_or("authorization must be Bearer <token>")?;
+        if self.accepts(token) {
+            Ok(())
+        } else {
+            Err("invalid API token")
+        }
+    }
+
     /// The interceptor's check of one call.
     pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
-        let token = header
-            .as_bytes()
-            .strip_prefix(b"Bearer ")
-            .ok_or_else(|| Status::unauthenticated("authorization must be Bearer <token>"))?;
-        if self.accepts(token) {
-            Ok(req)
-        } else {
-            Err(Status::unauthenticated("invalid API token"))
-        }
+        let header = req.metadata().get("authorization").map(|h| h.as_bytes());
+        self.check_header(header).map_err(Status::unauthenticated)?;
+        Ok(req)
     }
 }
 

@@ -9,6 +9,10 @@ pub struct RouterArgs {
     /// gRPC address of the public Generation service.
     #[arg(long, env = "RRT_ROUTER_LISTEN", default_value = "0.0.0.0:50050")]
     pub listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (`/v1/completions`, `/v1/chat/completions`,
+    /// `/v1/models`, `/health`); `off` to serve gRPC only.
+    #[arg(long, env = "RRT_ROUTER_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
+    pub http_listen: HttpListen,
     /// Address of the Prometheus `/metrics` endpoint.
     #[arg(
         long,
@@ -52,6 +56,7 @@ pub struct RouterArgs {
     /// API tokens, comma-separated (e.g. from a Secret as an environment variable).
     #[arg(
         long = "api-token",
+        alias = "api-key",
         env = "RRT_ROUTER_API_TOKENS",
         value_delimiter = ',',
         hide_env_values = true
@@ -63,6 +68,23 @@ pub struct RouterArgs {
     pub seed: Option<u64>,
     #[command(flatten)]
     pub tls: rrt_service::tls::TlsArgs,
+}
+
+/// Where the HTTP API listens, or `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for HttpListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|e| format!("{s:?}: {e} (an address, or off)"))
+    }
 }
 
 impl RouterArgs {

@@ -6,7 +6,8 @@
 //! - [`pool`]: the worker view and the choice; [`watcher`]: keeping it current;
 //! - [`service`]: the gRPC service; [`relay`]: a request's token stream, for both RPCs;
 //! - [`server`]: start-up and drain; [`config`]: flags; [`error`]: status codes and metric labels;
-//! - [`auth`]: bearer tokens on the public API.
+//! - [`auth`]: bearer tokens on the public API;
+//! - [`openai`]: the OpenAI-compatible HTTP API on the same path as the gRPC one.
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod openai;
 pub mod pool;
 pub mod relay;
 pub mod server;

@@ -179,6 +179,7 @@ pub async fn collect(
         }
         if msg.finish().is_some() {
             out.finish_reason = msg.finish_reason;
+            out.prompt_tokens = msg.prompt_tokens;
             return Ok(out);
         }
     }

@@ -24,6 +24,8 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 
 pub struct RunningRouter {
     pub grpc_addr: SocketAddr,
+    /// The OpenAI-compatible HTTP API (`--http-listen`), unless off.
+    pub http_addr: Option<SocketAddr>,
     pub metrics_addr: SocketAddr,
     pub pool: Arc<Pool<Client>>,
     pub task: JoinHandle<anyhow::Result<()>>,
@@ -72,6 +74,23 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             None => StdRng::from_os_rng(),
         }),
     });
+    let http_addr = match args.http_listen.0 {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await?;
+            let local = listener.local_addr()?;
+            let (tls, inner, tokens, shutdown) =
+                (tls.clone(), inner.clone(), tokens.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(e) =
+                    crate::openai::serve(listener, tls.as_ref(), inner, tokens, shutdown).await
+                {
+                    tracing::error!("the HTTP API failed: {e}");
+                }
+            });
+            Some(local)
+        }
+        None => None,
+    };
     let health = grpc::health(&[SERVICE]).await;
     let (v1, v1alpha) = grpc::reflection()?;
     let drain = {
@@ -103,7 +122,7 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         ))
         .serve_with_incoming_shutdown(incoming, drain);
     grpc::set_serving(&health.reporter, &[SERVICE], true).await;
-    tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "router serving");
+    tracing::info!(grpc = %grpc_addr, http = ?http_addr, metrics = %metrics_addr, "router serving");
     let task = tokio::spawn(async move {
         server.await?;
         tracing::info!("router stopped");
@@ -111,6 +130,7 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     });
     Ok(RunningRouter {
         grpc_addr,
+        http_addr,
         metrics_addr,
         pool,
         task,

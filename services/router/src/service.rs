@@ -21,6 +21,7 @@ use crate::error::{worker_lost, Counted, RouterError};
 use crate::metrics as m;
 use crate::pool::{InFlight, Pool};
 use crate::relay::{collect, relay, Item, Opened};
+pub use crate::server::MAX_REQUEST_BYTES;
 
 pub type Client = WorkerClient<Channel>;
 
@@ -45,7 +46,7 @@ pub struct RouterService {
 
 impl Inner {
     /// The model a request names, or the only/first served one when it names none.
-    fn resolve_model(&self, name: &str) -> Result<String, RouterError> {
+    pub(crate) fn resolve_model(&self, name: &str) -> Result<String, RouterError> {
         let models = self.pool.models();
         if models.is_empty() {
             // Starting up or every worker gone: a retryable condition, not a bad request.
@@ -170,15 +171,25 @@ impl Inner {
         }
     }
 
-    /// Opens the request and starts its relay; the receiver gets its messages.
+    /// Opens a gRPC request and starts its relay; the receiver gets its messages.
     async fn start(
         self: &Arc<Self>,
         request: tonic::Request<pb::GenerateRequest>,
     ) -> Result<(mpsc::Receiver<Item>, String), Status> {
+        let timeout = deadline::timeout(request.metadata());
+        self.start_request(request.into_inner(), timeout).await
+    }
+
+    /// Opens `req` (with the caller's `timeout`, else the default) and starts its relay; the
+    /// receiver gets its messages and the worker's id comes back. Every API goes through here.
+    pub(crate) async fn start_request(
+        self: &Arc<Self>,
+        req: pb::GenerateRequest,
+        timeout: Option<Duration>,
+    ) -> Result<(mpsc::Receiver<Item>, String), Status> {
         let arrived = Instant::now();
-        let deadline =
-            arrived + deadline::timeout(request.metadata()).unwrap_or(self.default_timeout);
-        let opened = match self.open(request.into_inner(), arrived, deadline).await {
+        let deadline = arrived + timeout.unwrap_or(self.default_timeout);
+        let opened = match self.open(req, arrived, deadline).await {
             Ok(o) => o,
             Err(e) => {
                 match e.counted() {

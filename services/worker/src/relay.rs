@@ -43,11 +43,19 @@ pub(crate) struct TextRelay {
     index: u32,
     arrived: Instant,
     last_token: Instant,
+    /// Reported on the last message.
+    prompt_tokens: usize,
 }
 
 impl TextRelay {
-    pub(crate) fn new(shared: Arc<Shared>, stops: Vec<String>, arrived: Instant) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        stops: Vec<String>,
+        arrived: Instant,
+        prompt_tokens: usize,
+    ) -> Self {
         Self {
+            prompt_tokens,
             shared,
             text: TextStream::new(),
             stop: StopMatcher::new(stops),
@@ -118,8 +126,9 @@ impl TextRelay {
             FinishReason::Length => (pb::FinishReason::Length, "length"),
             FinishReason::Stop => (pb::FinishReason::Eos, "eos"),
         };
-        let last =
+        let mut last =
             pb::GenerateStreamResponse::finish_message(self.stop.flush(), finish, self.index);
+        last.prompt_tokens = self.prompt_tokens as u32;
         Reply {
             item: Some(Ok(last)),
             end: Some(end),
@@ -135,8 +144,12 @@ impl TextRelay {
             .unwrap_or_default();
         let msg = match self.stop.push(&piece) {
             Step::Emit(t) => pb::GenerateStreamResponse::token_message(t, token, self.index),
-            Step::Stop(t) => pb::GenerateStreamResponse::token_message(t, token, self.index)
-                .finishing(pb::FinishReason::Stop),
+            Step::Stop(t) => {
+                let mut last = pb::GenerateStreamResponse::token_message(t, token, self.index)
+                    .finishing(pb::FinishReason::Stop);
+                last.prompt_tokens = self.prompt_tokens as u32;
+                last
+            }
         };
         self.index += 1;
         let end = msg.finish().map(|_| "stop");

@@ -56,7 +56,16 @@ impl Shared {
             )
             .into());
         }
-        let text = if req.chat {
+        let text = if !req.messages.is_empty() {
+            let messages: Vec<(&str, &str)> = req
+                .messages
+                .iter()
+                .map(|m| (m.role.as_str(), m.content.as_str()))
+                .collect();
+            self.tokenizer
+                .chat_conversation(&messages)
+                .map_err(|e| validate::Rejection::new("chat_template", e.to_string()))?
+        } else if req.chat {
             self.tokenizer
                 .chat_prompt(&req.prompt)
                 .map_err(|e| validate::Rejection::new("chat_template", e.to_string()))?
@@ -206,7 +215,8 @@ impl WorkerService {
             return Err(WorkerError::Draining);
         }
         let (prompt, params, exit) = shared.prepare(&req)?;
-        let mut text = TextRelay::new(shared.clone(), req.stop, arrived);
+        let prompt_tokens = prompt.len() - req.resume_token_ids.len();
+        let mut text = TextRelay::new(shared.clone(), req.stop, arrived, prompt_tokens);
         text.resume(&req.resume_token_ids)?;
         let permit = shared.admission.try_admit()?;
         counter!("rrt_worker_prompt_tokens_total", "worker" => shared.id.clone())

@@ -218,6 +218,7 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         format!("--max-concurrent={}", args.requests),
         "--keepalive-ms=500".into(),
     ]);
+    rflags.push("--http-listen=off".into());
     let router = rrt_router::start(parse(&rflags)?, shutdown.clone()).await?;
     let wait_for = |n: usize| {
         let pool = router.pool.clone();

@@ -170,6 +170,7 @@ async fn overload(args: OverloadArgs) -> anyhow::Result<()> {
         format!("--coordinator={url}"),
         format!("--max-concurrent={}", args.capacity),
     ]);
+    rflags.push("--http-listen=off".into());
     let router = rrt_router::start(parse(&rflags)?, shutdown.clone()).await?;
     let started = Instant::now();
     while router.pool.slots().is_empty() {

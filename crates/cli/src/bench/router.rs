@@ -99,6 +99,7 @@ async fn bench(args: RouterBenchArgs) -> anyhow::Result<()> {
     let worker = rrt_worker::start(parse(&wflags)?, shutdown.clone()).await?;
     let mut rflags = local.to_vec();
     rflags.push(format!("--coordinator={url}"));
+    rflags.push("--http-listen=off".into());
     let router = rrt_router::start(parse(&rflags)?, shutdown.clone()).await?;
     let started = Instant::now();
     while router.pool.slots().is_empty() {

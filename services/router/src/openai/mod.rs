@@ -1,0 +1,118 @@
+//! The OpenAI-compatible HTTP API on its own port (`--http-listen`): `POST /v1/completions`,
+//! `POST /v1/chat/completions` (JSON or server-sent events), `GET /v1/models`, `GET /health`.
+//! It runs on the router's tokio runtime behind the same validation, admission, deadlines,
+//! balancing, failover and metrics as the gRPC API ([`complete`]), with the same bearer tokens
+//! (`authorization: Bearer <key>`), TLS when the router has it, and a 1 MiB body limit. Errors
+//! are OpenAI error objects ([`error`]); the wire types are in [`types`].
+
+mod complete;
+mod error;
+mod types;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rrt_service::tls::{self, Side, Tls};
+use rrt_service::Shutdown;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::auth::ApiTokens;
+use crate::service::{Inner, MAX_REQUEST_BYTES};
+use error::ApiError;
+
+#[derive(Clone)]
+struct Api {
+    inner: Arc<Inner>,
+    tokens: Option<ApiTokens>,
+}
+
+impl Api {
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        match &self.tokens {
+            None => Ok(()),
+            Some(t) => t
+                .check_header(headers.get("authorization").map(|h| h.as_bytes()))
+                .map_err(ApiError::unauthorized),
+        }
+    }
+}
+
+/// The caller's timeout: `x-request-timeout` seconds (OpenAI clients send their own `timeout`
+/// as a socket timeout only), else the router's default.
+fn timeout(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get("x-request-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+async fn completions(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Response {
+    let result = match api.authorize(&headers) {
+        Ok(()) => complete::completions(api.inner.clone(), timeout(&headers), &body).await,
+        Err(e) => Err(e),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Response {
+    let result = match api.authorize(&headers) {
+        Ok(()) => complete::chat(api.inner.clone(), timeout(&headers), &body).await,
+        Err(e) => Err(e),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn models(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let Err(e) = api.authorize(&headers) {
+        return e.into_response();
+    }
+    let data: Vec<_> = api
+        .inner
+        .pool
+        .models()
+        .into_iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "rrt"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// 200 while the router is serving and knows a worker, else 503.
+async fn health(State(api): State<Api>) -> Response {
+    if api.inner.admission.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
+    if api.inner.pool.models().is_empty() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no worker").into_response();
+    }
+    (StatusCode::OK, "ok").into_response()
+}
+
+/// Serves the API on `listener` until `shutdown` (in-flight requests finish first).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<&Tls>,
+    inner: Arc<Inner>,
+    tokens: Option<ApiTokens>,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
+    let incoming = tls::incoming(listener, tls, Side::Http)?;
+    let app = Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .with_state(Api { inner, tokens });
+    axum::serve(incoming, app)
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await
+}
