@@ -39,7 +39,7 @@ for i in 1 2; do
         --coordinator http://127.0.0.1:50051
 done
 start router $BIN/rrt-router --listen 127.0.0.1:50050 --metrics-listen 127.0.0.1:9103 \
-    --coordinator http://127.0.0.1:50051
+    --http-listen 127.0.0.1:8080 --coordinator http://127.0.0.1:50051
 
 echo -n "== waiting for the router to be SERVING with two workers "
 for _ in $(seq 1 240); do
@@ -74,6 +74,11 @@ $VENV/bin/python scripts/stream_client.py proto 127.0.0.1:50050 \
     "What is the capital of France? Answer in one sentence." --chat --max-new-tokens 48 \
     --exit $EXIT --threshold $THRESHOLD
 
+echo "== the same through the OpenAI-compatible HTTP API (curl -N, server-sent events)"
+curl -sN http://127.0.0.1:8080/v1/chat/completions -H 'content-type: application/json' -d \
+    "{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}],\"max_tokens\":12,\"temperature\":0,\"stream\":true,\"rrt_exit\":{\"policy\":\"$EXIT\",\"threshold\":$THRESHOLD}}"
+echo
+
 echo "== exit statistics reported by the workers to the coordinator"
 sleep 1
 curl -s 127.0.0.1:9100/metrics | grep -E '^rrt_coordinator_(token_exits_total|model_expected_loops|worker_score|workers)' || true
@@ -87,6 +92,9 @@ cat <<TXT
 == the public API: 127.0.0.1:50050 (rrt.v1.Generation; reflection on, so grpcurl works), e.g.
    $VENV/bin/grpcurl -plaintext -d '{"prompt":"The capital of France is","maxNewTokens":16}' \\
        127.0.0.1:50050 rrt.v1.Generation/GenerateStream
+== the OpenAI-compatible API: http://127.0.0.1:8080/v1 (completions, chat/completions, models), e.g.
+   curl -N http://127.0.0.1:8080/v1/completions -H 'content-type: application/json' \\
+       -d '{"prompt":"The capital of France is","max_tokens":16,"stream":true}'
 TXT
 if [[ "$ONCE" == "--once" ]]; then
     exit 0
