@@ -86,13 +86,15 @@ pub async fn start(
         .add_service(health.service)
         .add_service(v1)
         .add_service(v1alpha)
-        .add_service(pb::coordinator_server::CoordinatorServer::new(
-            CoordinatorService {
+        .add_service(
+            pb::coordinator_server::CoordinatorServer::new(CoordinatorService {
                 registry: registry.clone(),
                 view: rx,
                 report_ms: args.report_ms as u32,
-            },
-        ))
+            })
+            // Registrations and reports are small: a larger message is not a worker's.
+            .max_decoding_message_size(256 << 10),
+        )
         .serve_with_incoming_shutdown(incoming, stop);
     grpc::set_serving(&health.reporter, &[SERVICE], true).await;
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "coordinator serving");

@@ -30,6 +30,9 @@ pub struct RunningWorker {
     pub task: JoinHandle<anyhow::Result<()>>,
 }
 
+/// Largest request the worker decodes.
+pub const MAX_REQUEST_BYTES: usize = 2 << 20;
+
 /// Loads the model and starts serving; returns once the ports are bound and health is SERVING.
 pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<RunningWorker> {
     let cfg = args.engine_config()?;
@@ -122,9 +125,13 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         .add_service(health.service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pb::worker_server::WorkerServer::new(WorkerService {
-            shared: shared.clone(),
-        }))
+        .add_service(
+            pb::worker_server::WorkerServer::new(WorkerService {
+                shared: shared.clone(),
+            })
+            // The router's 1 MiB request plus the resumed token ids of a failover.
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, drain);
     grpc::set_serving(&health.reporter, &[SERVICE], true).await;
     tracing::info!(worker = %id, grpc = %grpc_addr, metrics = %metrics_addr, "worker serving");
