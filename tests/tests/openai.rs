@@ -132,7 +132,7 @@ async fn the_openai_python_client_gets_what_the_grpc_api_gives() {
     assert!(v["bad_request"]["message"]
         .as_str()
         .unwrap()
-        .contains("max_new_tokens"));
+        .contains("max_tokens must be at least 1"));
 
     // The stream closed after 3 chunks: its worker cancels it and runs nothing.
     assert_eq!(v["closed_after"], 3);

@@ -89,13 +89,25 @@ fn base(common: &Common, default_max: u32) -> Result<pb::GenerateRequest, ApiErr
             ));
         }
     }
+    let max_tokens = common
+        .max_completion_tokens
+        .or(common.max_tokens)
+        .unwrap_or(default_max);
+    if max_tokens == 0 {
+        let param = if common.max_completion_tokens.is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        return Err(ApiError::bad_request(
+            format!("{param} must be at least 1"),
+            Some(param),
+        ));
+    }
     let temperature = common.temperature.unwrap_or(1.0);
     Ok(pb::GenerateRequest {
         model: common.model.clone(),
-        max_new_tokens: common
-            .max_completion_tokens
-            .or(common.max_tokens)
-            .unwrap_or(default_max),
+        max_new_tokens: max_tokens,
         sampling: Some(pb::SamplingParameters {
             temperature,
             top_p: common.top_p.unwrap_or(1.0),
