@@ -2,7 +2,7 @@
 //! client certificate from the CA, the router's public gRPC port, HTTP ports) and the client side,
 //! with errors that name the flag and the file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -14,9 +14,12 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use super::TlsArgs;
 
-/// The contents of the files, as read (compared to detect a rotation).
+/// The files and their contents, as read (compared to detect a rotation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Files {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    ca_path: Option<PathBuf>,
     cert: Vec<u8>,
     key: Vec<u8>,
     ca: Option<Vec<u8>>,
@@ -47,6 +50,9 @@ impl Files {
                 .as_ref()
                 .map(|p| read(p, "--tls-ca"))
                 .transpose()?,
+            cert_path: cert.clone(),
+            key_path: key.clone(),
+            ca_path: args.tls_ca.clone(),
         })
     }
 }
@@ -71,11 +77,9 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Builds every configuration from `files` (read from the paths in `args`).
-pub(super) fn build(files: &Files, args: &TlsArgs) -> anyhow::Result<Configs> {
-    let (Some(cert_path), Some(key_path)) = (&args.tls_cert, &args.tls_key) else {
-        anyhow::bail!("--tls-cert and --tls-key go together");
-    };
+/// Builds every configuration from `files`.
+pub(super) fn build(files: &Files) -> anyhow::Result<Configs> {
+    let (cert_path, key_path) = (&files.cert_path, &files.key_path);
     let chain = certificates(&files.cert, "--tls-cert", cert_path)?;
     let key = PrivateKeyDer::from_pem_slice(&files.key).map_err(|e| {
         anyhow::anyhow!(
@@ -84,7 +88,7 @@ pub(super) fn build(files: &Files, args: &TlsArgs) -> anyhow::Result<Configs> {
         )
     })?;
     let mut roots = RootCertStore::empty();
-    if let (Some(pem), Some(path)) = (&files.ca, &args.tls_ca) {
+    if let (Some(pem), Some(path)) = (&files.ca, &files.ca_path) {
         for cert in certificates(pem, "--tls-ca", path)? {
             roots
                 .add(cert)

@@ -101,7 +101,7 @@ impl TlsArgs {
             return Ok(None);
         }
         let files = Files::read(self)?;
-        let configs = material::build(&files, self)?;
+        let configs = material::build(&files)?;
         Ok(Some(Tls {
             inner: Arc::new(Inner {
                 args: self.clone(),
@@ -177,14 +177,14 @@ impl Tls {
 
     /// Re-reads the files and applies them when they changed. A set that does not load (a
     /// missing file, bad PEM, a key that does not match) is an error and changes nothing;
-    /// the same broken set is reported once.
+    /// the same broken contents are reported once, an unreadable file at every poll.
     pub fn reload(&self) -> anyhow::Result<Reload> {
         let files = Files::read(&self.inner.args)?;
         let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
         if *seen == files {
             return Ok(Reload::Unchanged);
         }
-        let built = material::build(&files, &self.inner.args);
+        let built = material::build(&files);
         *seen = files;
         let configs = built?;
         *self

@@ -185,7 +185,7 @@ pub async fn completions(
     let mut g = base(&req.common, COMPLETION_DEFAULT_MAX_TOKENS)?;
     g.prompt = prompt;
     g.logprobs = logprobs;
-    run(inner, timeout, g, Kind::Completion, &req.common, logprobs).await
+    run(inner, timeout, g, Kind::Completion, &req.common).await
 }
 
 pub async fn chat(
@@ -236,7 +236,7 @@ pub async fn chat(
         });
     }
     g.logprobs = req.logprobs;
-    run(inner, timeout, g, Kind::Chat, &req.common, req.logprobs).await
+    run(inner, timeout, g, Kind::Chat, &req.common).await
 }
 
 fn finish_reason(reason: pb::FinishReason) -> &'static str {
@@ -252,13 +252,12 @@ async fn run(
     g: pb::GenerateRequest,
     kind: Kind,
     common: &Common,
-    logprobs: bool,
 ) -> Result<Response, ApiError> {
     // Resolve here so an unknown model is a 404 before anything is admitted.
     let model = inner
         .resolve_model(&g.model)
         .map_err(|e| ApiError::from(tonic::Status::from(e)))?;
-    let plan = plan(kind, common, model, logprobs);
+    let plan = plan(kind, common, model, g.logprobs);
     let (rx, worker) = inner.start_request(g, timeout).await?;
     if plan.stream {
         Ok(stream(plan, rx).into_response())
@@ -386,10 +385,9 @@ fn chunk(
 /// then `data: [DONE]`.
 fn stream(
     plan: Plan,
-    rx: mpsc::Receiver<Item>,
+    mut rx: mpsc::Receiver<Item>,
 ) -> Sse<impl tokio_stream::Stream<Item = Result<Event, Infallible>>> {
     let (tx, events) = mpsc::channel::<Event>(32);
-    let mut rx = rx;
     tokio::spawn(async move {
         let data = |v: Value| Event::default().data(v.to_string());
         if plan.kind == Kind::Chat

@@ -5,6 +5,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use rrt_service::validate;
 use tonic::Code;
 
 use super::types::{ErrorBody, ErrorDetail};
@@ -63,7 +64,7 @@ impl From<tonic::Status> for ApiError {
     fn from(s: tonic::Status) -> Self {
         let message = s.message().to_string();
         let (status, code) = match s.code() {
-            Code::InvalidArgument if message.starts_with("unknown model") => {
+            Code::InvalidArgument if validate::reason_of(&s) == "unknown_model" => {
                 (StatusCode::NOT_FOUND, Some("model_not_found"))
             }
             Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
