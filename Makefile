@@ -21,8 +21,12 @@ DEMO_MODEL := .cache/models/smollm2-15x2-full
 # The demo model's learned exit heads (committed; `make demo-exit-heads` retrains them).
 DEMO_EXITS := deploy/models/smollm2-15x2-full
 ARGS ?=
+# The image `make image` builds and the manifests run (deploy/kubernetes/kustomization.yaml).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+IMAGE ?= ghcr.io/example/rrt:$(VERSION)
+IMAGE_ARCHIVE := .cache/image/rrt-$(VERSION).oci.tar
 
-.PHONY: help demo test bench lint fmt build model data deps fixtures train-fixtures demo-exit-heads eval curve bench-engine clean venv models chaos fuzz
+.PHONY: image image-tools help demo test bench lint fmt build model data deps fixtures train-fixtures demo-exit-heads eval curve bench-engine clean venv models chaos fuzz
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -31,7 +35,7 @@ demo: deps model venv build $(DEMO_MODEL)/config.json ## the cluster on loopback
 	if [ -f $(DEMO_EXITS)/exit-heads.json ]; then cp $(DEMO_EXITS)/exit-heads.* $(DEMO_MODEL)/; fi
 	scripts/demo.sh $(DEMO_MODEL) $(ARGS)
 
-test: deps model data venv models lint ## run every test (unit, parity, real model, end-to-end)
+test: deps model data venv models image lint ## run every test (unit, parity, real model, end-to-end)
 	$(CARGO) test --release --workspace
 
 bench: model data models build ## speed: matmul kernel vs candle, decode tokens/s vs the roofline, router vs straight to a worker
@@ -64,6 +68,14 @@ fmt: ## format the code
 
 build: ## release build of the rrt binary and the services
 	$(CARGO) build --release -p rrt-cli -p rrt-worker -p rrt-coordinator -p rrt-router
+
+image: build image-tools ## the OCI image $(IMAGE) from the release binaries, built from scratch by buildah (no base image pulled); also saved as $(IMAGE_ARCHIVE)
+	scripts/image.sh $(IMAGE) $(IMAGE_ARCHIVE)
+
+image-tools: ## buildah (builds the image), skopeo (saves it), podman + runc (the tests run it)
+	@missing=""; \
+	for t in buildah skopeo podman runc; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi
 
 deps: ## system packages: the KJV text (bible-kjv), the font of benchmark plots (fonts-dejavu-core), curl, python3-venv, prometheus (+ promtool)
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first"; exit 1; }

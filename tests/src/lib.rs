@@ -44,6 +44,24 @@ pub fn ensure(path: PathBuf, target: &str) -> PathBuf {
     path
 }
 
+/// Runs `make TARGET` in the workspace root (for targets that are no-ops when up to date);
+/// panics with make's output if it fails.
+pub fn make(target: &str) {
+    let _guard = MAKE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new("make")
+        .arg("-C")
+        .arg(root())
+        .arg(target)
+        .output()
+        .expect("running make");
+    assert!(
+        out.status.success(),
+        "`make {target}` failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The bundled SmolLM2-135M-Instruct GGUF (`make model`).
 pub fn smollm2_gguf() -> PathBuf {
     ensure(

@@ -25,6 +25,7 @@ pub mod runtime;
 pub mod sampling;
 pub mod source;
 pub mod tokenizer;
+pub mod weights_file;
 
 pub use config::ModelConfig;
 pub use decoder::{BatchItem, FillRows, LayerWeights, Llama, Logits, RowGroup};

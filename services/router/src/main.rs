@@ -17,10 +17,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Cli::parse().args;
     rrt_service::main_loop::run("rrt-router", |shutdown| async move {
         let r = rrt_router::start(args, shutdown).await?;
-        Ok((
-            format!("grpc={} metrics={}", r.grpc_addr, r.metrics_addr),
-            r.task,
-        ))
+        let mut ports = format!("grpc={} metrics={}", r.grpc_addr, r.metrics_addr);
+        if let Some(http) = r.http_addr {
+            ports.push_str(&format!(" http={http}"));
+        }
+        Ok((ports, r.task))
     })
     .await
 }

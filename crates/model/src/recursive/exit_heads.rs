@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::linear::Linear;
 use crate::source::TensorSource;
 
@@ -135,10 +135,7 @@ impl ExitHeads {
             tensors.insert(b, Tensor::from_slice(&[h.bias], 1, &dev)?);
         }
         let path = dir.join(WEIGHTS_FILE);
-        candle_core::safetensors::save(&tensors, &path).map_err(|e| ModelError::Safetensors {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        crate::weights_file::save(&tensors, &path)?;
         crate::json::write(&dir.join(META_FILE), &self.meta)
     }
 }

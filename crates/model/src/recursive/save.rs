@@ -18,12 +18,7 @@ use crate::tokenizer::Tokenizer;
 pub fn save(model: &Llama, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let weights = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors(model)?, &weights).map_err(|e| {
-        ModelError::Safetensors {
-            path: weights.clone(),
-            message: e.to_string(),
-        }
-    })?;
+    crate::weights_file::save(&tensors(model)?, &weights)?;
     let mut config = HfLlamaConfig::from_model(&model.cfg, model.layers.len());
     if let Some(r) = &model.recursion {
         config.rrt_recursive = Some(
