@@ -65,7 +65,11 @@ fn manifests(files: &[&str]) -> Vec<Value> {
         .args(files.iter().map(|f| dir.join(f)))
         .output()
         .expect("run python");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice::<Value>(&out.stdout)
         .expect("json")
         .as_array()
@@ -84,15 +88,23 @@ fn pod_spec<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
 
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
-        .map(|a| a.iter().map(|s| s.as_str().expect("a string").to_string()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|s| s.as_str().expect("a string").to_string())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// `podman run` with the flags this machine needs (module docs).
 fn podman_run() -> Command {
     let mut c = Command::new("podman");
-    c.args(["run", "--rm", "--runtime", "runc"])
-        .args(["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]);
+    c.args(["run", "--rm", "--runtime", "runc"]).args([
+        "--ulimit",
+        "nofile=4096:4096",
+        "--ulimit",
+        "nproc=4096:4096",
+    ]);
     c
 }
 
@@ -129,21 +141,34 @@ fn the_image_holds_the_binaries_their_libraries_and_nothing_else() {
         let allowed = f.starts_with("/usr/local/bin/")
             || ["/etc/passwd", "/etc/group", "/etc/nsswitch.conf"].contains(&f.as_str())
             || ((f.starts_with("/lib") || f.starts_with("/usr/lib")) && f.contains(".so"));
-        assert!(allowed, "unexpected file in the image: {f} (all: {files:?})");
+        assert!(
+            allowed,
+            "unexpected file in the image: {f} (all: {files:?})"
+        );
     }
     for b in BINARIES {
         assert!(files.contains(&format!("/usr/local/bin/{b}")), "{files:?}");
     }
     assert_eq!(
-        files.iter().filter(|f| f.starts_with("/usr/local/bin/")).count(),
+        files
+            .iter()
+            .filter(|f| f.starts_with("/usr/local/bin/"))
+            .count(),
         BINARIES.len(),
         "{files:?}"
     );
 
     // Each binary runs inside the image as the non-root user.
     for b in BINARIES {
-        let out = podman_run().args([&image, b, "--version"]).output().unwrap();
-        assert!(out.status.success(), "{b}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = podman_run()
+            .args([&image, b, "--version"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{b}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
             format!("{b} {}", env!("CARGO_PKG_VERSION"))
@@ -257,18 +282,18 @@ impl Drop for Container {
 /// The environment the kubelet gives `spec`'s first container: the ConfigMap (envFrom), then
 /// its `env` entries with `$(VAR)` expanded; optional Secrets are absent. `pod` fills the
 /// downward-API fields.
-fn environment(
-    config: &Value,
-    spec: &Value,
-    pod: &[(&str, &str)],
-) -> BTreeMap<String, String> {
+fn environment(config: &Value, spec: &Value, pod: &[(&str, &str)]) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = config["data"]
         .as_object()
         .unwrap()
         .iter()
         .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
         .collect();
-    for e in spec["containers"][0]["env"].as_array().into_iter().flatten() {
+    for e in spec["containers"][0]["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         let name = e["name"].as_str().unwrap().to_string();
         let value = if let Some(v) = e["value"].as_str() {
             let mut v = v.to_string();
@@ -350,7 +375,10 @@ async fn the_manifests_convert_and_serve_the_model_on_the_image() {
     );
 
     // The Deployments, started in dependency order, each ready by its readiness probe.
-    let pod = [("status.podIP", "127.0.0.1"), ("metadata.name", "rrt-worker-0")];
+    let pod = [
+        ("status.podIP", "127.0.0.1"),
+        ("metadata.name", "rrt-worker-0"),
+    ];
     let mut running = Vec::new();
     for (name, metrics) in [
         ("rrt-coordinator", 9100),
@@ -378,12 +406,15 @@ async fn the_manifests_convert_and_serve_the_model_on_the_image() {
     let prompt = "The capital of France is";
     let router: SocketAddr = ([127, 0, 0, 1], 50050).into();
     let grpc = client(router).await;
-    let (ids, _, grpc_text, _) =
-        eventually(Duration::from_secs(30), "a worker behind the router", || {
+    let (ids, _, grpc_text, _) = eventually(
+        Duration::from_secs(30),
+        "a worker behind the router",
+        || {
             let mut grpc = grpc.clone();
             async move { stream(&mut grpc, greedy(prompt, 12)).await.ok() }
-        })
-        .await;
+        },
+    )
+    .await;
     assert_eq!(ids.len(), 12);
 
     let body = serde_json::json!({
@@ -416,7 +447,9 @@ async fn the_manifests_convert_and_serve_the_model_on_the_image() {
 /// The response (headers and body) of an HTTP/1.0 `POST path` with a JSON body.
 async fn http_post(addr: SocketAddr, path: &str, body: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("HTTP port");
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("HTTP port");
     let req = format!(
         "POST {path} HTTP/1.0\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()

@@ -134,6 +134,27 @@ async fn the_openai_python_client_gets_what_the_grpc_api_gives() {
         .unwrap()
         .contains("max_tokens must be at least 1"));
 
+    // An unknown route is an OpenAI error object too; every request is counted by route and
+    // status.
+    let reply = cluster::http_get(http, "/v1/nope").await;
+    assert!(reply.starts_with("HTTP/1.0 404"), "{reply}");
+    assert!(reply.contains("\"code\":\"unknown_url\""), "{reply}");
+    let router_metrics = r.running.metrics_addr;
+    let http_count = |endpoint: &'static str, status: &'static str| async move {
+        let labels = [
+            format!("endpoint=\"{endpoint}\""),
+            format!("status=\"{status}\""),
+        ];
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        metric_at(router_metrics, "rrt_router_http_requests_total", &labels).await
+    };
+    assert!(http_count("/v1/completions", "200").await >= 4.0);
+    assert!(http_count("/v1/chat/completions", "200").await >= 2.0);
+    assert!(http_count("/v1/completions", "400").await >= 2.0);
+    assert!(http_count("/v1/completions", "404").await >= 1.0);
+    assert!(http_count("/v1/completions", "401").await >= 1.0);
+    assert!(http_count("unmatched", "404").await >= 1.0);
+
     // The stream closed after 3 chunks: its worker cancels it and runs nothing.
     assert_eq!(v["closed_after"], 3);
     let metrics = w.running.metrics_addr;

@@ -34,6 +34,10 @@ pub fn describe() {
         Unit::Count,
         "Tokens streamed to clients."
     );
+    describe_counter!(
+        "rrt_router_http_requests_total",
+        "Requests to the OpenAI-compatible HTTP API, by route (`unmatched` for unknown paths) and HTTP status."
+    );
     describe_gauge!(
         "rrt_router_in_flight",
         "Requests in flight through the router."

@@ -1,13 +1,19 @@
 //! `rrt bench router`: the router's overhead. One in-process cluster (coordinator, one worker,
-//! router) serves the same streaming workload twice per round, straight to the worker's
-//! `Worker.Generate` and through the router's `Generation.GenerateStream`, alternating; prints
-//! tokens/s of each and the ratio (target >= 0.95).
+//! router) serves the same greedy streaming workload three times per round, in turn: straight to
+//! the worker's `Worker.Generate`, through the router's gRPC `Generation.GenerateStream`, and
+//! through the router's OpenAI HTTP API (`POST /v1/completions` with `stream: true`, server-sent
+//! events over pooled HTTP/1.1 connections, tokens counted from the final usage chunk); prints
+//! tokens/s of each and the ratios (targets: router gRPC >= 0.95x straight, HTTP >= 0.95x gRPC).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
 use rrt_proto::v1 as pb;
 use rrt_proto::v1::generation_client::GenerationClient;
 use rrt_proto::v1::worker_client::WorkerClient;
@@ -30,7 +36,7 @@ pub struct RouterBenchArgs {
     concurrency: usize,
     #[arg(long, default_value_t = 32)]
     max_new_tokens: u32,
-    /// Rounds of (direct, router); the best run of each is compared.
+    /// Rounds of (direct, router gRPC, router HTTP); the best run of each is compared.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
 }
@@ -60,6 +66,19 @@ pub fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
 enum Path {
     Direct,
     Router,
+    Http,
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The clients of the three paths.
+#[derive(Clone)]
+struct Clients {
+    direct: WorkerClient<Channel>,
+    routed: GenerationClient<Channel>,
+    http: HttpClient,
+    /// `http://ADDR/v1/completions` of the router.
+    completions: String,
 }
 
 async fn bench(args: RouterBenchArgs) -> anyhow::Result<()> {
@@ -99,7 +118,7 @@ async fn bench(args: RouterBenchArgs) -> anyhow::Result<()> {
     let worker = rrt_worker::start(parse(&wflags)?, shutdown.clone()).await?;
     let mut rflags = local.to_vec();
     rflags.push(format!("--coordinator={url}"));
-    rflags.push("--http-listen=off".into());
+    rflags.push("--http-listen=127.0.0.1:0".into());
     let router = rrt_router::start(parse(&rflags)?, shutdown.clone()).await?;
     let started = Instant::now();
     while router.pool.slots().is_empty() {
@@ -109,8 +128,13 @@ async fn bench(args: RouterBenchArgs) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let direct = WorkerClient::connect(format!("http://{}", worker.grpc_addr)).await?;
-    let routed = GenerationClient::connect(format!("http://{}", router.grpc_addr)).await?;
+    let http_addr = router.http_addr.context("the router serves no HTTP")?;
+    let clients = Clients {
+        direct: WorkerClient::connect(format!("http://{}", worker.grpc_addr)).await?,
+        routed: GenerationClient::connect(format!("http://{}", router.grpc_addr)).await?,
+        http: Client::builder(TokioExecutor::new()).build_http(),
+        completions: format!("http://{http_addr}/v1/completions"),
+    };
     println!(
         "router overhead: {} streaming requests x {} tokens, {} in flight, model {}",
         prompts.len(),
@@ -118,29 +142,41 @@ async fn bench(args: RouterBenchArgs) -> anyhow::Result<()> {
         args.concurrency,
         args.model.display()
     );
-    // Warm-up (first-touch allocations, connections).
-    workload(
-        &prompts[..prompts.len().min(8)],
-        &args,
-        Path::Direct,
-        &direct,
-        &routed,
-    )
-    .await?;
-    let (mut best_direct, mut best_router) = (0.0f64, 0.0f64);
-    for round in 0..args.rounds {
-        let d = workload(&prompts, &args, Path::Direct, &direct, &routed).await?;
-        let r = workload(&prompts, &args, Path::Router, &direct, &routed).await?;
-        println!("  round {}: straight to the worker {d:.1} tokens/s, through the router {r:.1} tokens/s ({:.3})", round + 1, r / d);
-        best_direct = best_direct.max(d);
-        best_router = best_router.max(r);
+    // Warm-up (first-touch allocations, connections), every path.
+    let warm = &prompts[..prompts.len().min(8)];
+    for path in [Path::Direct, Path::Router, Path::Http] {
+        workload(warm, &args, path, &clients).await?;
     }
-    println!("| path | tokens/s (best of {}) | ratio |", args.rounds);
-    println!("|---|---|---|");
-    println!("| straight to the worker | {best_direct:.1} | 1.000 |");
+    let mut best = [0.0f64; 3];
+    for round in 0..args.rounds {
+        let d = workload(&prompts, &args, Path::Direct, &clients).await?;
+        let r = workload(&prompts, &args, Path::Router, &clients).await?;
+        let h = workload(&prompts, &args, Path::Http, &clients).await?;
+        println!(
+            "  round {}: straight to the worker {d:.1} tokens/s, router gRPC {r:.1} ({:.3}), router HTTP {h:.1} ({:.3} of gRPC)",
+            round + 1,
+            r / d,
+            h / r
+        );
+        for (b, v) in best.iter_mut().zip([d, r, h]) {
+            *b = b.max(v);
+        }
+    }
+    let [d, r, h] = best;
     println!(
-        "| through the router | {best_router:.1} | {:.3} |",
-        best_router / best_direct
+        "| path | tokens/s (best of {}) | vs straight | vs router gRPC |",
+        args.rounds
+    );
+    println!("|---|---|---|---|");
+    println!("| straight to the worker (gRPC) | {d:.1} | 1.000 | |");
+    println!(
+        "| through the router, gRPC | {r:.1} | {:.3} | 1.000 |",
+        r / d
+    );
+    println!(
+        "| through the router, OpenAI HTTP (SSE) | {h:.1} | {:.3} | {:.3} |",
+        h / d,
+        h / r
     );
     shutdown.trigger();
     Ok(())
@@ -151,8 +187,7 @@ async fn workload(
     prompts: &[String],
     args: &RouterBenchArgs,
     path: Path,
-    direct: &WorkerClient<Channel>,
-    routed: &GenerationClient<Channel>,
+    clients: &Clients,
 ) -> anyhow::Result<f64> {
     let started = Instant::now();
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -160,7 +195,7 @@ async fn workload(
     let tasks: Vec<_> = (0..args.concurrency)
         .map(|_| {
             let (next, prompts) = (next.clone(), prompts.clone());
-            let (mut direct, mut routed) = (direct.clone(), routed.clone());
+            let mut clients = clients.clone();
             let max_new_tokens = args.max_new_tokens;
             tokio::spawn(async move {
                 let mut tokens = 0usize;
@@ -173,14 +208,18 @@ async fn workload(
                         ..Default::default()
                     };
                     let mut stream = match path {
-                        Path::Direct => direct.generate(req).await?.into_inner(),
-                        Path::Router => routed.generate_stream(req).await?.into_inner(),
+                        Path::Direct => clients.direct.generate(req).await?.into_inner(),
+                        Path::Router => clients.routed.generate_stream(req).await?.into_inner(),
+                        Path::Http => {
+                            tokens += sse_completion(&clients, prompt, max_new_tokens).await?;
+                            continue;
+                        }
                     };
                     while let Some(m) = stream.message().await? {
                         tokens += m.token().is_some() as usize;
                     }
                 }
-                Ok::<usize, tonic::Status>(tokens)
+                anyhow::Ok(tokens)
             })
         })
         .collect();
@@ -189,4 +228,43 @@ async fn workload(
         total += t.await??;
     }
     Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// One streamed `POST /v1/completions` (greedy, as the gRPC requests), read event by event to
+/// the end; returns the generated tokens the final usage chunk reports.
+async fn sse_completion(clients: &Clients, prompt: &str, max_tokens: u32) -> anyhow::Result<usize> {
+    let body = serde_json::json!({
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let req = hyper::Request::post(&clients.completions)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))?;
+    let mut res = clients.http.request(req).await?;
+    anyhow::ensure!(res.status().is_success(), "HTTP {}", res.status());
+    let (mut pending, mut usage) = (Vec::new(), None);
+    while let Some(frame) = res.body_mut().frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        // Complete events end with a blank line; the usage chunk is the one with no choices.
+        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = pending.drain(..end + 2).collect();
+            let Some(json) = event.strip_prefix(b"data: ") else {
+                continue;
+            };
+            const USAGE: &[u8] = b"\"usage\":{";
+            if json.starts_with(b"{") && json.windows(USAGE.len()).any(|w| w == USAGE) {
+                let v: serde_json::Value = serde_json::from_slice(json)?;
+                usage = v["usage"]["completion_tokens"].as_u64();
+            }
+        }
+    }
+    usage
+        .map(|n| n as usize)
+        .context("the stream ended without a usage chunk")
 }

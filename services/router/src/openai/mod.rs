@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -96,6 +97,32 @@ async fn health(State(api): State<Api>) -> Response {
     (StatusCode::OK, "ok").into_response()
 }
 
+/// Any other path: an OpenAI-style 404.
+async fn unknown_route(req: Request) -> Response {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!("Unknown request URL: {} {}", req.method(), req.uri().path()),
+        param: None,
+        code: Some("unknown_url".into()),
+    }
+    .into_response()
+}
+
+/// Counts every HTTP request by route and status code (`rrt_router_http_requests_total`), the
+/// ones refused before they reach the generation path (bad JSON, a missing key, an unknown
+/// route) included; a stream counts when its headers are sent.
+async fn count(path: Option<MatchedPath>, req: Request, next: Next) -> Response {
+    let endpoint = path.map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let res = next.run(req).await;
+    metrics::counter!(
+        "rrt_router_http_requests_total",
+        "endpoint" => endpoint,
+        "status" => res.status().as_u16().to_string()
+    )
+    .increment(1);
+    res
+}
+
 /// Serves the API on `listener` until `shutdown` (in-flight requests finish first).
 pub async fn serve(
     listener: TcpListener,
@@ -110,7 +137,9 @@ pub async fn serve(
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .fallback(unknown_route)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .layer(middleware::from_fn(count))
         .with_state(Api { inner, tokens });
     axum::serve(incoming, app)
         .with_graceful_shutdown(async move { shutdown.wait().await })
