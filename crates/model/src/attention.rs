@@ -149,7 +149,9 @@ fn run_task(
     match isa.isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512F runs on this CPU (only detection makes a `Supported`).
-        Isa::Avx512 => unsafe { attend_avx512(t, qkv, width, cache, dims, out) },
+        Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 => unsafe {
+            attend_avx512(t, qkv, width, cache, dims, out)
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 and FMA run on this CPU (as above).
         Isa::Avx2 => unsafe { attend_avx2(t, qkv, width, cache, dims, out) },

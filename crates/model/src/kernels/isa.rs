@@ -11,18 +11,30 @@ pub enum Isa {
     Portable,
     /// x86-64 AVX2 with FMA.
     Avx2,
-    /// x86-64 AVX-512F.
+    /// x86-64 AVX-512F with AVX-512BW (every AVX-512 CPU since Skylake-SP).
     Avx512,
+    /// AVX-512 with VNNI (`vpdpwssd`: int16 pair dot products into int32).
+    Avx512Vnni,
+    /// AVX-512 with BF16 (`vdpbf16ps`: bf16 pair dot products into f32).
+    Avx512Bf16,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 5] = [
+        Isa::Portable,
+        Isa::Avx2,
+        Isa::Avx512,
+        Isa::Avx512Vnni,
+        Isa::Avx512Bf16,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2+fma",
-            Isa::Avx512 => "avx512f",
+            Isa::Avx512 => "avx512f+bw",
+            Isa::Avx512Vnni => "avx512vnni",
+            Isa::Avx512Bf16 => "avx512bf16",
         }
     }
 
@@ -36,7 +48,16 @@ impl Isa {
                     std::arch::is_x86_feature_detected!("avx2")
                         && std::arch::is_x86_feature_detected!("fma")
                 }
-                Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                Isa::Avx512 => {
+                    std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512bw")
+                }
+                Isa::Avx512Vnni => {
+                    Isa::Avx512.runs_here() && std::arch::is_x86_feature_detected!("avx512vnni")
+                }
+                Isa::Avx512Bf16 => {
+                    Isa::Avx512.runs_here() && std::arch::is_x86_feature_detected!("avx512bf16")
+                }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -70,6 +91,22 @@ impl Supported {
             .last()
             .copied()
             .unwrap_or(Supported(Isa::Portable))
+    }
+
+    /// The fastest of `paths` (a kernel's instruction sets) this CPU runs; `Portable` when
+    /// none does.
+    pub fn best_of(paths: &[Isa]) -> Supported {
+        Self::all()
+            .iter()
+            .rev()
+            .find(|s| paths.contains(&s.0))
+            .copied()
+            .unwrap_or(Supported(Isa::Portable))
+    }
+
+    /// Why `isa` cannot run here, naming the missing instruction set (`None` when it runs).
+    pub fn missing(isa: Isa) -> Option<&'static str> {
+        (!Self::all().iter().any(|s| s.0 == isa)).then(|| isa.name())
     }
 
     pub fn isa(self) -> Isa {

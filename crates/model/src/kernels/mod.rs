@@ -11,12 +11,16 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod bf16;
 pub mod gemm;
 pub mod isa;
 pub mod packed;
+pub mod q8;
 
 pub use isa::{Isa, Supported};
 pub use packed::{PackedWeight, PANEL};
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -91,11 +95,33 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedWeight) -> Vec<f32> {
 /// [`matmul`] on a given instruction set of this CPU (tests and benchmarks compare them).
 pub fn matmul_on(isa: Supported, x: &[f32], m: usize, w: &PackedWeight) -> Vec<f32> {
     assert_eq!(x.len(), m * w.k(), "x is not [m, k]");
-    let n = w.n();
+    let block = |rows, cols, next, c| {
+        let next = w.panels_data(next);
+        // SAFETY: `isa` runs on this CPU (only detection makes a `Supported`); `x` is `[m, k]`
+        // (asserted above) and `rows` lie within it; `c` has room for `[m, n]`; this task is
+        // the only writer of block `rows` x `cols` (`par_blocks`).
+        unsafe { matmul_block(isa, x, w, rows, cols, next, c) };
+    };
+    // SAFETY: every micro-kernel stores every valid column of its rows x panels block.
+    unsafe { par_blocks(m, w.n(), block) }
+}
+
+/// The output of an `[m, n]` product computed in parallel blocks of rows x [`PANEL`]-column
+/// panels: `block(rows, panels, next, c)` must write every element of `C[rows, panels]` (`c` is
+/// `[m, n]`, row-major) and nothing else; `next` is the panel range this task computes next
+/// (to prefetch). One row (batch-1 decode) still spreads the panels over every core.
+///
+/// # Safety
+/// `block` writes every element of its block of `c` (the output is not zeroed) and no other.
+pub(crate) unsafe fn par_blocks(
+    m: usize,
+    n: usize,
+    block: impl Fn(Range<usize>, Range<usize>, Range<usize>, *mut f32) + Sync,
+) -> Vec<f32> {
     // Every element is written exactly once below (each task owns its rows x panels, and every
-    // micro-kernel stores every valid column), so the buffer is not zeroed first.
+    // block writes every valid column: the caller's promise), so the buffer is not zeroed first.
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    let panels = w.panels();
+    let panels = n.div_ceil(PANEL);
     // Enough column groups for both cores to stay busy on narrow weights; wide tiles otherwise.
     let group = if panels >= 16 * rayon::current_num_threads() {
         4
@@ -114,14 +140,11 @@ pub fn matmul_on(isa: Supported, x: &[f32], m: usize, w: &PackedWeight) -> Vec<f
         let ptr = &ptr;
         for g in run_index * run..((run_index + 1) * run).min(groups) {
             let cols = g * group..((g + 1) * group).min(panels);
-            let next = w.panels_data(cols.end..(cols.end + group).min(panels));
-            // SAFETY: `isa` runs on this CPU (only detection makes a `Supported`); `x` is
-            // `[m, k]` (asserted above) and `rows` lie within it; `out` has room for `[m, n]`;
-            // this task is the only writer of block `rows` x `cols`.
-            unsafe { matmul_block(isa, x, w, rows.clone(), cols, next, ptr.0) };
+            let next = cols.end..(cols.end + group).min(panels);
+            block(rows.clone(), cols, next, ptr.0);
         }
     });
-    // SAFETY: all m * n elements were initialised by the tasks above.
+    // SAFETY: all m * n elements were initialised by the blocks above (the caller's promise).
     unsafe { out.set_len(m * n) };
     out
 }
@@ -143,7 +166,9 @@ unsafe fn matmul_block(
     match isa.isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512F runs here (`isa`); the shapes and the block are the caller's promise.
-        Isa::Avx512 => unsafe { avx512::matmul_block(x, w, rows, panels, next, c) },
+        Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 => unsafe {
+            avx512::matmul_block(x, w, rows, panels, next, c)
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 and FMA run here (`isa`); the rest is the caller's promise.
         Isa::Avx2 => unsafe { generic_block_avx2(x, w, rows, panels, c) },
@@ -203,7 +228,7 @@ unsafe fn generic_block<const FMA: bool>(
 mod tests {
     use super::*;
 
-    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    pub(crate) fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
         let mut out = vec![0f32; m * n];
         for r in 0..m {
             for j in 0..n {
@@ -215,7 +240,7 @@ mod tests {
         out
     }
 
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+    pub(crate) fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
         (0..n)
             .map(|_| {

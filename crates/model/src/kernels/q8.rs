@@ -1,0 +1,597 @@
+//! int8 weights (`--dtype q8`): a quarter of the f32 weight stream. Weights are quantized at load
+//! symmetrically in blocks of [`QBLOCK`] = 32 along k with one f32 scale per block and output
+//! column (the block of llama.cpp's Q8_0, so GGUF Q8_0 tensors load as they are: 1.125 bytes per
+//! weight); each row of activations is quantized the same way per call. A block's 32 products
+//! sum exactly in int32, and the scaled block sums accumulate in f32.
+//!
+//! Layout: panels of [`PANEL`] output columns, k in pairs inside each block
+//! (`[panel][block][16 pairs][16 columns][2]`), so a pair of int16-widened weights per column
+//! meets a broadcast pair of activations in one `vpmaddwd` (AVX2, AVX-512BW) or `vpdpwssd`
+//! (AVX512_VNNI) lane: no horizontal sums. Every path is tested against an f64 reference of the
+//! dequantized operands on every instruction set the host runs.
+
+use std::ops::Range;
+
+use super::isa::{Isa, Supported};
+use super::{par_blocks, PANEL};
+
+/// Weights per quantization block (along k).
+pub const QBLOCK: usize = 32;
+const PAIRS: usize = QBLOCK / 2;
+/// Bytes of one panel's block: 16 pairs x 16 columns x 2.
+const BLOCK_BYTES: usize = QBLOCK * PANEL;
+
+/// A `[n, k]` weight as int8 blocks with f32 scales.
+#[derive(Debug, Clone)]
+pub struct PackedQ8 {
+    n: usize,
+    k: usize,
+    data: Vec<i8>,
+    /// `[panel][block][16]`: column c of block b is `scale * q`.
+    scales: Vec<f32>,
+}
+
+/// Symmetric int8 quantization of one block: the scale and the values (`|q| <= 127`).
+fn quantize_block(v: &[f32], q: &mut [i8]) -> f32 {
+    let amax = v.iter().fold(0f32, |a, &x| a.max(x.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        q.iter_mut().for_each(|x| *x = 0);
+        return if amax.is_finite() { 0.0 } else { f32::NAN };
+    }
+    let scale = amax / 127.0;
+    let inv = 127.0 / amax;
+    for (q, &x) in q.iter_mut().zip(v) {
+        *q = (x * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    scale
+}
+
+impl PackedQ8 {
+    /// Quantizes `w`, row-major `[n, k]` f32.
+    pub fn quantize(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "weight is not [n, k]");
+        let blocks = k.div_ceil(QBLOCK);
+        let mut scales = vec![0f32; n * blocks];
+        let mut q = vec![0i8; n * blocks * QBLOCK];
+        for row in 0..n {
+            for b in 0..blocks {
+                let src = &w[row * k + b * QBLOCK..row * k + ((b + 1) * QBLOCK).min(k)];
+                let dst = &mut q[(row * blocks + b) * QBLOCK..][..src.len()];
+                scales[row * blocks + b] = quantize_block(src, dst);
+            }
+        }
+        Self::from_blocks(n, k, &scales, &q)
+    }
+
+    /// Packs quantized blocks as they are: `scales` is `[n, blocks]`, `q` is `[n, blocks, 32]`
+    /// (row-major, blocks along k, the tail of the last block zero): a GGUF Q8_0 tensor's
+    /// contents.
+    pub fn from_blocks(n: usize, k: usize, scales: &[f32], q: &[i8]) -> Self {
+        let blocks = k.div_ceil(QBLOCK);
+        assert_eq!(scales.len(), n * blocks, "scales are not [n, blocks]");
+        assert_eq!(
+            q.len(),
+            n * blocks * QBLOCK,
+            "values are not [n, blocks, 32]"
+        );
+        let panels = n.div_ceil(PANEL);
+        let mut data = vec![0i8; panels * blocks * BLOCK_BYTES];
+        let mut packed_scales = vec![0f32; panels * blocks * PANEL];
+        for row in 0..n {
+            let (p, c) = (row / PANEL, row % PANEL);
+            for b in 0..blocks {
+                let base = (p * blocks + b) * BLOCK_BYTES;
+                for i in 0..QBLOCK {
+                    if b * QBLOCK + i < k {
+                        data[base + (i / 2) * PANEL * 2 + c * 2 + i % 2] =
+                            q[(row * blocks + b) * QBLOCK + i];
+                    }
+                }
+                packed_scales[(p * blocks + b) * PANEL + c] = scales[row * blocks + b];
+            }
+        }
+        Self {
+            n,
+            k,
+            data,
+            scales: packed_scales,
+        }
+    }
+
+    /// Back to row-major `[n, k]` f32: `scale * q` of every weight.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (n, k, blocks) = (self.n, self.k, self.blocks());
+        let mut w = vec![0f32; n * k];
+        for row in 0..n {
+            let (p, c) = (row / PANEL, row % PANEL);
+            for kk in 0..k {
+                let (b, i) = (kk / QBLOCK, kk % QBLOCK);
+                let q =
+                    self.data[(p * blocks + b) * BLOCK_BYTES + (i / 2) * PANEL * 2 + c * 2 + i % 2];
+                w[row * k + kk] = self.scales[(p * blocks + b) * PANEL + c] * q as f32;
+            }
+        }
+        w
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    fn blocks(&self) -> usize {
+        self.k.div_ceil(QBLOCK)
+    }
+
+    /// Panel `p`'s values (`blocks x 512` bytes) and scales (`blocks x 16`).
+    fn panel(&self, p: usize) -> (&[i8], &[f32]) {
+        let b = self.blocks();
+        (
+            &self.data[p * b * BLOCK_BYTES..(p + 1) * b * BLOCK_BYTES],
+            &self.scales[p * b * PANEL..(p + 1) * b * PANEL],
+        )
+    }
+
+    /// Bytes the weight occupies (values and scales).
+    pub fn bytes(&self) -> usize {
+        self.data.len() + self.scales.len() * 4
+    }
+}
+
+/// Rows of activations quantized per block like the weights: each row's values as int16 pairs
+/// (`lo = x[2j]`, `hi = x[2j + 1]` in one i32, ready to broadcast) and one scale per block.
+pub struct QuantizedRows {
+    blocks: usize,
+    pairs: Vec<i32>,
+    scales: Vec<f32>,
+}
+
+impl QuantizedRows {
+    /// Quantizes `x` (`[m, k]`).
+    pub fn new(x: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(x.len(), m * k, "x is not [m, k]");
+        let blocks = k.div_ceil(QBLOCK);
+        let mut pairs = vec![0i32; m * blocks * PAIRS];
+        let mut scales = vec![0f32; m * blocks];
+        let mut q = [0i8; QBLOCK];
+        for r in 0..m {
+            for b in 0..blocks {
+                let src = &x[r * k + b * QBLOCK..r * k + ((b + 1) * QBLOCK).min(k)];
+                q.fill(0);
+                scales[r * blocks + b] = quantize_block(src, &mut q[..src.len()]);
+                for j in 0..PAIRS {
+                    let (lo, hi) = (
+                        q[2 * j] as i16 as u16 as u32,
+                        q[2 * j + 1] as i16 as u16 as u32,
+                    );
+                    pairs[(r * blocks + b) * PAIRS + j] = (lo | (hi << 16)) as i32;
+                }
+            }
+        }
+        Self {
+            blocks,
+            pairs,
+            scales,
+        }
+    }
+
+    /// Row `r`: its pairs (`blocks x 16`) and scales.
+    fn row(&self, r: usize) -> (&[i32], &[f32]) {
+        let b = self.blocks;
+        (
+            &self.pairs[r * b * PAIRS..(r + 1) * b * PAIRS],
+            &self.scales[r * b..(r + 1) * b],
+        )
+    }
+
+    /// The dequantized rows (`[m, blocks * 32]`, zero past k): what the kernels multiply.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let m = self.scales.len() / self.blocks.max(1);
+        let mut out = Vec::with_capacity(m * self.blocks * QBLOCK);
+        for r in 0..m {
+            let (pairs, scales) = self.row(r);
+            for (j, &p) in pairs.iter().enumerate() {
+                let s = scales[j / PAIRS];
+                out.push(s * (p as i16) as f32);
+                out.push(s * ((p >> 16) as i16) as f32);
+            }
+        }
+        out
+    }
+}
+
+/// The instruction sets [`matmul_q8_on`] has a path for.
+pub const PATHS: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni];
+
+/// `y = x w^T` for `x` (`[m, k]` f32, quantized per row inside) and an int8 weight (`[n, k]`):
+/// `[m, n]` f32.
+pub fn matmul_q8(x: &[f32], m: usize, w: &PackedQ8) -> Vec<f32> {
+    matmul_q8_on(Supported::best_of(&PATHS), x, m, w)
+}
+
+/// [`matmul_q8`] on a given instruction set of this CPU (one of [`PATHS`]).
+pub fn matmul_q8_on(isa: Supported, x: &[f32], m: usize, w: &PackedQ8) -> Vec<f32> {
+    let xq = QuantizedRows::new(x, m, w.k());
+    let block = |rows: Range<usize>, panels: Range<usize>, _next, c: *mut f32| {
+        for p in panels {
+            // SAFETY: `isa` runs here; rows < m and p < panels; `c` is `[m, n]`, and this task
+            // alone writes these rows of panel p (`par_blocks`).
+            unsafe { panel_rows(isa, &xq, w, rows.clone(), p, c) };
+        }
+    };
+    // SAFETY: `panel_rows` stores every valid column of its rows of its panel.
+    unsafe { par_blocks(m, w.n(), block) }
+}
+
+/// Rows `rows` of panel `p` on `isa`.
+///
+/// # Safety
+/// `isa` runs on this CPU; `xq` holds at least `rows.end` rows of `w.k()`; `p` is a panel of
+/// `w`; `c` is `[m, w.n()]`; no other thread writes these rows of the panel.
+unsafe fn panel_rows(
+    isa: Supported,
+    xq: &QuantizedRows,
+    w: &PackedQ8,
+    rows: Range<usize>,
+    p: usize,
+    c: *mut f32,
+) {
+    let n = w.n();
+    let valid = (n - p * PANEL).min(PANEL);
+    let (values, scales) = w.panel(p);
+    match isa.isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni | Isa::Avx512 | Isa::Avx512Bf16 => {
+            let vnni = isa.isa() == Isa::Avx512Vnni;
+            for r in rows {
+                let (xp, xs) = xq.row(r);
+                // SAFETY: AVX-512F+BW (and VNNI when asked) run here; row r's valid columns of
+                // the panel lie in `c`.
+                unsafe {
+                    let out = c.add(r * n + p * PANEL);
+                    if vnni {
+                        x86::row_vnni(xp, xs, values, scales, out, valid)
+                    } else {
+                        x86::row_avx512(xp, xs, values, scales, out, valid)
+                    }
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            let mut r = rows.start;
+            while r < rows.end {
+                let tile = (rows.end - r).min(x86::MR);
+                let xs: [(&[i32], &[f32]); x86::MR] =
+                    std::array::from_fn(|i| xq.row(r + i.min(tile - 1)));
+                // SAFETY: AVX2 and FMA run here; rows r..r + tile of the panel's valid columns
+                // lie in `c`.
+                unsafe {
+                    x86::tile_avx2(
+                        &xs[..tile],
+                        values,
+                        scales,
+                        c.add(r * n + p * PANEL),
+                        n,
+                        valid,
+                    )
+                };
+                r += tile;
+            }
+        }
+        _ => {
+            for r in rows {
+                let (xp, xs) = xq.row(r);
+                let out = portable_row(xp, xs, values, scales);
+                // SAFETY: row r's valid columns of the panel lie in `c`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(out.as_ptr(), c.add(r * n + p * PANEL), valid)
+                };
+            }
+        }
+    }
+}
+
+/// One quantized row times one panel, in plain Rust.
+fn portable_row(xp: &[i32], xs: &[f32], values: &[i8], scales: &[f32]) -> [f32; PANEL] {
+    let mut acc = [0f32; PANEL];
+    for (b, &sx) in xs.iter().enumerate() {
+        let mut dots = [0i32; PANEL];
+        for j in 0..PAIRS {
+            let pair = xp[b * PAIRS + j];
+            let (x0, x1) = ((pair as i16) as i32, ((pair >> 16) as i16) as i32);
+            let w = &values[b * BLOCK_BYTES + j * PANEL * 2..][..PANEL * 2];
+            for (c, d) in dots.iter_mut().enumerate() {
+                *d += x0 * w[2 * c] as i32 + x1 * w[2 * c + 1] as i32;
+            }
+        }
+        for (c, a) in acc.iter_mut().enumerate() {
+            *a += dots[c] as f32 * (scales[b * PANEL + c] * sx);
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK_BYTES, PAIRS, PANEL};
+
+    /// Rows per AVX2 tile: the int32 block sums (2 vectors a row) stay in registers; the f32
+    /// sums are touched once per block.
+    pub const MR: usize = 4;
+
+    /// Quantized rows `xs` (<= [`MR`]) times one panel into `c` (stride `ldc`), `valid` columns.
+    ///
+    /// # Safety
+    /// AVX2 and FMA run here; every row has as many blocks as the panel; `c` has `xs.len()`
+    /// rows of `ldc` with `valid` columns from it.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_avx2(
+        xs: &[(&[i32], &[f32])],
+        values: &[i8],
+        scales: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        valid: usize,
+    ) {
+        match xs.len() {
+            // SAFETY: the caller's promise, for the same tile.
+            1 => unsafe { tile_n::<1>(xs, values, scales, c, ldc, valid) },
+            2 => unsafe { tile_n::<2>(xs, values, scales, c, ldc, valid) },
+            3 => unsafe { tile_n::<3>(xs, values, scales, c, ldc, valid) },
+            4 => unsafe { tile_n::<4>(xs, values, scales, c, ldc, valid) },
+            _ => unreachable!("tiles are 1..=MR rows"),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_n<const R: usize>(
+        xs: &[(&[i32], &[f32])],
+        values: &[i8],
+        scales: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        valid: usize,
+    ) {
+        let blocks = scales.len() / PANEL;
+        assert!(values.len() >= blocks * BLOCK_BYTES);
+        for (xp, xsc) in xs.iter().take(R) {
+            assert!(xp.len() >= blocks * PAIRS && xsc.len() >= blocks);
+        }
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for b in 0..blocks {
+            let mut dots = [[_mm256_setzero_si256(); 2]; R];
+            for j in 0..PAIRS {
+                // SAFETY: block b, pair j: 32 bytes inside `values` (asserted above).
+                let v = unsafe {
+                    _mm256_loadu_si256(
+                        values.as_ptr().add(b * BLOCK_BYTES + j * 32) as *const __m256i
+                    )
+                };
+                let lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
+                let hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(v));
+                for r in 0..R {
+                    let xb = _mm256_set1_epi32(xs[r].0[b * PAIRS + j]);
+                    dots[r][0] = _mm256_add_epi32(dots[r][0], _mm256_madd_epi16(lo, xb));
+                    dots[r][1] = _mm256_add_epi32(dots[r][1], _mm256_madd_epi16(hi, xb));
+                }
+            }
+            // SAFETY: block b's 16 scales lie inside `scales`.
+            let (s0, s1) = unsafe {
+                (
+                    _mm256_loadu_ps(scales.as_ptr().add(b * PANEL)),
+                    _mm256_loadu_ps(scales.as_ptr().add(b * PANEL + 8)),
+                )
+            };
+            for r in 0..R {
+                let sx = _mm256_set1_ps(xs[r].1[b]);
+                acc[r][0] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(dots[r][0]),
+                    _mm256_mul_ps(s0, sx),
+                    acc[r][0],
+                );
+                acc[r][1] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(dots[r][1]),
+                    _mm256_mul_ps(s1, sx),
+                    acc[r][1],
+                );
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let mut out = [0f32; PANEL];
+            // SAFETY: `out` holds 16 floats.
+            unsafe {
+                _mm256_storeu_ps(out.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(out.as_mut_ptr().add(8), a[1]);
+            }
+            // SAFETY: row r of `c` has `valid` columns (the caller's promise).
+            unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), c.add(r * ldc), valid) };
+        }
+    }
+
+    /// One quantized row times one panel with AVX-512BW (`vpmaddwd`).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512BW run here; `xp`/`xs` have the panel's blocks; `c` has `valid`
+    /// columns.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn row_avx512(
+        xp: &[i32],
+        xs: &[f32],
+        values: &[i8],
+        scales: &[f32],
+        c: *mut f32,
+        valid: usize,
+    ) {
+        let blocks = scales.len() / PANEL;
+        assert!(
+            values.len() >= blocks * BLOCK_BYTES
+                && xp.len() >= blocks * PAIRS
+                && xs.len() >= blocks
+        );
+        let mut acc = _mm512_setzero_ps();
+        for b in 0..blocks {
+            let mut dots = _mm512_setzero_si512();
+            for j in 0..PAIRS {
+                // SAFETY: block b, pair j: 32 bytes inside `values` (asserted above).
+                let v = unsafe {
+                    _mm256_loadu_si256(
+                        values.as_ptr().add(b * BLOCK_BYTES + j * 32) as *const __m256i
+                    )
+                };
+                let w = _mm512_cvtepi8_epi16(v);
+                let xb = _mm512_set1_epi32(xp[b * PAIRS + j]);
+                dots = _mm512_add_epi32(dots, _mm512_madd_epi16(w, xb));
+            }
+            // SAFETY: block b's 16 scales lie inside `scales`.
+            let s = unsafe { _mm512_loadu_ps(scales.as_ptr().add(b * PANEL)) };
+            let s = _mm512_mul_ps(s, _mm512_set1_ps(xs[b]));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), s, acc);
+        }
+        store16(acc, c, valid);
+    }
+
+    /// One quantized row times one panel with AVX512_VNNI (`vpdpwssd`).
+    ///
+    /// # Safety
+    /// AVX-512F, AVX-512BW and AVX512_VNNI run here; otherwise as [`row_avx512`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn row_vnni(
+        xp: &[i32],
+        xs: &[f32],
+        values: &[i8],
+        scales: &[f32],
+        c: *mut f32,
+        valid: usize,
+    ) {
+        let blocks = scales.len() / PANEL;
+        assert!(
+            values.len() >= blocks * BLOCK_BYTES
+                && xp.len() >= blocks * PAIRS
+                && xs.len() >= blocks
+        );
+        let mut acc = _mm512_setzero_ps();
+        for b in 0..blocks {
+            let mut dots = _mm512_setzero_si512();
+            for j in 0..PAIRS {
+                // SAFETY: block b, pair j: 32 bytes inside `values` (asserted above).
+                let v = unsafe {
+                    _mm256_loadu_si256(
+                        values.as_ptr().add(b * BLOCK_BYTES + j * 32) as *const __m256i
+                    )
+                };
+                let w = _mm512_cvtepi8_epi16(v);
+                let xb = _mm512_set1_epi32(xp[b * PAIRS + j]);
+                dots = _mm512_dpwssd_epi32(dots, w, xb);
+            }
+            // SAFETY: block b's 16 scales lie inside `scales`.
+            let s = unsafe { _mm512_loadu_ps(scales.as_ptr().add(b * PANEL)) };
+            let s = _mm512_mul_ps(s, _mm512_set1_ps(xs[b]));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), s, acc);
+        }
+        store16(acc, c, valid);
+    }
+
+    /// Stores the first `valid` of 16 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn store16(v: __m512, c: *mut f32, valid: usize) {
+        let mask: __mmask16 = if valid >= PANEL {
+            0xFFFF
+        } else {
+            ((1u32 << valid) - 1) as u16
+        };
+        // SAFETY: the caller's promise: `valid` columns from `c`; masked lanes are not written.
+        unsafe { _mm512_mask_storeu_ps(c, mask, v) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::tests::{pseudo_random, reference};
+
+    #[test]
+    fn blocks_round_trip_within_half_a_step() {
+        let (n, k) = (37, 70);
+        let w = pseudo_random(n * k, 3);
+        let q = PackedQ8::quantize(&w, n, k);
+        let back = q.dequantize();
+        for row in 0..n {
+            for b in 0..k.div_ceil(QBLOCK) {
+                let block = &w[row * k + b * QBLOCK..row * k + ((b + 1) * QBLOCK).min(k)];
+                let step = block.iter().fold(0f32, |a, x| a.max(x.abs())) / 127.0;
+                for (i, &v) in block.iter().enumerate() {
+                    let got = back[row * k + b * QBLOCK + i];
+                    assert!((got - v).abs() <= step * 0.5 + 1e-7, "{got} vs {v}");
+                }
+            }
+        }
+        assert_eq!(q.bytes(), 3 * 3 * 512 + 3 * 3 * 16 * 4);
+        // An all-zero block has scale 0 and stays zero.
+        let z = PackedQ8::quantize(&[0.0; 64], 2, 32);
+        assert!(z.dequantize().iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn q8_matmul_matches_an_f64_reference_on_every_instruction_set_here() {
+        let shapes = [
+            (1, 576, 1536),
+            (3, 67, 101),
+            (8, 576, 49),
+            (1, 5, 1),
+            (5, 1536, 576),
+            (33, 576, 130),
+            (64, 17, 257),
+        ];
+        for &(m, k, n) in &shapes {
+            let x = pseudo_random(m * k, 1);
+            let w = pseudo_random(n * k, 2);
+            let packed = PackedQ8::quantize(&w, n, k);
+            // The kernels' arithmetic is exact on the dequantized operands (int32 block sums),
+            // up to f32 rounding of the scaled sums.
+            let kp = k.div_ceil(QBLOCK) * QBLOCK;
+            let xq = QuantizedRows::new(&x, m, k).dequantize();
+            let wq: Vec<f32> = packed
+                .dequantize()
+                .chunks(k)
+                .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0.0, kp - k)))
+                .collect();
+            let want = reference(&xq, m, kp, &wq, n);
+            let f32_want = reference(&x, m, k, &w, n);
+            let scale = f32_want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let paths = Supported::all()
+                .iter()
+                .filter(|s| PATHS.contains(&s.isa()))
+                .map(|&isa| (isa.isa().name(), matmul_q8_on(isa, &x, m, &packed)))
+                .chain([("dispatched", matmul_q8(&x, m, &packed))]);
+            for (path, got) in paths {
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    diff < 1e-4 * scale.max(1.0),
+                    "{path}: m={m} k={k} n={n}: max diff {diff}"
+                );
+                // And close to the f32 product: int8 steps of both operands.
+                let err = got
+                    .iter()
+                    .zip(&f32_want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    err < 0.02 * scale.max(0.1),
+                    "{path}: m={m} k={k} n={n}: error {err} of {scale}"
+                );
+            }
+        }
+    }
+}
