@@ -1,10 +1,13 @@
-//! rrt's packed-weight matmul kernel vs candle's gemm on the model's projection shapes at decode
-//! batch sizes, and this machine's matmul roofline: the best rate either reaches on large shapes.
+//! rrt's packed-weight matmul kernels (f32, bf16, int8) vs candle's gemm on the model's
+//! projection shapes at decode batch sizes, and this machine's matmul roofline: the best rate
+//! either reaches on large shapes.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clap::Args;
+use rrt_model::kernels::bf16::{matmul_bf16, PackedBf16};
+use rrt_model::kernels::q8::{matmul_q8, PackedQ8};
 use rrt_model::kernels::{matmul, PackedWeight};
 
 #[derive(Args, Debug)]
@@ -73,12 +76,20 @@ pub fn roofline() -> anyhow::Result<Roofline> {
 
 pub fn run(args: MatmulArgs) -> anyhow::Result<()> {
     println!(
-        "matmul y = x w^T, f32, rrt (weights packed at load) vs candle gemm (Linear layout), threads: {}",
+        "matmul y = x w^T: rrt (weights packed at load: f32, bf16, int8 blocks of 32) vs candle f32 gemm (Linear layout), threads: {}",
         rayon::current_num_threads()
     );
     println!(
-        "{:>12} {:>5} {:>14} {:>14} {:>8}",
-        "shape n x k", "rows", "rrt GFLOP/s", "candle GFLOP/s", "ratio"
+        "{:>16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>9} {:>9}",
+        "shape n x k",
+        "rows",
+        "f32 GF/s",
+        "bf16 GF/s",
+        "q8 GF/s",
+        "candle",
+        "f32/candle",
+        "bf16/f32",
+        "q8/f32"
     );
     for (name, n, k) in [
         ("qkv", 960, 576),
@@ -86,7 +97,10 @@ pub fn run(args: MatmulArgs) -> anyhow::Result<()> {
         ("lm_head", 49152, 576),
     ] {
         let w = random(n, k)?;
-        let packed = PackedWeight::pack(&w.flatten_all()?.to_vec1::<f32>()?, n, k);
+        let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        let packed = PackedWeight::pack(&wv, n, k);
+        let bf16 = PackedBf16::pack(&wv, n, k);
+        let q8 = PackedQ8::quantize(&wv, n, k);
         for &m in &args.rows {
             let x = random(m, k)?;
             let xv = x.flatten_all()?.to_vec1::<f32>()?;
@@ -95,17 +109,29 @@ pub fn run(args: MatmulArgs) -> anyhow::Result<()> {
                 std::hint::black_box(matmul(&xv, m, &packed));
                 Ok(())
             })?;
+            let half = best_time(10, || {
+                std::hint::black_box(matmul_bf16(&xv, m, &bf16));
+                Ok(())
+            })?;
+            let int8 = best_time(10, || {
+                std::hint::black_box(matmul_q8(&xv, m, &q8));
+                Ok(())
+            })?;
             let theirs = best_time(10, || {
                 x.matmul(&w.t()?)?;
                 Ok(())
             })?;
             println!(
-                "{:>12} {:>5} {:>14.1} {:>14.1} {:>7.2}x",
+                "{:>16} {:>5} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>11.2}x {:>8.2}x {:>8.2}x",
                 format!("{name} {n}x{k}"),
                 m,
                 flops / ours / 1e9,
+                flops / half / 1e9,
+                flops / int8 / 1e9,
                 flops / theirs / 1e9,
-                theirs / ours
+                theirs / ours,
+                ours / half,
+                ours / int8
             );
         }
     }

@@ -257,13 +257,15 @@ mod x86 {
         ldc: usize,
         valid: usize,
     ) {
-        match tile {
-            // SAFETY: the caller's promise, for the same tile size.
-            1 => unsafe { tile_n::<1>(x, k, panel, c, ldc, valid) },
-            2 => unsafe { tile_n::<2>(x, k, panel, c, ldc, valid) },
-            3 => unsafe { tile_n::<3>(x, k, panel, c, ldc, valid) },
-            4 => unsafe { tile_n::<4>(x, k, panel, c, ldc, valid) },
-            _ => unreachable!("tiles are 1..=MR rows"),
+        // SAFETY: the caller's promise, for the same tile size.
+        unsafe {
+            match tile {
+                1 => tile_n::<1>(x, k, panel, c, ldc, valid),
+                2 => tile_n::<2>(x, k, panel, c, ldc, valid),
+                3 => tile_n::<3>(x, k, panel, c, ldc, valid),
+                4 => tile_n::<4>(x, k, panel, c, ldc, valid),
+                _ => unreachable!("tiles are 1..=MR rows"),
+            }
         }
     }
 

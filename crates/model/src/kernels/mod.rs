@@ -4,11 +4,14 @@
 //! attention over per-sequence KV caches of different lengths (one small op per sequence would
 //! cost more in dispatch than in arithmetic). Each kernel has a test against a plain reference.
 //!
-//! Instruction sets are picked at run time ([`isa`]), so one binary runs everywhere: an AVX-512
-//! micro-kernel over pre-packed weights ([`packed`]) where the CPU has it, else generic loops
-//! instantiated once with AVX2+FMA and once for the baseline target. Every path of every kernel
-//! is tested against an f64 reference on each instruction set the host runs.
+//! Instruction sets are picked at run time ([`isa`]), so one binary runs everywhere: AVX-512 and
+//! AVX2+FMA micro-kernels over pre-packed weights ([`packed`]), and plain loops for the baseline
+//! target. Weights come in three formats: f32 ([`matmul`]), bf16 ([`bf16`]) and int8 blocks
+//! ([`q8`]). Every path of every kernel is tested against an f64 reference on each instruction
+//! set the host runs.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod bf16;
@@ -171,27 +174,10 @@ unsafe fn matmul_block(
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 and FMA run here (`isa`); the rest is the caller's promise.
-        Isa::Avx2 => unsafe { generic_block_avx2(x, w, rows, panels, c) },
+        Isa::Avx2 => unsafe { avx2::matmul_block(x, w, rows, panels, c) },
         // SAFETY: the caller's promise.
         _ => unsafe { generic_block::<false>(x, w, rows, panels, c) },
     }
-}
-
-/// [`generic_block`] compiled for AVX2 with FMA.
-///
-/// # Safety
-/// The CPU runs AVX2 and FMA; otherwise as [`generic_block`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn generic_block_avx2(
-    x: &[f32],
-    w: &PackedWeight,
-    rows: std::ops::Range<usize>,
-    panels: std::ops::Range<usize>,
-    c: *mut f32,
-) {
-    // SAFETY: the caller's promise.
-    unsafe { generic_block::<true>(x, w, rows, panels, c) }
 }
 
 /// The portable micro-kernel: one row against one panel at a time, 16 lanes of accumulators.

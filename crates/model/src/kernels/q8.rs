@@ -339,13 +339,15 @@ mod x86 {
         ldc: usize,
         valid: usize,
     ) {
-        match xs.len() {
-            // SAFETY: the caller's promise, for the same tile.
-            1 => unsafe { tile_n::<1>(xs, values, scales, c, ldc, valid) },
-            2 => unsafe { tile_n::<2>(xs, values, scales, c, ldc, valid) },
-            3 => unsafe { tile_n::<3>(xs, values, scales, c, ldc, valid) },
-            4 => unsafe { tile_n::<4>(xs, values, scales, c, ldc, valid) },
-            _ => unreachable!("tiles are 1..=MR rows"),
+        // SAFETY: the caller's promise, for the same tile size.
+        unsafe {
+            match xs.len() {
+                1 => tile_n::<1>(xs, values, scales, c, ldc, valid),
+                2 => tile_n::<2>(xs, values, scales, c, ldc, valid),
+                3 => tile_n::<3>(xs, values, scales, c, ldc, valid),
+                4 => tile_n::<4>(xs, values, scales, c, ldc, valid),
+                _ => unreachable!("tiles are 1..=MR rows"),
+            }
         }
     }
 

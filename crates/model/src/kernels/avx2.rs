@@ -1,0 +1,96 @@
+//! The AVX2+FMA micro-kernel of [`super::matmul`]: a tile of up to [`MR`] rows of X times one
+//! weight panel (16 output columns, two 8-lane vectors), in 12 accumulators. Each step along k
+//! loads the panel's two vectors once for every row of the tile.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::packed::{PackedWeight, PANEL};
+
+/// Rows of X per tile: 6 rows x 2 vectors = 12 accumulators, 2 weight vectors and a broadcast
+/// (15 of the 16 registers).
+pub const MR: usize = 6;
+
+/// Computes `C[rows, panels]` (columns clipped to `w.n()`).
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `x` is `[m, k]` with `rows.end <= m`; `c` is `[m, w.n()]`;
+/// no other thread writes this block of C.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn matmul_block(
+    x: &[f32],
+    w: &PackedWeight,
+    rows: Range<usize>,
+    panels: Range<usize>,
+    c: *mut f32,
+) {
+    let (k, n) = (w.k(), w.n());
+    for p in panels {
+        let valid = (n - p * PANEL).min(PANEL);
+        let panel = w.panel(p);
+        let mut r = rows.start;
+        while r < rows.end {
+            let tile = (rows.end - r).min(MR);
+            let xr = &x[r * k..(r + tile) * k];
+            // SAFETY: rows r..r + tile < m and panel p's `valid` columns lie inside `c` (the
+            // caller's promise); AVX2 and FMA run here.
+            unsafe {
+                let cp = c.add(r * n + p * PANEL);
+                match tile {
+                    1 => tile_n::<1>(xr, k, panel, cp, n, valid),
+                    2 => tile_n::<2>(xr, k, panel, cp, n, valid),
+                    3 => tile_n::<3>(xr, k, panel, cp, n, valid),
+                    4 => tile_n::<4>(xr, k, panel, cp, n, valid),
+                    5 => tile_n::<5>(xr, k, panel, cp, n, valid),
+                    6 => tile_n::<6>(xr, k, panel, cp, n, valid),
+                    _ => unreachable!("tiles are 1..=MR rows"),
+                }
+            }
+            r += tile;
+        }
+    }
+}
+
+/// `R` rows of `x` (stride `k`) times one panel (`k * 16` floats) into `c` (stride `ldc`),
+/// `valid` columns.
+///
+/// # Safety
+/// AVX2 and FMA run here; `c` has `R` rows of `ldc` floats with `valid` columns from it.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_n<const R: usize>(
+    x: &[f32],
+    k: usize,
+    panel: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    valid: usize,
+) {
+    assert!(x.len() >= R * k && panel.len() >= k * PANEL);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let wp = panel.as_ptr();
+    for kk in 0..k {
+        // SAFETY: step kk < k: 16 floats inside the panel (asserted above).
+        let (w0, w1) = unsafe {
+            (
+                _mm256_loadu_ps(wp.add(kk * PANEL)),
+                _mm256_loadu_ps(wp.add(kk * PANEL + 8)),
+            )
+        };
+        for (r, a) in acc.iter_mut().enumerate() {
+            let b = _mm256_set1_ps(x[r * k + kk]);
+            a[0] = _mm256_fmadd_ps(b, w0, a[0]);
+            a[1] = _mm256_fmadd_ps(b, w1, a[1]);
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        let mut out = [0f32; PANEL];
+        // SAFETY: `out` holds 16 floats.
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(out.as_mut_ptr().add(8), a[1]);
+        }
+        // SAFETY: row r of `c` has `valid` columns (the caller's promise).
+        unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), c.add(r * ldc), valid) };
+    }
+}
