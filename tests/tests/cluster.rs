@@ -464,7 +464,7 @@ async fn logprobs_come_back_when_asked_and_equal_the_models_log_softmax() {
         .unwrap()
         .into_inner()
         .token_ids;
-    let loaded = rrt_model::load(&cluster::recursive_model(), candle_core::DType::F32).unwrap();
+    let loaded = rrt_model::load(&cluster::recursive_model(), rrt_model::WeightDtype::F32).unwrap();
     let mut text = prompt_ids.clone();
     text.extend(&unary.token_ids[..5]);
     let mut cache = loaded.model.new_cache();

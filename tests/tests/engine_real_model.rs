@@ -4,7 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-use candle_core::DType;
 use rrt_engine::{Engine, EngineConfig, GenParams, Received, Request, Scheduler};
 use rrt_model::generate::greedy;
 use rrt_model::recursive::convert::{convert, ConvertOptions};
@@ -13,7 +12,7 @@ use rrt_tests::smollm2_gguf;
 
 #[test]
 fn cdb_and_csb_on_smollm2_15x2_match_sequential_generation() {
-    let loaded = rrt_model::load(&smollm2_gguf(), DType::F32).unwrap();
+    let loaded = rrt_model::load(&smollm2_gguf(), rrt_model::WeightDtype::F32).unwrap();
     let opts = ConvertOptions {
         block_layers: 15,
         init: Init::Stepwise,

@@ -3,13 +3,12 @@
 
 #![forbid(unsafe_code)]
 
-use candle_core::DType;
 use rrt_model::{BatchItem, Logits};
 use rrt_tests::{kjv_heldout, rrt, smollm2_gguf, stderr, stdout};
 
 #[test]
 fn gguf_tokens_and_logits_match_transformers() {
-    let loaded = rrt_model::load(&smollm2_gguf(), DType::F32).unwrap();
+    let loaded = rrt_model::load(&smollm2_gguf(), rrt_model::WeightDtype::F32).unwrap();
     let path = rrt_tests::root().join("crates/model/tests/fixtures/smollm2-gguf-reference.json");
     let records: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();

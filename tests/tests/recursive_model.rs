@@ -4,7 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-use candle_core::DType;
 use rrt_model::recursive::convert::{convert, ConvertOptions};
 use rrt_model::recursive::mapping::Init;
 use rrt_model::{BatchItem, Llama, Logits};
@@ -28,7 +27,7 @@ fn last_logits(model: &Llama, ids: &[u32]) -> Vec<f32> {
 
 #[test]
 fn full_rank_relaxation_of_smollm2_reproduces_its_logits() {
-    let loaded = rrt_model::load(&smollm2_gguf(), DType::F32).unwrap();
+    let loaded = rrt_model::load(&smollm2_gguf(), rrt_model::WeightDtype::F32).unwrap();
     let ids = loaded
         .tokenizer
         .encode("In the beginning God created the heaven and the earth.")

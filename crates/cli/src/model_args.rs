@@ -2,9 +2,8 @@
 
 use std::path::PathBuf;
 
-use candle_core::DType;
-use clap::{Args, ValueEnum};
-use rrt_model::LoadedModel;
+use clap::Args;
+use rrt_model::{LoadedModel, WeightDtype};
 
 /// The bundled default: SmolLM2-135M-Instruct (GGUF), fetched by `make model`.
 pub const DEFAULT_MODEL: &str = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -14,15 +13,11 @@ pub struct ModelArgs {
     /// Model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json) or a GGUF file.
     #[arg(long, env = "RRT_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
-    /// Precision the weights are held in (GGUF tensors are dequantized to it).
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    pub dtype: Precision,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy)]
-pub enum Precision {
-    F32,
-    F16,
+    /// How the projection and LM-head weights are held: f32, bf16 (half the bytes), q8 (int8
+    /// blocks of 32 with a scale each: 1.125 bytes a weight) or f16 (candle's matmul, slow).
+    /// GGUF tensors are dequantized to it, or kept as they are when they are Q8_0 and it is q8.
+    #[arg(long, env = "RRT_DTYPE", default_value_t = WeightDtype::F32)]
+    pub dtype: WeightDtype,
 }
 
 impl ModelArgs {
@@ -33,11 +28,10 @@ impl ModelArgs {
                 self.model.display()
             );
         }
-        let dtype = match self.dtype {
-            Precision::F32 => DType::F32,
-            Precision::F16 => DType::F16,
-        };
+        if let (_, Some(note)) = self.dtype.cpu_note() {
+            tracing::warn!("{note}");
+        }
         // Model errors already name the file and the field at fault.
-        Ok(rrt_model::load(&self.model, dtype)?)
+        Ok(rrt_model::load(&self.model, self.dtype)?)
     }
 }

@@ -16,6 +16,9 @@ pub struct ServeArgs {
     /// Model name clients ask for (default: the file or directory name).
     #[arg(long)]
     model_name: Option<String>,
+    /// How the weights are held (f32, bf16, q8, f16; see `rrt-worker --help`).
+    #[arg(long, env = "RRT_DTYPE", default_value_t = rrt_model::WeightDtype::F32)]
+    dtype: rrt_model::WeightDtype,
     /// Workers (engines) to run, each on its own thread with its own KV cache.
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -75,6 +78,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "--listen=127.0.0.1:0".to_string(),
             "--metrics-listen=127.0.0.1:0".into(),
             format!("--model={}", args.model.display()),
+            format!("--dtype={}", args.dtype),
             format!("--coordinator={url}"),
             format!("--worker-id=worker-{}", i + 1),
         ];

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rrt_model::kernels::gemm::{gemm, MatMut, MatRef};
@@ -148,7 +147,7 @@ fn groups(spec: &str) -> anyhow::Result<Groups> {
 
 pub fn run(args: UptrainArgs) -> anyhow::Result<()> {
     let groups = groups(&args.train)?;
-    let student = rrt_model::load(&args.model, DType::F32)
+    let student = rrt_model::load(&args.model, rrt_model::WeightDtype::F32)
         .with_context(|| format!("loading --model {}", args.model.display()))?;
     let meta = student.model.recursion.as_ref().map(|r| r.meta.clone());
     if meta.is_none() && groups.lora {
@@ -309,7 +308,7 @@ fn attach_teacher(
             anyhow::bail!("--teacher: the model records no source to distill from; name one")
         }
     };
-    let teacher = rrt_model::load(&teacher_path, DType::F32)
+    let teacher = rrt_model::load(&teacher_path, rrt_model::WeightDtype::F32)
         .with_context(|| format!("loading the teacher {}", teacher_path.display()))?;
     check_same_vocabulary(tokenizer, &teacher.tokenizer, &teacher_path)?;
     let teacher_model = TrainModel::from_llama(&teacher.model)?;

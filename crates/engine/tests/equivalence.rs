@@ -9,7 +9,6 @@
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
 
-use candle_core::DType;
 use rrt_engine::{
     generate_with_exits, Engine, EngineConfig, EngineError, Event, ExitKind, ExitPolicy, ExitTrace,
     FinishReason, GenParams, KvFill, Received, Request, Scheduler,
@@ -25,7 +24,7 @@ fn tiny_recursive() -> Llama {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-mha-untied");
     let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
     let mut src = SafetensorsSource::open_dir(&dir).unwrap();
-    let plain = Llama::load(cfg, &mut src, DType::F32, None).unwrap();
+    let plain = Llama::load(cfg, &mut src, rrt_model::WeightDtype::F32, None).unwrap();
     let opts = ConvertOptions {
         block_layers: 1,
         init: Init::Average,

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod decoder;
+pub mod dtype;
 pub mod error;
 pub mod generate;
 pub mod json;
@@ -29,6 +30,7 @@ pub mod weights_file;
 
 pub use config::ModelConfig;
 pub use decoder::{BatchItem, FillRows, LayerWeights, Llama, Logits, RowGroup};
+pub use dtype::WeightDtype;
 pub use error::{ModelError, Result};
 pub use kv_cache::{LayerKv, SeqCache};
 pub use load::{load, LoadedModel};

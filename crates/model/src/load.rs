@@ -4,10 +4,9 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::DType;
-
 use crate::config::{HfLlamaConfig, ModelConfig};
 use crate::decoder::Llama;
+use crate::dtype::WeightDtype;
 use crate::error::{ModelError, Result};
 use crate::recursive::exit_heads::ExitHeads;
 use crate::recursive::RecursiveMeta;
@@ -23,13 +22,9 @@ pub struct LoadedModel {
     pub format: &'static str,
 }
 
-/// Loads a model directory or GGUF file; weights are converted (or dequantized) to `dtype`.
-pub fn load(path: &Path, dtype: DType) -> Result<LoadedModel> {
-    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(ModelError::InvalidInput(format!(
-            "weight dtype {dtype:?} is not supported"
-        )));
-    }
+/// Loads a model directory or GGUF file; projection and LM-head weights are converted (or
+/// dequantized, or quantized) to `dtype`.
+pub fn load(path: &Path, dtype: WeightDtype) -> Result<LoadedModel> {
     let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
     if meta.is_dir() {
         load_hf_dir(path, dtype)
@@ -52,7 +47,7 @@ fn is_gguf(path: &Path) -> Result<bool> {
     Ok(f.read_exact(&mut magic).is_ok() && &magic == b"GGUF")
 }
 
-fn load_hf_dir(dir: &Path, dtype: DType) -> Result<LoadedModel> {
+fn load_hf_dir(dir: &Path, dtype: WeightDtype) -> Result<LoadedModel> {
     let config_path = dir.join("config.json");
     let hf = HfLlamaConfig::read(&config_path)?;
     let cfg = ModelConfig::from_hf(&hf, &config_path)?;
@@ -77,7 +72,7 @@ fn load_hf_dir(dir: &Path, dtype: DType) -> Result<LoadedModel> {
     })
 }
 
-fn load_gguf(path: &Path, dtype: DType) -> Result<LoadedModel> {
+fn load_gguf(path: &Path, dtype: WeightDtype) -> Result<LoadedModel> {
     let mut src = GgufSource::open(path)?;
     let cfg = src.config()?;
     let tokenizer = Tokenizer::from_gguf(path, src.tokenizer_parts()?)?;

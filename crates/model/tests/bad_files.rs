@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::DType;
 use rrt_model::ModelError;
 
 fn fixture_copy() -> (tempfile::TempDir, PathBuf) {
@@ -25,7 +24,7 @@ fn fixture_copy() -> (tempfile::TempDir, PathBuf) {
 }
 
 fn load_err(path: &Path) -> ModelError {
-    match rrt_model::load(path, DType::F32) {
+    match rrt_model::load(path, rrt_model::WeightDtype::F32) {
         Ok(_) => panic!("{} loaded although it is broken", path.display()),
         Err(e) => e,
     }
@@ -42,7 +41,7 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_jso
 #[test]
 fn the_untouched_copy_loads() {
     let (_tmp, dir) = fixture_copy();
-    rrt_model::load(&dir, DType::F32).unwrap();
+    rrt_model::load(&dir, rrt_model::WeightDtype::F32).unwrap();
 }
 
 #[test]

@@ -6,7 +6,6 @@
 
 mod common;
 
-use candle_core::DType;
 use common::{all_logits, fixture, load_tiny, max_diff};
 use rrt_model::recursive::convert::{convert, ConvertOptions, Converter};
 use rrt_model::recursive::mapping::Init;
@@ -127,7 +126,9 @@ fn converted_models_round_trip_through_save_and_load() {
     let rec = convert(&src, &opts(1, Init::Average, 3, true), &|| {}).unwrap();
     let out = tmp.path().join("converted");
     rrt_model::recursive::save::save(&rec, &tokenizer, &out).unwrap();
-    let back = rrt_model::load(&out, DType::F32).unwrap().model;
+    let back = rrt_model::load(&out, rrt_model::WeightDtype::F32)
+        .unwrap()
+        .model;
     assert_eq!(
         back.recursion.as_ref().unwrap().meta,
         rec.recursion.as_ref().unwrap().meta

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rrt_model::recursive::convert::{convert, ConvertOptions};
 use rrt_model::recursive::mapping::Init;
 use rrt_model::source::safetensors::SafetensorsSource;
@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let cfg = ModelConfig::from_hf_file(&src.join("config.json"))?;
     let mut st = SafetensorsSource::open_dir(&src)?;
-    let plain = Llama::load(cfg, &mut st, DType::F32, None)?;
+    let plain = Llama::load(cfg, &mut st, rrt_model::WeightDtype::F32, None)?;
     let opts = ConvertOptions {
         block_layers: 1,
         init: Init::Average,

@@ -35,6 +35,10 @@ pub struct WorkerArgs {
     /// Model name clients ask for (default: the file or directory name).
     #[arg(long, env = "RRT_WORKER_MODEL_NAME")]
     pub model_name: Option<String>,
+    /// How the projection and LM-head weights are held: f32, bf16 (half the bytes), q8 (int8
+    /// blocks of 32, 1.125 bytes a weight) or f16 (candle's matmul, slow).
+    #[arg(long, env = "RRT_DTYPE", default_value_t = rrt_model::WeightDtype::F32)]
+    pub dtype: rrt_model::WeightDtype,
     #[arg(long, env = "RRT_WORKER_SCHEDULER", value_enum, default_value_t = SchedulerArg::Cdb)]
     pub scheduler: SchedulerArg,
     /// Sequences decoded at once.

@@ -43,6 +43,11 @@ pub fn describe() {
         "Engine steps (one shared-block pass over a mixed-depth batch each)."
     );
     describe_gauge!(
+        "rrt_worker_model_weight_bytes",
+        Unit::Bytes,
+        "Bytes of model weights held in memory, by weight dtype (f32, bf16, q8, f16)."
+    );
+    describe_gauge!(
         "rrt_worker_queue_length",
         "Requests waiting for admission (like vllm:num_requests_waiting)."
     );

@@ -7,7 +7,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use candle_core::DType;
 use rrt_engine::Engine;
 use rrt_proto::v1 as pb;
 use rrt_service::tls::{self, Side};
@@ -41,10 +40,16 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     metrics_http::handle();
     crate::metrics::describe();
     rrt_model::runtime::tune_allocator();
-    let path = args.model.clone();
-    let loaded = tokio::task::spawn_blocking(move || rrt_model::load(&path, DType::F32))
+    let (path, dtype) = (args.model.clone(), args.dtype);
+    let (kernel, note) = dtype.cpu_note();
+    if let Some(note) = note {
+        tracing::warn!("{note}");
+    }
+    let loaded = tokio::task::spawn_blocking(move || rrt_model::load(&path, dtype))
         .await?
         .map_err(|e| anyhow::anyhow!("loading the model: {e}"))?;
+    let weight_bytes = loaded.model.weight_bytes();
+    tracing::info!(%dtype, kernel, weight_bytes, "model loaded");
     if cfg.default_exit.kind == rrt_engine::ExitKind::Learned && loaded.model.exit_heads.is_none() {
         anyhow::bail!(
             "--exit learned: {} has no exit heads (train them with `rrt uptrain --train exit`)",
@@ -65,6 +70,8 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         .worker_id
         .clone()
         .unwrap_or_else(|| format!("worker-{}", grpc_addr.port()));
+    metrics::gauge!("rrt_worker_model_weight_bytes", "worker" => id.clone(), "dtype" => dtype.name())
+        .set(weight_bytes as f64);
     let advertise = args
         .advertise
         .clone()

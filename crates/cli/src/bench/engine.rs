@@ -252,7 +252,7 @@ fn candidates(
             .recursive
             .iter()
             .map(|dir| {
-                let m = rrt_model::load(dir, candle_core::DType::F32)
+                let m = rrt_model::load(dir, rrt_model::WeightDtype::F32)
                     .with_context(|| format!("loading --recursive {}", dir.display()))?
                     .model;
                 anyhow::ensure!(

@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor};
 
 use super::{LayerWeights, Llama};
 use crate::config::ModelConfig;
+use crate::dtype::WeightDtype;
 use crate::error::{ModelError, Result};
 use crate::linear::Linear;
 use crate::projection::{Fused, Projection};
@@ -14,15 +15,30 @@ use crate::recursive::{LoopNorms, Recursion, RecursiveMeta};
 use crate::source::TensorSource;
 
 impl LayerWeights {
-    /// Builds a layer from its projections (indexed by [`Projection::index`]) and two norms.
+    /// Builds a layer from its projections (indexed by [`Projection::index`]) and two norms,
+    /// weights held as their tensors' dtype (f32 packed, f16 as a tensor).
     pub fn from_projections(
         proj: &[Tensor; 7],
         attn_norm: Tensor,
         mlp_norm: Tensor,
     ) -> Result<Self> {
+        let dtype = match proj[0].dtype() {
+            DType::F16 => WeightDtype::F16,
+            _ => WeightDtype::F32,
+        };
+        Self::from_projections_as(proj, attn_norm, mlp_norm, dtype)
+    }
+
+    /// [`Self::from_projections`] with the weights held as `dtype`.
+    pub fn from_projections_as(
+        proj: &[Tensor; 7],
+        attn_norm: Tensor,
+        mlp_norm: Tensor,
+        dtype: WeightDtype,
+    ) -> Result<Self> {
         let fuse = |f: Fused| -> Result<Linear> {
             let parts: Vec<&Tensor> = f.parts().iter().map(|p| &proj[p.index()]).collect();
-            Ok(Linear::new(Tensor::cat(&parts, 0)?)?)
+            Ok(Linear::with_dtype(Tensor::cat(&parts, 0)?, dtype)?)
         };
         Ok(Self {
             attn_norm,
@@ -60,23 +76,25 @@ impl LayerWeights {
 }
 
 impl Llama {
-    /// Loads every tensor the config calls for, checking each shape. With `recursive`, `cfg`
+    /// Loads every tensor the config calls for, checking each shape, with the projections and
+    /// the LM head held as `dtype` (per-loop LoRA and norms stay f32). With `recursive`, `cfg`
     /// describes the K shared layers and the per-loop parts are loaded too.
     pub fn load(
         mut cfg: ModelConfig,
         src: &mut dyn TensorSource,
-        dtype: DType,
+        dtype: WeightDtype,
         recursive: Option<RecursiveMeta>,
     ) -> Result<Self> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = src.load_shaped("model.embed_tokens.weight", &[v, h], dtype)?;
+        let read = dtype.read_dtype();
+        let embed = src.load_shaped("model.embed_tokens.weight", &[v, h], read)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
             let mut proj = Vec::with_capacity(7);
             for j in Projection::ALL {
                 let name = format!("{p}.{}.weight", j.path());
-                proj.push(src.load_shaped(&name, &j.shape(&cfg), dtype)?);
+                proj.push(src.load_shaped(&name, &j.shape(&cfg), read)?);
             }
             let proj: [Tensor; 7] = proj
                 .try_into()
@@ -88,13 +106,15 @@ impl Llama {
                 &[h],
                 DType::F32,
             )?;
-            layers.push(LayerWeights::from_projections(&proj, attn_norm, mlp_norm)?);
+            layers.push(LayerWeights::from_projections_as(
+                &proj, attn_norm, mlp_norm, dtype,
+            )?);
         }
         let norm = src.load_shaped("model.norm.weight", &[h], DType::F32)?;
         let lm_head = if cfg.tie_word_embeddings {
             embed.clone()
         } else {
-            match src.load("lm_head.weight", dtype)? {
+            match src.load("lm_head.weight", read)? {
                 Some(w) => {
                     crate::source::check_shape(src.path(), "lm_head.weight", &w, &[v, h])?;
                     w
@@ -110,27 +130,25 @@ impl Llama {
         let recursion = match recursive {
             None => None,
             Some(meta) => {
-                let r = load_recursion(&cfg, src, meta, dtype)?;
+                let r = load_recursion(&cfg, src, meta)?;
                 cfg.num_layers = r.meta.source_layers;
                 Some(r)
             }
         };
+        let lm_head = Linear::with_dtype(lm_head, dtype)?;
+        // The table is only gathered from: the compact formats keep it in bf16.
+        let embed = embed.to_dtype(dtype.embed_dtype())?;
         Ok(Self::from_parts(
-            cfg,
-            embed,
-            layers,
-            norm,
-            Linear::new(lm_head)?,
-            recursion,
+            cfg, embed, layers, norm, lm_head, recursion,
         ))
     }
 }
 
+/// The per-loop parts of a converted model, in f32 (small next to the shared weights).
 fn load_recursion(
     cfg: &ModelConfig,
     src: &mut dyn TensorSource,
     meta: RecursiveMeta,
-    dtype: DType,
 ) -> Result<Recursion> {
     let bad = |message: String| ModelError::config(src.path().join("config.json"), message);
     if meta.block_layers != cfg.num_layers {
@@ -154,8 +172,8 @@ fn load_recursion(
         let mut layer = LayerLora::default();
         for p in Projection::ALL {
             let base = format!("rrt.lora.{l}.{}", p.path());
-            let a = src.load(&format!("{base}.lora_A.weight"), dtype)?;
-            let b = src.load(&format!("{base}.lora_B.weight"), dtype)?;
+            let a = src.load(&format!("{base}.lora_A.weight"), DType::F32)?;
+            let b = src.load(&format!("{base}.lora_B.weight"), DType::F32)?;
             let [out, inp] = p.shape(cfg);
             layer.proj[p.index()] = match (a, b) {
                 (None, None) => None,

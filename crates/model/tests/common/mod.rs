@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use candle_core::DType;
 use rrt_model::source::safetensors::SafetensorsSource;
 use rrt_model::{BatchItem, Llama, Logits, ModelConfig};
 
@@ -19,7 +18,7 @@ pub fn load_tiny(name: &str) -> Llama {
     let dir = fixture(name);
     let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
     let mut src = SafetensorsSource::open_dir(&dir).unwrap();
-    Llama::load(cfg, &mut src, DType::F32, None).unwrap()
+    Llama::load(cfg, &mut src, rrt_model::WeightDtype::F32, None).unwrap()
 }
 
 /// Logits of every position of `ids`, run from an empty cache, flattened.

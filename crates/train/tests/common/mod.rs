@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use candle_core::DType;
 use rrt_model::recursive::convert::{convert, ConvertOptions};
 use rrt_model::recursive::mapping::Init;
 use rrt_model::source::safetensors::SafetensorsSource;
@@ -15,7 +14,7 @@ pub fn tiny_recursive(rank_attn: usize, rank_mlp: usize) -> Llama {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-gqa-tied");
     let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
     let mut src = SafetensorsSource::open_dir(&dir).unwrap();
-    let plain = Llama::load(cfg, &mut src, DType::F32, None).unwrap();
+    let plain = Llama::load(cfg, &mut src, rrt_model::WeightDtype::F32, None).unwrap();
     let opts = ConvertOptions {
         block_layers: 1,
         init: Init::Average,
