@@ -8,6 +8,7 @@ mod convert;
 mod eval;
 mod eval_text;
 mod generate;
+mod memory;
 mod model_args;
 mod serve;
 mod sweep;

@@ -1,12 +1,16 @@
-//! Decode throughput of the plain decoder at several batch sizes: every sequence gets a prompt,
-//! then each step feeds one new token per sequence through one batched forward. Reports tokens/s,
-//! achieved GFLOP/s against the measured matmul roofline, and how many cores were busy.
+//! Decode throughput of the plain decoder at several batch sizes, for each weight dtype: every
+//! sequence gets a prompt, then each step feeds one new token per sequence through one batched
+//! forward. Per dtype (each in its own process, so its resident memory is its own): weight bytes,
+//! resident set, prompt processing (tokens/s over one window), decode tokens/s, achieved GFLOP/s
+//! against the measured matmul roofline and cores busy; then one table of ratios to f32.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
+use anyhow::Context;
 use clap::Args;
 use rrt_model::sampling::argmax;
-use rrt_model::{BatchItem, Llama, Logits, SeqCache};
+use rrt_model::{BatchItem, Llama, Logits, SeqCache, WeightDtype};
 
 use super::cpu_time::process_cpu_time;
 use super::matmul::roofline;
@@ -14,8 +18,19 @@ use crate::model_args::ModelArgs;
 
 #[derive(Args, Debug)]
 pub struct DecodeArgs {
-    #[command(flatten)]
-    model: ModelArgs,
+    /// Model: a Hugging Face directory or a GGUF file.
+    #[arg(long, env = "RRT_MODEL", default_value = crate::model_args::DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Weight dtypes to compare (each run in its own process; the first is the baseline of the
+    /// ratios).
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16,q8")]
+    dtypes: Vec<WeightDtype>,
+    /// Tokens of the one sequence whose prompt processing is timed.
+    #[arg(long, default_value_t = 256)]
+    prefill_window: usize,
+    /// Print the figures of the (single) dtype as one JSON line too (what the parent reads).
+    #[arg(long, hide = true)]
+    json: bool,
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     batches: Vec<usize>,
     /// Decode steps timed per batch size.
@@ -95,16 +110,115 @@ fn decode(model: &Llama, batch: usize, prompt_len: usize, steps: usize) -> anyho
     })
 }
 
+/// Tokens/s of the prompt pass over one sequence of `window` tokens.
+fn prefill(model: &Llama, window: usize) -> anyhow::Result<f64> {
+    let vocab = model.cfg.vocab_size as u32;
+    let tokens: Vec<u32> = (0..window).map(|i| (1000 + 13 * i as u32) % vocab).collect();
+    let mut cache = model.new_cache();
+    let started = Instant::now();
+    let mut items = [BatchItem {
+        tokens: &tokens,
+        offset: 0,
+        cache: &mut cache,
+        logits: Logits::Last,
+    }];
+    model.forward(&mut items)?;
+    Ok(window as f64 / started.elapsed().as_secs_f64())
+}
+
 pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
-    let loaded = args.model.load()?;
+    anyhow::ensure!(!args.dtypes.is_empty(), "--dtypes lists no dtype");
+    if args.dtypes.len() == 1 {
+        return run_one(&args, args.dtypes[0]);
+    }
+    // One process per dtype: a model dropped does not give its pages back to the OS, so the
+    // resident set of the next would include it.
+    let exe = std::env::current_exe()?;
+    let batches: Vec<String> = args.batches.iter().map(|b| b.to_string()).collect();
+    let mut figures = Vec::new();
+    for d in &args.dtypes {
+        let out = std::process::Command::new(&exe)
+            .args(["bench", "decode", "--json", "--model"])
+            .arg(&args.model)
+            .arg(format!("--dtypes={d}"))
+            .arg(format!("--batches={}", batches.join(",")))
+            .arg(format!("--steps={}", args.steps))
+            .arg(format!("--prompt-len={}", args.prompt_len))
+            .arg(format!("--repeats={}", args.repeats))
+            .arg(format!("--prefill-window={}", args.prefill_window))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {}", exe.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines().filter(|l| !l.starts_with("json: ")) {
+            println!("{line}");
+        }
+        anyhow::ensure!(out.status.success(), "the {d} run failed");
+        let json = text
+            .lines()
+            .find_map(|l| l.strip_prefix("json: "))
+            .context("the child printed no figures")?;
+        figures.push(serde_json::from_str::<serde_json::Value>(json)?);
+        println!();
+    }
+    print_comparison(&args, &figures);
+    Ok(())
+}
+
+/// The dtypes side by side, ratios to the first.
+fn print_comparison(args: &DecodeArgs, figures: &[serde_json::Value]) {
+    let base = &figures[0];
+    let f = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "weight dtypes side by side ({}; ratios to {}):",
+        args.model.display(),
+        base["dtype"].as_str().unwrap_or("?")
+    );
+    let mut header = "| dtype | kernel | weights | resident (peak) | prompt tok/s |".to_string();
+    let mut rule = "|---|---|---|---|---|".to_string();
+    for b in &args.batches {
+        header.push_str(&format!(" batch {b} tok/s |"));
+        rule.push_str("---|");
+    }
+    println!("{header}
+{rule}");
+    for v in figures {
+        let ratio = |key: &str| f(v, key) / f(base, key);
+        let mut line = format!(
+            "| {} | {} | {} ({:.2}x) | {} | {:.1} ({:.2}x) |",
+            v["dtype"].as_str().unwrap_or("?"),
+            v["kernel"].as_str().unwrap_or("?"),
+            crate::memory::mib(f(v, "weight_bytes") as u64),
+            ratio("weight_bytes"),
+            crate::memory::mib(f(v, "rss_peak") as u64),
+            f(v, "prefill"),
+            ratio("prefill"),
+        );
+        for b in &args.batches {
+            let key = format!("batch_{b}");
+            line.push_str(&format!(" {:.1} ({:.2}x) |", f(v, &key), ratio(&key)));
+        }
+        println!("{line}");
+    }
+}
+
+fn run_one(args: &DecodeArgs, dtype: WeightDtype) -> anyhow::Result<()> {
+    let loaded = ModelArgs {
+        model: args.model.clone(),
+        dtype,
+    }
+    .load()?;
     let model = &loaded.model;
+    let (kernel, _) = dtype.cpu_note();
+    let (rss, _) = crate::memory::rss().unwrap_or_default();
     // The roofline is measured before, between and after the decode runs; its best is the peak.
     let mut peak = roofline()?;
     println!(
-        "decode benchmark: {} ({}), weights {:?}, {} threads, prompt {} tokens, {} steps, best of {}",
+        "decode benchmark: {} ({}), weights {dtype} ({kernel} kernel, {} in memory, resident set {} after load), {} threads, prompt {} tokens, {} steps, best of {}",
         loaded.path.display(),
         loaded.format,
-        args.model.dtype,
+        crate::memory::mib(model.weight_bytes() as u64),
+        crate::memory::mib(rss),
         rayon::current_num_threads(),
         args.prompt_len,
         args.steps,
@@ -113,6 +227,14 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     println!(
         "model: {:.3} GFLOP/token in matmuls (plus attention, counted at the mean context)",
         model.cfg.matmul_flops_per_token() / 1e9
+    );
+    let mut prefill_best = 0f64;
+    for _ in 0..args.repeats.max(1) {
+        prefill_best = prefill_best.max(prefill(model, args.prefill_window)?);
+    }
+    println!(
+        "prompt processing: {prefill_best:.1} tokens/s ({} tokens, one sequence)",
+        args.prefill_window
     );
     let mut rows = Vec::new();
     for &b in &args.batches {
@@ -140,6 +262,18 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         "{:>6} {:>10} {:>9} {:>9} {:>12} {:>12} {:>11}",
         "batch", "tokens/s", "ms/step", "GFLOP/s", "% of candle", "% of rrt", "cores busy"
     );
+    let (_, peak_rss) = crate::memory::rss().unwrap_or_default();
+    let mut json = serde_json::json!({
+        "dtype": dtype.name(),
+        "kernel": kernel,
+        "weight_bytes": model.weight_bytes(),
+        "rss_loaded": rss,
+        "rss_peak": peak_rss,
+        "prefill": prefill_best,
+    });
+    for r in &rows {
+        json[format!("batch_{}", r.batch)] = serde_json::json!(r.tokens_per_s);
+    }
     for r in rows {
         println!(
             "{:>6} {:>10.1} {:>9.2} {:>9.1} {:>11.0}% {:>11.0}% {:>11}",
@@ -151,6 +285,10 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
             100.0 * r.gflops / peak.rrt,
             r.cores.map_or("n/a".into(), |c| format!("{c:.2}")),
         );
+    }
+    println!("resident set: {} peak", crate::memory::mib(peak_rss));
+    if args.json {
+        println!("json: {json}");
     }
     Ok(())
 }

@@ -24,30 +24,49 @@ pub(super) unsafe fn matmul_block(
     panels: Range<usize>,
     c: *mut f32,
 ) {
-    let (k, n) = (w.k(), w.n());
+    let n = w.n();
     for p in panels {
         let valid = (n - p * PANEL).min(PANEL);
-        let panel = w.panel(p);
-        let mut r = rows.start;
-        while r < rows.end {
-            let tile = (rows.end - r).min(MR);
-            let xr = &x[r * k..(r + tile) * k];
-            // SAFETY: rows r..r + tile < m and panel p's `valid` columns lie inside `c` (the
-            // caller's promise); AVX2 and FMA run here.
-            unsafe {
-                let cp = c.add(r * n + p * PANEL);
-                match tile {
-                    1 => tile_n::<1>(xr, k, panel, cp, n, valid),
-                    2 => tile_n::<2>(xr, k, panel, cp, n, valid),
-                    3 => tile_n::<3>(xr, k, panel, cp, n, valid),
-                    4 => tile_n::<4>(xr, k, panel, cp, n, valid),
-                    5 => tile_n::<5>(xr, k, panel, cp, n, valid),
-                    6 => tile_n::<6>(xr, k, panel, cp, n, valid),
-                    _ => unreachable!("tiles are 1..=MR rows"),
-                }
+        // SAFETY: the caller's promise, for panel p (its columns start at p * 16).
+        unsafe { panel_rows(x, w.k(), w.panel(p), rows.clone(), c.add(p * PANEL), n, valid) };
+    }
+}
+
+/// Rows `rows` of `x` (`[m, k]`) times one f32 panel (`k * 16`, k-major) into `c` (row r at
+/// `c + r * ldc`), `valid` columns; also the bf16 kernel's path once it has widened a panel.
+///
+/// # Safety
+/// AVX2 and FMA run here; `rows.end <= m`; every row r of `rows` has `valid` columns at
+/// `c + r * ldc` that no other thread writes.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn panel_rows(
+    x: &[f32],
+    k: usize,
+    panel: &[f32],
+    rows: Range<usize>,
+    c: *mut f32,
+    ldc: usize,
+    valid: usize,
+) {
+    let mut r = rows.start;
+    while r < rows.end {
+        let tile = (rows.end - r).min(MR);
+        let xr = &x[r * k..(r + tile) * k];
+        // SAFETY: rows r..r + tile < m and their `valid` columns lie inside `c` (the caller's
+        // promise); AVX2 and FMA run here.
+        unsafe {
+            let cp = c.add(r * ldc);
+            match tile {
+                1 => tile_n::<1>(xr, k, panel, cp, ldc, valid),
+                2 => tile_n::<2>(xr, k, panel, cp, ldc, valid),
+                3 => tile_n::<3>(xr, k, panel, cp, ldc, valid),
+                4 => tile_n::<4>(xr, k, panel, cp, ldc, valid),
+                5 => tile_n::<5>(xr, k, panel, cp, ldc, valid),
+                6 => tile_n::<6>(xr, k, panel, cp, ldc, valid),
+                _ => unreachable!("tiles are 1..=MR rows"),
             }
-            r += tile;
         }
+        r += tile;
     }
 }
 

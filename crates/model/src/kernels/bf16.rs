@@ -196,6 +196,21 @@ unsafe fn panel_rows(
             }
         }
         #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if rows.len() >= super::avx2::MR => {
+            // Enough rows to amortise widening the panel once: then it is the f32 kernel's
+            // (the same products, summed in the same order, as the bf16 tile below).
+            WIDE.with_borrow_mut(|wide| {
+                wide.resize(k * PANEL, 0.0);
+                // SAFETY: AVX2 runs here; `wide` holds k x 16 floats.
+                unsafe { x86::widen_avx2(panel, k, wide) };
+                // SAFETY: AVX2 and FMA run here; rows < m; the panel's valid columns of these
+                // rows lie in `c` (this function's promise).
+                unsafe {
+                    super::avx2::panel_rows(x, k, wide, rows, c.add(p * PANEL), n, valid)
+                };
+            });
+        }
+        #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             let mut r = rows.start;
             while r < rows.end {
@@ -217,6 +232,11 @@ unsafe fn panel_rows(
             }
         }
     }
+}
+
+std::thread_local! {
+    /// A panel widened to f32 (k x 16), reused by each thread.
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One row of x times one panel, in plain Rust.
@@ -327,6 +347,36 @@ mod x86 {
             }
             // SAFETY: row r < R of `c` has `valid` columns (the caller's promise).
             unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), c.add(r * ldc), valid) };
+        }
+    }
+
+    /// Panel `panel` (pairs) widened to f32, k-major: `out[kk * 16 + c]`.
+    ///
+    /// # Safety
+    /// AVX2 runs here; `panel` holds `k.div_ceil(2)` pairs; `out` holds `k * 16` floats.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn widen_avx2(panel: &[u16], k: usize, out: &mut [f32]) {
+        assert!(panel.len() >= k.div_ceil(2) * PANEL * 2 && out.len() >= k * PANEL);
+        let hi = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+        let (wp, op) = (panel.as_ptr(), out.as_mut_ptr());
+        for j in 0..k / 2 {
+            // SAFETY: pair j < k / 2: 32 u16 in the panel, rows 2j and 2j + 1 of `out` (asserted
+            // above).
+            unsafe {
+                let v0 = _mm256_loadu_si256(wp.add(j * 32) as *const __m256i);
+                let v1 = _mm256_loadu_si256(wp.add(j * 32 + 16) as *const __m256i);
+                let even = op.add(2 * j * PANEL);
+                _mm256_storeu_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v0)));
+                _mm256_storeu_ps(even.add(8), _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v1)));
+                _mm256_storeu_ps(even.add(PANEL), _mm256_castsi256_ps(_mm256_and_si256(v0, hi)));
+                _mm256_storeu_ps(even.add(PANEL + 8), _mm256_castsi256_ps(_mm256_and_si256(v1, hi)));
+            }
+        }
+        if k % 2 == 1 {
+            let j = k / 2;
+            for c in 0..PANEL {
+                out[(k - 1) * PANEL + c] = super::from_bf16(panel[j * 32 + 2 * c]);
+            }
         }
     }
 
@@ -469,6 +519,23 @@ mod tests {
                     "{}: m={m} k={k} n={n}: max diff {diff}",
                     isa.name()
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_and_in_any_batch() {
+        // The engine checks batched decoding against one sequence at a time: a row's result
+        // must not depend on the rows beside it (tile sizes, widened panels).
+        let (k, n) = (577, 70);
+        let w = pseudo_random(n * k, 5);
+        let packed = PackedBf16::pack(&w, n, k);
+        for &isa in Supported::all().iter().filter(|s| PATHS.contains(&s.isa())) {
+            let x = pseudo_random(40 * k, 6);
+            let batch = matmul_bf16_on(isa, &x, 40, &packed);
+            for r in [0, 5, 6, 39] {
+                let alone = matmul_bf16_on(isa, &x[r * k..(r + 1) * k], 1, &packed);
+                assert_eq!(alone, batch[r * n..(r + 1) * n], "{} row {r}", isa.isa().name());
             }
         }
     }

@@ -596,4 +596,21 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_and_in_any_batch() {
+        // The engine checks batched decoding against one sequence at a time: a row's result
+        // must not depend on the rows beside it (tile sizes, widened panels).
+        let (k, n) = (577, 70);
+        let w = pseudo_random(n * k, 5);
+        let packed = PackedQ8::quantize(&w, n, k);
+        for &isa in Supported::all().iter().filter(|s| PATHS.contains(&s.isa())) {
+            let x = pseudo_random(40 * k, 6);
+            let batch = matmul_q8_on(isa, &x, 40, &packed);
+            for r in [0, 5, 6, 39] {
+                let alone = matmul_q8_on(isa, &x[r * k..(r + 1) * k], 1, &packed);
+                assert_eq!(alone, batch[r * n..(r + 1) * n], "{} row {r}", isa.isa().name());
+            }
+        }
+    }
 }
