@@ -113,7 +113,9 @@ fn decode(model: &Llama, batch: usize, prompt_len: usize, steps: usize) -> anyho
 /// Tokens/s of the prompt pass over one sequence of `window` tokens.
 fn prefill(model: &Llama, window: usize) -> anyhow::Result<f64> {
     let vocab = model.cfg.vocab_size as u32;
-    let tokens: Vec<u32> = (0..window).map(|i| (1000 + 13 * i as u32) % vocab).collect();
+    let tokens: Vec<u32> = (0..window)
+        .map(|i| (1000 + 13 * i as u32) % vocab)
+        .collect();
     let mut cache = model.new_cache();
     let started = Instant::now();
     let mut items = [BatchItem {
@@ -180,8 +182,10 @@ fn print_comparison(args: &DecodeArgs, figures: &[serde_json::Value]) {
         header.push_str(&format!(" batch {b} tok/s |"));
         rule.push_str("---|");
     }
-    println!("{header}
-{rule}");
+    println!(
+        "{header}
+{rule}"
+    );
     for v in figures {
         let ratio = |key: &str| f(v, key) / f(base, key);
         let mut line = format!(

@@ -7,12 +7,13 @@ use super::{LayerWeights, Llama};
 use crate::config::ModelConfig;
 use crate::dtype::WeightDtype;
 use crate::error::{ModelError, Result};
+use crate::kernels::q8::PackedQ8;
 use crate::linear::Linear;
 use crate::projection::{Fused, Projection};
 use crate::recursive::lora::{LayerLora, ProjLora};
 use crate::recursive::mapping::check_shape;
 use crate::recursive::{LoopNorms, Recursion, RecursiveMeta};
-use crate::source::TensorSource;
+use crate::source::{Q8Blocks, TensorSource};
 
 impl LayerWeights {
     /// Builds a layer from its projections (indexed by [`Projection::index`]) and two norms,
@@ -91,14 +92,6 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
-            let mut proj = Vec::with_capacity(7);
-            for j in Projection::ALL {
-                let name = format!("{p}.{}.weight", j.path());
-                proj.push(src.load_shaped(&name, &j.shape(&cfg), read)?);
-            }
-            let proj: [Tensor; 7] = proj
-                .try_into()
-                .map_err(|_| ModelError::InvalidInput("7 projections".into()))?;
             let attn_norm =
                 src.load_shaped(&format!("{p}.input_layernorm.weight"), &[h], DType::F32)?;
             let mlp_norm = src.load_shaped(
@@ -106,9 +99,21 @@ impl Llama {
                 &[h],
                 DType::F32,
             )?;
-            layers.push(LayerWeights::from_projections_as(
-                &proj, attn_norm, mlp_norm, dtype,
-            )?);
+            let mut fused = Vec::with_capacity(4);
+            for f in Fused::ALL {
+                fused.push(load_fused(src, &cfg, &p, f, dtype)?);
+            }
+            let [qkv, o, gate_up, down]: [Linear; 4] = fused
+                .try_into()
+                .map_err(|_| ModelError::InvalidInput("4 fused projections".into()))?;
+            layers.push(LayerWeights {
+                attn_norm,
+                qkv,
+                o,
+                mlp_norm,
+                gate_up,
+                down,
+            });
         }
         let norm = src.load_shaped("model.norm.weight", &[h], DType::F32)?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -135,13 +140,81 @@ impl Llama {
                 Some(r)
             }
         };
-        let lm_head = Linear::with_dtype(lm_head, dtype)?;
+        // int8 blocks as the file holds them (GGUF Q8_0), else the float tensor quantized.
+        let head_name = if cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        let lm_head = match q8_blocks(src, head_name, &[v, h], dtype)? {
+            Some(blocks) => Linear::from_q8(PackedQ8::from_blocks(
+                blocks.n,
+                blocks.k,
+                &blocks.scales,
+                &blocks.q,
+            )),
+            None => Linear::with_dtype(lm_head, dtype)?,
+        };
         // The table is only gathered from: the compact formats keep it in bf16.
         let embed = embed.to_dtype(dtype.embed_dtype())?;
         Ok(Self::from_parts(
             cfg, embed, layers, norm, lm_head, recursion,
         ))
     }
+}
+
+/// `name` as int8 blocks when `dtype` is q8 and the file holds it as such, its shape checked.
+fn q8_blocks(
+    src: &mut dyn TensorSource,
+    name: &str,
+    shape: &[usize],
+    dtype: WeightDtype,
+) -> Result<Option<Q8Blocks>> {
+    if dtype != WeightDtype::Q8 {
+        return Ok(None);
+    }
+    let Some(b) = src.load_q8_blocks(name)? else {
+        return Ok(None);
+    };
+    if [b.n, b.k] != shape {
+        return Err(ModelError::ShapeMismatch {
+            path: src.path().into(),
+            name: name.into(),
+            expected: shape.to_vec(),
+            actual: vec![b.n, b.k],
+        });
+    }
+    Ok(Some(b))
+}
+
+/// Layer `prefix`'s fused weight `f` held as `dtype`: int8 blocks taken as they are when every
+/// part is stored that way (GGUF Q8_0), else the float parts stacked and packed.
+fn load_fused(
+    src: &mut dyn TensorSource,
+    cfg: &ModelConfig,
+    prefix: &str,
+    f: Fused,
+    dtype: WeightDtype,
+) -> Result<Linear> {
+    let name = |p: &Projection| format!("{prefix}.{}.weight", p.path());
+    let mut blocks = Vec::new();
+    for p in f.parts() {
+        match q8_blocks(src, &name(p), &p.shape(cfg), dtype)? {
+            Some(b) => blocks.push(b),
+            None => break,
+        }
+    }
+    if blocks.len() == f.parts().len() {
+        let b = Q8Blocks::concat(blocks);
+        return Ok(Linear::from_q8(PackedQ8::from_blocks(
+            b.n, b.k, &b.scales, &b.q,
+        )));
+    }
+    let mut parts = Vec::with_capacity(f.parts().len());
+    for p in f.parts() {
+        parts.push(src.load_shaped(&name(p), &p.shape(cfg), dtype.read_dtype())?);
+    }
+    Ok(Linear::with_dtype(Tensor::cat(&parts, 0)?, dtype)?)
 }
 
 /// The per-loop parts of a converted model, in f32 (small next to the shared weights).

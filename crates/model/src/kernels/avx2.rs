@@ -28,7 +28,17 @@ pub(super) unsafe fn matmul_block(
     for p in panels {
         let valid = (n - p * PANEL).min(PANEL);
         // SAFETY: the caller's promise, for panel p (its columns start at p * 16).
-        unsafe { panel_rows(x, w.k(), w.panel(p), rows.clone(), c.add(p * PANEL), n, valid) };
+        unsafe {
+            panel_rows(
+                x,
+                w.k(),
+                w.panel(p),
+                rows.clone(),
+                c.add(p * PANEL),
+                n,
+                valid,
+            )
+        };
     }
 }
 

@@ -205,9 +205,7 @@ unsafe fn panel_rows(
                 unsafe { x86::widen_avx2(panel, k, wide) };
                 // SAFETY: AVX2 and FMA run here; rows < m; the panel's valid columns of these
                 // rows lie in `c` (this function's promise).
-                unsafe {
-                    super::avx2::panel_rows(x, k, wide, rows, c.add(p * PANEL), n, valid)
-                };
+                unsafe { super::avx2::panel_rows(x, k, wide, rows, c.add(p * PANEL), n, valid) };
             });
         }
         #[cfg(target_arch = "x86_64")]
@@ -367,9 +365,18 @@ mod x86 {
                 let v1 = _mm256_loadu_si256(wp.add(j * 32 + 16) as *const __m256i);
                 let even = op.add(2 * j * PANEL);
                 _mm256_storeu_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v0)));
-                _mm256_storeu_ps(even.add(8), _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v1)));
-                _mm256_storeu_ps(even.add(PANEL), _mm256_castsi256_ps(_mm256_and_si256(v0, hi)));
-                _mm256_storeu_ps(even.add(PANEL + 8), _mm256_castsi256_ps(_mm256_and_si256(v1, hi)));
+                _mm256_storeu_ps(
+                    even.add(8),
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v1)),
+                );
+                _mm256_storeu_ps(
+                    even.add(PANEL),
+                    _mm256_castsi256_ps(_mm256_and_si256(v0, hi)),
+                );
+                _mm256_storeu_ps(
+                    even.add(PANEL + 8),
+                    _mm256_castsi256_ps(_mm256_and_si256(v1, hi)),
+                );
             }
         }
         if k % 2 == 1 {
@@ -535,7 +542,12 @@ mod tests {
             let batch = matmul_bf16_on(isa, &x, 40, &packed);
             for r in [0, 5, 6, 39] {
                 let alone = matmul_bf16_on(isa, &x[r * k..(r + 1) * k], 1, &packed);
-                assert_eq!(alone, batch[r * n..(r + 1) * n], "{} row {r}", isa.isa().name());
+                assert_eq!(
+                    alone,
+                    batch[r * n..(r + 1) * n],
+                    "{} row {r}",
+                    isa.isa().name()
+                );
             }
         }
     }

@@ -609,7 +609,12 @@ mod tests {
             let batch = matmul_q8_on(isa, &x, 40, &packed);
             for r in [0, 5, 6, 39] {
                 let alone = matmul_q8_on(isa, &x[r * k..(r + 1) * k], 1, &packed);
-                assert_eq!(alone, batch[r * n..(r + 1) * n], "{} row {r}", isa.isa().name());
+                assert_eq!(
+                    alone,
+                    batch[r * n..(r + 1) * n],
+                    "{} row {r}",
+                    isa.isa().name()
+                );
             }
         }
     }

@@ -10,9 +10,10 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
-use super::TensorSource;
+use super::{Q8Blocks, TensorSource};
 use crate::config::{ModelConfig, SUPPORTED_ARCHITECTURES};
 use crate::error::{ModelError, Result};
 use crate::projection::Projection;
@@ -239,6 +240,34 @@ impl GgufSource {
         })
     }
 
+    /// The heads of `name`'s row permutation (llama.cpp stores Q and K rows interleaved per
+    /// head), checked against `rows`; `None` for other tensors.
+    fn permuted_heads(
+        &self,
+        name: &str,
+        gname: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<usize>> {
+        let heads = if name.ends_with("q_proj.weight") {
+            self.meta_usize("llama.attention.head_count")?
+        } else if name.ends_with("k_proj.weight") {
+            self.meta_opt_usize("llama.attention.head_count_kv")?
+                .map_or_else(|| self.meta_usize("llama.attention.head_count"), Ok)?
+        } else {
+            return Ok(None);
+        };
+        if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+            return Err(ModelError::ShapeMismatch {
+                path: self.path.clone(),
+                name: gname.into(),
+                expected: vec![heads * (rows / heads.max(1)), cols],
+                actual: vec![rows, cols],
+            });
+        }
+        Ok(Some(heads))
+    }
+
     fn read_tensor(&mut self, gguf_name: &str) -> Result<Tensor> {
         let qtensor = self
             .content
@@ -318,6 +347,68 @@ impl TensorSource for GgufSource {
         &self.path
     }
 
+    fn load_q8_blocks(&mut self, name: &str) -> Result<Option<Q8Blocks>> {
+        let Some(gname) = gguf_name(name) else {
+            return Ok(None);
+        };
+        match self.content.tensor_infos.get(&gname) {
+            Some(info) if info.ggml_dtype == GgmlDType::Q8_0 && info.shape.rank() == 2 => {}
+            _ => return Ok(None),
+        }
+        let qtensor = self
+            .content
+            .tensor(&mut self.reader, &gname, &Device::Cpu)
+            .map_err(|e| ModelError::Gguf {
+                path: self.path.clone(),
+                message: format!("tensor `{gname}`: {}", first_line(&e)),
+            })?;
+        let (n, k) = qtensor.shape().dims2()?;
+        let bytes = qtensor.data()?;
+        // A Q8_0 block: the scale as f16, then 32 int8 values.
+        const BLOCK: usize = 2 + 32;
+        let blocks = k / 32;
+        if k % 32 != 0 || bytes.len() != n * blocks * BLOCK {
+            return Err(ModelError::Gguf {
+                path: self.path.clone(),
+                message: format!(
+                    "tensor `{gname}`: Q8_0 data of {} bytes for [{n}, {k}]",
+                    bytes.len()
+                ),
+            });
+        }
+        let heads = self.permuted_heads(name, &gname, n, k)?;
+        let mut out = Q8Blocks {
+            n,
+            k,
+            scales: vec![0.0; n * blocks],
+            q: vec![0; n * k],
+        };
+        for row in 0..n {
+            // Hugging Face row `row` is stored at `src` (the inverse of `unpermute`).
+            let src = match heads {
+                Some(h) => {
+                    let hd = n / h;
+                    let (head, r) = (row / hd, row % hd);
+                    let (t, i) = (r / (hd / 2), r % (hd / 2));
+                    head * hd + i * 2 + t
+                }
+                None => row,
+            };
+            for b in 0..blocks {
+                let block = &bytes[(src * blocks + b) * BLOCK..][..BLOCK];
+                out.scales[row * blocks + b] =
+                    half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                for (dst, &v) in out.q[(row * blocks + b) * 32..][..32]
+                    .iter_mut()
+                    .zip(&block[2..])
+                {
+                    *dst = v as i8;
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
     fn load(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>> {
         let Some(gname) = gguf_name(name) else {
             return Ok(None);
@@ -326,29 +417,8 @@ impl TensorSource for GgufSource {
             return Ok(None);
         }
         let mut tensor = self.read_tensor(&gname)?;
-        let heads_key = if name.ends_with("q_proj.weight") {
-            Some("llama.attention.head_count")
-        } else if name.ends_with("k_proj.weight") {
-            Some("llama.attention.head_count_kv")
-        } else {
-            None
-        };
-        if let Some(key) = heads_key {
-            let heads = match key {
-                "llama.attention.head_count_kv" => self
-                    .meta_opt_usize(key)?
-                    .map_or_else(|| self.meta_usize("llama.attention.head_count"), Ok)?,
-                _ => self.meta_usize(key)?,
-            };
-            let rows = tensor.dim(0)?;
-            if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
-                return Err(ModelError::ShapeMismatch {
-                    path: self.path.clone(),
-                    name: gname,
-                    expected: vec![heads * (rows / heads.max(1)), tensor.dim(1)?],
-                    actual: tensor.dims().to_vec(),
-                });
-            }
+        let (rows, cols) = tensor.dims2().map_or((tensor.elem_count(), 1), |d| d);
+        if let Some(heads) = self.permuted_heads(name, &gname, rows, cols)? {
             tensor = unpermute(&tensor, heads)?;
         }
         Ok(Some(tensor.to_dtype(dtype)?))

@@ -20,6 +20,13 @@ pub trait TensorSource {
     /// Loads the tensor called `name` (Hugging Face naming) as `dtype`, or `None` if absent.
     fn load(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>>;
 
+    /// The tensor `name` as int8 blocks, when the file holds it quantized that way (GGUF Q8_0):
+    /// `None` otherwise, and the caller quantizes the float tensor. Rows are in Hugging Face
+    /// order.
+    fn load_q8_blocks(&mut self, _name: &str) -> Result<Option<Q8Blocks>> {
+        Ok(None)
+    }
+
     /// Loads a tensor that must exist with exactly `shape`.
     fn load_shaped(&mut self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let tensor = self
@@ -30,6 +37,36 @@ pub trait TensorSource {
             })?;
         check_shape(self.path(), name, &tensor, shape)?;
         Ok(tensor)
+    }
+}
+
+/// A `[n, k]` weight as symmetric int8 blocks of 32 along k: `scales` is `[n, k / 32]`, `q` is
+/// `[n, k / 32, 32]` (what [`crate::kernels::q8::PackedQ8::from_blocks`] packs).
+#[derive(Debug, Clone)]
+pub struct Q8Blocks {
+    pub n: usize,
+    pub k: usize,
+    pub scales: Vec<f32>,
+    pub q: Vec<i8>,
+}
+
+impl Q8Blocks {
+    /// The rows of several weights stacked (a fused projection); all have the same k.
+    pub fn concat(parts: Vec<Q8Blocks>) -> Q8Blocks {
+        let k = parts.first().map_or(0, |p| p.k);
+        let mut out = Q8Blocks {
+            n: 0,
+            k,
+            scales: Vec::new(),
+            q: Vec::new(),
+        };
+        for p in parts {
+            assert_eq!(p.k, k, "stacked weights differ in k");
+            out.n += p.n;
+            out.scales.extend(p.scales);
+            out.q.extend(p.q);
+        }
+        out
     }
 }
 
