@@ -29,10 +29,29 @@ impl GgufSource {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| ModelError::Gguf {
-            path: path.into(),
-            message: first_line(&e),
-        })?;
+        let content = match Content::read(&mut reader) {
+            Ok(c) => c,
+            Err(e) => {
+                // A quantization candle cannot read: name the tensor and the type.
+                let mut again =
+                    BufReader::new(File::open(path).map_err(|e| ModelError::io(path, e))?);
+                if let Some((name, t)) = super::gguf_types::first_unsupported(&mut again) {
+                    return Err(ModelError::UnsupportedDtype {
+                        path: path.into(),
+                        name,
+                        dtype: format!(
+                            "{} (ggml type {t}); rrt reads {}",
+                            super::gguf_types::ggml_type_name(t).unwrap_or("unknown"),
+                            super::gguf_types::SUPPORTED
+                        ),
+                    });
+                }
+                return Err(ModelError::Gguf {
+                    path: path.into(),
+                    message: first_line(&e),
+                });
+            }
+        };
         Ok(Self {
             path: path.into(),
             content,

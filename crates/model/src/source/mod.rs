@@ -4,6 +4,7 @@
 //! name the file and the tensor.
 
 pub mod gguf;
+pub mod gguf_types;
 pub mod safetensors;
 
 use std::path::Path;
