@@ -196,7 +196,7 @@ unsafe fn panel_rows(
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if rows.len() >= super::avx2::MR => {
+        Isa::Avx2 if rows.len() >= WIDEN_ROWS => {
             // Enough rows to amortise widening the panel once: then it is the f32 kernel's
             // (the same products, summed in the same order, as the bf16 tile below).
             WIDE.with_borrow_mut(|wide| {
@@ -231,6 +231,11 @@ unsafe fn panel_rows(
         }
     }
 }
+
+/// Rows from which the AVX2 path widens a panel to f32 once instead of widening every step for
+/// each tile of rows (measured with `rrt bench matmul`: the widened panel's extra write and read
+/// cost more than they save below this).
+const WIDEN_ROWS: usize = 12;
 
 std::thread_local! {
     /// A panel widened to f32 (k x 16), reused by each thread.

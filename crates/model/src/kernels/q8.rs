@@ -40,8 +40,11 @@ fn quantize_block(v: &[f32], q: &mut [i8]) -> f32 {
     }
     let scale = amax / 127.0;
     let inv = 127.0 / amax;
+    // Adding and subtracting 1.5 * 2^23 rounds to nearest (ties to even) in plain float
+    // arithmetic, which vectorizes (f32::round is a libm call); |x * inv| <= 127 here.
+    const ROUND: f32 = 12_582_912.0;
     for (q, &x) in q.iter_mut().zip(v) {
-        *q = (x * inv).round().clamp(-127.0, 127.0) as i8;
+        *q = (((x * inv) + ROUND) - ROUND).clamp(-127.0, 127.0) as i8;
     }
     scale
 }
@@ -370,14 +373,15 @@ mod x86 {
         for b in 0..blocks {
             let mut dots = [[_mm256_setzero_si256(); 2]; R];
             for j in 0..PAIRS {
-                // SAFETY: block b, pair j: 32 bytes inside `values` (asserted above).
-                let v = unsafe {
-                    _mm256_loadu_si256(
-                        values.as_ptr().add(b * BLOCK_BYTES + j * 32) as *const __m256i
+                // SAFETY: block b, pair j: 32 bytes inside `values` (asserted above). Each half is
+                // widened straight from memory (`vpmovsxbw ymm, m128`).
+                let (lo, hi) = unsafe {
+                    let at = values.as_ptr().add(b * BLOCK_BYTES + j * 32);
+                    (
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(at as *const __m128i)),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(at.add(16) as *const __m128i)),
                     )
                 };
-                let lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
-                let hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(v));
                 for r in 0..R {
                     let xb = _mm256_set1_epi32(xs[r].0[b * PAIRS + j]);
                     dots[r][0] = _mm256_add_epi32(dots[r][0], _mm256_madd_epi16(lo, xb));
