@@ -47,9 +47,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     println!("non-emb params: {:.2}M", params as f64 / 1e6);
     println!(
-        "weight memory:  {:.1} MiB",
-        loaded.model.weight_bytes() as f64 / (1 << 20) as f64
+        "weight memory:  {} ({}, {} kernel)",
+        crate::memory::mib(loaded.model.weight_bytes() as u64),
+        args.model.dtype,
+        args.model.dtype.cpu_note().0
     );
+    if let Some((rss, peak)) = crate::memory::rss() {
+        println!(
+            "resident set:   {} now, {} peak",
+            crate::memory::mib(rss),
+            crate::memory::mib(peak)
+        );
+    }
     println!("scored tokens:  {}", report.scored);
     println!("nll:            {:.4} nats/token", report.nll);
     println!("perplexity:     {:.3}", report.perplexity());

@@ -252,7 +252,7 @@ fn candidates(
             .recursive
             .iter()
             .map(|dir| {
-                let m = rrt_model::load(dir, rrt_model::WeightDtype::F32)
+                let m = rrt_model::load(dir, args.model.dtype)
                     .with_context(|| format!("loading --recursive {}", dir.display()))?
                     .model;
                 anyhow::ensure!(
@@ -279,7 +279,8 @@ fn candidates(
         if rank > 0 {
             decompose_with_progress(&mut converter)?;
         }
-        let rec = converter.build(rank, rank, false, "bench")?;
+        let mut rec = converter.build(rank, rank, false, "bench")?;
+        rec.set_weight_dtype(args.model.dtype)?;
         let label = format!("{k} x {}, {}, LoRA r{rank}", args.loops, args.init);
         out.push((format!("r{rank}"), label, rec));
     }
@@ -342,8 +343,8 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     let w = workload(&args, &ids)?;
     let loops = args.loops;
     println!(
-        "engine benchmark: {} prompts ({}-{} tokens), outputs {}-{} tokens, seed {}, concurrency {}, {} threads, {} round(s); perplexity: {} held-out windows, {} context + {} scored tokens",
-        args.prompts, args.min_prompt, args.max_prompt, args.min_output, args.max_output, args.seed, args.concurrency,
+        "engine benchmark: weights {} ({} kernel), {} prompts ({}-{} tokens), outputs {}-{} tokens, seed {}, concurrency {}, {} threads, {} round(s); perplexity: {} held-out windows, {} context + {} scored tokens",
+        args.model.dtype, args.model.dtype.cpu_note().0, args.prompts, args.min_prompt, args.max_prompt, args.min_output, args.max_output, args.seed, args.concurrency,
         rayon::current_num_threads(), args.repeats.max(1), w.scoring.len(), args.score_context, args.score_tokens
     );
     let vanilla = |name: &str, scheduler| Spec {

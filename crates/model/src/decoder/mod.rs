@@ -469,6 +469,26 @@ impl Llama {
         self.logits(&x.index_select(&keep, 0)?)
     }
 
+    /// Holds the projections and the LM head as `dtype` from now on (repacked from their
+    /// current values; a model built in f32, e.g. just converted, then runs like one loaded at
+    /// `dtype`). Embeddings follow as at load; LoRA, norms and exit heads stay as they are.
+    pub fn set_weight_dtype(&mut self, dtype: crate::dtype::WeightDtype) -> candle_core::Result<()> {
+        let repack = |l: &mut crate::linear::Linear| -> candle_core::Result<()> {
+            if l.dtype() != dtype {
+                *l = crate::linear::Linear::with_dtype(l.weight()?, dtype)?;
+            }
+            Ok(())
+        };
+        for layer in &mut self.layers {
+            for l in [&mut layer.qkv, &mut layer.o, &mut layer.gate_up, &mut layer.down] {
+                repack(l)?;
+            }
+        }
+        repack(&mut self.lm_head)?;
+        self.embed = self.embed.to_dtype(dtype.embed_dtype())?;
+        Ok(())
+    }
+
     /// Bytes of weights held in memory (a tied LM head is packed separately from the embedding).
     pub fn weight_bytes(&self) -> usize {
         let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
