@@ -17,7 +17,7 @@ use rrt_model::generate::greedy;
 use rrt_model::recursive::convert::{convert, ConvertOptions};
 use rrt_model::recursive::mapping::Init;
 use rrt_model::source::safetensors::SafetensorsSource;
-use rrt_model::{Llama, ModelConfig, SamplingParams};
+use rrt_model::{Llama, ModelConfig, SamplingParams, WeightDtype};
 
 fn tiny_recursive() -> Llama {
     let dir =
@@ -81,12 +81,21 @@ fn submit_all(
 
 #[test]
 fn every_scheduler_matches_one_at_a_time_generation() {
-    let model = tiny_recursive();
+    // At every weight dtype: bf16 and int8 kernels give a row the same bits whatever rows sit
+    // beside it, so batching must not change a single token there either.
+    for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Q8] {
+        let mut model = tiny_recursive();
+        model.set_weight_dtype(dtype).unwrap();
+        one_at_a_time_vs_every_scheduler(&model, dtype);
+    }
+}
+
+fn one_at_a_time_vs_every_scheduler(model: &Llama, dtype: WeightDtype) {
     assert_eq!(model.loops(), 3);
     let cases = prompts(model.cfg.vocab_size as u32);
     let want: Vec<Vec<u32>> = cases
         .iter()
-        .map(|(p, n)| greedy(&model, p, *n).unwrap())
+        .map(|(p, n)| greedy(model, p, *n).unwrap())
         .collect();
     for scheduler in [Scheduler::Static, Scheduler::Csb, Scheduler::Cdb] {
         let cfg = EngineConfig {
@@ -109,7 +118,7 @@ fn every_scheduler_matches_one_at_a_time_generation() {
             let got = collect(rx);
             assert_eq!(
                 got.tokens, want[i],
-                "{scheduler:?}: request {i} differs from one-at-a-time"
+                "{dtype} {scheduler:?}: request {i} differs from one-at-a-time"
             );
             assert_eq!(
                 got.finish,

@@ -28,6 +28,10 @@ pub struct DecodeArgs {
     /// Tokens of the one sequence whose prompt processing is timed.
     #[arg(long, default_value_t = 256)]
     prefill_window: usize,
+    /// Rounds over the dtypes (f32, bf16, q8, f32, ...): each figure is the best of its dtype's
+    /// rounds, so a slow spell of this shared machine does not land on one dtype only.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
     /// Print the figures of the (single) dtype as one JSON line too (what the parent reads).
     #[arg(long, hide = true)]
     json: bool,
@@ -137,32 +141,51 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     // resident set of the next would include it.
     let exe = std::env::current_exe()?;
     let batches: Vec<String> = args.batches.iter().map(|b| b.to_string()).collect();
-    let mut figures = Vec::new();
-    for d in &args.dtypes {
-        let out = std::process::Command::new(&exe)
-            .args(["bench", "decode", "--json", "--model"])
-            .arg(&args.model)
-            .arg(format!("--dtypes={d}"))
-            .arg(format!("--batches={}", batches.join(",")))
-            .arg(format!("--steps={}", args.steps))
-            .arg(format!("--prompt-len={}", args.prompt_len))
-            .arg(format!("--repeats={}", args.repeats))
-            .arg(format!("--prefill-window={}", args.prefill_window))
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .with_context(|| format!("running {}", exe.display()))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        for line in text.lines().filter(|l| !l.starts_with("json: ")) {
-            println!("{line}");
+    let mut figures: Vec<Option<serde_json::Value>> = vec![None; args.dtypes.len()];
+    for round in 0..args.rounds.max(1) {
+        for (i, d) in args.dtypes.iter().enumerate() {
+            println!("== round {}/{}: {d}", round + 1, args.rounds.max(1));
+            let out = std::process::Command::new(&exe)
+                .args(["bench", "decode", "--json", "--model"])
+                .arg(&args.model)
+                .arg(format!("--dtypes={d}"))
+                .arg(format!("--batches={}", batches.join(",")))
+                .arg(format!("--steps={}", args.steps))
+                .arg(format!("--prompt-len={}", args.prompt_len))
+                .arg(format!("--repeats={}", args.repeats))
+                .arg(format!("--prefill-window={}", args.prefill_window))
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .with_context(|| format!("running {}", exe.display()))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            for line in text.lines().filter(|l| !l.starts_with("json: ")) {
+                println!("{line}");
+            }
+            anyhow::ensure!(out.status.success(), "the {d} run failed");
+            let json = text
+                .lines()
+                .find_map(|l| l.strip_prefix("json: "))
+                .context("the child printed no figures")?;
+            let new: serde_json::Value = serde_json::from_str(json)?;
+            figures[i] = Some(match figures[i].take() {
+                None => new,
+                Some(mut best) => {
+                    // Speeds: the best round; memory: the first.
+                    for key in std::iter::once("prefill".to_string())
+                        .chain(args.batches.iter().map(|b| format!("batch_{b}")))
+                    {
+                        let (a, b) = (best[&key].as_f64(), new[&key].as_f64());
+                        if let (Some(a), Some(b)) = (a, b) {
+                            best[&key] = serde_json::json!(a.max(b));
+                        }
+                    }
+                    best
+                }
+            });
+            println!();
         }
-        anyhow::ensure!(out.status.success(), "the {d} run failed");
-        let json = text
-            .lines()
-            .find_map(|l| l.strip_prefix("json: "))
-            .context("the child printed no figures")?;
-        figures.push(serde_json::from_str::<serde_json::Value>(json)?);
-        println!();
     }
+    let figures: Vec<serde_json::Value> = figures.into_iter().flatten().collect();
     print_comparison(&args, &figures);
     Ok(())
 }
@@ -172,8 +195,9 @@ fn print_comparison(args: &DecodeArgs, figures: &[serde_json::Value]) {
     let base = &figures[0];
     let f = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap_or(f64::NAN);
     println!(
-        "weight dtypes side by side ({}; ratios to {}):",
+        "weight dtypes side by side ({}; best of {} rounds per dtype; ratios to {}):",
         args.model.display(),
+        args.rounds.max(1),
         base["dtype"].as_str().unwrap_or("?")
     );
     let mut header = "| dtype | kernel | weights | resident (peak) | prompt tok/s |".to_string();

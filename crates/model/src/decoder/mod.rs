@@ -472,7 +472,10 @@ impl Llama {
     /// Holds the projections and the LM head as `dtype` from now on (repacked from their
     /// current values; a model built in f32, e.g. just converted, then runs like one loaded at
     /// `dtype`). Embeddings follow as at load; LoRA, norms and exit heads stay as they are.
-    pub fn set_weight_dtype(&mut self, dtype: crate::dtype::WeightDtype) -> candle_core::Result<()> {
+    pub fn set_weight_dtype(
+        &mut self,
+        dtype: crate::dtype::WeightDtype,
+    ) -> candle_core::Result<()> {
         let repack = |l: &mut crate::linear::Linear| -> candle_core::Result<()> {
             if l.dtype() != dtype {
                 *l = crate::linear::Linear::with_dtype(l.weight()?, dtype)?;
@@ -480,7 +483,12 @@ impl Llama {
             Ok(())
         };
         for layer in &mut self.layers {
-            for l in [&mut layer.qkv, &mut layer.o, &mut layer.gate_up, &mut layer.down] {
+            for l in [
+                &mut layer.qkv,
+                &mut layer.o,
+                &mut layer.gate_up,
+                &mut layer.down,
+            ] {
                 repack(l)?;
             }
         }
