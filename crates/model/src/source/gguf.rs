@@ -276,7 +276,7 @@ impl GgufSource {
         } else {
             return Ok(None);
         };
-        if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
             return Err(ModelError::ShapeMismatch {
                 path: self.path.clone(),
                 name: gname.into(),
