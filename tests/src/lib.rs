@@ -27,18 +27,11 @@ static MAKE_LOCK: Mutex<()> = Mutex::new(());
 pub fn ensure(path: PathBuf, target: &str) -> PathBuf {
     let _guard = MAKE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     if !path.exists() {
-        let out = Command::new("make")
-            .arg("-C")
-            .arg(root())
-            .arg(target)
-            .output()
-            .expect("running make");
+        run_make(target);
         assert!(
-            out.status.success() && path.exists(),
-            "`make {target}` did not produce {}:\n{}\n{}",
-            path.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            path.exists(),
+            "`make {target}` did not produce {}",
+            path.display()
         );
     }
     path
@@ -48,6 +41,11 @@ pub fn ensure(path: PathBuf, target: &str) -> PathBuf {
 /// panics with make's output if it fails.
 pub fn make(target: &str) {
     let _guard = MAKE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    run_make(target);
+}
+
+/// `make -C <root> TARGET`; panics with its output when it fails. Callers hold `MAKE_LOCK`.
+fn run_make(target: &str) {
     let out = Command::new("make")
         .arg("-C")
         .arg(root())

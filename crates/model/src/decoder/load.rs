@@ -16,30 +16,15 @@ use crate::recursive::{LoopNorms, Recursion, RecursiveMeta};
 use crate::source::{Q8Blocks, TensorSource};
 
 impl LayerWeights {
-    /// Builds a layer from its projections (indexed by [`Projection::index`]) and two norms,
-    /// weights held as their tensors' dtype (f32 packed, f16 as a tensor).
+    /// Builds a layer from its projections (indexed by [`Projection::index`]) and two norms.
     pub fn from_projections(
         proj: &[Tensor; 7],
         attn_norm: Tensor,
         mlp_norm: Tensor,
     ) -> Result<Self> {
-        let dtype = match proj[0].dtype() {
-            DType::F16 => WeightDtype::F16,
-            _ => WeightDtype::F32,
-        };
-        Self::from_projections_as(proj, attn_norm, mlp_norm, dtype)
-    }
-
-    /// [`Self::from_projections`] with the weights held as `dtype`.
-    pub fn from_projections_as(
-        proj: &[Tensor; 7],
-        attn_norm: Tensor,
-        mlp_norm: Tensor,
-        dtype: WeightDtype,
-    ) -> Result<Self> {
         let fuse = |f: Fused| -> Result<Linear> {
             let parts: Vec<&Tensor> = f.parts().iter().map(|p| &proj[p.index()]).collect();
-            Ok(Linear::with_dtype(Tensor::cat(&parts, 0)?, dtype)?)
+            Ok(Linear::new(Tensor::cat(&parts, 0)?)?)
         };
         Ok(Self {
             attn_norm,
@@ -116,13 +101,19 @@ impl Llama {
             });
         }
         let norm = src.load_shaped("model.norm.weight", &[h], DType::F32)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed.clone()
+        // int8 blocks as the file holds them (GGUF Q8_0), else the float tensor packed.
+        let head_name = if cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
         } else {
-            match src.load("lm_head.weight", read)? {
+            "lm_head.weight"
+        };
+        let lm_head = match q8_blocks(src, head_name, &[v, h], dtype)? {
+            Some(blocks) => q8_linear(blocks),
+            None if cfg.tie_word_embeddings => Linear::with_dtype(embed.clone(), dtype)?,
+            None => match src.load(head_name, read)? {
                 Some(w) => {
-                    crate::source::check_shape(src.path(), "lm_head.weight", &w, &[v, h])?;
-                    w
+                    crate::source::check_shape(src.path(), head_name, &w, &[v, h])?;
+                    Linear::with_dtype(w, dtype)?
                 }
                 None => {
                     return Err(ModelError::MissingTensor {
@@ -130,7 +121,7 @@ impl Llama {
                         name: "lm_head.weight (config says tie_word_embeddings = false)".into(),
                     })
                 }
-            }
+            },
         };
         let recursion = match recursive {
             None => None,
@@ -140,27 +131,17 @@ impl Llama {
                 Some(r)
             }
         };
-        // int8 blocks as the file holds them (GGUF Q8_0), else the float tensor quantized.
-        let head_name = if cfg.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        let lm_head = match q8_blocks(src, head_name, &[v, h], dtype)? {
-            Some(blocks) => Linear::from_q8(PackedQ8::from_blocks(
-                blocks.n,
-                blocks.k,
-                &blocks.scales,
-                &blocks.q,
-            )),
-            None => Linear::with_dtype(lm_head, dtype)?,
-        };
         // The table is only gathered from: the compact formats keep it in bf16.
         let embed = embed.to_dtype(dtype.embed_dtype())?;
         Ok(Self::from_parts(
             cfg, embed, layers, norm, lm_head, recursion,
         ))
     }
+}
+
+/// A linear layer of int8 blocks taken as they are.
+fn q8_linear(b: Q8Blocks) -> Linear {
+    Linear::from_q8(PackedQ8::from_blocks(b.n, b.k, &b.scales, &b.q))
 }
 
 /// `name` as int8 blocks when `dtype` is q8 and the file holds it as such, its shape checked.
@@ -205,10 +186,7 @@ fn load_fused(
         }
     }
     if blocks.len() == f.parts().len() {
-        let b = Q8Blocks::concat(blocks);
-        return Ok(Linear::from_q8(PackedQ8::from_blocks(
-            b.n, b.k, &b.scales, &b.q,
-        )));
+        return Ok(q8_linear(Q8Blocks::concat(blocks)));
     }
     let mut parts = Vec::with_capacity(f.parts().len());
     for p in f.parts() {

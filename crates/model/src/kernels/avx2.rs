@@ -113,13 +113,24 @@ unsafe fn tile_n<const R: usize>(
         }
     }
     for (r, a) in acc.iter().enumerate() {
-        let mut out = [0f32; PANEL];
-        // SAFETY: `out` holds 16 floats.
-        unsafe {
-            _mm256_storeu_ps(out.as_mut_ptr(), a[0]);
-            _mm256_storeu_ps(out.as_mut_ptr().add(8), a[1]);
-        }
         // SAFETY: row r of `c` has `valid` columns (the caller's promise).
-        unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), c.add(r * ldc), valid) };
+        unsafe { store_row(a, c.add(r * ldc), valid) };
     }
+}
+
+/// Stores the first `valid` (<= 16) of a row's two 8-lane accumulators to `c`.
+///
+/// # Safety
+/// AVX runs here; `c` has room for `valid` floats.
+#[inline]
+#[target_feature(enable = "avx")]
+pub(super) unsafe fn store_row(a: &[__m256; 2], c: *mut f32, valid: usize) {
+    let mut out = [0f32; PANEL];
+    // SAFETY: `out` holds 16 floats.
+    unsafe {
+        _mm256_storeu_ps(out.as_mut_ptr(), a[0]);
+        _mm256_storeu_ps(out.as_mut_ptr().add(8), a[1]);
+    }
+    // SAFETY: the caller's promise; `valid` <= 16 floats of `out`.
+    unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), c, valid.min(PANEL)) };
 }

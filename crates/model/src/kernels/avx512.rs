@@ -117,15 +117,23 @@ unsafe fn tile<const R: usize, const P: usize>(
             }
             // SAFETY: row `a` < R; columns `col..` up to `cols_valid` are inside `c`'s row
             // (the caller's promise); the masked store writes only those.
-            unsafe {
-                let dst = c.add(a * ldc + col);
-                if cols_valid - col >= PANEL {
-                    _mm512_storeu_ps(dst, *v);
-                } else {
-                    let mask: __mmask16 = ((1u32 << (cols_valid - col)) - 1) as u16;
-                    _mm512_mask_storeu_ps(dst, mask, *v);
-                }
-            }
+            unsafe { store16(*v, c.add(a * ldc + col), cols_valid - col) };
         }
     }
+}
+
+/// Stores the first `valid` (<= 16) of 16 lanes to `c`.
+///
+/// # Safety
+/// AVX-512F runs here; `c` has room for `valid` floats (masked lanes are not written).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn store16(v: __m512, c: *mut f32, valid: usize) {
+    let mask: __mmask16 = if valid >= PANEL {
+        0xFFFF
+    } else {
+        ((1u32 << valid) - 1) as u16
+    };
+    // SAFETY: the caller's promise.
+    unsafe { _mm512_mask_storeu_ps(c, mask, v) };
 }

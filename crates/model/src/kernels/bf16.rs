@@ -342,14 +342,8 @@ mod x86 {
             step!(full, std::array::from_fn(|r| x[r * k + k - 1]), [0.0; R]);
         }
         for (r, a) in acc.iter().enumerate() {
-            let mut out = [0f32; PANEL];
-            // SAFETY: `out` holds 16 floats.
-            unsafe {
-                _mm256_storeu_ps(out.as_mut_ptr(), a[0]);
-                _mm256_storeu_ps(out.as_mut_ptr().add(8), a[1]);
-            }
             // SAFETY: row r < R of `c` has `valid` columns (the caller's promise).
-            unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), c.add(r * ldc), valid) };
+            unsafe { crate::kernels::avx2::store_row(a, c.add(r * ldc), valid) };
         }
     }
 
@@ -412,7 +406,8 @@ mod x86 {
             a0 = _mm512_fmadd_ps(_mm512_set1_ps(x0), w0, a0);
             a1 = _mm512_fmadd_ps(_mm512_set1_ps(x1), w1, a1);
         }
-        store16(_mm512_add_ps(a0, a1), c, valid);
+        // SAFETY: AVX-512F runs here; `c` has `valid` columns (the caller's promise).
+        unsafe { crate::kernels::avx512::store16(_mm512_add_ps(a0, a1), c, valid) };
     }
 
     /// One row (bf16 pairs) times one panel with AVX512_BF16's `vdpbf16ps`.
@@ -444,7 +439,8 @@ mod x86 {
             let v = unsafe { _mm512_loadu_si512(panel.as_ptr().add(j * 32) as *const _) };
             a0 = _mm512_dpbf16_ps(a0, to_bh(v), to_bh(_mm512_set1_epi32(x[j] as i32)));
         }
-        store16(_mm512_add_ps(a0, a1), c, valid);
+        // SAFETY: AVX-512F runs here; `c` has `valid` columns (the caller's promise).
+        unsafe { crate::kernels::avx512::store16(_mm512_add_ps(a0, a1), c, valid) };
     }
 
     #[inline]
@@ -453,25 +449,12 @@ mod x86 {
         // SAFETY: both are 512-bit vectors; bf16 pairs reinterpreted as they are.
         unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
     }
-
-    /// Stores the first `valid` of 16 lanes.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn store16(v: __m512, c: *mut f32, valid: usize) {
-        let mask: __mmask16 = if valid >= PANEL {
-            0xFFFF
-        } else {
-            ((1u32 << valid) - 1) as u16
-        };
-        // SAFETY: the caller's promise: `valid` columns from `c`; masked lanes are not written.
-        unsafe { _mm512_mask_storeu_ps(c, mask, v) };
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::tests::{pseudo_random, reference};
+    use crate::kernels::tests::{max_diff, pseudo_random, reference};
 
     #[test]
     fn bf16_rounding_is_to_nearest_even() {
@@ -521,11 +504,7 @@ mod tests {
                 } else {
                     &exact
                 };
-                let diff = got
-                    .iter()
-                    .zip(want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let diff = max_diff(&got, want);
                 assert!(
                     diff < 1e-4,
                     "{}: m={m} k={k} n={n}: max diff {diff}",

@@ -226,6 +226,15 @@ mod tests {
         out
     }
 
+    /// The largest element-wise difference.
+    pub(crate) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    }
+
     pub(crate) fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
         (0..n)
@@ -289,11 +298,7 @@ mod tests {
                 .map(|&isa| (isa.isa().name(), matmul_on(isa, &x, m, &packed)))
                 .chain([("dispatched", matmul(&x, m, &packed))]);
             for (path, got) in paths {
-                let diff = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let diff = max_diff(&got, &want);
                 assert!(diff < 1e-4, "{path}: m={m} k={k} n={n}: max diff {diff}");
             }
         }

@@ -191,7 +191,8 @@ impl QuantizedRows {
     }
 
     /// The dequantized rows (`[m, blocks * 32]`, zero past k): what the kernels multiply.
-    pub fn dequantize(&self) -> Vec<f32> {
+    #[cfg(test)]
+    fn dequantize(&self) -> Vec<f32> {
         let m = self.scales.len() / self.blocks.max(1);
         let mut out = Vec::with_capacity(m * self.blocks * QBLOCK);
         for r in 0..m {
@@ -410,14 +411,8 @@ mod x86 {
             }
         }
         for (r, a) in acc.iter().enumerate() {
-            let mut out = [0f32; PANEL];
-            // SAFETY: `out` holds 16 floats.
-            unsafe {
-                _mm256_storeu_ps(out.as_mut_ptr(), a[0]);
-                _mm256_storeu_ps(out.as_mut_ptr().add(8), a[1]);
-            }
             // SAFETY: row r of `c` has `valid` columns (the caller's promise).
-            unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), c.add(r * ldc), valid) };
+            unsafe { crate::kernels::avx2::store_row(a, c.add(r * ldc), valid) };
         }
     }
 
@@ -435,32 +430,8 @@ mod x86 {
         c: *mut f32,
         valid: usize,
     ) {
-        let blocks = scales.len() / PANEL;
-        assert!(
-            values.len() >= blocks * BLOCK_BYTES
-                && xp.len() >= blocks * PAIRS
-                && xs.len() >= blocks
-        );
-        let mut acc = _mm512_setzero_ps();
-        for b in 0..blocks {
-            let mut dots = _mm512_setzero_si512();
-            for j in 0..PAIRS {
-                // SAFETY: block b, pair j: 32 bytes inside `values` (asserted above).
-                let v = unsafe {
-                    _mm256_loadu_si256(
-                        values.as_ptr().add(b * BLOCK_BYTES + j * 32) as *const __m256i
-                    )
-                };
-                let w = _mm512_cvtepi8_epi16(v);
-                let xb = _mm512_set1_epi32(xp[b * PAIRS + j]);
-                dots = _mm512_add_epi32(dots, _mm512_madd_epi16(w, xb));
-            }
-            // SAFETY: block b's 16 scales lie inside `scales`.
-            let s = unsafe { _mm512_loadu_ps(scales.as_ptr().add(b * PANEL)) };
-            let s = _mm512_mul_ps(s, _mm512_set1_ps(xs[b]));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), s, acc);
-        }
-        store16(acc, c, valid);
+        // SAFETY: the caller's promise; this instance uses no VNNI instruction.
+        unsafe { row_512::<false>(xp, xs, values, scales, c, valid) }
     }
 
     /// One quantized row times one panel with AVX512_VNNI (`vpdpwssd`).
@@ -476,52 +447,60 @@ mod x86 {
         c: *mut f32,
         valid: usize,
     ) {
+        // SAFETY: the caller's promise.
+        unsafe { row_512::<true>(xp, xs, values, scales, c, valid) }
+    }
+
+    /// The body of [`row_avx512`] (`VNNI` false: `vpmaddwd` then an add) and [`row_vnni`] (one
+    /// `vpdpwssd`), inlined into each so it compiles with that caller's instruction sets.
+    ///
+    /// # Safety
+    /// As the caller of that instance.
+    #[inline(always)]
+    unsafe fn row_512<const VNNI: bool>(
+        xp: &[i32],
+        xs: &[f32],
+        values: &[i8],
+        scales: &[f32],
+        c: *mut f32,
+        valid: usize,
+    ) {
         let blocks = scales.len() / PANEL;
         assert!(
             values.len() >= blocks * BLOCK_BYTES
                 && xp.len() >= blocks * PAIRS
                 && xs.len() >= blocks
         );
-        let mut acc = _mm512_setzero_ps();
-        for b in 0..blocks {
-            let mut dots = _mm512_setzero_si512();
-            for j in 0..PAIRS {
-                // SAFETY: block b, pair j: 32 bytes inside `values` (asserted above).
-                let v = unsafe {
-                    _mm256_loadu_si256(
-                        values.as_ptr().add(b * BLOCK_BYTES + j * 32) as *const __m256i
-                    )
-                };
-                let w = _mm512_cvtepi8_epi16(v);
-                let xb = _mm512_set1_epi32(xp[b * PAIRS + j]);
-                dots = _mm512_dpwssd_epi32(dots, w, xb);
+        // SAFETY: AVX-512F/BW (and VNNI in that instance) run here (the caller's promise);
+        // block b, pair j is 32 bytes inside `values` and block b's 16 scales lie inside
+        // `scales` (asserted above); `c` has `valid` columns.
+        unsafe {
+            let mut acc = _mm512_setzero_ps();
+            for b in 0..blocks {
+                let mut dots = _mm512_setzero_si512();
+                for j in 0..PAIRS {
+                    let at = values.as_ptr().add(b * BLOCK_BYTES + j * 32);
+                    let w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(at as *const __m256i));
+                    let xb = _mm512_set1_epi32(xp[b * PAIRS + j]);
+                    dots = if VNNI {
+                        _mm512_dpwssd_epi32(dots, w, xb)
+                    } else {
+                        _mm512_add_epi32(dots, _mm512_madd_epi16(w, xb))
+                    };
+                }
+                let s = _mm512_loadu_ps(scales.as_ptr().add(b * PANEL));
+                let s = _mm512_mul_ps(s, _mm512_set1_ps(xs[b]));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), s, acc);
             }
-            // SAFETY: block b's 16 scales lie inside `scales`.
-            let s = unsafe { _mm512_loadu_ps(scales.as_ptr().add(b * PANEL)) };
-            let s = _mm512_mul_ps(s, _mm512_set1_ps(xs[b]));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), s, acc);
+            crate::kernels::avx512::store16(acc, c, valid);
         }
-        store16(acc, c, valid);
-    }
-
-    /// Stores the first `valid` of 16 lanes.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn store16(v: __m512, c: *mut f32, valid: usize) {
-        let mask: __mmask16 = if valid >= PANEL {
-            0xFFFF
-        } else {
-            ((1u32 << valid) - 1) as u16
-        };
-        // SAFETY: the caller's promise: `valid` columns from `c`; masked lanes are not written.
-        unsafe { _mm512_mask_storeu_ps(c, mask, v) };
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::tests::{pseudo_random, reference};
+    use crate::kernels::tests::{max_diff, pseudo_random, reference};
 
     #[test]
     fn blocks_round_trip_within_half_a_step() {
@@ -578,21 +557,13 @@ mod tests {
                 .map(|&isa| (isa.isa().name(), matmul_q8_on(isa, &x, m, &packed)))
                 .chain([("dispatched", matmul_q8(&x, m, &packed))]);
             for (path, got) in paths {
-                let diff = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let diff = max_diff(&got, &want);
                 assert!(
                     diff < 1e-4 * scale.max(1.0),
                     "{path}: m={m} k={k} n={n}: max diff {diff}"
                 );
                 // And close to the f32 product: int8 steps of both operands.
-                let err = got
-                    .iter()
-                    .zip(&f32_want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let err = max_diff(&got, &f32_want);
                 assert!(
                     err < 0.02 * scale.max(0.1),
                     "{path}: m={m} k={k} n={n}: error {err} of {scale}"
