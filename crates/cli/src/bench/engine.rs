@@ -20,8 +20,9 @@ use rand::{Rng, SeedableRng};
 use rrt_engine::{ExitKind, ExitPolicy, ExitTrace, KvFill, Scheduler};
 use rrt_model::recursive::convert::Converter;
 use rrt_model::recursive::mapping::Init;
-use rrt_model::{Fused, Llama};
+use rrt_model::{Fused, Llama, WeightDtype};
 
+use crate::bench::engine_dtypes::{run_table, DtypeTable};
 use crate::bench::engine_runs::{
     agreement, mean_loops, run, synthetic_trace, Run, Spec, TraceFrom, Workload,
 };
@@ -89,6 +90,11 @@ pub struct EngineBenchArgs {
     /// Rows one step may run (prefill chunks fill what decode rows leave).
     #[arg(long, default_value_t = 256)]
     max_batch_rows: usize,
+    /// Weight dtypes to compare side by side instead of the full table: the main rows (vanilla
+    /// static and CSB; the first recursive model's CSB, CDB without exits and CDB with each
+    /// --synthetic share) at each dtype, repacked from the f32 weights, in interleaved rounds.
+    #[arg(long, value_delimiter = ',')]
+    dtypes: Vec<WeightDtype>,
     /// Where the PNG of throughput and agreement against threshold goes.
     #[arg(long, default_value = ".cache/bench/engine-thresholds.png")]
     plot: PathBuf,
@@ -372,6 +378,23 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         agreement_refs: vec![],
     };
     let models = candidates(&args, src, k)?;
+    if !args.dtypes.is_empty() {
+        anyhow::ensure!(
+            args.model.dtype == WeightDtype::F32,
+            "--dtypes repacks every dtype from the f32 weights: leave --dtype at f32"
+        );
+        let (_, label, rec) = models.first().context("no recursive model to compare")?;
+        let table = DtypeTable {
+            dtypes: &args.dtypes,
+            vanilla: src,
+            recursive: (label, rec),
+            synthetic: &args.synthetic,
+            seed: args.seed,
+            repeats: args.repeats,
+            limits: (args.concurrency, args.max_batch_rows),
+        };
+        return run_table(&table, &w);
+    }
     for (short, label, rec) in &models {
         let (specs, first_threshold, first_learned) =
             recursive_specs(label, &args, rec.exit_heads.is_some());

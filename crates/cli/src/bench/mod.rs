@@ -4,6 +4,7 @@ pub mod chaos;
 mod cpu_time;
 mod decode;
 mod engine;
+mod engine_dtypes;
 mod engine_runs;
 mod matmul;
 mod overload;

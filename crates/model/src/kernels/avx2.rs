@@ -97,17 +97,22 @@ unsafe fn tile_n<const R: usize>(
 ) {
     assert!(x.len() >= R * k && panel.len() >= k * PANEL);
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let wp = panel.as_ptr();
+    let (wp, xp) = (panel.as_ptr(), x.as_ptr());
     for kk in 0..k {
         // SAFETY: step kk < k: 16 floats inside the panel (asserted above).
         let (w0, w1) = unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(
+                (wp.add(kk * PANEL) as *const i8).wrapping_add(super::PREFETCH),
+            );
             (
                 _mm256_loadu_ps(wp.add(kk * PANEL)),
                 _mm256_loadu_ps(wp.add(kk * PANEL + 8)),
             )
         };
         for (r, a) in acc.iter_mut().enumerate() {
-            let b = _mm256_set1_ps(x[r * k + kk]);
+            // SAFETY: r < R and kk < k: inside `x` (asserted above); a raw read, as indexing
+            // bounds-checks every step.
+            let b = _mm256_set1_ps(unsafe { *xp.add(r * k + kk) });
             a[0] = _mm256_fmadd_ps(b, w0, a[0]);
             a[1] = _mm256_fmadd_ps(b, w1, a[1]);
         }

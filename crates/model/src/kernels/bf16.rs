@@ -313,6 +313,9 @@ mod x86 {
                 let j: usize = $j;
                 // SAFETY: pair j < k.div_ceil(2): 32 u16 inside the panel (asserted above).
                 let (v0, v1) = unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        (wp.add(j * 32) as *const i8).wrapping_add(crate::kernels::PREFETCH),
+                    );
                     (
                         _mm256_loadu_si256(wp.add(j * 32) as *const __m256i),
                         _mm256_loadu_si256(wp.add(j * 32 + 16) as *const __m256i),
@@ -330,11 +333,14 @@ mod x86 {
                 }
             }};
         }
+        let xp = x.as_ptr();
         for j in 0..full {
+            // SAFETY: r < R and 2j + 1 < k: inside `x` (asserted above); raw reads, as indexing
+            // bounds-checks every step.
             step!(
                 j,
-                std::array::from_fn(|r| x[r * k + 2 * j]),
-                std::array::from_fn(|r| x[r * k + 2 * j + 1])
+                std::array::from_fn(|r| unsafe { *xp.add(r * k + 2 * j) }),
+                std::array::from_fn(|r| unsafe { *xp.add(r * k + 2 * j + 1) })
             );
         }
         if k % 2 == 1 {
@@ -397,8 +403,13 @@ mod x86 {
         let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
         let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for j in 0..k.div_ceil(2) {
-            // SAFETY: pair j: 32 u16 inside the panel (asserted above).
-            let v = unsafe { _mm512_loadu_si512(panel.as_ptr().add(j * 32) as *const _) };
+            // SAFETY: pair j: 32 u16 inside the panel (asserted above); a prefetch never
+            // faults.
+            let v = unsafe {
+                let at = panel.as_ptr().add(j * 32);
+                _mm_prefetch::<_MM_HINT_T0>((at as *const i8).wrapping_add(crate::kernels::PREFETCH));
+                _mm512_loadu_si512(at as *const _)
+            };
             let x0 = x[2 * j];
             let x1 = if 2 * j + 1 < k { x[2 * j + 1] } else { 0.0 };
             let w0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
@@ -421,8 +432,12 @@ mod x86 {
         let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let mut j = 0;
         while j + 1 < x.len() {
-            // SAFETY: pairs j and j + 1 lie inside the panel (asserted above).
+            // SAFETY: pairs j and j + 1 lie inside the panel (asserted above); a prefetch
+            // never faults.
             let (v0, v1) = unsafe {
+                let at = panel.as_ptr().add(j * 32) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(crate::kernels::PREFETCH));
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(crate::kernels::PREFETCH + 64));
                 (
                     _mm512_loadu_si512(panel.as_ptr().add(j * 32) as *const _),
                     _mm512_loadu_si512(panel.as_ptr().add(j * 32 + 32) as *const _),

@@ -109,6 +109,12 @@ pub fn matmul_on(isa: Supported, x: &[f32], m: usize, w: &PackedWeight) -> Vec<f
     unsafe { par_blocks(m, w.n(), block) }
 }
 
+/// How far ahead of the weight bytes a kernel reads it asks for their cache lines
+/// (`prefetcht0`): a decode step streams every weight from memory once, and the hardware
+/// prefetcher alone leaves the int8 and bf16 kernels well short of the memory bandwidth
+/// (measured with `rrt bench matmul` on the LM head: int8 at one row 2x faster with it).
+pub(crate) const PREFETCH: usize = 2048;
+
 /// The output of an `[m, n]` product computed in parallel blocks of rows x [`PANEL`]-column
 /// panels: `block(rows, panels, next, c)` must write every element of `C[rows, panels]` (`c` is
 /// `[m, n]`, row-major) and nothing else; `next` is the panel range this task computes next
