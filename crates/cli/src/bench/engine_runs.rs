@@ -177,8 +177,13 @@ pub fn run(
         f64::NAN
     };
     let stats = gen.stats().clone();
+    let scored = if score {
+        format!(", perplexity {perplexity:.1}")
+    } else {
+        String::new()
+    };
     eprintln!(
-        "  {}: {tokens_per_s:.1} tokens/s, {:.2} loops/token, perplexity {perplexity:.1} ({secs:.0}s)",
+        "  {}: {tokens_per_s:.1} tokens/s, {:.2} loops/token{scored} ({secs:.0}s)",
         spec.name,
         mean_loops(&stats)
     );

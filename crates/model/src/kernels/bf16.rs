@@ -175,24 +175,26 @@ unsafe fn panel_rows(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 => {
             let pairs = w.pairs();
-            for r in rows {
-                let xr = &xb[r * pairs..(r + 1) * pairs];
-                // SAFETY: AVX512_BF16 runs here; row r and the panel's valid columns lie in `c`.
-                unsafe { x86::row_dpbf16(xr, panel, c.add(r * n + p * PANEL), valid) };
+            let mut r = rows.start;
+            while r < rows.end {
+                let tile = (rows.end - r).min(x86::MR512);
+                let xr = &xb[r * pairs..(r + tile) * pairs];
+                // SAFETY: AVX512_BF16 runs here; rows r..r + tile and the panel's valid columns
+                // lie in `c`.
+                unsafe { x86::tile_dpbf16(xr, tile, panel, c.add(r * n + p * PANEL), n, valid) };
+                r += tile;
             }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Vnni => {
-            for r in rows {
-                // SAFETY: AVX-512F runs here; row r and the panel's valid columns lie in `c`.
-                unsafe {
-                    x86::row_avx512(
-                        &x[r * k..(r + 1) * k],
-                        panel,
-                        c.add(r * n + p * PANEL),
-                        valid,
-                    )
-                };
+            let mut r = rows.start;
+            while r < rows.end {
+                let tile = (rows.end - r).min(x86::MR512);
+                let xr = &x[r * k..(r + tile) * k];
+                // SAFETY: AVX-512F runs here; rows r..r + tile and the panel's valid columns
+                // lie in `c`.
+                unsafe { x86::tile_avx512(xr, tile, k, panel, c.add(r * n + p * PANEL), n, valid) };
+                r += tile;
             }
         }
         #[cfg(target_arch = "x86_64")]
@@ -334,13 +336,17 @@ mod x86 {
             }};
         }
         let xp = x.as_ptr();
+        // Row r's values k and k + 1 (raw reads, as indexing bounds-checks every step).
+        let at = |r: usize, kk: usize| {
+            debug_assert!(r < R && kk + 1 < k);
+            // SAFETY: r < R and kk + 1 < k (the loop below): inside `x` (asserted above).
+            unsafe { (*xp.add(r * k + kk), *xp.add(r * k + kk + 1)) }
+        };
         for j in 0..full {
-            // SAFETY: r < R and 2j + 1 < k: inside `x` (asserted above); raw reads, as indexing
-            // bounds-checks every step.
             step!(
                 j,
-                std::array::from_fn(|r| unsafe { *xp.add(r * k + 2 * j) }),
-                std::array::from_fn(|r| unsafe { *xp.add(r * k + 2 * j + 1) })
+                std::array::from_fn(|r| at(r, 2 * j).0),
+                std::array::from_fn(|r| at(r, 2 * j).1)
             );
         }
         if k % 2 == 1 {
@@ -392,46 +398,125 @@ mod x86 {
         }
     }
 
-    /// One row of `x` times one panel with AVX-512F (weights widened to f32).
+    /// Rows per AVX-512 tile: each loaded weight vector serves every row of the tile.
+    pub const MR512: usize = 4;
+
+    /// `tile` (<= [`MR512`]) rows of `x` (stride `k`) times one panel with AVX-512F (weights
+    /// widened to f32; even and odd k summed apart, then added), into `c` (stride `ldc`),
+    /// `valid` columns.
     ///
     /// # Safety
-    /// AVX-512F runs here; `panel` is one panel for `x.len()`; `c` has `valid` columns.
+    /// AVX-512F runs here; `x` holds `tile` rows of `k`; `panel` is one panel for `k`; `c` has
+    /// `tile` rows of `ldc` with `valid` columns from it.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn row_avx512(x: &[f32], panel: &[u16], c: *mut f32, valid: usize) {
-        let k = x.len();
-        assert!(panel.len() >= k.div_ceil(2) * PANEL * 2);
+    pub unsafe fn tile_avx512(
+        x: &[f32],
+        tile: usize,
+        k: usize,
+        panel: &[u16],
+        c: *mut f32,
+        ldc: usize,
+        valid: usize,
+    ) {
+        // SAFETY: the caller's promise, for the same tile size.
+        unsafe {
+            match tile {
+                1 => tile_f::<1>(x, k, panel, c, ldc, valid),
+                2 => tile_f::<2>(x, k, panel, c, ldc, valid),
+                3 => tile_f::<3>(x, k, panel, c, ldc, valid),
+                4 => tile_f::<4>(x, k, panel, c, ldc, valid),
+                _ => unreachable!("tiles are 1..=MR512 rows"),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_f<const R: usize>(
+        x: &[f32],
+        k: usize,
+        panel: &[u16],
+        c: *mut f32,
+        ldc: usize,
+        valid: usize,
+    ) {
+        assert!(x.len() >= R * k && panel.len() >= k.div_ceil(2) * PANEL * 2);
         let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-        let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut a0, mut a1) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
         for j in 0..k.div_ceil(2) {
             // SAFETY: pair j: 32 u16 inside the panel (asserted above); a prefetch never
             // faults.
             let v = unsafe {
                 let at = panel.as_ptr().add(j * 32);
-                _mm_prefetch::<_MM_HINT_T0>((at as *const i8).wrapping_add(crate::kernels::PREFETCH));
+                _mm_prefetch::<_MM_HINT_T0>(
+                    (at as *const i8).wrapping_add(crate::kernels::PREFETCH),
+                );
                 _mm512_loadu_si512(at as *const _)
             };
-            let x0 = x[2 * j];
-            let x1 = if 2 * j + 1 < k { x[2 * j + 1] } else { 0.0 };
             let w0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
             let w1 = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
-            a0 = _mm512_fmadd_ps(_mm512_set1_ps(x0), w0, a0);
-            a1 = _mm512_fmadd_ps(_mm512_set1_ps(x1), w1, a1);
+            for r in 0..R {
+                let x0 = x[r * k + 2 * j];
+                let x1 = if 2 * j + 1 < k {
+                    x[r * k + 2 * j + 1]
+                } else {
+                    0.0
+                };
+                a0[r] = _mm512_fmadd_ps(_mm512_set1_ps(x0), w0, a0[r]);
+                a1[r] = _mm512_fmadd_ps(_mm512_set1_ps(x1), w1, a1[r]);
+            }
         }
-        // SAFETY: AVX-512F runs here; `c` has `valid` columns (the caller's promise).
-        unsafe { crate::kernels::avx512::store16(_mm512_add_ps(a0, a1), c, valid) };
+        for r in 0..R {
+            // SAFETY: AVX-512F runs here; row r of `c` has `valid` columns (the caller's
+            // promise).
+            unsafe {
+                crate::kernels::avx512::store16(_mm512_add_ps(a0[r], a1[r]), c.add(r * ldc), valid)
+            };
+        }
     }
 
-    /// One row (bf16 pairs) times one panel with AVX512_BF16's `vdpbf16ps`.
+    /// `tile` (<= [`MR512`]) rows (bf16 pairs, stride `x.len() / tile`) times one panel with
+    /// AVX512_BF16's `vdpbf16ps` (even and odd pairs summed apart, then added), into `c`
+    /// (stride `ldc`), `valid` columns.
     ///
     /// # Safety
-    /// AVX-512F and AVX512_BF16 run here; `panel` holds `x.len()` pairs; `c` has `valid`
-    /// columns.
+    /// AVX-512F and AVX512_BF16 run here; `x` holds `tile` rows of the panel's pairs; `c` has
+    /// `tile` rows of `ldc` with `valid` columns from it.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn row_dpbf16(x: &[u32], panel: &[u16], c: *mut f32, valid: usize) {
-        assert!(panel.len() >= x.len() * PANEL * 2);
-        let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    pub unsafe fn tile_dpbf16(
+        x: &[u32],
+        tile: usize,
+        panel: &[u16],
+        c: *mut f32,
+        ldc: usize,
+        valid: usize,
+    ) {
+        // SAFETY: the caller's promise, for the same tile size.
+        unsafe {
+            match tile {
+                1 => tile_dp::<1>(x, panel, c, ldc, valid),
+                2 => tile_dp::<2>(x, panel, c, ldc, valid),
+                3 => tile_dp::<3>(x, panel, c, ldc, valid),
+                4 => tile_dp::<4>(x, panel, c, ldc, valid),
+                _ => unreachable!("tiles are 1..=MR512 rows"),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile_dp<const R: usize>(
+        x: &[u32],
+        panel: &[u16],
+        c: *mut f32,
+        ldc: usize,
+        valid: usize,
+    ) {
+        let pairs = x.len() / R;
+        assert!(x.len() == R * pairs && panel.len() >= pairs * PANEL * 2);
+        let (mut a0, mut a1) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
         let mut j = 0;
-        while j + 1 < x.len() {
+        while j + 1 < pairs {
             // SAFETY: pairs j and j + 1 lie inside the panel (asserted above); a prefetch
             // never faults.
             let (v0, v1) = unsafe {
@@ -443,19 +528,29 @@ mod x86 {
                     _mm512_loadu_si512(panel.as_ptr().add(j * 32 + 32) as *const _),
                 )
             };
-            let b0 = _mm512_set1_epi32(x[j] as i32);
-            let b1 = _mm512_set1_epi32(x[j + 1] as i32);
-            a0 = _mm512_dpbf16_ps(a0, to_bh(v0), to_bh(b0));
-            a1 = _mm512_dpbf16_ps(a1, to_bh(v1), to_bh(b1));
+            for r in 0..R {
+                let b0 = _mm512_set1_epi32(x[r * pairs + j] as i32);
+                let b1 = _mm512_set1_epi32(x[r * pairs + j + 1] as i32);
+                a0[r] = _mm512_dpbf16_ps(a0[r], to_bh(v0), to_bh(b0));
+                a1[r] = _mm512_dpbf16_ps(a1[r], to_bh(v1), to_bh(b1));
+            }
             j += 2;
         }
-        if j < x.len() {
+        if j < pairs {
             // SAFETY: pair j lies inside the panel.
             let v = unsafe { _mm512_loadu_si512(panel.as_ptr().add(j * 32) as *const _) };
-            a0 = _mm512_dpbf16_ps(a0, to_bh(v), to_bh(_mm512_set1_epi32(x[j] as i32)));
+            for r in 0..R {
+                let b = _mm512_set1_epi32(x[r * pairs + j] as i32);
+                a0[r] = _mm512_dpbf16_ps(a0[r], to_bh(v), to_bh(b));
+            }
         }
-        // SAFETY: AVX-512F runs here; `c` has `valid` columns (the caller's promise).
-        unsafe { crate::kernels::avx512::store16(_mm512_add_ps(a0, a1), c, valid) };
+        for r in 0..R {
+            // SAFETY: AVX-512F runs here; row r of `c` has `valid` columns (the caller's
+            // promise).
+            unsafe {
+                crate::kernels::avx512::store16(_mm512_add_ps(a0[r], a1[r]), c.add(r * ldc), valid)
+            };
+        }
     }
 
     #[inline]
@@ -538,15 +633,19 @@ mod tests {
         let packed = PackedBf16::pack(&w, n, k);
         for &isa in Supported::all().iter().filter(|s| PATHS.contains(&s.isa())) {
             let x = pseudo_random(40 * k, 6);
-            let batch = matmul_bf16_on(isa, &x, 40, &packed);
-            for r in [0, 5, 6, 39] {
-                let alone = matmul_bf16_on(isa, &x[r * k..(r + 1) * k], 1, &packed);
-                assert_eq!(
-                    alone,
-                    batch[r * n..(r + 1) * n],
-                    "{} row {r}",
-                    isa.isa().name()
-                );
+            let alone: Vec<Vec<f32>> = (0..40)
+                .map(|r| matmul_bf16_on(isa, &x[r * k..(r + 1) * k], 1, &packed))
+                .collect();
+            for m in [2, 3, 5, 13, 40] {
+                let batch = matmul_bf16_on(isa, &x[..m * k], m, &packed);
+                for (r, alone) in alone.iter().enumerate().take(m) {
+                    assert_eq!(
+                        alone[..],
+                        batch[r * n..(r + 1) * n],
+                        "{} row {r} of {m}",
+                        isa.isa().name()
+                    );
+                }
             }
         }
     }

@@ -273,18 +273,22 @@ unsafe fn panel_rows(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni | Isa::Avx512 | Isa::Avx512Bf16 => {
             let vnni = isa.isa() == Isa::Avx512Vnni;
-            for r in rows {
-                let (xp, xs) = xq.row(r);
-                // SAFETY: AVX-512F+BW (and VNNI when asked) run here; row r's valid columns of
-                // the panel lie in `c`.
+            let mut r = rows.start;
+            while r < rows.end {
+                let tile = (rows.end - r).min(x86::MR);
+                let xs: [(&[i32], &[f32]); x86::MR] =
+                    std::array::from_fn(|i| xq.row(r + i.min(tile - 1)));
+                // SAFETY: AVX-512F+BW (and VNNI when asked) run here; rows r..r + tile of the
+                // panel's valid columns lie in `c`.
                 unsafe {
                     let out = c.add(r * n + p * PANEL);
                     if vnni {
-                        x86::row_vnni(xp, xs, values, scales, out, valid)
+                        x86::tile_vnni(&xs[..tile], values, scales, out, n, valid)
                     } else {
-                        x86::row_avx512(xp, xs, values, scales, out, valid)
+                        x86::tile_avx512(&xs[..tile], values, scales, out, n, valid)
                     }
                 }
+                r += tile;
             }
         }
         #[cfg(target_arch = "x86_64")]
@@ -447,87 +451,110 @@ mod x86 {
         }
     }
 
-    /// One quantized row times one panel with AVX-512BW (`vpmaddwd`).
+    /// Quantized rows `xs` (<= [`MR`]) times one panel with AVX-512BW (`vpmaddwd`), into `c`
+    /// (stride `ldc`), `valid` columns.
     ///
     /// # Safety
-    /// AVX-512F and AVX-512BW run here; `xp`/`xs` have the panel's blocks; `c` has `valid`
-    /// columns.
+    /// AVX-512F and AVX-512BW run here; every row has as many blocks as the panel; `c` has
+    /// `xs.len()` rows of `ldc` with `valid` columns from it.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn row_avx512(
-        xp: &[i32],
-        xs: &[f32],
+    pub unsafe fn tile_avx512(
+        xs: &[(&[i32], &[f32])],
         values: &[i8],
         scales: &[f32],
         c: *mut f32,
+        ldc: usize,
         valid: usize,
     ) {
-        // SAFETY: the caller's promise; this instance uses no VNNI instruction.
-        unsafe { row_512::<false>(xp, xs, values, scales, c, valid) }
+        // SAFETY: the caller's promise; these instances use no VNNI instruction.
+        unsafe {
+            match xs.len() {
+                1 => tile_512::<1, false>(xs, values, scales, c, ldc, valid),
+                2 => tile_512::<2, false>(xs, values, scales, c, ldc, valid),
+                3 => tile_512::<3, false>(xs, values, scales, c, ldc, valid),
+                4 => tile_512::<4, false>(xs, values, scales, c, ldc, valid),
+                _ => unreachable!("tiles are 1..=MR rows"),
+            }
+        }
     }
 
-    /// One quantized row times one panel with AVX512_VNNI (`vpdpwssd`).
+    /// [`tile_avx512`] with AVX512_VNNI (`vpdpwssd`).
     ///
     /// # Safety
-    /// AVX-512F, AVX-512BW and AVX512_VNNI run here; otherwise as [`row_avx512`].
+    /// AVX-512F, AVX-512BW and AVX512_VNNI run here; otherwise as [`tile_avx512`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn row_vnni(
-        xp: &[i32],
-        xs: &[f32],
+    pub unsafe fn tile_vnni(
+        xs: &[(&[i32], &[f32])],
         values: &[i8],
         scales: &[f32],
         c: *mut f32,
+        ldc: usize,
         valid: usize,
     ) {
         // SAFETY: the caller's promise.
-        unsafe { row_512::<true>(xp, xs, values, scales, c, valid) }
+        unsafe {
+            match xs.len() {
+                1 => tile_512::<1, true>(xs, values, scales, c, ldc, valid),
+                2 => tile_512::<2, true>(xs, values, scales, c, ldc, valid),
+                3 => tile_512::<3, true>(xs, values, scales, c, ldc, valid),
+                4 => tile_512::<4, true>(xs, values, scales, c, ldc, valid),
+                _ => unreachable!("tiles are 1..=MR rows"),
+            }
+        }
     }
 
-    /// The body of [`row_avx512`] (`VNNI` false: `vpmaddwd` then an add) and [`row_vnni`] (one
-    /// `vpdpwssd`), inlined into each so it compiles with that caller's instruction sets.
+    /// The body of [`tile_avx512`] (`VNNI` false: `vpmaddwd` then an add) and [`tile_vnni`]
+    /// (one `vpdpwssd`), inlined into each so it compiles with that caller's instruction sets:
+    /// each widened weight vector serves every row of the tile.
     ///
     /// # Safety
     /// As the caller of that instance.
     #[inline(always)]
-    unsafe fn row_512<const VNNI: bool>(
-        xp: &[i32],
-        xs: &[f32],
+    unsafe fn tile_512<const R: usize, const VNNI: bool>(
+        xs: &[(&[i32], &[f32])],
         values: &[i8],
         scales: &[f32],
         c: *mut f32,
+        ldc: usize,
         valid: usize,
     ) {
         let blocks = scales.len() / PANEL;
-        assert!(
-            values.len() >= blocks * BLOCK_BYTES
-                && xp.len() >= blocks * PAIRS
-                && xs.len() >= blocks
-        );
+        assert!(xs.len() >= R && values.len() >= blocks * BLOCK_BYTES);
+        for (xp, xsc) in xs.iter().take(R) {
+            assert!(xp.len() >= blocks * PAIRS && xsc.len() >= blocks);
+        }
         // SAFETY: AVX-512F/BW (and VNNI in that instance) run here (the caller's promise);
         // block b, pair j is 32 bytes inside `values`, block b's 16 scales lie inside
-        // `scales`, and pair j and scale b of block b inside the row (asserted above); `c` has
-        // `valid` columns; a prefetch never faults.
+        // `scales`, and pair j and scale b of block b inside every row (asserted above); row r
+        // of `c` has `valid` columns; a prefetch never faults.
         unsafe {
-            let mut acc = _mm512_setzero_ps();
+            let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..blocks {
-                let mut dots = _mm512_setzero_si512();
+                let mut dots = [_mm512_setzero_si512(); R];
                 for j in 0..PAIRS {
                     let at = values.as_ptr().add(b * BLOCK_BYTES + j * 32);
                     if j % 2 == 0 {
                         _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(crate::kernels::PREFETCH));
                     }
                     let w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(at as *const __m256i));
-                    let xb = _mm512_set1_epi32(*xp.get_unchecked(b * PAIRS + j));
-                    dots = if VNNI {
-                        _mm512_dpwssd_epi32(dots, w, xb)
-                    } else {
-                        _mm512_add_epi32(dots, _mm512_madd_epi16(w, xb))
-                    };
+                    for (r, d) in dots.iter_mut().enumerate() {
+                        let xb = _mm512_set1_epi32(*xs[r].0.get_unchecked(b * PAIRS + j));
+                        *d = if VNNI {
+                            _mm512_dpwssd_epi32(*d, w, xb)
+                        } else {
+                            _mm512_add_epi32(*d, _mm512_madd_epi16(w, xb))
+                        };
+                    }
                 }
                 let s = _mm512_loadu_ps(scales.as_ptr().add(b * PANEL));
-                let s = _mm512_mul_ps(s, _mm512_set1_ps(*xs.get_unchecked(b)));
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), s, acc);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let s = _mm512_mul_ps(s, _mm512_set1_ps(*xs[r].1.get_unchecked(b)));
+                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), s, *a);
+                }
             }
-            crate::kernels::avx512::store16(acc, c, valid);
+            for (r, a) in acc.iter().enumerate() {
+                crate::kernels::avx512::store16(*a, c.add(r * ldc), valid);
+            }
         }
     }
 }
@@ -616,15 +643,19 @@ mod tests {
         let packed = PackedQ8::quantize(&w, n, k);
         for &isa in Supported::all().iter().filter(|s| PATHS.contains(&s.isa())) {
             let x = pseudo_random(40 * k, 6);
-            let batch = matmul_q8_on(isa, &x, 40, &packed);
-            for r in [0, 5, 6, 39] {
-                let alone = matmul_q8_on(isa, &x[r * k..(r + 1) * k], 1, &packed);
-                assert_eq!(
-                    alone,
-                    batch[r * n..(r + 1) * n],
-                    "{} row {r}",
-                    isa.isa().name()
-                );
+            let alone: Vec<Vec<f32>> = (0..40)
+                .map(|r| matmul_q8_on(isa, &x[r * k..(r + 1) * k], 1, &packed))
+                .collect();
+            for m in [2, 3, 5, 13, 40] {
+                let batch = matmul_q8_on(isa, &x[..m * k], m, &packed);
+                for (r, alone) in alone.iter().enumerate().take(m) {
+                    assert_eq!(
+                        alone[..],
+                        batch[r * n..(r + 1) * n],
+                        "{} row {r} of {m}",
+                        isa.isa().name()
+                    );
+                }
             }
         }
     }
