@@ -6,9 +6,12 @@
 //!
 //! Layout: panels of [`PANEL`] output columns, k in pairs inside each block
 //! (`[panel][block][16 pairs][16 columns][2]`), so a pair of int16-widened weights per column
-//! meets a broadcast pair of activations in one `vpmaddwd` (AVX2, AVX-512BW) or `vpdpwssd`
-//! (AVX512_VNNI) lane: no horizontal sums. Every path is tested against an f64 reference of the
-//! dequantized operands on every instruction set the host runs.
+//! meets a broadcast pair of activations in one `vpmaddwd` lane (AVX2, AVX-512BW): no
+//! horizontal sums. AVX512_VNNI permutes two pair steps into quads (`vpermw`) and multiplies
+//! them by activations offset to unsigned bytes with `vpdpbusd` (64 products an instruction),
+//! subtracting the offset's share after. All paths sum each block exactly in int32 and scale
+//! it the same way; each is tested against an f64 reference of the dequantized operands on
+//! every instruction set the host runs (the VNNI arithmetic also step for step in plain Rust).
 
 use std::ops::Range;
 
@@ -18,6 +21,7 @@ use super::{par_blocks, PANEL};
 /// Weights per quantization block (along k).
 pub const QBLOCK: usize = 32;
 const PAIRS: usize = QBLOCK / 2;
+const QUADS: usize = QBLOCK / 4;
 /// Bytes of one panel's block: 16 pairs x 16 columns x 2.
 const BLOCK_BYTES: usize = QBLOCK * PANEL;
 
@@ -204,6 +208,17 @@ impl QuantizedRows {
         }
     }
 
+    /// Every row's values as unsigned bytes `q + 128`, four consecutive values to a u32 (first
+    /// in the low byte): the operand AVX512_VNNI's `vpdpbusd` takes as unsigned (`[m, blocks,
+    /// 8]`).
+    fn offset_quads(&self) -> Vec<u32> {
+        let byte = |v: i32| ((v as i16 as i32) + 128) as u32;
+        self.pairs
+            .chunks_exact(2)
+            .map(|p| byte(p[0]) | byte(p[0] >> 16) << 8 | byte(p[1]) << 16 | byte(p[1] >> 16) << 24)
+            .collect()
+    }
+
     /// Row `r`: its pairs (`blocks x 16`) and scales.
     fn row(&self, r: usize) -> (&[i32], &[f32]) {
         let b = self.blocks;
@@ -242,11 +257,16 @@ pub fn matmul_q8(x: &[f32], m: usize, w: &PackedQ8) -> Vec<f32> {
 /// [`matmul_q8`] on a given instruction set of this CPU (one of [`PATHS`]).
 pub fn matmul_q8_on(isa: Supported, x: &[f32], m: usize, w: &PackedQ8) -> Vec<f32> {
     let xq = QuantizedRows::new(x, m, w.k());
+    let quads = if isa.isa() == Isa::Avx512Vnni {
+        xq.offset_quads()
+    } else {
+        Vec::new()
+    };
     let block = |rows: Range<usize>, panels: Range<usize>, _next, c: *mut f32| {
         for p in panels {
-            // SAFETY: `isa` runs here; rows < m and p < panels; `c` is `[m, n]`, and this task
-            // alone writes these rows of panel p (`par_blocks`).
-            unsafe { panel_rows(isa, &xq, w, rows.clone(), p, c) };
+            // SAFETY: `isa` runs here; rows < m and p < panels; `quads` is `xq`'s on VNNI;
+            // `c` is `[m, n]`, and this task alone writes these rows of panel p (`par_blocks`).
+            unsafe { panel_rows(isa, &xq, &quads, w, rows.clone(), p, c) };
         }
     };
     // SAFETY: `panel_rows` stores every valid column of its rows of its panel.
@@ -256,11 +276,13 @@ pub fn matmul_q8_on(isa: Supported, x: &[f32], m: usize, w: &PackedQ8) -> Vec<f3
 /// Rows `rows` of panel `p` on `isa`.
 ///
 /// # Safety
-/// `isa` runs on this CPU; `xq` holds at least `rows.end` rows of `w.k()`; `p` is a panel of
-/// `w`; `c` is `[m, w.n()]`; no other thread writes these rows of the panel.
+/// `isa` runs on this CPU; `xq` holds at least `rows.end` rows of `w.k()` (and `quads` their
+/// [`QuantizedRows::offset_quads`] on AVX512_VNNI); `p` is a panel of `w`; `c` is
+/// `[m, w.n()]`; no other thread writes these rows of the panel.
 unsafe fn panel_rows(
     isa: Supported,
     xq: &QuantizedRows,
+    quads: &[u32],
     w: &PackedQ8,
     rows: Range<usize>,
     p: usize,
@@ -271,23 +293,49 @@ unsafe fn panel_rows(
     let (values, scales) = w.panel(p);
     match isa.isa() {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni | Isa::Avx512 | Isa::Avx512Bf16 => {
-            let vnni = isa.isa() == Isa::Avx512Vnni;
+        Isa::Avx512Vnni => {
+            let per_row = xq.blocks * QUADS;
+            let mut r = rows.start;
+            while r < rows.end {
+                let tile = (rows.end - r).min(x86::MR);
+                let xs: [(&[u32], &[f32]); x86::MR] = std::array::from_fn(|i| {
+                    let row = r + i.min(tile - 1);
+                    (&quads[row * per_row..(row + 1) * per_row], xq.row(row).1)
+                });
+                // SAFETY: AVX-512F+BW and VNNI run here; rows r..r + tile of the panel's valid
+                // columns lie in `c`.
+                unsafe {
+                    x86::tile_vnni(
+                        &xs[..tile],
+                        values,
+                        scales,
+                        c.add(r * n + p * PANEL),
+                        n,
+                        valid,
+                    )
+                };
+                r += tile;
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Bf16 => {
             let mut r = rows.start;
             while r < rows.end {
                 let tile = (rows.end - r).min(x86::MR);
                 let xs: [(&[i32], &[f32]); x86::MR] =
                     std::array::from_fn(|i| xq.row(r + i.min(tile - 1)));
-                // SAFETY: AVX-512F+BW (and VNNI when asked) run here; rows r..r + tile of the
-                // panel's valid columns lie in `c`.
+                // SAFETY: AVX-512F+BW run here; rows r..r + tile of the panel's valid columns
+                // lie in `c`.
                 unsafe {
-                    let out = c.add(r * n + p * PANEL);
-                    if vnni {
-                        x86::tile_vnni(&xs[..tile], values, scales, out, n, valid)
-                    } else {
-                        x86::tile_avx512(&xs[..tile], values, scales, out, n, valid)
-                    }
-                }
+                    x86::tile_avx512(
+                        &xs[..tile],
+                        values,
+                        scales,
+                        c.add(r * n + p * PANEL),
+                        n,
+                        valid,
+                    )
+                };
                 r += tile;
             }
         }
@@ -350,7 +398,7 @@ fn portable_row(xp: &[i32], xs: &[f32], values: &[i8], scales: &[f32]) -> [f32; 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{BLOCK_BYTES, PAIRS, PANEL};
+    use super::{BLOCK_BYTES, PAIRS, PANEL, QUADS};
 
     /// Rows per AVX2 tile: the int32 block sums (2 vectors a row) stay in registers; the f32
     /// sums are touched once per block (6 rows measured no faster).
@@ -452,7 +500,8 @@ mod x86 {
     }
 
     /// Quantized rows `xs` (<= [`MR`]) times one panel with AVX-512BW (`vpmaddwd`), into `c`
-    /// (stride `ldc`), `valid` columns.
+    /// (stride `ldc`), `valid` columns: each widened weight vector serves every row of the
+    /// tile.
     ///
     /// # Safety
     /// AVX-512F and AVX-512BW run here; every row has as many blocks as the panel; `c` has
@@ -466,51 +515,21 @@ mod x86 {
         ldc: usize,
         valid: usize,
     ) {
-        // SAFETY: the caller's promise; these instances use no VNNI instruction.
+        // SAFETY: the caller's promise, for the same tile size.
         unsafe {
             match xs.len() {
-                1 => tile_512::<1, false>(xs, values, scales, c, ldc, valid),
-                2 => tile_512::<2, false>(xs, values, scales, c, ldc, valid),
-                3 => tile_512::<3, false>(xs, values, scales, c, ldc, valid),
-                4 => tile_512::<4, false>(xs, values, scales, c, ldc, valid),
+                1 => tile_bw::<1>(xs, values, scales, c, ldc, valid),
+                2 => tile_bw::<2>(xs, values, scales, c, ldc, valid),
+                3 => tile_bw::<3>(xs, values, scales, c, ldc, valid),
+                4 => tile_bw::<4>(xs, values, scales, c, ldc, valid),
                 _ => unreachable!("tiles are 1..=MR rows"),
             }
         }
     }
 
-    /// [`tile_avx512`] with AVX512_VNNI (`vpdpwssd`).
-    ///
-    /// # Safety
-    /// AVX-512F, AVX-512BW and AVX512_VNNI run here; otherwise as [`tile_avx512`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn tile_vnni(
-        xs: &[(&[i32], &[f32])],
-        values: &[i8],
-        scales: &[f32],
-        c: *mut f32,
-        ldc: usize,
-        valid: usize,
-    ) {
-        // SAFETY: the caller's promise.
-        unsafe {
-            match xs.len() {
-                1 => tile_512::<1, true>(xs, values, scales, c, ldc, valid),
-                2 => tile_512::<2, true>(xs, values, scales, c, ldc, valid),
-                3 => tile_512::<3, true>(xs, values, scales, c, ldc, valid),
-                4 => tile_512::<4, true>(xs, values, scales, c, ldc, valid),
-                _ => unreachable!("tiles are 1..=MR rows"),
-            }
-        }
-    }
-
-    /// The body of [`tile_avx512`] (`VNNI` false: `vpmaddwd` then an add) and [`tile_vnni`]
-    /// (one `vpdpwssd`), inlined into each so it compiles with that caller's instruction sets:
-    /// each widened weight vector serves every row of the tile.
-    ///
-    /// # Safety
-    /// As the caller of that instance.
-    #[inline(always)]
-    unsafe fn tile_512<const R: usize, const VNNI: bool>(
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn tile_bw<const R: usize>(
         xs: &[(&[i32], &[f32])],
         values: &[i8],
         scales: &[f32],
@@ -523,10 +542,10 @@ mod x86 {
         for (xp, xsc) in xs.iter().take(R) {
             assert!(xp.len() >= blocks * PAIRS && xsc.len() >= blocks);
         }
-        // SAFETY: AVX-512F/BW (and VNNI in that instance) run here (the caller's promise);
-        // block b, pair j is 32 bytes inside `values`, block b's 16 scales lie inside
-        // `scales`, and pair j and scale b of block b inside every row (asserted above); row r
-        // of `c` has `valid` columns; a prefetch never faults.
+        // SAFETY: AVX-512F/BW run here (the caller's promise); block b, pair j is 32 bytes
+        // inside `values`, block b's 16 scales lie inside `scales`, and pair j and scale b of
+        // block b inside every row (asserted above); row r of `c` has `valid` columns; a
+        // prefetch never faults.
         unsafe {
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..blocks {
@@ -539,18 +558,125 @@ mod x86 {
                     let w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(at as *const __m256i));
                     for (r, d) in dots.iter_mut().enumerate() {
                         let xb = _mm512_set1_epi32(*xs[r].0.get_unchecked(b * PAIRS + j));
-                        *d = if VNNI {
-                            _mm512_dpwssd_epi32(*d, w, xb)
-                        } else {
-                            _mm512_add_epi32(*d, _mm512_madd_epi16(w, xb))
-                        };
+                        *d = _mm512_add_epi32(*d, _mm512_madd_epi16(w, xb));
                     }
                 }
-                let s = _mm512_loadu_ps(scales.as_ptr().add(b * PANEL));
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let s = _mm512_mul_ps(s, _mm512_set1_ps(*xs[r].1.get_unchecked(b)));
-                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), s, *a);
+                scale_blocks(&mut acc, &dots, scales.as_ptr().add(b * PANEL), |r| {
+                    *xs[r].1.get_unchecked(b)
+                });
+            }
+            for (r, a) in acc.iter().enumerate() {
+                crate::kernels::avx512::store16(*a, c.add(r * ldc), valid);
+            }
+        }
+    }
+
+    /// `acc[r] += dots[r] * (scales * sx(r))`: a block's int32 sums into the f32 sums (the same
+    /// operations as the AVX2 tile, lane for lane).
+    ///
+    /// # Safety
+    /// AVX-512F runs here; `scales` points to 16 floats.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scale_blocks<const R: usize>(
+        acc: &mut [__m512; R],
+        dots: &[__m512i; R],
+        scales: *const f32,
+        sx: impl Fn(usize) -> f32,
+    ) {
+        // SAFETY: the caller's promise.
+        let s = unsafe { _mm512_loadu_ps(scales) };
+        for (r, a) in acc.iter_mut().enumerate() {
+            let s = _mm512_mul_ps(s, _mm512_set1_ps(sx(r)));
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), s, *a);
+        }
+    }
+
+    /// `vpermw` indices that turn two consecutive pair steps of a block (64 bytes: 16 columns x
+    /// (k, k + 1), then 16 columns x (k + 2, k + 3)) into 16 columns x (k .. k + 3): word 2c is
+    /// column c's first pair, word 2c + 1 its second.
+    pub const QUAD_PERM: [u16; 32] = {
+        let mut idx = [0u16; 32];
+        let mut c = 0;
+        while c < 16 {
+            idx[2 * c] = c as u16;
+            idx[2 * c + 1] = 16 + c as u16;
+            c += 1;
+        }
+        idx
+    };
+
+    /// Quantized rows as offset quads (`xs[r].0`: [`super::QuantizedRows::offset_quads`]) times
+    /// one panel with AVX512_VNNI's `vpdpbusd` (64 products an instruction): `sum((x + 128) w)
+    /// - 128 sum(w)` is the block's exact int32 sum, the same as the other paths'; the second
+    /// term is one more `vpdpbusd` a step for the whole tile.
+    ///
+    /// # Safety
+    /// AVX-512F, AVX-512BW and AVX512_VNNI run here; every row has 8 quads and a scale per
+    /// block of the panel; `c` has `xs.len()` rows of `ldc` with `valid` columns from it.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn tile_vnni(
+        xs: &[(&[u32], &[f32])],
+        values: &[i8],
+        scales: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        valid: usize,
+    ) {
+        // SAFETY: the caller's promise, for the same tile size.
+        unsafe {
+            match xs.len() {
+                1 => tile_dpbusd::<1>(xs, values, scales, c, ldc, valid),
+                2 => tile_dpbusd::<2>(xs, values, scales, c, ldc, valid),
+                3 => tile_dpbusd::<3>(xs, values, scales, c, ldc, valid),
+                4 => tile_dpbusd::<4>(xs, values, scales, c, ldc, valid),
+                _ => unreachable!("tiles are 1..=MR rows"),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_dpbusd<const R: usize>(
+        xs: &[(&[u32], &[f32])],
+        values: &[i8],
+        scales: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        valid: usize,
+    ) {
+        let blocks = scales.len() / PANEL;
+        assert!(xs.len() >= R && values.len() >= blocks * BLOCK_BYTES);
+        for (xq, xsc) in xs.iter().take(R) {
+            assert!(xq.len() >= blocks * QUADS && xsc.len() >= blocks);
+        }
+        // SAFETY: AVX-512F/BW and VNNI run here (the caller's promise); block b, quad q is 64
+        // bytes inside `values`, block b's 16 scales lie inside `scales`, and quad q and scale
+        // b of block b inside every row (asserted above); `QUAD_PERM` is 32 u16; row r of `c`
+        // has `valid` columns; a prefetch never faults.
+        unsafe {
+            let perm = _mm512_loadu_si512(QUAD_PERM.as_ptr() as *const _);
+            let offset = _mm512_set1_epi8(-128); // 0x80: 128 as the unsigned operand
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..blocks {
+                let mut dots = [_mm512_setzero_si512(); R];
+                let mut bias = _mm512_setzero_si512();
+                for q in 0..QUADS {
+                    let at = values.as_ptr().add(b * BLOCK_BYTES + q * 64);
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(crate::kernels::PREFETCH));
+                    let w = _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(at as *const _));
+                    bias = _mm512_dpbusd_epi32(bias, offset, w);
+                    for (r, d) in dots.iter_mut().enumerate() {
+                        let xb = _mm512_set1_epi32(*xs[r].0.get_unchecked(b * QUADS + q) as i32);
+                        *d = _mm512_dpbusd_epi32(*d, xb, w);
+                    }
                 }
+                for d in dots.iter_mut() {
+                    *d = _mm512_sub_epi32(*d, bias);
+                }
+                scale_blocks(&mut acc, &dots, scales.as_ptr().add(b * PANEL), |r| {
+                    *xs[r].1.get_unchecked(b)
+                });
             }
             for (r, a) in acc.iter().enumerate() {
                 crate::kernels::avx512::store16(*a, c.add(r * ldc), valid);
@@ -630,6 +756,52 @@ mod tests {
                     err < 0.02 * scale.max(0.1),
                     "{path}: m={m} k={k} n={n}: error {err} of {scale}"
                 );
+            }
+        }
+    }
+
+    /// What the AVX512_VNNI tile computes, step for step in plain Rust (this CPU may lack
+    /// VNNI): `vpermw` of two pair steps into column quads, `vpdpbusd` of the offset
+    /// activations, minus the bias; it must give the pair paths' exact block sums.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vnni_quads_give_the_pair_paths_block_sums() {
+        let (n, k) = (16, 96);
+        let packed = PackedQ8::quantize(&pseudo_random(n * k, 7), n, k);
+        let xq = QuantizedRows::new(&pseudo_random(k, 8), 1, k);
+        let quads = xq.offset_quads();
+        let (values, _) = packed.panel(0);
+        let (pairs, _) = xq.row(0);
+        let at = |i: usize| values[i] as i32;
+        for b in 0..k / QBLOCK {
+            let mut want = [0i32; PANEL];
+            for j in 0..PAIRS {
+                let p = pairs[b * PAIRS + j];
+                let (x0, x1) = ((p as i16) as i32, ((p >> 16) as i16) as i32);
+                for (c, s) in want.iter_mut().enumerate() {
+                    let base = b * BLOCK_BYTES + j * 32 + 2 * c;
+                    *s += x0 * at(base) + x1 * at(base + 1);
+                }
+            }
+            let (mut got, mut bias) = ([0i32; PANEL], [0i32; PANEL]);
+            for q in 0..QUADS {
+                let src = &values[b * BLOCK_BYTES + q * 64..][..64];
+                // vpermw: word i of the result is word QUAD_PERM[i] of the source.
+                let mut w = [0i8; 64];
+                for (i, &from) in x86::QUAD_PERM.iter().enumerate() {
+                    w[2 * i] = src[2 * from as usize];
+                    w[2 * i + 1] = src[2 * from as usize + 1];
+                }
+                let xb = quads[b * QUADS + q].to_le_bytes();
+                for c in 0..PANEL {
+                    for t in 0..4 {
+                        got[c] += xb[t] as i32 * w[4 * c + t] as i32;
+                        bias[c] += 128 * w[4 * c + t] as i32;
+                    }
+                }
+            }
+            for c in 0..PANEL {
+                assert_eq!(got[c] - bias[c], want[c], "block {b} column {c}");
             }
         }
     }
