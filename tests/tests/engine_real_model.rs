@@ -159,3 +159,73 @@ fn engine_bench_prints_the_comparison_and_writes_the_plot() {
     let bytes = std::fs::read(&png).unwrap();
     assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
 }
+
+/// `rrt bench engine --dtypes`: the main rows at each weight dtype side by side, with the weight
+/// bytes, ratios to the first dtype and greedy agreement with it; the dtypes are repacked from
+/// f32, so another `--dtype` is refused.
+#[test]
+fn engine_bench_compares_weight_dtypes_side_by_side() {
+    let small = [
+        "bench",
+        "engine",
+        "--prompts",
+        "3",
+        "--min-prompt",
+        "8",
+        "--max-prompt",
+        "12",
+        "--min-output",
+        "4",
+        "--max-output",
+        "6",
+        "--lora-ranks",
+        "0",
+        "--synthetic",
+        "0.5",
+        "--score-windows",
+        "1",
+        "--score-context",
+        "4",
+        "--score-tokens",
+        "4",
+        "--dtypes",
+        "f32,bf16,q8",
+    ];
+    let out = rrt_tests::rrt(&small);
+    let text = rrt_tests::stdout(&out);
+    assert!(out.status.success(), "{}", rrt_tests::stderr(&out));
+    let row = |name: &str| -> Vec<String> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no row {name:?} in\n{text}"));
+        line.split('|').map(|c| c.trim().to_string()).collect()
+    };
+    for name in [
+        "vanilla 30 layers, static",
+        "vanilla 30 layers, CSB",
+        "recursive: CSB",
+        "recursive: CDB, no exit",
+        "recursive: CDB, synthetic: 50% exit after loop 1",
+    ] {
+        let cells = row(name);
+        // "", name, f32, bf16, q8, ""
+        assert_eq!(cells.len(), 6, "{cells:?}");
+        assert!(cells[2].ends_with("tok/s (1.00x)"), "{cells:?}");
+        for cell in &cells[3..5] {
+            assert!(cell.contains("tok/s (") && cell.ends_with("% agree)"), "{cells:?}");
+        }
+    }
+    let weights = row("weights: vanilla");
+    assert!(weights[3].ends_with("(0.50x)"), "{weights:?}");
+    assert!(weights[4].ends_with("(0.32x)"), "{weights:?}");
+    let mut refused = small.to_vec();
+    refused.extend(["--dtype", "bf16"]);
+    let out = rrt_tests::rrt(&refused);
+    assert!(!out.status.success());
+    assert!(
+        rrt_tests::stderr(&out).contains("leave --dtype at f32"),
+        "{}",
+        rrt_tests::stderr(&out)
+    );
+}

@@ -333,6 +333,10 @@ fn workload(args: &EngineBenchArgs, ids: &[u32]) -> anyhow::Result<Workload> {
 }
 
 pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.dtypes.is_empty() || args.model.dtype == WeightDtype::F32,
+        "--dtypes repacks every dtype from the f32 weights: leave --dtype at f32"
+    );
     // Fail before the runs, not after them.
     std::fs::metadata(&args.font).with_context(|| {
         format!(
@@ -379,10 +383,6 @@ pub fn run_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     };
     let models = candidates(&args, src, k)?;
     if !args.dtypes.is_empty() {
-        anyhow::ensure!(
-            args.model.dtype == WeightDtype::F32,
-            "--dtypes repacks every dtype from the f32 weights: leave --dtype at f32"
-        );
         let (_, label, rec) = models.first().context("no recursive model to compare")?;
         let table = DtypeTable {
             dtypes: &args.dtypes,
