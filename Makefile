@@ -43,8 +43,9 @@ bench: model data models build ## speed: matmul kernel vs candle, decode tokens/
 	$(RRT) bench decode --batches 1,8,32
 	$(RRT) bench router
 
-bench-engine: model data build ## serving throughput: static / CSB / CDB with exits, 256 prompts (long)
+bench-engine: model data build ## serving throughput: static / CSB / CDB with exits, 256 prompts (long); then the main rows at f32, bf16 and q8 side by side
 	$(RRT) bench engine
+	$(RRT) bench engine --dtypes f32,bf16,q8 --prompts 48 --min-output 32 --max-output 64 --lora-ranks 0 --synthetic 0.5,0.9 --repeats 2
 
 chaos: model models build ## kill -9 a worker mid-stream, 5 times: 200 streams at concurrency 32 on 3 worker processes, none lost or changed; then bursts of 10x capacity at the router and a worker (~17 min)
 	$(RRT) bench chaos

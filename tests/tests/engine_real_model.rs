@@ -213,7 +213,10 @@ fn engine_bench_compares_weight_dtypes_side_by_side() {
         assert_eq!(cells.len(), 6, "{cells:?}");
         assert!(cells[2].ends_with("tok/s (1.00x)"), "{cells:?}");
         for cell in &cells[3..5] {
-            assert!(cell.contains("tok/s (") && cell.ends_with("% agree)"), "{cells:?}");
+            assert!(
+                cell.contains("tok/s (") && cell.ends_with("% agree)"),
+                "{cells:?}"
+            );
         }
     }
     let weights = row("weights: vanilla");
