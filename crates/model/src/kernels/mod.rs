@@ -112,8 +112,10 @@ pub fn matmul_on(isa: Supported, x: &[f32], m: usize, w: &PackedWeight) -> Vec<f
 /// How far ahead of the weight bytes a kernel reads it asks for their cache lines
 /// (`prefetcht0`): a decode step streams every weight from memory once, and the hardware
 /// prefetcher alone leaves the int8 and bf16 kernels well short of the memory bandwidth
-/// (measured with `rrt bench matmul` on the LM head: int8 at one row 2x faster with it).
-pub(crate) const PREFETCH: usize = 2048;
+/// (measured with `rrt bench matmul` on the LM head at one row: int8 ~2x faster with it; 4 KiB
+/// ahead beat 0.5, 1, 2 and 8 KiB by ~10% for int8 and bf16 on a 2-core EPYC; f32 is at the
+/// bandwidth either way).
+pub(crate) const PREFETCH: usize = 4096;
 
 /// The output of an `[m, n]` product computed in parallel blocks of rows x [`PANEL`]-column
 /// panels: `block(rows, panels, next, c)` must write every element of `C[rows, panels]` (`c` is
