@@ -147,19 +147,16 @@ fn render(
     out += &"---|".repeat(models.len());
     out += "\n";
     let mib = |m: &Llama| m.weight_bytes() as f64 / (1024.0 * 1024.0);
-    for (label, pick) in [("weights: vanilla", 0usize), ("weights: recursive", 1usize)] {
+    type Pick = fn(&(WeightDtype, Llama, Llama)) -> &Llama;
+    let weights: [(&str, Pick); 2] = [
+        ("weights: vanilla", |m| &m.1),
+        ("weights: recursive", |m| &m.2),
+    ];
+    for (label, pick) in weights {
         out += &format!("| {label} |");
-        let base_bytes = if pick == 0 {
-            mib(&models[0].1)
-        } else {
-            mib(&models[0].2)
-        };
-        for (_, vanilla, recursive) in models {
-            let b = if pick == 0 {
-                mib(vanilla)
-            } else {
-                mib(recursive)
-            };
+        let base_bytes = mib(pick(&models[0]));
+        for m in models {
+            let b = mib(pick(m));
             out += &format!(" {b:.1} MiB ({:.2}x) |", b / base_bytes);
         }
         out += "\n";

@@ -58,25 +58,14 @@ pub(super) unsafe fn panel_rows(
     ldc: usize,
     valid: usize,
 ) {
-    let mut r = rows.start;
-    while r < rows.end {
-        let tile = (rows.end - r).min(MR);
-        let xr = &x[r * k..(r + tile) * k];
-        // SAFETY: rows r..r + tile < m and their `valid` columns lie inside `c` (the caller's
-        // promise); AVX2 and FMA run here.
+    for t in super::row_tiles(rows, MR) {
+        let xr = &x[t.start * k..t.end * k];
+        // SAFETY: rows t < m and their `valid` columns lie inside `c` (the caller's promise);
+        // AVX2 and FMA run here.
         unsafe {
-            let cp = c.add(r * ldc);
-            match tile {
-                1 => tile_n::<1>(xr, k, panel, cp, ldc, valid),
-                2 => tile_n::<2>(xr, k, panel, cp, ldc, valid),
-                3 => tile_n::<3>(xr, k, panel, cp, ldc, valid),
-                4 => tile_n::<4>(xr, k, panel, cp, ldc, valid),
-                5 => tile_n::<5>(xr, k, panel, cp, ldc, valid),
-                6 => tile_n::<6>(xr, k, panel, cp, ldc, valid),
-                _ => unreachable!("tiles are 1..=MR rows"),
-            }
+            let cp = c.add(t.start * ldc);
+            by_rows!(t.len(); 1, 2, 3, 4, 5, 6; tile_n(xr, k, panel, cp, ldc, valid))
         }
-        r += tile;
     }
 }
 

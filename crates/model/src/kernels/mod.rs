@@ -10,6 +10,17 @@
 //! ([`q8`]). Every path of every kernel is tested against an f64 reference on each instruction
 //! set the host runs.
 
+/// `match $rows { 1 => $f::<1>(args), 2 => $f::<2>(args), .. }`: a tile kernel instantiated for
+/// each row count the callers pass (`$rows` must be one of the listed counts).
+macro_rules! by_rows {
+    ($rows:expr; $($r:literal),+; $f:ident $args:tt) => {
+        match $rows {
+            $($r => $f::<$r> $args,)+
+            n => unreachable!("no tile of {n} rows"),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -107,6 +118,12 @@ pub fn matmul_on(isa: Supported, x: &[f32], m: usize, w: &PackedWeight) -> Vec<f
     };
     // SAFETY: every micro-kernel stores every valid column of its rows x panels block.
     unsafe { par_blocks(m, w.n(), block) }
+}
+
+/// `rows` cut into consecutive tiles of at most `mr` rows.
+pub(crate) fn row_tiles(rows: Range<usize>, mr: usize) -> impl Iterator<Item = Range<usize>> {
+    let end = rows.end;
+    rows.step_by(mr).map(move |r| r..(r + mr).min(end))
 }
 
 /// How far ahead of the weight bytes a kernel reads it asks for their cache lines
@@ -241,6 +258,34 @@ mod tests {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max)
+    }
+
+    /// The engine checks batched decoding against one sequence at a time, so a row's result
+    /// must not depend on the rows beside it (tile sizes, widened panels): `matmul(isa, x, m)`
+    /// (a `[k]` -> `[n]` product) on every instruction set of `paths` the host runs, each of 40
+    /// rows alone against the same row in batches of 2, 3, 5, 13 and 40.
+    pub(crate) fn assert_rows_independent_of_the_batch(
+        paths: &[Isa],
+        (k, n): (usize, usize),
+        matmul: impl Fn(Supported, &[f32], usize) -> Vec<f32>,
+    ) {
+        let x = pseudo_random(40 * k, 6);
+        for &isa in Supported::all().iter().filter(|s| paths.contains(&s.isa())) {
+            let alone: Vec<Vec<f32>> = (0..40)
+                .map(|r| matmul(isa, &x[r * k..(r + 1) * k], 1))
+                .collect();
+            for m in [2, 3, 5, 13, 40] {
+                let batch = matmul(isa, &x[..m * k], m);
+                for (r, alone) in alone.iter().enumerate().take(m) {
+                    assert_eq!(
+                        alone[..],
+                        batch[r * n..(r + 1) * n],
+                        "{} row {r} of {m}",
+                        isa.isa().name()
+                    );
+                }
+            }
+        }
     }
 
     pub(crate) fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {

@@ -11,7 +11,7 @@
 use std::ops::Range;
 
 use super::isa::{Isa, Supported};
-use super::{par_blocks, PANEL};
+use super::{par_blocks, row_tiles, PANEL};
 
 /// A `[n, k]` weight in bf16 pair panels.
 #[derive(Debug, Clone)]
@@ -175,26 +175,14 @@ unsafe fn panel_rows(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 => {
             let pairs = w.pairs();
-            let mut r = rows.start;
-            while r < rows.end {
-                let tile = (rows.end - r).min(x86::MR512);
-                let xr = &xb[r * pairs..(r + tile) * pairs];
-                // SAFETY: AVX512_BF16 runs here; rows r..r + tile and the panel's valid columns
-                // lie in `c`.
-                unsafe { x86::tile_dpbf16(xr, tile, panel, c.add(r * n + p * PANEL), n, valid) };
-                r += tile;
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Vnni => {
-            let mut r = rows.start;
-            while r < rows.end {
-                let tile = (rows.end - r).min(x86::MR512);
-                let xr = &x[r * k..(r + tile) * k];
-                // SAFETY: AVX-512F runs here; rows r..r + tile and the panel's valid columns
-                // lie in `c`.
-                unsafe { x86::tile_avx512(xr, tile, k, panel, c.add(r * n + p * PANEL), n, valid) };
-                r += tile;
+            for t in row_tiles(rows, x86::MR512) {
+                let xr = &xb[t.start * pairs..t.end * pairs];
+                // SAFETY: AVX512_BF16 runs here; rows t and the panel's valid columns lie in
+                // `c`.
+                unsafe {
+                    let out = c.add(t.start * n + p * PANEL);
+                    x86::tile_dpbf16(xr, t.len(), panel, out, n, valid)
+                }
             }
         }
         #[cfg(target_arch = "x86_64")]
@@ -211,15 +199,22 @@ unsafe fn panel_rows(
             });
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            let mut r = rows.start;
-            while r < rows.end {
-                let tile = (rows.end - r).min(x86::MR);
-                let xr = &x[r * k..(r + tile) * k];
-                // SAFETY: AVX2 and FMA run here; rows r..r + tile and the panel's valid
-                // columns lie in `c`.
-                unsafe { x86::tile_avx2(xr, tile, k, panel, c.add(r * n + p * PANEL), n, valid) };
-                r += tile;
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => {
+            // Pairs widened to f32: AVX2 in 8-lane halves, AVX-512F in one vector.
+            type Tile = unsafe fn(&[f32], usize, usize, &[u16], *mut f32, usize, usize);
+            let (tile, mr): (Tile, usize) = if isa.isa() == Isa::Avx2 {
+                (x86::tile_avx2, x86::MR)
+            } else {
+                (x86::tile_avx512, x86::MR512)
+            };
+            for t in row_tiles(rows, mr) {
+                let xr = &x[t.start * k..t.end * k];
+                // SAFETY: `isa` (AVX2+FMA, or AVX-512F) runs here and `tile` is its kernel;
+                // rows t and the panel's valid columns lie in `c`.
+                unsafe {
+                    let out = c.add(t.start * n + p * PANEL);
+                    tile(xr, t.len(), k, panel, out, n, valid)
+                }
             }
         }
         _ => {
@@ -262,7 +257,9 @@ mod x86;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::tests::{max_diff, pseudo_random, reference};
+    use crate::kernels::tests::{
+        assert_rows_independent_of_the_batch, max_diff, pseudo_random, reference,
+    };
 
     #[test]
     fn bf16_rounding_is_to_nearest_even() {
@@ -324,27 +321,10 @@ mod tests {
 
     #[test]
     fn a_row_gives_the_same_bits_alone_and_in_any_batch() {
-        // The engine checks batched decoding against one sequence at a time: a row's result
-        // must not depend on the rows beside it (tile sizes, widened panels).
         let (k, n) = (577, 70);
-        let w = pseudo_random(n * k, 5);
-        let packed = PackedBf16::pack(&w, n, k);
-        for &isa in Supported::all().iter().filter(|s| PATHS.contains(&s.isa())) {
-            let x = pseudo_random(40 * k, 6);
-            let alone: Vec<Vec<f32>> = (0..40)
-                .map(|r| matmul_bf16_on(isa, &x[r * k..(r + 1) * k], 1, &packed))
-                .collect();
-            for m in [2, 3, 5, 13, 40] {
-                let batch = matmul_bf16_on(isa, &x[..m * k], m, &packed);
-                for (r, alone) in alone.iter().enumerate().take(m) {
-                    assert_eq!(
-                        alone[..],
-                        batch[r * n..(r + 1) * n],
-                        "{} row {r} of {m}",
-                        isa.isa().name()
-                    );
-                }
-            }
-        }
+        let packed = PackedBf16::pack(&pseudo_random(n * k, 5), n, k);
+        assert_rows_independent_of_the_batch(&PATHS, (k, n), |isa, x, m| {
+            matmul_bf16_on(isa, x, m, &packed)
+        });
     }
 }

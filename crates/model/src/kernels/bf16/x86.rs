@@ -26,15 +26,7 @@ pub unsafe fn tile_avx2(
     valid: usize,
 ) {
     // SAFETY: the caller's promise, for the same tile size.
-    unsafe {
-        match tile {
-            1 => tile_n::<1>(x, k, panel, c, ldc, valid),
-            2 => tile_n::<2>(x, k, panel, c, ldc, valid),
-            3 => tile_n::<3>(x, k, panel, c, ldc, valid),
-            4 => tile_n::<4>(x, k, panel, c, ldc, valid),
-            _ => unreachable!("tiles are 1..=MR rows"),
-        }
-    }
+    unsafe { by_rows!(tile; 1, 2, 3, 4; tile_n(x, k, panel, c, ldc, valid)) }
 }
 
 #[inline]
@@ -162,15 +154,7 @@ pub unsafe fn tile_avx512(
     valid: usize,
 ) {
     // SAFETY: the caller's promise, for the same tile size.
-    unsafe {
-        match tile {
-            1 => tile_f::<1>(x, k, panel, c, ldc, valid),
-            2 => tile_f::<2>(x, k, panel, c, ldc, valid),
-            3 => tile_f::<3>(x, k, panel, c, ldc, valid),
-            4 => tile_f::<4>(x, k, panel, c, ldc, valid),
-            _ => unreachable!("tiles are 1..=MR512 rows"),
-        }
-    }
+    unsafe { by_rows!(tile; 1, 2, 3, 4; tile_f(x, k, panel, c, ldc, valid)) }
 }
 
 #[inline]
@@ -233,15 +217,7 @@ pub unsafe fn tile_dpbf16(
     valid: usize,
 ) {
     // SAFETY: the caller's promise, for the same tile size.
-    unsafe {
-        match tile {
-            1 => tile_dp::<1>(x, panel, c, ldc, valid),
-            2 => tile_dp::<2>(x, panel, c, ldc, valid),
-            3 => tile_dp::<3>(x, panel, c, ldc, valid),
-            4 => tile_dp::<4>(x, panel, c, ldc, valid),
-            _ => unreachable!("tiles are 1..=MR512 rows"),
-        }
-    }
+    unsafe { by_rows!(tile; 1, 2, 3, 4; tile_dp(x, panel, c, ldc, valid)) }
 }
 
 #[inline]

@@ -16,7 +16,7 @@
 use std::ops::Range;
 
 use super::isa::{Isa, Supported};
-use super::{par_blocks, PANEL};
+use super::{par_blocks, row_tiles, PANEL};
 
 /// Weights per quantization block (along k).
 pub const QBLOCK: usize = 32;
@@ -181,15 +181,8 @@ impl QuantizedRows {
     pub fn new(x: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(x.len(), m * k, "x is not [m, k]");
         let blocks = k.div_ceil(QBLOCK);
-        let mut pairs = vec![0i32; m * blocks * PAIRS];
+        let mut values = vec![0i16; m * blocks * QBLOCK];
         let mut scales = vec![0f32; m * blocks];
-        // Each i32 holds two consecutive int16 values, low half first: the pairs are the
-        // int16 values in order, read two at a time.
-        // SAFETY: i32 storage reinterpreted as twice as many i16 (alignment 4 >= 2, no padding,
-        // every bit pattern valid); `pairs` is not used otherwise while `values` lives.
-        let values = unsafe {
-            std::slice::from_raw_parts_mut(pairs.as_mut_ptr() as *mut i16, pairs.len() * 2)
-        };
         for r in 0..m {
             for b in 0..blocks {
                 let src = &x[r * k + b * QBLOCK..r * k + ((b + 1) * QBLOCK).min(k)];
@@ -197,10 +190,10 @@ impl QuantizedRows {
                 scales[r * blocks + b] = quantize_block_with(src, |i, v| dst[i] = v as i16);
             }
         }
-        if cfg!(target_endian = "big") {
-            // The kernels read a pair as (low = first, high = second).
-            pairs.iter_mut().for_each(|p| *p = p.rotate_left(16));
-        }
+        let pairs = values
+            .chunks_exact(2)
+            .map(|p| (p[0] as u16 as u32 | (p[1] as u16 as u32) << 16) as i32)
+            .collect();
         Self {
             blocks,
             pairs,
@@ -295,70 +288,37 @@ unsafe fn panel_rows(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => {
             let per_row = xq.blocks * QUADS;
-            let mut r = rows.start;
-            while r < rows.end {
-                let tile = (rows.end - r).min(x86::MR);
+            for t in row_tiles(rows, x86::MR) {
                 let xs: [(&[u32], &[f32]); x86::MR] = std::array::from_fn(|i| {
-                    let row = r + i.min(tile - 1);
+                    let row = (t.start + i).min(t.end - 1);
                     (&quads[row * per_row..(row + 1) * per_row], xq.row(row).1)
                 });
-                // SAFETY: AVX-512F+BW and VNNI run here; rows r..r + tile of the panel's valid
-                // columns lie in `c`.
+                // SAFETY: AVX-512F+BW and VNNI run here; rows t of the panel's valid columns
+                // lie in `c`.
                 unsafe {
-                    x86::tile_vnni(
-                        &xs[..tile],
-                        values,
-                        scales,
-                        c.add(r * n + p * PANEL),
-                        n,
-                        valid,
-                    )
-                };
-                r += tile;
+                    let out = c.add(t.start * n + p * PANEL);
+                    x86::tile_vnni(&xs[..t.len()], values, scales, out, n, valid)
+                }
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => {
-            let mut r = rows.start;
-            while r < rows.end {
-                let tile = (rows.end - r).min(x86::MR);
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 => {
+            // The same int16 pairs: AVX2 in two 8-lane halves, AVX-512BW in one vector.
+            type Tile = unsafe fn(&[(&[i32], &[f32])], &[i8], &[f32], *mut f32, usize, usize);
+            let tile: Tile = if isa.isa() == Isa::Avx2 {
+                x86::tile_avx2
+            } else {
+                x86::tile_avx512
+            };
+            for t in row_tiles(rows, x86::MR) {
                 let xs: [(&[i32], &[f32]); x86::MR] =
-                    std::array::from_fn(|i| xq.row(r + i.min(tile - 1)));
-                // SAFETY: AVX-512F+BW run here; rows r..r + tile of the panel's valid columns
-                // lie in `c`.
+                    std::array::from_fn(|i| xq.row((t.start + i).min(t.end - 1)));
+                // SAFETY: `isa` (AVX2+FMA, or AVX-512F+BW) runs here and `tile` is its kernel;
+                // rows t of the panel's valid columns lie in `c`.
                 unsafe {
-                    x86::tile_avx512(
-                        &xs[..tile],
-                        values,
-                        scales,
-                        c.add(r * n + p * PANEL),
-                        n,
-                        valid,
-                    )
-                };
-                r += tile;
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            let mut r = rows.start;
-            while r < rows.end {
-                let tile = (rows.end - r).min(x86::MR);
-                let xs: [(&[i32], &[f32]); x86::MR] =
-                    std::array::from_fn(|i| xq.row(r + i.min(tile - 1)));
-                // SAFETY: AVX2 and FMA run here; rows r..r + tile of the panel's valid columns
-                // lie in `c`.
-                unsafe {
-                    x86::tile_avx2(
-                        &xs[..tile],
-                        values,
-                        scales,
-                        c.add(r * n + p * PANEL),
-                        n,
-                        valid,
-                    )
-                };
-                r += tile;
+                    let out = c.add(t.start * n + p * PANEL);
+                    tile(&xs[..t.len()], values, scales, out, n, valid)
+                }
             }
         }
         _ => {
@@ -400,7 +360,9 @@ mod x86;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::tests::{max_diff, pseudo_random, reference};
+    use crate::kernels::tests::{
+        assert_rows_independent_of_the_batch, max_diff, pseudo_random, reference,
+    };
 
     #[test]
     fn blocks_round_trip_within_half_a_step() {
@@ -520,27 +482,10 @@ mod tests {
 
     #[test]
     fn a_row_gives_the_same_bits_alone_and_in_any_batch() {
-        // The engine checks batched decoding against one sequence at a time: a row's result
-        // must not depend on the rows beside it (tile sizes, widened panels).
         let (k, n) = (577, 70);
-        let w = pseudo_random(n * k, 5);
-        let packed = PackedQ8::quantize(&w, n, k);
-        for &isa in Supported::all().iter().filter(|s| PATHS.contains(&s.isa())) {
-            let x = pseudo_random(40 * k, 6);
-            let alone: Vec<Vec<f32>> = (0..40)
-                .map(|r| matmul_q8_on(isa, &x[r * k..(r + 1) * k], 1, &packed))
-                .collect();
-            for m in [2, 3, 5, 13, 40] {
-                let batch = matmul_q8_on(isa, &x[..m * k], m, &packed);
-                for (r, alone) in alone.iter().enumerate().take(m) {
-                    assert_eq!(
-                        alone[..],
-                        batch[r * n..(r + 1) * n],
-                        "{} row {r} of {m}",
-                        isa.isa().name()
-                    );
-                }
-            }
-        }
+        let packed = PackedQ8::quantize(&pseudo_random(n * k, 5), n, k);
+        assert_rows_independent_of_the_batch(&PATHS, (k, n), |isa, x, m| {
+            matmul_q8_on(isa, x, m, &packed)
+        });
     }
 }
