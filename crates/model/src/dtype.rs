@@ -54,21 +54,22 @@ impl WeightDtype {
         }
     }
 
-    /// The kernel this CPU runs for the format, and a line to log when it is not the fastest
-    /// the format has (the missing instruction set named); `None` when it is.
+    /// The kernel this CPU runs for the format, and a line to log when it ranks below the
+    /// instruction set the format is built for (the missing one named); `None` when it does
+    /// not (f32 is built for AVX2 and also has an AVX-512 path).
     pub fn cpu_note(self) -> (&'static str, Option<String>) {
-        let (paths, fastest): (&[Isa], Isa) = match self {
-            Self::F32 => (&[Isa::Portable, Isa::Avx2, Isa::Avx512], Isa::Avx2),
+        let (paths, wanted): (&[Isa], Isa) = match self {
+            Self::F32 => (&crate::kernels::F32_PATHS, Isa::Avx2),
             Self::F16 => return ("candle", None),
             Self::Bf16 => (&crate::kernels::bf16::PATHS, Isa::Avx512Bf16),
             Self::Q8 => (&crate::kernels::q8::PATHS, Isa::Avx512Vnni),
         };
         let used = Supported::best_of(paths).isa();
-        let note = (used != fastest).then(|| {
+        let note = (used < wanted).then(|| {
             format!(
                 "{} weights: this CPU lacks {}; using the {} kernel (slower)",
                 self.name(),
-                Supported::missing(fastest).unwrap_or(fastest.name()),
+                Supported::missing(wanted).unwrap_or(wanted.name()),
                 used.name()
             )
         });
@@ -115,5 +116,14 @@ mod tests {
                 assert!(note.contains("lacks"), "{note}");
             }
         }
+    }
+
+    #[test]
+    fn a_cpu_above_the_wanted_instruction_set_gets_no_note() {
+        // f32 is built for AVX2 and has an AVX-512 path: an AVX-512 CPU runs that one, quietly.
+        let best = Supported::best_of(&crate::kernels::F32_PATHS).isa();
+        let (kernel, note) = WeightDtype::F32.cpu_note();
+        assert_eq!(kernel, best.name());
+        assert_eq!(note.is_some(), best < Isa::Avx2, "{note:?}");
     }
 }
