@@ -140,5 +140,145 @@ pub fn run(args: MatmulArgs) -> anyhow::Result<()> {
         "peak on large shapes: candle {:.1} GFLOP/s, rrt {:.1} GFLOP/s",
         r.candle, r.rrt
     );
+    decode_step_matmuls(&args.rows)
+}
+
+/// SmolLM2-135M's projections per layer (fused Q|K|V, O, fused gate|up, down) as `(n, k)`.
+const LAYER_SHAPES: [(usize, usize); 4] = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
+const LAYERS: usize = 30;
+const LM_HEAD: (usize, usize) = (49152, 576);
+/// Rounds over the dtypes in [`decode_step_matmuls`].
+const STEP_ROUNDS: usize = 8;
+
+/// The matmuls of one decode step of SmolLM2-135M (30 layers' projections and the LM head, each
+/// with weights of its own, so every pass streams them from memory as decoding does), per
+/// dtype: what the kernels alone reach in the model's many small calls, against this machine's
+/// read bandwidth. The rest of a decode step (attention, norms, sampling) is not here.
+fn decode_step_matmuls(rows: &[usize]) -> anyhow::Result<()> {
+    let bandwidth = read_bandwidth();
+    println!(
+        "\none decode step's matmuls (SmolLM2-135M: {LAYERS} layers x {} projections + the LM head, distinct weights); memory read bandwidth {:.1} GB/s (2 threads summing 512 MiB)",
+        LAYER_SHAPES.len(),
+        bandwidth / 1e9
+    );
+    let shapes: Vec<(usize, usize)> = (0..LAYERS)
+        .flat_map(|_| LAYER_SHAPES)
+        .chain([LM_HEAD])
+        .collect();
+    let weights: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|&(n, k)| Ok(random(n, k)?.flatten_all()?.to_vec1::<f32>()?))
+        .collect::<anyhow::Result<_>>()?;
+    let f32w: Vec<PackedWeight> = shapes
+        .iter()
+        .zip(&weights)
+        .map(|(&(n, k), w)| PackedWeight::pack(w, n, k))
+        .collect();
+    let bf16w: Vec<PackedBf16> = shapes
+        .iter()
+        .zip(&weights)
+        .map(|(&(n, k), w)| PackedBf16::pack(w, n, k))
+        .collect();
+    let q8w: Vec<PackedQ8> = shapes
+        .iter()
+        .zip(&weights)
+        .map(|(&(n, k), w)| PackedQ8::quantize(w, n, k))
+        .collect();
+    drop(weights);
+    if std::env::var("RRT_PROBE").is_ok() {
+        let (n, k) = (16, 64);
+        let wv: Vec<f32> = (0..n * k).map(|i| i as f32 * 1e-3).collect();
+        let (a, b, c) = (
+            PackedWeight::pack(&wv, n, k),
+            PackedBf16::pack(&wv, n, k),
+            PackedQ8::quantize(&wv, n, k),
+        );
+        let x: Vec<f32> = (0..k).map(|i| i as f32).collect();
+        let t1 = best_time(20, || {
+            for _ in 0..121 {
+                std::hint::black_box(matmul(&x, 1, &a));
+            }
+            Ok(())
+        })?;
+        let t2 = best_time(20, || {
+            for _ in 0..121 {
+                std::hint::black_box(matmul_bf16(&x, 1, &b));
+            }
+            Ok(())
+        })?;
+        let t3 = best_time(20, || {
+            for _ in 0..121 {
+                std::hint::black_box(matmul_q8(&x, 1, &c));
+            }
+            Ok(())
+        })?;
+        println!(
+            "121 tiny calls: f32 {:.3} ms, bf16 {:.3} ms, q8 {:.3} ms",
+            t1 * 1e3,
+            t2 * 1e3,
+            t3 * 1e3
+        );
+    }
+    let params: usize = shapes.iter().map(|(n, k)| n * k).sum();
+    let bytes = [4.0, 2.0, 1.125].map(|b| b * params as f64);
+    println!(
+        "{:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>14}",
+        "rows", "f32 ms", "bf16 ms", "q8 ms", "bf16/f32", "q8/f32", "GB/s f32/bf16/q8"
+    );
+    for &m in rows.iter().filter(|&&m| m <= 64) {
+        let inputs: Vec<Vec<f32>> = shapes
+            .iter()
+            .map(|&(_, k)| Ok(random(m, k)?.flatten_all()?.to_vec1::<f32>()?))
+            .collect::<anyhow::Result<_>>()?;
+        let kernels: [&dyn Fn(usize, &[f32]) -> Vec<f32>; 3] = [
+            &|i, x| matmul(x, m, &f32w[i]),
+            &|i, x| matmul_bf16(x, m, &bf16w[i]),
+            &|i, x| matmul_q8(x, m, &q8w[i]),
+        ];
+        // The dtypes take turns, one pass each a round, and keep their best: a slow spell of
+        // this shared machine lands on all of them.
+        let mut t = [f64::INFINITY; 3];
+        for _ in 0..STEP_ROUNDS {
+            for (best, f) in t.iter_mut().zip(&kernels) {
+                let started = Instant::now();
+                for (i, x) in inputs.iter().enumerate() {
+                    std::hint::black_box(f(i, x));
+                }
+                *best = best.min(started.elapsed().as_secs_f64());
+            }
+        }
+        println!(
+            "{:>5} {:>10.2} {:>10.2} {:>10.2} {:>8.2}x {:>8.2}x {:>14}",
+            m,
+            t[0] * 1e3,
+            t[1] * 1e3,
+            t[2] * 1e3,
+            t[0] / t[1],
+            t[0] / t[2],
+            format!(
+                "{:.0}/{:.0}/{:.0}",
+                bytes[0] / t[0] / 1e9,
+                bytes[1] / t[1] / 1e9,
+                bytes[2] / t[2] / 1e9
+            )
+        );
+    }
     Ok(())
+}
+
+/// Bytes per second the threads read from memory, summing a buffer larger than any cache
+/// (best of 5).
+fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let buf: Vec<u64> = (0..64u64 << 20).collect();
+    let secs = best_time(5, || {
+        let sum = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        Ok(())
+    })
+    .unwrap_or(f64::INFINITY);
+    (buf.len() * 8) as f64 / secs
 }

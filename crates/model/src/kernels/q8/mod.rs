@@ -7,9 +7,9 @@
 //! Layout: panels of [`PANEL`] output columns, k in pairs inside each block
 //! (`[panel][block][16 pairs][16 columns][2]`), so a pair of int16-widened weights per column
 //! meets a broadcast pair of activations in one `vpmaddwd` lane (AVX2, AVX-512BW): no
-//! horizontal sums. AVX512_VNNI permutes two pair steps into quads (`vpermw`) and multiplies
-//! them by activations offset to unsigned bytes with `vpdpbusd` (64 products an instruction),
-//! subtracting the offset's share after. All paths sum each block exactly in int32 and scale
+//! horizontal sums. AVX512_VNNI permutes two pair steps into quads (`vpermw`), flips them to
+//! unsigned bytes `w + 128` and multiplies them by the activations with `vpdpbusd` (64
+//! products an instruction), subtracting `128 * sum(x)` of each block after. All paths sum each block exactly in int32 and scale
 //! it the same way; each is tested against an f64 reference of the dequantized operands on
 //! every instruction set the host runs (the VNNI arithmetic also step for step in plain Rust).
 
@@ -162,6 +162,15 @@ impl PackedQ8 {
         )
     }
 
+    /// Panels `ps`' values and scales, one after the other.
+    fn panels(&self, ps: Range<usize>) -> (&[i8], &[f32]) {
+        let b = self.blocks();
+        (
+            &self.data[ps.start * b * BLOCK_BYTES..ps.end * b * BLOCK_BYTES],
+            &self.scales[ps.start * b * PANEL..ps.end * b * PANEL],
+        )
+    }
+
     /// Bytes the weight occupies (values and scales).
     pub fn bytes(&self) -> usize {
         self.data.len() + self.scales.len() * 4
@@ -173,6 +182,19 @@ impl PackedQ8 {
 pub struct QuantizedRows {
     blocks: usize,
     pairs: Vec<i32>,
+    scales: Vec<f32>,
+}
+
+/// Quantized rows for AVX512_VNNI ([`QuantizedRows::signed_quads`]): `vpdpbusd` multiplies
+/// unsigned by signed bytes, so the weights go in as `w + 128` (one XOR of their sign bits)
+/// and `128 * sum(x)` of each block comes off the block's sum after.
+pub(crate) struct VnniRows {
+    blocks: usize,
+    /// `[m, blocks, 8]`: four signed values to a u32.
+    quads: Vec<u32>,
+    /// `[m, blocks]`: `128 * sum(x)` of each block.
+    offsets: Vec<i32>,
+    /// `[m, blocks]`: the rows' scales.
     scales: Vec<f32>,
 }
 
@@ -201,15 +223,31 @@ impl QuantizedRows {
         }
     }
 
-    /// Every row's values as unsigned bytes `q + 128`, four consecutive values to a u32 (first
-    /// in the low byte): the operand AVX512_VNNI's `vpdpbusd` takes as unsigned (`[m, blocks,
-    /// 8]`).
-    fn offset_quads(&self) -> Vec<u32> {
-        let byte = |v: i32| ((v as i16 as i32) + 128) as u32;
-        self.pairs
+    /// The rows as AVX512_VNNI's `vpdpbusd` takes them: values as signed bytes, four
+    /// consecutive values to a u32 (first in the low byte), and `128 * sum` of each block.
+    fn signed_quads(&self) -> VnniRows {
+        let byte = |v: i32| (v as i16 as i8 as u8) as u32;
+        let quads = self
+            .pairs
             .chunks_exact(2)
             .map(|p| byte(p[0]) | byte(p[0] >> 16) << 8 | byte(p[1]) << 16 | byte(p[1] >> 16) << 24)
-            .collect()
+            .collect();
+        let offsets = self
+            .pairs
+            .chunks_exact(PAIRS)
+            .map(|block| {
+                128 * block
+                    .iter()
+                    .map(|&p| (p as i16) as i32 + ((p >> 16) as i16) as i32)
+                    .sum::<i32>()
+            })
+            .collect();
+        VnniRows {
+            blocks: self.blocks,
+            quads,
+            offsets,
+            scales: self.scales.clone(),
+        }
     }
 
     /// Row `r`: its pairs (`blocks x 16`) and scales.
@@ -250,59 +288,50 @@ pub fn matmul_q8(x: &[f32], m: usize, w: &PackedQ8) -> Vec<f32> {
 /// [`matmul_q8`] on a given instruction set of this CPU (one of [`PATHS`]).
 pub fn matmul_q8_on(isa: Supported, x: &[f32], m: usize, w: &PackedQ8) -> Vec<f32> {
     let xq = QuantizedRows::new(x, m, w.k());
-    let quads = if isa.isa() == Isa::Avx512Vnni {
-        xq.offset_quads()
-    } else {
-        Vec::new()
-    };
+    let vnni = (isa.isa() == Isa::Avx512Vnni).then(|| xq.signed_quads());
     let block = |rows: Range<usize>, panels: Range<usize>, _next, c: *mut f32| {
-        for p in panels {
-            // SAFETY: `isa` runs here; rows < m and p < panels; `quads` is `xq`'s on VNNI;
-            // `c` is `[m, n]`, and this task alone writes these rows of panel p (`par_blocks`).
-            unsafe { panel_rows(isa, &xq, &quads, w, rows.clone(), p, c) };
-        }
+        // SAFETY: `isa` runs here; rows < m and panels < w's panels; `vnni` is `xq`'s on
+        // VNNI; `c` is `[m, n]`, and this task alone writes these rows of these panels
+        // (`par_blocks`).
+        unsafe { panel_rows(isa, &xq, vnni.as_ref(), w, rows, panels, c) };
     };
     // SAFETY: `panel_rows` stores every valid column of its rows of its panel.
     unsafe { par_blocks(m, w.n(), block) }
 }
 
-/// Rows `rows` of panel `p` on `isa`.
+/// Rows `rows` of panels `panels` on `isa`.
 ///
 /// # Safety
-/// `isa` runs on this CPU; `xq` holds at least `rows.end` rows of `w.k()` (and `quads` their
-/// [`QuantizedRows::offset_quads`] on AVX512_VNNI); `p` is a panel of `w`; `c` is
-/// `[m, w.n()]`; no other thread writes these rows of the panel.
+/// `isa` runs on this CPU; `xq` holds at least `rows.end` rows of `w.k()` (and `vnni` their
+/// [`QuantizedRows::signed_quads`] on AVX512_VNNI); `panels` are panels of `w`; `c` is
+/// `[m, w.n()]`; no other thread writes these rows of these panels.
 unsafe fn panel_rows(
     isa: Supported,
     xq: &QuantizedRows,
-    quads: &[u32],
+    vnni: Option<&VnniRows>,
     w: &PackedQ8,
     rows: Range<usize>,
-    p: usize,
+    panels: Range<usize>,
     c: *mut f32,
 ) {
     let n = w.n();
-    let valid = (n - p * PANEL).min(PANEL);
-    let (values, scales) = w.panel(p);
-    match isa.isa() {
+    let valid = |p: usize| (n - p * PANEL).min(PANEL);
+    match (isa.isa(), vnni) {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni => {
-            let per_row = xq.blocks * QUADS;
+        (Isa::Avx512Vnni, Some(vnni)) => {
+            let (values, scales) = w.panels(panels.clone());
             for t in row_tiles(rows, x86::MR) {
-                let xs: [(&[u32], &[f32]); x86::MR] = std::array::from_fn(|i| {
-                    let row = (t.start + i).min(t.end - 1);
-                    (&quads[row * per_row..(row + 1) * per_row], xq.row(row).1)
-                });
-                // SAFETY: AVX-512F+BW and VNNI run here; rows t of the panel's valid columns
-                // lie in `c`.
+                // SAFETY: AVX-512F+BW and VNNI run here; `vnni` holds rows t; the panels'
+                // valid columns of rows t lie in `c`.
                 unsafe {
-                    let out = c.add(t.start * n + p * PANEL);
-                    x86::tile_vnni(&xs[..t.len()], values, scales, out, n, valid)
+                    let out = c.add(t.start * n + panels.start * PANEL);
+                    let last = valid(panels.end - 1);
+                    x86::tile_vnni(vnni, t, values, scales, panels.len(), out, n, last)
                 }
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 => {
+        (Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16, _) => {
             // The same int16 pairs: AVX2 in two 8-lane halves, AVX-512BW in one vector.
             type Tile = unsafe fn(&[(&[i32], &[f32])], &[i8], &[f32], *mut f32, usize, usize);
             let tile: Tile = if isa.isa() == Isa::Avx2 {
@@ -313,22 +342,32 @@ unsafe fn panel_rows(
             for t in row_tiles(rows, x86::MR) {
                 let xs: [(&[i32], &[f32]); x86::MR] =
                     std::array::from_fn(|i| xq.row((t.start + i).min(t.end - 1)));
-                // SAFETY: `isa` (AVX2+FMA, or AVX-512F+BW) runs here and `tile` is its kernel;
-                // rows t of the panel's valid columns lie in `c`.
-                unsafe {
-                    let out = c.add(t.start * n + p * PANEL);
-                    tile(&xs[..t.len()], values, scales, out, n, valid)
+                for p in panels.clone() {
+                    let (values, scales) = w.panel(p);
+                    // SAFETY: `isa` (AVX2+FMA, or AVX-512F+BW) runs here and `tile` is its
+                    // kernel; rows t of the panel's valid columns lie in `c`.
+                    unsafe {
+                        let out = c.add(t.start * n + p * PANEL);
+                        tile(&xs[..t.len()], values, scales, out, n, valid(p))
+                    }
                 }
             }
         }
         _ => {
-            for r in rows {
-                let (xp, xs) = xq.row(r);
-                let out = portable_row(xp, xs, values, scales);
-                // SAFETY: row r's valid columns of the panel lie in `c`.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(out.as_ptr(), c.add(r * n + p * PANEL), valid)
-                };
+            for p in panels {
+                let (values, scales) = w.panel(p);
+                for r in rows.clone() {
+                    let (xp, xs) = xq.row(r);
+                    let out = portable_row(xp, xs, values, scales);
+                    // SAFETY: row r's valid columns of the panel lie in `c`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            out.as_ptr(),
+                            c.add(r * n + p * PANEL),
+                            valid(p),
+                        )
+                    };
+                }
             }
         }
     }
@@ -443,7 +482,7 @@ mod tests {
         let (n, k) = (16, 96);
         let packed = PackedQ8::quantize(&pseudo_random(n * k, 7), n, k);
         let xq = QuantizedRows::new(&pseudo_random(k, 8), 1, k);
-        let quads = xq.offset_quads();
+        let vnni = xq.signed_quads();
         let (values, _) = packed.panel(0);
         let (pairs, _) = xq.row(0);
         let at = |i: usize| values[i] as i32;
@@ -457,7 +496,7 @@ mod tests {
                     *s += x0 * at(base) + x1 * at(base + 1);
                 }
             }
-            let (mut got, mut bias) = ([0i32; PANEL], [0i32; PANEL]);
+            let mut got = [0i32; PANEL];
             for q in 0..QUADS {
                 let src = &values[b * BLOCK_BYTES + q * 64..][..64];
                 // vpermw: word i of the result is word QUAD_PERM[i] of the source.
@@ -466,16 +505,19 @@ mod tests {
                     w[2 * i] = src[2 * from as usize];
                     w[2 * i + 1] = src[2 * from as usize + 1];
                 }
-                let xb = quads[b * QUADS + q].to_le_bytes();
+                // vpxord with 0x80 bytes: the weights as unsigned `w + 128`.
+                let wu = w.map(|v| (v as u8 ^ 0x80) as i32);
+                let xb = vnni.quads[b * QUADS + q]
+                    .to_le_bytes()
+                    .map(|v| v as i8 as i32);
                 for c in 0..PANEL {
                     for t in 0..4 {
-                        got[c] += xb[t] as i32 * w[4 * c + t] as i32;
-                        bias[c] += 128 * w[4 * c + t] as i32;
+                        got[c] += wu[4 * c + t] * xb[t];
                     }
                 }
             }
             for c in 0..PANEL {
-                assert_eq!(got[c] - bias[c], want[c], "block {b} column {c}");
+                assert_eq!(got[c] - vnni.offsets[b], want[c], "block {b} column {c}");
             }
         }
     }

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{BLOCK_BYTES, PAIRS, PANEL, QUADS};
+use super::{VnniRows, BLOCK_BYTES, PAIRS, PANEL, QUADS};
 
 /// Rows per AVX2 tile: the int32 block sums (2 vectors a row) stay in registers; the f32
 /// sums are touched once per block (6 rows measured no faster).
@@ -196,72 +196,99 @@ pub const QUAD_PERM: [u16; 32] = {
     idx
 };
 
-/// Quantized rows as offset quads (`xs[r].0`: [`super::QuantizedRows::offset_quads`]) times
-/// one panel with AVX512_VNNI's `vpdpbusd` (64 products an instruction): `sum((x + 128) w)
-/// - 128 sum(w)` is the block's exact int32 sum, the same as the other paths'; the second
-/// term is one more `vpdpbusd` a step for the whole tile.
+/// Rows `row0..row0 + R` of `x` (R <= [`MR`]) times a run of `panels` consecutive panels
+/// (their values and scales one after the other) with AVX512_VNNI's `vpdpbusd` (64 products
+/// an instruction): the weights go in as unsigned `w + 128` (an XOR of their sign bits), so
+/// `sum((w + 128) x) - 128 sum(x)` is each block's exact int32 sum, the same as the other
+/// paths'. Writes `c` (stride `ldc`; panel p at column `p * 16`), `last_valid` columns of the
+/// last panel.
 ///
 /// # Safety
-/// AVX-512F, AVX-512BW and AVX512_VNNI run here; every row has 8 quads and a scale per
-/// block of the panel; `c` has `xs.len()` rows of `ldc` with `valid` columns from it.
+/// AVX-512F, AVX-512BW and AVX512_VNNI run here; `x` holds rows `row0..row0 + rows`; the
+/// panels have `x`'s blocks; `c` has `rows` rows of `ldc` with the panels' valid columns.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub unsafe fn tile_vnni(
-    xs: &[(&[u32], &[f32])],
+    x: &VnniRows,
+    rows: std::ops::Range<usize>,
     values: &[i8],
     scales: &[f32],
+    panels: usize,
     c: *mut f32,
     ldc: usize,
-    valid: usize,
+    last_valid: usize,
 ) {
+    let row0 = rows.start;
     // SAFETY: the caller's promise, for the same tile size.
-    unsafe { by_rows!(xs.len(); 1, 2, 3, 4; tile_dpbusd(xs, values, scales, c, ldc, valid)) }
+    unsafe {
+        by_rows!(rows.len(); 1, 2, 3, 4;
+            tile_dpbusd(x, row0, values, scales, panels, c, ldc, last_valid))
+    }
 }
 
 #[inline]
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile_dpbusd<const R: usize>(
-    xs: &[(&[u32], &[f32])],
+    x: &VnniRows,
+    row0: usize,
     values: &[i8],
     scales: &[f32],
+    panels: usize,
     c: *mut f32,
     ldc: usize,
-    valid: usize,
+    last_valid: usize,
 ) {
-    let blocks = scales.len() / PANEL;
-    assert!(xs.len() >= R && values.len() >= blocks * BLOCK_BYTES);
-    for (xq, xsc) in xs.iter().take(R) {
-        assert!(xq.len() >= blocks * QUADS && xsc.len() >= blocks);
-    }
-    // SAFETY: AVX-512F/BW and VNNI run here (the caller's promise); block b, quad q is 64
-    // bytes inside `values`, block b's 16 scales lie inside `scales`, and quad q and scale
-    // b of block b inside every row (asserted above); `QUAD_PERM` is 32 u16; row r of `c`
-    // has `valid` columns; a prefetch never faults.
+    let blocks = x.blocks;
+    assert!(
+        values.len() >= panels * blocks * BLOCK_BYTES && scales.len() >= panels * blocks * PANEL
+    );
+    assert!(
+        x.quads.len() >= (row0 + R) * blocks * QUADS
+            && x.offsets.len() >= (row0 + R) * blocks
+            && x.scales.len() >= (row0 + R) * blocks
+    );
+    // SAFETY: AVX-512F/BW and VNNI run here (the caller's promise); panel p, block b, quad q
+    // is 64 bytes inside `values` and its 16 scales inside `scales`, and rows row0..row0 + R
+    // have `blocks` blocks of quads, offsets and scales (asserted above); `QUAD_PERM` is 32
+    // u16; row r of `c` has the panels' valid columns; a prefetch never faults.
     unsafe {
         let perm = _mm512_loadu_si512(QUAD_PERM.as_ptr() as *const _);
-        let offset = _mm512_set1_epi8(-128); // 0x80: 128 as the unsigned operand
-        let mut acc = [_mm512_setzero_ps(); R];
-        for b in 0..blocks {
-            let mut dots = [_mm512_setzero_si512(); R];
-            let mut bias = _mm512_setzero_si512();
-            for q in 0..QUADS {
-                let at = values.as_ptr().add(b * BLOCK_BYTES + q * 64);
-                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(crate::kernels::PREFETCH));
-                let w = _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(at as *const _));
-                bias = _mm512_dpbusd_epi32(bias, offset, w);
-                for (r, d) in dots.iter_mut().enumerate() {
-                    let xb = _mm512_set1_epi32(*xs[r].0.get_unchecked(b * QUADS + q) as i32);
-                    *d = _mm512_dpbusd_epi32(*d, xb, w);
+        let flip = _mm512_set1_epi8(-128); // 0x80: w ^ 0x80 is w + 128 as an unsigned byte
+        let xq: [*const u32; R] =
+            std::array::from_fn(|r| x.quads.as_ptr().add((row0 + r) * blocks * QUADS));
+        let xo: [*const i32; R] =
+            std::array::from_fn(|r| x.offsets.as_ptr().add((row0 + r) * blocks));
+        let xs: [*const f32; R] =
+            std::array::from_fn(|r| x.scales.as_ptr().add((row0 + r) * blocks));
+        let (mut wp, mut sp) = (values.as_ptr(), scales.as_ptr());
+        for p in 0..panels {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..blocks {
+                // Even and odd quads sum apart: two dependency chains a row.
+                let mut dots = [[_mm512_setzero_si512(); 2]; R];
+                for q in 0..QUADS {
+                    let at = wp.add(q * 64);
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(crate::kernels::PREFETCH));
+                    let w = _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(at as *const _));
+                    let w = _mm512_xor_si512(w, flip);
+                    for r in 0..R {
+                        let xb = _mm512_set1_epi32(*xq[r].add(b * QUADS + q) as i32);
+                        dots[r][q % 2] = _mm512_dpbusd_epi32(dots[r][q % 2], w, xb);
+                    }
                 }
+                let sums: [__m512i; R] = std::array::from_fn(|r| {
+                    let d = _mm512_add_epi32(dots[r][0], dots[r][1]);
+                    _mm512_sub_epi32(d, _mm512_set1_epi32(*xo[r].add(b)))
+                });
+                scale_blocks(&mut acc, &sums, sp, |r| *xs[r].add(b));
+                wp = wp.add(BLOCK_BYTES);
+                sp = sp.add(PANEL);
             }
-            for d in dots.iter_mut() {
-                *d = _mm512_sub_epi32(*d, bias);
+            let valid = if p + 1 == panels { last_valid } else { PANEL };
+            for (r, a) in acc.iter().enumerate() {
+                crate::kernels::avx512::store16(*a, c.add(r * ldc + p * PANEL), valid);
             }
-            scale_blocks(&mut acc, &dots, scales.as_ptr().add(b * PANEL), |r| {
-                *xs[r].1.get_unchecked(b)
-            });
-        }
-        for (r, a) in acc.iter().enumerate() {
-            crate::kernels::avx512::store16(*a, c.add(r * ldc), valid);
         }
     }
 }
