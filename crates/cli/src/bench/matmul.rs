@@ -185,40 +185,6 @@ fn decode_step_matmuls(rows: &[usize]) -> anyhow::Result<()> {
         .map(|(&(n, k), w)| PackedQ8::quantize(w, n, k))
         .collect();
     drop(weights);
-    if std::env::var("RRT_PROBE").is_ok() {
-        let (n, k) = (16, 64);
-        let wv: Vec<f32> = (0..n * k).map(|i| i as f32 * 1e-3).collect();
-        let (a, b, c) = (
-            PackedWeight::pack(&wv, n, k),
-            PackedBf16::pack(&wv, n, k),
-            PackedQ8::quantize(&wv, n, k),
-        );
-        let x: Vec<f32> = (0..k).map(|i| i as f32).collect();
-        let t1 = best_time(20, || {
-            for _ in 0..121 {
-                std::hint::black_box(matmul(&x, 1, &a));
-            }
-            Ok(())
-        })?;
-        let t2 = best_time(20, || {
-            for _ in 0..121 {
-                std::hint::black_box(matmul_bf16(&x, 1, &b));
-            }
-            Ok(())
-        })?;
-        let t3 = best_time(20, || {
-            for _ in 0..121 {
-                std::hint::black_box(matmul_q8(&x, 1, &c));
-            }
-            Ok(())
-        })?;
-        println!(
-            "121 tiny calls: f32 {:.3} ms, bf16 {:.3} ms, q8 {:.3} ms",
-            t1 * 1e3,
-            t2 * 1e3,
-            t3 * 1e3
-        );
-    }
     let params: usize = shapes.iter().map(|(n, k)| n * k).sum();
     let bytes = [4.0, 2.0, 1.125].map(|b| b * params as f64);
     println!(

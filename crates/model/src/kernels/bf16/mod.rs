@@ -124,10 +124,17 @@ pub fn matmul_bf16_on(isa: Supported, x: &[f32], m: usize, w: &PackedBf16) -> Ve
         Vec::new()
     };
     let block = |rows: Range<usize>, panels: Range<usize>, _next, c: *mut f32| {
+        #[cfg(target_arch = "x86_64")]
+        if isa.isa() == Isa::Avx512Bf16 {
+            // SAFETY: AVX512_BF16 runs here; `xb` holds rows < m; the panels are w's; `c` is
+            // `[m, n]` and this task alone writes these rows of these panels (`par_blocks`).
+            unsafe { dp_rows(&xb, w, rows, panels, c) };
+            return;
+        }
         for p in panels {
             // SAFETY: `isa` runs here; rows < m and panel p < w.panels(); `c` is `[m, n]` and
             // this task alone writes these rows of panel p (`par_blocks`).
-            unsafe { panel_rows(isa, x, &xb, w, rows.clone(), p, c) };
+            unsafe { panel_rows(isa, x, w, rows.clone(), p, c) };
         }
     };
     // SAFETY: `panel_rows` stores every valid column of its rows of its panel.
@@ -153,16 +160,40 @@ fn bf16_pairs(x: &[f32], m: usize, k: usize) -> Vec<u32> {
     out
 }
 
+/// Rows `rows` of panels `panels` with AVX512_BF16, a run of panels a tile.
+///
+/// # Safety
+/// AVX-512F and AVX512_BF16 run on this CPU; `xb` holds at least `rows.end` rows of
+/// [`bf16_pairs`]; `panels` are w's; `c` is `[m, w.n()]`; no other thread writes these rows
+/// of these panels.
+#[cfg(target_arch = "x86_64")]
+unsafe fn dp_rows(
+    xb: &[u32],
+    w: &PackedBf16,
+    rows: Range<usize>,
+    panels: Range<usize>,
+    c: *mut f32,
+) {
+    let n = w.n();
+    let data = &w.data[panels.start * w.panel_len()..panels.end * w.panel_len()];
+    let last = (n - (panels.end - 1) * PANEL).min(PANEL);
+    for t in row_tiles(rows, x86::MR512) {
+        // SAFETY: AVX512_BF16 runs here; rows t of the panels' valid columns lie in `c`.
+        unsafe {
+            let out = c.add(t.start * n + panels.start * PANEL);
+            x86::tile_dpbf16(xb, w.pairs(), t, data, panels.len(), out, n, last)
+        }
+    }
+}
+
 /// Rows `rows` of panel `p` on `isa`.
 ///
 /// # Safety
-/// `isa` runs on this CPU; `x` is `[m, k]` (and `xb` its [`bf16_pairs`] on AVX512_BF16) with
-/// `rows.end <= m`; `p < w.panels()`; `c` is `[m, w.n()]`; no other thread writes these rows
-/// of the panel.
+/// `isa` runs on this CPU; `x` is `[m, k]` with `rows.end <= m`; `p < w.panels()`; `c` is
+/// `[m, w.n()]`; no other thread writes these rows of the panel.
 unsafe fn panel_rows(
     isa: Supported,
     x: &[f32],
-    xb: &[u32],
     w: &PackedBf16,
     rows: Range<usize>,
     p: usize,
@@ -172,19 +203,6 @@ unsafe fn panel_rows(
     let panel = w.panel(p);
     let (k, n) = (w.k(), w.n());
     match isa.isa() {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 => {
-            let pairs = w.pairs();
-            for t in row_tiles(rows, x86::MR512) {
-                let xr = &xb[t.start * pairs..t.end * pairs];
-                // SAFETY: AVX512_BF16 runs here; rows t and the panel's valid columns lie in
-                // `c`.
-                unsafe {
-                    let out = c.add(t.start * n + p * PANEL);
-                    x86::tile_dpbf16(xr, t.len(), panel, out, n, valid)
-                }
-            }
-        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if rows.len() >= WIDEN_ROWS => {
             // Enough rows to amortise widening the panel once: then it is the f32 kernel's
@@ -199,7 +217,7 @@ unsafe fn panel_rows(
             });
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => {
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 => {
             // Pairs widened to f32: AVX2 in 8-lane halves, AVX-512F in one vector.
             type Tile = unsafe fn(&[f32], usize, usize, &[u16], *mut f32, usize, usize);
             let (tile, mr): (Tile, usize) = if isa.isa() == Isa::Avx2 {

@@ -200,67 +200,87 @@ unsafe fn tile_f<const R: usize>(
     }
 }
 
-/// `tile` (<= [`MR512`]) rows (bf16 pairs, stride `x.len() / tile`) times one panel with
-/// AVX512_BF16's `vdpbf16ps` (even and odd pairs summed apart, then added), into `c`
-/// (stride `ldc`), `valid` columns.
+/// Rows `rows` (<= [`MR512`]; bf16 pairs, `pairs` a row) of `x` times a run of `panels`
+/// consecutive panels with AVX512_BF16's `vdpbf16ps` (even and odd pairs summed apart, then
+/// added), into `c` (stride `ldc`; panel p at column `p * 16`), `last_valid` columns of the
+/// last panel.
 ///
 /// # Safety
-/// AVX-512F and AVX512_BF16 run here; `x` holds `tile` rows of the panel's pairs; `c` has
-/// `tile` rows of `ldc` with `valid` columns from it.
+/// AVX-512F and AVX512_BF16 run here; `x` holds rows `rows` of `pairs` pairs; `data` holds
+/// `panels` panels of `pairs` pairs; `c` has `rows.len()` rows of `ldc` with the panels'
+/// valid columns.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub unsafe fn tile_dpbf16(
     x: &[u32],
-    tile: usize,
-    panel: &[u16],
+    pairs: usize,
+    rows: std::ops::Range<usize>,
+    data: &[u16],
+    panels: usize,
     c: *mut f32,
     ldc: usize,
-    valid: usize,
+    last_valid: usize,
 ) {
+    let row0 = rows.start;
     // SAFETY: the caller's promise, for the same tile size.
-    unsafe { by_rows!(tile; 1, 2, 3, 4; tile_dp(x, panel, c, ldc, valid)) }
+    unsafe {
+        by_rows!(rows.len(); 1, 2, 3, 4;
+            tile_dp(x, pairs, row0, data, panels, c, ldc, last_valid))
+    }
 }
 
 #[inline]
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile_dp<const R: usize>(x: &[u32], panel: &[u16], c: *mut f32, ldc: usize, valid: usize) {
-    let pairs = x.len() / R;
-    assert!(x.len() == R * pairs && panel.len() >= pairs * PANEL * 2);
-    let (mut a0, mut a1) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
-    let mut j = 0;
-    while j + 1 < pairs {
-        // SAFETY: pairs j and j + 1 lie inside the panel (asserted above); a prefetch
-        // never faults.
-        let (v0, v1) = unsafe {
-            let at = panel.as_ptr().add(j * 32) as *const i8;
-            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(crate::kernels::PREFETCH));
-            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(crate::kernels::PREFETCH + 64));
-            (
-                _mm512_loadu_si512(panel.as_ptr().add(j * 32) as *const _),
-                _mm512_loadu_si512(panel.as_ptr().add(j * 32 + 32) as *const _),
-            )
-        };
-        for r in 0..R {
-            let b0 = _mm512_set1_epi32(x[r * pairs + j] as i32);
-            let b1 = _mm512_set1_epi32(x[r * pairs + j + 1] as i32);
-            a0[r] = _mm512_dpbf16_ps(a0[r], to_bh(v0), to_bh(b0));
-            a1[r] = _mm512_dpbf16_ps(a1[r], to_bh(v1), to_bh(b1));
+unsafe fn tile_dp<const R: usize>(
+    x: &[u32],
+    pairs: usize,
+    row0: usize,
+    data: &[u16],
+    panels: usize,
+    c: *mut f32,
+    ldc: usize,
+    last_valid: usize,
+) {
+    assert!(x.len() >= (row0 + R) * pairs && data.len() >= panels * pairs * PANEL * 2);
+    // SAFETY: AVX-512F and AVX512_BF16 run here (the caller's promise); pair j of panel p is
+    // 64 bytes inside `data` and pair j of rows row0..row0 + R lies inside `x` (asserted
+    // above); row r of `c` has the panels' valid columns; a prefetch never faults.
+    unsafe {
+        let xr: [*const u32; R] = std::array::from_fn(|r| x.as_ptr().add((row0 + r) * pairs));
+        let mut wp = data.as_ptr();
+        for p in 0..panels {
+            let (mut a0, mut a1) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
+            let mut j = 0;
+            while j + 1 < pairs {
+                let at = wp.add(j * 32);
+                let pf = (at as *const i8).wrapping_add(crate::kernels::PREFETCH);
+                _mm_prefetch::<_MM_HINT_T0>(pf);
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64));
+                let v0 = to_bh(_mm512_loadu_si512(at as *const _));
+                let v1 = to_bh(_mm512_loadu_si512(at.add(32) as *const _));
+                for r in 0..R {
+                    let b0 = to_bh(_mm512_set1_epi32(*xr[r].add(j) as i32));
+                    let b1 = to_bh(_mm512_set1_epi32(*xr[r].add(j + 1) as i32));
+                    a0[r] = _mm512_dpbf16_ps(a0[r], v0, b0);
+                    a1[r] = _mm512_dpbf16_ps(a1[r], v1, b1);
+                }
+                j += 2;
+            }
+            if j < pairs {
+                let v = to_bh(_mm512_loadu_si512(wp.add(j * 32) as *const _));
+                for r in 0..R {
+                    let b = to_bh(_mm512_set1_epi32(*xr[r].add(j) as i32));
+                    a0[r] = _mm512_dpbf16_ps(a0[r], v, b);
+                }
+            }
+            let valid = if p + 1 == panels { last_valid } else { PANEL };
+            for r in 0..R {
+                let sum = _mm512_add_ps(a0[r], a1[r]);
+                crate::kernels::avx512::store16(sum, c.add(r * ldc + p * PANEL), valid);
+            }
+            wp = wp.add(pairs * PANEL * 2);
         }
-        j += 2;
-    }
-    if j < pairs {
-        // SAFETY: pair j lies inside the panel.
-        let v = unsafe { _mm512_loadu_si512(panel.as_ptr().add(j * 32) as *const _) };
-        for r in 0..R {
-            let b = _mm512_set1_epi32(x[r * pairs + j] as i32);
-            a0[r] = _mm512_dpbf16_ps(a0[r], to_bh(v), to_bh(b));
-        }
-    }
-    for r in 0..R {
-        // SAFETY: AVX-512F runs here; row r of `c` has `valid` columns (the caller's
-        // promise).
-        unsafe {
-            crate::kernels::avx512::store16(_mm512_add_ps(a0[r], a1[r]), c.add(r * ldc), valid)
-        };
     }
 }
 
