@@ -147,6 +147,9 @@ pub fn run(args: MatmulArgs) -> anyhow::Result<()> {
 const LAYER_SHAPES: [(usize, usize); 4] = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
 const LAYERS: usize = 30;
 const LM_HEAD: (usize, usize) = (49152, 576);
+/// One of a step's matmuls (by index) on its input rows.
+type StepMatmul<'a> = dyn Fn(usize, &[f32]) -> Vec<f32> + 'a;
+
 /// Rounds over the dtypes in [`decode_step_matmuls`].
 const STEP_ROUNDS: usize = 8;
 
@@ -196,7 +199,7 @@ fn decode_step_matmuls(rows: &[usize]) -> anyhow::Result<()> {
             .iter()
             .map(|&(_, k)| Ok(random(m, k)?.flatten_all()?.to_vec1::<f32>()?))
             .collect::<anyhow::Result<_>>()?;
-        let kernels: [&dyn Fn(usize, &[f32]) -> Vec<f32>; 3] = [
+        let kernels: [&StepMatmul; 3] = [
             &|i, x| matmul(x, m, &f32w[i]),
             &|i, x| matmul_bf16(x, m, &bf16w[i]),
             &|i, x| matmul_q8(x, m, &q8w[i]),

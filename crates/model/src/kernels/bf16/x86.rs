@@ -136,6 +136,10 @@ pub unsafe fn widen_avx2(panel: &[u16], k: usize, out: &mut [f32]) {
 /// Rows per AVX-512 tile: each loaded weight vector serves every row of the tile.
 pub const MR512: usize = 4;
 
+/// Rows per AVX512_BF16 tile: 8 rows x 2 sums = 16 `vdpbf16ps` chains in flight (its latency
+/// is ~6 cycles), every weight vector used by 8 rows.
+pub const MR_DP: usize = 8;
+
 /// `tile` (<= [`MR512`]) rows of `x` (stride `k`) times one panel with AVX-512F (weights
 /// widened to f32; even and odd k summed apart, then added), into `c` (stride `ldc`),
 /// `valid` columns.
@@ -200,7 +204,7 @@ unsafe fn tile_f<const R: usize>(
     }
 }
 
-/// Rows `rows` (<= [`MR512`]; bf16 pairs, `pairs` a row) of `x` times a run of `panels`
+/// Rows `rows` (<= [`MR_DP`]; bf16 pairs, `pairs` a row) of `x` times a run of `panels`
 /// consecutive panels with AVX512_BF16's `vdpbf16ps` (even and odd pairs summed apart, then
 /// added), into `c` (stride `ldc`; panel p at column `p * 16`), `last_valid` columns of the
 /// last panel.
@@ -224,7 +228,7 @@ pub unsafe fn tile_dpbf16(
     let row0 = rows.start;
     // SAFETY: the caller's promise, for the same tile size.
     unsafe {
-        by_rows!(rows.len(); 1, 2, 3, 4;
+        by_rows!(rows.len(); 1, 2, 3, 4, 5, 6, 7, 8;
             tile_dp(x, pairs, row0, data, panels, c, ldc, last_valid))
     }
 }

@@ -320,7 +320,7 @@ unsafe fn panel_rows(
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512Vnni, Some(vnni)) => {
             let (values, scales) = w.panels(panels.clone());
-            for t in row_tiles(rows, x86::MR) {
+            for t in row_tiles(rows, x86::MR_VNNI) {
                 // SAFETY: AVX-512F+BW and VNNI run here; `vnni` holds rows t; the panels'
                 // valid columns of rows t lie in `c`.
                 unsafe {

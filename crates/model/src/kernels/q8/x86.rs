@@ -196,7 +196,11 @@ pub const QUAD_PERM: [u16; 32] = {
     idx
 };
 
-/// Rows `row0..row0 + R` of `x` (R <= [`MR`]) times a run of `panels` consecutive panels
+/// Rows per AVX512_VNNI tile: 4 rows x 2 int32 sums and 4 f32 sums in registers (8 rows
+/// spilled them: measured 2x slower at 32 rows).
+pub const MR_VNNI: usize = 4;
+
+/// Rows `row0..row0 + R` of `x` (R <= [`MR_VNNI`]) times a run of `panels` consecutive panels
 /// (their values and scales one after the other) with AVX512_VNNI's `vpdpbusd` (64 products
 /// an instruction): the weights go in as unsigned `w + 128` (an XOR of their sign bits), so
 /// `sum((w + 128) x) - 128 sum(x)` is each block's exact int32 sum, the same as the other
