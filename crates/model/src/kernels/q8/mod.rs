@@ -457,12 +457,27 @@ mod tests {
                 .filter(|s| PATHS.contains(&s.isa()))
                 .map(|&isa| (isa.isa().name(), matmul_q8_on(isa, &x, m, &packed)))
                 .chain([("dispatched", matmul_q8(&x, m, &packed))]);
+            let mut simd: Option<(&str, Vec<f32>)> = None;
             for (path, got) in paths {
                 let diff = max_diff(&got, &want);
                 assert!(
                     diff < 1e-4 * scale.max(1.0),
                     "{path}: m={m} k={k} n={n}: max diff {diff}"
                 );
+                // The SIMD paths sum each block exactly and scale it with the same fused
+                // multiply-add: the same bits on every instruction set (a model's output does
+                // not depend on the CPU it runs on).
+                if path != "portable" {
+                    match &simd {
+                        None => simd = Some((path, got.clone())),
+                        Some((first, bits)) => assert!(
+                            bits.iter()
+                                .zip(&got)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{path} and {first} differ: m={m} k={k} n={n}"
+                        ),
+                    }
+                }
                 // And close to the f32 product: int8 steps of both operands.
                 let err = max_diff(&got, &f32_want);
                 assert!(
