@@ -51,7 +51,9 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
     // Adding 1.5 * 2^23 rounds to the nearest integer in plain float arithmetic, and leaves
     // that integer in the low bits of the sum's mantissa.
     const ROUND: f32 = 12_582_912.0;
-    // Comparisons, not min/max: a NaN stays NaN.
+    // Comparisons, not min/max: a NaN stays NaN; and not `f32::clamp`, which kept the loops
+    // that call this from vectorizing.
+    #[allow(clippy::manual_clamp)]
     let x = if x < -87.0 {
         -87.0
     } else if x > 88.0 {
