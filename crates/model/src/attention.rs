@@ -444,14 +444,25 @@ mod tests {
 
     /// Two sequences in one batch, each run as a prefill and then a few more rows against its
     /// cache (long enough to span several K blocks and query chunks), against the reference, on
-    /// every instruction set this CPU runs and every head size with a path of its own.
+    /// every instruction set this CPU runs, every head size with a path of its own and GQA groups
+    /// of 1, 2, 3 and 5 query heads.
     #[test]
     fn attention_matches_an_f64_reference_on_every_instruction_set_here() {
         let theta = 10_000.0;
-        for head_dim in [16, 24, 64] {
+        // Query heads per KV head: 2, 1, 3 (one group of heads attended together) and 5 (a
+        // group of 4 and one of 1).
+        let shapes = [
+            (4, 2, 16),
+            (4, 2, 24),
+            (4, 2, 64),
+            (3, 3, 16),
+            (6, 2, 64),
+            (10, 2, 32),
+        ];
+        for (heads, kv_heads, head_dim) in shapes {
             let dims = AttnDims {
-                heads: 4,
-                kv_heads: 2,
+                heads,
+                kv_heads,
                 head_dim,
             };
             let width = dims.q_dim() + 2 * dims.kv_dim();

@@ -160,9 +160,10 @@ const STEP_ROUNDS: usize = 8;
 fn decode_step_matmuls(rows: &[usize]) -> anyhow::Result<()> {
     let bandwidth = read_bandwidth();
     println!(
-        "\none decode step's matmuls (SmolLM2-135M: {LAYERS} layers x {} projections + the LM head, distinct weights); memory read bandwidth {:.1} GB/s (2 threads summing 512 MiB)",
+        "\none decode step's matmuls (SmolLM2-135M: {LAYERS} layers x {} projections + the LM head, distinct weights); memory read bandwidth {:.1} GB/s ({} threads summing 512 MiB)",
         LAYER_SHAPES.len(),
-        bandwidth / 1e9
+        bandwidth / 1e9,
+        rayon::current_num_threads()
     );
     let shapes: Vec<(usize, usize)> = (0..LAYERS)
         .flat_map(|_| LAYER_SHAPES)

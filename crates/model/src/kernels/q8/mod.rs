@@ -9,8 +9,8 @@
 //! meets a broadcast pair of activations in one `vpmaddwd` lane (AVX2, AVX-512BW): no
 //! horizontal sums. AVX512_VNNI permutes two pair steps into quads (`vpermw`), flips them to
 //! unsigned bytes `w + 128` and multiplies them by the activations with `vpdpbusd` (64
-//! products an instruction), subtracting `128 * sum(x)` of each block after. All paths sum each block exactly in int32 and scale
-//! it the same way; each is tested against an f64 reference of the dequantized operands on
+//! products an instruction), subtracting `128 * sum(x)` of each block after. All paths sum
+//! each block exactly in int32 and scale it the same way; each is tested against an f64 reference of the dequantized operands on
 //! every instruction set the host runs (the VNNI arithmetic also step for step in plain Rust).
 
 use std::ops::Range;
@@ -188,14 +188,14 @@ pub struct QuantizedRows {
 /// Quantized rows for AVX512_VNNI ([`QuantizedRows::signed_quads`]): `vpdpbusd` multiplies
 /// unsigned by signed bytes, so the weights go in as `w + 128` (one XOR of their sign bits)
 /// and `128 * sum(x)` of each block comes off the block's sum after.
-pub(crate) struct VnniRows {
+pub(crate) struct VnniRows<'a> {
     blocks: usize,
     /// `[m, blocks, 8]`: four signed values to a u32.
     quads: Vec<u32>,
     /// `[m, blocks]`: `128 * sum(x)` of each block.
     offsets: Vec<i32>,
-    /// `[m, blocks]`: the rows' scales.
-    scales: Vec<f32>,
+    /// `[m, blocks]`: the rows' scales (the [`QuantizedRows`]').
+    scales: &'a [f32],
 }
 
 impl QuantizedRows {
@@ -225,7 +225,7 @@ impl QuantizedRows {
 
     /// The rows as AVX512_VNNI's `vpdpbusd` takes them: values as signed bytes, four
     /// consecutive values to a u32 (first in the low byte), and `128 * sum` of each block.
-    fn signed_quads(&self) -> VnniRows {
+    fn signed_quads(&self) -> VnniRows<'_> {
         let byte = |v: i32| (v as i16 as i8 as u8) as u32;
         let quads = self
             .pairs
@@ -246,7 +246,7 @@ impl QuantizedRows {
             blocks: self.blocks,
             quads,
             offsets,
-            scales: self.scales.clone(),
+            scales: &self.scales,
         }
     }
 
@@ -308,7 +308,7 @@ pub fn matmul_q8_on(isa: Supported, x: &[f32], m: usize, w: &PackedQ8) -> Vec<f3
 unsafe fn panel_rows(
     isa: Supported,
     xq: &QuantizedRows,
-    vnni: Option<&VnniRows>,
+    vnni: Option<&VnniRows<'_>>,
     w: &PackedQ8,
     rows: Range<usize>,
     panels: Range<usize>,

@@ -213,7 +213,7 @@ pub const MR_VNNI: usize = 4;
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub unsafe fn tile_vnni(
-    x: &VnniRows,
+    x: &VnniRows<'_>,
     rows: std::ops::Range<usize>,
     values: &[i8],
     scales: &[f32],
@@ -234,7 +234,7 @@ pub unsafe fn tile_vnni(
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile_dpbusd<const R: usize>(
-    x: &VnniRows,
+    x: &VnniRows<'_>,
     row0: usize,
     values: &[i8],
     scales: &[f32],
