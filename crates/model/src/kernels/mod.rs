@@ -188,6 +188,15 @@ pub(crate) fn row_tiles(rows: Range<usize>, mr: usize) -> impl Iterator<Item = R
 /// bandwidth either way).
 pub(crate) const PREFETCH: usize = 4096;
 
+/// Fewest rows a tile of the AVX512_BF16 and AVX512_VNNI kernels has before it prefetches
+/// ([`PREFETCH`]). A one-row tile does little arithmetic per byte, and on Zen 4 the hardware
+/// prefetcher alone streams it faster: `rrt bench matmul`, a decode step's matmuls at one row,
+/// 2 threads, 4 interleaved runs: q8 2.61-3.12x f32 with the prefetches, 3.27-3.34x without;
+/// bf16 1.65-1.96x with, 1.95-2.02x without; on one thread (what one core can pull) bf16 21-26
+/// GB/s with, 28-31 without. At 8 and 32 rows the prefetches still win (bf16 1.75-2.10x with
+/// vs 1.56-1.72x without at 8 rows).
+pub(crate) const PREFETCH_FROM_ROWS: usize = 2;
+
 /// The output of an `[m, n]` product computed in parallel blocks of rows x [`PANEL`]-column
 /// panels: `block(rows, panels, next, c)` must write every element of `C[rows, panels]` (`c` is
 /// `[m, n]`, row-major) and nothing else; `next` is the panel range this task computes next

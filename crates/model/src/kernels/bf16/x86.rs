@@ -258,9 +258,11 @@ unsafe fn tile_dp<const R: usize>(
             let mut j = 0;
             while j + 1 < pairs {
                 let at = wp.add(j * 32);
-                let pf = (at as *const i8).wrapping_add(crate::kernels::PREFETCH);
-                _mm_prefetch::<_MM_HINT_T0>(pf);
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64));
+                if R >= crate::kernels::PREFETCH_FROM_ROWS {
+                    let pf = (at as *const i8).wrapping_add(crate::kernels::PREFETCH);
+                    _mm_prefetch::<_MM_HINT_T0>(pf);
+                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64));
+                }
                 let v0 = to_bh(_mm512_loadu_si512(at as *const _));
                 let v1 = to_bh(_mm512_loadu_si512(at.add(32) as *const _));
                 for r in 0..R {

@@ -273,7 +273,9 @@ unsafe fn tile_dpbusd<const R: usize>(
                 let mut dots = [[_mm512_setzero_si512(); 2]; R];
                 for q in 0..QUADS {
                     let at = wp.add(q * 64);
-                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(crate::kernels::PREFETCH));
+                    if R >= crate::kernels::PREFETCH_FROM_ROWS {
+                        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(crate::kernels::PREFETCH));
+                    }
                     let w = _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(at as *const _));
                     let w = _mm512_xor_si512(w, flip);
                     for r in 0..R {
