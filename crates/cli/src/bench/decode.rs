@@ -2,7 +2,8 @@
 //! sequence gets a prompt, then each step feeds one new token per sequence through one batched
 //! forward. Per dtype (each in its own process, so its resident memory is its own): weight bytes,
 //! resident set, prompt processing (tokens/s over one window), decode tokens/s, achieved GFLOP/s
-//! against the measured matmul roofline and cores busy; then one table of ratios to f32.
+//! against the measured matmul roofline and cores busy; then the dtypes side by side in one
+//! process, taking turns run by run, and one table of ratios to f32.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,9 +29,10 @@ pub struct DecodeArgs {
     /// Tokens of each sequence whose prompt processing is timed.
     #[arg(long, default_value_t = 256)]
     prefill_window: usize,
-    /// Rounds over the dtypes (f32, bf16, q8, f32, ...): each figure is the best of its dtype's
-    /// rounds, so a slow spell of this shared machine does not land on one dtype only.
-    #[arg(long, default_value_t = 2)]
+    /// With several dtypes, the side-by-side speeds take `rounds x repeats` runs per dtype and
+    /// figure, the dtypes taking turns run by run (f32, bf16, q8, f32, ...) in one process, so a
+    /// slow spell of this shared machine lands on every dtype alike.
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Print the figures of the (single) dtype as one JSON line too (what the parent reads).
     #[arg(long, hide = true)]
@@ -143,56 +145,91 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     if args.dtypes.len() == 1 {
         return run_one(&args, args.dtypes[0]);
     }
-    // One process per dtype: a model dropped does not give its pages back to the OS, so the
-    // resident set of the next would include it.
+    // One process per dtype for its memory and its own figures: a model dropped does not give
+    // its pages back to the OS, so the resident set of the next would include it.
     let exe = std::env::current_exe()?;
     let batches: Vec<String> = args.batches.iter().map(|b| b.to_string()).collect();
-    let mut figures: Vec<Option<serde_json::Value>> = vec![None; args.dtypes.len()];
-    for round in 0..args.rounds.max(1) {
-        for (i, d) in args.dtypes.iter().enumerate() {
-            println!("== round {}/{}: {d}", round + 1, args.rounds.max(1));
-            let out = std::process::Command::new(&exe)
-                .args(["bench", "decode", "--json", "--model"])
-                .arg(&args.model)
-                .arg(format!("--dtypes={d}"))
-                .arg(format!("--batches={}", batches.join(",")))
-                .arg(format!("--steps={}", args.steps))
-                .arg(format!("--prompt-len={}", args.prompt_len))
-                .arg(format!("--repeats={}", args.repeats))
-                .arg(format!("--prefill-window={}", args.prefill_window))
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .with_context(|| format!("running {}", exe.display()))?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            for line in text.lines().filter(|l| !l.starts_with("json: ")) {
-                println!("{line}");
+    let mut figures = Vec::new();
+    for d in &args.dtypes {
+        println!("== {d} on its own");
+        let out = std::process::Command::new(&exe)
+            .args(["bench", "decode", "--json", "--model"])
+            .arg(&args.model)
+            .arg(format!("--dtypes={d}"))
+            .arg(format!("--batches={}", batches.join(",")))
+            .arg(format!("--steps={}", args.steps))
+            .arg(format!("--prompt-len={}", args.prompt_len))
+            .arg(format!("--repeats={}", args.repeats))
+            .arg(format!("--prefill-window={}", args.prefill_window))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {}", exe.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines().filter(|l| !l.starts_with("json: ")) {
+            println!("{line}");
+        }
+        anyhow::ensure!(out.status.success(), "the {d} run failed");
+        let json = text
+            .lines()
+            .find_map(|l| l.strip_prefix("json: "))
+            .context("the child printed no figures")?;
+        figures.push(serde_json::from_str::<serde_json::Value>(json)?);
+        println!();
+    }
+    side_by_side(&args, &mut figures)?;
+    print_comparison(&args, &figures);
+    Ok(())
+}
+
+/// The speeds of the comparison, measured with every dtype's model loaded in this one process
+/// and the dtypes taking turns run by run (f32, bf16, q8, f32, ...), each keeping its best:
+/// this shared VM's memory bandwidth drifts by ~20-40% between minutes, so dtypes measured in
+/// processes a minute apart (the per-dtype figures above) can land in different spells and
+/// their ratio measures the drift; taking turns every few hundred milliseconds puts every
+/// dtype through the same spells. Overwrites the speeds of `figures` (one per dtype).
+fn side_by_side(args: &DecodeArgs, figures: &mut [serde_json::Value]) -> anyhow::Result<()> {
+    let models = args
+        .dtypes
+        .iter()
+        .map(|&dtype| {
+            let loaded = ModelArgs {
+                model: args.model.clone(),
+                dtype,
             }
-            anyhow::ensure!(out.status.success(), "the {d} run failed");
-            let json = text
-                .lines()
-                .find_map(|l| l.strip_prefix("json: "))
-                .context("the child printed no figures")?;
-            let new: serde_json::Value = serde_json::from_str(json)?;
-            figures[i] = Some(match figures[i].take() {
-                None => new,
-                Some(mut best) => {
-                    // Speeds: the best round; memory: the first.
-                    for key in std::iter::once("prefill".to_string())
-                        .chain(args.batches.iter().map(|b| format!("batch_{b}")))
-                    {
-                        let (a, b) = (best[&key].as_f64(), new[&key].as_f64());
-                        if let (Some(a), Some(b)) = (a, b) {
-                            best[&key] = serde_json::json!(a.max(b));
-                        }
-                    }
-                    best
-                }
-            });
-            println!();
+            .load()?;
+            Ok(loaded.model)
+        })
+        .collect::<anyhow::Result<Vec<Llama>>>()?;
+    let turns = args.rounds.max(1) * args.repeats.max(1);
+    println!("== side by side: the dtypes take turns, {turns} runs each per figure, best kept");
+    let mut best = vec![0f64; models.len()];
+    for _ in 0..turns {
+        for (b, m) in best.iter_mut().zip(&models) {
+            *b = b.max(prefill(m, args.prefill_window)?);
         }
     }
-    let figures: Vec<serde_json::Value> = figures.into_iter().flatten().collect();
-    print_comparison(&args, &figures);
+    for (f, b) in figures.iter_mut().zip(&best) {
+        f["prefill"] = serde_json::json!(b);
+    }
+    for &batch in &args.batches {
+        let mut best = vec![0f64; models.len()];
+        for _ in 0..turns {
+            for (b, m) in best.iter_mut().zip(&models) {
+                *b = b.max(decode(m, batch, args.prompt_len, args.steps)?.tokens_per_s);
+            }
+        }
+        let line: Vec<String> = args
+            .dtypes
+            .iter()
+            .zip(&best)
+            .map(|(d, b)| format!("{d} {b:.1}"))
+            .collect();
+        println!("batch {batch}: {} tokens/s", line.join(", "));
+        for (f, b) in figures.iter_mut().zip(&best) {
+            f[format!("batch_{batch}")] = serde_json::json!(b);
+        }
+    }
+    println!();
     Ok(())
 }
 
@@ -201,9 +238,9 @@ fn print_comparison(args: &DecodeArgs, figures: &[serde_json::Value]) {
     let base = &figures[0];
     let f = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap_or(f64::NAN);
     println!(
-        "weight dtypes side by side ({}; best of {} rounds per dtype; ratios to {}):",
+        "weight dtypes side by side ({}; speeds from one process, the dtypes taking turns, best of {} runs each; memory from each dtype's own process; ratios to {}):",
         args.model.display(),
-        args.rounds.max(1),
+        args.rounds.max(1) * args.repeats.max(1),
         base["dtype"].as_str().unwrap_or("?")
     );
     let mut header = "| dtype | kernel | weights | resident (peak) | prompt tok/s |".to_string();
