@@ -28,9 +28,12 @@ use crate::recursive::Recursion;
 use crate::rope::Rope;
 
 /// The most bytes of KV cache (all segments of one layer call together) prefetched during the
-/// Q|K|V matmul: half of a Zen 4 core's 1 MiB L2, which the matmul's weights stream through too
-/// (batch 1 up to ~330 positions of SmolLM2, or 4 sequences of ~80).
-const KV_PREFETCH_MAX: usize = 512 << 10;
+/// Q|K|V matmul: a quarter of a Zen 4 CCD's 32 MiB L3, where what overflows the core's L2 lands
+/// (SmolLM2: 32 sequences of ~500 positions, or batch 1 up to ~5,000). Against 512 KiB (one
+/// call of batch 1 or 4 short sequences), 3 alternating runs of `rrt bench decode` at batch 32
+/// (KV ~4.7 MiB a layer call): q8 654-749 -> 789-803 tokens/s, f32 -0.5% to +7%; batch 8
+/// -1% to +7%.
+const KV_PREFETCH_MAX: usize = 8 << 20;
 
 /// Weights of one (shared) decoder layer. Q, K, V are fused into one projection, gate and up
 /// into another.
