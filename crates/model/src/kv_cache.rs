@@ -88,7 +88,7 @@ impl LayerKv {
 
     /// Asks the CPU to bring this cache's K and V into its caches (`prefetcht1`: L2), so the
     /// attention that reads them next does not wait on memory line by line.
-    pub fn prefetch(&self) {
+    pub(crate) fn prefetch(&self) {
         #[cfg(target_arch = "x86_64")]
         for data in [&self.k, &self.v] {
             for line in data.chunks(16) {

@@ -202,22 +202,14 @@ fn side_by_side(args: &DecodeArgs, figures: &mut [serde_json::Value]) -> anyhow:
         .collect::<anyhow::Result<Vec<Llama>>>()?;
     let turns = args.rounds.max(1) * args.repeats.max(1);
     println!("== side by side: the dtypes take turns, {turns} runs each per figure, best kept");
-    let mut best = vec![0f64; models.len()];
-    for _ in 0..turns {
-        for (b, m) in best.iter_mut().zip(&models) {
-            *b = b.max(prefill(m, args.prefill_window)?);
-        }
-    }
+    let best = best_in_turns(&models, turns, |m| prefill(m, args.prefill_window))?;
     for (f, b) in figures.iter_mut().zip(&best) {
         f["prefill"] = serde_json::json!(b);
     }
     for &batch in &args.batches {
-        let mut best = vec![0f64; models.len()];
-        for _ in 0..turns {
-            for (b, m) in best.iter_mut().zip(&models) {
-                *b = b.max(decode(m, batch, args.prompt_len, args.steps)?.tokens_per_s);
-            }
-        }
+        let best = best_in_turns(&models, turns, |m| {
+            Ok(decode(m, batch, args.prompt_len, args.steps)?.tokens_per_s)
+        })?;
         let line: Vec<String> = args
             .dtypes
             .iter()
@@ -231,6 +223,21 @@ fn side_by_side(args: &DecodeArgs, figures: &mut [serde_json::Value]) -> anyhow:
     }
     println!();
     Ok(())
+}
+
+/// The best of `turns` runs of `run` for each model, the models taking turns run by run.
+fn best_in_turns(
+    models: &[Llama],
+    turns: usize,
+    run: impl Fn(&Llama) -> anyhow::Result<f64>,
+) -> anyhow::Result<Vec<f64>> {
+    let mut best = vec![0f64; models.len()];
+    for _ in 0..turns {
+        for (b, m) in best.iter_mut().zip(models) {
+            *b = b.max(run(m)?);
+        }
+    }
+    Ok(best)
 }
 
 /// The dtypes side by side, ratios to the first.

@@ -10,8 +10,9 @@
 //! horizontal sums. AVX512_VNNI permutes two pair steps into quads (`vpermw`), flips them to
 //! unsigned bytes `w + 128` and multiplies them by the activations with `vpdpbusd` (64
 //! products an instruction), subtracting `128 * sum(x)` of each block after. All paths sum
-//! each block exactly in int32 and scale it the same way; each is tested against an f64 reference of the dequantized operands on
-//! every instruction set the host runs (the VNNI arithmetic also step for step in plain Rust).
+//! each block exactly in int32 and scale it the same way; each is tested against an f64
+//! reference of the dequantized operands on every instruction set the host runs (the VNNI
+//! arithmetic also step for step in plain Rust).
 
 use std::ops::Range;
 
