@@ -468,14 +468,18 @@ async fn logprobs_come_back_when_asked_and_equal_the_models_log_softmax() {
     let mut text = prompt_ids.clone();
     text.extend(&unary.token_ids[..5]);
     let mut cache = loaded.model.new_cache();
+    let mut kv = loaded.model.new_kv_pool();
     let logits = loaded
         .model
-        .forward(&mut [BatchItem {
-            tokens: &text,
-            offset: 0,
-            cache: &mut cache,
-            logits: Logits::All,
-        }])
+        .forward(
+            &mut kv,
+            &mut [BatchItem {
+                tokens: &text,
+                offset: 0,
+                cache: &mut cache,
+                logits: Logits::All,
+            }],
+        )
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();

@@ -55,7 +55,8 @@ fn cdb_and_csb_on_smollm2_15x2_match_sequential_generation() {
                 kv_budget_bytes: 1 << 30,
                 ..EngineConfig::default()
             },
-        );
+        )
+        .unwrap();
         let rxs: Vec<_> = cases
             .iter()
             .enumerate()

@@ -23,14 +23,18 @@ fn gguf_tokens_and_logits_match_transformers() {
         let ids = loaded.tokenizer.encode(prompt).unwrap();
         assert_eq!(ids, want_ids, "token ids of {prompt:?}");
         let mut cache = loaded.model.new_cache();
+        let mut kv = loaded.model.new_kv_pool();
         let logits = loaded
             .model
-            .forward(&mut [BatchItem {
-                tokens: &ids,
-                offset: 0,
-                cache: &mut cache,
-                logits: Logits::Last,
-            }])
+            .forward(
+                &mut kv,
+                &mut [BatchItem {
+                    tokens: &ids,
+                    offset: 0,
+                    cache: &mut cache,
+                    logits: Logits::Last,
+                }],
+            )
             .unwrap()
             .squeeze(0)
             .unwrap()

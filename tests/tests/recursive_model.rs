@@ -11,13 +11,17 @@ use rrt_tests::{kjv_heldout, rrt, smollm2_gguf, stderr, stdout};
 
 fn last_logits(model: &Llama, ids: &[u32]) -> Vec<f32> {
     let mut cache = model.new_cache();
+    let mut kv = model.new_kv_pool();
     model
-        .forward(&mut [BatchItem {
-            tokens: ids,
-            offset: 0,
-            cache: &mut cache,
-            logits: Logits::All,
-        }])
+        .forward(
+            &mut kv,
+            &mut [BatchItem {
+                tokens: ids,
+                offset: 0,
+                cache: &mut cache,
+                logits: Logits::All,
+            }],
+        )
         .unwrap()
         .flatten_all()
         .unwrap()

@@ -9,24 +9,7 @@ use rrt_model::{BatchItem, Logits};
 use crate::error::EngineError;
 use crate::sequence::Seq;
 use crate::stats::EngineStats;
-use crate::step::StepCtx;
-
-/// Tokens each running sequence runs this step: decode rows first (one each), then prompt
-/// chunks with what `budget` leaves.
-fn plan(running: &[Seq], mut budget: usize) -> Vec<usize> {
-    let mut takes = vec![0; running.len()];
-    for decode in [true, false] {
-        for (take, s) in takes.iter_mut().zip(running) {
-            let pending = s.pending();
-            if s.is_done() || pending == 0 || (pending == 1) != decode || budget == 0 {
-                continue;
-            }
-            *take = pending.min(budget);
-            budget -= *take;
-        }
-    }
-    takes
-}
+use crate::step::{decode_first, StepCtx};
 
 /// Advances each sequence by the tokens it ran; those that sample take their logits row (one
 /// per sampling sequence, in running order) and stream the next token.
@@ -56,7 +39,7 @@ fn commit(
 pub(crate) fn step(ctx: &mut StepCtx<'_>) -> Result<usize, EngineError> {
     let started = Instant::now();
     let loops = ctx.model.loops();
-    let takes = plan(ctx.running, ctx.cfg.max_batch_rows);
+    let takes = decode_first(ctx.running, |_| false, ctx.cfg.max_batch_rows);
     let total: usize = takes.iter().sum();
     if total == 0 {
         return Ok(0);
@@ -77,12 +60,12 @@ pub(crate) fn step(ctx: &mut StepCtx<'_>) -> Result<usize, EngineError> {
         .map(|((s, &n), &last)| BatchItem {
             tokens: &s.tokens[s.computed..s.computed + n],
             offset: s.computed,
-            cache: &mut s.cache,
+            cache: &mut s.kv,
             logits: if last { Logits::Last } else { Logits::None },
         })
         .collect();
     let forward_started = Instant::now();
-    let logits = ctx.model.forward(&mut items)?;
+    let logits = ctx.model.forward(ctx.kv, &mut items)?;
     drop(items);
     let logits = logits.to_vec2::<f32>()?;
     let decide_started = Instant::now();

@@ -1,18 +1,26 @@
-//! The engine: admission under a KV budget, then one batch per [`Engine::step`] by the chosen
-//! scheduler, then retiring what finished. Plain state, no threads or async inside: a worker
-//! owns it on a compute thread.
+//! The engine: admission by the KV blocks a request needs now (its prompt, less what the prefix
+//! cache holds), then per [`Engine::step`]: room for every running sequence's next tokens
+//! (preempting the least important when the pool runs out), one batch by the chosen scheduler,
+//! sealing what was computed into the prefix cache, and retiring what finished. Plain state,
+//! no threads or async inside: a worker owns it on a compute thread.
 
 use std::collections::VecDeque;
 
+use rrt_model::kv::{KvDtype, PoolStats};
 use rrt_model::{Llama, Sampler};
 
 use crate::error::EngineError;
 use crate::exit::{ExitKind, ExitPolicy, KvFill};
+use crate::kv::{KvCounters, KvMemory};
 use crate::request::{Event, Request};
-use crate::sequence::{Seq, Stage};
+use crate::sequence::Seq;
 use crate::stats::EngineStats;
 use crate::step::StepCtx;
 use crate::trace::ExitTrace;
+
+/// Admissions of requests behind a waiting one that does not fit, after which admission waits
+/// for it (no request that fits waits behind one that does not, but none starves either).
+const MAX_PASSED_OVER: usize = 64;
 
 /// How decode batches are formed (see the crate docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,8 +37,15 @@ pub struct EngineConfig {
     pub max_batch_rows: usize,
     /// Sequences running at once.
     pub max_sequences: usize,
-    /// KV cache bytes all running sequences may reserve (prompt + max new tokens, every loop).
+    /// Bytes of the KV block pool (every running sequence, every layer and loop).
     pub kv_budget_bytes: usize,
+    /// Positions per KV block (a multiple of 16).
+    pub kv_block_tokens: usize,
+    pub kv_dtype: KvDtype,
+    /// Reuse full KV blocks of earlier requests with the same token prefix.
+    pub prefix_cache: bool,
+    /// What the served model is (its name or path): part of every cached block's key.
+    pub model_id: String,
     /// Exit policy of requests that name none (depth-wise batching only).
     pub default_exit: ExitPolicy,
     /// How exited tokens' skipped K/V are filled.
@@ -71,6 +86,10 @@ impl Default for EngineConfig {
             max_batch_rows: 512,
             max_sequences: 64,
             kv_budget_bytes: 4 << 30,
+            kv_block_tokens: rrt_model::kv::DEFAULT_BLOCK_TOKENS,
+            kv_dtype: KvDtype::F32,
+            prefix_cache: true,
+            model_id: String::new(),
             default_exit: ExitPolicy::NONE,
             kv_fill: KvFill::Propagate,
             fault: None,
@@ -78,12 +97,27 @@ impl Default for EngineConfig {
     }
 }
 
+/// Whether a prompt of `prompt` tokens plus `max_new` new ones fits a context of `context`
+/// (the engine checks it at submission; a server checks it before queueing, with the same words).
+pub fn check_context(prompt: usize, max_new: usize, context: usize) -> Result<(), EngineError> {
+    if prompt + max_new > context {
+        return Err(EngineError::TooLong {
+            prompt,
+            max_new,
+            context,
+        });
+    }
+    Ok(())
+}
+
 pub struct Engine {
     model: Llama,
     cfg: EngineConfig,
-    waiting: VecDeque<Request>,
+    /// In order of service: priority, then arrival (preempted sequences keep theirs).
+    waiting: VecDeque<Seq>,
     running: Vec<Seq>,
-    kv_reserved: usize,
+    kv: KvMemory,
+    arrivals: u64,
     /// Exit depths replayed by [`crate::ExitKind::Replay`] and written by
     /// [`crate::ExitKind::Oracle`].
     trace: ExitTrace,
@@ -91,16 +125,31 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(model: Llama, cfg: EngineConfig) -> Self {
-        Self {
+    /// An engine, or what is wrong with its settings (a KV budget that holds no block, a block
+    /// size the kernels cannot read, an exit policy its scheduler ignores).
+    pub fn new(model: Llama, cfg: EngineConfig) -> Result<Self, EngineError> {
+        if cfg.scheduler != Scheduler::Cdb && cfg.default_exit.kind != ExitKind::None {
+            return Err(EngineError::Invalid(format!(
+                "early exit ({:?}) needs depth-wise batching: the {:?} scheduler runs every \
+                 token through every loop",
+                cfg.default_exit.kind, cfg.scheduler
+            )));
+        }
+        if cfg.max_sequences == 0 || cfg.max_batch_rows == 0 {
+            return Err(EngineError::Invalid(
+                "max sequences and max batch rows must be at least 1".into(),
+            ));
+        }
+        Ok(Self {
+            kv: KvMemory::new(&model, &cfg)?,
             model,
             cfg,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            kv_reserved: 0,
+            arrivals: 0,
             trace: ExitTrace::default(),
             stats: EngineStats::default(),
-        }
+        })
     }
 
     pub fn trace(&self) -> &ExitTrace {
@@ -126,38 +175,60 @@ impl Engine {
 
     /// Queues a request, or fails it at once (through its channel) if it can never run.
     pub fn submit(&mut self, req: Request) {
-        match self.check(&req) {
-            Ok(()) => self.waiting.push_back(req),
+        let checked = self.check(&req).and_then(|exit| {
+            let sampler = Sampler::new(req.params.sampling.clone())?;
+            Ok((exit, sampler))
+        });
+        match checked {
+            Ok((exit, sampler)) => {
+                self.arrivals += 1;
+                let seq = Seq::new(req, sampler, exit, self.arrivals);
+                self.enqueue(seq);
+            }
             Err(e) => {
                 req.events.send(Event::Failed(e));
             }
         }
     }
 
-    fn kv_needed(&self, req: &Request) -> usize {
-        (req.prompt.len() + req.params.max_new_tokens) * self.model.cfg.kv_bytes_per_token()
+    /// Puts `seq` in the waiting queue at its place in the order of service.
+    fn enqueue(&mut self, seq: Seq) {
+        let key = (seq.priority, seq.arrival);
+        let at = self
+            .waiting
+            .partition_point(|w| (w.priority, w.arrival) <= key);
+        self.waiting.insert(at, seq);
     }
 
-    fn check(&self, req: &Request) -> Result<(), EngineError> {
+    /// What is wrong with a request that can never run; its exit policy otherwise.
+    fn check(&self, req: &Request) -> Result<ExitPolicy, EngineError> {
         if req.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        let context = self.model.cfg.max_position_embeddings;
-        if req.prompt.len() + req.params.max_new_tokens > context {
-            return Err(EngineError::TooLong {
+        check_context(
+            req.prompt.len(),
+            req.params.max_new_tokens,
+            self.model.cfg.max_position_embeddings,
+        )?;
+        // A request must be able to finish alone, so running out of blocks only ever delays.
+        let positions = req.prompt.len() + req.params.max_new_tokens;
+        if positions > self.kv.capacity_tokens() {
+            let layout = self.kv.layout();
+            return Err(EngineError::KvBudget {
                 prompt: req.prompt.len(),
                 max_new: req.params.max_new_tokens,
-                context,
-            });
-        }
-        let needed = self.kv_needed(req);
-        if needed > self.cfg.kv_budget_bytes {
-            return Err(EngineError::KvBudget {
-                needed,
-                budget: self.cfg.kv_budget_bytes,
+                needed: layout.blocks_for(positions) * layout.block_bytes(),
+                budget: self.kv.budget_bytes(),
             });
         }
         let exit = req.exit.unwrap_or(self.cfg.default_exit);
+        if exit.kind != ExitKind::None && self.cfg.scheduler != Scheduler::Cdb {
+            return Err(EngineError::Invalid(format!(
+                "an exit policy ({:?}) needs depth-wise batching; this engine runs the {:?} \
+                 scheduler, where every token runs every loop",
+                exit.kind, self.cfg.scheduler
+            )));
+        }
         if exit.kind == ExitKind::Learned && self.model.exit_heads.is_none() {
             return Err(EngineError::Invalid(
                 "learned exits need a model with exit heads (train them with `rrt uptrain --train exit`)".into(),
@@ -176,7 +247,8 @@ impl Engine {
         req.params
             .sampling
             .validate()
-            .map_err(|e| EngineError::Invalid(e.to_string()))
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        Ok(exit)
     }
 
     /// Waiting plus running requests.
@@ -184,8 +256,24 @@ impl Engine {
         self.waiting.len() + self.running.len()
     }
 
-    pub fn kv_reserved_bytes(&self) -> usize {
-        self.kv_reserved
+    /// Bytes of the KV blocks running sequences hold.
+    pub fn kv_used_bytes(&self) -> usize {
+        self.kv.used_bytes()
+    }
+
+    /// Bytes of the whole KV pool.
+    pub fn kv_budget_bytes(&self) -> usize {
+        self.kv.budget_bytes()
+    }
+
+    /// The KV pool's blocks: total, held, cached, evictable.
+    pub fn kv_blocks(&self) -> PoolStats {
+        self.kv.stats()
+    }
+
+    /// Prefix-cache lookups and hits, prompt tokens computed, preemptions.
+    pub fn kv_counters(&self) -> KvCounters {
+        self.kv.counters
     }
 
     /// Requests waiting for admission.
@@ -201,22 +289,23 @@ impl Engine {
     /// Work not done yet: `(tokens still to generate, prompt tokens not yet run)` over waiting
     /// and running requests (generation counted to max tokens: an upper bound).
     pub fn pending_work(&self) -> (usize, usize) {
-        let waiting = self.waiting.iter().fold((0, 0), |(g, p), r| {
-            (g + r.params.max_new_tokens, p + r.prompt.len())
-        });
-        self.running.iter().fold(waiting, |(g, p), s| {
-            (
-                g + s.params.max_new_tokens.saturating_sub(s.generated()),
-                p + s.prompt_len.saturating_sub(s.computed),
-            )
-        })
+        self.waiting
+            .iter()
+            .chain(&self.running)
+            .fold((0, 0), |(g, p), s| {
+                let prompt = s.prompt_len.max(s.recompute_until);
+                (
+                    g + s.params.max_new_tokens.saturating_sub(s.generated()),
+                    p + prompt.saturating_sub(s.computed),
+                )
+            })
     }
 
     /// Drops waiting requests whose receiver is gone and marks running ones done (their KV is
     /// freed at the end of the step; the step runs nothing for them).
     fn drop_cancelled(&mut self) {
         let before = self.waiting.len();
-        self.waiting.retain(|r| !r.events.is_closed());
+        self.waiting.retain(|s| !s.events.is_closed());
         let mut cancelled = before - self.waiting.len();
         for s in self.running.iter_mut() {
             if !s.is_done() && s.events.is_closed() {
@@ -227,58 +316,97 @@ impl Engine {
         self.stats.cancelled += cancelled as u64;
     }
 
-    /// Moves waiting requests into the running set while sequences and KV allow (static
-    /// batching only admits into an empty batch).
+    /// Moves waiting sequences into the running set, in order of service, while sequences and
+    /// blocks allow: each takes its cached prefix and blocks for its tokens now, not for its
+    /// worst case. One that does not fit is passed over by later ones that do, up to
+    /// [`MAX_PASSED_OVER`] times. Static batching only admits into an empty batch.
     fn admit(&mut self) {
         if self.cfg.scheduler == Scheduler::Static && !self.running.is_empty() {
             return;
         }
-        while self.running.len() < self.cfg.max_sequences {
-            let Some(needed) = self.waiting.front().map(|r| self.kv_needed(r)) else {
-                break;
-            };
-            if self.kv_reserved + needed > self.cfg.kv_budget_bytes {
-                break;
-            }
-            let Some(req) = self.waiting.pop_front() else {
-                break;
-            };
-            let sampler = match Sampler::new(req.params.sampling.clone()) {
-                Ok(s) => s,
-                Err(e) => {
-                    req.events.send(Event::Failed(e.into()));
-                    continue;
+        let mut i = 0;
+        while i < self.waiting.len() && self.running.len() < self.cfg.max_sequences {
+            let adm = self.kv.plan_admission(&self.waiting[i]);
+            if adm.takes > self.kv.available() {
+                if self.waiting[i].passed_over >= MAX_PASSED_OVER {
+                    break;
                 }
+                i += 1;
+                continue;
+            }
+            let Some(mut seq) = self.waiting.remove(i) else {
+                break;
             };
-            self.kv_reserved += needed;
-            req.events.send(Event::Admitted);
-            self.running.push(Seq {
-                id: req.id,
-                exit: req.exit.unwrap_or(self.cfg.default_exit),
-                events: req.events,
-                sampler,
-                cache: self.model.new_cache(),
-                prompt_len: req.prompt.len(),
-                tokens: req.prompt,
-                params: req.params,
-                computed: 0,
-                reserved: needed,
-                stage: Stage::Ready,
-                fill: None,
-            });
+            // Everything before `i` did not fit and is passed over by this one.
+            for w in self.waiting.range_mut(..i) {
+                w.passed_over += 1;
+            }
+            if let Err(e) = self.kv.admit(&mut seq, adm) {
+                seq.emit(Event::Failed(e));
+                continue;
+            }
+            if seq.cached_tokens.is_none() {
+                let cached_tokens = seq.computed;
+                seq.cached_tokens = Some(cached_tokens);
+                seq.emit(Event::Admitted { cached_tokens });
+            }
+            self.running.push(seq);
         }
     }
 
-    /// Admits, runs one batch, and retires finished or cancelled sequences (freeing their KV).
-    /// Returns the rows the batch ran.
+    /// Gives every running sequence blocks for its tokens, most important first; when the pool
+    /// runs out, the least important running sequence (highest priority value, latest
+    /// arrival) gives its blocks back and waits to be recomputed from its tokens (its sealed
+    /// prefix likely still cached), as vLLM preempts.
+    fn make_room(&mut self) {
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.sort_by_key(|&i| (self.running[i].priority, self.running[i].arrival));
+        let mut preempted = vec![false; self.running.len()];
+        for (rank, &i) in order.iter().enumerate() {
+            if preempted[i] || self.running[i].is_done() {
+                continue;
+            }
+            while !self.kv.grow(&mut self.running[i]) {
+                let victim = order[rank..]
+                    .iter()
+                    .rev()
+                    .copied()
+                    .find(|&v| !preempted[v] && !self.running[v].is_done());
+                let Some(v) = victim else { break };
+                preempted[v] = true;
+                self.kv.release(&mut self.running[v]);
+                self.kv.counters.preemptions += 1;
+                if v == i {
+                    break;
+                }
+            }
+        }
+        if preempted.iter().any(|&p| p) {
+            let running = std::mem::take(&mut self.running);
+            for (mut s, p) in running.into_iter().zip(preempted) {
+                if p {
+                    tracing::debug!(id = s.id, tokens = s.tokens.len(), "preempted");
+                    s.preempted();
+                    self.enqueue(s);
+                } else {
+                    self.running.push(s);
+                }
+            }
+        }
+    }
+
+    /// Admits, makes room, runs one batch, seals what was computed, and retires finished or
+    /// cancelled sequences (freeing their KV). Returns the rows the batch ran.
     pub fn step(&mut self) -> usize {
         self.drop_cancelled();
         self.admit();
+        self.make_room();
         self.stats.steps += 1;
         let mut ctx = StepCtx {
             model: &self.model,
             cfg: &self.cfg,
             running: &mut self.running,
+            kv: self.kv.pool(),
             trace: &mut self.trace,
             stats: &mut self.stats,
         };
@@ -296,33 +424,38 @@ impl Engine {
             },
         };
         let rows = rows.unwrap_or_else(|e| {
-            // A failed forward fails the running sequences (their caches may be half-written)
-            // as the engine's fault, not theirs: they may run again elsewhere. The engine
-            // itself keeps serving new requests.
+            // A failed forward fails the running sequences (their caches may be half-written,
+            // so nothing of them is sealed) as the engine's fault, not theirs: they may run
+            // again elsewhere. The engine itself keeps serving new requests.
             tracing::error!("engine step failed: {e}");
             self.stats.failed_steps += 1;
             let failed = EngineError::StepFailed(e.to_string());
-            for s in self.running.iter_mut().filter(|s| !s.is_done()) {
-                s.emit(Event::Failed(failed.clone()));
-                s.mark_done();
+            for s in self.running.iter_mut() {
+                self.kv.pool().release(&mut s.kv);
+                if !s.is_done() {
+                    s.emit(Event::Failed(failed.clone()));
+                    s.mark_done();
+                }
             }
             0
         });
+        for s in self.running.iter_mut() {
+            self.kv.seal(s);
+        }
         self.retire();
         rows
     }
 
-    /// Removes the sequences that are done and returns their KV reservations.
+    /// Removes the sequences that are done and gives their blocks back.
     fn retire(&mut self) {
         let before = self.running.len();
-        let mut freed = 0;
-        self.running.retain(|s| {
+        let kv = &mut self.kv;
+        self.running.retain_mut(|s| {
             if s.is_done() {
-                freed += s.reserved;
+                kv.release(s);
             }
             !s.is_done()
         });
-        self.kv_reserved -= freed;
         if before != self.running.len() {
             tracing::debug!(left = before - self.running.len(), "sequences retired");
         }

@@ -14,8 +14,16 @@ pub enum EngineError {
         max_new: usize,
         context: usize,
     },
-    #[error("request needs {needed} bytes of KV cache; the engine's budget is {budget}")]
-    KvBudget { needed: usize, budget: usize },
+    #[error(
+        "prompt of {prompt} tokens plus {max_new} new tokens needs {needed} bytes of KV cache; \
+         the worker's whole KV pool is {budget} bytes"
+    )]
+    KvBudget {
+        prompt: usize,
+        max_new: usize,
+        needed: usize,
+        budget: usize,
+    },
     #[error("invalid request: {0}")]
     Invalid(String),
     #[error("model failure: {0}")]

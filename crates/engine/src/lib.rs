@@ -1,4 +1,5 @@
-//! rrt's engine: the loop-stage pipeline a worker runs. Requests are admitted under a KV budget,
+//! rrt's engine: the loop-stage pipeline a worker runs. Requests are admitted by the KV blocks
+//! they need now (paged KV, prefix caching, preemption by recompute: [`Engine`], `kv`),
 //! prefilled in chunks, and decoded by one of three schedulers that share everything else, for
 //! honest comparison:
 //! - [`Scheduler::Static`]: a batch runs until all its sequences finish;
@@ -12,7 +13,8 @@
 //! and frees its KV at the next step.
 
 //!
-//! Module map: [`Engine`] (admission, the step loop, retiring) · `csb` and `cdb` (the
+//! Module map: [`Engine`] (admission, room for the next tokens, the step loop, retiring) · `kv`
+//! (the block pool, the prefix cache and what may be shared) · `csb` and `cdb` (the
 //! schedulers' steps; CDB as plan -> gather -> run block -> decide -> commit) · `sequence` (a
 //! running request's state) · [`ExitPolicy`] and [`ExitTrace`] (early exit) · [`EngineStats`] ·
 //! [`generate_with_exits`] (the sequential reference the batched paths are tested against).
@@ -24,6 +26,7 @@ mod csb;
 mod engine;
 mod error;
 mod exit;
+mod kv;
 mod reference;
 mod request;
 mod sequence;
@@ -31,9 +34,10 @@ mod stats;
 mod step;
 mod trace;
 
-pub use engine::{Engine, EngineConfig, InjectedFault, Scheduler};
+pub use engine::{check_context, Engine, EngineConfig, InjectedFault, Scheduler};
 pub use error::EngineError;
 pub use exit::{confidence, cosine, ExitKind, ExitPolicy, KvFill};
+pub use kv::KvCounters;
 pub use reference::generate_with_exits;
 pub use request::{Event, EventSink, FinishReason, GenParams, Received, Request};
 pub use stats::{EngineStats, PhaseTimes};

@@ -4,7 +4,7 @@
 
 use candle_core::Tensor;
 use rrt_model::attention::AttnSegment;
-use rrt_model::{BatchItem, Llama, Logits, RowGroup, Sampler, SeqCache};
+use rrt_model::{BatchItem, KvPool, Llama, Logits, RowGroup, Sampler, SeqCache};
 
 use crate::error::EngineError;
 use crate::exit::KvFill;
@@ -24,13 +24,17 @@ pub fn generate_with_exits(
     let loops = model.loops();
     let mut sampler = Sampler::new(params.sampling.clone())?;
     let mut cache = model.new_cache();
+    let mut kv = model.new_kv_pool();
     let mut tokens = prompt.to_vec();
-    let logits = model.forward(&mut [BatchItem {
-        tokens: prompt,
-        offset: 0,
-        cache: &mut cache,
-        logits: Logits::Last,
-    }])?;
+    let logits = model.forward(
+        &mut kv,
+        &mut [BatchItem {
+            tokens: prompt,
+            offset: 0,
+            cache: &mut cache,
+            logits: Logits::Last,
+        }],
+    )?;
     let mut row = logits.squeeze(0)?.to_vec1::<f32>()?;
     let mut exit_loop = loops;
     let mut out = Vec::new();
@@ -52,7 +56,7 @@ pub fn generate_with_exits(
             .get(id, pos - prompt.len())
             .unwrap_or(loops)
             .clamp(1, loops);
-        let h = run_token(model, &mut cache, next, pos, depth, fill)?;
+        let h = run_token(model, &mut kv, &mut cache, next, pos, depth, fill)?;
         row = model
             .logits(&model.exit_input(depth, &h)?)?
             .squeeze(0)?
@@ -66,6 +70,7 @@ pub fn generate_with_exits(
 /// K/V of the loops it skips; returns its exit hidden state.
 fn run_token(
     model: &Llama,
+    kv: &mut KvPool,
     cache: &mut SeqCache,
     token: u32,
     pos: usize,
@@ -77,19 +82,17 @@ fn run_token(
         rows: 0..1,
         unrolled: l,
     };
+    kv.reserve(cache, pos + 1)?;
     let mut h = model.embed(&[token])?;
     for l in 0..depth * block {
-        let mut seg = [segment(cache, l, pos)];
-        h = model.layer_forward(&[one(l)], &h, &mut seg)?;
+        h = model.layer_forward(&[one(l)], &h, kv, &[segment(cache, l, pos)])?;
     }
     for l in depth * block..loops * block {
         match fill {
-            KvFill::Propagate => model.fill_kv(&h, &[one(l)], &mut [segment(cache, l, pos)])?,
+            KvFill::Propagate => model.fill_kv(&h, &[one(l)], kv, &[segment(cache, l, pos)])?,
             KvFill::Copy => {
-                let src = &cache.layers[(depth - 1) * block + l % block];
-                let (k, v) = (src.k_at(pos), src.v_at(pos).to_vec());
-                cache.layers[l].truncate(pos);
-                cache.layers[l].push(&k, &v);
+                let (k, v) = kv.read(cache, (depth - 1) * block + l % block, pos)?;
+                kv.write(cache, l, pos, &k, &v)?;
             }
         }
     }
@@ -97,10 +100,11 @@ fn run_token(
 }
 
 /// One row at `pos` attending through unrolled layer `l` of `cache`.
-fn segment(cache: &mut SeqCache, l: usize, pos: usize) -> AttnSegment<'_> {
+fn segment(cache: &SeqCache, l: usize, pos: usize) -> AttnSegment<'_> {
     AttnSegment {
         rows: 0..1,
         start: pos,
-        cache: &mut cache.layers[l],
+        cache,
+        layer: l,
     }
 }

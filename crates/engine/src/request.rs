@@ -42,6 +42,8 @@ pub struct Request {
     pub params: GenParams,
     /// Early-exit policy; `None` takes the engine's default.
     pub exit: Option<ExitPolicy>,
+    /// Lower is served first and preempted last (vLLM's convention); 0 by default.
+    pub priority: i32,
     pub events: Box<dyn EventSink>,
 }
 
@@ -61,6 +63,7 @@ impl Request {
             prompt,
             params,
             exit,
+            priority: 0,
             events,
         };
         (req, rx)
@@ -78,6 +81,8 @@ pub struct Received {
     /// The greedy choice behind each token, when the request asked for logprobs.
     pub argmaxes: Vec<u32>,
     pub finish: Option<FinishReason>,
+    /// Prompt tokens the prefix cache held at admission.
+    pub cached_tokens: Option<usize>,
 }
 
 impl Received {
@@ -97,7 +102,7 @@ impl Received {
                     r.logprobs.extend(logprob);
                     r.argmaxes.extend(argmax);
                 }
-                Event::Admitted => {}
+                Event::Admitted { cached_tokens } => r.cached_tokens = Some(cached_tokens),
                 Event::Finished { reason, .. } => r.finish = Some(reason),
                 Event::Failed(e) => return Err(e),
             }
@@ -122,6 +127,7 @@ impl std::fmt::Debug for Request {
             .field("prompt_tokens", &self.prompt.len())
             .field("params", &self.params)
             .field("exit", &self.exit)
+            .field("priority", &self.priority)
             .finish_non_exhaustive()
     }
 }
@@ -155,8 +161,12 @@ pub enum FinishReason {
 /// `Failed` (a request refused before it ran gets only `Failed`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The request left the waiting queue: its prefill runs from the next step.
-    Admitted,
+    /// The request left the waiting queue (the first time: a preempted request is not admitted
+    /// again in its events): its prefill runs from the next step, minus `cached_tokens` prompt
+    /// tokens found in the prefix cache.
+    Admitted {
+        cached_tokens: usize,
+    },
     Token {
         token: u32,
         /// The loop (1-based) after which the token was produced.

@@ -1,12 +1,12 @@
-//! One admitted request's state: its tokens, KV cache and sampler, where it stands ([`Stage`]:
-//! ready for its next unit, a unit carried between loops, or done), and the K/V an early exit
-//! left to write.
+//! One request's state from submission to its end: its tokens, KV block table and sampler,
+//! where it stands ([`Stage`]: ready for its next unit, a unit carried between loops, or done),
+//! the K/V an early exit left to write, and what the prefix cache may keep of it.
 
 use candle_core::Tensor;
 use rrt_model::{Sampler, SeqCache};
 
 use crate::exit::ExitPolicy;
-use crate::request::{Event, EventSink, FinishReason, GenParams};
+use crate::request::{Event, EventSink, FinishReason, GenParams, Request};
 
 /// Tokens of a sequence running through the shared block: a prompt chunk or one generated
 /// token (a *unit*), and how far it has come.
@@ -62,19 +62,71 @@ pub(crate) struct Seq {
     pub events: Box<dyn EventSink>,
     pub params: GenParams,
     pub sampler: Sampler,
-    pub cache: SeqCache,
+    /// Its KV blocks (empty while waiting).
+    pub kv: SeqCache,
     /// Prompt then generated tokens.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
-    /// Tokens whose K/V are in the cache at every loop.
+    /// Tokens whose K/V are in the cache (at every loop, or filled by the next step).
     pub computed: usize,
-    /// KV bytes reserved at admission (returned when the sequence leaves).
-    pub reserved: usize,
     pub stage: Stage,
     pub fill: Option<PendingFill>,
+    /// Lower is served first and preempted last.
+    pub priority: i32,
+    /// Submission order (ties of priority: earlier first).
+    pub arrival: u64,
+    /// Prompt tokens found in the prefix cache at its first admission (`None` before it).
+    pub cached_tokens: Option<usize>,
+    /// The first position whose K/V an early exit made (skipped loops filled or copied): from
+    /// there on the cache depends on exit decisions, not only on tokens, so it is never shared.
+    pub exited_from: usize,
+    /// After a preemption, positions before this are recomputed as a prompt (full depth).
+    pub recompute_until: usize,
+    /// Times a request behind it was admitted while it did not fit (bounded, so a large
+    /// request is not passed over forever).
+    pub passed_over: usize,
 }
 
 impl Seq {
+    /// A waiting sequence for `req`, with its sampler.
+    pub fn new(req: Request, sampler: Sampler, exit: ExitPolicy, arrival: u64) -> Self {
+        Self {
+            id: req.id,
+            exit,
+            events: req.events,
+            sampler,
+            kv: SeqCache::default(),
+            prompt_len: req.prompt.len(),
+            tokens: req.prompt,
+            params: req.params,
+            computed: 0,
+            stage: Stage::Ready,
+            fill: None,
+            priority: req.priority,
+            arrival,
+            cached_tokens: None,
+            exited_from: usize::MAX,
+            recompute_until: 0,
+            passed_over: 0,
+        }
+    }
+
+    /// Positions whose K/V depend on the tokens alone (computed, at full depth): what the
+    /// prefix cache may keep.
+    pub fn cacheable(&self) -> usize {
+        self.computed.min(self.exited_from)
+    }
+
+    /// Back to waiting after its blocks were taken: everything is recomputed from its tokens
+    /// (the ones generated so far run as a prompt, at full depth).
+    pub fn preempted(&mut self) {
+        self.computed = 0;
+        self.stage = Stage::Ready;
+        self.fill = None;
+        self.exited_from = usize::MAX;
+        self.recompute_until = self.recompute_until.max(self.tokens.len() - 1);
+    }
+
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
@@ -93,9 +145,10 @@ impl Seq {
     }
 
     /// For a unit of one generated token: that token's index among the generated ones (the
-    /// key of exit traces). `None` for prompt tokens.
+    /// key of exit traces). `None` for prompt tokens and tokens recomputed after a preemption.
     pub fn generated_index(&self, unit: &Flight) -> Option<usize> {
-        (unit.len == 1 && unit.start >= self.prompt_len).then(|| unit.start - self.prompt_len)
+        (unit.len == 1 && unit.start >= self.prompt_len.max(self.recompute_until))
+            .then(|| unit.start - self.prompt_len)
     }
 
     /// Whether `unit` ends at the sequence's newest token, so leaving the block samples the

@@ -37,6 +37,13 @@ fn tiny_recursive() -> Llama {
     convert(&plain, &opts, &|| {}).unwrap()
 }
 
+fn kv_block_bytes(model: &Llama) -> usize {
+    model
+        .kv_layout(16, rrt_model::KvDtype::F32)
+        .unwrap()
+        .block_bytes()
+}
+
 fn params(max_new: usize) -> GenParams {
     GenParams {
         max_new_tokens: max_new,
@@ -106,14 +113,10 @@ fn one_at_a_time_vs_every_scheduler(model: &Llama, dtype: WeightDtype) {
             kv_budget_bytes: 1 << 30,
             ..EngineConfig::default()
         };
-        let mut engine = Engine::new(model.clone(), cfg);
+        let mut engine = Engine::new(model.clone(), cfg).unwrap();
         let receivers = submit_all(&mut engine, &cases, None);
         engine.run_until_idle();
-        assert_eq!(
-            engine.kv_reserved_bytes(),
-            0,
-            "{scheduler:?}: KV not released"
-        );
+        assert_eq!(engine.kv_used_bytes(), 0, "{scheduler:?}: KV not released");
         for (i, rx) in receivers.iter().enumerate() {
             let got = collect(rx);
             assert_eq!(
@@ -142,7 +145,7 @@ fn an_injected_step_error_fails_the_running_requests_as_the_engine_s_fault_and_s
         fault: Some("error@3".parse().unwrap()),
         ..EngineConfig::default()
     };
-    let mut engine = Engine::new(model, cfg);
+    let mut engine = Engine::new(model, cfg).unwrap();
     let (req, rx) = Request::with_channel(1, vec![1, 2, 3], params(50), None);
     engine.submit(req);
     for _ in 0..3 {
@@ -154,7 +157,7 @@ fn an_injected_step_error_fails_the_running_requests_as_the_engine_s_fault_and_s
         "{err:?}"
     );
     assert_eq!(
-        (engine.stats().failed_steps, engine.kv_reserved_bytes()),
+        (engine.stats().failed_steps, engine.kv_used_bytes()),
         (1, 0)
     );
     // The engine goes on serving.
@@ -170,31 +173,34 @@ fn an_injected_step_error_fails_the_running_requests_as_the_engine_s_fault_and_s
 #[test]
 fn a_dropped_receiver_cancels_and_frees_kv() {
     let model = tiny_recursive();
-    let mut engine = Engine::new(model, EngineConfig::default());
+    let mut engine = Engine::new(model, EngineConfig::default()).unwrap();
     let (req, rx) = Request::with_channel(1, vec![1, 2, 3], params(50), None);
     engine.submit(req);
     engine.step();
     engine.step();
-    assert!(engine.kv_reserved_bytes() > 0);
+    assert!(engine.kv_used_bytes() > 0);
     drop(rx);
     for _ in 0..6 {
         engine.step();
     }
     assert_eq!(engine.pending(), 0);
-    assert_eq!(engine.kv_reserved_bytes(), 0);
+    assert_eq!(engine.kv_used_bytes(), 0);
 }
 
 #[test]
 fn requests_that_cannot_run_fail_with_a_reason() {
     let model = tiny_recursive();
     let context = model.cfg.max_position_embeddings;
+    let kv_budget_bytes = 4 * kv_block_bytes(&model);
     let mut engine = Engine::new(
         model,
         EngineConfig {
-            kv_budget_bytes: 64 * 1024,
+            // Four blocks: 64 positions.
+            kv_budget_bytes,
             ..EngineConfig::default()
         },
-    );
+    )
+    .unwrap();
     type Check = fn(&EngineError) -> bool;
     let cases: [(Vec<u32>, usize, &str, Check); 4] = [
         (vec![], 4, "empty", |e| *e == EngineError::EmptyPrompt),
@@ -252,6 +258,7 @@ fn cdb(model: &Llama, fill: KvFill) -> Engine {
             ..EngineConfig::default()
         },
     )
+    .unwrap()
 }
 
 #[test]
@@ -377,13 +384,17 @@ fn teacher_forcing_scores_a_text_as_a_full_forward_does_and_follows_exits() {
     let (prompt, forced) = text.split_at(9);
     // The reference: one forward over the text, log-softmax of each next token.
     let mut cache = model.new_cache();
+    let mut kv = model.new_kv_pool();
     let logits = model
-        .forward(&mut [BatchItem {
-            tokens: &text[..text.len() - 1],
-            offset: 0,
-            cache: &mut cache,
-            logits: Logits::All,
-        }])
+        .forward(
+            &mut kv,
+            &mut [BatchItem {
+                tokens: &text[..text.len() - 1],
+                offset: 0,
+                cache: &mut cache,
+                logits: Logits::All,
+            }],
+        )
         .unwrap();
     let want_nll = nll_sum(
         &logits.narrow(0, prompt.len() - 1, forced.len()).unwrap(),
@@ -397,7 +408,8 @@ fn teacher_forcing_scores_a_text_as_a_full_forward_does_and_follows_exits() {
                 scheduler,
                 ..EngineConfig::default()
             },
-        );
+        )
+        .unwrap();
         let got = score(&mut engine, 0, prompt, forced, None);
         let tokens: Vec<u32> = got.iter().map(|t| t.0).collect();
         assert_eq!(tokens, forced, "{scheduler:?}: forced tokens are emitted");
@@ -461,7 +473,8 @@ fn run_one(
             scheduler,
             ..EngineConfig::default()
         },
-    );
+    )
+    .unwrap();
     let (req, rx) = Request::with_channel(0, prompt.to_vec(), params, None);
     engine.submit(req);
     engine.run_until_idle();

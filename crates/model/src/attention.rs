@@ -1,24 +1,32 @@
-//! Causal grouped-query attention over per-sequence KV caches, for a flattened batch: the rows of
-//! one fused QKV projection belong to several sequences ([`AttnSegment`]s), each with its own
-//! cache and position. RoPE is applied here, the new K/V rows are appended to each cache, and each
-//! (sequence, KV head, query chunk) is one parallel task reading its cache in place: scores 16
-//! positions at a time from the block-transposed K, softmax, then the weighted sum of V rows.
+//! Causal grouped-query attention over paged KV, for a flattened batch: the rows of one fused
+//! QKV projection belong to several sequences ([`AttnSegment`]s), each with its own block table
+//! and position. RoPE is applied here, the new K/V rows are written into each sequence's blocks
+//! of the [`KvPool`], and each (sequence, KV head, query chunk) is one parallel task reading the
+//! blocks in place through the table: scores 16 positions at a time from the tile-transposed K,
+//! softmax, then the weighted sum of V rows, block by block. f32 and bf16 KV share the kernel
+//! (bf16 is widened as it is loaded).
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::kernels::{axpy, exp_fast, Isa, Supported};
-use crate::kv_cache::{LayerKv, KV_BLOCK};
+use crate::error::Result;
+use crate::kernels::{exp_fast, Isa, Supported};
+use crate::kv::store::{KvData, KvElem, LayerView, Regions};
+use crate::kv::{KvLayout, KvPool, SeqCache, KV_TILE};
 use crate::rope::Rope;
 
 /// The rows of one sequence in a flattened batch, for one layer.
 pub struct AttnSegment<'a> {
     /// Rows of the batch that belong to this sequence (its new tokens, in order).
     pub rows: Range<usize>,
-    /// Position of the first new token; the cache is cut back to this length first.
+    /// Position of the first new token: the rows are written at `start..` and see the cached
+    /// positions before them.
     pub start: usize,
-    pub cache: &'a mut LayerKv,
+    /// The sequence's block table (its blocks must cover `start + rows.len()` positions).
+    pub cache: &'a SeqCache,
+    /// The unrolled layer.
+    pub layer: usize,
 }
 
 /// Head geometry of a layer.
@@ -53,49 +61,78 @@ struct Task {
     pos0: usize,
 }
 
-/// Rotates Q and K of each segment's rows to their positions and appends K and V to the
-/// segment's cache (cut back to `start` first). `qkv` is `[rows, q_dim + 2 * kv_dim]`. This is
-/// attention's first half; on its own it fills the KV of tokens that skipped a layer (state
-/// propagation for early-exited tokens).
-pub fn append_kv(qkv: &mut [f32], segments: &mut [AttnSegment<'_>], dims: AttnDims, rope: &Rope) {
+/// Rotates Q and K of each segment's rows to their positions and writes K and V into the
+/// segment's blocks at `start..` (which must be the sequence's own: a shared or sealed block
+/// is refused). `qkv` is `[rows, q_dim + 2 * kv_dim]`. This is attention's first half; on its
+/// own it fills the KV of tokens that skipped a layer (state propagation for early-exited
+/// tokens).
+pub fn append_kv(
+    kv: &mut KvPool,
+    qkv: &mut [f32],
+    segments: &[AttnSegment<'_>],
+    dims: AttnDims,
+    rope: &Rope,
+) -> Result<()> {
     let (q_dim, kv_dim) = (dims.q_dim(), dims.kv_dim());
     let width = q_dim + 2 * kv_dim;
-    for seg in segments.iter_mut() {
-        seg.cache.truncate(seg.start);
+    for seg in segments {
         for (i, row) in seg.rows.clone().enumerate() {
             let r = &mut qkv[row * width..(row + 1) * width];
-            let (q, kv) = r.split_at_mut(q_dim);
-            let (k, v) = kv.split_at_mut(kv_dim);
+            let (q, kv_row) = r.split_at_mut(q_dim);
+            let (k, v) = kv_row.split_at_mut(kv_dim);
             rope.apply(q, seg.start + i);
             rope.apply(k, seg.start + i);
-            seg.cache.push(k, v);
+            kv.write(seg.cache, seg.layer, seg.start + i, k, v)?;
         }
     }
+    Ok(())
+}
+
+/// Asks the CPU to bring the K and V the segments will read into its caches.
+pub(crate) fn prefetch_kv(kv: &KvPool, segments: &[AttnSegment<'_>]) {
+    let layout = kv.layout();
+    for s in segments {
+        let positions = s.start + s.rows.len();
+        match kv.data() {
+            KvData::F32(r) => view(r, layout, s).prefetch(positions),
+            KvData::Bf16(r) => view(r, layout, s).prefetch(positions),
+        }
+    }
+}
+
+fn view<'a, T: KvElem>(
+    r: &'a Regions<T>,
+    layout: KvLayout,
+    s: &AttnSegment<'a>,
+) -> LayerView<'a, T> {
+    LayerView::new(r, layout, s.layer, s.cache.blocks())
 }
 
 /// Attention for a flattened batch. `qkv` is `[rows, q_dim + 2 * kv_dim]` (Q | K | V per row) and
 /// is rotated in place; returns the attention output `[rows, q_dim]`.
 pub fn attention(
+    kv: &mut KvPool,
     qkv: &mut [f32],
-    segments: &mut [AttnSegment<'_>],
+    segments: &[AttnSegment<'_>],
     dims: AttnDims,
     rope: &Rope,
-) -> Vec<f32> {
-    attention_on(Supported::best(), qkv, segments, dims, rope)
+) -> Result<Vec<f32>> {
+    attention_on(Supported::best(), kv, qkv, segments, dims, rope)
 }
 
 /// [`attention`] on a given instruction set of this CPU (tests compare them).
 pub fn attention_on(
     isa: Supported,
+    kv: &mut KvPool,
     qkv: &mut [f32],
-    segments: &mut [AttnSegment<'_>],
+    segments: &[AttnSegment<'_>],
     dims: AttnDims,
     rope: &Rope,
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
     let (q_dim, kv_dim) = (dims.q_dim(), dims.kv_dim());
     let width = q_dim + 2 * kv_dim;
     let total_rows = qkv.len() / width;
-    append_kv(qkv, segments, dims, rope);
+    append_kv(kv, qkv, segments, dims, rope)?;
     let mut tasks = Vec::new();
     for (s, seg) in segments.iter().enumerate() {
         for kv_head in 0..dims.kv_heads {
@@ -113,15 +150,11 @@ pub fn attention_on(
         }
     }
     let qkv = &*qkv;
-    let caches: Vec<&LayerKv> = segments.iter().map(|s| &*s.cache).collect();
-    let results: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|t| {
-            let mut out = vec![0f32; t.rows.len() * dims.group() * dims.head_dim];
-            run_task(isa, t, qkv, width, caches[t.segment], dims, &mut out);
-            out
-        })
-        .collect();
+    let layout = kv.layout();
+    let results = match kv.data() {
+        KvData::F32(r) => run_tasks(isa, &tasks, qkv, width, r, layout, segments, dims),
+        KvData::Bf16(r) => run_tasks(isa, &tasks, qkv, width, r, layout, segments, dims),
+    };
     let d = dims.head_dim;
     let g = dims.group();
     let mut out = vec![0f32; total_rows * q_dim];
@@ -134,15 +167,38 @@ pub fn attention_on(
             }
         }
     }
-    out
+    Ok(out)
 }
 
-fn run_task(
+/// Every task on the compute pool, each reading its segment's blocks in place.
+#[allow(clippy::too_many_arguments)]
+fn run_tasks<T: KvElem>(
+    isa: Supported,
+    tasks: &[Task],
+    qkv: &[f32],
+    width: usize,
+    regions: &Regions<T>,
+    layout: KvLayout,
+    segments: &[AttnSegment<'_>],
+    dims: AttnDims,
+) -> Vec<Vec<f32>> {
+    let views: Vec<LayerView<'_, T>> = segments.iter().map(|s| view(regions, layout, s)).collect();
+    tasks
+        .par_iter()
+        .map(|t| {
+            let mut out = vec![0f32; t.rows.len() * dims.group() * dims.head_dim];
+            run_task(isa, t, qkv, width, &views[t.segment], dims, &mut out);
+            out
+        })
+        .collect()
+}
+
+fn run_task<T: KvElem>(
     isa: Supported,
     t: &Task,
     qkv: &[f32],
     width: usize,
-    cache: &LayerKv,
+    cache: &LayerView<'_, T>,
     dims: AttnDims,
     out: &mut [f32],
 ) {
@@ -155,7 +211,7 @@ fn run_task(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 and FMA run on this CPU (as above).
         Isa::Avx2 => unsafe { attend_avx2(t, qkv, width, cache, dims, out) },
-        _ => attend::<false>(t, qkv, width, cache, dims, out),
+        _ => attend::<false, T>(t, qkv, width, cache, dims, out),
     }
 }
 
@@ -165,15 +221,15 @@ fn run_task(
 /// The CPU supports AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_avx512(
+unsafe fn attend_avx512<T: KvElem>(
     t: &Task,
     qkv: &[f32],
     width: usize,
-    cache: &LayerKv,
+    cache: &LayerView<'_, T>,
     dims: AttnDims,
     out: &mut [f32],
 ) {
-    attend::<true>(t, qkv, width, cache, dims, out)
+    attend::<true, T>(t, qkv, width, cache, dims, out)
 }
 
 /// [`attend`] compiled for AVX2 with FMA.
@@ -182,15 +238,15 @@ unsafe fn attend_avx512(
 /// The CPU supports AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(
+unsafe fn attend_avx2<T: KvElem>(
     t: &Task,
     qkv: &[f32],
     width: usize,
-    cache: &LayerKv,
+    cache: &LayerView<'_, T>,
     dims: AttnDims,
     out: &mut [f32],
 ) {
-    attend::<true>(t, qkv, width, cache, dims, out)
+    attend::<true, T>(t, qkv, width, cache, dims, out)
 }
 
 /// Query heads of one KV head's group attended together: they share every K and V load, and
@@ -199,23 +255,24 @@ unsafe fn attend_avx2(
 const HEADS_AT_ONCE: usize = 4;
 
 /// Scores of 16 cached positions for `H` query heads: `q_h . K[j]` for each lane `j`, as
-/// 16-lane FMAs over the transposed K block, even and odd features summed apart (two chains a
+/// 16-lane FMAs over the transposed K tile, even and odd features summed apart (two chains a
 /// head), then added.
 #[inline(always)]
-fn block_scores<const FMA: bool, const H: usize>(
+fn block_scores<const FMA: bool, const H: usize, T: KvElem>(
     q: &[&[f32]; H],
-    k_block: &[f32],
-) -> [[f32; KV_BLOCK]; H] {
-    let mut even = [[0f32; KV_BLOCK]; H];
-    let mut odd = [[0f32; KV_BLOCK]; H];
-    let fma = |a: &mut [f32; KV_BLOCK], qd: f32, kr: &[f32]| {
+    k_tile: &[T],
+) -> [[f32; KV_TILE]; H] {
+    let mut even = [[0f32; KV_TILE]; H];
+    let mut odd = [[0f32; KV_TILE]; H];
+    let fma = |a: &mut [f32; KV_TILE], qd: f32, kr: &[T]| {
         for (a, &k) in a.iter_mut().zip(kr) {
+            let k = k.load();
             *a = if FMA { qd.mul_add(k, *a) } else { *a + qd * k };
         }
     };
-    let mut pairs = k_block.chunks_exact(2 * KV_BLOCK);
+    let mut pairs = k_tile.chunks_exact(2 * KV_TILE);
     for (j, kr) in (&mut pairs).enumerate() {
-        let (k0, k1) = kr.split_at(KV_BLOCK);
+        let (k0, k1) = kr.split_at(KV_TILE);
         for h in 0..H {
             fma(&mut even[h], q[h][2 * j], k0);
             fma(&mut odd[h], q[h][2 * j + 1], k1);
@@ -223,7 +280,7 @@ fn block_scores<const FMA: bool, const H: usize>(
     }
     let last = pairs.remainder();
     if !last.is_empty() {
-        let dd = k_block.len() / KV_BLOCK - 1;
+        let dd = k_tile.len() / KV_TILE - 1;
         for h in 0..H {
             fma(&mut even[h], q[h][dd], last);
         }
@@ -237,24 +294,30 @@ fn block_scores<const FMA: bool, const H: usize>(
 }
 
 /// `o_h = inv_h * sum_j p_hj V[j]` for `H` heads with the accumulators in registers (head size
-/// known at compile time): each V row is loaded once for every head.
+/// known at compile time): each V row is loaded once for every head, block by block.
 #[inline(always)]
-fn weighted_v<const FMA: bool, const H: usize, const D: usize>(
+fn weighted_v<const FMA: bool, const H: usize, const D: usize, T: KvElem>(
     probs: &[&[f32]; H],
     inv: &[f32; H],
-    cache: &LayerKv,
+    cache: &LayerView<'_, T>,
     kv_off: usize,
     o: &mut [f32],
 ) {
     let mut acc = [[0f32; D]; H];
-    // j indexes the cache's V rows and every head's probabilities alike.
-    #[allow(clippy::needless_range_loop)]
-    for j in 0..probs[0].len() {
-        let v = cache.v_row(j, kv_off, D);
-        for h in 0..H {
-            let p = probs[h][j];
-            for (a, &x) in acc[h].iter_mut().zip(v) {
-                *a = if FMA { p.mul_add(x, *a) } else { *a + p * x };
+    let (bt, row) = (cache.block_tokens(), cache.row());
+    let visible = probs[0].len();
+    for b in 0..visible.div_ceil(bt) {
+        let rows = cache.v_block(b);
+        let first = b * bt;
+        for j in first..visible.min(first + bt) {
+            let at = (j - first) * row + kv_off;
+            let v = &rows[at..at + D];
+            for h in 0..H {
+                let p = probs[h][j];
+                for (a, &x) in acc[h].iter_mut().zip(v) {
+                    let x = x.load();
+                    *a = if FMA { p.mul_add(x, *a) } else { *a + p * x };
+                }
             }
         }
     }
@@ -265,12 +328,40 @@ fn weighted_v<const FMA: bool, const H: usize, const D: usize>(
     }
 }
 
+/// [`weighted_v`] for a head size without a path of its own.
+fn weighted_v_any<const FMA: bool, T: KvElem>(
+    probs: &[&[f32]],
+    inv: &[f32],
+    cache: &LayerView<'_, T>,
+    kv_off: usize,
+    d: usize,
+    o: &mut [f32],
+) {
+    o.fill(0.0);
+    let (bt, row) = (cache.block_tokens(), cache.row());
+    for (h, probs) in probs.iter().enumerate() {
+        let o = &mut o[h * d..(h + 1) * d];
+        for (j, &p) in probs.iter().enumerate() {
+            let at = (j % bt) * row + kv_off;
+            let v = &cache.v_block(j / bt)[at..at + d];
+            let w = p * inv[h];
+            for (o, &x) in o.iter_mut().zip(v) {
+                *o = if FMA {
+                    w.mul_add(x.load(), *o)
+                } else {
+                    *o + w * x.load()
+                };
+            }
+        }
+    }
+}
+
 #[inline(always)]
-fn attend<const FMA: bool>(
+fn attend<const FMA: bool, T: KvElem>(
     t: &Task,
     qkv: &[f32],
     width: usize,
-    cache: &LayerKv,
+    cache: &LayerView<'_, T>,
     dims: AttnDims,
     out: &mut [f32],
 ) {
@@ -288,10 +379,10 @@ fn attend<const FMA: bool>(
             };
             let o = &mut out[(ri * g + h0) * dims.head_dim..(ri * g + h0 + heads) * dims.head_dim];
             match heads {
-                1 => attend_heads::<FMA, 1>(t, at, qkv, width, cache, dims, &mut scores, o),
-                2 => attend_heads::<FMA, 2>(t, at, qkv, width, cache, dims, &mut scores, o),
-                3 => attend_heads::<FMA, 3>(t, at, qkv, width, cache, dims, &mut scores, o),
-                _ => attend_heads::<FMA, 4>(t, at, qkv, width, cache, dims, &mut scores, o),
+                1 => attend_heads::<FMA, 1, T>(t, at, qkv, width, cache, dims, &mut scores, o),
+                2 => attend_heads::<FMA, 2, T>(t, at, qkv, width, cache, dims, &mut scores, o),
+                3 => attend_heads::<FMA, 3, T>(t, at, qkv, width, cache, dims, &mut scores, o),
+                _ => attend_heads::<FMA, 4, T>(t, at, qkv, width, cache, dims, &mut scores, o),
             }
             h0 += heads;
         }
@@ -313,12 +404,12 @@ struct HeadsAt {
 /// (`[H, head_dim]`); `scores` is scratch.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_heads<const FMA: bool, const H: usize>(
+fn attend_heads<const FMA: bool, const H: usize, T: KvElem>(
     t: &Task,
     at: HeadsAt,
     qkv: &[f32],
     width: usize,
-    cache: &LayerKv,
+    cache: &LayerView<'_, T>,
     dims: AttnDims,
     scores: &mut Vec<f32>,
     o: &mut [f32],
@@ -330,14 +421,14 @@ fn attend_heads<const FMA: bool, const H: usize>(
         let h = t.kv_head * dims.group() + at.first + i;
         &qkv[at.row * width + h * d..at.row * width + (h + 1) * d]
     });
-    let blocks = at.visible.div_ceil(KV_BLOCK);
-    let stride = blocks * KV_BLOCK;
+    let tiles = at.visible.div_ceil(KV_TILE);
+    let stride = tiles * KV_TILE;
     scores.clear();
     scores.resize(H * stride, 0.0);
-    for b in 0..blocks {
-        let s = block_scores::<FMA, H>(&q, cache.k_block(b, kv_off, d));
+    for b in 0..tiles {
+        let s = block_scores::<FMA, H, T>(&q, cache.k_tile(b, kv_off, d));
         for (h, s) in s.iter().enumerate() {
-            scores[h * stride + b * KV_BLOCK..h * stride + (b + 1) * KV_BLOCK].copy_from_slice(s);
+            scores[h * stride + b * KV_TILE..h * stride + (b + 1) * KV_TILE].copy_from_slice(s);
         }
     }
     let mut inv = [0f32; H];
@@ -355,22 +446,11 @@ fn attend_heads<const FMA: bool, const H: usize>(
     }
     let probs: [&[f32]; H] = std::array::from_fn(|h| &scores[h * stride..h * stride + at.visible]);
     match d {
-        16 => weighted_v::<FMA, H, 16>(&probs, &inv, cache, kv_off, o),
-        32 => weighted_v::<FMA, H, 32>(&probs, &inv, cache, kv_off, o),
-        64 => weighted_v::<FMA, H, 64>(&probs, &inv, cache, kv_off, o),
-        128 => weighted_v::<FMA, H, 128>(&probs, &inv, cache, kv_off, o),
-        _ => {
-            o.fill(0.0);
-            for (h, probs) in probs.iter().enumerate() {
-                for (j, &p) in probs.iter().enumerate() {
-                    axpy::<FMA>(
-                        p * inv[h],
-                        cache.v_row(j, kv_off, d),
-                        &mut o[h * d..(h + 1) * d],
-                    );
-                }
-            }
-        }
+        16 => weighted_v::<FMA, H, 16, T>(&probs, &inv, cache, kv_off, o),
+        32 => weighted_v::<FMA, H, 32, T>(&probs, &inv, cache, kv_off, o),
+        64 => weighted_v::<FMA, H, 64, T>(&probs, &inv, cache, kv_off, o),
+        128 => weighted_v::<FMA, H, 128, T>(&probs, &inv, cache, kv_off, o),
+        _ => weighted_v_any::<FMA, T>(&probs, &inv, cache, kv_off, d, o),
     }
 }
 
@@ -378,6 +458,7 @@ fn attend_heads<const FMA: bool, const H: usize>(
 mod tests {
     use super::*;
     use crate::kernels::Supported;
+    use crate::kv::KvDtype;
 
     fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
@@ -443,11 +524,12 @@ mod tests {
     }
 
     /// Two sequences in one batch, each run as a prefill and then a few more rows against its
-    /// cache (long enough to span several K blocks and query chunks), against the reference, on
-    /// every instruction set this CPU runs, every head size with a path of its own and GQA groups
-    /// of 1, 2, 3 and 5 query heads.
+    /// cache (long enough to span several blocks and query chunks), against the reference, on
+    /// every instruction set this CPU runs, every head size with a path of its own, GQA groups
+    /// of 1, 2, 3 and 5 query heads, blocks of 16 and 32 positions handed out out of order (so
+    /// a sequence's blocks are scattered and interleaved with the other's), f32 and bf16 KV.
     #[test]
-    fn attention_matches_an_f64_reference_on_every_instruction_set_here() {
+    fn paged_attention_matches_an_f64_reference_on_every_instruction_set_here() {
         let theta = 10_000.0;
         // Query heads per KV head: 2, 1, 3 (one group of heads attended together) and 5 (a
         // group of 4 and one of 1).
@@ -475,52 +557,117 @@ mod tests {
                 .map(|(i, &(n, _))| pseudo_random(n * width, (head_dim * 10 + i) as u64))
                 .collect();
             let want: Vec<Vec<f64>> = texts.iter().map(|t| reference(t, dims, theta)).collect();
-            for &isa in Supported::all() {
-                let mut caches: Vec<LayerKv> =
-                    seqs.iter().map(|_| LayerKv::new(dims.kv_dim())).collect();
-                let mut worst = 0f64;
-                for part in 0..2 {
-                    let spans: Vec<Range<usize>> = seqs
-                        .iter()
-                        .map(|&(n, split)| if part == 0 { 0..split } else { split..n })
-                        .collect();
-                    let mut qkv: Vec<f32> = spans
-                        .iter()
-                        .zip(&texts)
-                        .flat_map(|(s, t)| t[s.start * width..s.end * width].iter().copied())
-                        .collect();
-                    let mut row = 0;
-                    let mut segments: Vec<AttnSegment<'_>> = spans
-                        .iter()
-                        .zip(caches.iter_mut())
-                        .map(|(s, cache)| {
-                            row += s.len();
-                            AttnSegment {
-                                rows: row - s.len()..row,
-                                start: s.start,
-                                cache,
-                            }
-                        })
-                        .collect();
-                    let got = attention_on(isa, &mut qkv, &mut segments, dims, &rope);
-                    let mut row = 0;
-                    for (s, w) in spans.iter().zip(&want) {
-                        for t in s.clone() {
-                            let g = &got[row * dims.q_dim()..(row + 1) * dims.q_dim()];
-                            let r = &w[t * dims.q_dim()..(t + 1) * dims.q_dim()];
-                            for (a, b) in g.iter().zip(r) {
-                                worst = worst.max((*a as f64 - b).abs());
-                            }
-                            row += 1;
+            for (block_tokens, dtype, bound) in [
+                (16, KvDtype::F32, 1e-5),
+                (32, KvDtype::F32, 1e-5),
+                (16, KvDtype::Bf16, 2e-2),
+            ] {
+                let layout = KvLayout::new(2, dims.kv_dim(), block_tokens, dtype).unwrap();
+                for &isa in Supported::all() {
+                    let mut pool = KvPool::new(layout, 8).unwrap();
+                    // A decoy takes the first block, then the sequences take theirs in turns,
+                    // so each table is scattered and interleaved with the other's.
+                    let mut decoy = SeqCache::default();
+                    pool.reserve(&mut decoy, block_tokens).unwrap();
+                    let mut caches: Vec<SeqCache> =
+                        seqs.iter().map(|_| SeqCache::default()).collect();
+                    for p in (0..40).step_by(block_tokens) {
+                        for (c, &(n, _)) in caches.iter_mut().zip(&seqs) {
+                            pool.reserve(c, n.min(p + block_tokens)).unwrap();
                         }
                     }
+                    assert!(caches[0].blocks().windows(2).all(|w| w[1] > w[0] + 1));
+                    let mut worst = 0f64;
+                    for part in 0..2 {
+                        let spans: Vec<Range<usize>> = seqs
+                            .iter()
+                            .map(|&(n, split)| if part == 0 { 0..split } else { split..n })
+                            .collect();
+                        let mut qkv: Vec<f32> = spans
+                            .iter()
+                            .zip(&texts)
+                            .flat_map(|(s, t)| t[s.start * width..s.end * width].iter().copied())
+                            .collect();
+                        let mut row = 0;
+                        // Layer 1 of the pool, so the layer offset is exercised too.
+                        let segments: Vec<AttnSegment<'_>> = spans
+                            .iter()
+                            .zip(&caches)
+                            .map(|(s, cache)| {
+                                row += s.len();
+                                AttnSegment {
+                                    rows: row - s.len()..row,
+                                    start: s.start,
+                                    cache,
+                                    layer: 1,
+                                }
+                            })
+                            .collect();
+                        let got =
+                            attention_on(isa, &mut pool, &mut qkv, &segments, dims, &rope).unwrap();
+                        let mut row = 0;
+                        for (s, w) in spans.iter().zip(&want) {
+                            for t in s.clone() {
+                                let g = &got[row * dims.q_dim()..(row + 1) * dims.q_dim()];
+                                let r = &w[t * dims.q_dim()..(t + 1) * dims.q_dim()];
+                                for (a, b) in g.iter().zip(r) {
+                                    worst = worst.max((*a as f64 - b).abs());
+                                }
+                                row += 1;
+                            }
+                        }
+                    }
+                    assert!(
+                        worst < bound,
+                        "{} head_dim {head_dim}, blocks of {block_tokens}, {dtype} KV: max error {worst}",
+                        isa.isa().name()
+                    );
                 }
-                assert!(
-                    worst < 1e-5,
-                    "{} head_dim {head_dim}: max error {worst}",
-                    isa.isa().name()
-                );
             }
         }
+    }
+
+    /// The write path refuses a block another sequence shares or the prefix cache sealed,
+    /// and leaves its contents alone.
+    #[test]
+    fn a_shared_or_sealed_block_is_never_written() {
+        let dims = AttnDims {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 16,
+        };
+        let width = dims.q_dim() + 2 * dims.kv_dim();
+        let rope = Rope::new(16, 10_000.0, 64);
+        let layout = KvLayout::new(1, dims.kv_dim(), 16, KvDtype::F32).unwrap();
+        let mut pool = KvPool::new(layout, 4).unwrap();
+        let tokens: Vec<u32> = (0..16).collect();
+        let mut a = SeqCache::default();
+        pool.reserve(&mut a, 16).unwrap();
+        let mut qkv = pseudo_random(16 * width, 1);
+        fn seg(cache: &SeqCache, start: usize, rows: Range<usize>) -> AttnSegment<'_> {
+            AttnSegment {
+                rows,
+                start,
+                cache,
+                layer: 0,
+            }
+        }
+        append_kv(&mut pool, &mut qkv, &[seg(&a, 0, 0..16)], dims, &rope).unwrap();
+        let before = pool.read(&a, 0, 3).unwrap();
+        let root = 7;
+        pool.seal(root, &mut a, &tokens, 16);
+        let mut again = pseudo_random(width, 2);
+        let err = append_kv(&mut pool, &mut again, &[seg(&a, 3, 0..1)], dims, &rope).unwrap_err();
+        assert!(err.to_string().contains("sealed"), "{err}");
+        assert_eq!(pool.read(&a, 0, 3).unwrap(), before);
+        // A second sequence adopting the block shares it: neither may write it.
+        let mut b = SeqCache::default();
+        let hit = pool.lookup(root, &tokens, 1);
+        assert_eq!(hit.blocks, a.blocks());
+        pool.adopt(&mut b, hit).unwrap();
+        assert_eq!(pool.refs(a.blocks()[0]), 2);
+        let err = append_kv(&mut pool, &mut again, &[seg(&b, 0, 0..1)], dims, &rope).unwrap_err();
+        assert!(err.to_string().contains("shared"), "{err}");
+        assert_eq!(pool.read(&b, 0, 3).unwrap(), before);
     }
 }

@@ -71,16 +71,20 @@ pub fn generate(
     }
     let mut sampler = Sampler::new(params.sampling.clone())?;
     let mut cache = model.new_cache();
+    let mut kv = model.new_kv_pool();
     let started = Instant::now();
     let mut logits = None;
     for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
         let last = (i + 1) * PREFILL_CHUNK >= prompt.len();
-        let out = model.forward(&mut [BatchItem {
-            tokens: chunk,
-            offset: i * PREFILL_CHUNK,
-            cache: &mut cache,
-            logits: if last { Logits::Last } else { Logits::None },
-        }])?;
+        let out = model.forward(
+            &mut kv,
+            &mut [BatchItem {
+                tokens: chunk,
+                offset: i * PREFILL_CHUNK,
+                cache: &mut cache,
+                logits: if last { Logits::Last } else { Logits::None },
+            }],
+        )?;
         if last {
             logits = Some(out);
         }
@@ -111,12 +115,15 @@ pub fn generate(
         if tokens.len() == max_new {
             break;
         }
-        logits = Some(model.forward(&mut [BatchItem {
-            tokens: &[next],
-            offset: context_ids.len() - 1,
-            cache: &mut cache,
-            logits: Logits::Last,
-        }])?);
+        logits = Some(model.forward(
+            &mut kv,
+            &mut [BatchItem {
+                tokens: &[next],
+                offset: context_ids.len() - 1,
+                cache: &mut cache,
+                logits: Logits::Last,
+            }],
+        )?);
     }
     Ok(Generation {
         tokens,

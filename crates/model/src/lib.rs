@@ -4,7 +4,7 @@
 //!
 //! Module map: [`config`] (hyper-parameters) · [`source`] (weight files) · [`load`] (detect and
 //! open) · [`decoder`] (the network) · [`attention`], [`rope`], [`linear`], [`kernels`],
-//! [`projection`] (its pieces) · [`kv_cache`] · [`tokenizer`], [`chat`] · [`sampling`] · [`generate`], [`perplexity`].
+//! [`projection`] (its pieces) · [`kv`] (paged KV blocks, prefix cache) · [`tokenizer`], [`chat`] · [`sampling`] · [`generate`], [`perplexity`].
 
 pub mod attention;
 pub mod chat;
@@ -15,7 +15,7 @@ pub mod error;
 pub mod generate;
 pub mod json;
 pub mod kernels;
-pub mod kv_cache;
+pub mod kv;
 pub mod linear;
 pub mod load;
 pub mod perplexity;
@@ -32,7 +32,7 @@ pub use config::ModelConfig;
 pub use decoder::{BatchItem, FillRows, LayerWeights, Llama, Logits, RowGroup};
 pub use dtype::WeightDtype;
 pub use error::{ModelError, Result};
-pub use kv_cache::{LayerKv, SeqCache};
+pub use kv::{KvDtype, KvLayout, KvPool, SeqCache};
 pub use load::{load, LoadedModel};
 pub use projection::{Fused, Projection};
 pub use sampling::{Sampler, SamplingParams};

@@ -53,7 +53,9 @@ pub fn perplexity_per_loop(
     let mut scored = 0;
     for chunk in ids.chunks(window).filter(|c| c.len() >= 2) {
         let mut cache = model.new_cache();
+        let mut kv = model.new_kv_pool();
         let per_loop = model.forward_loops(
+            &mut kv,
             &mut [BatchItem {
                 tokens: &chunk[..chunk.len() - 1],
                 offset: 0,

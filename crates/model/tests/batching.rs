@@ -6,7 +6,7 @@
 mod common;
 
 use common::load_tiny;
-use rrt_model::{BatchItem, Llama, Logits, SeqCache};
+use rrt_model::{BatchItem, KvPool, Llama, Logits, SeqCache};
 
 fn rows(t: candle_core::Tensor) -> Vec<Vec<f32>> {
     t.to_vec2::<f32>().unwrap()
@@ -22,6 +22,7 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 
 fn run_alone(
     model: &Llama,
+    kv: &mut KvPool,
     cache: &mut SeqCache,
     tokens: &[u32],
     offset: usize,
@@ -29,12 +30,15 @@ fn run_alone(
 ) -> Vec<Vec<f32>> {
     rows(
         model
-            .forward(&mut [BatchItem {
-                tokens,
-                offset,
-                cache,
-                logits,
-            }])
+            .forward(
+                kv,
+                &mut [BatchItem {
+                    tokens,
+                    offset,
+                    cache,
+                    logits,
+                }],
+            )
             .unwrap(),
     )
 }
@@ -53,12 +57,14 @@ fn check(model_name: &str) {
         .collect();
     let mut alone: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();
     let mut batched: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();
+    // One pool for all: the batched sequences' blocks interleave with the lone ones'.
+    let mut kv = model.new_kv_pool();
 
     // Step 1: prefill the three prompts in one batch (all logits), vs each alone.
     let want: Vec<Vec<f32>> = prompts
         .iter()
         .zip(alone.iter_mut())
-        .flat_map(|(p, c)| run_alone(&model, c, p, 0, Logits::All))
+        .flat_map(|(p, c)| run_alone(&model, &mut kv, c, p, 0, Logits::All))
         .collect();
     let mut items: Vec<BatchItem> = prompts
         .iter()
@@ -70,7 +76,7 @@ fn check(model_name: &str) {
             logits: Logits::All,
         })
         .collect();
-    let got = rows(model.forward(&mut items).unwrap());
+    let got = rows(model.forward(&mut kv, &mut items).unwrap());
     let d = max_diff(&got, &want);
     assert!(d < 1e-5, "{model_name}: batched prefill differs by {d}");
 
@@ -89,7 +95,7 @@ fn check(model_name: &str) {
             .iter()
             .zip(alone.iter_mut())
             .zip(&offsets)
-            .flat_map(|((n, c), &o)| run_alone(&model, c, n, o, Logits::Last))
+            .flat_map(|((n, c), &o)| run_alone(&model, &mut kv, c, n, o, Logits::Last))
             .collect();
         let mut items: Vec<BatchItem> = news
             .iter()
@@ -102,7 +108,7 @@ fn check(model_name: &str) {
                 logits: Logits::Last,
             })
             .collect();
-        let got = rows(model.forward(&mut items).unwrap());
+        let got = rows(model.forward(&mut kv, &mut items).unwrap());
         let d = max_diff(&got, &want);
         assert!(
             d < 1e-5,
@@ -121,11 +127,12 @@ fn batched_forward_equals_each_sequence_alone() {
 fn rolling_back_the_offset_recomputes_the_same_logits() {
     let model = load_tiny("tiny-gqa-tied");
     let mut cache = model.new_cache();
+    let mut kv = model.new_kv_pool();
     let toks = [4u32, 9, 16, 25, 36];
-    let first = run_alone(&model, &mut cache, &toks, 0, Logits::Last);
-    let _ = run_alone(&model, &mut cache, &[7], 5, Logits::Last);
+    let first = run_alone(&model, &mut kv, &mut cache, &toks, 0, Logits::Last);
+    let _ = run_alone(&model, &mut kv, &mut cache, &[7], 5, Logits::Last);
     // Re-run the last prompt token at its original offset: the cache is cut back to 4.
-    let again = run_alone(&model, &mut cache, &toks[4..], 4, Logits::Last);
+    let again = run_alone(&model, &mut kv, &mut cache, &toks[4..], 4, Logits::Last);
     assert!(max_diff(&first, &again) < 1e-5);
     assert_eq!(cache.len(), 5);
 }
@@ -134,23 +141,30 @@ fn rolling_back_the_offset_recomputes_the_same_logits() {
 fn offset_beyond_cache_is_an_error_not_a_panic() {
     let model = load_tiny("tiny-gqa-tied");
     let mut cache = model.new_cache();
+    let mut kv = model.new_kv_pool();
     let err = model
-        .forward(&mut [BatchItem {
-            tokens: &[1],
-            offset: 3,
-            cache: &mut cache,
-            logits: Logits::Last,
-        }])
+        .forward(
+            &mut kv,
+            &mut [BatchItem {
+                tokens: &[1],
+                offset: 3,
+                cache: &mut cache,
+                logits: Logits::Last,
+            }],
+        )
         .unwrap_err()
         .to_string();
     assert!(err.contains("position 3"), "{err}");
     let err = model
-        .forward(&mut [BatchItem {
-            tokens: &[1000],
-            offset: 0,
-            cache: &mut cache,
-            logits: Logits::Last,
-        }])
+        .forward(
+            &mut kv,
+            &mut [BatchItem {
+                tokens: &[1000],
+                offset: 0,
+                cache: &mut cache,
+                logits: Logits::Last,
+            }],
+        )
         .unwrap_err()
         .to_string();
     assert!(err.contains("token id 1000"), "{err}");

@@ -38,13 +38,17 @@ fn check_full_sequence(name: &str) {
     let model = load_tiny(name);
     let exp = expected(name);
     let mut cache = model.new_cache();
+    let mut kv = model.new_kv_pool();
     let logits = model
-        .forward(&mut [BatchItem {
-            tokens: &exp.ids,
-            offset: 0,
-            cache: &mut cache,
-            logits: Logits::All,
-        }])
+        .forward(
+            &mut kv,
+            &mut [BatchItem {
+                tokens: &exp.ids,
+                offset: 0,
+                cache: &mut cache,
+                logits: Logits::All,
+            }],
+        )
         .unwrap();
     assert_eq!(logits.dims(), &[exp.ids.len(), exp.vocab]);
     let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -63,14 +67,18 @@ fn check_incremental(name: &str) {
     let model = load_tiny(name);
     let exp = expected(name);
     let mut cache = model.new_cache();
+    let mut kv = model.new_kv_pool();
     let split = 5;
     let mut rows = model
-        .forward(&mut [BatchItem {
-            tokens: &exp.ids[..split],
-            offset: 0,
-            cache: &mut cache,
-            logits: Logits::All,
-        }])
+        .forward(
+            &mut kv,
+            &mut [BatchItem {
+                tokens: &exp.ids[..split],
+                offset: 0,
+                cache: &mut cache,
+                logits: Logits::All,
+            }],
+        )
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -78,12 +86,15 @@ fn check_incremental(name: &str) {
         .unwrap();
     for pos in split..exp.ids.len() {
         let step = model
-            .forward(&mut [BatchItem {
-                tokens: &exp.ids[pos..pos + 1],
-                offset: pos,
-                cache: &mut cache,
-                logits: Logits::Last,
-            }])
+            .forward(
+                &mut kv,
+                &mut [BatchItem {
+                    tokens: &exp.ids[pos..pos + 1],
+                    offset: pos,
+                    cache: &mut cache,
+                    logits: Logits::Last,
+                }],
+            )
             .unwrap();
         rows.extend(step.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }

@@ -89,8 +89,10 @@ fn every_loop_exit_reads_the_hidden_state_after_each_loop() {
     let src = load_tiny("tiny-mha-untied");
     let rec = convert(&src, &opts(1, Init::Average, 4, false), &|| {}).unwrap();
     let mut cache = rec.new_cache();
+    let mut kv = rec.new_kv_pool();
     let per_loop = rec
         .forward_loops(
+            &mut kv,
             &mut [BatchItem {
                 tokens: &IDS,
                 offset: 0,

@@ -26,6 +26,7 @@ impl pb::GenerateStreamResponse {
             index,
             logprob: token.logprob,
             prompt_tokens: 0,
+            cached_prompt_tokens: 0,
         }
     }
 

@@ -151,8 +151,10 @@ fn the_training_forward_equals_the_inference_model_after_every_loop() {
     for s in 0..b.seqs {
         let tokens = &b.inputs()[s * b.t..(s + 1) * b.t];
         let mut cache = llama.new_cache();
+        let mut kv = llama.new_kv_pool();
         let want = llama
             .forward_loops(
+                &mut kv,
                 &mut [BatchItem {
                     tokens,
                     offset: 0,

@@ -146,6 +146,9 @@ impl Registry {
                 expected_loops: e.expected_loops(),
                 draining: e.report.draining,
                 age_ms: now.duration_since(e.last_seen).as_millis() as u64,
+                kv_usage: e.report.kv_blocks_used as f64 / e.report.kv_blocks_total.max(1) as f64,
+                prefix_cache_hit_rate: e.report.prefix_cache_hit_tokens as f64
+                    / e.report.prefix_cache_queried_tokens.max(1) as f64,
             })
             .collect();
         workers.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));

@@ -8,7 +8,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rrt_engine::{Engine, EngineStats, GenParams, Request};
+use rrt_engine::{Engine, EngineStats, GenParams, KvCounters, Request};
+use rrt_model::kv::PoolStats;
 use tokio::sync::{mpsc, watch};
 
 /// What the engine thread is asked to do.
@@ -23,6 +24,10 @@ pub struct Snapshot {
     pub running: usize,
     pub kv_bytes_used: usize,
     pub kv_bytes_budget: usize,
+    /// The KV pool's blocks (total, held, cached, evictable).
+    pub kv_blocks: PoolStats,
+    /// Prefix-cache lookups and hits, prompt tokens computed, preemptions.
+    pub kv_counters: KvCounters,
     pub pending_new_tokens: usize,
     pub pending_prompt_tokens: usize,
     pub stats: EngineStats,
@@ -196,8 +201,10 @@ fn publish(engine: &Engine, snapshot: &Mutex<Snapshot>, busy: f64) {
     let snap = Snapshot {
         queue_length: engine.queue_len(),
         running: engine.running_len(),
-        kv_bytes_used: engine.kv_reserved_bytes(),
-        kv_bytes_budget: engine.config().kv_budget_bytes,
+        kv_bytes_used: engine.kv_used_bytes(),
+        kv_bytes_budget: engine.kv_budget_bytes(),
+        kv_blocks: engine.kv_blocks(),
+        kv_counters: engine.kv_counters(),
         pending_new_tokens,
         pending_prompt_tokens,
         stats: engine.stats().clone(),

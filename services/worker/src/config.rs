@@ -47,9 +47,20 @@ pub struct WorkerArgs {
     /// Rows one engine step runs (decode rows first, prefill chunks fill the rest).
     #[arg(long, env = "RRT_WORKER_MAX_BATCH_ROWS", default_value_t = 256)]
     pub max_batch_rows: usize,
-    /// KV cache budget of all running sequences, MiB.
+    /// KV cache pool, MiB: blocks of every running sequence (each takes blocks as it grows,
+    /// not its worst case) and the prefix cache's unused blocks.
     #[arg(long, env = "RRT_WORKER_KV_BUDGET_MIB", default_value_t = 2048)]
     pub kv_budget_mib: usize,
+    /// Positions per KV block: a multiple of 16 (the attention kernels' K tile).
+    #[arg(long, env = "RRT_WORKER_KV_BLOCK_TOKENS", default_value_t = rrt_model::kv::DEFAULT_BLOCK_TOKENS)]
+    pub kv_block_tokens: usize,
+    /// How K and V are held: f32, or bf16 (half the bytes a token; attention widens as it reads).
+    #[arg(long, env = "RRT_WORKER_KV_DTYPE", default_value_t = rrt_model::KvDtype::F32)]
+    pub kv_dtype: rrt_model::KvDtype,
+    /// Reuse the KV of full blocks of earlier requests with the same token prefix (a shared
+    /// system prompt, the history of a conversation): on or off.
+    #[arg(long, env = "RRT_WORKER_PREFIX_CACHE", value_enum, default_value_t = OnOff::On)]
+    pub prefix_cache: OnOff,
     /// Requests accepted beyond the running ones; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "RRT_WORKER_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
@@ -82,6 +93,12 @@ pub struct WorkerArgs {
     pub inject_fault: Option<rrt_engine::InjectedFault>,
     #[command(flatten)]
     pub tls: rrt_service::tls::TlsArgs,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -120,8 +137,8 @@ impl ExitArg {
 }
 
 impl WorkerArgs {
-    /// The engine settings, or what is wrong with the flags.
-    pub fn engine_config(&self) -> anyhow::Result<EngineConfig> {
+    /// The engine settings for serving `model_id`, or what is wrong with the flags.
+    pub fn engine_config(&self, model_id: &str) -> anyhow::Result<EngineConfig> {
         anyhow::ensure!(self.max_sequences > 0, "--max-sequences must be at least 1");
         anyhow::ensure!(
             self.max_batch_rows > 0,
@@ -138,6 +155,21 @@ impl WorkerArgs {
             self.exit_threshold
         );
         anyhow::ensure!(self.report_ms > 0, "--report-ms must be at least 1");
+        anyhow::ensure!(
+            self.kv_block_tokens > 0 && self.kv_block_tokens % rrt_model::kv::KV_TILE == 0,
+            "--kv-block-tokens {} is not a positive multiple of {} (the attention kernels read K \
+             in tiles of {} positions)",
+            self.kv_block_tokens,
+            rrt_model::kv::KV_TILE,
+            rrt_model::kv::KV_TILE
+        );
+        anyhow::ensure!(
+            matches!(self.scheduler, SchedulerArg::Cdb) || matches!(self.exit, ExitArg::None),
+            "--exit {:?} needs --scheduler cdb: the {:?} scheduler runs every token through every \
+             loop",
+            self.exit,
+            self.scheduler
+        );
         Ok(EngineConfig {
             scheduler: match self.scheduler {
                 SchedulerArg::Static => Scheduler::Static,
@@ -147,6 +179,10 @@ impl WorkerArgs {
             max_batch_rows: self.max_batch_rows,
             max_sequences: self.max_sequences,
             kv_budget_bytes: self.kv_budget_mib << 20,
+            kv_block_tokens: self.kv_block_tokens,
+            kv_dtype: self.kv_dtype,
+            prefix_cache: self.prefix_cache == OnOff::On,
+            model_id: format!("{model_id} ({})", self.model.display()),
             default_exit: ExitPolicy {
                 kind: self.exit.kind(),
                 threshold: self.exit_threshold,

@@ -58,11 +58,40 @@ pub fn describe() {
     describe_gauge!(
         "rrt_worker_kv_cache_bytes_used",
         Unit::Bytes,
-        "KV cache bytes reserved by running sequences."
+        "Bytes of the KV blocks running sequences hold."
     );
     describe_gauge!(
         "rrt_worker_kv_cache_usage_ratio",
-        "KV cache reserved over the KV budget, 0..1 (like vllm:kv_cache_usage_perc)."
+        "KV blocks held by running sequences over the pool, 0..1 (like vllm:kv_cache_usage_perc; cached blocks nobody holds are free to take and do not count)."
+    );
+    describe_gauge!(
+        "rrt_worker_kv_blocks",
+        "KV blocks of the pool by state: total, used (held by running sequences), cached (in the prefix cache, held or not), evictable (cached, held by nobody)."
+    );
+    describe_counter!(
+        "rrt_worker_prefix_cache_queried_tokens_total",
+        Unit::Count,
+        "Prompt tokens looked up in the prefix cache at admission (recomputes after preemption included; like vllm:prefix_cache_queries)."
+    );
+    describe_counter!(
+        "rrt_worker_prefix_cache_hit_tokens_total",
+        Unit::Count,
+        "Prompt tokens found in the prefix cache, whose KV was not computed again (like vllm:prefix_cache_hits)."
+    );
+    describe_counter!(
+        "rrt_worker_prefill_tokens_total",
+        Unit::Count,
+        "Prompt tokens computed (admitted prompt tokens not found in the prefix cache)."
+    );
+    describe_counter!(
+        "rrt_worker_preemptions_total",
+        Unit::Count,
+        "Running sequences that gave their KV blocks back when the pool ran out, to be recomputed (like vllm:num_preemptions)."
+    );
+    describe_counter!(
+        "rrt_worker_kv_evictions_total",
+        Unit::Count,
+        "Cached KV blocks evicted (least recently used first) to make room."
     );
     describe_gauge!(
         "rrt_worker_loop_steps_per_second",
@@ -114,8 +143,24 @@ pub fn engine(worker: &str, s: &Snapshot, loop_steps_per_second: f64) {
     gauge!("rrt_worker_queue_length", "worker" => w()).set(s.queue_length as f64);
     gauge!("rrt_worker_running_sequences", "worker" => w()).set(s.running as f64);
     gauge!("rrt_worker_kv_cache_bytes_used", "worker" => w()).set(s.kv_bytes_used as f64);
+    let blocks = &s.kv_blocks;
     gauge!("rrt_worker_kv_cache_usage_ratio", "worker" => w())
-        .set(s.kv_bytes_used as f64 / s.kv_bytes_budget.max(1) as f64);
+        .set(blocks.used as f64 / blocks.total.max(1) as f64);
+    for (state, n) in [
+        ("total", blocks.total),
+        ("used", blocks.used),
+        ("cached", blocks.cached),
+        ("evictable", blocks.evictable),
+    ] {
+        gauge!("rrt_worker_kv_blocks", "worker" => w(), "state" => state).set(n as f64);
+    }
+    let kv = &s.kv_counters;
+    counter!("rrt_worker_prefix_cache_queried_tokens_total", "worker" => w())
+        .absolute(kv.queried_tokens);
+    counter!("rrt_worker_prefix_cache_hit_tokens_total", "worker" => w()).absolute(kv.hit_tokens);
+    counter!("rrt_worker_prefill_tokens_total", "worker" => w()).absolute(kv.prefill_tokens);
+    counter!("rrt_worker_preemptions_total", "worker" => w()).absolute(kv.preemptions);
+    counter!("rrt_worker_kv_evictions_total", "worker" => w()).absolute(blocks.evictions);
     gauge!("rrt_worker_loop_steps_per_second", "worker" => w()).set(loop_steps_per_second);
     gauge!("rrt_worker_mean_loops_per_token", "worker" => w())
         .set(mean_exit_loop(&s.stats.exit_histogram).unwrap_or(0.0));

@@ -45,6 +45,8 @@ pub(crate) struct TextRelay {
     last_token: Instant,
     /// Reported on the last message.
     prompt_tokens: usize,
+    /// Of those, found in the prefix cache (from the engine's admission).
+    cached_tokens: usize,
 }
 
 impl TextRelay {
@@ -56,6 +58,7 @@ impl TextRelay {
     ) -> Self {
         Self {
             prompt_tokens,
+            cached_tokens: 0,
             shared,
             text: TextStream::new(),
             stop: StopMatcher::new(stops),
@@ -95,7 +98,10 @@ impl TextRelay {
         };
         match event {
             None => failed(WorkerError::EngineGone),
-            Some(Event::Admitted) => {
+            Some(Event::Admitted { cached_tokens }) => {
+                // Tokens resumed after a failover count as prompt for the engine, not for
+                // the client.
+                self.cached_tokens = cached_tokens.min(self.prompt_tokens);
                 histogram!("rrt_worker_queue_time_seconds", "worker" => self.shared.id.clone())
                     .record(self.arrived.elapsed().as_secs_f64());
                 Reply {
@@ -129,6 +135,7 @@ impl TextRelay {
         let mut last =
             pb::GenerateStreamResponse::finish_message(self.stop.flush(), finish, self.index);
         last.prompt_tokens = self.prompt_tokens as u32;
+        last.cached_prompt_tokens = self.cached_tokens as u32;
         Reply {
             item: Some(Ok(last)),
             end: Some(end),
@@ -148,6 +155,7 @@ impl TextRelay {
                 let mut last = pb::GenerateStreamResponse::token_message(t, token, self.index)
                     .finishing(pb::FinishReason::Stop);
                 last.prompt_tokens = self.prompt_tokens as u32;
+                last.cached_prompt_tokens = self.cached_tokens as u32;
                 last
             }
         };

@@ -98,6 +98,12 @@ pub(crate) async fn run(
             pending_new_tokens: snap.pending_new_tokens as u64,
             pending_prompt_tokens: snap.pending_prompt_tokens as u64,
             draining: shared.admission.is_draining(),
+            kv_blocks_used: snap.kv_blocks.used as u64,
+            kv_blocks_cached: snap.kv_blocks.cached as u64,
+            kv_blocks_total: snap.kv_blocks.total as u64,
+            prefix_cache_queried_tokens: snap.kv_counters.queried_tokens,
+            prefix_cache_hit_tokens: snap.kv_counters.hit_tokens,
+            preemptions: snap.kv_counters.preemptions,
         };
         match client.report(report).await {
             Ok(r) if r.get_ref().known => previous_hist = hist.clone(),

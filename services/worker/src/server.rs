@@ -34,7 +34,13 @@ pub const MAX_REQUEST_BYTES: usize = 2 << 20;
 
 /// Loads the model and starts serving; returns once the ports are bound and health is SERVING.
 pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<RunningWorker> {
-    let cfg = args.engine_config()?;
+    let model_name = args.model_name.clone().unwrap_or_else(|| {
+        args.model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let cfg = args.engine_config(&model_name)?;
     let tls = args.tls.start(&shutdown)?;
     // The recorder first: descriptions given before it exists are lost.
     metrics_http::handle();
@@ -56,12 +62,6 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             args.model.display()
         );
     }
-    let model_name = args.model_name.clone().unwrap_or_else(|| {
-        args.model
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
-    });
     let listener = TcpListener::bind(args.listen).await?;
     let grpc_addr = listener.local_addr()?;
     let metrics_addr =
@@ -89,7 +89,7 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     };
     let capacity = args.max_sequences + args.max_waiting;
     let engine = EngineHandle::spawn(
-        Engine::new(loaded.model, cfg),
+        Engine::new(loaded.model, cfg).map_err(|e| anyhow::anyhow!("the engine: {e}"))?,
         capacity,
         Duration::from_millis(args.step_delay_ms),
         args.max_step_failures,

@@ -76,18 +76,11 @@ impl Shared {
             .tokenizer
             .encode(&text)
             .map_err(|e| WorkerError::Tokenizer(e.to_string()))?;
-        let context = model.context_length as usize;
-        if ids.len() + req.max_new_tokens as usize > context {
-            return Err(validate::Rejection::new(
-                "prompt_too_long",
-                format!(
-                    "prompt of {} tokens plus max_new_tokens {} exceeds the context of {context}",
-                    ids.len(),
-                    req.max_new_tokens
-                ),
-            )
-            .into());
-        }
+        rrt_engine::check_context(
+            ids.len(),
+            req.max_new_tokens as usize,
+            model.context_length as usize,
+        )?;
         let s = req.sampling.unwrap_or_default();
         let sampling = SamplingParams {
             temperature: s.temperature,
@@ -238,6 +231,7 @@ impl WorkerService {
                     params,
                     // None: the engine's default policy (the worker's --exit).
                     exit,
+                    priority: req.priority,
                     events: Box::new(TokioSink(etx)),
                 })
                 .await

@@ -10,8 +10,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
+use rrt_model::kv::DEFAULT_BLOCK_TOKENS;
 use rrt_model::sampling::argmax;
-use rrt_model::{BatchItem, Llama, Logits, SeqCache, WeightDtype};
+use rrt_model::{BatchItem, KvDtype, KvPool, Llama, Logits, SeqCache, WeightDtype};
 
 use super::cpu_time::process_cpu_time;
 use super::matmul::roofline;
@@ -69,6 +70,9 @@ fn decode(model: &Llama, batch: usize, prompt_len: usize, steps: usize) -> anyho
         })
         .collect();
     let mut caches: Vec<SeqCache> = (0..batch).map(|_| model.new_cache()).collect();
+    // A pool sized for the run, as a worker's is (sequences' blocks interleave in it).
+    let layout = model.kv_layout(DEFAULT_BLOCK_TOKENS, KvDtype::F32)?;
+    let mut kv = KvPool::new(layout, layout.blocks_for(prompt_len + steps) * batch)?;
     let mut items: Vec<BatchItem> = prompts
         .iter()
         .zip(caches.iter_mut())
@@ -79,7 +83,7 @@ fn decode(model: &Llama, batch: usize, prompt_len: usize, steps: usize) -> anyho
             logits: Logits::Last,
         })
         .collect();
-    let logits = model.forward(&mut items)?.to_vec2::<f32>()?;
+    let logits = model.forward(&mut kv, &mut items)?.to_vec2::<f32>()?;
     let mut next: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l)]).collect();
     let cpu0 = process_cpu_time();
     let started = Instant::now();
@@ -94,7 +98,7 @@ fn decode(model: &Llama, batch: usize, prompt_len: usize, steps: usize) -> anyho
                 logits: Logits::Last,
             })
             .collect();
-        let logits = model.forward(&mut items)?.to_vec2::<f32>()?;
+        let logits = model.forward(&mut kv, &mut items)?.to_vec2::<f32>()?;
         next = logits.iter().map(|l| [argmax(l)]).collect();
     }
     let secs = started.elapsed().as_secs_f64();
@@ -126,13 +130,14 @@ fn prefill(model: &Llama, window: usize) -> anyhow::Result<f64> {
             .map(|i| (1000 + 13 * i as u32 + 101 * s as u32) % vocab)
             .collect();
         let mut cache = model.new_cache();
+        let mut kv = model.new_kv_pool();
         let mut items = [BatchItem {
             tokens: &tokens,
             offset: 0,
             cache: &mut cache,
             logits: Logits::Last,
         }];
-        model.forward(&mut items)?;
+        model.forward(&mut kv, &mut items)?;
     }
     Ok((PREFILL_SEQS * window) as f64 / started.elapsed().as_secs_f64())
 }

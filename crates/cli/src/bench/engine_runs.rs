@@ -80,7 +80,7 @@ fn engine(
     concurrency: usize,
     max_rows: usize,
     trace: Option<&ExitTrace>,
-) -> Engine {
+) -> anyhow::Result<Engine> {
     let mut engine = Engine::new(
         model.clone(),
         EngineConfig {
@@ -90,13 +90,15 @@ fn engine(
             kv_budget_bytes: 16 << 30,
             default_exit: spec.exit,
             kv_fill: spec.fill,
-            fault: None,
+            // Every request's prompt is its own: nothing to reuse, nothing to skew the rows.
+            prefix_cache: false,
+            ..EngineConfig::default()
         },
-    );
+    )?;
     if let Some(t) = trace {
         engine.set_trace(t.clone());
     }
-    engine
+    Ok(engine)
 }
 
 /// Drains one request's events: what it received, or the failure.
@@ -127,7 +129,7 @@ pub fn run(
     (concurrency, max_rows): (usize, usize),
     score: bool,
 ) -> anyhow::Result<Run> {
-    let mut gen = engine(model, spec, concurrency, max_rows, trace);
+    let mut gen = engine(model, spec, concurrency, max_rows, trace)?;
     let started = Instant::now();
     let requests = w.prompts.iter().zip(&w.outputs).enumerate();
     let requests = requests.map(|(i, (p, &n))| {
@@ -149,7 +151,7 @@ pub fn run(
     let mut trace_out = gen.trace().clone();
     let mut forced_argmaxes = Vec::new();
     let perplexity = if score {
-        let mut scorer = engine(model, spec, concurrency, max_rows, trace);
+        let mut scorer = engine(model, spec, concurrency, max_rows, trace)?;
         let windows = w.scoring.iter().enumerate().map(|(i, (context, text))| {
             let params = GenParams {
                 max_new_tokens: text.len(),

@@ -1,10 +1,10 @@
 //! The execute half of a depth-wise step: the block's input rows ([`gather`]) and one pass of
-//! the shared block over them ([`run_block`]), each sequence lending the cache layers of its
-//! unit's loop and of the loops its pending fill writes.
+//! the shared block over them ([`run_block`]), each sequence's block table read and written at
+//! its unit's loop and at the loops its pending fill writes.
 
 use candle_core::Tensor;
 use rrt_model::attention::AttnSegment;
-use rrt_model::{FillRows, Llama};
+use rrt_model::{FillRows, KvPool, Llama};
 
 use super::plan::StepPlan;
 use crate::error::EngineError;
@@ -42,7 +42,8 @@ pub(super) fn gather(
 /// layer's Q|K|V matmul) and returns the output rows; with no units, writes the fills alone.
 pub(super) fn run_block(
     model: &Llama,
-    running: &mut [Seq],
+    running: &[Seq],
+    kv: &mut KvPool,
     plan: &StepPlan,
     x_in: Option<&Tensor>,
 ) -> Result<Option<Tensor>, EngineError> {
@@ -51,53 +52,51 @@ pub(super) fn run_block(
     for k in 0..block {
         let groups = plan.groups(block, k);
         let fill_groups = plan.fills.groups(block, k);
-        let (mut segments, mut fill_segments) = lend_caches(running, plan, block, k);
+        let (segments, fill_segments) = segments(running, plan, (block, model.loops()), k);
         match (&x, &plan.fills.h) {
             (Some(input), h) => {
                 let fill = h.as_ref().map(|h| FillRows {
                     h,
                     groups: &fill_groups,
-                    segments: &mut fill_segments,
+                    segments: &fill_segments,
                 });
-                x = Some(model.layer_forward_filling(&groups, input, &mut segments, fill)?);
+                x = Some(model.layer_forward_filling(&groups, input, kv, &segments, fill)?);
             }
-            (None, Some(h)) => model.fill_kv(h, &fill_groups, &mut fill_segments)?,
+            (None, Some(h)) => model.fill_kv(h, &fill_groups, kv, &fill_segments)?,
             (None, None) => break,
         }
     }
     Ok(x)
 }
 
-/// Each sequence's cache layers for shared layer `k`: its unit's loop (a segment over the
-/// unit's rows) and the loops its fill writes (one fill row each). Segments carry their rows,
-/// so their order does not matter.
-fn lend_caches<'c>(
-    running: &'c mut [Seq],
+/// Each sequence's segments for shared layer `k`: its unit's loop (over the unit's rows) and
+/// the loops its fill writes (one fill row each). Segments carry their rows, so their order
+/// does not matter.
+fn segments<'c>(
+    running: &'c [Seq],
     plan: &StepPlan,
-    block: usize,
+    (block, loops): (usize, usize),
     k: usize,
 ) -> (Vec<AttnSegment<'c>>, Vec<AttnSegment<'c>>) {
     let mut units = Vec::with_capacity(plan.units.len());
+    for u in &plan.units {
+        units.push(AttnSegment {
+            rows: u.rows.clone(),
+            start: u.flight.start,
+            cache: &running[u.seq].kv,
+            // Shared layer k at loop j is unrolled layer j * block + k.
+            layer: u.flight.loops_done * block + k,
+        });
+    }
     let mut fills = Vec::with_capacity(plan.fills.rows());
-    let mut next_fill = plan.fills.fills.iter().peekable();
-    for (i, s) in running.iter_mut().enumerate() {
-        let unit = plan.unit_of[i].map(|u| &plan.units[u]);
-        let fill = next_fill.next_if(|f| f.seq == i);
-        // Shared layer k at loop j is unrolled layer j * block + k.
-        for (j, cache) in s.cache.layers.iter_mut().skip(k).step_by(block).enumerate() {
-            match (unit, fill) {
-                (Some(u), _) if u.flight.loops_done == j => units.push(AttnSegment {
-                    rows: u.rows.clone(),
-                    start: u.flight.start,
-                    cache,
-                }),
-                (_, Some(f)) if j >= f.done => fills.push(AttnSegment {
-                    rows: f.row(j),
-                    start: f.position,
-                    cache,
-                }),
-                _ => {}
-            }
+    for f in &plan.fills.fills {
+        for j in f.done..loops {
+            fills.push(AttnSegment {
+                rows: f.row(j),
+                start: f.position,
+                cache: &running[f.seq].kv,
+                layer: j * block + k,
+            });
         }
     }
     (units, fills)

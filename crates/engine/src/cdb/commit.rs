@@ -5,7 +5,7 @@
 //! the exit loop's (KV copy).
 
 use candle_core::Tensor;
-use rrt_model::Llama;
+use rrt_model::{KvPool, Llama};
 
 use super::decide::Outcome;
 use super::plan::Unit;
@@ -18,7 +18,7 @@ use crate::trace::ExitTrace;
 /// Applies each unit's outcome; `x` is the block's output rows.
 pub(super) fn commit(
     model: &Llama,
-    kv_fill: KvFill,
+    (kv_fill, kv): (KvFill, &mut KvPool),
     running: &mut [Seq],
     units: Vec<Unit>,
     outcomes: Vec<Outcome>,
@@ -41,7 +41,8 @@ pub(super) fn commit(
             Outcome::Leave { after, logits } => {
                 leave(s, &unit.flight, after, logits.as_deref(), (trace, stats));
                 if after < model.loops() && !s.is_done() {
-                    skipped_kv(model, kv_fill, s, &unit.flight, after, hidden);
+                    s.exited_from = s.exited_from.min(unit.flight.start);
+                    skipped_kv(model, (kv_fill, kv), s, &unit.flight, after, hidden)?;
                 }
             }
         }
@@ -72,34 +73,39 @@ fn leave(
 /// The K/V of loops `after..` that an early exit skipped, needed since the sequence goes on.
 fn skipped_kv(
     model: &Llama,
-    kv_fill: KvFill,
+    (kv_fill, kv): (KvFill, &mut KvPool),
     s: &mut Seq,
     unit: &Flight,
     after: usize,
     hidden: Tensor,
-) {
+) -> Result<(), EngineError> {
     match kv_fill {
         KvFill::Propagate => {
             s.fill = Some(PendingFill {
                 hidden,
                 position: unit.start,
                 done: after,
-            })
+            });
+            Ok(())
         }
-        KvFill::Copy => copy_skipped(model, s, unit.start, after),
+        KvFill::Copy => copy_skipped(model, kv, s, unit.start, after),
     }
 }
 
 /// KV copy: the loops `done..` at `position` reuse the K/V of the exit loop.
-fn copy_skipped(model: &Llama, s: &mut Seq, position: usize, done: usize) {
+fn copy_skipped(
+    model: &Llama,
+    kv: &mut KvPool,
+    s: &Seq,
+    position: usize,
+    done: usize,
+) -> Result<(), EngineError> {
     let (block, loops) = (model.block_layers(), model.loops());
     for k in 0..block {
-        let src = &s.cache.layers[(done - 1) * block + k];
-        let (kk, vv) = (src.k_at(position), src.v_at(position).to_vec());
+        let (kk, vv) = kv.read(&s.kv, (done - 1) * block + k, position)?;
         for j in done..loops {
-            let dst = &mut s.cache.layers[j * block + k];
-            dst.truncate(position);
-            dst.push(&kk, &vv);
+            kv.write(&s.kv, j * block + k, position, &kk, &vv)?;
         }
     }
+    Ok(())
 }

@@ -22,6 +22,7 @@ pub(crate) fn step(ctx: &mut StepCtx<'_>) -> Result<usize, EngineError> {
         model,
         cfg,
         running,
+        kv,
         trace,
         stats,
     } = ctx;
@@ -36,7 +37,7 @@ pub(crate) fn step(ctx: &mut StepCtx<'_>) -> Result<usize, EngineError> {
 
     let block_started = Instant::now();
     stats.time.gather += block_started - started;
-    let x = block::run_block(model, running, &plan, x_in.as_ref())?;
+    let x = block::run_block(model, running, kv, &plan, x_in.as_ref())?;
     let decide_started = Instant::now();
     stats.time.block += decide_started - block_started;
     let (Some(x_in), Some(x)) = (x_in, x) else {
@@ -48,7 +49,7 @@ pub(crate) fn step(ctx: &mut StepCtx<'_>) -> Result<usize, EngineError> {
     let outcomes = decide::settle(model, running, &plan, decisions, &x, (trace, stats))?;
     commit::commit(
         model,
-        cfg.kv_fill,
+        (cfg.kv_fill, kv),
         running,
         plan.units,
         outcomes,

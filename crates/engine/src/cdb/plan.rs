@@ -10,6 +10,7 @@ use rrt_model::RowGroup;
 
 use crate::error::EngineError;
 use crate::sequence::{Flight, PendingFill, Seq, Stage};
+use crate::step::decode_first;
 
 /// One sequence's tokens in this step's batch.
 pub(super) struct Unit {
@@ -107,8 +108,6 @@ impl FillPlan {
 pub(super) struct StepPlan {
     /// In loop order (running order within a loop).
     pub units: Vec<Unit>,
-    /// Per running sequence: the index of its unit in `units`.
-    pub unit_of: Vec<Option<usize>>,
     pub fills: FillPlan,
 }
 
@@ -125,13 +124,10 @@ impl StepPlan {
             .filter_map(|(i, f)| Some((i, f?)))
             .collect();
         order.sort_by_key(|(_, f)| f.loops_done);
-        let mut unit_of = vec![None; running.len()];
         let mut row = 0;
         let units = order
             .into_iter()
-            .enumerate()
-            .map(|(u, (seq, flight))| {
-                unit_of[seq] = Some(u);
+            .map(|(seq, flight)| {
                 row += flight.len;
                 Unit {
                     seq,
@@ -142,7 +138,6 @@ impl StepPlan {
             .collect();
         Ok(Self {
             units,
-            unit_of,
             fills: FillPlan::take(running, loops)?,
         })
     }
@@ -190,19 +185,11 @@ fn take_carried(running: &mut [Seq]) -> Vec<Option<Flight>> {
 
 /// New units for sequences without one, within `budget` rows: decode tokens first (one row
 /// each), then prompt chunks.
-fn start_units(running: &[Seq], flights: &mut [Option<Flight>], mut budget: usize) {
-    for decode in [true, false] {
-        for (s, flight) in running.iter().zip(flights.iter_mut()) {
-            let pending = s.pending();
-            if flight.is_some() || s.is_done() || pending == 0 || (pending == 1) != decode {
-                continue;
-            }
-            let len = pending.min(budget);
-            if len == 0 {
-                return;
-            }
-            budget -= len;
-            *flight = Some(Flight::enter(s.computed, len));
+fn start_units(running: &[Seq], flights: &mut [Option<Flight>], budget: usize) {
+    let takes = decode_first(running, |i| flights[i].is_some(), budget);
+    for ((s, flight), take) in running.iter().zip(flights.iter_mut()).zip(takes) {
+        if take > 0 {
+            *flight = Some(Flight::enter(s.computed, take));
         }
     }
 }

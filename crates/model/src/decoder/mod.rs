@@ -15,11 +15,11 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::{append_kv, attention, AttnDims, AttnSegment};
+use crate::attention::{append_kv, attention, prefetch_kv, AttnDims, AttnSegment};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kernels::swiglu;
-use crate::kv_cache::SeqCache;
+use crate::kv::{KvDtype, KvLayout, KvPool, SeqCache, DEFAULT_BLOCK_TOKENS};
 use crate::linear::{with_f32_slice, Linear};
 use crate::projection::Fused;
 use crate::recursive::exit_heads::ExitHeads;
@@ -61,7 +61,8 @@ pub enum Logits {
 /// One sequence's part of a batch: its new tokens, where they start, and its cache.
 pub struct BatchItem<'a> {
     pub tokens: &'a [u32],
-    /// Position of `tokens[0]`; the cache is cut back to this length (so a caller can roll back).
+    /// Position of `tokens[0]`; positions from here on are written again (so a caller can roll
+    /// back), so it may not be beyond what the cache holds.
     pub offset: usize,
     pub cache: &'a mut SeqCache,
     pub logits: Logits,
@@ -80,7 +81,7 @@ pub struct RowGroup {
 pub struct FillRows<'a, 's, 'c> {
     pub h: &'a Tensor,
     pub groups: &'a [RowGroup],
-    pub segments: &'s mut [AttnSegment<'c>],
+    pub segments: &'s [AttnSegment<'c>],
 }
 
 /// A loaded Llama-family model.
@@ -121,9 +122,24 @@ impl Llama {
         }
     }
 
-    /// A fresh, empty cache for one sequence (one entry per unrolled layer).
+    /// A fresh, empty cache for one sequence (a block table: its blocks come from the pool the
+    /// forward is given).
     pub fn new_cache(&self) -> SeqCache {
-        SeqCache::new(self.cfg.num_layers, self.cfg.kv_dim())
+        SeqCache::default()
+    }
+
+    /// The shape of this model's KV blocks: every unrolled layer, `block_tokens` positions, K
+    /// and V as `dtype`.
+    pub fn kv_layout(&self, block_tokens: usize, dtype: KvDtype) -> Result<KvLayout> {
+        KvLayout::new(self.cfg.num_layers, self.cfg.kv_dim(), block_tokens, dtype)
+    }
+
+    /// A growable f32 KV pool for this model (one-sequence generation, scoring, tests).
+    pub fn new_kv_pool(&self) -> KvPool {
+        KvPool::growable(
+            self.kv_layout(DEFAULT_BLOCK_TOKENS, KvDtype::F32)
+                .expect("the default block size is a multiple of the K tile"),
+        )
     }
 
     pub fn device(&self) -> &Device {
@@ -253,13 +269,13 @@ impl Llama {
         &self,
         h: &Tensor,
         groups: &[RowGroup],
-        segments: &mut [AttnSegment<'_>],
+        kv: &mut KvPool,
+        segments: &[AttnSegment<'_>],
     ) -> Result<()> {
         let layer = self.shared_layer(groups)?;
         let hn = self.norm_groups(h, groups, false)?;
         let mut qkv = self.qkv(layer, &hn, groups)?;
-        append_kv(&mut qkv, segments, self.dims(), &self.rope);
-        Ok(())
+        append_kv(kv, &mut qkv, segments, self.dims(), &self.rope)
     }
 
     /// The fused Q|K|V projection (with each group's LoRA) of normed rows `hn`.
@@ -278,14 +294,15 @@ impl Llama {
         layer: &LayerWeights,
         hn: &Tensor,
         groups: &[RowGroup],
+        kv: &KvPool,
         segments: &[AttnSegment<'_>],
     ) -> Result<Vec<f32>> {
-        let bytes: usize = segments.iter().map(|s| s.cache.bytes()).sum();
+        let positions: usize = segments.iter().map(|s| s.start).sum();
+        let bytes = positions * kv.layout().bytes_per_token() / self.cfg.num_layers;
         if bytes == 0 || bytes > KV_PREFETCH_MAX {
             return self.qkv(layer, hn, groups);
         }
-        let prefetch = || segments.iter().for_each(|s| s.cache.prefetch());
-        rayon::join(prefetch, || self.qkv(layer, hn, groups)).1
+        rayon::join(|| prefetch_kv(kv, segments), || self.qkv(layer, hn, groups)).1
     }
 
     /// One decoder layer over a flattened batch `x [rows, hidden]`. `groups` cover the rows in
@@ -295,9 +312,10 @@ impl Llama {
         &self,
         groups: &[RowGroup],
         x: &Tensor,
-        segments: &mut [AttnSegment<'_>],
+        kv: &mut KvPool,
+        segments: &[AttnSegment<'_>],
     ) -> Result<Tensor> {
-        self.layer_forward_filling(groups, x, segments, None)
+        self.layer_forward_filling(groups, x, kv, segments, None)
     }
 
     /// [`Llama::layer_forward`] that also writes K/V for `fill` rows (what [`Llama::fill_kv`]
@@ -308,7 +326,8 @@ impl Llama {
         &self,
         groups: &[RowGroup],
         x: &Tensor,
-        segments: &mut [AttnSegment<'_>],
+        kv: &mut KvPool,
+        segments: &[AttnSegment<'_>],
         fill: Option<FillRows<'_, '_, '_>>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
@@ -320,7 +339,7 @@ impl Llama {
         let (layer, mut qkv, fill) = match fill {
             None => {
                 let layer = self.shared_layer(groups)?;
-                let qkv = self.qkv_prefetching_kv(layer, &hn, groups, segments)?;
+                let qkv = self.qkv_prefetching_kv(layer, &hn, groups, kv, segments)?;
                 (layer, qkv, None)
             }
             Some(fill) => {
@@ -332,15 +351,15 @@ impl Llama {
                 let layer = self.shared_layer(&all)?;
                 let hf = self.norm_groups(fill.h, fill.groups, false)?;
                 let both = Tensor::cat(&[&hn, &hf], 0)?;
-                let mut qkv = self.qkv_prefetching_kv(layer, &both, &all, segments)?;
+                let mut qkv = self.qkv_prefetching_kv(layer, &both, &all, kv, segments)?;
                 let fill_qkv = qkv.split_off(rows * width);
                 (layer, qkv, Some((fill_qkv, fill.segments)))
             }
         };
         if let Some((mut fill_qkv, fill_segments)) = fill {
-            append_kv(&mut fill_qkv, fill_segments, self.dims(), &self.rope);
+            append_kv(kv, &mut fill_qkv, fill_segments, self.dims(), &self.rope)?;
         }
-        let attn = attention(&mut qkv, segments, self.dims(), &self.rope);
+        let attn = attention(kv, &mut qkv, segments, self.dims(), &self.rope)?;
         let attn = Tensor::from_vec(attn, (rows, qd), x.device())?;
         let o = self.project(layer, Fused::O, &attn, groups)?;
         let x = (x + Tensor::from_vec(o, (rows, h), x.device())?)?;
@@ -385,8 +404,18 @@ impl Llama {
         Ok(self.lm_head.forward(&h)?)
     }
 
-    /// Checks a batch before any cache is touched.
-    fn validate(&self, items: &[BatchItem<'_>]) -> Result<()> {
+    /// Checks a batch (and that `kv` is this model's) before any cache is touched.
+    fn validate(&self, kv: &KvPool, items: &[BatchItem<'_>]) -> Result<()> {
+        let layout = kv.layout();
+        if layout.layers != self.cfg.num_layers || layout.row != self.cfg.kv_dim() {
+            return Err(ModelError::InvalidInput(format!(
+                "a KV pool of {} layers x {} floats a position, the model needs {} x {}",
+                layout.layers,
+                layout.row,
+                self.cfg.num_layers,
+                self.cfg.kv_dim()
+            )));
+        }
         for (i, item) in items.iter().enumerate() {
             if item.tokens.is_empty() {
                 return Err(ModelError::InvalidInput(format!(
@@ -398,13 +427,6 @@ impl Llama {
                     "batch item {i} starts at position {} but its cache holds only {}",
                     item.offset,
                     item.cache.len()
-                )));
-            }
-            if item.cache.layers.len() != self.cfg.num_layers {
-                return Err(ModelError::InvalidInput(format!(
-                    "batch item {i} has a cache for {} layers, the model unrolls {}",
-                    item.cache.layers.len(),
-                    self.cfg.num_layers
                 )));
             }
             let end = item.offset + item.tokens.len();
@@ -419,9 +441,10 @@ impl Llama {
     }
 
     /// Runs the batch through every layer and returns the requested logits, stacked in item
-    /// order (`Last` gives one row, `All` one row per new token, `None` none).
-    pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Tensor> {
-        let mut out = self.forward_loops(items, false)?;
+    /// order (`Last` gives one row, `All` one row per new token, `None` none). Each item's
+    /// table takes the blocks it needs from `kv`.
+    pub fn forward(&self, kv: &mut KvPool, items: &mut [BatchItem<'_>]) -> Result<Tensor> {
+        let mut out = self.forward_loops(kv, items, false)?;
         Ok(out.pop().expect("forward_loops returns the last loop"))
     }
 
@@ -430,10 +453,14 @@ impl Llama {
     /// model's output. Without it, only the last.
     pub fn forward_loops(
         &self,
+        kv: &mut KvPool,
         items: &mut [BatchItem<'_>],
         every_loop: bool,
     ) -> Result<Vec<Tensor>> {
-        self.validate(items)?;
+        self.validate(kv, items)?;
+        for it in items.iter_mut() {
+            kv.reserve(it.cache, it.offset + it.tokens.len())?;
+        }
         let tokens: Vec<u32> = items
             .iter()
             .flat_map(|it| it.tokens.iter().copied())
@@ -445,13 +472,14 @@ impl Llama {
         let mut out = Vec::new();
         for l in 0..self.cfg.num_layers {
             let mut row = 0;
-            let mut segments: Vec<AttnSegment<'_>> = items
-                .iter_mut()
+            let segments: Vec<AttnSegment<'_>> = items
+                .iter()
                 .map(|it| {
                     let seg = AttnSegment {
                         rows: row..row + it.tokens.len(),
                         start: it.offset,
-                        cache: &mut it.cache.layers[l],
+                        cache: &*it.cache,
+                        layer: l,
                     };
                     row += it.tokens.len();
                     seg
@@ -463,12 +491,16 @@ impl Llama {
                     unrolled: l,
                 }],
                 &x,
-                &mut segments,
+                kv,
+                &segments,
             )?;
             let last = l + 1 == self.cfg.num_layers;
             if last || (every_loop && (l + 1) % block == 0) {
                 out.push(self.select_logits(&x, &keep)?);
             }
+        }
+        for it in items.iter_mut() {
+            it.cache.set_len(it.offset + it.tokens.len());
         }
         Ok(out)
     }

@@ -24,13 +24,17 @@ pub fn load_tiny(name: &str) -> Llama {
 /// Logits of every position of `ids`, run from an empty cache, flattened.
 pub fn all_logits(model: &Llama, ids: &[u32]) -> Vec<f32> {
     let mut cache = model.new_cache();
+    let mut kv = model.new_kv_pool();
     model
-        .forward(&mut [BatchItem {
-            tokens: ids,
-            offset: 0,
-            cache: &mut cache,
-            logits: Logits::All,
-        }])
+        .forward(
+            &mut kv,
+            &mut [BatchItem {
+                tokens: ids,
+                offset: 0,
+                cache: &mut cache,
+                logits: Logits::All,
+            }],
+        )
         .unwrap()
         .flatten_all()
         .unwrap()

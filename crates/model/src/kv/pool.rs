@@ -1,0 +1,421 @@
+//! Blocks as a resource: a pool of [`KvLayout`] blocks over one [`KvStore`], each with a
+//! reference count, and the prefix cache over them (vLLM's block pool, read for its shape).
+//!
+//! - A sequence's [`SeqCache`] is its block table. [`KvPool::reserve`] takes blocks as it grows
+//!   (unreferenced uncached blocks first, most recently freed first so their pages are warm;
+//!   then the least recently used cached block, evicted); [`KvPool::release`] gives them back.
+//! - A full block can be *sealed* ([`KvPool::seal`]): keyed by the hash chain of its tokens
+//!   ([`super::hash`]) and findable by [`KvPool::lookup`]; another sequence with the same prefix
+//!   takes it with [`KvPool::adopt`] (reference counted) instead of computing it. Released
+//!   sealed blocks stay cached until their memory is needed, evicted least recently used first,
+//!   the deepest block of a released table before its parents.
+//! - A sealed or shared block is never written: [`KvPool::write`] refuses (an error, not a
+//!   silent change of another sequence's context).
+//! - Lookups compare tokens and the exact parent block, not only hashes, so a hash collision
+//!   (or one crafted by a client) can never hand one request another's context.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::hash::block_hash;
+use super::store::{KvData, KvStore};
+use super::{BlockId, KvLayout};
+use crate::error::{ModelError, Result};
+
+/// A block's identity across reuse: its id and how many times the id was handed out.
+type Link = (BlockId, u32);
+
+/// One sequence's KV: its block table, positions written, and the hash chain of its sealed
+/// prefix. Owned by the sequence, backed by a [`KvPool`]; give the blocks back with
+/// [`KvPool::release`] (dropping the table leaks them until the pool is dropped).
+#[derive(Debug, Default)]
+pub struct SeqCache {
+    blocks: Vec<BlockId>,
+    len: usize,
+    /// Hashes of blocks `0..hashes.len()` (sealed, or adopted from the prefix cache).
+    hashes: Vec<u64>,
+    /// The cached block each of those stands for (itself, or the equal block cached first).
+    links: Vec<Link>,
+}
+
+impl SeqCache {
+    /// Positions written by [`crate::Llama::forward`] (or adopted from the prefix cache).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn blocks(&self) -> &[BlockId] {
+        &self.blocks
+    }
+
+    /// Blocks whose hashes are known (sealed or adopted): the cacheable prefix.
+    pub fn sealed_blocks(&self) -> usize {
+        self.hashes.len()
+    }
+
+    pub(crate) fn set_len(&mut self, len: usize) {
+        self.len = len;
+    }
+}
+
+/// The longest cached prefix of some tokens: blocks to [`KvPool::adopt`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefixHit {
+    pub blocks: Vec<BlockId>,
+    hashes: Vec<u64>,
+    links: Vec<Link>,
+}
+
+impl PrefixHit {
+    /// Blocks found.
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+}
+
+/// A sealed block findable by its hash.
+#[derive(Debug)]
+struct Cached {
+    block: BlockId,
+    parent: Option<Link>,
+    tokens: Box<[u32]>,
+}
+
+/// Counts of a pool's blocks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub total: usize,
+    /// Held by at least one sequence.
+    pub used: usize,
+    /// In the prefix cache (used or not).
+    pub cached: usize,
+    /// Cached blocks no sequence holds: kept until their memory is needed.
+    pub evictable: usize,
+    /// Cached blocks evicted to make room, since the pool was made.
+    pub evictions: u64,
+}
+
+/// A pool of KV blocks; see the module docs.
+#[derive(Debug)]
+pub struct KvPool {
+    store: KvStore,
+    growable: bool,
+    refs: Vec<u32>,
+    generation: Vec<u32>,
+    /// The hash of a sealed block (immutable from then on).
+    sealed: Vec<Option<u64>>,
+    cached: HashMap<u64, Cached>,
+    /// Unreferenced, uncached blocks, the most recently freed last.
+    free: Vec<BlockId>,
+    /// Unreferenced cached blocks by release tick: the first is evicted first.
+    evictable: BTreeMap<u64, BlockId>,
+    evict_tick: Vec<Option<u64>>,
+    tick: u64,
+    evictions: u64,
+}
+
+impl KvPool {
+    /// A pool of `blocks` blocks (at most 2^32), allocated at once (zero pages: memory is taken
+    /// as blocks are first written).
+    pub fn new(layout: KvLayout, blocks: usize) -> Result<Self> {
+        if blocks == 0 || blocks > BlockId::MAX as usize {
+            return Err(ModelError::InvalidInput(format!(
+                "a KV pool of {blocks} blocks: it needs at least one block of {} bytes (and at \
+                 most 2^32 blocks)",
+                layout.block_bytes()
+            )));
+        }
+        let mut pool = Self::empty(layout, false);
+        pool.add_blocks(blocks);
+        Ok(pool)
+    }
+
+    /// A pool that grows when it runs out (one sequence's forward, tests, scoring: whatever has
+    /// no budget to keep).
+    pub fn growable(layout: KvLayout) -> Self {
+        Self::empty(layout, true)
+    }
+
+    fn empty(layout: KvLayout, growable: bool) -> Self {
+        Self {
+            store: KvStore::new(layout, 0),
+            growable,
+            refs: Vec::new(),
+            generation: Vec::new(),
+            sealed: Vec::new(),
+            cached: HashMap::new(),
+            free: Vec::new(),
+            evictable: BTreeMap::new(),
+            evict_tick: Vec::new(),
+            tick: 0,
+            evictions: 0,
+        }
+    }
+
+    fn add_blocks(&mut self, n: usize) {
+        let old = self.store.blocks();
+        self.store.grow(old + n);
+        self.refs.resize(old + n, 0);
+        self.generation.resize(old + n, 0);
+        self.sealed.resize(old + n, None);
+        self.evict_tick.resize(old + n, None);
+        // Popped from the end: the lowest ids first.
+        self.free.extend((old..old + n).rev().map(|b| b as BlockId));
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.store.layout
+    }
+
+    pub(crate) fn data(&self) -> &KvData {
+        &self.store.data
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            total: self.store.blocks(),
+            used: self.refs.iter().filter(|&&r| r > 0).count(),
+            cached: self.cached.len(),
+            evictable: self.evictable.len(),
+            evictions: self.evictions,
+        }
+    }
+
+    /// Blocks a sequence could take now without waiting: free ones plus evictable cached ones
+    /// (unbounded for a growable pool).
+    pub fn available(&self) -> usize {
+        if self.growable {
+            usize::MAX / 2
+        } else {
+            self.free.len() + self.evictable.len()
+        }
+    }
+
+    /// Blocks in the pool.
+    pub fn total(&self) -> usize {
+        self.store.blocks()
+    }
+
+    /// References held on block `b` (tests and invariants).
+    pub fn refs(&self, b: BlockId) -> u32 {
+        self.refs[b as usize]
+    }
+
+    /// Whether block `b` is sealed (immutable).
+    pub fn is_sealed(&self, b: BlockId) -> bool {
+        self.sealed[b as usize].is_some()
+    }
+
+    /// One block, referenced once; `None` when the pool has nothing to give.
+    fn allocate(&mut self) -> Option<BlockId> {
+        if self.free.is_empty() && self.evictable.is_empty() && self.growable {
+            self.add_blocks(self.store.blocks().max(4));
+        }
+        let b = match self.free.pop() {
+            Some(b) => b,
+            None => {
+                let (_, b) = self.evictable.pop_first()?;
+                self.evict_tick[b as usize] = None;
+                let hash = self.sealed[b as usize].take();
+                if let Some(h) = hash {
+                    if self.cached.get(&h).is_some_and(|c| c.block == b) {
+                        self.cached.remove(&h);
+                    }
+                }
+                self.generation[b as usize] = self.generation[b as usize].wrapping_add(1);
+                self.evictions += 1;
+                b
+            }
+        };
+        self.refs[b as usize] = 1;
+        Some(b)
+    }
+
+    /// Grows `seq`'s table to hold `positions` positions. On failure the table keeps the blocks
+    /// it got (release or retry later).
+    pub fn reserve(&mut self, seq: &mut SeqCache, positions: usize) -> Result<()> {
+        let layout = self.layout();
+        while seq.blocks.len() * layout.block_tokens < positions {
+            let Some(b) = self.allocate() else {
+                return Err(ModelError::InvalidInput(format!(
+                    "the KV pool is out of blocks: {} positions need {} blocks of {} bytes, the \
+                     sequence holds {} and the pool of {} has none free",
+                    positions,
+                    layout.blocks_for(positions),
+                    layout.block_bytes(),
+                    seq.blocks.len(),
+                    self.total()
+                )));
+            };
+            seq.blocks.push(b);
+        }
+        Ok(())
+    }
+
+    /// Gives back every block of `seq` and empties it. Cached blocks stay findable until
+    /// evicted (the table's last block is evicted first).
+    pub fn release(&mut self, seq: &mut SeqCache) {
+        for &b in seq.blocks.iter().rev() {
+            let i = b as usize;
+            self.refs[i] -= 1;
+            if self.refs[i] > 0 {
+                continue;
+            }
+            let mapped =
+                self.sealed[i].is_some_and(|h| self.cached.get(&h).is_some_and(|c| c.block == b));
+            if mapped {
+                self.evictable.insert(self.tick, b);
+                self.evict_tick[i] = Some(self.tick);
+                self.tick += 1;
+            } else {
+                if self.sealed[i].take().is_some() {
+                    self.generation[i] = self.generation[i].wrapping_add(1);
+                }
+                self.free.push(b);
+            }
+        }
+        *seq = SeqCache::default();
+    }
+
+    /// The longest run of cached blocks that begins `tokens`, at most `max_blocks` of them,
+    /// chained from `root` (what [`super::root_hash`] gave for this model). Takes nothing.
+    pub fn lookup(&self, root: u64, tokens: &[u32], max_blocks: usize) -> PrefixHit {
+        let bt = self.layout().block_tokens;
+        let mut hit = PrefixHit::default();
+        let mut parent_hash = root;
+        let mut parent: Option<Link> = None;
+        for chunk in tokens.chunks_exact(bt).take(max_blocks) {
+            let h = block_hash(parent_hash, chunk);
+            match self.cached.get(&h) {
+                Some(c) if c.parent == parent && *c.tokens == *chunk => {
+                    let link = (c.block, self.generation[c.block as usize]);
+                    hit.blocks.push(c.block);
+                    hit.hashes.push(h);
+                    hit.links.push(link);
+                    parent = Some(link);
+                    parent_hash = h;
+                }
+                _ => break,
+            }
+        }
+        hit
+    }
+
+    /// Makes the blocks of `hit` the start of the empty `seq` (shared: each referenced once
+    /// more, none written by it).
+    pub fn adopt(&mut self, seq: &mut SeqCache, hit: PrefixHit) -> Result<()> {
+        if !seq.blocks.is_empty() {
+            return Err(ModelError::InvalidInput(
+                "a cached prefix can only start an empty sequence".into(),
+            ));
+        }
+        for &b in &hit.blocks {
+            let i = b as usize;
+            if let Some(t) = self.evict_tick[i].take() {
+                self.evictable.remove(&t);
+            }
+            self.refs[i] += 1;
+        }
+        seq.len = hit.blocks.len() * self.layout().block_tokens;
+        seq.blocks = hit.blocks;
+        seq.hashes = hit.hashes;
+        seq.links = hit.links;
+        Ok(())
+    }
+
+    /// Seals `seq`'s full blocks over its first `positions` positions, whose contents are
+    /// `tokens` (the caller vouches that those K/V depend on nothing but the tokens and the
+    /// root), chained from `root`; they become findable and are never written again. A block
+    /// equal to one already cached stays out of the cache (the cached one stands for it).
+    pub fn seal(&mut self, root: u64, seq: &mut SeqCache, tokens: &[u32], positions: usize) {
+        let bt = self.layout().block_tokens;
+        let full = (positions.min(tokens.len()) / bt).min(seq.blocks.len());
+        for i in seq.hashes.len()..full {
+            let chunk = &tokens[i * bt..(i + 1) * bt];
+            let parent_hash = seq.hashes.last().copied().unwrap_or(root);
+            let parent = seq.links.last().copied();
+            let h = block_hash(parent_hash, chunk);
+            let b = seq.blocks[i];
+            let link = match self.cached.get(&h) {
+                Some(c) if c.parent == parent && *c.tokens == *chunk => {
+                    (c.block, self.generation[c.block as usize])
+                }
+                // The same hash for other contents: leave this block and the rest uncached.
+                Some(_) => return,
+                None => {
+                    self.cached.insert(
+                        h,
+                        Cached {
+                            block: b,
+                            parent,
+                            tokens: chunk.into(),
+                        },
+                    );
+                    (b, self.generation[b as usize])
+                }
+            };
+            self.sealed[b as usize] = Some(h);
+            seq.hashes.push(h);
+            seq.links.push(link);
+        }
+    }
+
+    /// Writes K and V of position `pos` of `layer` into `seq`'s block, which must be its own
+    /// (referenced once) and not sealed.
+    pub fn write(
+        &mut self,
+        seq: &SeqCache,
+        layer: usize,
+        pos: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
+        let bt = self.layout().block_tokens;
+        let b = self.writable_block(seq, pos)?;
+        self.store.write(layer, b, pos % bt, k, v);
+        Ok(())
+    }
+
+    /// The block of `pos` in `seq`, if the sequence may write it.
+    fn writable_block(&self, seq: &SeqCache, pos: usize) -> Result<BlockId> {
+        let bt = self.layout().block_tokens;
+        let &b = seq.blocks.get(pos / bt).ok_or_else(|| {
+            ModelError::InvalidInput(format!(
+                "no KV block for position {pos}: the sequence holds {} blocks of {bt} (reserve \
+                 before the forward)",
+                seq.blocks.len()
+            ))
+        })?;
+        let i = b as usize;
+        if self.refs[i] != 1 {
+            return Err(ModelError::InvalidInput(format!(
+                "refused to write position {pos} into KV block {b}: it is shared by {} sequences",
+                self.refs[i]
+            )));
+        }
+        if self.sealed[i].is_some() {
+            return Err(ModelError::InvalidInput(format!(
+                "refused to write position {pos} into KV block {b}: it is sealed in the prefix \
+                 cache"
+            )));
+        }
+        Ok(b)
+    }
+
+    /// K and V of position `pos` of `layer` in `seq`, as f32.
+    pub fn read(&self, seq: &SeqCache, layer: usize, pos: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let bt = self.layout().block_tokens;
+        let &b = seq
+            .blocks
+            .get(pos / bt)
+            .ok_or_else(|| ModelError::InvalidInput(format!("no KV block for position {pos}")))?;
+        Ok(self.store.read(layer, b, pos % bt))
+    }
+}

@@ -1,0 +1,272 @@
+//! The bytes of a pool: one region per layer, each a run of blocks (`[block][K tiles | V rows]`),
+//! so a sequence whose blocks are consecutive reads each layer's K and V as one stream, as the
+//! contiguous cache did. Elements are f32 or bf16 ([`KvDtype`]); attention reads either through
+//! [`KvElem`], converting to f32 as it loads.
+
+use crate::kernels::bf16::{from_bf16, to_bf16};
+
+use super::{BlockId, KvLayout, KV_TILE};
+
+/// How K and V elements are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    /// Half the bytes of f32 (rounded to nearest even); attention widens as it reads.
+    Bf16,
+}
+
+impl KvDtype {
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::Bf16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvDtype::F32),
+            "bf16" => Ok(KvDtype::Bf16),
+            _ => Err(format!("unknown KV dtype {s:?} (expected f32 or bf16)")),
+        }
+    }
+}
+
+/// An element of a KV store.
+pub(crate) trait KvElem: Copy + Default + Send + Sync + 'static {
+    fn load(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+/// bf16 bits.
+impl KvElem for u16 {
+    #[inline(always)]
+    fn load(self) -> f32 {
+        from_bf16(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        to_bf16(v)
+    }
+}
+
+/// Per-layer regions of one element type.
+#[derive(Debug, Clone)]
+pub(crate) struct Regions<T> {
+    pub layers: Vec<Vec<T>>,
+}
+
+/// The elements of every block, by dtype.
+#[derive(Debug, Clone)]
+pub(crate) enum KvData {
+    F32(Regions<f32>),
+    Bf16(Regions<u16>),
+}
+
+/// The storage of a pool's blocks.
+#[derive(Debug, Clone)]
+pub(crate) struct KvStore {
+    pub layout: KvLayout,
+    pub data: KvData,
+    blocks: usize,
+}
+
+impl KvStore {
+    /// Zeroed storage for `blocks` blocks (the pages are mapped by the OS when first written,
+    /// so an unused part of a large pool costs address space, not memory).
+    pub fn new(layout: KvLayout, blocks: usize) -> Self {
+        let per_layer = blocks * layout.layer_block_elems();
+        let data = match layout.dtype {
+            KvDtype::F32 => KvData::F32(Regions {
+                layers: (0..layout.layers).map(|_| vec![0.0; per_layer]).collect(),
+            }),
+            KvDtype::Bf16 => KvData::Bf16(Regions {
+                layers: (0..layout.layers).map(|_| vec![0; per_layer]).collect(),
+            }),
+        };
+        Self {
+            layout,
+            data,
+            blocks,
+        }
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Grows the storage to `blocks` blocks (a growable pool; nothing may borrow it).
+    pub fn grow(&mut self, blocks: usize) {
+        if blocks <= self.blocks {
+            return;
+        }
+        let per_layer = blocks * self.layout.layer_block_elems();
+        match &mut self.data {
+            KvData::F32(r) => r.layers.iter_mut().for_each(|l| l.resize(per_layer, 0.0)),
+            KvData::Bf16(r) => r.layers.iter_mut().for_each(|l| l.resize(per_layer, 0)),
+        }
+        self.blocks = blocks;
+    }
+
+    /// Writes K and V of one position (`slot` inside `block`) of `layer`.
+    pub fn write(&mut self, layer: usize, block: BlockId, slot: usize, k: &[f32], v: &[f32]) {
+        let layout = self.layout;
+        match &mut self.data {
+            KvData::F32(r) => write_position(&mut r.layers[layer], layout, block, slot, k, v),
+            KvData::Bf16(r) => write_position(&mut r.layers[layer], layout, block, slot, k, v),
+        }
+    }
+
+    /// K and V of one position of `layer`, as f32.
+    pub fn read(&self, layer: usize, block: BlockId, slot: usize) -> (Vec<f32>, Vec<f32>) {
+        let layout = self.layout;
+        match &self.data {
+            KvData::F32(r) => read_position(&r.layers[layer], layout, block, slot),
+            KvData::Bf16(r) => read_position(&r.layers[layer], layout, block, slot),
+        }
+    }
+}
+
+fn write_position<T: KvElem>(
+    region: &mut [T],
+    layout: KvLayout,
+    block: BlockId,
+    slot: usize,
+    k: &[f32],
+    v: &[f32],
+) {
+    let row = layout.row;
+    let base = block as usize * layout.layer_block_elems();
+    let tile = base + (slot / KV_TILE) * KV_TILE * row;
+    let lane = slot % KV_TILE;
+    for (i, &x) in k.iter().enumerate() {
+        region[tile + i * KV_TILE + lane] = T::from_f32(x);
+    }
+    let v_at = base + layout.block_tokens * row + slot * row;
+    for (d, &x) in region[v_at..v_at + row].iter_mut().zip(v) {
+        *d = T::from_f32(x);
+    }
+}
+
+fn read_position<T: KvElem>(
+    region: &[T],
+    layout: KvLayout,
+    block: BlockId,
+    slot: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let row = layout.row;
+    let base = block as usize * layout.layer_block_elems();
+    let tile = base + (slot / KV_TILE) * KV_TILE * row;
+    let k = (0..row)
+        .map(|i| region[tile + i * KV_TILE + slot % KV_TILE].load())
+        .collect();
+    let v_at = base + layout.block_tokens * row + slot * row;
+    let v = region[v_at..v_at + row].iter().map(|x| x.load()).collect();
+    (k, v)
+}
+
+/// What attention reads of one sequence at one layer: its block table over the layer's region.
+#[derive(Clone, Copy)]
+pub(crate) struct LayerView<'a, T> {
+    region: &'a [T],
+    table: &'a [BlockId],
+    row: usize,
+    block_tokens: usize,
+    block_elems: usize,
+}
+
+impl<'a, T: KvElem> LayerView<'a, T> {
+    pub fn new(
+        regions: &'a Regions<T>,
+        layout: KvLayout,
+        layer: usize,
+        table: &'a [BlockId],
+    ) -> Self {
+        Self {
+            region: &regions.layers[layer],
+            table,
+            row: layout.row,
+            block_tokens: layout.block_tokens,
+            block_elems: layout.layer_block_elems(),
+        }
+    }
+
+    fn block_base(&self, b: usize) -> usize {
+        self.table[b] as usize * self.block_elems
+    }
+
+    /// K tile `t` (positions `16t..16t + 16`) of a KV head: `[head_dim][16]`, from feature
+    /// `head_offset`.
+    #[inline(always)]
+    pub fn k_tile(&self, t: usize, head_offset: usize, head_dim: usize) -> &'a [T] {
+        let pos = t * KV_TILE;
+        let b = pos / self.block_tokens;
+        let start =
+            self.block_base(b) + (pos - b * self.block_tokens) * self.row + head_offset * KV_TILE;
+        &self.region[start..start + head_dim * KV_TILE]
+    }
+
+    /// V rows of block `b` (`[block_tokens][row]`), and the block's first position.
+    #[inline(always)]
+    pub fn v_block(&self, b: usize) -> &'a [T] {
+        let start = self.block_base(b) + self.block_tokens * self.row;
+        &self.region[start..start + self.block_tokens * self.row]
+    }
+
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
+    }
+
+    pub fn row(&self) -> usize {
+        self.row
+    }
+
+    /// Asks the CPU to bring the first `positions` positions' K and V into its caches
+    /// (`prefetcht1`: L2), so attention does not wait on memory line by line.
+    pub fn prefetch(&self, positions: usize) {
+        #[cfg(target_arch = "x86_64")]
+        for b in 0..positions.div_ceil(self.block_tokens).min(self.table.len()) {
+            let start = self.block_base(b);
+            let bytes = std::mem::size_of::<T>();
+            for line in self.region[start..start + self.block_elems].chunks(64 / bytes) {
+                // SAFETY: prefetching is a hint and never faults; the address is in the region.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                        line.as_ptr() as *const i8,
+                    )
+                };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = positions;
+    }
+}
