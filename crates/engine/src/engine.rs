@@ -276,6 +276,11 @@ impl Engine {
         self.kv.counters
     }
 
+    /// Ids of the waiting requests, in order of service (preempted ones among them).
+    pub fn waiting_ids(&self) -> Vec<u64> {
+        self.waiting.iter().map(|s| s.id).collect()
+    }
+
     /// Requests waiting for admission.
     pub fn queue_len(&self) -> usize {
         self.waiting.len()

@@ -6,52 +6,18 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::mpsc::Receiver;
+
+use common::{collect, kv_block_bytes, params, tiny_recursive};
 
 use rrt_engine::{
     generate_with_exits, Engine, EngineConfig, EngineError, Event, ExitKind, ExitPolicy, ExitTrace,
     FinishReason, GenParams, KvFill, Received, Request, Scheduler,
 };
 use rrt_model::generate::greedy;
-use rrt_model::recursive::convert::{convert, ConvertOptions};
-use rrt_model::recursive::mapping::Init;
-use rrt_model::source::safetensors::SafetensorsSource;
-use rrt_model::{Llama, ModelConfig, SamplingParams, WeightDtype};
-
-fn tiny_recursive() -> Llama {
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-mha-untied");
-    let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
-    let mut src = SafetensorsSource::open_dir(&dir).unwrap();
-    let plain = Llama::load(cfg, &mut src, rrt_model::WeightDtype::F32, None).unwrap();
-    let opts = ConvertOptions {
-        block_layers: 1,
-        init: Init::Average,
-        seed: 0,
-        rank_attn: 4,
-        rank_mlp: 4,
-        per_loop_norms: true,
-        source: "fixture".into(),
-    };
-    convert(&plain, &opts, &|| {}).unwrap()
-}
-
-fn kv_block_bytes(model: &Llama) -> usize {
-    model
-        .kv_layout(16, rrt_model::KvDtype::F32)
-        .unwrap()
-        .block_bytes()
-}
-
-fn params(max_new: usize) -> GenParams {
-    GenParams {
-        max_new_tokens: max_new,
-        sampling: SamplingParams::default(),
-        stop_tokens: vec![],
-        ..GenParams::default()
-    }
-}
+use rrt_model::{Llama, WeightDtype};
 
 fn prompts(vocab: u32) -> Vec<(Vec<u32>, usize)> {
     (0..16u32)
@@ -63,10 +29,6 @@ fn prompts(vocab: u32) -> Vec<(Vec<u32>, usize)> {
             (prompt, 5 + (i as usize % 4) * 3)
         })
         .collect()
-}
-
-fn collect(rx: &Receiver<Event>) -> Received {
-    Received::drain(rx).unwrap_or_else(|e| panic!("request failed: {e}"))
 }
 
 /// Submits every case (request id = its index) with `exit`; the receivers in case order.
