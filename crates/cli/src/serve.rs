@@ -31,6 +31,16 @@ pub struct ServeArgs {
     /// Prometheus `/metrics` of every service.
     #[arg(long, env = "RRT_METRICS_LISTEN", default_value = "127.0.0.1:9100")]
     metrics_listen: SocketAddr,
+    /// Each worker's KV pool, MiB (see `rrt-worker --help`).
+    #[arg(long, env = "RRT_WORKER_KV_BUDGET_MIB", default_value_t = 2048)]
+    kv_budget_mib: usize,
+    /// How K and V are held: f32 or bf16 (half the bytes a token).
+    #[arg(long, env = "RRT_WORKER_KV_DTYPE", default_value_t = rrt_model::KvDtype::F32)]
+    kv_dtype: rrt_model::KvDtype,
+    /// Reuse the KV of earlier requests' common prefixes (shared system prompts, conversation
+    /// history): on or off.
+    #[arg(long, env = "RRT_WORKER_PREFIX_CACHE", value_enum, default_value_t = rrt_worker::config::OnOff::On)]
+    prefix_cache: rrt_worker::config::OnOff,
     /// Extra worker flags, e.g. `--worker-flags=--exit=max-prob,--exit-threshold=0.9`.
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     worker_flags: Vec<String>,
@@ -79,6 +89,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "--metrics-listen=127.0.0.1:0".into(),
             format!("--model={}", args.model.display()),
             format!("--dtype={}", args.dtype),
+            format!("--kv-budget-mib={}", args.kv_budget_mib),
+            format!("--kv-dtype={}", args.kv_dtype),
+            format!("--prefix-cache={}", args.prefix_cache),
             format!("--coordinator={url}"),
             format!("--worker-id=worker-{}", i + 1),
         ];

@@ -180,6 +180,7 @@ pub async fn collect(
         if msg.finish().is_some() {
             out.finish_reason = msg.finish_reason;
             out.prompt_tokens = msg.prompt_tokens;
+            out.cached_prompt_tokens = msg.cached_prompt_tokens;
             return Ok(out);
         }
     }

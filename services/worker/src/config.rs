@@ -101,6 +101,15 @@ pub enum OnOff {
     Off,
 }
 
+impl std::fmt::Display for OnOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnOff::On => "on",
+            OnOff::Off => "off",
+        })
+    }
+}
+
 #[derive(ValueEnum, Debug, Clone, Copy)]
 pub enum SchedulerArg {
     Static,

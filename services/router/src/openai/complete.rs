@@ -120,6 +120,7 @@ fn base(common: &Common, default_max: u32) -> Result<pb::GenerateRequest, ApiErr
             .map(OneOrMany::into_vec)
             .unwrap_or_default(),
         exit: exit_parameters(common)?,
+        priority: common.priority.unwrap_or(0),
         ..Default::default()
     })
 }
@@ -274,7 +275,7 @@ async fn whole(
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
     let (mut tokens, mut exits, mut pieces, mut lps) = (0u32, vec![], vec![], vec![]);
-    let (finish, prompt_tokens) = loop {
+    let (finish, last) = loop {
         let Some(item) = rx.recv().await else {
             return Err(
                 tonic::Status::unavailable("the request's relay ended without a finish").into(),
@@ -289,10 +290,10 @@ async fn whole(
             lps.extend(t.logprob);
         }
         if let Some(reason) = msg.finish() {
-            break (reason, msg.prompt_tokens);
+            break (reason, msg);
         }
     };
-    let usage = Usage::new(prompt_tokens, tokens);
+    let usage = Usage::new(&last, tokens);
     let logprobs = plan
         .logprobs
         .then(|| logprobs_json(plan.kind, &pieces, &lps));
@@ -440,7 +441,7 @@ fn stream(
                 if plan.include_usage {
                     let mut u = chunk(&plan, None, false, None, None);
                     u["choices"] = json!([]);
-                    u["usage"] = json!(Usage::new(msg.prompt_tokens, tokens));
+                    u["usage"] = json!(Usage::new(&msg, tokens));
                     if tx.send(data(u)).await.is_err() {
                         return;
                     }

@@ -53,6 +53,9 @@ pub struct Common {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub rrt_exit: Option<ExitExtension>,
+    /// Scheduling priority on the worker (vLLM's extension): lower is admitted first and
+    /// preempted last; 0 by default.
+    pub priority: Option<i32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,14 +99,26 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's breakdown of the prompt tokens.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV the worker's prefix cache held (not computed again).
+    pub cached_tokens: u32,
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+    /// The usage of a request from its final stream message and its completion tokens.
+    pub fn new(last: &rrt_proto::v1::GenerateStreamResponse, completion_tokens: u32) -> Self {
         Self {
-            prompt_tokens,
+            prompt_tokens: last.prompt_tokens,
             completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
+            total_tokens: last.prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: last.cached_prompt_tokens,
+            },
         }
     }
 }
