@@ -324,7 +324,8 @@ impl Engine {
     /// Moves waiting sequences into the running set, in order of service, while sequences and
     /// blocks allow: each takes its cached prefix and blocks for its tokens now, not for its
     /// worst case. One that does not fit is passed over by later ones that do, up to
-    /// [`MAX_PASSED_OVER`] times. Static batching only admits into an empty batch.
+    /// [`MAX_PASSED_OVER`] times; one whose prefix a running sequence is computing waits for
+    /// it to be cached. Static batching only admits into an empty batch.
     fn admit(&mut self) {
         if self.cfg.scheduler == Scheduler::Static && !self.running.is_empty() {
             return;
@@ -332,6 +333,14 @@ impl Engine {
         let mut i = 0;
         while i < self.waiting.len() && self.running.len() < self.cfg.max_sequences {
             let adm = self.kv.plan_admission(&self.waiting[i]);
+            if self.cfg.scheduler != Scheduler::Static
+                && self
+                    .kv
+                    .prefix_in_flight(&self.waiting[i], adm.hit_blocks(), &self.running)
+            {
+                i += 1;
+                continue;
+            }
             if adm.takes > self.kv.available() {
                 if self.waiting[i].passed_over >= MAX_PASSED_OVER {
                     break;

@@ -38,6 +38,13 @@ pub(crate) struct Admission {
     pub takes: usize,
 }
 
+impl Admission {
+    /// Cached blocks it starts from.
+    pub fn hit_blocks(&self) -> usize {
+        self.hit.len()
+    }
+}
+
 pub(crate) struct KvMemory {
     pool: KvPool,
     root: u64,
@@ -121,6 +128,34 @@ impl KvMemory {
             takes: self.layout().blocks_for(n) - hit.len() + revived,
             hit,
         }
+    }
+
+    /// Whether a running sequence is computing full blocks of `w`'s prefix beyond the
+    /// `hit` blocks found cached: admitting `w` before they are sealed (at the end of the step
+    /// that computes them) would compute them twice. A burst of requests with one system
+    /// prompt then computes it once, the others waiting a step or two for it (SGLang's
+    /// cache-aware scheduling does the same by ordering its queue).
+    pub fn prefix_in_flight(&self, w: &Seq, hit: usize, running: &[Seq]) -> bool {
+        if !self.prefix_cache {
+            return false;
+        }
+        let bt = self.layout().block_tokens;
+        let most = (w.tokens.len() - 1) / bt;
+        running.iter().filter(|r| !r.is_done()).any(|r| {
+            // The blocks `r` computes as a prompt (every loop: cacheable).
+            let limit = most.min(r.prompt_len.max(r.recompute_until) / bt);
+            if limit <= hit || r.computed >= limit * bt {
+                return false;
+            }
+            let common = w
+                .tokens
+                .chunks_exact(bt)
+                .zip(r.tokens.chunks_exact(bt))
+                .take(limit)
+                .take_while(|(a, b)| a == b)
+                .count();
+            common > hit && r.computed < common * bt
+        })
     }
 
     /// Blocks available now (free and evictable).

@@ -437,3 +437,33 @@ fn bf16_kv_takes_half_the_bytes_a_token() {
     .unwrap();
     assert_eq!(e.kv_blocks().total, 32);
 }
+
+#[test]
+fn a_burst_of_requests_sharing_a_prefix_computes_it_once() {
+    let model = tiny_recursive();
+    let prompts = shared_prefix_prompts(model.cfg.vocab_size as u32);
+    for scheduler in [Scheduler::Csb, Scheduler::Cdb] {
+        let run = |prefix_cache: bool| {
+            let mut e = engine(&model, scheduler, 64, prefix_cache);
+            // All at once, on a cold cache.
+            let rxs: Vec<_> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| submit(&mut e, i as u64, p, params(6), None))
+                .collect();
+            e.run_until_idle();
+            let out: Vec<Vec<u32>> = rxs.iter().map(|rx| collect(rx).tokens).collect();
+            (out, e.kv_counters())
+        };
+        let (cold, cold_kv) = run(false);
+        let (warm, warm_kv) = run(true);
+        assert_eq!(warm, cold, "{scheduler:?}");
+        // The first computes the two shared full blocks; the seven others wait for them.
+        assert_eq!(warm_kv.hit_tokens, 7 * 32, "{scheduler:?}: {warm_kv:?}");
+        assert_eq!(
+            warm_kv.prefill_tokens,
+            cold_kv.prefill_tokens - 7 * 32,
+            "{scheduler:?}"
+        );
+    }
+}
