@@ -262,6 +262,8 @@ fn block_scores<const FMA: bool, const H: usize, T: KvElem>(
     q: &[&[f32]; H],
     k_tile: &[T],
 ) -> [[f32; KV_TILE]; H] {
+    let d = k_tile.len() / KV_TILE;
+    assert!(q.iter().all(|q| q.len() >= d), "a query shorter than the K tile");
     let mut even = [[0f32; KV_TILE]; H];
     let mut odd = [[0f32; KV_TILE]; H];
     let fma = |a: &mut [f32; KV_TILE], qd: f32, kr: &[T]| {
@@ -270,19 +272,22 @@ fn block_scores<const FMA: bool, const H: usize, T: KvElem>(
             *a = if FMA { qd.mul_add(k, *a) } else { *a + qd * k };
         }
     };
+    // SAFETY (the unchecked reads below): `j < d / 2` (one pair of K rows per `j`) and
+    // `dd = d - 1`, so every index is below `d`, which no query is shorter than (asserted).
+    // A checked index here cost a compare and branch per FMA.
+    let at = |h: usize, i: usize| unsafe { *q[h].get_unchecked(i) };
     let mut pairs = k_tile.chunks_exact(2 * KV_TILE);
     for (j, kr) in (&mut pairs).enumerate() {
         let (k0, k1) = kr.split_at(KV_TILE);
         for h in 0..H {
-            fma(&mut even[h], q[h][2 * j], k0);
-            fma(&mut odd[h], q[h][2 * j + 1], k1);
+            fma(&mut even[h], at(h, 2 * j), k0);
+            fma(&mut odd[h], at(h, 2 * j + 1), k1);
         }
     }
     let last = pairs.remainder();
     if !last.is_empty() {
-        let dd = k_tile.len() / KV_TILE - 1;
         for h in 0..H {
-            fma(&mut even[h], q[h][dd], last);
+            fma(&mut even[h], at(h, d - 1), last);
         }
     }
     for h in 0..H {
@@ -291,6 +296,39 @@ fn block_scores<const FMA: bool, const H: usize, T: KvElem>(
         }
     }
     even
+}
+
+/// `s_j <- exp((s_j - max s) * scale)` (the softmax numerators of scores `s`), returning their
+/// sum. Max and sum run lane-wise over 16 lanes, so both reductions vectorize (a plain float
+/// `max`/`sum` fold does not: its order is fixed).
+#[inline(always)]
+fn softmax_in_place(s: &mut [f32], scale: f32) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; KV_TILE];
+    let mut chunks = s.chunks_exact(KV_TILE);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    let mut sums = [0f32; KV_TILE];
+    let mut chunks = s.chunks_exact_mut(KV_TILE);
+    for c in &mut chunks {
+        for (a, x) in sums.iter_mut().zip(c) {
+            *x = exp_fast((*x - max) * scale);
+            *a += *x;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp_fast((*x - max) * scale);
+        sum += *x;
+    }
+    sum
 }
 
 /// `o_h = inv_h * sum_j p_hj V[j]` for `H` heads with the accumulators in registers (head size
@@ -433,16 +471,7 @@ fn attend_heads<const FMA: bool, const H: usize, T: KvElem>(
     }
     let mut inv = [0f32; H];
     for (h, inv) in inv.iter_mut().enumerate() {
-        let s = &mut scores[h * stride..h * stride + at.visible];
-        let mut max = f32::NEG_INFINITY;
-        for s in s.iter_mut() {
-            *s *= scale;
-            max = max.max(*s);
-        }
-        for s in s.iter_mut() {
-            *s = exp_fast(*s - max);
-        }
-        *inv = 1.0 / s.iter().sum::<f32>();
+        *inv = 1.0 / softmax_in_place(&mut scores[h * stride..h * stride + at.visible], scale);
     }
     let probs: [&[f32]; H] = std::array::from_fn(|h| &scores[h * stride..h * stride + at.visible]);
     match d {
