@@ -263,7 +263,10 @@ fn block_scores<const FMA: bool, const H: usize, T: KvElem>(
     k_tile: &[T],
 ) -> [[f32; KV_TILE]; H] {
     let d = k_tile.len() / KV_TILE;
-    assert!(q.iter().all(|q| q.len() >= d), "a query shorter than the K tile");
+    assert!(
+        q.iter().all(|q| q.len() >= d),
+        "a query shorter than the K tile"
+    );
     let mut even = [[0f32; KV_TILE]; H];
     let mut odd = [[0f32; KV_TILE]; H];
     let fma = |a: &mut [f32; KV_TILE], qd: f32, kr: &[T]| {

@@ -121,7 +121,11 @@ impl Shared {
             max_new_tokens: (req.max_new_tokens as usize)
                 .saturating_sub(req.resume_token_ids.len()),
             sampling,
-            stop_tokens: self.tokenizer.eos.clone(),
+            stop_tokens: if req.ignore_eos {
+                Vec::new()
+            } else {
+                self.tokenizer.eos.clone()
+            },
             logprobs: req.logprobs,
             ..GenParams::default()
         };

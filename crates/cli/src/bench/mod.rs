@@ -6,9 +6,12 @@ mod decode;
 mod engine;
 mod engine_dtypes;
 mod engine_runs;
+mod local_cluster;
 mod matmul;
+mod openai_client;
 mod overload;
 pub(crate) mod plot;
+mod prefix;
 pub mod router;
 
 use clap::Subcommand;
@@ -27,6 +30,8 @@ pub enum BenchCommand {
     Chaos(chaos::ChaosArgs),
     /// Bursts of 10x capacity at the router and at a worker: refusal latency, completions, RSS.
     Overload(overload::OverloadArgs),
+    /// KV reuse as a client sees it: shared system prompts, multi-turn chat, capacity.
+    Prefix(prefix::PrefixBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -37,5 +42,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Router(args) => router::run(args),
         BenchCommand::Chaos(args) => chaos::run(args),
         BenchCommand::Overload(args) => overload::run(args),
+        BenchCommand::Prefix(args) => prefix::run(args),
     }
 }

@@ -6,19 +6,17 @@
 //! tokens/s of each and the ratios (targets: router gRPC >= 0.95x straight, HTTP >= 0.95x gRPC).
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Parser};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use rrt_proto::v1 as pb;
 use rrt_proto::v1::generation_client::GenerationClient;
 use rrt_proto::v1::worker_client::WorkerClient;
-use rrt_service::Shutdown;
 use tonic::transport::Channel;
+
+use super::local_cluster::LocalCluster;
+use super::openai_client::{http_client, stream, HttpClient};
 
 #[derive(Args, Debug)]
 pub struct RouterBenchArgs {
@@ -69,8 +67,6 @@ enum Path {
     Http,
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
 /// The clients of the three paths.
 #[derive(Clone)]
 struct Clients {
@@ -101,39 +97,20 @@ async fn bench(args: RouterBenchArgs) -> anyhow::Result<()> {
         .collect();
     anyhow::ensure!(!prompts.is_empty(), "no prompts in {}", args.data.display());
 
-    let shutdown = Shutdown::new();
-    let local = [
-        "--listen=127.0.0.1:0".to_string(),
-        "--metrics-listen=127.0.0.1:0".into(),
-    ];
-    let coordinator = rrt_coordinator::start(parse(&local)?, shutdown.clone()).await?;
-    let url = format!("http://{}", coordinator.grpc_addr);
-    let mut wflags = local.to_vec();
-    wflags.extend([
-        format!("--model={}", args.model.display()),
-        format!("--coordinator={url}"),
-        format!("--max-sequences={}", args.concurrency),
-        "--worker-id=bench".into(),
-    ]);
-    let worker = rrt_worker::start(parse(&wflags)?, shutdown.clone()).await?;
-    let mut rflags = local.to_vec();
-    rflags.push(format!("--coordinator={url}"));
-    rflags.push("--http-listen=127.0.0.1:0".into());
-    let router = rrt_router::start(parse(&rflags)?, shutdown.clone()).await?;
-    let started = Instant::now();
-    while router.pool.slots().is_empty() {
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(20),
-            "the router found no worker"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let http_addr = router.http_addr.context("the router serves no HTTP")?;
+    let cluster = LocalCluster::start(
+        &[
+            format!("--model={}", args.model.display()),
+            format!("--max-sequences={}", args.concurrency),
+        ],
+        1,
+    )
+    .await?;
+    let worker = &cluster.workers[0];
     let clients = Clients {
         direct: WorkerClient::connect(format!("http://{}", worker.grpc_addr)).await?,
-        routed: GenerationClient::connect(format!("http://{}", router.grpc_addr)).await?,
-        http: Client::builder(TokioExecutor::new()).build_http(),
-        completions: format!("http://{http_addr}/v1/completions"),
+        routed: GenerationClient::connect(format!("http://{}", cluster.router.grpc_addr)).await?,
+        http: http_client(),
+        completions: format!("{}/completions", cluster.openai_base()?),
     };
     println!(
         "router overhead: {} streaming requests x {} tokens, {} in flight, model {}",
@@ -178,8 +155,7 @@ async fn bench(args: RouterBenchArgs) -> anyhow::Result<()> {
         h / d,
         h / r
     );
-    shutdown.trigger();
-    Ok(())
+    cluster.stop().await
 }
 
 /// Runs every prompt with `concurrency` in flight; returns generated tokens per second.
@@ -230,8 +206,8 @@ async fn workload(
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
-/// One streamed `POST /v1/completions` (greedy, as the gRPC requests), read event by event to
-/// the end; returns the generated tokens the final usage chunk reports.
+/// One streamed `POST /v1/completions` (greedy, as the gRPC requests), read to the end;
+/// returns the generated tokens the final usage chunk reports.
 async fn sse_completion(clients: &Clients, prompt: &str, max_tokens: u32) -> anyhow::Result<usize> {
     let body = serde_json::json!({
         "prompt": prompt,
@@ -240,31 +216,6 @@ async fn sse_completion(clients: &Clients, prompt: &str, max_tokens: u32) -> any
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    let req = hyper::Request::post(&clients.completions)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))?;
-    let mut res = clients.http.request(req).await?;
-    anyhow::ensure!(res.status().is_success(), "HTTP {}", res.status());
-    let (mut pending, mut usage) = (Vec::new(), None);
-    while let Some(frame) = res.body_mut().frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue;
-        };
-        pending.extend_from_slice(&data);
-        // Complete events end with a blank line; the usage chunk is the one with no choices.
-        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = pending.drain(..end + 2).collect();
-            let Some(json) = event.strip_prefix(b"data: ") else {
-                continue;
-            };
-            const USAGE: &[u8] = b"\"usage\":{";
-            if json.starts_with(b"{") && json.windows(USAGE.len()).any(|w| w == USAGE) {
-                let v: serde_json::Value = serde_json::from_slice(json)?;
-                usage = v["usage"]["completion_tokens"].as_u64();
-            }
-        }
-    }
-    usage
-        .map(|n| n as usize)
-        .context("the stream ended without a usage chunk")
+    let got = stream(&clients.http, &clients.completions, &body, true).await?;
+    Ok(got.completion_tokens as usize)
 }

@@ -121,6 +121,7 @@ fn base(common: &Common, default_max: u32) -> Result<pb::GenerateRequest, ApiErr
             .unwrap_or_default(),
         exit: exit_parameters(common)?,
         priority: common.priority.unwrap_or(0),
+        ignore_eos: common.ignore_eos,
         ..Default::default()
     })
 }

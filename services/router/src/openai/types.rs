@@ -56,6 +56,10 @@ pub struct Common {
     /// Scheduling priority on the worker (vLLM's extension): lower is admitted first and
     /// preempted last; 0 by default.
     pub priority: Option<i32>,
+    /// Generate up to the token limit even past the end-of-sequence token (vLLM's extension,
+    /// for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Deserialize)]
