@@ -16,13 +16,16 @@ pub struct EvalArgs {
     model: ModelArgs,
     #[command(flatten)]
     text: EvalText,
+    /// How K and V are held while scoring: f32 or bf16.
+    #[arg(long, default_value_t = rrt_model::KvDtype::F32)]
+    kv_dtype: rrt_model::KvDtype,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let loaded = args.model.load()?;
     let ids = args.text.token_ids(&loaded.tokenizer)?;
     let started = Instant::now();
-    let per_loop = perplexity_per_loop(&loaded.model, &ids, args.text.window, true)?;
+    let per_loop = perplexity_per_loop(&loaded.model, &ids, args.text.window, true, args.kv_dtype)?;
     let report = *per_loop.last().context("no loops")?;
     let secs = started.elapsed().as_secs_f64();
     let cfg = &loaded.model.cfg;
@@ -46,6 +49,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         None => println!("layers:         {}", cfg.num_layers),
     }
     println!("non-emb params: {:.2}M", params as f64 / 1e6);
+    let kv = loaded
+        .model
+        .kv_layout(rrt_model::kv::DEFAULT_BLOCK_TOKENS, args.kv_dtype)?;
+    println!(
+        "KV cache:       {} bytes a token ({}, every layer and loop)",
+        kv.bytes_per_token(),
+        args.kv_dtype
+    );
     println!(
         "weight memory:  {} ({}, {} kernel)",
         crate::memory::mib(loaded.model.weight_bytes() as u64),

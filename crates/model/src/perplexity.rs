@@ -5,6 +5,7 @@ use candle_core::{Tensor, D};
 
 use crate::decoder::{BatchItem, Llama, Logits};
 use crate::error::{ModelError, Result};
+use crate::kv::{KvDtype, KvPool, DEFAULT_BLOCK_TOKENS};
 
 #[derive(Debug, Clone, Copy)]
 pub struct PerplexityReport {
@@ -30,18 +31,20 @@ pub fn nll_sum(logits: &Tensor, targets: &[u32]) -> Result<f64> {
 
 /// Scores `ids` in windows of `window` tokens (the model's final output).
 pub fn perplexity(model: &Llama, ids: &[u32], window: usize) -> Result<PerplexityReport> {
-    let mut per_loop = perplexity_per_loop(model, ids, window, false)?;
+    let mut per_loop = perplexity_per_loop(model, ids, window, false, KvDtype::F32)?;
     Ok(per_loop.pop().expect("at least the final loop"))
 }
 
 /// Scores `ids` with an exit head after every loop of a recursive model (final norm + LM head
 /// on each loop's hidden state): one report per loop, the last is the model's output. With
-/// `every_loop` false, only the final one.
+/// `every_loop` false, only the final one. K and V are held as `kv` (attention reads every
+/// position from the KV pool, its own row's included, so the dtype applies throughout).
 pub fn perplexity_per_loop(
     model: &Llama,
     ids: &[u32],
     window: usize,
     every_loop: bool,
+    kv: KvDtype,
 ) -> Result<Vec<PerplexityReport>> {
     if window < 2 || ids.len() < 2 {
         return Err(ModelError::InvalidInput(format!(
@@ -51,11 +54,12 @@ pub fn perplexity_per_loop(
     }
     let mut totals: Vec<f64> = Vec::new();
     let mut scored = 0;
+    let layout = model.kv_layout(DEFAULT_BLOCK_TOKENS, kv)?;
     for chunk in ids.chunks(window).filter(|c| c.len() >= 2) {
         let mut cache = model.new_cache();
-        let mut kv = model.new_kv_pool();
+        let mut pool = KvPool::growable(layout);
         let per_loop = model.forward_loops(
-            &mut kv,
+            &mut pool,
             &mut [BatchItem {
                 tokens: &chunk[..chunk.len() - 1],
                 offset: 0,
