@@ -204,3 +204,58 @@ impl WorkerArgs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: WorkerArgs,
+    }
+
+    fn engine_config(flags: &[&str]) -> anyhow::Result<EngineConfig> {
+        let argv = ["rrt-worker", "--model", "m.gguf"].iter().chain(flags);
+        Cli::try_parse_from(argv)?.args.engine_config("m")
+    }
+
+    #[test]
+    fn kv_flags_become_engine_settings() {
+        let cfg = engine_config(&[
+            "--kv-budget-mib=64",
+            "--kv-block-tokens=32",
+            "--kv-dtype=bf16",
+            "--prefix-cache=off",
+        ])
+        .unwrap();
+        assert_eq!(cfg.kv_budget_bytes, 64 << 20);
+        assert_eq!(cfg.kv_block_tokens, 32);
+        assert_eq!(cfg.kv_dtype, rrt_model::KvDtype::Bf16);
+        assert!(!cfg.prefix_cache);
+        assert!(cfg.model_id.contains("m.gguf"), "{}", cfg.model_id);
+        let default = engine_config(&[]).unwrap();
+        assert!(default.prefix_cache, "on by default");
+        assert_eq!(default.kv_dtype, rrt_model::KvDtype::F32);
+    }
+
+    #[test]
+    fn bad_kv_flags_and_exits_a_scheduler_ignores_are_refused() {
+        for (flags, says) in [
+            (&["--kv-block-tokens=24"][..], "multiple of 16"),
+            (&["--kv-block-tokens=0"], "multiple of 16"),
+            (&["--kv-budget-mib=0"], "at least 1"),
+            (&["--kv-dtype=int4"], "unknown KV dtype"),
+            (&["--prefix-cache=maybe"], "maybe"),
+            (
+                &["--scheduler=csb", "--exit=max-prob"],
+                "needs --scheduler cdb",
+            ),
+        ] {
+            let err = engine_config(flags).unwrap_err().to_string();
+            assert!(err.contains(says), "{flags:?}: {err}");
+        }
+    }
+}
