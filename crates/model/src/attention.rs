@@ -275,11 +275,17 @@ fn block_scores<const FMA: bool, const H: usize, T: KvElem>(
             *a = if FMA { qd.mul_add(k, *a) } else { *a + qd * k };
         }
     };
-    // SAFETY (the unchecked reads below): `j < d / 2` (one pair of K rows per `j`) and
-    // `dd = d - 1`, so every index is below `d`, which no query is shorter than (asserted).
-    // A checked index here cost a compare and branch per FMA.
-    let at = |h: usize, i: usize| unsafe { *q[h].get_unchecked(i) };
+    // Every index read below is `2j`, `2j + 1` with `j < d / 2` (one pair of K rows per `j`)
+    // or `d - 1`: below `d`, which no query is shorter than (asserted). A checked index here
+    // cost a compare and branch per FMA.
+    let at = |h: usize, i: usize| {
+        debug_assert!(i < d);
+        // SAFETY: `i < d <= q[h].len()`, as said above.
+        unsafe { *q[h].get_unchecked(i) }
+    };
     let mut pairs = k_tile.chunks_exact(2 * KV_TILE);
+    // h indexes the queries and both accumulator arrays alike.
+    #[allow(clippy::needless_range_loop)]
     for (j, kr) in (&mut pairs).enumerate() {
         let (k0, k1) = kr.split_at(KV_TILE);
         for h in 0..H {
@@ -289,8 +295,8 @@ fn block_scores<const FMA: bool, const H: usize, T: KvElem>(
     }
     let last = pairs.remainder();
     if !last.is_empty() {
-        for h in 0..H {
-            fma(&mut even[h], at(h, d - 1), last);
+        for (h, even) in even.iter_mut().enumerate() {
+            fma(even, at(h, d - 1), last);
         }
     }
     for h in 0..H {
@@ -350,6 +356,8 @@ fn weighted_v<const FMA: bool, const H: usize, const D: usize, T: KvElem>(
     for b in 0..visible.div_ceil(bt) {
         let rows = cache.v_block(b);
         let first = b * bt;
+        // j indexes the block's V rows and every head's probabilities alike.
+        #[allow(clippy::needless_range_loop)]
         for j in first..visible.min(first + bt) {
             let at = (j - first) * row + kv_off;
             let v = &rows[at..at + D];

@@ -164,14 +164,9 @@ impl WorkerArgs {
             self.exit_threshold
         );
         anyhow::ensure!(self.report_ms > 0, "--report-ms must be at least 1");
-        anyhow::ensure!(
-            self.kv_block_tokens > 0 && self.kv_block_tokens % rrt_model::kv::KV_TILE == 0,
-            "--kv-block-tokens {} is not a positive multiple of {} (the attention kernels read K \
-             in tiles of {} positions)",
-            self.kv_block_tokens,
-            rrt_model::kv::KV_TILE,
-            rrt_model::kv::KV_TILE
-        );
+        // The block size rule lives with the KV layout; checked here before any port is bound.
+        rrt_model::kv::KvLayout::new(1, 1, self.kv_block_tokens, self.kv_dtype)
+            .map_err(|e| anyhow::anyhow!("--kv-block-tokens: {e}"))?;
         anyhow::ensure!(
             matches!(self.scheduler, SchedulerArg::Cdb) || matches!(self.exit, ExitArg::None),
             "--exit {:?} needs --scheduler cdb: the {:?} scheduler runs every token through every \

@@ -51,7 +51,7 @@ pub struct KvLayout {
 impl KvLayout {
     /// A layout, or what is wrong with it (a block size the kernels' K tiles do not divide).
     pub fn new(layers: usize, row: usize, block_tokens: usize, dtype: KvDtype) -> Result<Self> {
-        if block_tokens == 0 || block_tokens % KV_TILE != 0 {
+        if block_tokens == 0 || !block_tokens.is_multiple_of(KV_TILE) {
             return Err(ModelError::InvalidInput(format!(
                 "KV block size {block_tokens} is not a positive multiple of {KV_TILE} positions \
                  (the attention kernels read K in tiles of {KV_TILE})"
