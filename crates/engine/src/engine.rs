@@ -341,7 +341,14 @@ impl Engine {
                 i += 1;
                 continue;
             }
-            if adm.takes > self.kv.available() {
+            // A hundredth of the pool stays free for the running sequences' next blocks (as
+            // vLLM's watermark), so an admission does not force a preemption a step later.
+            let watermark = if self.running.is_empty() {
+                0
+            } else {
+                self.kv.total_blocks() / 100
+            };
+            if adm.takes + watermark > self.kv.available() {
                 if self.waiting[i].passed_over >= MAX_PASSED_OVER {
                     break;
                 }
@@ -413,6 +420,8 @@ impl Engine {
     /// cancelled sequences (freeing their KV). Returns the rows the batch ran.
     pub fn step(&mut self) -> usize {
         self.drop_cancelled();
+        // Cancelled sequences give their blocks back before anything is admitted or grown.
+        self.retire();
         self.admit();
         self.make_room();
         self.stats.steps += 1;

@@ -94,6 +94,11 @@ impl KvMemory {
         self.pool.stats()
     }
 
+    /// Blocks in the pool.
+    pub fn total_blocks(&self) -> usize {
+        self.pool.total()
+    }
+
     /// Bytes of the blocks sequences hold.
     pub fn used_bytes(&self) -> usize {
         self.pool.stats().used * self.layout().block_bytes()
