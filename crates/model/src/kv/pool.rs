@@ -133,6 +133,9 @@ impl KvPool {
             )));
         }
         let mut pool = Self::empty(layout, false);
+        // Zeroed at once (calloc: fresh pages stay unmapped until written), not grown, which
+        // would write every byte of the pool up front.
+        pool.store = KvStore::new(layout, blocks);
         pool.add_blocks(blocks);
         Ok(pool)
     }
@@ -159,8 +162,9 @@ impl KvPool {
         }
     }
 
+    /// Adds `n` blocks to the allocator's books (the store holds them, or grows to).
     fn add_blocks(&mut self, n: usize) {
-        let old = self.store.blocks();
+        let old = self.refs.len();
         self.store.grow(old + n);
         self.refs.resize(old + n, 0);
         self.generation.resize(old + n, 0);
@@ -417,5 +421,59 @@ impl KvPool {
             .get(pos / bt)
             .ok_or_else(|| ModelError::InvalidInput(format!("no KV block for position {pos}")))?;
         Ok(self.store.read(layer, b, pos % bt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::KvDtype;
+
+    /// Resident bytes of this process (Linux).
+    fn rss() -> Option<usize> {
+        let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+        let pages: usize = statm.split_whitespace().nth(1)?.parse().ok()?;
+        Some(pages * 4096)
+    }
+
+    #[test]
+    fn a_large_pool_takes_memory_only_as_blocks_are_written() {
+        let layout = KvLayout::new(30, 192, 16, KvDtype::F32).unwrap();
+        let blocks = (4usize << 30) / layout.block_bytes();
+        let Some(before) = rss() else { return };
+        let mut pool = KvPool::new(layout, blocks).unwrap();
+        let after = rss().unwrap();
+        assert!(
+            after.saturating_sub(before) < 512 << 20,
+            "a 4 GiB pool made the process {} MiB bigger before any block was used",
+            (after - before) >> 20
+        );
+        let mut seq = SeqCache::default();
+        pool.reserve(&mut seq, 16).unwrap();
+        pool.write(&seq, 0, 3, &[1.0; 192], &[2.0; 192]).unwrap();
+        assert_eq!(pool.read(&seq, 0, 3).unwrap().1, vec![2.0; 192]);
+    }
+
+    #[test]
+    fn released_cached_blocks_are_evicted_deepest_first_and_only_when_needed() {
+        let layout = KvLayout::new(1, 16, 16, KvDtype::F32).unwrap();
+        let mut pool = KvPool::new(layout, 4).unwrap();
+        let tokens: Vec<u32> = (0..48).collect();
+        let mut a = SeqCache::default();
+        pool.reserve(&mut a, 48).unwrap();
+        pool.seal(1, &mut a, &tokens, 48);
+        let ids = a.blocks().to_vec();
+        pool.release(&mut a);
+        let s = pool.stats();
+        assert_eq!((s.used, s.cached, s.evictable), (0, 3, 3));
+        // One free block is taken first; then the deepest cached block of the released table.
+        let mut b = SeqCache::default();
+        pool.reserve(&mut b, 32).unwrap();
+        assert!(!b.blocks().contains(&ids[0]) && !b.blocks().contains(&ids[1]));
+        assert_eq!(pool.stats().evictions, 1);
+        // The first two blocks are still found; the third is gone.
+        assert_eq!(pool.lookup(1, &tokens, 3).blocks, ids[..2]);
+        // Under another root (another model, dtype or block size) nothing is found.
+        assert!(pool.lookup(2, &tokens, 3).is_empty());
     }
 }
