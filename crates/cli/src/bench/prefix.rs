@@ -48,6 +48,9 @@ pub struct PrefixBenchArgs {
     kv_budget_mib: usize,
     #[arg(long, default_value_t = KvDtype::F32)]
     kv_dtype: KvDtype,
+    /// Positions per KV block.
+    #[arg(long, default_value_t = rrt_model::kv::DEFAULT_BLOCK_TOKENS)]
+    kv_block_tokens: usize,
     /// KV budget of the capacity workload, MiB.
     #[arg(long, default_value_t = 512)]
     capacity_budget_mib: usize,
@@ -125,11 +128,12 @@ pub fn run(args: PrefixBenchArgs) -> anyhow::Result<()> {
     );
     let wants = |w: &str| args.only.iter().any(|o| o == w);
     println!(
-        "rrt bench prefix: {} at {}, KV {} in a pool of {} MiB, one worker; each workload on a fresh cluster",
+        "rrt bench prefix: {} at {}, KV {} in a pool of {} MiB (blocks of {}), one worker; each workload on a fresh cluster",
         args.model.display(),
         args.dtype,
         args.kv_dtype,
-        args.kv_budget_mib
+        args.kv_budget_mib,
+        args.kv_block_tokens
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -154,6 +158,7 @@ fn worker_flags(args: &PrefixBenchArgs, prefix_cache: bool) -> Vec<String> {
         format!("--max-sequences={}", args.concurrency),
         format!("--kv-budget-mib={}", args.kv_budget_mib),
         format!("--kv-dtype={}", args.kv_dtype),
+        format!("--kv-block-tokens={}", args.kv_block_tokens),
         format!("--prefix-cache={}", if prefix_cache { "on" } else { "off" }),
         format!("--max-new-tokens={}", args.max_tokens.max(1024)),
     ]
@@ -342,6 +347,7 @@ fn capacity(args: &PrefixBenchArgs) -> anyhow::Result<()> {
             max_batch_rows: 256,
             max_sequences: args.capacity_requests,
             kv_budget_bytes: budget,
+            kv_block_tokens: args.kv_block_tokens,
             kv_dtype: KvDtype::F32,
             prefix_cache: false,
             ..EngineConfig::default()
