@@ -51,11 +51,6 @@ impl SeqCache {
         &self.blocks
     }
 
-    /// Blocks whose hashes are known (sealed or adopted): the cacheable prefix.
-    pub fn sealed_blocks(&self) -> usize {
-        self.hashes.len()
-    }
-
     pub(crate) fn set_len(&mut self, len: usize) {
         self.len = len;
     }
@@ -210,11 +205,6 @@ impl KvPool {
     /// References held on block `b` (tests and invariants).
     pub fn refs(&self, b: BlockId) -> u32 {
         self.refs[b as usize]
-    }
-
-    /// Whether block `b` is sealed (immutable).
-    pub fn is_sealed(&self, b: BlockId) -> bool {
-        self.sealed[b as usize].is_some()
     }
 
     /// One block, referenced once; `None` when the pool has nothing to give.
