@@ -4,8 +4,9 @@
 //!
 //! 1. **Shared system prompt**: chat requests sharing a ~500-token system prompt with their own
 //!    user messages, `--concurrency` in flight, `--max-tokens` new tokens each (`ignore_eos`),
-//!    three ways: without the system prompt, with it, and with it under `--prefix-cache off`.
-//!    Tokens/s and mean time to first token, and their ratios.
+//!    four ways: without the system prompt, with it (the server has seen it: one earlier request
+//!    of the workload's shape), with it on a cold cache (the timed run computes it), and with
+//!    it under `--prefix-cache off`. Tokens/s and mean time to first token, and their ratios.
 //! 2. **Multi-turn**: conversations whose every turn resends the history: prompt tokens the
 //!    worker computed (usage: prompt minus cached) with the cache on and off.
 //! 3. **Capacity**: requests asking `max_tokens` 2,048 that stop by themselves after ~100
@@ -205,26 +206,44 @@ async fn chat(args: &PrefixBenchArgs) -> anyhow::Result<()> {
         args.requests, args.concurrency, args.max_tokens
     );
     let mut runs = Vec::new();
-    for (name, with_system, prefix_cache) in [
-        ("no system prompt", false, true),
-        ("system prompt, prefix cache on", true, true),
-        ("system prompt, --prefix-cache off", true, false),
+    // (name, the workload's system prompt, prefix cache, a first request of the workload's
+    // shape before the timed ones). The warm runs are a server that has seen its system prompt
+    // before (the no-system run's warm-up equally warms SmolLM2's default system prompt); the
+    // cold one pays for computing it inside the timed run.
+    for (name, with_system, prefix_cache, warm) in [
+        ("no system prompt", false, true, true),
+        ("system prompt, prefix cache on", true, true, true),
+        ("system prompt, prefix cache on, cold", true, true, false),
+        ("system prompt, --prefix-cache off", true, false, true),
     ] {
         let cluster = LocalCluster::start(&worker_flags(args, prefix_cache), 1).await?;
         let url = format!("{}/chat/completions", cluster.openai_base()?);
         let client = http_client();
-        // One short request first: connections, first-touch allocations (its prompt shares
-        // nothing with the workload's but the chat template's first tokens).
-        warm_up(&client, &url).await?;
+        // One short request first (connections, first-touch allocations): a chat of the
+        // workload's shape with its own user message, or (cold) one that shares only the chat
+        // template's first tokens.
+        let mut first = Vec::new();
+        if with_system && warm {
+            first.push(("system".to_string(), system.clone()));
+        }
+        first.push(("user".to_string(), "Hello!".to_string()));
+        stream(&client, &url, &chat_body(&first, 4, true), true).await?;
         let bodies = (0..args.requests)
             .map(|i| conversation(i, with_system))
             .collect();
         let (results, wall) = run_all(&client, &url, bodies, args.concurrency, false).await?;
         let run = ChatRun::of(name, &results, wall);
+        let wave = |r: &[Streamed]| {
+            let t: Duration = r.iter().filter_map(|r| r.first_token).sum();
+            t.as_secs_f64() * 1e3 / r.len().max(1) as f64
+        };
+        let first = args.concurrency.min(results.len());
         println!(
-            "  {name}: {:.1} tokens/s, mean time to first token {:.0} ms, prompt tokens {} ({} cached), {:.1} s",
+            "  {name}: {:.1} tokens/s, mean time to first token {:.0} ms (the first {first} sent: {:.0} ms, the rest: {:.0} ms), prompt tokens {} ({} cached), {:.1} s",
             run.tokens_per_s,
             run.mean_ttft.as_secs_f64() * 1e3,
+            wave(&results[..first]),
+            wave(&results[first..]),
             run.prompt_tokens,
             run.cached_tokens,
             run.wall.as_secs_f64()
@@ -247,7 +266,7 @@ async fn chat(args: &PrefixBenchArgs) -> anyhow::Result<()> {
             r.prompt_tokens
         );
     }
-    let (on, off) = (&runs[1], &runs[2]);
+    let (on, off) = (&runs[1], &runs[3]);
     println!(
         "prefix cache on vs off: tokens/s {:.2}x, mean TTFT {:.2}x lower",
         on.tokens_per_s / off.tokens_per_s,
