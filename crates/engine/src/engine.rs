@@ -110,6 +110,19 @@ pub fn check_context(prompt: usize, max_new: usize, context: usize) -> Result<()
     Ok(())
 }
 
+/// Whether `scheduler` can honour an exit policy of `kind`: only depth-wise batching lets a
+/// token leave early (the others run every token through every loop, so a policy would be
+/// silently ignored).
+pub fn check_exit(scheduler: Scheduler, kind: ExitKind) -> Result<(), EngineError> {
+    if kind != ExitKind::None && scheduler != Scheduler::Cdb {
+        return Err(EngineError::Invalid(format!(
+            "an exit policy ({kind:?}) needs depth-wise batching (the cdb scheduler); the \
+             {scheduler:?} scheduler runs every token through every loop"
+        )));
+    }
+    Ok(())
+}
+
 pub struct Engine {
     model: Llama,
     cfg: EngineConfig,
@@ -128,13 +141,7 @@ impl Engine {
     /// An engine, or what is wrong with its settings (a KV budget that holds no block, a block
     /// size the kernels cannot read, an exit policy its scheduler ignores).
     pub fn new(model: Llama, cfg: EngineConfig) -> Result<Self, EngineError> {
-        if cfg.scheduler != Scheduler::Cdb && cfg.default_exit.kind != ExitKind::None {
-            return Err(EngineError::Invalid(format!(
-                "early exit ({:?}) needs depth-wise batching: the {:?} scheduler runs every \
-                 token through every loop",
-                cfg.default_exit.kind, cfg.scheduler
-            )));
-        }
+        check_exit(cfg.scheduler, cfg.default_exit.kind)?;
         if cfg.max_sequences == 0 || cfg.max_batch_rows == 0 {
             return Err(EngineError::Invalid(
                 "max sequences and max batch rows must be at least 1".into(),
@@ -222,13 +229,7 @@ impl Engine {
             });
         }
         let exit = req.exit.unwrap_or(self.cfg.default_exit);
-        if exit.kind != ExitKind::None && self.cfg.scheduler != Scheduler::Cdb {
-            return Err(EngineError::Invalid(format!(
-                "an exit policy ({:?}) needs depth-wise batching; this engine runs the {:?} \
-                 scheduler, where every token runs every loop",
-                exit.kind, self.cfg.scheduler
-            )));
-        }
+        check_exit(self.cfg.scheduler, exit.kind)?;
         if exit.kind == ExitKind::Learned && self.model.exit_heads.is_none() {
             return Err(EngineError::Invalid(
                 "learned exits need a model with exit heads (train them with `rrt uptrain --train exit`)".into(),

@@ -34,7 +34,7 @@ mod stats;
 mod step;
 mod trace;
 
-pub use engine::{check_context, Engine, EngineConfig, InjectedFault, Scheduler};
+pub use engine::{check_context, check_exit, Engine, EngineConfig, InjectedFault, Scheduler};
 pub use error::EngineError;
 pub use exit::{confidence, cosine, ExitKind, ExitPolicy, KvFill};
 pub use kv::KvCounters;

@@ -167,19 +167,15 @@ impl WorkerArgs {
         // The block size rule lives with the KV layout; checked here before any port is bound.
         rrt_model::kv::KvLayout::new(1, 1, self.kv_block_tokens, self.kv_dtype)
             .map_err(|e| anyhow::anyhow!("--kv-block-tokens: {e}"))?;
-        anyhow::ensure!(
-            matches!(self.scheduler, SchedulerArg::Cdb) || matches!(self.exit, ExitArg::None),
-            "--exit {:?} needs --scheduler cdb: the {:?} scheduler runs every token through every \
-             loop",
-            self.exit,
-            self.scheduler
-        );
+        let scheduler = match self.scheduler {
+            SchedulerArg::Static => Scheduler::Static,
+            SchedulerArg::Csb => Scheduler::Csb,
+            SchedulerArg::Cdb => Scheduler::Cdb,
+        };
+        rrt_engine::check_exit(scheduler, self.exit.kind())
+            .map_err(|e| anyhow::anyhow!("--exit {:?}: {e}", self.exit))?;
         Ok(EngineConfig {
-            scheduler: match self.scheduler {
-                SchedulerArg::Static => Scheduler::Static,
-                SchedulerArg::Csb => Scheduler::Csb,
-                SchedulerArg::Cdb => Scheduler::Cdb,
-            },
+            scheduler,
             max_batch_rows: self.max_batch_rows,
             max_sequences: self.max_sequences,
             kv_budget_bytes: self.kv_budget_mib << 20,
@@ -246,7 +242,7 @@ mod tests {
             (&["--prefix-cache=maybe"], "maybe"),
             (
                 &["--scheduler=csb", "--exit=max-prob"],
-                "needs --scheduler cdb",
+                "needs depth-wise batching",
             ),
         ] {
             let err = engine_config(flags).unwrap_err().to_string();

@@ -379,14 +379,7 @@ impl KvPool {
 
     /// The block of `pos` in `seq`, if the sequence may write it.
     fn writable_block(&self, seq: &SeqCache, pos: usize) -> Result<BlockId> {
-        let bt = self.layout().block_tokens;
-        let &b = seq.blocks.get(pos / bt).ok_or_else(|| {
-            ModelError::InvalidInput(format!(
-                "no KV block for position {pos}: the sequence holds {} blocks of {bt} (reserve \
-                 before the forward)",
-                seq.blocks.len()
-            ))
-        })?;
+        let b = self.block_of(seq, pos)?;
         let i = b as usize;
         if self.refs[i] != 1 {
             return Err(ModelError::InvalidInput(format!(
@@ -403,14 +396,22 @@ impl KvPool {
         Ok(b)
     }
 
+    /// The block of `seq` that holds position `pos`.
+    fn block_of(&self, seq: &SeqCache, pos: usize) -> Result<BlockId> {
+        let bt = self.layout().block_tokens;
+        seq.blocks.get(pos / bt).copied().ok_or_else(|| {
+            ModelError::InvalidInput(format!(
+                "no KV block for position {pos}: the sequence holds {} blocks of {bt} (reserve \
+                 before the forward)",
+                seq.blocks.len()
+            ))
+        })
+    }
+
     /// K and V of position `pos` of `layer` in `seq`, as f32.
     pub fn read(&self, seq: &SeqCache, layer: usize, pos: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let bt = self.layout().block_tokens;
-        let &b = seq
-            .blocks
-            .get(pos / bt)
-            .ok_or_else(|| ModelError::InvalidInput(format!("no KV block for position {pos}")))?;
-        Ok(self.store.read(layer, b, pos % bt))
+        let b = self.block_of(seq, pos)?;
+        Ok(self.store.read(layer, b, pos % self.layout().block_tokens))
     }
 }
 

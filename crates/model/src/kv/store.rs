@@ -156,6 +156,15 @@ impl KvStore {
     }
 }
 
+/// Where position `slot` of `block` sits in a layer's region: its K (feature `i` at
+/// `k + i * KV_TILE`) and its V row (`v..v + row`).
+fn position_at(layout: KvLayout, block: BlockId, slot: usize) -> (usize, usize) {
+    let (row, base) = (layout.row, block as usize * layout.layer_block_elems());
+    let k = base + (slot / KV_TILE) * KV_TILE * row + slot % KV_TILE;
+    let v = base + layout.block_tokens * row + slot * row;
+    (k, v)
+}
+
 fn write_position<T: KvElem>(
     region: &mut [T],
     layout: KvLayout,
@@ -164,15 +173,11 @@ fn write_position<T: KvElem>(
     k: &[f32],
     v: &[f32],
 ) {
-    let row = layout.row;
-    let base = block as usize * layout.layer_block_elems();
-    let tile = base + (slot / KV_TILE) * KV_TILE * row;
-    let lane = slot % KV_TILE;
+    let (k_at, v_at) = position_at(layout, block, slot);
     for (i, &x) in k.iter().enumerate() {
-        region[tile + i * KV_TILE + lane] = T::from_f32(x);
+        region[k_at + i * KV_TILE] = T::from_f32(x);
     }
-    let v_at = base + layout.block_tokens * row + slot * row;
-    for (d, &x) in region[v_at..v_at + row].iter_mut().zip(v) {
+    for (d, &x) in region[v_at..v_at + layout.row].iter_mut().zip(v) {
         *d = T::from_f32(x);
     }
 }
@@ -183,14 +188,14 @@ fn read_position<T: KvElem>(
     block: BlockId,
     slot: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    let row = layout.row;
-    let base = block as usize * layout.layer_block_elems();
-    let tile = base + (slot / KV_TILE) * KV_TILE * row;
-    let k = (0..row)
-        .map(|i| region[tile + i * KV_TILE + slot % KV_TILE].load())
+    let (k_at, v_at) = position_at(layout, block, slot);
+    let k = (0..layout.row)
+        .map(|i| region[k_at + i * KV_TILE].load())
         .collect();
-    let v_at = base + layout.block_tokens * row + slot * row;
-    let v = region[v_at..v_at + row].iter().map(|x| x.load()).collect();
+    let v = region[v_at..v_at + layout.row]
+        .iter()
+        .map(|x| x.load())
+        .collect();
     (k, v)
 }
 
