@@ -5,6 +5,7 @@
 
 mod bench;
 mod convert;
+mod corpus;
 mod eval;
 mod eval_text;
 mod generate;
@@ -38,6 +39,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Perplexity of every init and of a range of LoRA ranks, in one run.
     Sweep(sweep::SweepArgs),
+    /// Write general training text with a model (sequence-level distillation data).
+    Corpus(corpus::CorpusArgs),
     /// Train a converted model by distillation from its source, with the early-exit loss.
     Uptrain(Box<uptrain::UptrainArgs>),
     /// Run the whole cluster (coordinator, workers, router) in this process.
@@ -68,6 +71,7 @@ fn main() {
                 Command::Generate(args) => generate::run(args),
                 Command::Eval(args) => eval::run(args),
                 Command::Convert(args) => convert::run(args),
+                Command::Corpus(args) => corpus::run(args),
                 Command::Sweep(args) => sweep::run(args),
                 Command::Uptrain(args) => uptrain::run(*args),
                 Command::Bench(cmd) => bench::run(cmd),

@@ -14,6 +14,19 @@ pub fn tune_allocator() {
     }
 }
 
+/// [`tune_allocator`] for training, whose every step frees and reallocates gigabytes of
+/// activations (saved layers, every loop's logits): nothing is given back to the OS while the
+/// process runs, so a step never pays the page faults and zeroing of the last step's memory
+/// (measured: ~9% of a SmolLM2 step went to the kernel clearing pages).
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 /// Runs `f` on a worker thread of rayon's global pool and returns its result. Model code is full
 /// of parallel sections; called from a thread outside the pool, each one injects its jobs and
 /// sleeps until a worker picks them up and finishes, while from a worker the caller takes part

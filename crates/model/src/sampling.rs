@@ -10,6 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{ModelError, Result};
+use crate::kernels::exp_fast;
 
 /// Per-request sampling settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,42 +105,74 @@ impl Sampler {
             return argmax(&logits);
         }
         let inv_t = 1.0 / self.params.temperature;
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l * inv_t))
-            .collect();
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        logits.iter_mut().for_each(|l| *l *= inv_t);
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let u = rng_at(self.params.seed, context.len()).random::<f32>();
         if self.params.top_k > 0 {
-            cand.truncate(self.params.top_k.max(1));
+            // The k best, best first, then the nucleus among them.
+            let k = self.params.top_k.min(logits.len());
+            let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+            let desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+            if k < idx.len() {
+                idx.select_nth_unstable_by(k - 1, desc);
+                idx.truncate(k);
+            }
+            idx.sort_unstable_by(desc);
+            let weights: Vec<f32> = idx
+                .iter()
+                .map(|&i| (logits[i as usize] - max).exp())
+                .collect();
+            let sum: f32 = weights.iter().sum();
+            return pick(&idx, &weights, self.params.top_p * sum, u);
         }
-        let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
-        if self.params.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                acc += p;
-                if acc >= self.params.top_p {
-                    keep = i + 1;
-                    break;
+        // Unnormalised probabilities of the whole vocabulary, vectorized.
+        let weights: Vec<f32> = logits.iter().map(|&l| exp_fast(l - max)).collect();
+        let sum: f32 = weights.iter().sum();
+        if self.params.top_p >= 1.0 {
+            let mut x = u * sum;
+            for (i, &w) in weights.iter().enumerate() {
+                if x < w {
+                    return i as u32;
                 }
+                x -= w;
             }
-            probs.truncate(keep);
-            cand.truncate(keep);
+            return argmax(&logits);
         }
-        let total: f32 = probs.iter().sum();
-        let mut u = rng_at(self.params.seed, context.len()).random::<f32>() * total;
-        for (i, p) in probs.iter().enumerate() {
-            if u < *p {
-                return cand[i].0;
-            }
-            u -= p;
-        }
-        cand[probs.len() - 1].0
+        // The nucleus: the fewest best tokens whose mass reaches top_p. A token whose
+        // probability is under (1 - top_p) / vocab cannot be in it (every token at or below it
+        // holds less than 1 - top_p together, so the tokens above it already reach top_p):
+        // only the others are sorted.
+        let floor = (1.0 - self.params.top_p) / weights.len() as f32 * sum;
+        let mut idx: Vec<u32> = (0..weights.len() as u32)
+            .filter(|&i| weights[i as usize] >= floor)
+            .collect();
+        idx.sort_unstable_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+        let kept: Vec<f32> = idx.iter().map(|&i| weights[i as usize]).collect();
+        pick(&idx, &kept, self.params.top_p * sum, u)
     }
+}
+
+/// Of candidates `idx` (best first) with unnormalised probabilities `weights`, keeps the
+/// fewest whose mass reaches `mass`, and draws one of them with `u` in [0, 1).
+fn pick(idx: &[u32], weights: &[f32], mass: f32, u: f32) -> u32 {
+    let mut acc = 0.0;
+    let mut keep = idx.len();
+    for (i, w) in weights.iter().enumerate() {
+        acc += w;
+        if acc >= mass {
+            keep = i + 1;
+            break;
+        }
+    }
+    let total: f32 = weights[..keep].iter().sum();
+    let mut x = u * total;
+    for (i, w) in weights[..keep].iter().enumerate() {
+        if x < *w {
+            return idx[i];
+        }
+        x -= w;
+    }
+    idx[keep - 1]
 }
 
 /// Index of the largest logit (the first, on ties).
@@ -223,6 +256,83 @@ mod tests {
         logits[4] = 10.0;
         let mut s = Sampler::new(params(1.0, 0, 0.5, 1)).unwrap();
         assert!((0..100).all(|_| s.sample(&logits, &[]) == 4));
+    }
+
+    /// The sampler as first written: every candidate sorted, softmax, cut, draw.
+    fn sort_everything(p: &SamplingParams, logits: &[f32], position: usize) -> u32 {
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .collect();
+        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        if p.top_k > 0 {
+            cand.truncate(p.top_k);
+        }
+        let max = cand[0].1;
+        let mut probs: Vec<f32> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= sum);
+        let mut keep = probs.len();
+        let mut acc = 0.0;
+        for (i, x) in probs.iter().enumerate() {
+            acc += x;
+            if acc >= p.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        let total: f32 = probs[..keep].iter().sum();
+        let mut u = rng_at(p.seed, position).random::<f32>() * total;
+        for (i, x) in probs[..keep].iter().enumerate() {
+            if u < *x {
+                return cand[i].0;
+            }
+            u -= x;
+        }
+        cand[keep - 1].0
+    }
+
+    #[test]
+    fn the_nucleus_without_a_full_sort_draws_what_sorting_everything_draws() {
+        let vocab = 5000;
+        let shapes: Vec<Vec<f32>> = vec![
+            // Peaked, flat, and a long tail.
+            (0..vocab)
+                .map(|i| -((i as f32) * 0.01) + (i as f32 * 1.3).sin())
+                .collect(),
+            (0..vocab).map(|i| (i as f32 * 0.37).sin() * 0.05).collect(),
+            (0..vocab)
+                .map(|i| if i % 97 == 0 { 8.0 } else { (i as f32).cos() })
+                .collect(),
+        ];
+        for logits in &shapes {
+            for (top_k, top_p) in [(0, 0.95), (0, 0.5), (40, 0.9), (0, 1.0), (7, 1.0)] {
+                let p = params(0.8, top_k, top_p, 0);
+                let (mut same, mut nucleus) = (0, std::collections::HashSet::new());
+                let n = 400;
+                for seed in 0..n {
+                    let p = SamplingParams { seed, ..p };
+                    let want = sort_everything(&p, logits, 3);
+                    let got = Sampler::new(p).unwrap().sample(logits, &[0, 0, 0]);
+                    nucleus.insert(want);
+                    if top_p < 1.0 || top_k > 0 {
+                        // Sorted walks: the same draw (a token of the same logit where several
+                        // tie) but where float sums round apart.
+                        same += (logits[got as usize] == logits[want as usize]) as usize;
+                    } else {
+                        // No cut: a draw walks the vocabulary in index order (the same
+                        // distribution, other tokens per seed); it must be a real candidate.
+                        same += ((got as usize) < vocab) as usize;
+                    }
+                }
+                assert!(
+                    same >= n as usize - 2,
+                    "top_k {top_k} top_p {top_p}: {same} of {n}"
+                );
+                assert!(nucleus.len() > 1 || top_p <= 0.5);
+            }
+        }
     }
 
     #[test]

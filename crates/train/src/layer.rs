@@ -5,7 +5,9 @@
 //! tensor it touches into [`Grads`] and returns the gradient of its input.
 
 use rayon::prelude::*;
-use rrt_model::kernels::gemm::{gemm, MatMut, MatRef};
+use rrt_model::kernels::gemm::{MatMut, MatRef};
+
+use crate::precision::matmul;
 use rrt_model::Fused;
 
 use crate::attention::{self, Dims};
@@ -65,7 +67,8 @@ fn project(ctx: &Ctx<'_>, u: &Unrolled, f: Fused, x: Vec<f32>) -> (Vec<f32>, Pro
     let rows = x.len() / inp;
     let w = p.get(ctx.model.shared[u.shared].weight(f));
     let mut y = vec![0f32; rows * out];
-    gemm(
+    matmul(
+        ctx.model.precision,
         MatMut::new(&mut y, rows, out),
         MatRef::new(&x, rows, inp),
         MatRef::new(w, out, inp).t(),
@@ -79,14 +82,16 @@ fn project(ctx: &Ctx<'_>, u: &Unrolled, f: Fused, x: Vec<f32>) -> (Vec<f32>, Pro
         };
         let (po, off) = (part.shape(cfg)[0], part.fused_offset(cfg));
         let mut t = vec![0f32; rows * l.rank];
-        gemm(
+        matmul(
+            ctx.model.precision,
             MatMut::new(&mut t, rows, l.rank),
             MatRef::new(&x, rows, inp),
             MatRef::new(p.get(l.a), l.rank, inp).t(),
             false,
         );
         let b = MatRef::new(p.get(l.b), po, l.rank).t();
-        gemm(
+        matmul(
+            ctx.model.precision,
             MatMut::cols_of(&mut y, rows, out, off..off + po),
             MatRef::new(&t, rows, l.rank),
             b,
@@ -113,14 +118,16 @@ fn project_back(
     let x = MatRef::new(&saved.x, rows, inp);
     let wid = ctx.model.shared[u.shared].weight(f);
     let mut dx = vec![0f32; rows * inp];
-    gemm(
+    matmul(
+        ctx.model.precision,
         MatMut::new(&mut dx, rows, inp),
         MatRef::new(dy, rows, out),
         MatRef::new(p.get(wid), out, inp),
         false,
     );
     if let Some(dw) = grads.get_mut(wid) {
-        gemm(
+        matmul(
+            ctx.model.precision,
             MatMut::new(dw, out, inp),
             MatRef::new(dy, rows, out).t(),
             x,
@@ -135,10 +142,17 @@ fn project_back(
         let dyp = MatRef::cols_of(dy, rows, out, off..off + po);
         let t = MatRef::new(t, rows, l.rank);
         if let Some(db) = grads.get_mut(l.b) {
-            gemm(MatMut::new(db, po, l.rank), dyp.t(), t, true);
+            matmul(
+                ctx.model.precision,
+                MatMut::new(db, po, l.rank),
+                dyp.t(),
+                t,
+                true,
+            );
         }
         let mut dt = vec![0f32; rows * l.rank];
-        gemm(
+        matmul(
+            ctx.model.precision,
             MatMut::new(&mut dt, rows, l.rank),
             dyp,
             MatRef::new(p.get(l.b), po, l.rank),
@@ -146,9 +160,16 @@ fn project_back(
         );
         let dt = MatRef::new(&dt, rows, l.rank);
         if let Some(da) = grads.get_mut(l.a) {
-            gemm(MatMut::new(da, l.rank, inp), dt.t(), x, true);
+            matmul(
+                ctx.model.precision,
+                MatMut::new(da, l.rank, inp),
+                dt.t(),
+                x,
+                true,
+            );
         }
-        gemm(
+        matmul(
+            ctx.model.precision,
             MatMut::new(&mut dx, rows, inp),
             dt,
             MatRef::new(p.get(l.a), l.rank, inp),

@@ -13,6 +13,7 @@
 
 pub mod attention;
 pub mod checkpoint;
+pub mod corpus;
 pub mod data;
 pub mod error;
 pub mod exit_fit;
@@ -23,10 +24,14 @@ pub mod model;
 pub mod norm;
 pub mod optim;
 pub mod params;
+pub mod precision;
+pub mod roofline;
 pub mod teacher;
 pub mod trainer;
+pub mod uptrain;
 
 pub use error::{Result, TrainError};
 pub use loss::{LossSums, LossWeights, TeacherTopK};
 pub use model::{eval_step, train_step, Batch};
 pub use params::{Grads, Groups, Params, TrainModel};
+pub use precision::Precision;

@@ -7,7 +7,9 @@
 //! batch at once; each chunk's gradients go straight back through the head.
 
 use rayon::prelude::*;
-use rrt_model::kernels::gemm::{gemm, MatMut, MatRef};
+use rrt_model::kernels::gemm::{MatMut, MatRef};
+
+use crate::precision::{matmul, matmul_packed};
 
 use crate::exit_head;
 use crate::norm;
@@ -182,6 +184,7 @@ fn head_chunk(
     let eps = model.cfg.rms_norm_eps as f32;
     let p = &model.params;
     let (gf, head) = (p.get(model.final_norm), p.get(model.head()));
+    let packed = crate::precision::packed_head(model);
     let mut saved = Vec::with_capacity(loops);
     let mut logits = Vec::with_capacity(loops);
     for (j, x) in xs.iter().enumerate() {
@@ -194,12 +197,21 @@ fn head_chunk(
         };
         let (n, r) = norm::forward(&input, gf, eps);
         let mut z = vec![0f32; c * v];
-        gemm(
-            MatMut::new(&mut z, c, v),
-            MatRef::new(&n, c, h),
-            MatRef::new(head, v, h).t(),
-            false,
-        );
+        match packed {
+            Some(pk) => matmul_packed(
+                MatMut::new(&mut z, c, v),
+                MatRef::new(&n, c, h),
+                &pk.transposed,
+                false,
+            ),
+            None => matmul(
+                model.precision,
+                MatMut::new(&mut z, c, v),
+                MatRef::new(&n, c, h),
+                MatRef::new(head, v, h).t(),
+                false,
+            ),
+        }
         saved.push((input, n, r, adapter));
         logits.push(z);
     }
@@ -211,14 +223,24 @@ fn head_chunk(
     let mut dxs = Vec::with_capacity(loops);
     for (j, (dz, (input, n, r, adapter))) in logits.iter().zip(&saved).enumerate() {
         let mut dn = vec![0f32; c * h];
-        gemm(
-            MatMut::new(&mut dn, c, h),
-            MatRef::new(dz, c, v),
-            MatRef::new(head, v, h),
-            false,
-        );
+        match packed {
+            Some(pk) => matmul_packed(
+                MatMut::new(&mut dn, c, h),
+                MatRef::new(dz, c, v),
+                &pk.plain,
+                false,
+            ),
+            None => matmul(
+                model.precision,
+                MatMut::new(&mut dn, c, h),
+                MatRef::new(dz, c, v),
+                MatRef::new(head, v, h),
+                false,
+            ),
+        }
         if let Some(dhead) = grads.get_mut(model.head()) {
-            gemm(
+            matmul(
+                model.precision,
                 MatMut::new(dhead, v, h),
                 MatRef::new(dz, c, v).t(),
                 MatRef::new(n, c, h),

@@ -74,6 +74,25 @@ fn forward(model: &TrainModel, batch: &Batch, keep: bool) -> (Vec<Vec<f32>>, Vec
     (exits, saved)
 }
 
+/// Seconds a training batch spent in each part.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PartTimes {
+    /// The layers' forward pass.
+    pub forward: f64,
+    /// Every loop's head: logits, losses and their gradients.
+    pub heads: f64,
+    /// The layers' backward pass.
+    pub backward: f64,
+}
+
+impl PartTimes {
+    pub fn add(&mut self, o: &PartTimes) {
+        self.forward += o.forward;
+        self.heads += o.heads;
+        self.backward += o.backward;
+    }
+}
+
 /// Forward and backward of one batch: adds the gradients of the objective (times `scale`) into
 /// `grads` and returns the loss sums.
 pub fn train_step(
@@ -83,15 +102,30 @@ pub fn train_step(
     scale: f32,
     grads: &mut Grads,
 ) -> LossSums {
+    train_step_timed(model, batch, w, scale, grads).0
+}
+
+/// [`train_step`], with the time of each part.
+pub fn train_step_timed(
+    model: &TrainModel,
+    batch: &Batch,
+    w: LossWeights,
+    scale: f32,
+    grads: &mut Grads,
+) -> (LossSums, PartTimes) {
+    let mut times = PartTimes::default();
+    let clock = std::time::Instant::now();
     let train_layers = model.layers_train();
     let (exits, mut saved) = forward(model, batch, train_layers);
+    times.forward = clock.elapsed().as_secs_f64();
     let targets = batch.targets();
     let teacher = batch.teacher.as_ref();
     let (sums, mut dexits) = loss::heads(model, &exits, &targets, teacher, w, scale, grads);
     drop(exits);
+    times.heads = clock.elapsed().as_secs_f64() - times.forward;
     if !train_layers {
         // Only the exit heads (or the final norm) train: nothing below them needs a gradient.
-        return sums;
+        return (sums, times);
     }
     let ctx = Ctx { model, t: batch.t };
     let block = model.block();
@@ -107,7 +141,8 @@ pub fn train_step(
                 .for_each(|(a, b)| *a += b);
         }
     }
-    sums
+    times.backward = clock.elapsed().as_secs_f64() - times.forward - times.heads;
+    (sums, times)
 }
 
 /// The hidden state after every loop, without keeping anything for a backward pass.

@@ -166,6 +166,11 @@ pub struct TrainModel {
     pub recursion: Option<rrt_model::recursive::RecursiveMeta>,
     /// Learned exit heads, per loop but the last (empty: none).
     pub exits: Vec<ExitIds>,
+    /// The precision of the matrix products (the values stay f32).
+    pub precision: crate::Precision,
+    /// The frozen LM head packed for bf16 products, both ways (built on first use; see
+    /// [`crate::precision::packed_head`]).
+    pub packed_head: std::sync::OnceLock<crate::precision::PackedHead>,
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {
@@ -277,6 +282,8 @@ impl TrainModel {
             unrolled,
             recursion: model.recursion.as_ref().map(|r| r.meta.clone()),
             exits: Vec::new(),
+            precision: crate::Precision::F32,
+            packed_head: std::sync::OnceLock::new(),
         }
         .with_exit_heads_of(model)
     }

@@ -28,6 +28,8 @@ pub struct CacheKey {
     pub t: usize,
     pub k: usize,
     pub temperature: f32,
+    /// The precision of the teacher's products.
+    pub precision: crate::Precision,
 }
 
 impl CacheKey {
@@ -48,6 +50,11 @@ impl CacheKey {
             self.k,
             self.temperature.to_bits()
         );
+        // f32 caches keep the names they had before bf16 existed.
+        let id = match self.precision {
+            crate::Precision::F32 => id,
+            p => format!("{id}|{p}"),
+        };
         format!("teacher-{:016x}.bin", fnv(id.bytes()))
     }
 }
@@ -118,6 +125,23 @@ impl TeacherCache {
         batch_seqs: usize,
         progress: &dyn Fn(usize, usize),
     ) -> Result<usize> {
+        let computed = self.compute(teacher, corpus, needed, batch_seqs, progress);
+        if computed > 0 {
+            self.write()?;
+        }
+        Ok(computed)
+    }
+
+    /// [`TeacherCache::fill`] in memory only ([`TeacherCache::save`] writes it): a training run
+    /// computes each batch's windows as it reaches them.
+    pub fn compute(
+        &mut self,
+        teacher: &TrainModel,
+        corpus: &Corpus,
+        needed: &[usize],
+        batch_seqs: usize,
+        progress: &dyn Fn(usize, usize),
+    ) -> usize {
         let todo = self.missing(needed);
         for (done, chunk) in todo.chunks(batch_seqs.max(1)).enumerate() {
             let rows = compute(teacher, corpus, chunk, self.t, self.k, self.temperature);
@@ -134,10 +158,12 @@ impl TeacherCache {
                 todo.len(),
             );
         }
-        if !todo.is_empty() {
-            self.write()?;
-        }
-        Ok(todo.len())
+        todo.len()
+    }
+
+    /// Writes the cache to its file.
+    pub fn save(&self) -> Result<()> {
+        self.write()
     }
 
     /// The rows of windows `ids`, in that order (a batch's teacher).
@@ -285,12 +311,20 @@ fn compute(
             teacher.cfg.rms_norm_eps as f32,
         );
         let mut z = vec![0f32; c * v];
-        gemm(
-            MatMut::new(&mut z, c, v),
-            MatRef::new(&n, c, h),
-            MatRef::new(head, v, h).t(),
-            false,
-        );
+        match crate::precision::packed_head(teacher) {
+            Some(pk) => crate::precision::matmul_packed(
+                MatMut::new(&mut z, c, v),
+                MatRef::new(&n, c, h),
+                &pk.transposed,
+                false,
+            ),
+            None => gemm(
+                MatMut::new(&mut z, c, v),
+                MatRef::new(&n, c, h),
+                MatRef::new(head, v, h).t(),
+                false,
+            ),
+        }
         let rows_top: Vec<(Vec<u32>, Vec<f32>, f32)> =
             z.par_chunks(v).map(|row| top_k(row, k, tau)).collect();
         for (i, l, lse) in rows_top {
@@ -344,6 +378,7 @@ mod tests {
             t: 2,
             k: 2,
             temperature: 1.5,
+            precision: crate::Precision::F32,
         };
         let mut c = TeacherCache::open(dir.path(), &key, 3);
         assert_eq!(c.missing(&[2, 0, 2]), vec![0, 2]);

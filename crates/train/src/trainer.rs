@@ -12,7 +12,7 @@ use crate::data::{Corpus, Split};
 use crate::error::{Result, TrainError};
 use crate::exit_fit::{self, ClassifierReport, FitReport};
 use crate::loss::{LossSums, LossWeights};
-use crate::model::{eval_step, train_step, Batch};
+use crate::model::{eval_step, train_step_timed, Batch, PartTimes};
 use crate::optim::{clip, AdamW, AdamWConfig, Schedule};
 use crate::params::{Grads, TrainModel};
 use crate::teacher::TeacherCache;
@@ -31,6 +31,9 @@ pub struct Settings {
     pub loss: LossWeights,
     pub top_k: usize,
     pub groups: String,
+    /// The matrix products' precision (`--dtype`).
+    #[serde(default)]
+    pub precision: crate::Precision,
 }
 
 /// One optimizer step's figures.
@@ -47,6 +50,22 @@ pub struct StepRecord {
     pub grad_norm: f64,
     pub seconds: f64,
     pub tokens_per_s: f64,
+    /// Where the step's time went.
+    pub parts: StepParts,
+}
+
+/// Seconds of one optimizer step by part.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StepParts {
+    /// The teacher's forward over windows its cache lacked.
+    pub teacher: f64,
+    /// Assembling micro-batches (tokens and the cached teacher top-k).
+    pub data: f64,
+    pub forward: f64,
+    pub heads: f64,
+    pub backward: f64,
+    /// Clipping and the AdamW update.
+    pub optimizer: f64,
 }
 
 /// A held-out evaluation.
@@ -113,6 +132,9 @@ pub struct Data {
     /// A separate held-out text (else `split.eval` windows of `train`).
     pub eval: Option<(Corpus, Option<TeacherCache>)>,
     pub eval_windows: usize,
+    /// The teacher, when the training windows' top-k are computed as the run reaches them
+    /// (into `train_teacher`, saved with each checkpoint).
+    pub teacher: Option<TrainModel>,
 }
 
 pub struct Trainer {
@@ -124,10 +146,18 @@ pub struct Trainer {
     grads: Grads,
     order: Vec<usize>,
     pub out: PathBuf,
+    /// Training windows the teacher computed during this run (not found in its cache).
+    pub teacher_computed: usize,
 }
 
 impl Trainer {
-    pub fn new(model: TrainModel, settings: Settings, data: Data, out: PathBuf) -> Result<Self> {
+    pub fn new(
+        mut model: TrainModel,
+        settings: Settings,
+        data: Data,
+        out: PathBuf,
+    ) -> Result<Self> {
+        model.precision = settings.precision;
         if model.params.trainable_count() == 0 {
             return Err(TrainError::Input(
                 "nothing to train: the chosen groups have no tensors".into(),
@@ -158,6 +188,7 @@ impl Trainer {
             grads,
             order,
             out,
+            teacher_computed: 0,
         })
     }
 
@@ -182,6 +213,13 @@ impl Trainer {
 
     /// [`Trainer::checkpoint`] through other storage (tests: a disk that fills up).
     pub fn checkpoint_to(&self, storage: &dyn checkpoint::Storage) -> Result<()> {
+        // The teacher's outputs first: a checkpoint never points past what the cache holds
+        // (a resumed run would only recompute them).
+        if let (Some(_), Some(cache)) = (&self.data.teacher, &self.data.train_teacher) {
+            if self.teacher_computed > 0 {
+                cache.save()?;
+            }
+        }
         checkpoint::save(
             storage,
             &self.out,
@@ -296,22 +334,36 @@ impl Trainer {
         let scale = 1.0 / (rows * s.accum) as f32;
         self.grads.clear();
         let mut sums = LossSums::default();
+        let (mut parts, mut times) = (StepParts::default(), PartTimes::default());
         for _ in 0..s.accum {
             let windows = self.next_windows();
+            if let (Some(teacher), Some(cache)) = (&self.data.teacher, &mut self.data.train_teacher)
+            {
+                let t = Instant::now();
+                self.teacher_computed += cache.compute(
+                    teacher,
+                    &self.data.train,
+                    &windows,
+                    s.batch_seqs,
+                    &|_, _| {},
+                );
+                parts.teacher += t.elapsed().as_secs_f64();
+            }
+            let clock = Instant::now();
             let batch = Self::batch(
                 &self.data.train,
                 self.data.train_teacher.as_ref(),
                 &windows,
                 s.seq_len,
             );
-            sums.add(&train_step(
-                &self.model,
-                &batch,
-                s.loss,
-                scale,
-                &mut self.grads,
-            ));
+            parts.data += clock.elapsed().as_secs_f64();
+            let (batch_sums, batch_times) =
+                train_step_timed(&self.model, &batch, s.loss, scale, &mut self.grads);
+            sums.add(&batch_sums);
+            times.add(&batch_times);
         }
+        (parts.forward, parts.heads, parts.backward) = (times.forward, times.heads, times.backward);
+        let clock = Instant::now();
         let n = sums.rows.max(1) as f64;
         let objective = sums.objective / n;
         if !objective.is_finite() {
@@ -323,6 +375,7 @@ impl Trainer {
         let grad_norm = clip(&mut self.grads, s.clip);
         let lr = s.schedule.lr(self.position.step);
         self.opt.update(&mut self.model.params, &self.grads, lr);
+        parts.optimizer = clock.elapsed().as_secs_f64();
         self.position.step += 1;
         self.position.tokens += (rows * s.accum) as u64;
         let seconds = started.elapsed().as_secs_f64();
@@ -336,6 +389,7 @@ impl Trainer {
             grad_norm,
             seconds,
             tokens_per_s: (rows * s.accum) as f64 / seconds,
+            parts,
         })
     }
 

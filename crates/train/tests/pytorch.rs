@@ -12,7 +12,9 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::Device;
-use rrt_train::{train_step, Batch, Grads, Groups, LossWeights, TeacherTopK, TrainModel};
+use rrt_train::{
+    train_step, Batch, Grads, Groups, LossWeights, Precision, TeacherTopK, TrainModel,
+};
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pytorch-gradients")
@@ -41,15 +43,18 @@ fn model() -> TrainModel {
     model
 }
 
-#[test]
-fn every_gradient_equals_pytorch_autograd() {
+/// The largest and the median relative error (L2 of the difference over L2 of PyTorch's) of
+/// the trainable tensors' gradients with the products at `precision`; asserts each stays under
+/// `tolerance` and the objective within `objective_tolerance` (relative).
+fn compare(precision: Precision, tolerance: f64, objective_tolerance: f64) -> (f64, f64) {
     let spec: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture().join("spec.json")).unwrap())
             .unwrap();
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).unwrap())
             .unwrap();
-    let model = model();
+    let mut model = model();
+    model.precision = precision;
     let b = &spec["batch"];
     let u32s = |v: &serde_json::Value| -> Vec<u32> {
         v.as_array()
@@ -83,12 +88,12 @@ fn every_gradient_equals_pytorch_autograd() {
     let want_objective = expected["objective_per_row"].as_f64().unwrap();
     let objective = sums.objective / rows as f64;
     assert!(
-        (objective - want_objective).abs() < 1e-4 * want_objective.abs(),
+        (objective - want_objective).abs() < objective_tolerance * want_objective.abs(),
         "objective {objective} vs PyTorch {want_objective}"
     );
     let reference =
         candle_core::safetensors::load(fixture().join("grads.safetensors"), &Device::Cpu).unwrap();
-    let (mut checked, mut worst) = (0, (0.0f64, String::new()));
+    let (mut checked, mut worst, mut rels) = (0, (0.0f64, String::new()), Vec::new());
     for (p, g) in model.params.list.iter().zip(&grads.0) {
         if !p.trainable {
             continue;
@@ -103,18 +108,44 @@ fn every_gradient_equals_pytorch_autograd() {
         let norm: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum::<f64>().sqrt();
         let rel = diff / norm.max(1e-12);
         assert!(
-            rel < 1e-3,
-            "{}: relative error {rel:.2e} (norm {norm:.3e})",
+            rel < tolerance,
+            "{precision}: {}: relative error {rel:.2e} (norm {norm:.3e})",
             p.name
         );
+        rels.push(rel);
         if rel > worst.0 {
             worst = (rel, p.name.clone());
         }
         checked += 1;
     }
+    rels.sort_by(f64::total_cmp);
+    let median = rels[rels.len() / 2];
     eprintln!(
-        "{checked} gradients match PyTorch; the largest relative error is {:.2e} ({})",
+        "{precision}: {checked} gradients match PyTorch; the median relative error is {median:.2e}, the largest {:.2e} ({})",
         worst.0, worst.1
     );
     assert_eq!(checked, spec["trainable"].as_array().unwrap().len());
+    (worst.0, median)
+}
+
+#[test]
+fn every_gradient_equals_pytorch_autograd() {
+    compare(Precision::F32, 1e-3, 1e-4);
+}
+
+/// Mixed precision rounds every product's operands to bf16 (8 significant bits: a relative
+/// rounding of at most 2^-9 per operand). Through the chain of products of two loops, exit
+/// heads and distillation, each gradient stays within 5% of float64 autograd (measured: median
+/// 1.6%, the largest 3.0%, the second loop's k_proj LoRA B, whose gradient passes through the
+/// attention scores) and the median within 2.5%; the objective within 0.5%.
+#[test]
+fn bf16_products_keep_every_gradient_within_five_percent() {
+    let (f32_worst, _) = compare(Precision::F32, 1e-3, 1e-4);
+    let (bf16_worst, bf16_median) = compare(Precision::Bf16, 5e-2, 5e-3);
+    assert!(bf16_median < 2.5e-2, "median {bf16_median:e}");
+    // Rounding shows: bf16 really ran (the error is well above f32's).
+    assert!(
+        bf16_worst > 10.0 * f32_worst,
+        "{bf16_worst:e} vs {f32_worst:e}"
+    );
 }

@@ -57,10 +57,15 @@ fn settings(steps: u64) -> Settings {
         },
         top_k: 0,
         groups: "all".into(),
+        precision: rrt_train::Precision::F32,
     }
 }
 
 fn trainer(out: &Path, steps: u64) -> Trainer {
+    trainer_at(out, steps, rrt_train::Precision::F32)
+}
+
+fn trainer_at(out: &Path, steps: u64, precision: rrt_train::Precision) -> Trainer {
     let mut model = TrainModel::from_llama(&common::tiny_recursive(4, 4)).unwrap();
     let all = Groups {
         shared: true,
@@ -77,8 +82,13 @@ fn trainer(out: &Path, steps: u64) -> Trainer {
         train_teacher: None,
         eval: None,
         eval_windows: 8,
+        teacher: None,
     };
-    Trainer::new(model, settings(steps), data, out.to_path_buf()).unwrap()
+    let settings = Settings {
+        precision,
+        ..settings(steps)
+    };
+    Trainer::new(model, settings, data, out.to_path_buf()).unwrap()
 }
 
 fn values(t: &Trainer) -> Vec<Vec<f32>> {
@@ -211,4 +221,56 @@ fn a_full_disk_while_checkpointing_keeps_the_old_checkpoint() {
     let mut resumed = trainer(d.path(), 12);
     resumed.resume().unwrap();
     assert_eq!(resumed.position.step, 2);
+}
+
+#[test]
+fn bf16_steps_follow_the_f32_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = trainer_at(dir.path(), 40, rrt_train::Precision::F32);
+    let mut b = trainer_at(dir.path(), 40, rrt_train::Precision::Bf16);
+    let (mut worst, mut sum) = (0f64, 0f64);
+    for _ in 0..40 {
+        let (x, y) = (f.step().unwrap(), b.step().unwrap());
+        let rel = (x.objective - y.objective).abs() / x.objective;
+        worst = worst.max(rel);
+        sum += rel;
+    }
+    // The same batches, the same schedule: the objective of every step within 5% (measured
+    // here: a mean of about 1%), and the same held-out perplexity after the run within 10%.
+    assert!(
+        worst < 0.05 && sum / 40.0 < 0.02,
+        "worst {worst}, mean {}",
+        sum / 40.0
+    );
+    let (ef, eb) = (f.evaluate(), b.evaluate());
+    for (a, c) in ef.perplexity.iter().zip(&eb.perplexity) {
+        assert!(
+            (a - c).abs() / a < 0.1,
+            "{:?} vs {:?}",
+            ef.perplexity,
+            eb.perplexity
+        );
+    }
+    // And it is not the f32 run: the rounding shows in the weights.
+    assert_ne!(values(&f), values(&b));
+}
+
+#[test]
+fn all_trains_what_a_model_without_lora_has() {
+    let mut model = TrainModel::from_llama(&common::tiny_recursive(0, 0)).unwrap();
+    let all = rrt_train::uptrain::groups("all", &model).unwrap();
+    assert!(all.shared && all.norms && !all.lora, "{all:?}");
+    model.set_trainable(all).unwrap();
+    assert!(model.params.trainable_count() > 0);
+    // Asking for LoRA by name on such a model is still an error, naming the group.
+    let lora = rrt_train::uptrain::groups("lora,norms", &model).unwrap();
+    let err = model.set_trainable(lora).unwrap_err().to_string();
+    assert!(
+        err.contains("--train lora") && err.contains("no LoRA"),
+        "{err}"
+    );
+    let err = rrt_train::uptrain::groups("weights", &model)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown group"), "{err}");
 }

@@ -13,6 +13,7 @@ mod overload;
 pub(crate) mod plot;
 mod prefix;
 pub mod router;
+mod uptrain;
 
 use clap::Subcommand;
 
@@ -32,6 +33,9 @@ pub enum BenchCommand {
     Overload(overload::OverloadArgs),
     /// KV reuse as a client sees it: shared system prompts, multi-turn chat, capacity.
     Prefix(prefix::PrefixBenchArgs),
+    /// The trainer at f32 and bf16 on the same model, data and steps: tokens/s, time by part,
+    /// how far the bf16 objective strays.
+    Uptrain(uptrain::UptrainBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -43,5 +47,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Chaos(args) => chaos::run(args),
         BenchCommand::Overload(args) => overload::run(args),
         BenchCommand::Prefix(args) => prefix::run(args),
+        BenchCommand::Uptrain(args) => uptrain::run(args),
     }
 }

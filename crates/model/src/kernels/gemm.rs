@@ -84,6 +84,18 @@ impl<'a> MatRef<'a> {
 }
 
 impl<'a> MatMut<'a> {
+    /// The same view for a shorter borrow (to write through it more than once).
+    pub fn reborrow(&mut self) -> MatMut<'_> {
+        MatMut {
+            data: self.data,
+            rows: self.rows,
+            cols: self.cols,
+            offset: self.offset,
+            rs: self.rs,
+            cs: self.cs,
+        }
+    }
+
     /// `data` as a row-major `[rows, cols]` matrix.
     pub fn new(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
         assert_eq!(data.len(), rows * cols, "not a [{rows}, {cols}] matrix");
@@ -193,6 +205,194 @@ fn product(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, parall
     }
 }
 
+impl<'a> MatRef<'a> {
+    #[inline(always)]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[self.offset + i * self.rs + j * self.cs]
+    }
+
+    /// Row `i` from column `j0` on, when rows are contiguous (`cs == 1`).
+    fn row_from(&self, i: usize, j0: usize) -> &'a [f32] {
+        let start = self.offset + i * self.rs + j0;
+        &self.data[start..start + self.cols - j0]
+    }
+
+    /// Column `j` from row `i0` on, when columns are contiguous (`rs == 1`).
+    fn col_from(&self, j: usize, i0: usize) -> &'a [f32] {
+        let start = self.offset + j * self.cs + i0;
+        &self.data[start..start + self.rows - i0]
+    }
+}
+
+/// `c = a b` (`accumulate`: `c += a b`) in mixed precision: `a` and `b` rounded to bf16, their
+/// products summed in f32 (training's forward and gradient products; the master weights stay
+/// f32). With AVX512_BF16 the operands are packed into the pair layout `vdpbf16ps` multiplies
+/// and the product runs on [`crate::kernels::bf16`]'s tile kernel, in slices of [`K_BLOCK`]
+/// along k (a tile's rows and a panel stay in L1 and L2 however long k is); elsewhere the
+/// rounded operands go through the f32 [`gemm`] (the same numbers, no faster: the reference
+/// this path is tested against).
+pub fn gemm_bf16(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    if !PackedB::fast() {
+        return gemm_bf16_reference(c, a, b, accumulate);
+    }
+    gemm_bf16_packed(c, a, &PackedB::new(b), accumulate)
+}
+
+/// Length of the slices of k a bf16 product runs in.
+pub const K_BLOCK: usize = 1024;
+
+/// The right operand of [`gemm_bf16_packed`], packed once (a frozen weight used every step).
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    rows: usize,
+    cols: usize,
+    /// `(k range, b[range, :]^T in pair panels)`; empty without AVX512_BF16 (then `plain`).
+    slices: Vec<(Range<usize>, crate::kernels::bf16::PackedBf16)>,
+    /// `b` rounded to bf16, row-major (the reference path).
+    plain: Vec<f32>,
+}
+
+impl PackedB {
+    /// Whether this CPU runs the fast path (AVX512_BF16).
+    pub fn fast() -> bool {
+        use crate::kernels::bf16::PATHS;
+        crate::kernels::Supported::best_of(&PATHS).isa() == crate::kernels::Isa::Avx512Bf16
+    }
+
+    pub fn new(b: MatRef<'_>) -> Self {
+        use crate::kernels::bf16::{from_bf16, to_bf16, PackedBf16};
+        let (k, n) = (b.rows, b.cols);
+        if !Self::fast() {
+            let plain = (0..k)
+                .flat_map(|i| (0..n).map(move |j| (i, j)))
+                .map(|(i, j)| from_bf16(to_bf16(b.at(i, j))))
+                .collect();
+            return Self {
+                rows: k,
+                cols: n,
+                slices: Vec::new(),
+                plain,
+            };
+        }
+        let slices = (0..k)
+            .step_by(K_BLOCK)
+            .map(|k0| {
+                let r = k0..(k0 + K_BLOCK).min(k);
+                let w = if b.rs == 1 {
+                    // b's columns are contiguous: the packed matrix's rows.
+                    PackedBf16::pack_rows(n, r.len(), |col| b.col_from(col, k0))
+                } else if b.cs == 1 {
+                    PackedBf16::pack_cols(n, r.len(), |kk| b.row_from(k0 + kk, 0))
+                } else {
+                    PackedBf16::pack_with(n, r.len(), |col, kk| b.at(k0 + kk, col))
+                };
+                (r, w)
+            })
+            .collect();
+        Self {
+            rows: k,
+            cols: n,
+            slices,
+            plain: Vec::new(),
+        }
+    }
+}
+
+/// [`gemm_bf16`] with the right operand packed beforehand.
+pub fn gemm_bf16_packed(c: MatMut<'_>, a: MatRef<'_>, b: &PackedB, accumulate: bool) {
+    use crate::kernels::bf16::{
+        bf16_pairs_cols, bf16_pairs_rows, bf16_pairs_with, matmul_pairs, PATHS,
+    };
+    assert_eq!(a.cols, b.rows, "inner dimensions differ");
+    assert!(
+        c.rows == a.rows && c.cols == b.cols,
+        "output is [{}, {}], the product [{}, {}]",
+        c.rows,
+        c.cols,
+        a.rows,
+        b.cols
+    );
+    let (m, n, k) = (c.rows, c.cols, a.cols);
+    if b.slices.is_empty() {
+        let ar: Vec<f32> = (0..m)
+            .flat_map(|i| (0..k).map(move |j| (i, j)))
+            .map(|(i, j)| {
+                crate::kernels::bf16::from_bf16(crate::kernels::bf16::to_bf16(a.at(i, j)))
+            })
+            .collect();
+        return gemm(
+            c,
+            MatRef::new(&ar, m, k),
+            MatRef::new(&b.plain, k, n),
+            accumulate,
+        );
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return gemm(c, a, MatRef::new(&vec![0.0; k * n], k, n), accumulate);
+    }
+    let isa = crate::kernels::Supported::best_of(&PATHS);
+    let mut c = c;
+    for (i, (r, w)) in b.slices.iter().enumerate() {
+        let k0 = r.start;
+        let xb = if a.cs == 1 {
+            bf16_pairs_rows(m, r.len(), |i| a.row_from(i, k0))
+        } else if a.rs == 1 {
+            bf16_pairs_cols(m, r.len(), |kk| a.col_from(k0 + kk, 0))
+        } else {
+            bf16_pairs_with(m, r.len(), |i, kk| a.at(i, k0 + kk))
+        };
+        let out = matmul_pairs(isa, &xb, m, w);
+        store(c.reborrow(), &out, accumulate || i > 0);
+    }
+}
+
+/// [`gemm_bf16`]'s numbers the plain way: both operands rounded to bf16, then [`gemm`].
+pub fn gemm_bf16_reference(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    use crate::kernels::bf16::{from_bf16, to_bf16};
+    let round = |v: &MatRef<'_>| -> Vec<f32> {
+        (0..v.rows)
+            .flat_map(|i| (0..v.cols).map(move |j| (i, j)))
+            .map(|(i, j)| from_bf16(to_bf16(v.at(i, j))))
+            .collect()
+    };
+    let (ar, br) = (round(&a), round(&b));
+    gemm(
+        c,
+        MatRef::new(&ar, a.rows, a.cols),
+        MatRef::new(&br, b.rows, b.cols),
+        accumulate,
+    );
+}
+
+/// Writes (or adds) the row-major `[c.rows, c.cols]` `out` into `c`, rows in parallel.
+fn store(c: MatMut<'_>, out: &[f32], accumulate: bool) {
+    use rayon::prelude::*;
+    let (n, rs, cs, offset) = (c.cols, c.rs, c.cs, c.offset);
+    assert!(fits(c.data.len(), c.rows, c.cols, offset, rs, cs));
+    if cs == 1 && rs >= n {
+        // Each row of `c` is a contiguous run of `n`, rows `rs` apart.
+        let data = &mut c.data[offset..];
+        data.par_chunks_mut(rs)
+            .zip(out.par_chunks(n))
+            .for_each(|(row, src)| {
+                let row = &mut row[..n];
+                if accumulate {
+                    row.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                } else {
+                    row.copy_from_slice(src);
+                }
+            });
+        return;
+    }
+    for i in 0..c.rows {
+        for j in 0..n {
+            let d = &mut c.data[offset + i * rs + j * cs];
+            let s = out[i * n + j];
+            *d = if accumulate { *d + s } else { s };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,5 +482,74 @@ mod tests {
             MatRef::new(&b, 2, 3),
             false,
         );
+    }
+
+    #[test]
+    fn bf16_products_of_views_match_the_rounded_reference_and_stay_near_f32() {
+        use crate::kernels::bf16::{from_bf16, to_bf16};
+        // Training's shapes in miniature: odd k (a padded pair), more than one panel and row
+        // block, transposed and column-range views, with and without accumulation.
+        for &(m, k, n) in &[(67, 129, 45), (200, 64, 33), (5, 1, 17), (130, 577, 96)] {
+            let (a, b) = (values(m * k, 3), values(k * n, 4));
+            let round =
+                |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| from_bf16(to_bf16(v))).collect() };
+            let rounded = reference(&round(&a), &round(&b), m, k, n);
+            let exact = reference(&a, &b, m, k, n);
+            let max_err = |c: &[f32], want: &[f64], scale: f64| {
+                c.iter()
+                    .zip(want)
+                    .map(|(x, y)| (*x as f64 - scale * y).abs())
+                    .fold(0f64, f64::max)
+            };
+            let (at, bt) = (transpose(&a, m, k), transpose(&b, k, n));
+            for path in [
+                gemm_bf16 as fn(MatMut<'_>, MatRef<'_>, MatRef<'_>, bool),
+                gemm_bf16_reference,
+            ] {
+                let mut c = vec![0f32; m * n];
+                path(
+                    MatMut::new(&mut c, m, n),
+                    MatRef::new(&a, m, k),
+                    MatRef::new(&b, k, n),
+                    false,
+                );
+                // The rounded operands' exact product, summed in f32.
+                assert!(
+                    max_err(&c, &rounded, 1.0) < 1e-4 * k as f64,
+                    "m={m} k={k} n={n}"
+                );
+                // bf16 rounding itself: within 2^-8 of each operand's size per term.
+                assert!(max_err(&c, &exact, 1.0) < k as f64 / 128.0);
+                path(
+                    MatMut::new(&mut c, m, n),
+                    MatRef::new(&at, k, m).t(),
+                    MatRef::new(&bt, n, k).t(),
+                    true,
+                );
+                assert!(
+                    max_err(&c, &rounded, 2.0) < 2e-4 * k as f64,
+                    "transposed, accumulated"
+                );
+                // Into columns 3..3+n of a wider output, the other columns untouched.
+                let w = n + 5;
+                let mut wide = vec![7f32; m * w];
+                path(
+                    MatMut::cols_of(&mut wide, m, w, 3..3 + n),
+                    MatRef::new(&a, m, k),
+                    MatRef::new(&b, k, n),
+                    false,
+                );
+                for i in 0..m {
+                    assert!(wide[i * w..i * w + 3].iter().all(|&x| x == 7.0));
+                    assert!(wide[i * w + 3 + n..(i + 1) * w].iter().all(|&x| x == 7.0));
+                    for j in 0..n {
+                        assert!(
+                            (wide[i * w + 3 + j] as f64 - rounded[i * n + j]).abs()
+                                < 1e-4 * k as f64
+                        );
+                    }
+                }
+            }
+        }
     }
 }

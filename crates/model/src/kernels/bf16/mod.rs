@@ -10,6 +10,8 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use super::isa::{Isa, Supported};
 use super::{par_blocks, row_tiles, PANEL};
 
@@ -54,6 +56,84 @@ impl PackedBf16 {
     pub fn from_bits(bits: &[u16], n: usize, k: usize) -> Self {
         assert_eq!(bits.len(), n * k, "weight is not [n, k]");
         Self::pack_bits(n, k, |row, kk| bits[row * k + kk])
+    }
+
+    /// Packs the `[n, k]` matrix whose element `(row, kk)` is `at(row, kk)`, rounding to bf16,
+    /// a panel per task (reads in the order `kk`, then the panel's 16 rows).
+    pub fn pack_with(n: usize, k: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        let pairs = k.div_ceil(2);
+        let panel_len = pairs * PANEL * 2;
+        let mut data = vec![0u16; n.div_ceil(PANEL) * panel_len];
+        data.par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let cols = (n - p * PANEL).min(PANEL);
+                for kk in 0..k {
+                    let base = (kk / 2) * PANEL * 2 + kk % 2;
+                    for c in 0..cols {
+                        panel[base + c * 2] = to_bf16(at(p * PANEL + c, kk));
+                    }
+                }
+            });
+        Self { n, k, data }
+    }
+
+    /// Packs the `[n, k]` matrix whose row `r` is `row(r)` (at least `k` long; the first `k`
+    /// taken): rows read in order, a panel per task.
+    pub(crate) fn pack_rows<'a>(
+        n: usize,
+        k: usize,
+        row: impl Fn(usize) -> &'a [f32] + Sync,
+    ) -> Self {
+        let pairs = k.div_ceil(2);
+        let panel_len = pairs * PANEL * 2;
+        let mut data = vec![0u16; n.div_ceil(PANEL) * panel_len];
+        data.par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for c in 0..(n - p * PANEL).min(PANEL) {
+                    let r = &row(p * PANEL + c)[..k];
+                    for (j, two) in r.chunks(2).enumerate() {
+                        let at = j * PANEL * 2 + c * 2;
+                        panel[at] = to_bf16(two[0]);
+                        if let Some(&hi) = two.get(1) {
+                            panel[at + 1] = to_bf16(hi);
+                        }
+                    }
+                }
+            });
+        Self { n, k, data }
+    }
+
+    /// Packs the `[n, k]` matrix whose column `kk` is `col(kk)` (at least `n` long): a task per
+    /// run of 16 panels, reading 256 consecutive values of each column (a long stride between
+    /// columns would otherwise cost a page walk per 16 values).
+    pub(crate) fn pack_cols<'a>(
+        n: usize,
+        k: usize,
+        col: impl Fn(usize) -> &'a [f32] + Sync,
+    ) -> Self {
+        const GROUP: usize = 16;
+        let pairs = k.div_ceil(2);
+        let panel_len = pairs * PANEL * 2;
+        let mut data = vec![0u16; n.div_ceil(PANEL) * panel_len];
+        data.par_chunks_mut(GROUP * panel_len)
+            .enumerate()
+            .for_each(|(g, panels)| {
+                let first = g * GROUP * PANEL;
+                let cols = first..(first + GROUP * PANEL).min(n);
+                for kk in 0..k {
+                    let src = &col(kk)[cols.clone()];
+                    let base = (kk / 2) * PANEL * 2 + kk % 2;
+                    for (p, chunk) in src.chunks(PANEL).enumerate() {
+                        let panel = &mut panels[p * panel_len..(p + 1) * panel_len];
+                        for (c, &v) in chunk.iter().enumerate() {
+                            panel[base + c * 2] = to_bf16(v);
+                        }
+                    }
+                }
+            });
+        Self { n, k, data }
     }
 
     fn pack_bits(n: usize, k: usize, at: impl Fn(usize, usize) -> u16) -> Self {
@@ -150,6 +230,107 @@ pub fn matmul_bf16_on(isa: Supported, x: &[f32], m: usize, w: &PackedBf16) -> Ve
     };
     // SAFETY: `panel_rows` stores every valid column of its rows of its panel.
     unsafe { par_blocks(m, w.n(), block) }
+}
+
+/// `[m, w.n()]` = rows of bf16 pairs `xb` ([`bf16_pairs`] layout, `w.k()` wide) times `w^T`,
+/// with AVX512_BF16 (`isa` must be it).
+pub(crate) fn matmul_pairs(isa: Supported, xb: &[u32], m: usize, w: &PackedBf16) -> Vec<f32> {
+    assert_eq!(isa.isa(), Isa::Avx512Bf16, "vdpbf16ps needs AVX512_BF16");
+    assert!(xb.len() >= m * w.pairs(), "x is not [m, k / 2] pairs");
+    let block = |rows: Range<usize>, panels: Range<usize>, _next, c: *mut f32| {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX512_BF16 runs here (`isa` says so, asserted); `xb` holds rows < m; the
+        // panels are w's; `c` is `[m, n]` and this task alone writes these rows of these panels.
+        unsafe {
+            dp_rows(xb, w, rows, panels, c)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (rows, panels, c);
+    };
+    // SAFETY: `dp_rows` stores every valid column of its rows of its panels.
+    unsafe { par_blocks(m, w.n(), block) }
+}
+
+/// The `[m, k]` matrix whose element `(i, kk)` is `at(i, kk)`, rounded to bf16 as rows of
+/// [`bf16_pairs`], 16 rows per task (reads in the order pair, then the 16 rows).
+pub(crate) fn bf16_pairs_with(
+    m: usize,
+    k: usize,
+    at: impl Fn(usize, usize) -> f32 + Sync,
+) -> Vec<u32> {
+    let pairs = k.div_ceil(2);
+    let mut out = vec![0u32; m * pairs];
+    out.par_chunks_mut(16 * pairs)
+        .enumerate()
+        .for_each(|(b, block)| {
+            let rows = block.len() / pairs.max(1);
+            for j in 0..pairs {
+                for r in 0..rows {
+                    let i = b * 16 + r;
+                    let lo = to_bf16(at(i, 2 * j)) as u32;
+                    let hi = if 2 * j + 1 < k {
+                        (to_bf16(at(i, 2 * j + 1)) as u32) << 16
+                    } else {
+                        0
+                    };
+                    block[r * pairs + j] = lo | hi;
+                }
+            }
+        });
+    out
+}
+
+/// [`bf16_pairs`] of the `[m, k]` matrix whose row `i` is `row(i)` (the first `k` taken).
+pub(crate) fn bf16_pairs_rows<'a>(
+    m: usize,
+    k: usize,
+    row: impl Fn(usize) -> &'a [f32] + Sync,
+) -> Vec<u32> {
+    let pairs = k.div_ceil(2);
+    let mut out = vec![0u32; m * pairs];
+    out.par_chunks_mut(pairs.max(1) * 16)
+        .enumerate()
+        .for_each(|(b, block)| {
+            for (r, o) in block.chunks_exact_mut(pairs.max(1)).enumerate() {
+                let x = &row(b * 16 + r)[..k];
+                for (o, two) in o.iter_mut().zip(x.chunks(2)) {
+                    let hi = two.get(1).map_or(0, |&h| (to_bf16(h) as u32) << 16);
+                    *o = to_bf16(two[0]) as u32 | hi;
+                }
+            }
+        });
+    out
+}
+
+/// [`bf16_pairs`] of the `[m, k]` matrix whose column `kk` is `col(kk)` (at least `m` long):
+/// 64 rows per task, each pair of columns read together.
+pub(crate) fn bf16_pairs_cols<'a>(
+    m: usize,
+    k: usize,
+    col: impl Fn(usize) -> &'a [f32] + Sync,
+) -> Vec<u32> {
+    let pairs = k.div_ceil(2);
+    let mut out = vec![0u32; m * pairs];
+    const ROWS: usize = 64;
+    out.par_chunks_mut(pairs.max(1) * ROWS)
+        .enumerate()
+        .for_each(|(b, block)| {
+            let rows = b * ROWS..(b * ROWS + block.len() / pairs.max(1));
+            for j in 0..pairs {
+                let lo = &col(2 * j)[rows.clone()];
+                if 2 * j + 1 < k {
+                    let hi = &col(2 * j + 1)[rows.clone()];
+                    for (r, (&l, &h)) in lo.iter().zip(hi).enumerate() {
+                        block[r * pairs + j] = to_bf16(l) as u32 | (to_bf16(h) as u32) << 16;
+                    }
+                } else {
+                    for (r, &l) in lo.iter().enumerate() {
+                        block[r * pairs + j] = to_bf16(l) as u32;
+                    }
+                }
+            }
+        });
+    out
 }
 
 /// `x` rounded to bf16, each row as `k / 2` (padded) little-endian pairs `lo = x[2j]`,
