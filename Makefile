@@ -18,6 +18,9 @@ VENV := .cache/venv
 # nothing is uptrained yet).
 TEST_MODEL := .cache/models/smollm2-15x2-r0
 DEMO_MODEL := .cache/models/smollm2-15x2-full
+RECOVER_MODEL := .cache/models/smollm2-15x2-r128
+GENERAL := .cache/corpus/general-train.txt
+GENERAL_HELDOUT := .cache/corpus/general-heldout.txt
 # The demo model's learned exit heads (committed; `make demo-exit-heads` retrains them).
 DEMO_EXITS := deploy/models/smollm2-15x2-full
 ARGS ?=
@@ -26,7 +29,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE ?= ghcr.io/example/rrt:$(VERSION)
 IMAGE_ARCHIVE := .cache/image/rrt-$(VERSION).oci.tar
 
-.PHONY: image image-tools help demo test bench lint fmt build model data deps fixtures train-fixtures demo-exit-heads eval curve bench-engine clean venv models chaos fuzz
+.PHONY: image image-tools help demo test bench lint fmt build model data deps fixtures train-fixtures demo-exit-heads eval curve bench-engine clean venv models chaos fuzz corpus bench-uptrain recover
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -118,6 +121,26 @@ demo-exit-heads: model data build $(DEMO_MODEL)/config.json ## retrain the demo 
 		--train exit --adapter-rank 64 --kd-weight 0 --ce-weight 0 --exit-weight 0 --self-kd-weight 1 \
 		--seq-len 256 --batch-seqs 4 --accum 2 --steps 24 --lr 1e-3 --warmup 3 --eval-every 8
 	mkdir -p $(DEMO_EXITS) && cp .cache/trained/demo-exits/exit-heads.* $(DEMO_EXITS)/ && cp $(DEMO_EXITS)/exit-heads.* $(DEMO_MODEL)/
+
+corpus: $(GENERAL) $(GENERAL_HELDOUT) ## general text written by SmolLM2 (2 M answer tokens, ~1 h on 2 cores) and a held-out set from other prompts and seeds
+
+$(GENERAL): $(MODEL) | build
+	$(RRT) corpus --out $@ --tokens 2000000 --seed 0 --quiet
+
+$(GENERAL_HELDOUT): $(MODEL) | build
+	$(RRT) corpus --out $@ --set heldout --seed 1 --tokens 100000 --quiet
+
+$(RECOVER_MODEL)/config.json: $(MODEL) | build
+	$(RRT) convert --model $(MODEL) --block-layers 15 --init stepwise --lora-rank 128 --norms per-loop --out $(RECOVER_MODEL)
+
+bench-uptrain: model data build $(RECOVER_MODEL)/config.json ## the trainer at f32 and bf16 side by side: tokens/s, time by part, the objective over 100 steps (~25 min)
+	$(RRT) bench uptrain --model $(RECOVER_MODEL) --steps 100
+
+recover: model data corpus build $(RECOVER_MODEL)/config.json ## uptrain the parameter-saving 15 x 2 r128 model on general text + KJV (2:1) at bf16; resumes from its checkpoint (hours: run it in the background)
+	$(RRT) uptrain --model $(RECOVER_MODEL) --data $(GENERAL) $(GENERAL) $(TRAIN) --eval-data $(GENERAL_HELDOUT) \
+		--eval-windows 16 --out .cache/trained/recover-r128 --train all --dtype bf16 --seq-len 256 --batch-seqs 2 \
+		--accum 2 --steps 640 --lr 3e-4 --warmup 10 --eval-every 20 --checkpoint-every 10 --quiet \
+		$$(if [ -f .cache/trained/recover-r128/checkpoint/state.json ]; then echo --resume; fi)
 
 data: $(HELDOUT) $(TRAIN) ## the KJV text: Genesis-Jude for training, Revelation held out
 

@@ -61,11 +61,6 @@ pub struct CorpusArgs {
 }
 
 pub fn run(args: CorpusArgs) -> anyhow::Result<()> {
-    let loaded = ModelArgs {
-        model: args.model.clone(),
-        dtype: args.dtype,
-    }
-    .load()?;
     let opts = Options {
         set: match args.set {
             SetArg::Train => PromptSet::Train,
@@ -80,6 +75,12 @@ pub fn run(args: CorpusArgs) -> anyhow::Result<()> {
         max_batch_rows: args.max_batch_rows,
         kv_dtype: args.kv_dtype,
     };
+    corpus::check(&opts)?;
+    let loaded = ModelArgs {
+        model: args.model.clone(),
+        dtype: args.dtype,
+    }
+    .load()?;
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -104,7 +105,7 @@ pub fn run(args: CorpusArgs) -> anyhow::Result<()> {
     };
     let mut sample = None;
     let mut last_log = 0usize;
-    let report = corpus::generate(
+    let generated = corpus::generate(
         loaded.model,
         &loaded.tokenizer,
         &opts,
@@ -138,8 +139,16 @@ pub fn run(args: CorpusArgs) -> anyhow::Result<()> {
                 );
             }
         },
-    )?;
+    );
     bar.finish_and_clear();
+    let report = match generated {
+        Ok(r) => r,
+        Err(e) => {
+            drop(file);
+            let _ = std::fs::remove_file(&partial);
+            return Err(e.into());
+        }
+    };
     file.flush()
         .with_context(|| format!("writing {}", partial.display()))?;
     drop(file);

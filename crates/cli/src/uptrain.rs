@@ -13,7 +13,7 @@ use std::sync::Arc;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rrt_train::uptrain::{self, Event, Options};
-use rrt_train::{LossWeights, Precision};
+use rrt_train::{LossWeights, Precision, TrainError};
 
 use crate::uptrain_plot;
 
@@ -172,13 +172,18 @@ pub fn run(args: UptrainArgs) -> anyhow::Result<()> {
     rrt_model::runtime::keep_freed_memory();
     let stop = interrupted();
     let view = View::new(args.quiet);
-    let finished = uptrain::run(&args.options(), &|e| view.show(e), &stop)?;
+    let result = uptrain::run(&args.options(), &|e| view.show(e), &stop);
     view.done();
-    let png = args.out.join("curves.png");
-    match uptrain_plot::write(&finished.train_csv, &finished.eval_csv, &png, &args.font) {
-        Ok(()) => eprintln!("curves: {}", png.display()),
-        Err(e) => eprintln!("warning: no plot ({e:#})"),
+    // A finished run and an interrupted one (which saved the model so far) both get the plot.
+    if matches!(result, Ok(_) | Err(TrainError::Interrupted { .. })) {
+        let png = args.out.join("curves.png");
+        let (train, eval) = (args.out.join("train.csv"), args.out.join("eval.csv"));
+        match uptrain_plot::write(&train, &eval, &png, &args.font) {
+            Ok(()) => eprintln!("curves: {}", png.display()),
+            Err(e) => eprintln!("warning: no plot ({e:#})"),
+        }
     }
+    result?;
     eprintln!("model written to {}", args.out.display());
     Ok(())
 }
@@ -245,11 +250,12 @@ impl View {
                 if self.quiet && r.step % 10 == 0 {
                     let p = &r.parts;
                     eprintln!(
-                        "step {}: objective {:.4}, {:.0} tokens/s ({:.0}% of the matmul roofline); s by part: data {:.2}, forward {:.2}, heads {:.2}, backward {:.2}, optimizer {:.2}",
+                        "step {}: objective {:.4}, {:.0} tokens/s ({:.0}% of the matmul roofline); s by part: teacher {:.2}, data {:.2}, forward {:.2}, heads {:.2}, backward {:.2}, optimizer {:.2}",
                         r.step,
                         r.objective,
                         r.tokens_per_s,
                         100.0 * roofline,
+                        p.teacher,
                         p.data,
                         p.forward,
                         p.heads,

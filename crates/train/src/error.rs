@@ -13,6 +13,10 @@ pub enum TrainError {
     Model(#[from] rrt_model::ModelError),
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// The run's stop flag was set (Ctrl-C, SIGTERM) after step `step`; its checkpoint is
+    /// written.
+    #[error("interrupted at step {step}: checkpoint written; --resume continues")]
+    Interrupted { step: u64 },
 }
 
 impl TrainError {

@@ -5,9 +5,10 @@
 //! tensor it touches into [`Grads`] and returns the gradient of its input.
 
 use rayon::prelude::*;
+use rrt_model::kernels::exp_fast;
 use rrt_model::kernels::gemm::{MatMut, MatRef};
 
-use crate::precision::matmul;
+use crate::precision::{matmul, matmul_left, matmul_right, weight_product, Operand};
 use rrt_model::Fused;
 
 use crate::attention::{self, Dims};
@@ -65,14 +66,17 @@ fn project(ctx: &Ctx<'_>, u: &Unrolled, f: Fused, x: Vec<f32>) -> (Vec<f32>, Pro
     let (cfg, p) = (&ctx.model.cfg, ctx.params());
     let (out, inp) = (f.out_dim(cfg), f.in_dim(cfg));
     let rows = x.len() / inp;
-    let w = p.get(ctx.model.shared[u.shared].weight(f));
+    let wid = ctx.model.shared[u.shared].weight(f);
     let mut y = vec![0f32; rows * out];
-    matmul(
-        ctx.model.precision,
+    // x is the left operand of the weight's product and of each LoRA part's: packed once.
+    let xa = Operand::left(ctx.model, MatRef::new(&x, rows, inp));
+    weight_product(
+        ctx.model,
         MatMut::new(&mut y, rows, out),
-        MatRef::new(&x, rows, inp),
-        MatRef::new(w, out, inp).t(),
-        false,
+        &xa,
+        wid,
+        (out, inp),
+        true,
     );
     let mut lora_t = Vec::with_capacity(f.parts().len());
     for &part in f.parts() {
@@ -82,10 +86,10 @@ fn project(ctx: &Ctx<'_>, u: &Unrolled, f: Fused, x: Vec<f32>) -> (Vec<f32>, Pro
         };
         let (po, off) = (part.shape(cfg)[0], part.fused_offset(cfg));
         let mut t = vec![0f32; rows * l.rank];
-        matmul(
-            ctx.model.precision,
+        matmul_left(
+            ctx.model,
             MatMut::new(&mut t, rows, l.rank),
-            MatRef::new(&x, rows, inp),
+            &xa,
             MatRef::new(p.get(l.a), l.rank, inp).t(),
             false,
         );
@@ -99,6 +103,7 @@ fn project(ctx: &Ctx<'_>, u: &Unrolled, f: Fused, x: Vec<f32>) -> (Vec<f32>, Pro
         );
         lora_t.push(Some(t));
     }
+    drop(xa);
     (y, ProjSaved { x, lora_t })
 }
 
@@ -115,22 +120,24 @@ fn project_back(
     let (cfg, p) = (&ctx.model.cfg, ctx.params());
     let (out, inp) = (f.out_dim(cfg), f.in_dim(cfg));
     let rows = dy.len() / out;
-    let x = MatRef::new(&saved.x, rows, inp);
+    // x is the right operand of the weight's gradient and of each LoRA A's: packed once.
+    let x = Operand::right(ctx.model, MatRef::new(&saved.x, rows, inp));
     let wid = ctx.model.shared[u.shared].weight(f);
     let mut dx = vec![0f32; rows * inp];
-    matmul(
-        ctx.model.precision,
+    weight_product(
+        ctx.model,
         MatMut::new(&mut dx, rows, inp),
-        MatRef::new(dy, rows, out),
-        MatRef::new(p.get(wid), out, inp),
+        &Operand::left(ctx.model, MatRef::new(dy, rows, out)),
+        wid,
+        (out, inp),
         false,
     );
     if let Some(dw) = grads.get_mut(wid) {
-        matmul(
-            ctx.model.precision,
+        matmul_right(
+            ctx.model,
             MatMut::new(dw, out, inp),
             MatRef::new(dy, rows, out).t(),
-            x,
+            &x,
             true,
         );
     }
@@ -160,13 +167,7 @@ fn project_back(
         );
         let dt = MatRef::new(&dt, rows, l.rank);
         if let Some(da) = grads.get_mut(l.a) {
-            matmul(
-                ctx.model.precision,
-                MatMut::new(da, l.rank, inp),
-                dt.t(),
-                x,
-                true,
-            );
+            matmul_right(ctx.model, MatMut::new(da, l.rank, inp), dt.t(), &x, true);
         }
         matmul(
             ctx.model.precision,
@@ -187,7 +188,7 @@ fn swiglu(gu: &[f32], f: usize) -> Vec<f32> {
         .for_each(|(a, row)| {
             let (g, u) = row.split_at(f);
             for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                *a = g / (1.0 + (-g).exp()) * u;
+                *a = g / (1.0 + exp_fast(-g)) * u;
             }
         });
     act
@@ -203,7 +204,7 @@ fn swiglu_back(gu: &[f32], dact: &[f32], f: usize) -> Vec<f32> {
             let (g, u) = row.split_at(f);
             let (dg, du) = d.split_at_mut(f);
             for i in 0..f {
-                let s = 1.0 / (1.0 + (-g[i]).exp());
+                let s = 1.0 / (1.0 + exp_fast(-g[i]));
                 du[i] = da[i] * g[i] * s;
                 dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
             }

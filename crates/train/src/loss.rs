@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use rrt_model::kernels::gemm::{MatMut, MatRef};
 
 use crate::precision::{matmul, matmul_packed};
+use rrt_model::kernels::exp_fast;
 
 use crate::exit_head;
 use crate::norm;
@@ -334,7 +335,7 @@ struct TeacherRow<'a> {
 fn softmax(z: &[f32], temperature: f32) -> (Vec<f32>, f64) {
     let inv = 1.0 / temperature;
     let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * inv;
-    let mut p: Vec<f32> = z.iter().map(|&x| (x * inv - max).exp()).collect();
+    let mut p: Vec<f32> = z.iter().map(|&x| exp_fast(x * inv - max)).collect();
     let sum: f64 = p.iter().map(|&x| x as f64).sum();
     let norm = (1.0 / sum) as f32;
     p.iter_mut().for_each(|x| *x *= norm);
@@ -367,13 +368,29 @@ fn row_losses(
     s.rows = 1;
     let last = loops - 1;
     let last_argmax = argmax(zs[last]);
-    let (p_last, _) = softmax(zs[last], 1.0);
+    let (p_last, lse_last) = softmax(zs[last], 1.0);
+    // log p of the last loop, so the early loops' KL needs no logarithm per entry.
+    let log_p_last: Vec<f32> = zs[last]
+        .iter()
+        .map(|&z| (z as f64 - lse_last) as f32)
+        .collect();
     for (j, z) in zs.iter_mut().enumerate() {
         let z = &mut **z;
         s.agree_with_last[j] = (argmax(z) == last_argmax) as usize;
         let weight = if j == last { 1.0 } else { w.exit_weight };
         let (q, lse) = softmax(z, 1.0);
-        let mut grad = vec![0f32; z.len()];
+        // Distillation first: its gradient vector becomes the row's (one allocation fewer).
+        let mut grad = match &teacher {
+            Some(t) => {
+                let at_t = (w.temperature != 1.0).then(|| softmax(z, w.temperature).0);
+                let (kd, mut dkd) = distill_from(at_t.as_deref().unwrap_or(&q), t, w.temperature);
+                s.kd[j] = kd;
+                let c = if w.kd != 0.0 { weight * w.kd } else { 0.0 };
+                dkd.iter_mut().for_each(|d| *d *= c);
+                dkd
+            }
+            None => vec![0f32; z.len()],
+        };
         // Cross-entropy: q - onehot(target).
         s.ce[j] = lse - z[target as usize] as f64;
         if w.ce != 0.0 {
@@ -381,21 +398,14 @@ fn row_losses(
             grad.iter_mut().zip(&q).for_each(|(g, &q)| *g += c * q);
             grad[target as usize] -= c;
         }
-        if let Some(t) = &teacher {
-            let (kd, dkd) = distill(z, t, w.temperature);
-            s.kd[j] = kd;
-            if w.kd != 0.0 {
-                let c = weight * w.kd;
-                grad.iter_mut().zip(&dkd).for_each(|(g, &d)| *g += c * d);
-            }
-        }
         if j != last {
             // KL(p_last || q_j) with the last loop's distribution held fixed.
+            // log q = z - lse (log-softmax), exact where q itself underflows.
             s.self_kd[j] = p_last
                 .iter()
-                .zip(&q)
-                .filter(|(&p, _)| p > 0.0)
-                .map(|(&p, &q)| p as f64 * ((p as f64).ln() - (q.max(1e-30) as f64).ln()))
+                .zip(&log_p_last)
+                .zip(z.iter())
+                .map(|((&p, &lp), &zz)| p as f64 * (lp as f64 - (zz as f64 - lse)))
                 .sum();
             if w.self_kd != 0.0 {
                 grad.iter_mut()
@@ -424,8 +434,13 @@ fn row_losses(
 /// Forward KL from the teacher to the student at `temperature`, over the teacher's top-k and
 /// one bucket for the rest of the vocabulary (`temperature^2`-scaled, as is usual); returns
 /// the loss and its gradient with respect to the student's logits `z`.
+#[cfg(test)]
 fn distill(z: &[f32], t: &TeacherRow<'_>, temperature: f32) -> (f64, Vec<f32>) {
-    let (q, _) = softmax(z, temperature);
+    distill_from(&softmax(z, temperature).0, t, temperature)
+}
+
+/// [`distill`] given the student's softmax `q` at `temperature`.
+fn distill_from(q: &[f32], t: &TeacherRow<'_>, temperature: f32) -> (f64, Vec<f32>) {
     let tau = temperature as f64;
     let p: Vec<f64> = t
         .logits

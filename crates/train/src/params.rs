@@ -171,6 +171,8 @@ pub struct TrainModel {
     /// The frozen LM head packed for bf16 products, both ways (built on first use; see
     /// [`crate::precision::packed_head`]).
     pub packed_head: std::sync::OnceLock<crate::precision::PackedHead>,
+    /// Shared weights packed for bf16 products this optimizer step.
+    pub packs: crate::precision::PackCache,
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {
@@ -284,6 +286,7 @@ impl TrainModel {
             exits: Vec::new(),
             precision: crate::Precision::F32,
             packed_head: std::sync::OnceLock::new(),
+            packs: Default::default(),
         }
         .with_exit_heads_of(model)
     }

@@ -3,10 +3,15 @@
 //! norms, softmaxes and losses stay f32; only the products' inputs are rounded). Every large
 //! product of a step goes through [`matmul`].
 
-use rrt_model::kernels::gemm::{gemm, gemm_bf16, gemm_bf16_packed, MatMut, MatRef, PackedB};
+use rrt_model::kernels::gemm::{
+    gemm, gemm_bf16, gemm_bf16_packed, gemm_bf16_pp, MatMut, MatRef, PackedA, PackedB,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::params::TrainModel;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::params::{Id, TrainModel};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -74,4 +79,117 @@ pub fn packed_head(model: &TrainModel) -> Option<&PackedHead> {
 /// `c = a b` with `b` packed beforehand (bf16 only).
 pub fn matmul_packed(c: MatMut<'_>, a: MatRef<'_>, b: &PackedB, accumulate: bool) {
     gemm_bf16_packed(c, a, b, accumulate)
+}
+
+/// Shared weights packed for bf16 products, each packed once per optimizer step however many
+/// loops and micro-batches use it (a 15 x 2 model uses each shared weight twice a batch, forward
+/// and backward). [`PackCache::clear`] after the weights change.
+#[derive(Debug, Default)]
+pub struct PackCache(Mutex<HashMap<(Id, bool), Arc<PackedB>>>);
+
+impl Clone for PackCache {
+    /// A clone starts empty (its weights may change apart from the original's).
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PackCache {
+    pub fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    fn get(&self, key: (Id, bool), pack: impl FnOnce() -> PackedB) -> Arc<PackedB> {
+        if let Some(p) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return p.clone();
+        }
+        let packed = Arc::new(pack());
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, packed.clone());
+        packed
+    }
+}
+
+/// An activation several products read on the same side (a projection's input: the shared
+/// weight's product and each LoRA part's), rounded and packed once at bf16.
+pub struct Operand<'a> {
+    pub view: MatRef<'a>,
+    left: Option<PackedA>,
+    right: Option<PackedB>,
+}
+
+impl<'a> Operand<'a> {
+    fn packs(model: &TrainModel) -> bool {
+        model.precision == Precision::Bf16 && PackedB::fast()
+    }
+
+    /// `view` as the left operand of the products to come.
+    pub fn left(model: &TrainModel, view: MatRef<'a>) -> Self {
+        Self {
+            view,
+            left: Self::packs(model).then(|| PackedA::new(view)),
+            right: None,
+        }
+    }
+
+    /// `view` as the right operand of the products to come.
+    pub fn right(model: &TrainModel, view: MatRef<'a>) -> Self {
+        Self {
+            view,
+            left: None,
+            right: Self::packs(model).then(|| PackedB::new(view)),
+        }
+    }
+}
+
+/// `c = a b` (`accumulate`: `c += a b`) at the model's precision, `a` packed once.
+pub fn matmul_left(
+    model: &TrainModel,
+    c: MatMut<'_>,
+    a: &Operand<'_>,
+    b: MatRef<'_>,
+    accumulate: bool,
+) {
+    match &a.left {
+        Some(pa) => gemm_bf16_pp(c, pa, &PackedB::new(b), accumulate),
+        None => matmul(model.precision, c, a.view, b, accumulate),
+    }
+}
+
+/// `c = a b` (`accumulate`: `c += a b`) at the model's precision, `b` packed once.
+pub fn matmul_right(
+    model: &TrainModel,
+    c: MatMut<'_>,
+    a: MatRef<'_>,
+    b: &Operand<'_>,
+    accumulate: bool,
+) {
+    match &b.right {
+        Some(pb) => gemm_bf16_packed(c, a, pb, accumulate),
+        None => matmul(model.precision, c, a, b.view, accumulate),
+    }
+}
+
+/// `c = a W^T` (`transposed`) or `c = a W` for the weight `id` (`[rows, cols]` = `shape`), at the
+/// model's precision; at bf16 the packed weight is reused until the cache is cleared.
+pub fn weight_product(
+    model: &TrainModel,
+    c: MatMut<'_>,
+    a: &Operand<'_>,
+    id: Id,
+    shape: (usize, usize),
+    transposed: bool,
+) {
+    let w = MatRef::new(model.params.get(id), shape.0, shape.1);
+    let b = if transposed { w.t() } else { w };
+    if model.precision == Precision::Bf16 && PackedB::fast() {
+        let packed = model.packs.get((id, transposed), || PackedB::new(b));
+        return match &a.left {
+            Some(pa) => gemm_bf16_pp(c, pa, &packed, false),
+            None => gemm_bf16_packed(c, a.view, &packed, false),
+        };
+    }
+    matmul(model.precision, c, a.view, b, false)
 }

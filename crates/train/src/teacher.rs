@@ -346,7 +346,11 @@ fn top_k(row: &[f32], k: usize, tau: f32) -> (Vec<u32>, Vec<f32>, f32) {
     let mut top: Vec<u32> = idx[..k].to_vec();
     top.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
     let max = row[top[0] as usize] / tau;
-    let sum: f64 = row.iter().map(|&x| ((x / tau - max) as f64).exp()).sum();
+    let inv = 1.0 / tau;
+    let sum: f64 = row
+        .iter()
+        .map(|&x| rrt_model::kernels::exp_fast(x * inv - max) as f64)
+        .sum();
     let values = top.iter().map(|&i| row[i as usize]).collect();
     (top, values, max + sum.ln() as f32)
 }

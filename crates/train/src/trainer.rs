@@ -200,6 +200,7 @@ impl Trainer {
     pub fn resume(&mut self) -> Result<()> {
         let s = self.settings_json();
         self.position = checkpoint::load(&self.out, &mut self.model.params, &mut self.opt, &s)?;
+        self.model.packs.clear();
         self.order = self
             .data
             .split
@@ -256,30 +257,6 @@ impl Trainer {
             .chunks(self.settings.batch_seqs.max(1))
             .map(|c| Self::batch(&self.data.train, None, c, t))
             .collect()
-    }
-
-    /// Every training window the rest of the run will read, in order (what the teacher must
-    /// have seen).
-    pub fn planned_windows(&self) -> Vec<usize> {
-        let b = self.settings.batch_seqs;
-        let batches =
-            (self.settings.steps.saturating_sub(self.position.step) as usize) * self.settings.accum;
-        let (mut epoch, mut offset, mut order) = (
-            self.position.epoch,
-            self.position.offset,
-            self.order.clone(),
-        );
-        let mut out = Vec::with_capacity(batches * b);
-        for _ in 0..batches {
-            if (offset + 1) * b > order.len() {
-                epoch += 1;
-                offset = 0;
-                order = self.data.split.epoch_order(self.settings.seed, epoch);
-            }
-            out.extend_from_slice(&order[offset * b..(offset + 1) * b]);
-            offset += 1;
-        }
-        out
     }
 
     /// The windows the held-out evaluation reads (of the evaluation text when there is one).
@@ -375,6 +352,7 @@ impl Trainer {
         let grad_norm = clip(&mut self.grads, s.clip);
         let lr = s.schedule.lr(self.position.step);
         self.opt.update(&mut self.model.params, &self.grads, lr);
+        self.model.packs.clear();
         parts.optimizer = clock.elapsed().as_secs_f64();
         self.position.step += 1;
         self.position.tokens += (rows * s.accum) as u64;

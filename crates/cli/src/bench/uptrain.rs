@@ -55,7 +55,7 @@ fn options(a: &UptrainBenchArgs, precision: Precision, dir: &std::path::Path) ->
         exit_fit_ridge: 1e-3,
         classifier_fit_windows: 0,
         eval_data: None,
-        eval_windows: 2,
+        eval_windows: 8,
         seq_len: a.seq_len,
         batch_seqs: a.batch_seqs,
         accum: a.accum,
@@ -155,6 +155,15 @@ pub fn run(a: UptrainBenchArgs) -> anyhow::Result<()> {
             );
         }
     }
+    // Both runs' weights scored the same way: f32 products on the same held-out windows (an
+    // objective measured with bf16 products carries the rounding of the logits themselves).
+    let mut scored = Vec::new();
+    for (precision, trainer, _) in &mut runs {
+        trainer.model.precision = Precision::F32;
+        let e = trainer.evaluate();
+        trainer.model.precision = *precision;
+        scored.push(e.perplexity);
+    }
     let (f, b) = (&runs[0].2, &runs[1].2);
     let diffs: Vec<f64> = f
         .iter()
@@ -167,6 +176,20 @@ pub fn run(a: UptrainBenchArgs) -> anyhow::Result<()> {
         let tail = &diffs[diffs.len().saturating_sub(10)..];
         tail.iter().sum::<f64>() / tail.len() as f64
     };
+    // The curves as a reader sees them: each step's objective averaged with the 9 before it
+    // (single steps differ by the batch's luck once the two runs' weights have moved apart).
+    let smooth = |r: &[StepRecord]| -> Vec<f64> {
+        (0..r.len())
+            .map(|i| {
+                let w = &r[i.saturating_sub(9)..=i];
+                w.iter().map(|x| x.objective).sum::<f64>() / w.len() as f64
+            })
+            .collect()
+    };
+    let (sf, sb) = (smooth(f), smooth(b));
+    let smooth_diffs: Vec<f64> = sf.iter().zip(&sb).map(|(x, y)| (y - x).abs() / x).collect();
+    let smooth_max = smooth_diffs.iter().copied().fold(0.0, f64::max);
+    let smooth_mean = smooth_diffs.iter().sum::<f64>() / smooth_diffs.len() as f64;
     let (tf, tb) = (tokens_per_s(f), tokens_per_s(b));
     println!(
         "\n| precision | tokens/s | vs f32 | teacher s | data s | forward s | heads s | backward s | optimizer s | step s |"
@@ -192,6 +215,24 @@ pub fn run(a: UptrainBenchArgs) -> anyhow::Result<()> {
         100.0 * mean_diff,
         100.0 * max_diff,
         100.0 * last10
+    );
+    println!(
+        "the curves averaged over 10 steps: mean relative difference {:.2}%, largest {:.2}%; bf16 - f32 at the end {:+.2}%",
+        100.0 * smooth_mean,
+        100.0 * smooth_max,
+        100.0 * (sb.last().copied().unwrap_or(0.0) / sf.last().copied().unwrap_or(1.0) - 1.0)
+    );
+    let per_loop = |p: &[f64]| {
+        p.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    println!(
+        "held-out perplexity per loop after the run, both scored with f32 products: f32 run {}, bf16 run {} (last loop {:+.2}%)",
+        per_loop(&scored[0]),
+        per_loop(&scored[1]),
+        100.0 * (scored[1].last().copied().unwrap_or(0.0) / scored[0].last().copied().unwrap_or(1.0) - 1.0)
     );
     println!(
         "CPU: {}",

@@ -298,11 +298,67 @@ impl PackedB {
     }
 }
 
+/// The left operand of [`gemm_bf16_pp`], rounded to bf16 pairs once (an activation several
+/// products read).
+#[derive(Debug, Clone)]
+pub struct PackedA {
+    rows: usize,
+    cols: usize,
+    /// `(k range, rows of a[:, range] as bf16 pairs)`; empty without AVX512_BF16 (then `plain`).
+    slices: Vec<(Range<usize>, Vec<u32>)>,
+    /// `a` rounded to bf16, row-major (the reference path).
+    plain: Vec<f32>,
+}
+
+impl PackedA {
+    pub fn new(a: MatRef<'_>) -> Self {
+        use crate::kernels::bf16::{
+            bf16_pairs_cols, bf16_pairs_rows, bf16_pairs_with, from_bf16, to_bf16,
+        };
+        let (m, k) = (a.rows, a.cols);
+        if !PackedB::fast() {
+            let plain = (0..m)
+                .flat_map(|i| (0..k).map(move |j| (i, j)))
+                .map(|(i, j)| from_bf16(to_bf16(a.at(i, j))))
+                .collect();
+            return Self {
+                rows: m,
+                cols: k,
+                slices: Vec::new(),
+                plain,
+            };
+        }
+        let slices = (0..k)
+            .step_by(K_BLOCK)
+            .map(|k0| {
+                let r = k0..(k0 + K_BLOCK).min(k);
+                let pairs = if a.cs == 1 {
+                    bf16_pairs_rows(m, r.len(), |i| a.row_from(i, k0))
+                } else if a.rs == 1 {
+                    bf16_pairs_cols(m, r.len(), |kk| a.col_from(k0 + kk, 0))
+                } else {
+                    bf16_pairs_with(m, r.len(), |i, kk| a.at(i, k0 + kk))
+                };
+                (r, pairs)
+            })
+            .collect();
+        Self {
+            rows: m,
+            cols: k,
+            slices,
+            plain: Vec::new(),
+        }
+    }
+}
+
 /// [`gemm_bf16`] with the right operand packed beforehand.
 pub fn gemm_bf16_packed(c: MatMut<'_>, a: MatRef<'_>, b: &PackedB, accumulate: bool) {
-    use crate::kernels::bf16::{
-        bf16_pairs_cols, bf16_pairs_rows, bf16_pairs_with, matmul_pairs, PATHS,
-    };
+    gemm_bf16_pp(c, &PackedA::new(a), b, accumulate)
+}
+
+/// [`gemm_bf16`] with both operands packed beforehand.
+pub fn gemm_bf16_pp(c: MatMut<'_>, a: &PackedA, b: &PackedB, accumulate: bool) {
+    use crate::kernels::bf16::{matmul_pairs, PATHS};
     assert_eq!(a.cols, b.rows, "inner dimensions differ");
     assert!(
         c.rows == a.rows && c.cols == b.cols,
@@ -313,35 +369,32 @@ pub fn gemm_bf16_packed(c: MatMut<'_>, a: MatRef<'_>, b: &PackedB, accumulate: b
         b.cols
     );
     let (m, n, k) = (c.rows, c.cols, a.cols);
-    if b.slices.is_empty() {
-        let ar: Vec<f32> = (0..m)
-            .flat_map(|i| (0..k).map(move |j| (i, j)))
-            .map(|(i, j)| {
-                crate::kernels::bf16::from_bf16(crate::kernels::bf16::to_bf16(a.at(i, j)))
-            })
-            .collect();
+    if k == 0 {
+        // An empty sum: c = 0 (or unchanged when accumulating).
         return gemm(
             c,
-            MatRef::new(&ar, m, k),
+            MatRef::new(&[], m, 0),
+            MatRef::new(&[], 0, n),
+            accumulate,
+        );
+    }
+    if b.slices.is_empty() || a.slices.is_empty() {
+        // No AVX512_BF16: the rounded operands through the f32 product.
+        return gemm(
+            c,
+            MatRef::new(&a.plain, m, k),
             MatRef::new(&b.plain, k, n),
             accumulate,
         );
     }
-    if m == 0 || n == 0 || k == 0 {
-        return gemm(c, a, MatRef::new(&vec![0.0; k * n], k, n), accumulate);
+    if m == 0 || n == 0 {
+        return;
     }
     let isa = crate::kernels::Supported::best_of(&PATHS);
     let mut c = c;
-    for (i, (r, w)) in b.slices.iter().enumerate() {
-        let k0 = r.start;
-        let xb = if a.cs == 1 {
-            bf16_pairs_rows(m, r.len(), |i| a.row_from(i, k0))
-        } else if a.rs == 1 {
-            bf16_pairs_cols(m, r.len(), |kk| a.col_from(k0 + kk, 0))
-        } else {
-            bf16_pairs_with(m, r.len(), |i, kk| a.at(i, k0 + kk))
-        };
-        let out = matmul_pairs(isa, &xb, m, w);
+    for (i, ((ra, xb), (rb, w))) in a.slices.iter().zip(&b.slices).enumerate() {
+        debug_assert_eq!(ra, rb);
+        let out = matmul_pairs(isa, xb, m, w);
         store(c.reborrow(), &out, accumulate || i > 0);
     }
 }
@@ -488,8 +541,15 @@ mod tests {
     fn bf16_products_of_views_match_the_rounded_reference_and_stay_near_f32() {
         use crate::kernels::bf16::{from_bf16, to_bf16};
         // Training's shapes in miniature: odd k (a padded pair), more than one panel and row
-        // block, transposed and column-range views, with and without accumulation.
-        for &(m, k, n) in &[(67, 129, 45), (200, 64, 33), (5, 1, 17), (130, 577, 96)] {
+        // block, k over several slices of K_BLOCK, transposed and column-range views, with and
+        // without accumulation.
+        for &(m, k, n) in &[
+            (67, 129, 45),
+            (200, 64, 33),
+            (5, 1, 17),
+            (130, 577, 96),
+            (37, 2500, 40),
+        ] {
             let (a, b) = (values(m * k, 3), values(k * n, 4));
             let round =
                 |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| from_bf16(to_bf16(v))).collect() };
@@ -550,6 +610,34 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn operands_packed_once_give_the_products_of_packing_each_time() {
+        let (m, k, n) = (45, 2100, 70);
+        let (a, b) = (values(m * k, 5), values(k * n, 6));
+        let at = transpose(&a, m, k);
+        for view in [MatRef::new(&a, m, k), MatRef::new(&at, k, m).t()] {
+            let (pa, pb) = (PackedA::new(view), PackedB::new(MatRef::new(&b, k, n)));
+            let mut once = vec![0f32; m * n];
+            gemm_bf16(
+                MatMut::new(&mut once, m, n),
+                view,
+                MatRef::new(&b, k, n),
+                false,
+            );
+            let mut packed = vec![1f32; m * n];
+            gemm_bf16_pp(MatMut::new(&mut packed, m, n), &pa, &pb, false);
+            assert_eq!(once, packed);
+            gemm_bf16_packed(MatMut::new(&mut packed, m, n), view, &pb, true);
+            let doubled: Vec<f32> = once.iter().map(|x| 2.0 * x).collect();
+            let err = packed
+                .iter()
+                .zip(&doubled)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-3, "{err}");
         }
     }
 }

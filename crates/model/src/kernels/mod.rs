@@ -44,7 +44,7 @@ use rayon::prelude::*;
 /// stays NaN. No float-to-int conversion and no `f32::clamp` (both kept LLVM from vectorizing
 /// it: SwiGLU ran one value at a time, ~4% of a decode step).
 #[inline(always)]
-pub(crate) fn exp_fast(x: f32) -> f32 {
+pub fn exp_fast(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;

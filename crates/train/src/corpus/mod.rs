@@ -139,7 +139,8 @@ fn render(tokenizer: &Tokenizer, prompt: &str) -> Result<String> {
     }
 }
 
-fn check(opts: &Options) -> Result<()> {
+/// What is wrong with `opts`, if anything (checked again by [`generate`]).
+pub fn check(opts: &Options) -> Result<()> {
     let bad = |m: &str| Err(TrainError::Input(m.into()));
     if opts.tokens == 0 {
         return bad("--tokens must be at least 1");

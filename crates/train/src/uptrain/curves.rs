@@ -162,10 +162,7 @@ pub(super) fn train_loop(
             trainer.checkpoint()?;
         }
         if interrupted {
-            return Err(TrainError::Input(format!(
-                "interrupted at step {}: checkpoint written; --resume continues",
-                r.step
-            )));
+            return Err(TrainError::Interrupted { step: r.step });
         }
     }
     Ok((train_path, eval_path))

@@ -242,7 +242,20 @@ pub fn run(o: &Options, report: &dyn Fn(Event<'_>), stop: &AtomicBool) -> Result
             read.saturating_sub(trainer.teacher_computed)
         )));
     }
-    let (train_csv, eval_csv) = looped?;
+    let (train_csv, eval_csv) = match looped {
+        Ok(paths) => paths,
+        Err(TrainError::Interrupted { step }) => {
+            // A stopped run still leaves a model every command loads (as trained so far),
+            // beside the checkpoint a resumed run continues from.
+            finish(&trainer, &tokenizer, o, report)?;
+            report(Event::Line(format!(
+                "the model as trained to step {step} is written to {}",
+                o.out.display()
+            )));
+            return Err(TrainError::Interrupted { step });
+        }
+        Err(e) => return Err(e),
+    };
     if groups.exits && o.classifier_fit_windows > 0 {
         fit_classifiers(&mut trainer, o, report)?;
     }
