@@ -71,7 +71,7 @@ fn bad_flags_are_refused_and_leave_no_file() {
     let out = dir.path().join("x.txt");
     for (extra, expect) in [
         (vec!["--top-p", "0"], "top_p"),
-        (vec!["--temperature", "-1"], "temperature"),
+        (vec!["--temperature=-1"], "temperature"),
         (vec!["--in-flight", "0"], "--in-flight"),
         (vec!["--set", "everything"], "everything"),
     ] {
