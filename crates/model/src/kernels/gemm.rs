@@ -211,6 +211,15 @@ impl<'a> MatRef<'a> {
         self.data[self.offset + i * self.rs + j * self.cs]
     }
 
+    /// Every element rounded to bf16 (and back to f32), row-major.
+    fn rounded_bf16(&self) -> Vec<f32> {
+        use crate::kernels::bf16::{from_bf16, to_bf16};
+        (0..self.rows)
+            .flat_map(|i| (0..self.cols).map(move |j| (i, j)))
+            .map(|(i, j)| from_bf16(to_bf16(self.at(i, j))))
+            .collect()
+    }
+
     /// Row `i` from column `j0` on, when rows are contiguous (`cs == 1`).
     fn row_from(&self, i: usize, j0: usize) -> &'a [f32] {
         let start = self.offset + i * self.rs + j0;
@@ -241,6 +250,13 @@ pub fn gemm_bf16(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) 
 /// Length of the slices of k a bf16 product runs in.
 pub const K_BLOCK: usize = 1024;
 
+/// The slices of `0..k` a bf16 product runs in.
+fn k_slices(k: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..k)
+        .step_by(K_BLOCK)
+        .map(move |k0| k0..(k0 + K_BLOCK).min(k))
+}
+
 /// The right operand of [`gemm_bf16_packed`], packed once (a frozen weight used every step).
 #[derive(Debug, Clone)]
 pub struct PackedB {
@@ -260,24 +276,19 @@ impl PackedB {
     }
 
     pub fn new(b: MatRef<'_>) -> Self {
-        use crate::kernels::bf16::{from_bf16, to_bf16, PackedBf16};
+        use crate::kernels::bf16::PackedBf16;
         let (k, n) = (b.rows, b.cols);
         if !Self::fast() {
-            let plain = (0..k)
-                .flat_map(|i| (0..n).map(move |j| (i, j)))
-                .map(|(i, j)| from_bf16(to_bf16(b.at(i, j))))
-                .collect();
             return Self {
                 rows: k,
                 cols: n,
                 slices: Vec::new(),
-                plain,
+                plain: b.rounded_bf16(),
             };
         }
-        let slices = (0..k)
-            .step_by(K_BLOCK)
-            .map(|k0| {
-                let r = k0..(k0 + K_BLOCK).min(k);
+        let slices = k_slices(k)
+            .map(|r| {
+                let k0 = r.start;
                 let w = if b.rs == 1 {
                     // b's columns are contiguous: the packed matrix's rows.
                     PackedBf16::pack_rows(n, r.len(), |col| b.col_from(col, k0))
@@ -312,26 +323,19 @@ pub struct PackedA {
 
 impl PackedA {
     pub fn new(a: MatRef<'_>) -> Self {
-        use crate::kernels::bf16::{
-            bf16_pairs_cols, bf16_pairs_rows, bf16_pairs_with, from_bf16, to_bf16,
-        };
+        use crate::kernels::bf16::{bf16_pairs_cols, bf16_pairs_rows, bf16_pairs_with};
         let (m, k) = (a.rows, a.cols);
         if !PackedB::fast() {
-            let plain = (0..m)
-                .flat_map(|i| (0..k).map(move |j| (i, j)))
-                .map(|(i, j)| from_bf16(to_bf16(a.at(i, j))))
-                .collect();
             return Self {
                 rows: m,
                 cols: k,
                 slices: Vec::new(),
-                plain,
+                plain: a.rounded_bf16(),
             };
         }
-        let slices = (0..k)
-            .step_by(K_BLOCK)
-            .map(|k0| {
-                let r = k0..(k0 + K_BLOCK).min(k);
+        let slices = k_slices(k)
+            .map(|r| {
+                let k0 = r.start;
                 let pairs = if a.cs == 1 {
                     bf16_pairs_rows(m, r.len(), |i| a.row_from(i, k0))
                 } else if a.rs == 1 {
@@ -401,14 +405,7 @@ pub fn gemm_bf16_pp(c: MatMut<'_>, a: &PackedA, b: &PackedB, accumulate: bool) {
 
 /// [`gemm_bf16`]'s numbers the plain way: both operands rounded to bf16, then [`gemm`].
 pub fn gemm_bf16_reference(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
-    use crate::kernels::bf16::{from_bf16, to_bf16};
-    let round = |v: &MatRef<'_>| -> Vec<f32> {
-        (0..v.rows)
-            .flat_map(|i| (0..v.cols).map(move |j| (i, j)))
-            .map(|(i, j)| from_bf16(to_bf16(v.at(i, j))))
-            .collect()
-    };
-    let (ar, br) = (round(&a), round(&b));
+    let (ar, br) = (a.rounded_bf16(), b.rounded_bf16());
     gemm(
         c,
         MatRef::new(&ar, a.rows, a.cols),
