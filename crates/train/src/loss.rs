@@ -9,8 +9,9 @@
 use rayon::prelude::*;
 use rrt_model::kernels::gemm::{MatMut, MatRef};
 
-use crate::precision::{matmul, matmul_packed};
+use crate::precision::matmul;
 use rrt_model::kernels::exp_fast;
+use rrt_model::kernels::gemm::gemm_bf16_packed;
 
 use crate::exit_head;
 use crate::norm;
@@ -199,7 +200,7 @@ fn head_chunk(
         let (n, r) = norm::forward(&input, gf, eps);
         let mut z = vec![0f32; c * v];
         match packed {
-            Some(pk) => matmul_packed(
+            Some(pk) => gemm_bf16_packed(
                 MatMut::new(&mut z, c, v),
                 MatRef::new(&n, c, h),
                 &pk.transposed,
@@ -225,7 +226,7 @@ fn head_chunk(
     for (j, (dz, (input, n, r, adapter))) in logits.iter().zip(&saved).enumerate() {
         let mut dn = vec![0f32; c * h];
         match packed {
-            Some(pk) => matmul_packed(
+            Some(pk) => gemm_bf16_packed(
                 MatMut::new(&mut dn, c, h),
                 MatRef::new(dz, c, v),
                 &pk.plain,

@@ -76,11 +76,6 @@ pub fn packed_head(model: &TrainModel) -> Option<&PackedHead> {
     }))
 }
 
-/// `c = a b` with `b` packed beforehand (bf16 only).
-pub fn matmul_packed(c: MatMut<'_>, a: MatRef<'_>, b: &PackedB, accumulate: bool) {
-    gemm_bf16_packed(c, a, b, accumulate)
-}
-
 /// Shared weights packed for bf16 products, each packed once per optimizer step however many
 /// loops and micro-batches use it (a 15 x 2 model uses each shared weight twice a batch, forward
 /// and backward). [`PackCache::clear`] after the weights change.

@@ -312,7 +312,7 @@ fn compute(
         );
         let mut z = vec![0f32; c * v];
         match crate::precision::packed_head(teacher) {
-            Some(pk) => crate::precision::matmul_packed(
+            Some(pk) => rrt_model::kernels::gemm::gemm_bf16_packed(
                 MatMut::new(&mut z, c, v),
                 MatRef::new(&n, c, h),
                 &pk.transposed,

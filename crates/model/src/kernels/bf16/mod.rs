@@ -60,7 +60,7 @@ impl PackedBf16 {
 
     /// Packs the `[n, k]` matrix whose element `(row, kk)` is `at(row, kk)`, rounding to bf16,
     /// a panel per task (reads in the order `kk`, then the panel's 16 rows).
-    pub fn pack_with(n: usize, k: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+    pub(crate) fn pack_with(n: usize, k: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         let pairs = k.div_ceil(2);
         let panel_len = pairs * PANEL * 2;
         let mut data = vec![0u16; n.div_ceil(PANEL) * panel_len];
