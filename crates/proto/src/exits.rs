@@ -5,6 +5,16 @@
 /// Loop-steps per second assumed for a worker that has not measured any yet.
 pub const PRIOR_LOOP_STEPS_PER_SECOND: f64 = 1000.0;
 
+/// A worker's measured loop-steps per second, or [`PRIOR_LOOP_STEPS_PER_SECOND`] before it has
+/// measured any.
+pub fn rate_or_prior(measured: f64) -> f64 {
+    if measured > 0.0 {
+        measured
+    } else {
+        PRIOR_LOOP_STEPS_PER_SECOND
+    }
+}
+
 /// Mean exit loop of a histogram (`hist[i]` = tokens that exited after loop `i + 1`); `None`
 /// while it is empty.
 pub fn mean_exit_loop(hist: &[u64]) -> Option<f64> {
@@ -41,5 +51,7 @@ mod tests {
         let mut h = vec![1];
         add_histogram(&mut h, &[1, 2]);
         assert_eq!(h, vec![2, 2]);
+        assert_eq!(rate_or_prior(0.0), PRIOR_LOOP_STEPS_PER_SECOND);
+        assert_eq!(rate_or_prior(5.0), 5.0);
     }
 }

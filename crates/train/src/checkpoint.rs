@@ -126,8 +126,34 @@ fn swap_in(out: &Path, tmp: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The run's settings without its length (`steps` and the schedule's `total`): a run may be
+/// resumed longer (or shorter, not before its position) than it was planned, the learning-rate
+/// schedule stretched from the step it stands at.
+fn without_length(settings: &serde_json::Value) -> serde_json::Value {
+    let mut s = settings.clone();
+    if let Some(o) = s.as_object_mut() {
+        o.remove("steps");
+        if let Some(schedule) = o.get_mut("schedule").and_then(|v| v.as_object_mut()) {
+            schedule.remove("total");
+        }
+    }
+    s
+}
+
+/// The length (`steps`) the checkpoint under `out` was planned for, if there is one.
+pub fn planned_steps(out: &Path) -> Option<u64> {
+    let mut d = dir(out);
+    if !d.exists() {
+        d = out.join("checkpoint.old");
+    }
+    let text = std::fs::read_to_string(d.join("state.json")).ok()?;
+    let state: State = serde_json::from_str(&text).ok()?;
+    state.settings.get("steps")?.as_u64()
+}
+
 /// Restores the checkpoint under `out` into `params` and `opt`; returns the position. A swap
-/// cut short (only the old checkpoint left) is recovered.
+/// cut short (only the old checkpoint left) is recovered. The settings must be the
+/// checkpoint's except for the run's length ([`without_length`]).
 pub fn load(
     out: &Path,
     params: &mut Params,
@@ -142,11 +168,21 @@ pub fn load(
     let text = std::fs::read_to_string(&state_path)
         .map_err(|e| TrainError::file(&state_path, format!("no checkpoint to resume ({e})")))?;
     let state: State = serde_json::from_str(&text).map_err(|e| TrainError::file(&state_path, e))?;
-    if &state.settings != settings {
+    if without_length(&state.settings) != without_length(settings) {
         return Err(TrainError::file(&state_path, format!(
-            "the checkpoint is of a run with other settings; resume with the same flags (checkpoint: {}, now: {settings})",
+            "the checkpoint is of a run with other settings; resume with the same flags (only --steps may change) (checkpoint: {}, now: {settings})",
             state.settings
         )));
+    }
+    let planned = settings.get("steps").and_then(|v| v.as_u64()).unwrap_or(0);
+    if planned < state.position.step {
+        return Err(TrainError::file(
+            &state_path,
+            format!(
+                "the checkpoint is at step {}; --steps {planned} would end before it",
+                state.position.step
+            ),
+        ));
     }
     let weights = d.join("train.safetensors");
     let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)

@@ -170,9 +170,48 @@ fn resuming_with_other_settings_is_refused() {
     let mut t = trainer(d.path(), 12);
     t.step().unwrap();
     t.checkpoint().unwrap();
-    let mut other = trainer(d.path(), 13);
+    let mut other = trainer(d.path(), 12);
+    other.settings.seed += 1;
     let err = other.resume().unwrap_err().to_string();
     assert!(err.contains("other settings"), "{err}");
+    // A length that ends before the checkpoint's position cannot continue it.
+    let mut t = trainer(d.path(), 12);
+    while t.position.step < 3 {
+        t.step().unwrap();
+    }
+    t.checkpoint().unwrap();
+    let err = trainer(d.path(), 2).resume().unwrap_err().to_string();
+    assert!(err.contains("would end before it"), "{err}");
+}
+
+/// A run resumed with more `--steps` continues from its position, on the longer run's
+/// learning-rate schedule from there on.
+#[test]
+fn resuming_longer_stretches_the_schedule() {
+    let d = tempfile::tempdir().unwrap();
+    let mut first = trainer(d.path(), 8);
+    while first.position.step < 4 {
+        first.step().unwrap();
+    }
+    first.checkpoint().unwrap();
+    let at_checkpoint = values(&first);
+    let mut longer = trainer(d.path(), 20);
+    longer.resume().unwrap();
+    assert_eq!(longer.position.step, 4);
+    assert_eq!(values(&longer), at_checkpoint);
+    let short = trainer(d.path(), 8).settings.schedule;
+    let long = longer.settings.schedule;
+    assert!(
+        long.lr(6) > short.lr(6),
+        "{} vs {}",
+        long.lr(6),
+        short.lr(6)
+    );
+    while longer.position.step < 20 {
+        let r = longer.step().unwrap();
+        assert!(r.objective.is_finite());
+    }
+    assert_eq!(longer.position.step, 20);
 }
 
 /// A disk with room for `room` more bytes: a write past it stores what fits and fails as a

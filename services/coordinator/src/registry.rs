@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use rrt_proto::exits::{add_histogram, mean_exit_loop, PRIOR_LOOP_STEPS_PER_SECOND};
+use rrt_proto::exits::{add_histogram, mean_exit_loop, rate_or_prior};
 use rrt_proto::v1 as pb;
 
 #[derive(Debug, Clone)]
@@ -38,12 +38,7 @@ impl WorkerEntry {
 
     /// Predicted seconds to drain the pending loop-steps at the measured throughput.
     pub fn score(&self) -> f64 {
-        let rate = if self.throughput > 0.0 {
-            self.throughput
-        } else {
-            PRIOR_LOOP_STEPS_PER_SECOND
-        };
-        self.pending_loop_steps() / rate
+        self.pending_loop_steps() / rate_or_prior(self.throughput)
     }
 }
 
@@ -206,7 +201,7 @@ mod tests {
         assert!(r.report(report("a", 100, 0.0, vec![]), t));
         let a = r.get("a").unwrap();
         assert_eq!(a.expected_loops(), 4.0);
-        assert!((a.score() - 400.0 / PRIOR_LOOP_STEPS_PER_SECOND).abs() < 1e-9);
+        assert!((a.score() - 400.0 / rrt_proto::exits::PRIOR_LOOP_STEPS_PER_SECOND).abs() < 1e-9);
         // Half the tokens exit after loop 1, half after loop 3: 2 loops expected.
         assert!(r.report(report("a", 100, 200.0, vec![5, 0, 5, 0]), t));
         let a = r.get("a").unwrap();

@@ -192,11 +192,18 @@ pub fn prepare(o: &Options, report: &dyn Fn(Event<'_>)) -> Result<Prepared> {
         fit_exits(&mut trainer, o, report)?;
     }
     if o.resume {
+        let planned = crate::checkpoint::planned_steps(&o.out);
         trainer.resume()?;
         report(Event::Line(format!(
             "resumed at step {} ({} tokens)",
             trainer.position.step, trainer.position.tokens
         )));
+        if let Some(p) = planned.filter(|&p| p != o.steps) {
+            report(Event::Line(format!(
+                "the run was planned for {p} steps, now {}: the learning-rate schedule is stretched from here",
+                o.steps
+            )));
+        }
     }
     teacher::attach(
         &mut trainer,
