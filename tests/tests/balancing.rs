@@ -1,7 +1,8 @@
 //! Load balancing on exit statistics: with one of two workers slowed down (a test knob: a sleep
-//! after every engine step), the coordinator's drain-time score steers the router's power of two
-//! choices to the faster worker. Then the coordinator goes away and the router keeps serving on
-//! its own view (least outstanding).
+//! after every engine step), the coordinator's drain-time score steers the router's default
+//! policy (cache affinity with depth-aware loads; these prompts share no prefix, so it is the
+//! cheaper of two random workers) to the faster worker. Then the coordinator goes away and the
+//! router keeps serving on its own view (least outstanding).
 
 #![forbid(unsafe_code)]
 
@@ -77,7 +78,7 @@ async fn the_router_prefers_the_faster_worker_and_survives_the_coordinator() {
         (!pool.is_fresh(Instant::now())).then_some(())
     })
     .await;
-    let (name, least) = ("rrt_router_routed_total", ["policy=\"least_outstanding\""]);
+    let (name, least) = ("rrt_router_decisions_total", ["reason=\"stale_view\""]);
     let before = metric_at(r.running.metrics_addr, name, &least).await;
     let mut client = client.clone();
     for i in 0..4 {

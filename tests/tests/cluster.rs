@@ -337,7 +337,7 @@ async fn every_service_exports_prometheus_metrics_with_help_text() {
     // this process exports both workers' series).
     let (exits, at_loop_2) = ("rrt_worker_token_exits_total", ["loop=\"2\""]);
     let exits_before = metric_at(s.workers[0].1, exits, &at_loop_2).await;
-    let (routed, p2c) = ("rrt_router_routed_total", ["policy=\"p2c_score\""]);
+    let (routed, p2c) = ("rrt_router_decisions_total", ["policy=\"combined\""]);
     let routed_before = metric_at(s.router_metrics, routed, &p2c).await;
     stream(&mut client, greedy("Hello", 4)).await.unwrap();
     // Workers mirror the engine into metrics every report interval.

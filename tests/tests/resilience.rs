@@ -37,16 +37,19 @@ async fn workers_rejoin_a_restarted_coordinator_and_the_router_follows_it() {
         (fresh && !pool.slots().is_empty()).then_some(())
     })
     .await;
-    let (routed, p2c) = ("rrt_router_routed_total", ["policy=\"p2c_score\""]);
-    let before = metric_at(r.running.metrics_addr, routed, &p2c).await;
+    let decisions = "rrt_router_decisions_total";
+    let (all, stale) = (["policy=\"combined\""], ["reason=\"stale_view\""]);
+    let before = metric_at(r.running.metrics_addr, decisions, &all).await;
+    let stale_before = metric_at(r.running.metrics_addr, decisions, &stale).await;
     let mut client = cluster::client(r.running.grpc_addr).await;
     let (ids, _, _, _) = stream(&mut client, greedy("Hello again", 4)).await.unwrap();
     assert_eq!(ids.len(), 4);
-    let after = metric_at(r.running.metrics_addr, routed, &p2c).await;
+    let after = metric_at(r.running.metrics_addr, decisions, &all).await;
+    let stale_after = metric_at(r.running.metrics_addr, decisions, &stale).await;
     assert_eq!(
-        after - before,
-        1.0,
-        "picked by the new coordinator's scores"
+        (after - before, stale_after - stale_before),
+        (1.0, 0.0),
+        "picked on the new coordinator's view"
     );
     drop(w);
 }

@@ -62,6 +62,33 @@ pub struct RouterArgs {
         hide_env_values = true
     )]
     pub api_tokens: Vec<String>,
+    /// How to pick a worker per request: round-robin, least-outstanding (cluster-wide),
+    /// power-of-two (the lower predicted drain time of two random workers), depth-aware
+    /// (power-of-two with each request's loops predicted from its class), cache-aware (the
+    /// worker sent the longest prefix of the prompt, unless loaded), combined (cache affinity
+    /// with depth-aware loads, weighing the prefill a cache hit saves; docs/routing.md).
+    #[arg(
+        long,
+        env = "RRT_ROUTER_BALANCE",
+        value_enum,
+        default_value = "combined"
+    )]
+    pub balance: crate::balance::Balance,
+    /// Seconds of predicted extra time a worker holding a request's prefix may cost over the
+    /// alternative before the request spills there (cache-aware, combined).
+    #[arg(long, env = "RRT_ROUTER_SPILL_S", default_value_t = 1.0)]
+    pub spill_s: f64,
+    /// KV use (0..1) at which a worker holding a prefix takes no more requests for it.
+    #[arg(long, env = "RRT_ROUTER_SPILL_KV", default_value_t = 0.9)]
+    pub spill_kv: f64,
+    /// Prompt-prefix blocks (64 bytes each) the router remembers at most; the least recently
+    /// used quarter goes when full (about 80 bytes each).
+    #[arg(
+        long,
+        env = "RRT_ROUTER_PREFIX_INDEX_BLOCKS",
+        default_value_t = 262_144
+    )]
+    pub prefix_index_blocks: usize,
     /// Seed of the worker choices' random draws (default: from the OS; set it to make a test's
     /// routing reproducible).
     #[arg(long, env = "RRT_ROUTER_SEED")]
@@ -88,6 +115,17 @@ impl std::str::FromStr for HttpListen {
 }
 
 impl RouterArgs {
+    /// The balancer's settings from the flags.
+    pub fn balance_settings(&self) -> crate::balance::Settings {
+        crate::balance::Settings {
+            balance: self.balance,
+            spill_s: self.spill_s,
+            spill_kv: self.spill_kv,
+            index_blocks: self.prefix_index_blocks,
+            ..Default::default()
+        }
+    }
+
     pub fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.coordinator.is_some() || !self.workers.is_empty(),
@@ -102,6 +140,14 @@ impl RouterArgs {
             "--max-new-tokens must be at least 1"
         );
         anyhow::ensure!(self.max_attempts > 0, "--max-attempts must be at least 1");
+        anyhow::ensure!(
+            self.spill_s.is_finite() && self.spill_s >= 0.0,
+            "--spill-s must be a number of seconds >= 0"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.spill_kv),
+            "--spill-kv must be within 0..1"
+        );
         anyhow::ensure!(self.keepalive_ms > 0, "--keepalive-ms must be at least 1");
         anyhow::ensure!(
             self.request_timeout_s > 0,

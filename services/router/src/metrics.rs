@@ -1,5 +1,6 @@
 //! The router's Prometheus metrics: request outcomes, rejections by reason, routing decisions
-//! per worker and policy, and client-side latencies.
+//! per worker, policy and reason, the prefix index and the cache hits it bought, and
+//! client-side latencies.
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, Unit};
 
@@ -15,6 +16,24 @@ pub fn describe() {
     describe_counter!(
         "rrt_router_routed_total",
         "Requests sent to each worker, by the policy that chose it."
+    );
+    describe_counter!(
+        "rrt_router_decisions_total",
+        "Routing decisions by policy and reason (prefix_hit, spill_load, spill_kv, no_prefix, load, fewest, turn, stale_view)."
+    );
+    describe_gauge!(
+        "rrt_router_prefix_index_blocks",
+        "Prompt-prefix blocks the router remembers having sent to workers (bounded by --prefix-index-blocks)."
+    );
+    describe_counter!(
+        "rrt_router_prompt_tokens_total",
+        Unit::Count,
+        "Prompt tokens of finished requests, as their workers counted them."
+    );
+    describe_counter!(
+        "rrt_router_cached_prompt_tokens_total",
+        Unit::Count,
+        "Of those, the tokens found in the workers' prefix caches: the hit rate this router's placement achieved."
     );
     describe_counter!(
         "rrt_router_retries_total",
@@ -60,6 +79,21 @@ pub fn describe() {
 
 pub fn rejected(reason: impl Into<String>) {
     counter!("rrt_router_requests_rejected_total", "reason" => reason.into()).increment(1);
+}
+
+/// A generation routed to `worker` as `route` says.
+pub fn routed(worker: &str, route: &crate::balance::Route) {
+    let policy = route.policy.label();
+    counter!("rrt_router_routed_total", "worker" => worker.to_string(), "policy" => policy)
+        .increment(1);
+    counter!("rrt_router_decisions_total", "policy" => policy, "reason" => route.reason.label())
+        .increment(1);
+}
+
+/// A finished request's prompt tokens and the ones its worker had cached.
+pub fn prompt_tokens(prompt: u32, cached: u32) {
+    counter!("rrt_router_prompt_tokens_total").increment(prompt as u64);
+    counter!("rrt_router_cached_prompt_tokens_total").increment(cached as u64);
 }
 
 pub fn ended(outcome: &'static str) {

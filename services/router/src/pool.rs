@@ -1,17 +1,21 @@
-//! The router's view of the workers and the choice of one per request. With a fresh coordinator
-//! view: power of two choices on the coordinator's score (predicted seconds to drain) plus this
-//! router's own correction for requests it sent since that view. Without one (coordinator
-//! unreachable, view stale): least outstanding requests from this router. Plain state behind
-//! locks, unit-tested without a network.
+//! The router's view of the workers: one slot per worker with the coordinator's latest figures
+//! for it and this router's own requests in flight there, grouped by model. The grouping is
+//! rebuilt when the membership changes (a coordinator view that adds or drops a worker, a
+//! static worker found), so a request reads its model's list without cloning or sorting the
+//! pool. The choice of a worker is [`crate::balance`]'s. Plain state behind locks, unit-tested
+//! without a network.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
-use rrt_proto::exits::PRIOR_LOOP_STEPS_PER_SECOND;
+use rrt_proto::exits::rate_or_prior;
 use rrt_proto::v1 as pb;
+
+/// Slot serials: a worker that leaves and comes back (or moves) gets a new slot, and what the
+/// router remembered about the old one (cached prefixes) no longer matches.
+static SERIAL: AtomicU64 = AtomicU64::new(1);
 
 /// One worker as the router sees it. `T` is the client handle (a gRPC client in the service,
 /// `()` in unit tests).
@@ -21,21 +25,34 @@ pub struct Slot<T> {
     pub address: String,
     pub model: String,
     pub client: T,
+    /// Unique over the process's life ([`SERIAL`]).
+    pub serial: u64,
     /// Requests this router has in flight on the worker.
     pub in_flight: AtomicUsize,
+    /// Their predicted loop-steps (tokens to generate x expected loops).
+    pub work_in_flight: AtomicU64,
     /// Requests routed to the worker in total.
     pub routed: AtomicU64,
     state: Mutex<ViewState>,
 }
 
+/// The coordinator's figures for a worker, and this router's in-flight counts when they came.
 #[derive(Debug, Clone, Default)]
-struct ViewState {
-    score: f64,
-    expected_loops: f64,
-    loop_steps_per_second: f64,
-    draining: bool,
-    /// `in_flight` when the score was computed: requests sent after it are not in the score.
+pub struct ViewState {
+    /// Predicted seconds to drain the worker's pending work (the coordinator's score).
+    pub score: f64,
+    pub expected_loops: f64,
+    pub loop_steps_per_second: f64,
+    pub draining: bool,
+    /// Requests waiting and running on the worker, from every router.
+    pub outstanding: u32,
+    /// KV blocks held over the pool, 0..1.
+    pub kv_usage: f64,
+    /// The worker's prefix-cache hit rate since it started, 0..1.
+    pub prefix_cache_hit_rate: f64,
+    /// `in_flight` and `work_in_flight` when the view came: what was sent after is not in it.
     in_flight_at_view: usize,
+    work_at_view: u64,
 }
 
 impl<T> Slot<T> {
@@ -45,58 +62,87 @@ impl<T> Slot<T> {
             address,
             model,
             client,
+            serial: SERIAL.fetch_add(1, Ordering::Relaxed),
             in_flight: AtomicUsize::new(0),
+            work_in_flight: AtomicU64::new(0),
             routed: AtomicU64::new(0),
             state: Mutex::new(ViewState::default()),
         }
     }
 
-    fn state(&self) -> ViewState {
+    pub fn state(&self) -> ViewState {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Predicted seconds until one more request would be done here: the coordinator's score
-    /// (the worker's pending work over its measured speed), plus the requests this router sent
-    /// since that view and the new one itself, at that speed. Counting the new request makes an
-    /// idle slow worker lose to a fast one that has a little work.
-    fn effective_score(&self, request_tokens: f64) -> f64 {
-        let s = self.state();
-        let since = self
-            .in_flight
+    /// Loop-steps per second: measured, or the prior before the worker has measured any.
+    pub fn rate(&self, s: &ViewState) -> f64 {
+        rate_or_prior(s.loop_steps_per_second)
+    }
+
+    /// Requests this router sent since the view.
+    pub fn sent_since_view(&self, s: &ViewState) -> usize {
+        self.in_flight
             .load(Ordering::Relaxed)
-            .saturating_sub(s.in_flight_at_view);
-        let rate = if s.loop_steps_per_second > 0.0 {
-            s.loop_steps_per_second
-        } else {
-            PRIOR_LOOP_STEPS_PER_SECOND
-        };
-        s.score + (since + 1) as f64 * request_tokens * s.expected_loops.max(1.0) / rate
+            .saturating_sub(s.in_flight_at_view)
+    }
+
+    /// Predicted seconds until `work` more loop-steps would be done here: the coordinator's
+    /// score (the worker's pending work over its measured speed), plus the work this router
+    /// sent since that view and the new one itself, at that speed. Counting the new request
+    /// makes an idle slow worker lose to a fast one that has a little work.
+    pub fn load(&self, s: &ViewState, work: f64) -> f64 {
+        let since = self
+            .work_in_flight
+            .load(Ordering::Relaxed)
+            .saturating_sub(s.work_at_view);
+        s.score + (since as f64 + work) / self.rate(s)
+    }
+
+    /// Requests outstanding on the worker from every router: the view's count plus what this
+    /// router sent since.
+    pub fn outstanding(&self, s: &ViewState) -> usize {
+        s.outstanding as usize + self.sent_since_view(s)
     }
 }
 
-/// Decrements the worker's in-flight count when the request ends.
+/// A request's place on a worker: counted in flight (and its predicted work) until dropped.
 pub struct InFlight<T> {
     pub slot: Arc<Slot<T>>,
+    work: u64,
+}
+
+impl<T> InFlight<T> {
+    /// Counts a request of `work` predicted loop-steps in flight on `slot`.
+    pub fn new(slot: Arc<Slot<T>>, work: u64) -> Self {
+        slot.in_flight.fetch_add(1, Ordering::Relaxed);
+        slot.work_in_flight.fetch_add(work, Ordering::Relaxed);
+        Self { slot, work }
+    }
 }
 
 impl<T> Drop for InFlight<T> {
     fn drop(&mut self) {
         self.slot.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.slot
+            .work_in_flight
+            .fetch_sub(self.work, Ordering::Relaxed);
     }
 }
 
-/// How a worker was chosen (a metrics label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    PowerOfTwo,
-    LeastOutstanding,
+/// The slots grouped by model, each list in id order; rebuilt on membership changes.
+#[derive(Debug)]
+struct Groups<T> {
+    by_model: HashMap<String, Arc<Vec<Arc<Slot<T>>>>>,
+    models: Arc<Vec<String>>,
+    all: usize,
 }
 
-impl Policy {
-    pub fn label(self) -> &'static str {
-        match self {
-            Policy::PowerOfTwo => "p2c_score",
-            Policy::LeastOutstanding => "least_outstanding",
+impl<T> Default for Groups<T> {
+    fn default() -> Self {
+        Self {
+            by_model: HashMap::new(),
+            models: Arc::new(Vec::new()),
+            all: 0,
         }
     }
 }
@@ -104,48 +150,91 @@ impl Policy {
 #[derive(Debug)]
 pub struct Pool<T> {
     slots: RwLock<HashMap<String, Arc<Slot<T>>>>,
+    groups: RwLock<Groups<T>>,
     view_at: Mutex<Option<Instant>>,
     stale_after: Duration,
-    /// Smoothed max_new_tokens of routed requests (the cost of one more request).
-    request_tokens: Mutex<f64>,
 }
 
 impl<T> Pool<T> {
     pub fn new(stale_after: Duration) -> Self {
         Self {
             slots: RwLock::new(HashMap::new()),
+            groups: RwLock::new(Groups::default()),
             view_at: Mutex::new(None),
             stale_after,
-            request_tokens: Mutex::new(64.0),
         }
     }
 
+    /// Every slot, in id order.
     pub fn slots(&self) -> Vec<Arc<Slot<T>>> {
-        let mut v: Vec<_> = self
-            .slots
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let g = self.groups.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = g
+            .by_model
             .values()
-            .cloned()
+            .flat_map(|l| l.iter().cloned())
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }
 
-    /// Models served by at least one known worker.
-    pub fn models(&self) -> Vec<String> {
-        let mut m: Vec<String> = self.slots().iter().map(|s| s.model.clone()).collect();
-        m.sort();
-        m.dedup();
-        m
+    /// Workers known.
+    pub fn len(&self) -> usize {
+        self.groups.read().unwrap_or_else(|p| p.into_inner()).all
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The workers serving `model`, in id order (shared, not copied).
+    pub fn serving(&self, model: &str) -> Arc<Vec<Arc<Slot<T>>>> {
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_model
+            .get(model)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Models served by at least one known worker, sorted.
+    pub fn models(&self) -> Arc<Vec<String>> {
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .models
+            .clone()
+    }
+
+    fn regroup(&self, slots: &HashMap<String, Arc<Slot<T>>>) {
+        let mut by_model: HashMap<String, Vec<Arc<Slot<T>>>> = HashMap::new();
+        for s in slots.values() {
+            by_model.entry(s.model.clone()).or_default().push(s.clone());
+        }
+        let mut models: Vec<String> = by_model.keys().cloned().collect();
+        models.sort();
+        let by_model = by_model
+            .into_iter()
+            .map(|(m, mut l)| {
+                l.sort_by(|a, b| a.id.cmp(&b.id));
+                (m, Arc::new(l))
+            })
+            .collect();
+        *self.groups.write().unwrap_or_else(|p| p.into_inner()) = Groups {
+            by_model,
+            models: Arc::new(models),
+            all: slots.len(),
+        };
     }
 
     /// Adds a worker known without the coordinator (a `--worker` flag), unless present.
     pub fn add_static(&self, id: String, address: String, model: String, client: T) {
         let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
-        slots
-            .entry(id.clone())
-            .or_insert_with(|| Arc::new(Slot::new(id, address, model, client)));
+        if slots.contains_key(&id) {
+            return;
+        }
+        slots.insert(id.clone(), Arc::new(Slot::new(id, address, model, client)));
+        self.regroup(&slots);
     }
 
     /// Applies a coordinator view: workers in it are added or updated (`connect` makes the
@@ -159,7 +248,11 @@ impl<T> Pool<T> {
         keep: impl Fn(&str) -> bool,
     ) {
         let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
-        slots.retain(|id, s| keep(&s.address) || view.workers.iter().any(|w| &w.worker_id == id));
+        let before = slots.len();
+        let in_view: std::collections::HashSet<&str> =
+            view.workers.iter().map(|w| w.worker_id.as_str()).collect();
+        slots.retain(|id, s| keep(&s.address) || in_view.contains(id.as_str()));
+        let mut changed = slots.len() != before;
         for w in &view.workers {
             let slot = match slots.get(&w.worker_id) {
                 Some(s) if s.address == w.address && s.model == w.model => s.clone(),
@@ -172,6 +265,7 @@ impl<T> Pool<T> {
                         client,
                     ));
                     slots.insert(w.worker_id.clone(), s.clone());
+                    changed = true;
                     s
                 }
             };
@@ -180,8 +274,15 @@ impl<T> Pool<T> {
                 expected_loops: w.expected_loops,
                 loop_steps_per_second: w.loop_steps_per_second,
                 draining: w.draining,
+                outstanding: w.queue_length + w.running,
+                kv_usage: w.kv_usage,
+                prefix_cache_hit_rate: w.prefix_cache_hit_rate,
                 in_flight_at_view: slot.in_flight.load(Ordering::Relaxed),
+                work_at_view: slot.work_in_flight.load(Ordering::Relaxed),
             };
+        }
+        if changed {
+            self.regroup(&slots);
         }
         *self.view_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
     }
@@ -191,178 +292,38 @@ impl<T> Pool<T> {
         *self.view_at.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether the coordinator view is recent enough to pick by its scores.
+    /// Whether the coordinator view is recent enough to pick by its figures.
     pub fn is_fresh(&self, now: Instant) -> bool {
         self.view_at()
             .is_some_and(|t| now.duration_since(t) <= self.stale_after)
     }
+}
 
-    /// Picks a worker for `model` and counts the request in flight on it; `None` if no worker
-    /// serves the model. `max_new_tokens` is the size of a generation (`None`: a metadata call
-    /// such as Tokenize, which is not counted as routed). `exclude` skips workers that
-    /// failed this request.
-    pub fn pick(
-        &self,
-        model: &str,
-        max_new_tokens: Option<u32>,
-        now: Instant,
-        exclude: &[String],
-        rng: &mut impl Rng,
-    ) -> Option<(InFlight<T>, Policy)> {
-        let request_tokens = {
-            let mut t = self
-                .request_tokens
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = max_new_tokens {
-                *t = 0.9 * *t + 0.1 * n as f64;
-            }
-            *t
-        };
-        let all: Vec<Arc<Slot<T>>> = self
-            .slots()
-            .into_iter()
-            .filter(|s| s.model == model && !exclude.contains(&s.id))
-            .collect();
-        let serving: Vec<Arc<Slot<T>>> = all
+/// A view of workers `(id, score)` serving model `m`, each with 2 expected loops at 100
+/// loop-steps a second (unit tests).
+#[cfg(test)]
+pub(crate) fn test_view(scores: &[(&str, f64)]) -> pb::ClusterView {
+    pb::ClusterView {
+        workers: scores
             .iter()
-            .filter(|s| !s.state().draining)
-            .cloned()
-            .collect();
-        let candidates = if serving.is_empty() { all } else { serving };
-        if candidates.is_empty() {
-            return None;
-        }
-        let (chosen, policy) = if self.is_fresh(now) {
-            let a = rng.random_range(0..candidates.len());
-            let chosen = if candidates.len() == 1 {
-                &candidates[a]
-            } else {
-                let mut b = rng.random_range(0..candidates.len() - 1);
-                if b >= a {
-                    b += 1;
-                }
-                let (sa, sb) = (
-                    candidates[a].effective_score(request_tokens),
-                    candidates[b].effective_score(request_tokens),
-                );
-                if sb < sa {
-                    &candidates[b]
-                } else {
-                    &candidates[a]
-                }
-            };
-            (chosen.clone(), Policy::PowerOfTwo)
-        } else {
-            let least = candidates
-                .iter()
-                .map(|s| s.in_flight.load(Ordering::Relaxed))
-                .min()
-                .unwrap_or(0);
-            let ties: Vec<&Arc<Slot<T>>> = candidates
-                .iter()
-                .filter(|s| s.in_flight.load(Ordering::Relaxed) == least)
-                .collect();
-            (
-                ties[rng.random_range(0..ties.len())].clone(),
-                Policy::LeastOutstanding,
-            )
-        };
-        chosen.in_flight.fetch_add(1, Ordering::Relaxed);
-        if max_new_tokens.is_some() {
-            chosen.routed.fetch_add(1, Ordering::Relaxed);
-        }
-        Some((InFlight { slot: chosen }, policy))
+            .map(|(id, score)| pb::WorkerView {
+                worker_id: id.to_string(),
+                address: format!("{id}:1"),
+                model: "m".into(),
+                score: *score,
+                expected_loops: 2.0,
+                loop_steps_per_second: 100.0,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use rand::rngs::StdRng;
-    use rand::SeedableRng;
-
+    use super::test_view as view;
     use super::*;
-
-    fn view(scores: &[(&str, f64)]) -> pb::ClusterView {
-        pb::ClusterView {
-            workers: scores
-                .iter()
-                .map(|(id, score)| pb::WorkerView {
-                    worker_id: id.to_string(),
-                    address: format!("{id}:1"),
-                    model: "m".into(),
-                    score: *score,
-                    expected_loops: 2.0,
-                    loop_steps_per_second: 100.0,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn power_of_two_prefers_the_lower_score_and_corrects_for_its_own_requests() {
-        let pool: Pool<()> = Pool::new(Duration::from_secs(2));
-        let t = Instant::now();
-        pool.apply_view(&view(&[("a", 0.0), ("b", 5.0)]), t, |_| Some(()), |_| false);
-        let mut rng = StdRng::seed_from_u64(1);
-        let mut held = Vec::new();
-        let mut order = String::new();
-        for _ in 0..10 {
-            let (g, policy) = pool.pick("m", Some(64), t, &[], &mut rng).unwrap();
-            assert_eq!(policy, Policy::PowerOfTwo);
-            order.push_str(&g.slot.id);
-            held.push(g);
-        }
-        // a starts 5 s ahead; each request adds 64 x 2 / 100 = 1.28 s to its worker's score
-        // (request size is smoothed from 64, so it stays 64): a takes four, then they alternate.
-        assert_eq!(order, "aaaababababa"[..10].to_string());
-        drop(held);
-        assert!(pool
-            .slots()
-            .iter()
-            .all(|s| s.in_flight.load(Ordering::Relaxed) == 0));
-    }
-
-    #[test]
-    fn an_idle_slow_worker_loses_to_a_faster_one_with_a_little_work() {
-        let pool: Pool<()> = Pool::new(Duration::from_secs(2));
-        let t = Instant::now();
-        let mut v = view(&[("fast", 0.5), ("slow", 0.0)]);
-        v.workers[0].loop_steps_per_second = 1000.0;
-        v.workers[1].loop_steps_per_second = 100.0;
-        pool.apply_view(&v, t, |_| Some(()), |_| false);
-        let mut rng = StdRng::seed_from_u64(3);
-        // 64 tokens x 2 loops: 0.128 s more on the fast worker, 1.28 s on the slow one.
-        for _ in 0..4 {
-            let (g, _) = pool.pick("m", Some(64), t, &[], &mut rng).unwrap();
-            assert_eq!(g.slot.id, "fast");
-        }
-    }
-
-    #[test]
-    fn a_stale_view_falls_back_to_least_outstanding_and_unknown_models_get_none() {
-        let pool: Pool<()> = Pool::new(Duration::from_secs(2));
-        let t = Instant::now();
-        pool.apply_view(
-            &view(&[("a", 0.0), ("b", 100.0)]),
-            t,
-            |_| Some(()),
-            |_| false,
-        );
-        let later = t + Duration::from_secs(3);
-        let mut rng = StdRng::seed_from_u64(2);
-        let (g1, p) = pool.pick("m", Some(8), later, &[], &mut rng).unwrap();
-        assert_eq!(p, Policy::LeastOutstanding);
-        let (g2, _) = pool.pick("m", Some(8), later, &[], &mut rng).unwrap();
-        assert_ne!(g1.slot.id, g2.slot.id, "least outstanding alternates");
-        assert!(pool.pick("other", Some(8), later, &[], &mut rng).is_none());
-        let (g3, _) = pool
-            .pick("m", Some(8), later, &["a".into()], &mut rng)
-            .unwrap();
-        assert_eq!(g3.slot.id, "b");
-    }
 
     #[test]
     fn evicted_workers_leave_the_pool_unless_static() {
@@ -373,5 +334,43 @@ mod tests {
         assert_eq!(pool.slots().len(), 2);
         pool.apply_view(&view(&[("b", 0.0)]), t, |_| Some(()), |_| false);
         assert_eq!(pool.slots().len(), 1);
+        assert_eq!(pool.serving("m").len(), 1);
+        assert_eq!(*pool.models(), vec!["m".to_string()]);
+    }
+
+    #[test]
+    fn groups_follow_membership_and_a_moved_worker_is_a_new_slot() {
+        let pool: Pool<()> = Pool::new(Duration::from_secs(2));
+        let t = Instant::now();
+        let mut v = view(&[("a", 0.0), ("b", 0.0)]);
+        v.workers[1].model = "other".into();
+        pool.apply_view(&v, t, |_| Some(()), |_| false);
+        assert_eq!(*pool.models(), vec!["m".to_string(), "other".to_string()]);
+        let a = pool.serving("m")[0].serial;
+        v.workers[0].address = "a:2".into();
+        pool.apply_view(&v, t, |_| Some(()), |_| false);
+        let moved = pool.serving("m")[0].clone();
+        assert_eq!(moved.address, "a:2");
+        assert_ne!(moved.serial, a);
+        pool.add_static("c".into(), "c:1".into(), "m".into(), ());
+        assert_eq!(pool.serving("m").len(), 2);
+        assert_eq!(pool.len(), 3);
+    }
+
+    #[test]
+    fn in_flight_work_is_counted_until_dropped_and_loads_include_it() {
+        let pool: Pool<()> = Pool::new(Duration::from_secs(2));
+        let t = Instant::now();
+        pool.apply_view(&view(&[("a", 1.0)]), t, |_| Some(()), |_| false);
+        let a = pool.serving("m")[0].clone();
+        let s = a.state();
+        assert!((a.load(&s, 0.0) - 1.0).abs() < 1e-9);
+        let g = InFlight::new(a.clone(), 200);
+        // 200 loop-steps at 100 a second: 2 s more than the view's score.
+        assert!((a.load(&s, 0.0) - 3.0).abs() < 1e-9);
+        assert_eq!(a.outstanding(&s), 1);
+        drop(g);
+        assert_eq!(a.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(a.work_in_flight.load(Ordering::Relaxed), 0);
     }
 }

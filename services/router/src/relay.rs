@@ -12,6 +12,7 @@ use rrt_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::{Code, Status, Streaming};
 
+use crate::balance::{Key, Route};
 use crate::error::{worker_lost, RouterError};
 use crate::metrics as m;
 use crate::pool::InFlight;
@@ -26,6 +27,9 @@ pub struct Opened {
     pub stream: Streaming<pb::GenerateStreamResponse>,
     pub permit: rrt_service::Permit,
     pub in_flight: InFlight<Client>,
+    /// The request's prefix key and how it was placed (replaced when it resumes elsewhere).
+    pub key: Key,
+    pub route: Route,
     /// The worker the request started on.
     pub worker: String,
     pub arrived: Instant,
@@ -70,6 +74,8 @@ pub async fn relay(inner: Arc<Inner>, opened: Opened, tx: mpsc::Sender<Item>) {
         mut stream,
         permit,
         mut in_flight,
+        key,
+        mut route,
         arrived,
         deadline,
         mut request,
@@ -79,6 +85,8 @@ pub async fn relay(inner: Arc<Inner>, opened: Opened, tx: mpsc::Sender<Item>) {
     } = opened;
     let mut first = true;
     let mut sent: Vec<u32> = Vec::new();
+    // Exit loops of the tokens from the current worker (for the class's depth).
+    let mut loops = (0u64, 0u64);
     let outcome = loop {
         let next = tokio::select! {
             m = stream.message() => m,
@@ -98,12 +106,18 @@ pub async fn relay(inner: Arc<Inner>, opened: Opened, tx: mpsc::Sender<Item>) {
                 }
                 if let Some(t) = msg.token() {
                     sent.push(t.id);
+                    loops = (loops.0 + t.exit_loop as u64, loops.1 + 1);
                 }
                 let finish = msg.finish();
+                let (prompt, cached) = (msg.prompt_tokens, msg.cached_prompt_tokens);
                 if tx.send(Ok(msg)).await.is_err() {
                     break "cancelled";
                 }
                 if let Some(reason) = finish {
+                    let mean =
+                        (loops.1 > 0 && loops.0 > 0).then(|| loops.0 as f64 / loops.1 as f64);
+                    inner.balancer.finished(&route, mean, prompt, cached);
+                    m::prompt_tokens(prompt, cached);
                     break outcome(reason);
                 }
                 continue;
@@ -136,10 +150,12 @@ pub async fn relay(inner: Arc<Inner>, opened: Opened, tx: mpsc::Sender<Item>) {
         }
         request.resume_token_ids = [base_resume.as_slice(), sent.as_slice()].concat();
         match inner
-            .connect(&request, deadline, &mut tried, sent.len())
+            .connect(&request, &key, deadline, &mut tried, sent.len())
             .await
         {
-            Ok((s, f)) => {
+            Ok((s, f, r)) => {
+                route = r;
+                loops = (0, 0);
                 counter!("rrt_router_resumes_total", "reason" => reason).increment(1);
                 counter!("rrt_router_resumed_tokens_total")
                     .increment(request.resume_token_ids.len() as u64);

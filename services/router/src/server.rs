@@ -65,6 +65,7 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     }
     let inner = Arc::new(Inner {
         pool: pool.clone(),
+        balancer: crate::balance::Balancer::new(args.balance_settings()),
         admission: Admission::new(args.max_concurrent),
         max_new_tokens: args.max_new_tokens,
         default_timeout: Duration::from_secs(args.request_timeout_s),

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Response, Status, Streaming};
 
+use crate::balance::{Ask, Balancer, Key, Route};
 use crate::error::{worker_lost, Counted, RouterError};
 use crate::metrics as m;
 use crate::pool::{InFlight, Pool};
@@ -27,10 +28,12 @@ pub type Client = WorkerClient<Channel>;
 
 pub struct Inner {
     pub pool: Arc<Pool<Client>>,
+    /// The routing policy and what it learns (prefixes sent, depths seen).
+    pub balancer: Balancer,
     pub admission: Admission,
     pub max_new_tokens: u32,
     pub default_timeout: Duration,
-    /// The power-of-two-choices draws (seeded with `--seed`, for reproducible tests).
+    /// The policies' random draws (seeded with `--seed`, for reproducible tests).
     pub rng: Mutex<StdRng>,
     /// Workers one request may run on (`--max-attempts`).
     pub max_attempts: usize,
@@ -54,8 +57,8 @@ impl Inner {
         }
         if name.is_empty() {
             return models
-                .into_iter()
-                .next()
+                .first()
+                .cloned()
                 .ok_or_else(|| RouterError::NoWorker(validate::quote("")));
         }
         if models.iter().any(|m| m == name) {
@@ -71,22 +74,31 @@ impl Inner {
         .into())
     }
 
+    /// Picks a worker for a request of `model` (`tokens`: its max_new_tokens; `None` for a
+    /// metadata call, not counted as routed) by the `--balance` policy.
     fn pick(
         &self,
         model: &str,
+        key: &Key,
         tokens: Option<u32>,
         exclude: &[String],
-    ) -> Result<InFlight<Client>, RouterError> {
+    ) -> Result<(InFlight<Client>, Route), RouterError> {
+        let ask = Ask {
+            model,
+            max_new_tokens: tokens,
+            key,
+        };
         let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-        let (guard, policy) = self
-            .pool
-            .pick(model, tokens, Instant::now(), exclude, &mut *rng)
+        let (guard, route) = self
+            .balancer
+            .choose(&self.pool, &ask, Instant::now(), exclude, &mut *rng)
             .ok_or_else(|| RouterError::NoWorker(validate::quote(model)))?;
+        drop(rng);
         if tokens.is_some() {
-            counter!("rrt_router_routed_total", "worker" => guard.slot.id.clone(), "policy" => policy.label())
-                .increment(1);
+            m::routed(&guard.slot.id, &route);
+            gauge!("rrt_router_prefix_index_blocks").set(self.balancer.index.len() as f64);
         }
-        Ok(guard)
+        Ok((guard, route))
     }
 
     /// Validates, admits and opens the worker stream of a generation request.
@@ -103,11 +115,14 @@ impl Inner {
         let model = self.resolve_model(&req.model)?;
         req.model = model;
         let permit = self.admission.try_admit()?;
+        let key = Key::of_request(&req);
         let mut tried = Vec::new();
-        let (stream, in_flight) = self.connect(&req, deadline, &mut tried, 0).await?;
+        let (stream, in_flight, route) = self.connect(&req, &key, deadline, &mut tried, 0).await?;
         Ok(Opened {
             stream,
             permit,
+            key,
+            route,
             worker: in_flight.slot.id.clone(),
             in_flight,
             arrived,
@@ -124,10 +139,18 @@ impl Inner {
     pub(crate) async fn connect(
         &self,
         req: &pb::GenerateRequest,
+        key: &Key,
         deadline: Instant,
         tried: &mut Vec<String>,
         sent: usize,
-    ) -> Result<(Streaming<pb::GenerateStreamResponse>, InFlight<Client>), RouterError> {
+    ) -> Result<
+        (
+            Streaming<pb::GenerateStreamResponse>,
+            InFlight<Client>,
+            Route,
+        ),
+        RouterError,
+    > {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -135,17 +158,18 @@ impl Inner {
                     "the request ran past its deadline",
                 )));
             }
-            let in_flight = match self.pick(&req.model, Some(req.max_new_tokens), tried) {
-                Ok(f) => f,
-                Err(e) if tried.is_empty() => return Err(e),
-                Err(_) => {
-                    return Err(RouterError::Lost {
-                        attempts: tried.len(),
-                        tokens: sent,
-                        last: "no other worker serves the model".into(),
-                    })
-                }
-            };
+            let (in_flight, route) =
+                match self.pick(&req.model, key, Some(req.max_new_tokens), tried) {
+                    Ok(f) => f,
+                    Err(e) if tried.is_empty() => return Err(e),
+                    Err(_) => {
+                        return Err(RouterError::Lost {
+                            attempts: tried.len(),
+                            tokens: sent,
+                            last: "no other worker serves the model".into(),
+                        })
+                    }
+                };
             tried.push(in_flight.slot.id.clone());
             let mut call = tonic::Request::new(req.clone());
             call.set_timeout(left);
@@ -154,7 +178,7 @@ impl Inner {
             // one that does not within this bound is frozen or cut off.
             let opened = tokio::time::timeout(OPEN_TIMEOUT.min(left), client.generate(call)).await;
             let failure = match opened {
-                Ok(Ok(resp)) => return Ok((resp.into_inner(), in_flight)),
+                Ok(Ok(resp)) => return Ok((resp.into_inner(), in_flight, route)),
                 Ok(Err(s)) if !worker_lost(&s) => return Err(RouterError::Worker(s)),
                 Ok(Err(s)) => format!("{:?}: {}", s.code(), s.message()),
                 Err(_) => format!("no answer within {OPEN_TIMEOUT:?}"),
@@ -241,7 +265,7 @@ impl pb::generation_server::Generation for RouterService {
         let mut req = request.into_inner();
         let model = self.inner.resolve_model(&req.model)?;
         req.model = model.clone();
-        let in_flight = self.inner.pick(&model, None, &[])?;
+        let (in_flight, _) = self.inner.pick(&model, &Key::default(), None, &[])?;
         let mut client = in_flight.slot.client.clone();
         client.tokenize(req).await
     }
@@ -252,19 +276,13 @@ impl pb::generation_server::Generation for RouterService {
     ) -> Result<Response<pb::ModelInfoResponse>, Status> {
         let req = request.into_inner();
         let model = self.inner.resolve_model(&req.model)?;
-        let in_flight = self.inner.pick(&model, None, &[])?;
+        let (in_flight, _) = self.inner.pick(&model, &Key::default(), None, &[])?;
         let mut client = in_flight.slot.client.clone();
         let info = client.info(pb::WorkerInfoRequest {}).await?.into_inner();
         let mut m = info
             .model
             .ok_or_else(|| Status::internal("the worker sent no model info"))?;
-        m.workers = self
-            .inner
-            .pool
-            .slots()
-            .iter()
-            .filter(|s| s.model == model)
-            .count() as u32;
+        m.workers = self.inner.pool.serving(&model).len() as u32;
         m.max_new_tokens_limit = m.max_new_tokens_limit.min(self.inner.max_new_tokens);
         Ok(Response::new(m))
     }

@@ -69,8 +69,7 @@ pub async fn follow_coordinator(
                                     },
                                     |addr| static_workers.iter().any(|s| s == addr),
                                 );
-                                metrics::gauge!("rrt_router_workers")
-                                    .set(pool.slots().len() as f64);
+                                metrics::gauge!("rrt_router_workers").set(pool.len() as f64);
                             }
                             tracing::warn!("lost the coordinator; using the last view");
                         }

@@ -80,7 +80,7 @@ async fn models(State(api): State<Api>, headers: HeaderMap) -> Response {
         .inner
         .pool
         .models()
-        .into_iter()
+        .iter()
         .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "rrt"}))
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()

@@ -1,0 +1,423 @@
+//! The choice of a worker per request (`--balance`). Policies:
+//!
+//! - `round-robin`: each worker in turn.
+//! - `least-outstanding`: the fewest requests waiting and running, counted cluster-wide (the
+//!   coordinator's view of every router's requests, plus this router's sent since the view).
+//! - `power-of-two`: the lower predicted drain time of two random workers (the coordinator's
+//!   score plus this router's work sent since the view).
+//! - `depth-aware`: as `power-of-two`, but each request's work is its tokens times the loops
+//!   its class (system prompt, template) was seen to take ([`depth`]), not the worker's mean.
+//! - `cache-aware`: the worker that was sent the longest prefix of the request ([`prefix`]),
+//!   unless it is loaded (the least loaded worker would finish sooner by more than `--spill-s`,
+//!   or its KV use is at `--spill-kv`): then the least loaded one.
+//! - `combined` (the default): cache affinity with depth-aware loads. Each candidate's cost is
+//!   its predicted drain time plus the prefill of the prompt tokens it does not hold; the worker
+//!   holding the longest prefix keeps the request while its cost is within `--spill-s` of the
+//!   cheaper of two random workers and its KV use is under `--spill-kv`; otherwise that one
+//!   takes it (and becomes a holder of the prefix).
+//!
+//! With a stale coordinator view every policy but round-robin falls back to this router's own
+//! least outstanding. Predicted prefix matches are corrected by what workers report: each
+//! finished request's cached prompt tokens against the match predicted for it make a per-worker
+//! trust factor (a worker whose cache turned over gets less credit for what it was sent).
+
+pub mod depth;
+pub mod prefix;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rand::Rng;
+
+use crate::pool::{InFlight, Pool, Slot, ViewState};
+pub use depth::DepthHistory;
+pub use prefix::{Key, PrefixIndex};
+
+/// The routing policy (`--balance`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastOutstanding,
+    PowerOfTwo,
+    DepthAware,
+    CacheAware,
+    Combined,
+}
+
+impl Balance {
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastOutstanding => "least_outstanding",
+            Balance::PowerOfTwo => "power_of_two",
+            Balance::DepthAware => "depth_aware",
+            Balance::CacheAware => "cache_aware",
+            Balance::Combined => "combined",
+        }
+    }
+
+    fn uses_depth(self) -> bool {
+        matches!(self, Balance::DepthAware | Balance::Combined)
+    }
+}
+
+/// Why a worker was chosen (a metrics label, with the policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Round robin's turn.
+    Turn,
+    /// The fewest outstanding requests.
+    Fewest,
+    /// The lower load of two random workers.
+    Load,
+    /// The worker holding the longest prefix of the request.
+    PrefixHit,
+    /// A worker held a prefix but was loaded: the request went where it finishes sooner.
+    SpillLoad,
+    /// A worker held a prefix but its KV blocks were nearly all in use.
+    SpillKv,
+    /// No worker was sent a prefix of the request.
+    NoPrefix,
+    /// The coordinator's view is stale: this router's own least outstanding.
+    StaleView,
+    /// A metadata call (tokenize, model info): not a generation.
+    Metadata,
+}
+
+impl Reason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Turn => "turn",
+            Reason::Fewest => "fewest",
+            Reason::Load => "load",
+            Reason::PrefixHit => "prefix_hit",
+            Reason::SpillLoad => "spill_load",
+            Reason::SpillKv => "spill_kv",
+            Reason::NoPrefix => "no_prefix",
+            Reason::StaleView => "stale_view",
+            Reason::Metadata => "metadata",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub balance: Balance,
+    /// Seconds of predicted extra time a worker holding the prefix may cost before a request
+    /// spills elsewhere.
+    pub spill_s: f64,
+    /// KV use (0..1) at which a worker holding the prefix stops taking more.
+    pub spill_kv: f64,
+    /// Blocks the prefix index keeps at most.
+    pub index_blocks: usize,
+    /// Request classes the depth history keeps at most.
+    pub depth_classes: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            balance: Balance::Combined,
+            spill_s: 1.0,
+            spill_kv: 0.9,
+            index_blocks: 262_144,
+            depth_classes: 4096,
+        }
+    }
+}
+
+/// What a request is, for the choice.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub model: &'a str,
+    /// Tokens to generate (`None`: a metadata call, not counted as routed).
+    pub max_new_tokens: Option<u32>,
+    pub key: &'a Key,
+}
+
+/// How a request was placed, kept with it until it finishes ([`Balancer::finished`]).
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub policy: Balance,
+    pub reason: Reason,
+    /// The chosen slot and its predicted share of the prompt already cached there.
+    pub serial: u64,
+    pub predicted_hit: f64,
+    pub class: u64,
+}
+
+#[derive(Debug)]
+pub struct Balancer {
+    pub settings: Settings,
+    pub index: PrefixIndex,
+    pub depth: DepthHistory,
+    /// Per slot serial: reported over predicted cached prompt share, a moving average in 0..1.
+    trust: Mutex<HashMap<u64, f64>>,
+    turn: AtomicUsize,
+}
+
+/// One candidate's figures for this request.
+struct Option_<'a, T> {
+    slot: &'a Arc<Slot<T>>,
+    state: ViewState,
+    /// Blocks of the request's prefix it holds (trust-weighted), 0 when none.
+    matched: f64,
+}
+
+impl Balancer {
+    pub fn new(settings: Settings) -> Self {
+        Self {
+            index: PrefixIndex::new(settings.index_blocks),
+            depth: DepthHistory::new(settings.depth_classes),
+            settings,
+            trust: Mutex::new(HashMap::new()),
+            turn: AtomicUsize::new(0),
+        }
+    }
+
+    fn trust(&self, serial: u64) -> f64 {
+        self.trust
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&serial)
+            .copied()
+            .unwrap_or(1.0)
+    }
+
+    /// Loops each token of the request is expected to take on a worker in state `s`.
+    fn loops(&self, ask: &Ask, s: &ViewState) -> f64 {
+        let worker = s.expected_loops.max(1.0);
+        if self.settings.balance.uses_depth() {
+            self.depth.predict(ask.key.class).unwrap_or(worker)
+        } else {
+            worker
+        }
+    }
+
+    /// Predicted loop-steps of the request's generation on a worker in state `s`.
+    fn work(&self, ask: &Ask, s: &ViewState) -> f64 {
+        ask.max_new_tokens.unwrap_or(0) as f64 * self.loops(ask, s)
+    }
+
+    /// Predicted seconds until the request would be done generating on `o`.
+    fn load<T>(&self, ask: &Ask, o: &Option_<T>) -> f64 {
+        o.slot.load(&o.state, self.work(ask, &o.state))
+    }
+
+    /// [`Self::load`] plus the prefill of the prompt tokens `o` does not hold (every prompt
+    /// token runs every loop; the worker's mean loops stand in for the model's depth).
+    fn cost<T>(&self, ask: &Ask, o: &Option_<T>) -> f64 {
+        let uncached = (ask.key.tokens() - prefix_tokens(o.matched)).max(0.0);
+        self.load(ask, o) + uncached * o.state.expected_loops.max(1.0) / o.slot.rate(&o.state)
+    }
+
+    /// Picks a worker for `ask` among those serving its model (not `exclude`d, not draining
+    /// unless all are) and counts the request in flight there. `None`: no worker serves it.
+    pub fn choose<T>(
+        &self,
+        pool: &Pool<T>,
+        ask: &Ask,
+        now: Instant,
+        exclude: &[String],
+        rng: &mut impl Rng,
+    ) -> Option<(InFlight<T>, Route)> {
+        let all = pool.serving(ask.model);
+        let mut options: Vec<Option_<T>> = all
+            .iter()
+            .filter(|s| !exclude.contains(&s.id))
+            .map(|slot| Option_ {
+                state: slot.state(),
+                slot,
+                matched: 0.0,
+            })
+            .collect();
+        if options.iter().any(|o| !o.state.draining) {
+            options.retain(|o| !o.state.draining);
+        }
+        if options.is_empty() {
+            return None;
+        }
+        let policy = self.settings.balance;
+        let (i, reason) = if ask.max_new_tokens.is_none() {
+            (
+                self.turn.fetch_add(1, Ordering::Relaxed) % options.len(),
+                Reason::Metadata,
+            )
+        } else if policy == Balance::RoundRobin {
+            (
+                self.turn.fetch_add(1, Ordering::Relaxed) % options.len(),
+                Reason::Turn,
+            )
+        } else if !pool.is_fresh(now) {
+            let i = least_by(&options, rng, |o| {
+                o.slot.in_flight.load(Ordering::Relaxed) as f64
+            });
+            (i, Reason::StaleView)
+        } else {
+            match policy {
+                Balance::LeastOutstanding => (
+                    least_by(&options, rng, |o| o.slot.outstanding(&o.state) as f64),
+                    Reason::Fewest,
+                ),
+                Balance::PowerOfTwo | Balance::DepthAware => {
+                    (self.two_choices(ask, &options, rng), Reason::Load)
+                }
+                Balance::CacheAware | Balance::Combined => self.by_prefix(ask, &mut options, rng),
+                Balance::RoundRobin => unreachable!("handled above"),
+            }
+        };
+        let chosen = &options[i];
+        let predicted_hit = if ask.key.bytes > 0 {
+            (prefix_tokens(chosen.matched) / ask.key.tokens()).min(1.0)
+        } else {
+            0.0
+        };
+        let work = self.work(ask, &chosen.state).round() as u64;
+        let guard = InFlight::new(chosen.slot.clone(), work);
+        if ask.max_new_tokens.is_some() {
+            chosen.slot.routed.fetch_add(1, Ordering::Relaxed);
+            // Every policy keeps the index, so switching policies starts from what was sent.
+            self.index.insert(&ask.key.blocks, chosen.slot.serial);
+        }
+        let route = Route {
+            policy,
+            reason,
+            serial: chosen.slot.serial,
+            predicted_hit,
+            class: ask.key.class,
+        };
+        Some((guard, route))
+    }
+
+    /// The lower load of two distinct random options.
+    fn two_choices<T>(&self, ask: &Ask, options: &[Option_<T>], rng: &mut impl Rng) -> usize {
+        let (a, b) = two_random(options.len(), rng);
+        match b {
+            Some(b) if self.load(ask, &options[b]) < self.load(ask, &options[a]) => b,
+            _ => a,
+        }
+    }
+
+    /// Cache-aware and combined: affinity to the longest held prefix while it pays.
+    fn by_prefix<T>(
+        &self,
+        ask: &Ask,
+        options: &mut [Option_<T>],
+        rng: &mut impl Rng,
+    ) -> (usize, Reason) {
+        let serials: HashMap<u64, usize> = options
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o.slot.serial, i))
+            .collect();
+        for (serial, blocks) in self
+            .index
+            .matches(&ask.key.blocks, |s| serials.contains_key(&s))
+        {
+            options[serials[&serial]].matched = blocks as f64 * self.trust(serial);
+        }
+        let combined = self.settings.balance == Balance::Combined;
+        let measure = |o: &Option_<T>| {
+            if combined {
+                self.cost(ask, o)
+            } else {
+                self.load(ask, o)
+            }
+        };
+        // The holder: the longest (trusted) match, ties to the lower measure.
+        let holder = (0..options.len())
+            .filter(|&i| options[i].matched > 0.0)
+            .min_by(|&a, &b| {
+                let (oa, ob) = (&options[a], &options[b]);
+                ob.matched
+                    .total_cmp(&oa.matched)
+                    .then(measure(oa).total_cmp(&measure(ob)))
+            });
+        // The alternative, among the others: the least loaded (cache-aware), or the cheaper of
+        // two random workers (combined: no herd when many routers share one view).
+        let others: Vec<usize> = (0..options.len()).filter(|&i| Some(i) != holder).collect();
+        let alternative = if others.is_empty() {
+            None
+        } else if combined {
+            let (a, b) = two_random(others.len(), rng);
+            let (a, b) = (others[a], b.map(|b| others[b]));
+            Some(match b {
+                Some(b) if measure(&options[b]) < measure(&options[a]) => b,
+                _ => a,
+            })
+        } else {
+            Some(others[least_by(&others, rng, |&i| self.load(ask, &options[i]))])
+        };
+        match (holder, alternative) {
+            (None, Some(a)) => (a, Reason::NoPrefix),
+            (None, None) => (0, Reason::NoPrefix),
+            (Some(h), None) => (h, Reason::PrefixHit),
+            (Some(h), Some(a)) => {
+                if options[h].state.kv_usage >= self.settings.spill_kv {
+                    (a, Reason::SpillKv)
+                } else if measure(&options[h]) <= measure(&options[a]) + self.settings.spill_s {
+                    (h, Reason::PrefixHit)
+                } else {
+                    (a, Reason::SpillLoad)
+                }
+            }
+        }
+    }
+
+    /// A routed request finished: learn its class's depth and the worker's cache trust.
+    /// `mean_loops`: its tokens' mean exit loop (`None` without tokens); `prompt_tokens` and
+    /// `cached_prompt_tokens` as the worker reported them.
+    pub fn finished(
+        &self,
+        route: &Route,
+        mean_loops: Option<f64>,
+        prompt_tokens: u32,
+        cached_prompt_tokens: u32,
+    ) {
+        if let Some(l) = mean_loops {
+            self.depth.observe(route.class, l);
+        }
+        if route.predicted_hit > 0.1 && prompt_tokens > 0 {
+            let seen = cached_prompt_tokens as f64 / prompt_tokens as f64;
+            let ratio = (seen / route.predicted_hit).clamp(0.0, 1.0);
+            let mut trust = self.trust.lock().unwrap_or_else(|p| p.into_inner());
+            let t = trust.entry(route.serial).or_insert(1.0);
+            *t = 0.8 * *t + 0.2 * ratio;
+            if trust.len() > 4 * self.settings.depth_classes {
+                trust.clear();
+            }
+        }
+    }
+}
+
+/// Estimated prompt tokens in `blocks` (fractional, trust-weighted) blocks.
+fn prefix_tokens(blocks: f64) -> f64 {
+    blocks * prefix::BLOCK_BYTES as f64 / prefix::BYTES_PER_TOKEN
+}
+
+/// Two distinct random indices below `n` (the second `None` when `n` is 1).
+fn two_random(n: usize, rng: &mut impl Rng) -> (usize, Option<usize>) {
+    let a = rng.random_range(0..n);
+    if n == 1 {
+        return (a, None);
+    }
+    let mut b = rng.random_range(0..n - 1);
+    if b >= a {
+        b += 1;
+    }
+    (a, Some(b))
+}
+
+/// The index of the item of `items` with the lowest `f`, ties broken at random.
+fn least_by<I>(items: &[I], rng: &mut impl Rng, f: impl Fn(&I) -> f64) -> usize {
+    let values: Vec<f64> = items.iter().map(&f).collect();
+    let least = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let ties: Vec<usize> = (0..values.len()).filter(|&i| values[i] <= least).collect();
+    ties[rng.random_range(0..ties.len())]
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,301 @@
+//! What this router sent where: an approximate index of prompt prefixes. A request's text (a
+//! plain prompt, or every chat message with its role, in order) is cut into blocks of
+//! [`BLOCK_BYTES`] and each block hashed together with the blocks before it, so a block's hash
+//! names the whole prefix up to it. The index maps such hashes to the workers the prefix was
+//! sent to (the few most recent), which is what a worker's prefix cache most likely still holds.
+//! It is bounded: past its capacity the least recently used quarter of the entries goes.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+
+use rrt_proto::v1 as pb;
+
+/// Bytes per block: about 16 tokens of English text (~4 bytes a token), a worker's KV block.
+pub const BLOCK_BYTES: usize = 64;
+/// Bytes per token assumed when turning matched bytes into prompt tokens saved.
+pub const BYTES_PER_TOKEN: f64 = 4.0;
+/// Workers remembered per block (the most recent).
+const HOLDERS: usize = 8;
+
+/// A request's prefix blocks and class.
+#[derive(Debug, Clone, Default)]
+pub struct Key {
+    /// Chained hashes of the full blocks of the request's text.
+    pub blocks: Vec<u64>,
+    /// The text's length in bytes.
+    pub bytes: usize,
+    /// The request's class for depth prediction: its system message when it has one, else its
+    /// first block (a template, a task prefix).
+    pub class: u64,
+}
+
+fn hash_of(parts: &[&[u8]]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    for p in parts {
+        p.hash(&mut h);
+    }
+    h.finish()
+}
+
+impl Key {
+    /// The key of the text a worker will see for `req`: every chat message (role and content,
+    /// in order: a conversation's later turns extend its earlier ones), or the prompt.
+    pub fn of_request(req: &pb::GenerateRequest) -> Self {
+        let mut text = Vec::new();
+        let mut system = None;
+        if !req.messages.is_empty() {
+            for m in &req.messages {
+                if system.is_none() && m.role == "system" {
+                    system = Some(hash_of(&[m.content.as_bytes()]));
+                }
+                text.extend_from_slice(m.role.as_bytes());
+                text.push(0x1f);
+                text.extend_from_slice(m.content.as_bytes());
+                text.push(0x1e);
+            }
+        } else if req.chat {
+            text.extend_from_slice(b"user\x1f");
+            text.extend_from_slice(req.prompt.as_bytes());
+            text.push(0x1e);
+        } else {
+            text.extend_from_slice(req.prompt.as_bytes());
+        }
+        Self::of_text(&text, system)
+    }
+
+    /// The key of `text` (`class`: its system message's hash, if it has one).
+    pub fn of_text(text: &[u8], class: Option<u64>) -> Self {
+        let mut blocks = Vec::with_capacity(text.len() / BLOCK_BYTES);
+        let mut prev = 0u64;
+        for chunk in text.chunks_exact(BLOCK_BYTES) {
+            prev = hash_of(&[&prev.to_le_bytes(), chunk]);
+            blocks.push(prev);
+        }
+        let class =
+            class.unwrap_or_else(|| blocks.first().copied().unwrap_or_else(|| hash_of(&[text])));
+        Self {
+            blocks,
+            bytes: text.len(),
+            class,
+        }
+    }
+
+    /// Prompt tokens (estimated) of the whole text.
+    pub fn tokens(&self) -> f64 {
+        self.bytes as f64 / BYTES_PER_TOKEN
+    }
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    /// (slot serial, tick of its latest use), at most [`HOLDERS`].
+    holders: Vec<(u64, u64)>,
+    last: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    map: HashMap<u64, Entry>,
+    tick: u64,
+}
+
+#[derive(Debug)]
+pub struct PrefixIndex {
+    state: Mutex<State>,
+    capacity: usize,
+}
+
+/// Drops the least recently used quarter of `map`'s entries (`last` gives an entry's tick):
+/// amortised, a sweep every quarter-capacity insertions keeps a map at most `capacity`.
+pub(crate) fn sweep_oldest<V>(map: &mut HashMap<u64, V>, last: impl Fn(&V) -> u64) {
+    let mut ticks: Vec<u64> = map.values().map(&last).collect();
+    if ticks.is_empty() {
+        return;
+    }
+    let cut = ticks.len() / 4;
+    let (_, &mut cutoff, _) = ticks.select_nth_unstable(cut);
+    map.retain(|_, v| last(v) > cutoff);
+}
+
+impl PrefixIndex {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            capacity: capacity.max(4),
+        }
+    }
+
+    /// Blocks held.
+    pub fn len(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// For each worker `live` accepts that was sent a prefix of `blocks`: the number of leading
+    /// blocks it was sent (longest first).
+    pub fn matches(&self, blocks: &[u64], live: impl Fn(u64) -> bool) -> Vec<(u64, usize)> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut found: Vec<(u64, usize)> = Vec::new();
+        for (i, h) in blocks.iter().enumerate() {
+            let Some(e) = st.map.get(h) else { break };
+            if i == 0 {
+                found = e
+                    .holders
+                    .iter()
+                    .filter(|(s, _)| live(*s))
+                    .map(|&(s, _)| (s, 1))
+                    .collect();
+                continue;
+            }
+            let mut extended = false;
+            for f in found.iter_mut().filter(|f| f.1 == i) {
+                if e.holders.iter().any(|(s, _)| *s == f.0) {
+                    f.1 = i + 1;
+                    extended = true;
+                }
+            }
+            if !extended {
+                break;
+            }
+        }
+        found.sort_by_key(|f| std::cmp::Reverse(f.1));
+        found
+    }
+
+    /// Records that `blocks` were sent to the worker of slot `serial`.
+    pub fn insert(&self, blocks: &[u64], serial: u64) {
+        if blocks.is_empty() {
+            return;
+        }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.tick += 1;
+        let tick = st.tick;
+        for h in blocks {
+            let e = st.map.entry(*h).or_default();
+            e.last = tick;
+            match e.holders.iter_mut().find(|(s, _)| *s == serial) {
+                Some(h) => h.1 = tick,
+                None => {
+                    if e.holders.len() >= HOLDERS {
+                        let oldest = (0..e.holders.len())
+                            .min_by_key(|&i| e.holders[i].1)
+                            .unwrap_or(0);
+                        e.holders.swap_remove(oldest);
+                    }
+                    e.holders.push((serial, tick));
+                }
+            }
+        }
+        if st.map.len() > self.capacity {
+            sweep_oldest(&mut st.map, |e| e.last);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(parts: &[(&str, usize)]) -> Vec<u8> {
+        parts
+            .iter()
+            .flat_map(|(s, n)| s.as_bytes().repeat(*n))
+            .collect()
+    }
+
+    #[test]
+    fn keys_share_blocks_exactly_as_far_as_texts_share_prefixes() {
+        let a = Key::of_text(&text(&[("a", 200), ("x", 100)]), None);
+        let b = Key::of_text(&text(&[("a", 200), ("y", 100)]), None);
+        assert_eq!(a.blocks.len(), 300 / BLOCK_BYTES);
+        // 200 shared bytes: three whole shared blocks, the fourth (192..256) differs.
+        let shared = a.blocks.iter().zip(&b.blocks).take_while(|(x, y)| x == y);
+        assert_eq!(shared.count(), 3);
+        assert_eq!(a.class, b.class);
+    }
+
+    #[test]
+    fn chat_keys_cover_every_message_and_class_by_system_prompt() {
+        let msg = |role: &str, content: &str| pb::ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        };
+        let sys = "You are a helpful assistant. ".repeat(10);
+        let turn1 = pb::GenerateRequest {
+            chat: true,
+            messages: vec![
+                msg("system", &sys),
+                msg("user", &"first question ".repeat(8)),
+            ],
+            ..Default::default()
+        };
+        let mut turn2 = turn1.clone();
+        turn2
+            .messages
+            .push(msg("assistant", &"an answer ".repeat(8)));
+        turn2.messages.push(msg("user", "more"));
+        let (k1, k2) = (Key::of_request(&turn1), Key::of_request(&turn2));
+        assert!(k2.blocks.starts_with(&k1.blocks), "turn 2 extends turn 1");
+        assert!(k2.blocks.len() > k1.blocks.len());
+        assert_eq!(k1.class, k2.class);
+        // Another user's question under the same system prompt: same class, shared prefix
+        // only as far as the system prompt.
+        let mut other = turn1.clone();
+        other.messages[1].content = "something else entirely ".repeat(8);
+        let k3 = Key::of_request(&other);
+        assert_eq!(k3.class, k1.class);
+        let shared = k1.blocks.iter().zip(&k3.blocks).take_while(|(x, y)| x == y);
+        let common = b"system\x1f".len() + sys.len() + 1 + b"user\x1f".len();
+        assert_eq!(shared.count(), common / BLOCK_BYTES);
+        // The first message alone does not make the key (sglang #26263).
+        assert_ne!(k2.blocks, k1.blocks);
+    }
+
+    #[test]
+    fn matches_are_the_longest_prefix_each_worker_was_sent() {
+        let idx = PrefixIndex::new(1000);
+        let long = Key::of_text(&text(&[("s", 256), ("q", 256)]), None);
+        let short = Key::of_text(&text(&[("s", 256), ("r", 256)]), None);
+        idx.insert(&long.blocks, 1);
+        idx.insert(&short.blocks, 2);
+        let m = idx.matches(&long.blocks, |_| true);
+        assert_eq!(m, vec![(1, 8), (2, 4)]);
+        // A dead worker's entries do not match.
+        assert_eq!(idx.matches(&long.blocks, |s| s != 1), vec![(2, 4)]);
+        let unrelated = Key::of_text(&text(&[("z", 512)]), None);
+        assert!(idx.matches(&unrelated.blocks, |_| true).is_empty());
+    }
+
+    #[test]
+    fn the_index_stays_bounded_and_keeps_what_was_used_last() {
+        let idx = PrefixIndex::new(100);
+        let hot = Key::of_text(&text(&[("h", 640)]), None);
+        for i in 0..200 {
+            let k = Key::of_text(format!("{i:0>64}").as_bytes(), None);
+            idx.insert(&k.blocks, 1);
+            idx.insert(&hot.blocks, 2);
+            assert!(idx.len() <= 100, "{}", idx.len());
+        }
+        assert_eq!(idx.matches(&hot.blocks, |_| true), vec![(2, 10)]);
+    }
+
+    #[test]
+    fn a_block_remembers_its_most_recent_holders() {
+        let idx = PrefixIndex::new(100);
+        let k = Key::of_text(&text(&[("a", 64)]), None);
+        for s in 0..(HOLDERS as u64 + 3) {
+            idx.insert(&k.blocks, s);
+        }
+        let m = idx.matches(&k.blocks, |_| true);
+        assert_eq!(m.len(), HOLDERS);
+        assert!(m.iter().all(|(s, _)| *s >= 3));
+    }
+}

@@ -1,0 +1,341 @@
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rrt_proto::v1 as pb;
+
+use super::*;
+use crate::pool::test_view as view;
+
+fn pool(v: &pb::ClusterView, t: Instant) -> Pool<()> {
+    let pool = Pool::new(Duration::from_secs(2));
+    pool.apply_view(v, t, |_| Some(()), |_| false);
+    pool
+}
+
+fn balancer(balance: Balance) -> Balancer {
+    Balancer::new(Settings {
+        balance,
+        ..Settings::default()
+    })
+}
+
+fn ask<'a>(key: &'a Key, tokens: u32) -> Ask<'a> {
+    Ask {
+        model: "m",
+        max_new_tokens: Some(tokens),
+        key,
+    }
+}
+
+/// A chat request's key: `system` prompt and `user` message.
+fn chat(system: &str, user: &str) -> Key {
+    Key::of_request(&pb::GenerateRequest {
+        chat: true,
+        messages: vec![
+            pb::ChatMessage {
+                role: "system".into(),
+                content: system.into(),
+            },
+            pb::ChatMessage {
+                role: "user".into(),
+                content: user.into(),
+            },
+        ],
+        ..Default::default()
+    })
+}
+
+#[test]
+fn power_of_two_prefers_the_lower_score_and_corrects_for_its_own_requests() {
+    let t = Instant::now();
+    let pool = pool(&view(&[("a", 0.0), ("b", 5.0)]), t);
+    let b = balancer(Balance::PowerOfTwo);
+    let mut rng = StdRng::seed_from_u64(1);
+    let key = Key::default();
+    let mut held = Vec::new();
+    let mut order = String::new();
+    for _ in 0..10 {
+        let (g, route) = b.choose(&pool, &ask(&key, 64), t, &[], &mut rng).unwrap();
+        assert_eq!(
+            (route.policy, route.reason),
+            (Balance::PowerOfTwo, Reason::Load)
+        );
+        order.push_str(&g.slot.id);
+        held.push(g);
+    }
+    // a starts 5 s ahead; each request adds 64 x 2 / 100 = 1.28 s to its worker's load: a
+    // takes four, then they alternate.
+    assert_eq!(order, "aaaababababa"[..10].to_string());
+    drop(held);
+    assert!(pool
+        .slots()
+        .iter()
+        .all(|s| s.in_flight.load(Ordering::Relaxed) == 0));
+}
+
+#[test]
+fn an_idle_slow_worker_loses_to_a_faster_one_with_a_little_work() {
+    let t = Instant::now();
+    let mut v = view(&[("fast", 0.5), ("slow", 0.0)]);
+    v.workers[0].loop_steps_per_second = 1000.0;
+    v.workers[1].loop_steps_per_second = 100.0;
+    let pool = pool(&v, t);
+    let b = balancer(Balance::PowerOfTwo);
+    let mut rng = StdRng::seed_from_u64(3);
+    let key = Key::default();
+    // 64 tokens x 2 loops: 0.128 s more on the fast worker, 1.28 s on the slow one.
+    for _ in 0..4 {
+        let (g, _) = b.choose(&pool, &ask(&key, 64), t, &[], &mut rng).unwrap();
+        assert_eq!(g.slot.id, "fast");
+    }
+}
+
+#[test]
+fn a_stale_view_falls_back_to_own_least_outstanding_and_unknown_models_get_none() {
+    let t = Instant::now();
+    let pool = pool(&view(&[("a", 0.0), ("b", 100.0)]), t);
+    let later = t + Duration::from_secs(3);
+    let mut rng = StdRng::seed_from_u64(2);
+    let key = Key::default();
+    for policy in [
+        Balance::PowerOfTwo,
+        Balance::Combined,
+        Balance::LeastOutstanding,
+    ] {
+        let b = balancer(policy);
+        let (g1, r) = b
+            .choose(&pool, &ask(&key, 8), later, &[], &mut rng)
+            .unwrap();
+        assert_eq!(r.reason, Reason::StaleView);
+        let (g2, _) = b
+            .choose(&pool, &ask(&key, 8), later, &[], &mut rng)
+            .unwrap();
+        assert_ne!(g1.slot.id, g2.slot.id, "least outstanding alternates");
+        let other = Ask {
+            model: "other",
+            ..ask(&key, 8)
+        };
+        assert!(b.choose(&pool, &other, later, &[], &mut rng).is_none());
+        drop((g1, g2));
+        let (g3, _) = b
+            .choose(&pool, &ask(&key, 8), later, &["a".into()], &mut rng)
+            .unwrap();
+        assert_eq!(g3.slot.id, "b");
+    }
+}
+
+#[test]
+fn round_robin_takes_turns_and_skips_draining_workers() {
+    let t = Instant::now();
+    let mut v = view(&[("a", 0.0), ("b", 9.0), ("c", 0.0)]);
+    let b = balancer(Balance::RoundRobin);
+    let mut rng = StdRng::seed_from_u64(0);
+    let key = Key::default();
+    let p = pool(&v, t);
+    let ids: String = (0..6)
+        .map(|_| {
+            b.choose(&p, &ask(&key, 8), t, &[], &mut rng)
+                .unwrap()
+                .0
+                .slot
+                .id
+                .clone()
+        })
+        .collect();
+    assert_eq!(ids, "abcabc");
+    v.workers[1].draining = true;
+    p.apply_view(&v, t, |_| Some(()), |_| false);
+    for _ in 0..4 {
+        let (g, _) = b.choose(&p, &ask(&key, 8), t, &[], &mut rng).unwrap();
+        assert_ne!(g.slot.id, "b");
+    }
+}
+
+#[test]
+fn least_outstanding_counts_every_routers_requests_from_the_view() {
+    let t = Instant::now();
+    let mut v = view(&[("a", 0.0), ("b", 0.0)]);
+    // Another router has 5 requests on a: this router has sent none yet.
+    v.workers[0].running = 5;
+    let p = pool(&v, t);
+    let b = balancer(Balance::LeastOutstanding);
+    let mut rng = StdRng::seed_from_u64(0);
+    let key = Key::default();
+    let mut held = Vec::new();
+    let mut order = String::new();
+    for _ in 0..7 {
+        let (g, r) = b.choose(&p, &ask(&key, 8), t, &[], &mut rng).unwrap();
+        assert_eq!(r.reason, Reason::Fewest);
+        order.push_str(&g.slot.id);
+        held.push(g);
+    }
+    assert_eq!(&order[..5], "bbbbb", "{order}");
+}
+
+#[test]
+fn cache_aware_keeps_a_conversation_on_its_worker_until_that_worker_is_loaded() {
+    let t = Instant::now();
+    let ids: Vec<String> = (0..8).map(|i| format!("w{i}")).collect();
+    let scores: Vec<(&str, f64)> = ids.iter().map(|i| (i.as_str(), 0.0)).collect();
+    let p = pool(&view(&scores), t);
+    let mut rng = StdRng::seed_from_u64(5);
+    let system = "You are a careful assistant who answers briefly. ".repeat(20);
+    for policy in [Balance::CacheAware, Balance::Combined] {
+        let b = balancer(policy);
+        let first = chat(&system, "What is a loop?");
+        let (g, r) = b.choose(&p, &ask(&first, 16), t, &[], &mut rng).unwrap();
+        assert_eq!(r.reason, Reason::NoPrefix);
+        let home = g.slot.id.clone();
+        drop(g);
+        // Other users under the same system prompt, and the conversation's next turn.
+        for user in ["What is a block?", "Why share layers?", "What is LoRA?"] {
+            let (g, r) = b
+                .choose(&p, &ask(&chat(&system, user), 16), t, &[], &mut rng)
+                .unwrap();
+            assert_eq!(
+                (g.slot.id.as_str(), r.reason),
+                (home.as_str(), Reason::PrefixHit)
+            );
+            assert!(r.predicted_hit > 0.8, "{}", r.predicted_hit);
+        }
+        // The holder gets busy (the view says 10 s of work): requests spill elsewhere.
+        let mut v = view(&scores);
+        let h = ids.iter().position(|i| *i == home).unwrap();
+        v.workers[h].score = 10.0;
+        p.apply_view(&v, t, |_| Some(()), |_| false);
+        let (g, r) = b
+            .choose(&p, &ask(&chat(&system, "Spill?"), 16), t, &[], &mut rng)
+            .unwrap();
+        assert_eq!(r.reason, Reason::SpillLoad, "{policy:?}");
+        assert_ne!(g.slot.id, home);
+        drop(g);
+        // KV nearly full: spill, whatever the load.
+        v.workers[h].score = 0.0;
+        v.workers[h].kv_usage = 0.95;
+        p.apply_view(&v, t, |_| Some(()), |_| false);
+        let b2 = balancer(policy);
+        b2.index.insert(&first.blocks, p.serving("m")[h].serial);
+        let (g, r) = b2.choose(&p, &ask(&first, 16), t, &[], &mut rng).unwrap();
+        assert_eq!(r.reason, Reason::SpillKv);
+        assert_ne!(g.slot.id, home);
+        p.apply_view(&view(&scores), t, |_| Some(()), |_| false);
+    }
+}
+
+#[test]
+fn combined_weighs_the_prefill_a_cache_hit_saves_against_load() {
+    let t = Instant::now();
+    let mut v = view(&[("a", 0.0), ("b", 0.0)]);
+    for w in &mut v.workers {
+        w.loop_steps_per_second = 1000.0;
+    }
+    let p = pool(&v, t);
+    let b = Balancer::new(Settings {
+        balance: Balance::Combined,
+        spill_s: 0.0,
+        ..Settings::default()
+    });
+    let mut rng = StdRng::seed_from_u64(9);
+    // A 4,000-byte (~1,000-token) shared prefix: 2 s of prefill at 2 loops / 1,000 a second.
+    let system = "x".repeat(4000);
+    let a = p.serving("m")[0].clone();
+    b.index.insert(&chat(&system, "q").blocks, a.serial);
+    // The holder has 1.5 s more queued than the other: the hit still wins.
+    v.workers[0].score = 1.5;
+    p.apply_view(&v, t, |_| Some(()), |_| false);
+    let (g, r) = b
+        .choose(&p, &ask(&chat(&system, "q2"), 1), t, &[], &mut rng)
+        .unwrap();
+    assert_eq!((g.slot.id.as_str(), r.reason), ("a", Reason::PrefixHit));
+    drop(g);
+    // 3 s more: a miss elsewhere is sooner.
+    v.workers[0].score = 3.0;
+    p.apply_view(&v, t, |_| Some(()), |_| false);
+    let (g, r) = b
+        .choose(&p, &ask(&chat(&system, "q3"), 1), t, &[], &mut rng)
+        .unwrap();
+    assert_eq!((g.slot.id.as_str(), r.reason), ("b", Reason::SpillLoad));
+}
+
+#[test]
+fn depth_aware_counts_a_hard_class_by_the_loops_it_takes() {
+    let t = Instant::now();
+    let mut v = view(&[("a", 0.0), ("b", 0.0)]);
+    for w in &mut v.workers {
+        w.expected_loops = 2.0;
+    }
+    let p = pool(&v, t);
+    let b = balancer(Balance::DepthAware);
+    let (easy, hard) = (chat("easy", "e"), chat("hard", "h"));
+    let route = |k: &Key| Route {
+        policy: Balance::DepthAware,
+        reason: Reason::Load,
+        serial: 0,
+        predicted_hit: 0.0,
+        class: k.class,
+    };
+    b.finished(&route(&easy), Some(1.0), 0, 0);
+    b.finished(&route(&hard), Some(4.0), 0, 0);
+    let mut rng = StdRng::seed_from_u64(4);
+    // One hard request (100 tokens x 4 loops = 4 s) balances four easy ones (1 s each).
+    let (h, _) = b.choose(&p, &ask(&hard, 100), t, &[], &mut rng).unwrap();
+    let mut easy_on = Vec::new();
+    for _ in 0..4 {
+        let (g, _) = b.choose(&p, &ask(&easy, 100), t, &[], &mut rng).unwrap();
+        easy_on.push(g);
+    }
+    assert!(easy_on.iter().all(|g| g.slot.id != h.slot.id));
+    assert_eq!(
+        h.slot.work_in_flight.load(Ordering::Relaxed),
+        400,
+        "the hard request's predicted loop-steps"
+    );
+    drop((h, easy_on));
+    // Power of two counts both classes at the worker's mean (2 loops).
+    let p2 = balancer(Balance::PowerOfTwo);
+    p2.finished(&route(&hard), Some(4.0), 0, 0);
+    let (g, _) = p2.choose(&p, &ask(&hard, 100), t, &[], &mut rng).unwrap();
+    assert_eq!(g.slot.work_in_flight.load(Ordering::Relaxed), 200);
+}
+
+#[test]
+fn a_worker_whose_cache_missed_what_was_predicted_gets_less_credit() {
+    let t = Instant::now();
+    let p = pool(&view(&[("a", 0.0), ("b", 0.0)]), t);
+    let b = balancer(Balance::CacheAware);
+    let mut rng = StdRng::seed_from_u64(1);
+    let system = "s".repeat(2000);
+    let k = chat(&system, "q");
+    let (g, r) = b.choose(&p, &ask(&k, 4), t, &[], &mut rng).unwrap();
+    drop(g);
+    let (g, r2) = b.choose(&p, &ask(&k, 4), t, &[], &mut rng).unwrap();
+    assert_eq!(r2.reason, Reason::PrefixHit);
+    assert_eq!(r2.serial, r.serial);
+    let before = b.trust(r2.serial);
+    // The worker reports nothing of it cached (evicted): its trust falls.
+    b.finished(&r2, Some(2.0), 500, 0);
+    assert!(b.trust(r2.serial) < before);
+    drop(g);
+    // A hit as predicted keeps it.
+    let t1 = b.trust(r2.serial);
+    b.finished(&r2, Some(2.0), 500, (500.0 * r2.predicted_hit) as u32);
+    assert!(b.trust(r2.serial) > t1);
+}
+
+#[test]
+fn metadata_calls_are_not_counted_as_routed_nor_indexed() {
+    let t = Instant::now();
+    let p = pool(&view(&[("a", 0.0)]), t);
+    let b = balancer(Balance::Combined);
+    let mut rng = StdRng::seed_from_u64(1);
+    let k = chat(&"s".repeat(500), "q");
+    let meta = Ask {
+        max_new_tokens: None,
+        ..ask(&k, 0)
+    };
+    let (g, r) = b.choose(&p, &meta, t, &[], &mut rng).unwrap();
+    assert_eq!(r.reason, Reason::Metadata);
+    assert_eq!(g.slot.routed.load(Ordering::Relaxed), 0);
+    assert!(b.index.is_empty());
+}
