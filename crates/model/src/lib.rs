@@ -33,7 +33,7 @@ pub use decoder::{BatchItem, FillRows, LayerWeights, Llama, Logits, RowGroup};
 pub use dtype::WeightDtype;
 pub use error::{ModelError, Result};
 pub use kv::{KvDtype, KvLayout, KvPool, SeqCache};
-pub use load::{load, LoadedModel};
+pub use load::{load, load_shape, LoadedModel, ModelShape};
 pub use projection::{Fused, Projection};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{TextStream, Tokenizer};

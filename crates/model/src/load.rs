@@ -38,6 +38,39 @@ pub fn load(path: &Path, dtype: WeightDtype) -> Result<LoadedModel> {
     }
 }
 
+/// A model's shape without its weights: what a simulated worker serves as.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelShape {
+    pub cfg: ModelConfig,
+    /// Shared layers (K) and loops (N / K); a plain model is N layers looped once.
+    pub block_layers: usize,
+    pub loops: usize,
+}
+
+/// Reads a model directory's `config.json` and tokenizer, not its weights (a simulated worker:
+/// real token counts and chat template, modelled compute).
+pub fn load_shape(dir: &Path) -> Result<(ModelShape, Tokenizer)> {
+    let config_path = dir.join("config.json");
+    let hf = HfLlamaConfig::read(&config_path)?;
+    let cfg = ModelConfig::from_hf(&hf, &config_path)?;
+    let (block_layers, loops) = match &hf.rrt_recursive {
+        None => (cfg.num_layers, 1),
+        Some(v) => {
+            let meta = serde_json::from_value::<RecursiveMeta>(v.clone()).map_err(|e| {
+                ModelError::config(&config_path, format!("field `rrt_recursive`: {e}"))
+            })?;
+            (meta.block_layers, meta.loops)
+        }
+    };
+    let tokenizer = Tokenizer::from_hf_dir(dir, cfg.bos_token_id, cfg.eos_token_ids.clone())?;
+    let shape = ModelShape {
+        cfg,
+        block_layers,
+        loops,
+    };
+    Ok((shape, tokenizer))
+}
+
 fn is_gguf(path: &Path) -> Result<bool> {
     if path.extension().is_some_and(|e| e == "gguf") {
         return Ok(true);

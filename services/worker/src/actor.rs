@@ -8,9 +8,11 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rrt_engine::{Engine, EngineStats, GenParams, KvCounters, Request};
+use rrt_engine::{EngineStats, GenParams, KvCounters, Request};
 use rrt_model::kv::PoolStats;
 use tokio::sync::{mpsc, watch};
+
+use crate::backend::Backend;
 
 /// What the engine thread is asked to do.
 pub enum Command {
@@ -57,7 +59,7 @@ impl EngineHandle {
     /// Starts the engine thread. `step_delay` is a test knob that slows every step down;
     /// `max_step_failures` failed steps in a row end the thread.
     pub fn spawn(
-        engine: Engine,
+        engine: impl Backend,
         capacity: usize,
         step_delay: Duration,
         max_step_failures: u64,
@@ -114,7 +116,7 @@ impl Thread {
     /// Runs the engine until every handle is dropped and the work is done, or it dies; a dead
     /// engine is dropped at once, which ends every request's event channel (the worker answers
     /// them UNAVAILABLE and the router resumes them elsewhere).
-    fn run(self, engine: Engine, rx: mpsc::Receiver<Command>) {
+    fn run(self, engine: impl Backend, rx: mpsc::Receiver<Command>) {
         if let Err(reason) = self.serve(engine, rx) {
             tracing::error!("the engine thread stops: {reason}");
             self.health.send_replace(EngineHealth::Dead(reason));
@@ -123,7 +125,11 @@ impl Thread {
 
     /// Take every queued command, run one step, publish, repeat; sleep on the channel when
     /// there is no work. `Err`: why the engine died.
-    fn serve(&self, mut engine: Engine, mut rx: mpsc::Receiver<Command>) -> Result<(), String> {
+    fn serve(
+        &self,
+        mut engine: impl Backend,
+        mut rx: mpsc::Receiver<Command>,
+    ) -> Result<(), String> {
         let mut busy = 0.0f64;
         let mut failures_in_a_row = 0;
         // After a failed step with nothing left to run, a one-token request checks the engine
@@ -144,7 +150,7 @@ impl Thread {
                 _probe = Some(rx);
             }
             if engine.pending() == 0 {
-                publish(&engine, &self.snapshot, busy);
+                self.publish(&engine, busy);
                 match rx.blocking_recv() {
                     Some(cmd) => apply(&mut engine, cmd),
                     None => return Ok(()),
@@ -154,13 +160,9 @@ impl Thread {
                 apply(&mut engine, cmd);
             }
             let started = Instant::now();
-            let failed_before = engine.stats().failed_steps;
-            // On a rayon worker the step's parallel sections start without a cross-thread
-            // wake-up (the waiting above stays off the pool, so several engines never starve
-            // it). A panic leaves the engine's state unknown: it is not stepped again.
-            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                rrt_model::runtime::on_compute_pool(|| engine.step())
-            }));
+            let failed_before = engine.failed_steps();
+            // A panic leaves the engine's state unknown: it is not stepped again.
+            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| engine.step()));
             if let Err(panic) = stepped {
                 let what = panic
                     .downcast_ref::<String>()
@@ -169,7 +171,7 @@ impl Thread {
                     .unwrap_or("a panic");
                 return Err(format!("a step panicked: {what}"));
             }
-            if engine.stats().failed_steps > failed_before {
+            if engine.failed_steps() > failed_before {
                 failures_in_a_row += 1;
                 if failures_in_a_row >= self.max_step_failures {
                     return Err(format!("{failures_in_a_row} steps in a row failed"));
@@ -185,30 +187,19 @@ impl Thread {
                 std::thread::sleep(self.step_delay);
             }
             busy += started.elapsed().as_secs_f64();
-            publish(&engine, &self.snapshot, busy);
+            self.publish(&engine, busy);
         }
     }
 }
 
-fn apply(engine: &mut Engine, cmd: Command) {
+fn apply(engine: &mut impl Backend, cmd: Command) {
     match cmd {
         Command::Submit(req) => engine.submit(req),
     }
 }
 
-fn publish(engine: &Engine, snapshot: &Mutex<Snapshot>, busy: f64) {
-    let (pending_new_tokens, pending_prompt_tokens) = engine.pending_work();
-    let snap = Snapshot {
-        queue_length: engine.queue_len(),
-        running: engine.running_len(),
-        kv_bytes_used: engine.kv_used_bytes(),
-        kv_bytes_budget: engine.kv_budget_bytes(),
-        kv_blocks: engine.kv_blocks(),
-        kv_counters: engine.kv_counters(),
-        pending_new_tokens,
-        pending_prompt_tokens,
-        stats: engine.stats().clone(),
-        busy_seconds: busy,
-    };
-    *snapshot.lock().unwrap_or_else(|p| p.into_inner()) = snap;
+impl Thread {
+    fn publish(&self, engine: &impl Backend, busy: f64) {
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = engine.snapshot(busy);
+    }
 }

@@ -91,6 +91,32 @@ pub struct WorkerArgs {
     /// Test knob: `error@N` fails the engine's N-th step, `panic@N` panics in it.
     #[arg(long, env = "RRT_WORKER_INJECT_FAULT")]
     pub inject_fault: Option<rrt_engine::InjectedFault>,
+    /// Serve a simulated engine instead of the model (load tests of the cluster: hundreds of
+    /// workers in one process): the model directory's tokenizer and shape, no weights; step
+    /// times from a cost model (`default`, or a JSON file of `rrt_worker::sim::CostModel`).
+    #[arg(long, env = "RRT_WORKER_SIMULATE")]
+    pub simulate: Option<String>,
+    /// Simulated KV blocks (of --kv-block-tokens positions).
+    #[arg(long, env = "RRT_WORKER_SIM_KV_BLOCKS", default_value_t = 4096)]
+    pub sim_kv_blocks: usize,
+    /// Simulated exits: the probability a token exits after loop 1, 2, ... (comma-separated;
+    /// the rest exit after the last loop).
+    #[arg(
+        long,
+        env = "RRT_WORKER_SIM_EXIT_PROBS",
+        value_delimiter = ',',
+        default_value = "0.5"
+    )]
+    pub sim_exit_probs: Vec<f64>,
+    /// Share of request classes (first prompt block) whose tokens go one loop deeper.
+    #[arg(long, env = "RRT_WORKER_SIM_HARD_SHARE", default_value_t = 0.0)]
+    pub sim_hard_share: f64,
+    /// Simulated speed relative to the cost model (2: steps take half the time).
+    #[arg(long, env = "RRT_WORKER_SIM_SPEED", default_value_t = 1.0)]
+    pub sim_speed: f64,
+    /// Seed of the simulated exits and tokens.
+    #[arg(long, env = "RRT_WORKER_SIM_SEED", default_value_t = 0)]
+    pub sim_seed: u64,
     #[command(flatten)]
     pub tls: rrt_service::tls::TlsArgs,
 }
@@ -147,6 +173,46 @@ impl ExitArg {
 
 impl WorkerArgs {
     /// The engine settings for serving `model_id`, or what is wrong with the flags.
+    /// The simulated engine's settings (`--simulate`), for a model of `loops` loops.
+    pub fn sim_config(&self, loops: usize) -> anyhow::Result<crate::sim::SimConfig> {
+        let Some(cost) = &self.simulate else {
+            anyhow::bail!("--simulate is not set");
+        };
+        let cost = if cost == "default" {
+            crate::sim::CostModel::default()
+        } else {
+            let text = std::fs::read_to_string(cost)
+                .map_err(|e| anyhow::anyhow!("--simulate {cost}: {e}"))?;
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--simulate {cost}: {e}"))?
+        };
+        anyhow::ensure!(
+            self.sim_exit_probs.iter().all(|p| (0.0..=1.0).contains(p))
+                && self.sim_exit_probs.iter().sum::<f64>() <= 1.0 + 1e-9,
+            "--sim-exit-probs: probabilities in [0, 1] summing to at most 1, got {:?}",
+            self.sim_exit_probs
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.sim_hard_share),
+            "--sim-hard-share must be in [0, 1]"
+        );
+        anyhow::ensure!(self.sim_speed > 0.0, "--sim-speed must be above 0");
+        anyhow::ensure!(self.sim_kv_blocks > 0, "--sim-kv-blocks must be at least 1");
+        Ok(crate::sim::SimConfig {
+            cost,
+            loops,
+            block_tokens: self.kv_block_tokens,
+            kv_blocks: self.sim_kv_blocks,
+            max_sequences: self.max_sequences,
+            prefill_chunk: self.max_batch_rows,
+            exit_probs: self.sim_exit_probs.clone(),
+            hard_share: self.sim_hard_share,
+            speed: self.sim_speed,
+            seed: self.sim_seed,
+            clock: crate::sim::Clock::Real,
+            ..Default::default()
+        })
+    }
+
     pub fn engine_config(&self, model_id: &str) -> anyhow::Result<EngineConfig> {
         anyhow::ensure!(self.max_sequences > 0, "--max-sequences must be at least 1");
         anyhow::ensure!(

@@ -3,6 +3,8 @@
 //!
 //! - [`config`]: flags and environment, checked into the engine's settings;
 //! - [`actor`]: the engine on its own thread behind a bounded command channel;
+//! - [`backend`]: what that thread drives: the real engine or [`sim`], a simulated one (step
+//!   times from a cost model, a prefix cache of blocks, exits drawn per request);
 //! - [`service`]: the gRPC service (validation, tokenization, limits, admission);
 //! - [`relay`]: one request's engine events as stream messages (text, stops, deadline);
 //! - [`stop`]: stop sequences on the generated text;
@@ -12,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod actor;
+pub mod backend;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -19,6 +22,7 @@ pub mod relay;
 pub mod reporter;
 pub mod server;
 pub mod service;
+pub mod sim;
 pub mod stop;
 
 pub use config::WorkerArgs;

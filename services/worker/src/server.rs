@@ -1,4 +1,5 @@
-//! Starting and stopping a worker: load the model, start the engine thread, bind the gRPC and
+//! Starting and stopping a worker: load the model (or, `--simulate`, only its shape and
+//! tokenizer for a simulated engine), start the engine thread, bind the gRPC and
 //! metrics ports, register with the coordinator; on shutdown turn health to NOT_SERVING, refuse
 //! new requests, let in-flight ones finish up to the drain deadline, then stop.
 
@@ -17,6 +18,19 @@ use tokio::task::JoinHandle;
 use crate::actor::{EngineHandle, EngineHealth};
 use crate::config::WorkerArgs;
 use crate::service::{Shared, WorkerService};
+use crate::sim::SimEngine;
+
+/// What the worker serves: a loaded model, or a simulated engine on a model's shape.
+enum Source {
+    Model(Box<rrt_model::LoadedModel>),
+    Simulated(
+        Box<(
+            rrt_model::ModelShape,
+            rrt_model::Tokenizer,
+            crate::sim::SimConfig,
+        )>,
+    ),
+}
 
 const SERVICE: &str = "rrt.v1.Worker";
 
@@ -47,21 +61,32 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     crate::metrics::describe();
     rrt_model::runtime::tune_allocator();
     let (path, dtype) = (args.model.clone(), args.dtype);
-    let (kernel, note) = dtype.cpu_note();
-    if let Some(note) = note {
-        tracing::warn!("{note}");
-    }
-    let loaded = tokio::task::spawn_blocking(move || rrt_model::load(&path, dtype))
-        .await?
-        .map_err(|e| anyhow::anyhow!("loading the model: {e}"))?;
-    let weight_bytes = loaded.model.weight_bytes();
-    tracing::info!(%dtype, kernel, weight_bytes, "model loaded");
-    if cfg.default_exit.kind == rrt_engine::ExitKind::Learned && loaded.model.exit_heads.is_none() {
-        anyhow::bail!(
-            "--exit learned: {} has no exit heads (train them with `rrt uptrain --train exit`)",
-            args.model.display()
-        );
-    }
+    let source = if args.simulate.is_some() {
+        let (shape, tokenizer) = tokio::task::spawn_blocking(move || rrt_model::load_shape(&path))
+            .await?
+            .map_err(|e| anyhow::anyhow!("reading the model's shape: {e}"))?;
+        let sim = args.sim_config(shape.loops)?;
+        tracing::info!(loops = shape.loops, "simulated engine (no weights loaded)");
+        Source::Simulated(Box::new((shape, tokenizer, sim)))
+    } else {
+        let (kernel, note) = dtype.cpu_note();
+        if let Some(note) = note {
+            tracing::warn!("{note}");
+        }
+        let loaded = tokio::task::spawn_blocking(move || rrt_model::load(&path, dtype))
+            .await?
+            .map_err(|e| anyhow::anyhow!("loading the model: {e}"))?;
+        tracing::info!(%dtype, kernel, weight_bytes = loaded.model.weight_bytes(), "model loaded");
+        if cfg.default_exit.kind == rrt_engine::ExitKind::Learned
+            && loaded.model.exit_heads.is_none()
+        {
+            anyhow::bail!(
+                "--exit learned: {} has no exit heads (train them with `rrt uptrain --train exit`)",
+                args.model.display()
+            );
+        }
+        Source::Model(Box::new(loaded))
+    };
     let listener = TcpListener::bind(args.listen).await?;
     let grpc_addr = listener.local_addr()?;
     let metrics_addr =
@@ -70,34 +95,54 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         .worker_id
         .clone()
         .unwrap_or_else(|| format!("worker-{}", grpc_addr.port()));
-    metrics::gauge!("rrt_worker_model_weight_bytes", "worker" => id.clone(), "dtype" => dtype.name())
-        .set(weight_bytes as f64);
     let advertise = args
         .advertise
         .clone()
         .unwrap_or_else(|| grpc_addr.to_string());
-
-    let model = &loaded.model;
-    let model_info = pb::ModelInfoResponse {
-        model: model_name,
-        context_length: model.cfg.max_position_embeddings as u32,
-        max_new_tokens_limit: args.max_new_tokens,
-        block_layers: model.block_layers() as u32,
-        loops: model.loops() as u32,
-        vocab_size: model.cfg.vocab_size as u32,
-        workers: 1,
-    };
     let capacity = args.max_sequences + args.max_waiting;
-    let engine = EngineHandle::spawn(
-        Engine::new(loaded.model, cfg).map_err(|e| anyhow::anyhow!("the engine: {e}"))?,
-        capacity,
-        Duration::from_millis(args.step_delay_ms),
-        args.max_step_failures,
-    )?;
+    let step_delay = Duration::from_millis(args.step_delay_ms);
+    let (engine, tokenizer, model_info) = match source {
+        Source::Model(loaded) => {
+            let model = &loaded.model;
+            metrics::gauge!("rrt_worker_model_weight_bytes", "worker" => id.clone(), "dtype" => dtype.name())
+                .set(model.weight_bytes() as f64);
+            let info = pb::ModelInfoResponse {
+                model: model_name,
+                context_length: model.cfg.max_position_embeddings as u32,
+                max_new_tokens_limit: args.max_new_tokens,
+                block_layers: model.block_layers() as u32,
+                loops: model.loops() as u32,
+                vocab_size: model.cfg.vocab_size as u32,
+                workers: 1,
+            };
+            let engine =
+                Engine::new(loaded.model, cfg).map_err(|e| anyhow::anyhow!("the engine: {e}"))?;
+            let handle = EngineHandle::spawn(engine, capacity, step_delay, args.max_step_failures)?;
+            (handle, loaded.tokenizer, info)
+        }
+        Source::Simulated(sim) => {
+            let (shape, tokenizer, sim) = *sim;
+            let info = pb::ModelInfoResponse {
+                model: model_name,
+                context_length: shape.cfg.max_position_embeddings as u32,
+                max_new_tokens_limit: args.max_new_tokens,
+                block_layers: shape.block_layers as u32,
+                loops: shape.loops as u32,
+                vocab_size: shape.cfg.vocab_size as u32,
+                workers: 1,
+            };
+            let engine = SimEngine::new(crate::sim::SimConfig {
+                vocab: shape.cfg.vocab_size as u32,
+                ..sim
+            });
+            let handle = EngineHandle::spawn(engine, capacity, step_delay, args.max_step_failures)?;
+            (handle, tokenizer, info)
+        }
+    };
     let shared = Arc::new(Shared {
         id: id.clone(),
         engine,
-        tokenizer: loaded.tokenizer,
+        tokenizer,
         model: model_info,
         max_sequences: args.max_sequences,
         admission: Admission::new(capacity),

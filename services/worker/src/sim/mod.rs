@@ -1,0 +1,424 @@
+//! A simulated engine: the real engine's requests, events and load figures without its
+//! compute, so one process can run hundreds of workers behind the real router and coordinator.
+//! Each step admits waiting requests while sequences and KV blocks allow (prompt blocks found
+//! in the [`cache::BlockCache`] are hits and are not prefilled), runs every unit in flight
+//! through one loop as the real engine's depth-wise batching does (a prompt chunk through
+//! every loop, a decoded token until the exit loop drawn for it), and takes the time the
+//! [`cost::CostModel`] gives for that step's shape (sleeping it, or advancing a virtual clock in
+//! tests). Tokens are random ids; what is modelled is when they come and how deep they go.
+
+pub mod cache;
+pub mod cost;
+
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rrt_engine::{EngineStats, Event, ExitKind, FinishReason, KvCounters, Request};
+use rrt_model::kv::PoolStats;
+
+use crate::actor::Snapshot;
+use crate::backend::Backend;
+use cache::{block_hashes, BlockCache};
+pub use cost::{CostModel, StepShape};
+
+/// How a step's time passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    /// The engine thread sleeps the modelled time (serving).
+    Real,
+    /// The time is only added up (tests).
+    Virtual,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub cost: CostModel,
+    /// Loops of the modelled recursive model.
+    pub loops: usize,
+    /// Tokens per KV block.
+    pub block_tokens: usize,
+    pub kv_blocks: usize,
+    pub max_sequences: usize,
+    /// Prompt rows one step runs at most (chunked prefill).
+    pub prefill_chunk: usize,
+    /// Probability that a token exits after loop `i + 1` (the rest exit after the last).
+    pub exit_probs: Vec<f64>,
+    /// Share of request classes (by the hash of their first prompt block) whose tokens go one
+    /// loop deeper than the distribution says: "hard" prompts.
+    pub hard_share: f64,
+    /// Speed relative to the cost model (2.0: steps take half the time).
+    pub speed: f64,
+    pub seed: u64,
+    pub clock: Clock,
+    /// Random token ids are drawn below this.
+    pub vocab: u32,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            cost: CostModel::default(),
+            loops: 2,
+            block_tokens: 16,
+            kv_blocks: 4096,
+            max_sequences: 64,
+            prefill_chunk: 256,
+            exit_probs: vec![0.5],
+            hard_share: 0.0,
+            speed: 1.0,
+            seed: 0,
+            clock: Clock::Real,
+            vocab: 49_152,
+        }
+    }
+}
+
+struct Seq {
+    req: Request,
+    /// Chained hashes of the prompt's full blocks.
+    blocks: Vec<u64>,
+    /// Leading blocks found in the cache (pinned while the sequence runs).
+    hits: usize,
+    /// Blocks taken for its own tokens.
+    own: usize,
+    prompt_left: usize,
+    kv_len: usize,
+    generated: usize,
+    /// Extra loops per token (hard class).
+    deeper: usize,
+    /// The unit in the block: its rows (a prompt chunk, or the one token being decoded),
+    /// loops it has run, loops it runs in all (0: none in flight).
+    unit_len: usize,
+    unit_loops: usize,
+    unit_depth: usize,
+    done: bool,
+}
+
+impl Seq {
+    fn new(req: Request, block_tokens: usize, hard_share: f64) -> Self {
+        let blocks = block_hashes(&req.prompt, block_tokens);
+        let class = {
+            let mut h = std::hash::DefaultHasher::new();
+            req.prompt[..req.prompt.len().min(block_tokens)].hash(&mut h);
+            h.finish()
+        };
+        let hard = (class % 10_000) as f64 / 10_000.0 < hard_share;
+        Self {
+            prompt_left: req.prompt.len(),
+            req,
+            blocks,
+            hits: 0,
+            own: 0,
+            kv_len: 0,
+            generated: 0,
+            deeper: hard as usize,
+            unit_len: 0,
+            unit_loops: 0,
+            unit_depth: 0,
+            done: false,
+        }
+    }
+
+    /// Blocks for `tokens` tokens of KV.
+    fn blocks_for(tokens: usize, block: usize) -> usize {
+        tokens.div_ceil(block.max(1))
+    }
+}
+
+pub struct SimEngine {
+    cfg: SimConfig,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    cache: BlockCache,
+    stats: EngineStats,
+    counters: KvCounters,
+    rng: StdRng,
+    /// Modelled seconds of every step so far.
+    pub elapsed: f64,
+}
+
+impl SimEngine {
+    pub fn new(cfg: SimConfig) -> Self {
+        Self {
+            cache: BlockCache::new(cfg.kv_blocks),
+            rng: StdRng::seed_from_u64(cfg.seed),
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats: EngineStats::default(),
+            counters: KvCounters::default(),
+            elapsed: 0.0,
+        }
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn kv_counters(&self) -> KvCounters {
+        self.counters
+    }
+
+    /// The loop a token exits after.
+    fn draw_exit(&mut self, seq: &Seq) -> usize {
+        let loops = self.cfg.loops.max(1);
+        if seq
+            .req
+            .exit
+            .as_ref()
+            .is_some_and(|e| e.kind == ExitKind::None)
+        {
+            return loops;
+        }
+        let u: f64 = self.rng.random();
+        let mut acc = 0.0;
+        let mut depth = loops;
+        for (i, p) in self.cfg.exit_probs.iter().enumerate().take(loops - 1) {
+            acc += p;
+            if u < acc {
+                depth = i + 1;
+                break;
+            }
+        }
+        (depth + seq.deeper).min(loops)
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|s| !s.req.events.is_closed());
+        let mut cancelled = before - self.waiting.len();
+        for s in self.running.iter_mut() {
+            if !s.done && s.req.events.is_closed() {
+                s.done = true;
+                cancelled += 1;
+            }
+        }
+        self.stats.cancelled += cancelled as u64;
+    }
+
+    /// Admits waiting requests in order while a sequence slot and the blocks for the prompt
+    /// they must compute (plus the first token) are there.
+    fn admit(&mut self) {
+        let bt = self.cfg.block_tokens;
+        while self.running.len() < self.cfg.max_sequences {
+            let Some(seq) = self.waiting.front() else {
+                break;
+            };
+            let hits = self.cache.lookup(&seq.blocks);
+            let need = Seq::blocks_for(seq.req.prompt.len() + 1, bt).saturating_sub(hits);
+            if !self.cache.can_take(need, &seq.blocks[..hits]) {
+                break;
+            }
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            self.cache.pin(&seq.blocks[..hits]);
+            if !self.cache.take(need) {
+                // can_take said yes: only a bookkeeping bug gets here; keep the request.
+                self.cache.release(0, &seq.blocks[..hits], &[]);
+                self.waiting.push_front(seq);
+                break;
+            }
+            let cached = hits * bt;
+            seq.hits = hits;
+            seq.own = need;
+            seq.kv_len = cached;
+            seq.prompt_left = seq.req.prompt.len() - cached;
+            self.counters.queried_tokens += seq.req.prompt.len() as u64;
+            self.counters.hit_tokens += cached as u64;
+            self.counters.prefill_tokens += seq.prompt_left as u64;
+            if !seq.req.events.send(Event::Admitted {
+                cached_tokens: cached,
+            }) {
+                // The receiver is gone: cancelled (its blocks go back at the next retire).
+                seq.done = true;
+                self.stats.cancelled += 1;
+            }
+            self.running.push(seq);
+        }
+    }
+
+    fn retire(&mut self) {
+        let cache = &mut self.cache;
+        self.running.retain(|s| {
+            if s.done {
+                cache.release(s.own, &s.blocks[..s.hits], &s.blocks);
+            }
+            !s.done
+        });
+    }
+
+    /// One step of depth-wise batching, as the real engine's CDB scheduler runs it: every
+    /// unit in flight (a prompt chunk, or one token being decoded) goes through the shared
+    /// block once, at whatever loop it is. A prompt chunk runs every loop; a decoded token
+    /// leaves after the loop drawn for it and its sequence's next token enters the next step.
+    /// Returns the step's shape.
+    fn run_batch(&mut self) -> StepShape {
+        let (loops, bt) = (self.cfg.loops.max(1), self.cfg.block_tokens);
+        let mut shape = StepShape::default();
+        let mut running = std::mem::take(&mut self.running);
+        // Units already in flight first (decode rows come first in the real engine too), then
+        // new prompt chunks while the step has rows left.
+        let mut rows_left = self.cfg.prefill_chunk.max(1);
+        let mut ran = vec![false; running.len()];
+        for pass in 0..2 {
+            for (i, seq) in running.iter_mut().enumerate() {
+                let starting = seq.unit_depth == 0;
+                if seq.done || ran[i] || starting != (pass == 1) {
+                    continue;
+                }
+                if starting {
+                    if seq.prompt_left > 0 {
+                        let take = seq.prompt_left.min(rows_left);
+                        if take == 0 {
+                            continue;
+                        }
+                        (seq.unit_len, seq.unit_depth) = (take, loops);
+                    } else {
+                        // A new KV block when the token starts one.
+                        if seq.kv_len % bt == 0 && seq.kv_len > 0 {
+                            if !self.cache.take(1) {
+                                continue;
+                            }
+                            seq.own += 1;
+                        }
+                        let depth = self.draw_exit(seq);
+                        (seq.unit_len, seq.unit_depth) = (1, depth);
+                    }
+                    seq.unit_loops = 0;
+                }
+                ran[i] = true;
+                let len = seq.unit_len;
+                rows_left = rows_left.saturating_sub(len);
+                shape.loop_rows += len as f64;
+                if seq.prompt_left > 0 {
+                    shape.prompt_rows += len as f64;
+                }
+                shape.kv_rows_k += len as f64 * (seq.kv_len + len.div_ceil(2)) as f64 / 1e3;
+                seq.unit_loops += 1;
+                if seq.unit_loops < seq.unit_depth {
+                    // The exit head (or classifier) looks at a decoded token after each loop.
+                    if seq.prompt_left == 0 {
+                        shape.head_rows += 1.0;
+                    }
+                    continue;
+                }
+                // The unit leaves the block.
+                let depth = seq.unit_depth;
+                seq.unit_depth = 0;
+                shape.head_rows += 1.0;
+                if seq.prompt_left > 0 {
+                    seq.prompt_left -= len;
+                    seq.kv_len += len;
+                    if seq.prompt_left > 0 {
+                        continue;
+                    }
+                } else {
+                    seq.kv_len += 1;
+                }
+                self.emit(seq, depth);
+            }
+        }
+        self.running = running;
+        shape
+    }
+
+    /// Streams a sequence's next token (exited after `depth` loops); finishes it at its
+    /// max_new_tokens, cancels it when the receiver is gone.
+    fn emit(&mut self, seq: &mut Seq, depth: usize) {
+        let token = self.rng.random_range(256..self.cfg.vocab.max(257));
+        seq.generated += 1;
+        if self.stats.exit_histogram.len() < depth {
+            self.stats.exit_histogram.resize(depth, 0);
+        }
+        self.stats.exit_histogram[depth - 1] += 1;
+        self.stats.tokens += 1;
+        let sent = seq.req.events.send(Event::Token {
+            token,
+            exit_loop: depth,
+            logprob: None,
+            argmax: None,
+        });
+        if !sent {
+            seq.done = true;
+            self.stats.cancelled += 1;
+        } else if seq.generated >= seq.req.params.max_new_tokens {
+            seq.req.events.send(Event::Finished {
+                reason: FinishReason::Length,
+                generated: seq.generated,
+            });
+            seq.done = true;
+        }
+    }
+
+    /// Tokens left to generate and prompt tokens not yet run, over waiting and running.
+    pub fn pending_work(&self) -> (usize, usize) {
+        let all = self.waiting.iter().chain(self.running.iter());
+        all.filter(|s| !s.done).fold((0, 0), |(n, p), s| {
+            (
+                n + s.req.params.max_new_tokens.saturating_sub(s.generated),
+                p + s.prompt_left,
+            )
+        })
+    }
+}
+
+impl Backend for SimEngine {
+    fn submit(&mut self, req: Request) {
+        let seq = Seq::new(req, self.cfg.block_tokens, self.cfg.hard_share);
+        self.waiting.push_back(seq);
+    }
+
+    fn step(&mut self) -> usize {
+        self.drop_cancelled();
+        self.retire();
+        self.admit();
+        self.stats.steps += 1;
+        let shape = self.run_batch();
+        self.stats.loop_rows += shape.loop_rows as u64;
+        self.stats.head_rows += shape.head_rows as u64;
+        let seconds = self.cfg.cost.seconds(&shape) / self.cfg.speed.max(1e-6);
+        self.elapsed += seconds;
+        if self.cfg.clock == Clock::Real && seconds > 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(seconds));
+        }
+        self.retire();
+        shape.loop_rows as usize
+    }
+
+    fn pending(&self) -> usize {
+        self.waiting.len() + self.running.len()
+    }
+
+    fn failed_steps(&self) -> u64 {
+        0
+    }
+
+    fn snapshot(&self, busy_seconds: f64) -> Snapshot {
+        let (pending_new_tokens, pending_prompt_tokens) = self.pending_work();
+        Snapshot {
+            queue_length: self.waiting.len(),
+            running: self.running.len(),
+            kv_bytes_used: 0,
+            kv_bytes_budget: 0,
+            kv_blocks: PoolStats {
+                total: self.cache.total(),
+                used: self.cache.used(),
+                cached: self.cache.cached(),
+                evictable: self.cache.evictable(),
+                evictions: self.cache.evictions,
+            },
+            kv_counters: self.counters,
+            pending_new_tokens,
+            pending_prompt_tokens,
+            stats: self.stats.clone(),
+            busy_seconds,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,167 @@
+use std::sync::mpsc::Receiver;
+
+use rrt_engine::{ExitPolicy, GenParams};
+
+use super::*;
+
+fn config(f: impl FnOnce(&mut SimConfig)) -> SimConfig {
+    let mut c = SimConfig {
+        clock: Clock::Virtual,
+        ..SimConfig::default()
+    };
+    f(&mut c);
+    c
+}
+
+fn request(id: u64, prompt: Vec<u32>, max_new: usize) -> (Request, Receiver<Event>) {
+    Request::with_channel(
+        id,
+        prompt,
+        GenParams {
+            max_new_tokens: max_new,
+            ..GenParams::default()
+        },
+        None,
+    )
+}
+
+fn run_until_idle(e: &mut SimEngine) {
+    let mut guard = 0;
+    while e.pending() > 0 {
+        e.step();
+        guard += 1;
+        assert!(guard < 100_000, "the engine does not finish");
+    }
+}
+
+/// (cached tokens at admission, exit loops, finished).
+fn events(rx: &Receiver<Event>) -> (Option<usize>, Vec<usize>, bool) {
+    let (mut cached, mut loops, mut finished) = (None, Vec::new(), false);
+    for ev in rx.try_iter() {
+        match ev {
+            Event::Admitted { cached_tokens } => cached = Some(cached_tokens),
+            Event::Token { exit_loop, .. } => loops.push(exit_loop),
+            Event::Finished { .. } => finished = true,
+            Event::Failed(e) => panic!("failed: {e}"),
+        }
+    }
+    (cached, loops, finished)
+}
+
+#[test]
+fn requests_get_their_tokens_with_exits_drawn_from_the_distribution() {
+    let mut e = SimEngine::new(config(|c| {
+        c.loops = 3;
+        c.exit_probs = vec![0.5, 0.25];
+    }));
+    let mut rxs = Vec::new();
+    for i in 0..20 {
+        let (req, rx) = request(i, vec![1 + i as u32; 40], 100);
+        e.submit(req);
+        rxs.push(rx);
+    }
+    run_until_idle(&mut e);
+    let mut all = Vec::new();
+    for rx in &rxs {
+        let (cached, loops, finished) = events(rx);
+        assert_eq!(cached, Some(0));
+        assert_eq!(loops.len(), 100);
+        assert!(finished);
+        assert_eq!(
+            loops[0], 3,
+            "the first token comes out of the prefill's last loop"
+        );
+        all.extend(&loops[1..]);
+    }
+    assert!(all.iter().all(|&l| (1..=3).contains(&l)));
+    // Expected mean exit loop: 0.5 x 1 + 0.25 x 2 + 0.25 x 3 = 1.75.
+    let mean = all.iter().sum::<usize>() as f64 / all.len() as f64;
+    assert!((mean - 1.75).abs() < 0.05, "{mean}");
+    assert_eq!(e.stats().tokens, 2000);
+    assert_eq!(e.snapshot(0.0).kv_blocks.used, 0, "every block back");
+}
+
+#[test]
+fn a_repeated_prefix_is_a_cache_hit_and_is_not_prefilled_again() {
+    let mut e = SimEngine::new(config(|_| {}));
+    let system: Vec<u32> = (1000..1200).collect();
+    let (a, rx_a) = request(1, [system.clone(), vec![5; 10]].concat(), 4);
+    e.submit(a);
+    run_until_idle(&mut e);
+    let (b, rx_b) = request(2, [system.clone(), vec![6; 10]].concat(), 4);
+    e.submit(b);
+    run_until_idle(&mut e);
+    assert_eq!(events(&rx_a).0, Some(0));
+    // 200 shared tokens: 12 full blocks of 16.
+    assert_eq!(events(&rx_b).0, Some(192));
+    let c = e.kv_counters();
+    assert_eq!((c.queried_tokens, c.hit_tokens), (420, 192));
+    assert_eq!(c.prefill_tokens, 420 - 192);
+}
+
+#[test]
+fn step_time_follows_the_cost_model() {
+    let cost = CostModel {
+        base_s: 0.01,
+        loop_row_s: 0.001,
+        prompt_row_s: 0.0,
+        head_row_s: 0.0,
+        kv_k_s: 0.0,
+    };
+    let mut e = SimEngine::new(config(|c| {
+        c.cost = cost;
+        c.loops = 2;
+        c.exit_probs = vec![0.0];
+        c.speed = 2.0;
+    }));
+    let (req, _rx) = request(1, vec![7; 10], 5);
+    e.submit(req);
+    run_until_idle(&mut e);
+    // Steps 1-2: the 10-row prompt chunk through loops 1 and 2 (the first token leaves after
+    // loop 2); then each of 4 tokens one row through two steps: 10 steps, 28 rows.
+    let expected = 10.0 * 0.01 + 28.0 * 0.001;
+    assert!((e.elapsed - expected / 2.0).abs() < 1e-12, "{}", e.elapsed);
+}
+
+#[test]
+fn a_hard_class_goes_one_loop_deeper_and_no_exit_means_full_depth() {
+    let mut e = SimEngine::new(config(|c| {
+        c.loops = 3;
+        c.exit_probs = vec![1.0];
+        c.hard_share = 1.0;
+    }));
+    let (hard, rx_h) = request(1, vec![3; 20], 20);
+    let (mut full, rx_f) = request(2, vec![4; 20], 20);
+    full.exit = Some(ExitPolicy {
+        kind: ExitKind::None,
+        threshold: 0.0,
+    });
+    e.submit(hard);
+    e.submit(full);
+    run_until_idle(&mut e);
+    assert!(events(&rx_h).1[1..].iter().all(|&l| l == 2));
+    assert!(events(&rx_f).1.iter().all(|&l| l == 3));
+}
+
+#[test]
+fn kv_blocks_and_sequences_bound_admission_and_cancelled_requests_leave() {
+    let mut e = SimEngine::new(config(|c| {
+        c.kv_blocks = 10;
+        c.max_sequences = 4;
+    }));
+    // Each prompt needs 8 blocks (112 tokens + 1): only one fits at a time.
+    let (a, rx_a) = request(1, vec![1; 112], 8);
+    let (b, rx_b) = request(2, vec![2; 112], 8);
+    e.submit(a);
+    e.submit(b);
+    e.step();
+    let s = e.snapshot(0.0);
+    assert_eq!((s.running, s.queue_length), (1, 1));
+    // The client goes away: the request leaves when the engine next talks to it.
+    drop(rx_b);
+    run_until_idle(&mut e);
+    assert_eq!(e.stats().cancelled, 1);
+    assert!(events(&rx_a).2);
+    let s = e.snapshot(0.0);
+    assert_eq!((s.running, s.queue_length, s.kv_blocks.used), (0, 0, 0));
+}

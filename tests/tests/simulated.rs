@@ -1,0 +1,129 @@
+//! Simulated workers (`rrt-worker --simulate`): the real worker's gRPC service, admission and
+//! reports over a simulated engine, many in one process behind the real coordinator and
+//! router. Requests come back whole with the modelled exits, the coordinator sees every worker,
+//! and the router's cache-aware default finds the prefix caches the simulated workers keep.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rrt_proto::v1 as pb;
+use rrt_tests::cluster;
+use rrt_tests::eventually;
+
+const WORKERS: usize = 24;
+
+fn chat(system: &str, user: &str, max_new_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        chat: true,
+        messages: vec![
+            pb::ChatMessage {
+                role: "system".into(),
+                content: system.into(),
+            },
+            pb::ChatMessage {
+                role: "user".into(),
+                content: user.into(),
+            },
+        ],
+        max_new_tokens,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_simulated_workers_serve_behind_the_real_router_and_coordinator() {
+    let c = cluster::coordinator(&[]).await;
+    let addr = c.running.grpc_addr;
+    let mut workers = Vec::new();
+    for i in 0..WORKERS {
+        let id = format!("sim{i:02}");
+        // Half the workers twice as fast: heterogeneous speeds.
+        let speed = if i % 2 == 0 { "2" } else { "1" };
+        let flags = [
+            "--worker-id",
+            &id,
+            "--simulate",
+            "default",
+            "--sim-speed",
+            speed,
+            "--sim-exit-probs",
+            "0.6",
+            "--sim-seed",
+            &i.to_string(),
+        ];
+        workers.push(cluster::worker(Some(addr), &flags).await);
+    }
+    eventually(
+        Duration::from_secs(30),
+        "every worker registered",
+        || async { (c.running.registry.len() == WORKERS).then_some(()) },
+    )
+    .await;
+    let r = cluster::router(Some(addr), &["--seed", "3"]).await;
+    cluster::wait_for_workers(&r.running, WORKERS).await;
+    let client = cluster::client(r.running.grpc_addr).await;
+
+    // 8 system prompts x 12 users, 8 at a time.
+    let systems: Vec<String> = (0..8)
+        .map(|s| {
+            format!(
+                "You are helper {s}. {}",
+                "Answer in one short line. ".repeat(20)
+            )
+        })
+        .collect();
+    let tasks: Vec<_> = (0..8)
+        .map(|lane| {
+            let mut client = client.clone();
+            let systems = systems.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for u in 0..12 {
+                    let system = &systems[(lane + u) % systems.len()];
+                    let req = chat(system, &format!("Question {lane}.{u}?"), 12);
+                    let r = client.generate(req).await.expect("generation").into_inner();
+                    out.push(((lane + u) % systems.len(), r));
+                }
+                out
+            })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for t in tasks {
+        replies.extend(t.await.unwrap());
+    }
+    assert_eq!(replies.len(), 96);
+    let (mut prompt, mut cached) = (0u64, 0u64);
+    let mut used = BTreeSet::new();
+    let mut per_system = vec![BTreeSet::new(); systems.len()];
+    let mut loops = Vec::new();
+    for (system, r) in &replies {
+        per_system[*system].insert(r.worker.clone());
+        assert_eq!(r.token_ids.len(), 12, "{r:?}");
+        assert_eq!(r.finish_reason, pb::FinishReason::Length as i32);
+        loops.extend(r.exit_loops.iter().skip(1).copied());
+        prompt += r.prompt_tokens as u64;
+        cached += r.cached_prompt_tokens as u64;
+        used.insert(r.worker.clone());
+    }
+    // The model has 2 loops; 60% of the tokens after the first exit after loop 1.
+    assert!(loops.iter().all(|&l| l == 1 || l == 2));
+    let early = loops.iter().filter(|&&l| l == 1).count() as f64 / loops.len() as f64;
+    assert!((early - 0.6).abs() < 0.1, "{early}");
+    let share = cached as f64 / prompt as f64;
+    println!(
+        "simulated: {} workers used of {WORKERS}, cached prompt share {:.1}%",
+        used.len(),
+        100.0 * share
+    );
+    // Each system prompt's first request misses; most later ones find it.
+    assert!(share > 0.5, "cached share {share:.3}");
+    // Affinity: each system prompt's twelve requests stay on one or two workers (a spill when
+    // its holder is busy), while the prompts spread over the cluster.
+    let spread: Vec<usize> = per_system.iter().map(BTreeSet::len).collect();
+    assert!(spread.iter().all(|&n| n <= 3), "{spread:?}");
+    assert!(used.len() >= 4, "spread over {} workers", used.len());
+    drop(workers);
+}
