@@ -41,11 +41,12 @@ demo: deps model venv build $(DEMO_MODEL)/config.json ## the cluster on loopback
 test: deps model data venv models image lint ## run every test (unit, parity, real model, end-to-end)
 	$(CARGO) test --release --workspace
 
-bench: model data models build ## speed: matmul kernel vs candle, decode tokens/s vs the roofline, router vs straight to a worker, KV reuse (prefix cache)
+bench: model data models build ## speed: matmul kernel vs candle, decode tokens/s vs the roofline, router vs straight to a worker, KV reuse (prefix cache), the simulated worker's cost model against the real engine
 	$(RRT) bench matmul
 	$(RRT) bench decode --batches 1,8,32
 	$(RRT) bench router
 	$(RRT) bench prefix
+	$(RRT) bench sim
 
 bench-engine: model data build ## serving throughput: static / CSB / CDB with exits, 256 prompts (long); then the main rows at f32, bf16 and q8 side by side
 	$(RRT) bench engine

@@ -22,6 +22,11 @@ pub struct EngineStats {
     pub last_rows_per_depth: Vec<usize>,
     /// Rows the exit head (final norm + LM head) ran on, including the ones that sample.
     pub head_rows: u64,
+    /// Of `loop_rows`, prompt rows (chunks of prompts, and recomputes after a preemption).
+    pub prompt_rows: u64,
+    /// Attention work: each row's KV length (positions it attends to), summed over rows and
+    /// loops (CDB).
+    pub attended: u64,
     /// Where the steps' time went.
     pub time: PhaseTimes,
 }

@@ -467,3 +467,31 @@ fn a_burst_of_requests_sharing_a_prefix_computes_it_once() {
         );
     }
 }
+
+/// The step counters the simulated worker's cost model is fitted on: every prompt row runs every
+/// loop (a prefix-cache hit's rows do not run), and each row attends to the positions before
+/// it and itself.
+#[test]
+fn prompt_rows_and_attended_positions_are_counted_per_loop() {
+    let model = tiny_recursive();
+    let loops = model.loops() as u64;
+    let mut e = engine(&model, Scheduler::Cdb, 64, true);
+    // 20 prompt tokens: one chunk of 20 rows (max 24 a step); no exits: every loop.
+    let prompt: Vec<u32> = (1..=20).collect();
+    let rx = submit(&mut e, 1, &prompt, params(3), None);
+    e.run_until_idle();
+    assert_eq!(collect(&rx).tokens.len(), 3);
+    let s = e.stats().clone();
+    assert_eq!(s.prompt_rows, 20 * loops);
+    // Prompt rows 0..20 attend to 1..=20 positions: the chunk's count takes each row as
+    // attending to the chunk's middle (start + ceil(len / 2) = 10 each). Then the first
+    // sampled token (position 20) and the second (21) run every loop: 21 and 22 positions.
+    assert_eq!(s.attended, (20 * 10 + 21 + 22) * loops);
+    assert_eq!(s.loop_rows, (20 + 2) * loops);
+    // The same prompt again: its one full block (16 of the 20 tokens) comes from the cache,
+    // only the last 4 prompt rows run.
+    let rx = submit(&mut e, 2, &prompt, params(1), None);
+    e.run_until_idle();
+    assert_eq!(collect(&rx).tokens.len(), 1);
+    assert_eq!(e.stats().prompt_rows - s.prompt_rows, 4 * loops);
+}

@@ -13,6 +13,7 @@ mod overload;
 pub(crate) mod plot;
 mod prefix;
 pub mod router;
+mod sim;
 mod uptrain;
 
 use clap::Subcommand;
@@ -33,6 +34,9 @@ pub enum BenchCommand {
     Overload(overload::OverloadArgs),
     /// KV reuse as a client sees it: shared system prompts, multi-turn chat, capacity.
     Prefix(prefix::PrefixBenchArgs),
+    /// The simulated worker's cost model fitted to the real engine's steps, judged on another
+    /// workload, and the simulation beside the real engine (`rrt-worker --simulate`).
+    Sim(sim::SimBenchArgs),
     /// The trainer at f32 and bf16 on the same model, data and steps: tokens/s, time by part,
     /// how far the bf16 objective strays.
     Uptrain(uptrain::UptrainBenchArgs),
@@ -48,5 +52,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Overload(args) => overload::run(args),
         BenchCommand::Prefix(args) => prefix::run(args),
         BenchCommand::Uptrain(args) => uptrain::run(args),
+        BenchCommand::Sim(args) => sim::run(args),
     }
 }

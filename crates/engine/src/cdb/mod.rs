@@ -32,6 +32,14 @@ pub(crate) fn step(ctx: &mut StepCtx<'_>) -> Result<usize, EngineError> {
     let rows = plan.rows();
     stats.loop_rows += rows as u64;
     stats.fill_rows += plan.fills.rows() as u64;
+    for u in &plan.units {
+        let f = &u.flight;
+        let s = &running[u.seq];
+        if f.end() <= s.prompt_len.max(s.recompute_until) {
+            stats.prompt_rows += f.len as u64;
+        }
+        stats.attended += (f.len * (f.start + f.len.div_ceil(2))) as u64;
+    }
     stats.last_rows_per_depth = plan.rows_per_depth(loops);
     let x_in = block::gather(model, running, &plan)?;
 
