@@ -29,7 +29,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE ?= ghcr.io/example/rrt:$(VERSION)
 IMAGE_ARCHIVE := .cache/image/rrt-$(VERSION).oci.tar
 
-.PHONY: image image-tools help demo test bench lint fmt build model data deps fixtures train-fixtures demo-exit-heads eval curve bench-engine clean venv models chaos fuzz corpus bench-uptrain recover
+.PHONY: image image-tools help demo test bench lint fmt build model data deps fixtures train-fixtures demo-exit-heads eval curve bench-engine clean venv models chaos fuzz corpus bench-uptrain recover scale-bench
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,11 @@ bench: model data models build ## speed: matmul kernel vs candle, decode tokens/
 bench-engine: model data build ## serving throughput: static / CSB / CDB with exits, 256 prompts (long); then the main rows at f32, bf16 and q8 side by side
 	$(RRT) bench engine
 	$(RRT) bench engine --dtypes f32,bf16,q8 --prompts 48 --min-output 32 --max-output 64 --lora-ranks 0 --synthetic 0.5,0.9 --repeats 2
+
+scale-bench: model models build ## routing policies on 50 and 200 simulated workers behind the real router and coordinator (cost model fitted first; ~10 min)
+	$(RRT) bench sim
+	$(RRT) bench scale --workers 50 --sessions 200
+	$(RRT) bench scale --workers 200 --sessions 600 --burst 90 --system-prompts 48
 
 chaos: model models build ## kill -9 a worker mid-stream, 5 times: 200 streams at concurrency 32 on 3 worker processes, none lost or changed; then bursts of 10x capacity at the router and a worker (~17 min)
 	$(RRT) bench chaos

@@ -65,8 +65,8 @@ pub struct RouterArgs {
     /// How to pick a worker per request: round-robin, least-outstanding (cluster-wide),
     /// power-of-two (the lower predicted drain time of two random workers), depth-aware
     /// (power-of-two with each request's loops predicted from its class), cache-aware (the
-    /// worker sent the longest prefix of the prompt, unless loaded), combined (cache affinity
-    /// with depth-aware loads, weighing the prefill a cache hit saves; docs/routing.md).
+    /// worker sent the longest prefix of the prompt, unless more loaded than the least loaded),
+    /// combined (cache-aware with depth-aware loads; docs/routing.md).
     #[arg(
         long,
         env = "RRT_ROUTER_BALANCE",
@@ -74,9 +74,9 @@ pub struct RouterArgs {
         default_value = "combined"
     )]
     pub balance: crate::balance::Balance,
-    /// Seconds of predicted extra time a worker holding a request's prefix may cost over the
-    /// alternative before the request spills there (cache-aware, combined).
-    #[arg(long, env = "RRT_ROUTER_SPILL_S", default_value_t = 1.0)]
+    /// Seconds of predicted load a worker holding a request's prefix may carry above the least
+    /// loaded worker's before the request spills there (cache-aware, combined).
+    #[arg(long, env = "RRT_ROUTER_SPILL_S", default_value_t = 0.1)]
     pub spill_s: f64,
     /// KV use (0..1) at which a worker holding a prefix takes no more requests for it.
     #[arg(long, env = "RRT_ROUTER_SPILL_KV", default_value_t = 0.9)]

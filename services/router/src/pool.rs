@@ -87,15 +87,16 @@ impl<T> Slot<T> {
     }
 
     /// Predicted seconds until `work` more loop-steps would be done here: the coordinator's
-    /// score (the worker's pending work over its measured speed), plus the work this router
-    /// sent since that view and the new one itself, at that speed. Counting the new request
-    /// makes an idle slow worker lose to a fast one that has a little work.
+    /// score (the worker's pending work over its measured speed), corrected by this router's
+    /// own requests since that view (work sent since adds; work of its requests that finished
+    /// since comes off, down to an idle worker), plus the new request itself, at that speed.
+    /// Counting the new request makes an idle slow worker lose to a fast one that has a little
+    /// work; taking finished requests off keeps a worker that just served a request from
+    /// looking busy until the next view.
     pub fn load(&self, s: &ViewState, work: f64) -> f64 {
-        let since = self
-            .work_in_flight
-            .load(Ordering::Relaxed)
-            .saturating_sub(s.work_at_view);
-        s.score + (since as f64 + work) / self.rate(s)
+        let rate = self.rate(s);
+        let delta = self.work_in_flight.load(Ordering::Relaxed) as f64 - s.work_at_view as f64;
+        (s.score + delta / rate).max(0.0) + work / rate
     }
 
     /// Requests outstanding on the worker from every router: the view's count plus what this
@@ -372,5 +373,18 @@ mod tests {
         drop(g);
         assert_eq!(a.in_flight.load(Ordering::Relaxed), 0);
         assert_eq!(a.work_in_flight.load(Ordering::Relaxed), 0);
+        // A request in flight when the view came finishes: its work comes off the score (not
+        // below an idle worker's).
+        let g = InFlight::new(a.clone(), 50);
+        pool.apply_view(&view(&[("a", 1.0)]), t, |_| Some(()), |_| false);
+        let s = a.state();
+        assert!((a.load(&s, 0.0) - 1.0).abs() < 1e-9);
+        drop(g);
+        assert!((a.load(&s, 0.0) - 0.5).abs() < 1e-9);
+        let g = InFlight::new(a.clone(), 500);
+        pool.apply_view(&view(&[("a", 1.0)]), t, |_| Some(()), |_| false);
+        let s = a.state();
+        drop(g);
+        assert_eq!(a.load(&s, 0.0), 0.0);
     }
 }

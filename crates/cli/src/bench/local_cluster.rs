@@ -22,6 +22,16 @@ impl LocalCluster {
     /// Starts `workers` workers with `worker_flags` (plus their ports, ids and the
     /// coordinator) and a router with the OpenAI API; returns once the router knows them all.
     pub async fn start(worker_flags: &[String], workers: usize) -> anyhow::Result<Self> {
+        Self::start_with(|_| worker_flags.to_vec(), workers, &[]).await
+    }
+
+    /// As [`Self::start`], worker `i` with `worker_flags(i)` and the router with
+    /// `router_flags` besides.
+    pub async fn start_with(
+        worker_flags: impl Fn(usize) -> Vec<String>,
+        workers: usize,
+        router_flags: &[String],
+    ) -> anyhow::Result<Self> {
         let shutdown = Shutdown::new();
         let local = [
             "--listen=127.0.0.1:0".to_string(),
@@ -36,19 +46,20 @@ impl LocalCluster {
                 format!("--coordinator={url}"),
                 format!("--worker-id=bench-{}", i + 1),
             ]);
-            flags.extend(worker_flags.iter().cloned());
+            flags.extend(worker_flags(i));
             running.push(rrt_worker::start(parse(&flags)?, shutdown.clone()).await?);
         }
         let mut rflags = local.to_vec();
         rflags.push(format!("--coordinator={url}"));
         rflags.push("--http-listen=127.0.0.1:0".into());
+        rflags.extend(router_flags.iter().cloned());
         let router = rrt_router::start(parse(&rflags)?, shutdown.clone()).await?;
         let started = Instant::now();
-        while router.pool.slots().len() < workers {
+        while router.pool.len() < workers {
             anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(20),
+                started.elapsed() < Duration::from_secs(60),
                 "the router found {} of {workers} workers",
-                router.pool.slots().len()
+                router.pool.len()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -13,6 +13,7 @@ mod overload;
 pub(crate) mod plot;
 mod prefix;
 pub mod router;
+mod scale;
 mod sim;
 mod uptrain;
 
@@ -37,6 +38,9 @@ pub enum BenchCommand {
     /// The simulated worker's cost model fitted to the real engine's steps, judged on another
     /// workload, and the simulation beside the real engine (`rrt-worker --simulate`).
     Sim(sim::SimBenchArgs),
+    /// Routing policies on 50-200 simulated workers behind the real router and coordinator:
+    /// time to first token, latency, goodput, prefix-cache hits (`make scale-bench`).
+    Scale(scale::ScaleBenchArgs),
     /// The trainer at f32 and bf16 on the same model, data and steps: tokens/s, time by part,
     /// how far the bf16 objective strays.
     Uptrain(uptrain::UptrainBenchArgs),
@@ -53,5 +57,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Prefix(args) => prefix::run(args),
         BenchCommand::Uptrain(args) => uptrain::run(args),
         BenchCommand::Sim(args) => sim::run(args),
+        BenchCommand::Scale(args) => scale::run(args),
     }
 }

@@ -8,13 +8,16 @@
 //! - `depth-aware`: as `power-of-two`, but each request's work is its tokens times the loops
 //!   its class (system prompt, template) was seen to take ([`depth`]), not the worker's mean.
 //! - `cache-aware`: the worker that was sent the longest prefix of the request ([`prefix`]),
-//!   unless it is loaded (the least loaded worker would finish sooner by more than `--spill-s`,
-//!   or its KV use is at `--spill-kv`): then the least loaded one.
-//! - `combined` (the default): cache affinity with depth-aware loads. Each candidate's cost is
-//!   its predicted drain time plus the prefill of the prompt tokens it does not hold; the worker
-//!   holding the longest prefix keeps the request while its cost is within `--spill-s` of the
-//!   cheaper of two random workers and its KV use is under `--spill-kv`; otherwise that one
-//!   takes it (and becomes a holder of the prefix).
+//!   while its load is within `--spill-s` of the least loaded worker's and its KV use under
+//!   `--spill-kv`; otherwise the least loaded one (which becomes a holder of the prefix).
+//! - `combined` (the default): `cache-aware` with `depth-aware` loads.
+//!
+//! (A first `combined` also charged each candidate the prefill of the prompt tokens it does not
+//! hold, at the worker's measured loop-steps per second, and chose the alternative from two
+//! random workers. On the simulated cluster it held requests on busy holders far too long: a
+//! lightly loaded worker measures a low rate (its steps are mostly fixed cost), so a miss looked
+//! seconds dearer than it is, and p99 time to first token was 3.7x round-robin's. Measured
+//! in docs/scale.md.)
 //!
 //! With a stale coordinator view every policy but round-robin falls back to this router's own
 //! least outstanding. Predicted prefix matches are corrected by what workers report: each
@@ -106,8 +109,8 @@ impl Reason {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub balance: Balance,
-    /// Seconds of predicted extra time a worker holding the prefix may cost before a request
-    /// spills elsewhere.
+    /// Seconds of predicted load a worker holding the prefix may carry above the least loaded
+    /// worker's before a request spills there.
     pub spill_s: f64,
     /// KV use (0..1) at which a worker holding the prefix stops taking more.
     pub spill_kv: f64,
@@ -121,7 +124,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             balance: Balance::Combined,
-            spill_s: 1.0,
+            spill_s: 0.1,
             spill_kv: 0.9,
             index_blocks: 262_144,
             depth_classes: 4096,
@@ -207,13 +210,6 @@ impl Balancer {
         o.slot.load(&o.state, self.work(ask, &o.state))
     }
 
-    /// [`Self::load`] plus the prefill of the prompt tokens `o` does not hold (every prompt
-    /// token runs every loop; the worker's mean loops stand in for the model's depth).
-    fn cost<T>(&self, ask: &Ask, o: &Option_<T>) -> f64 {
-        let uncached = (ask.key.tokens() - prefix_tokens(o.matched)).max(0.0);
-        self.load(ask, o) + uncached * o.state.expected_loops.max(1.0) / o.slot.rate(&o.state)
-    }
-
     /// Picks a worker for `ask` among those serving its model (not `exclude`d, not draining
     /// unless all are) and counts the request in flight there. `None`: no worker serves it.
     pub fn choose<T>(
@@ -275,7 +271,12 @@ impl Balancer {
         } else {
             0.0
         };
-        let work = self.work(ask, &chosen.state).round() as u64;
+        // Its work as the worker's score will count it: the generation, and the prompt tokens
+        // not cached there through every loop (the worker's mean loops standing in for the
+        // model's depth), so the score's share of it comes off again once it finishes.
+        let uncached = (ask.key.tokens() - prefix_tokens(chosen.matched)).max(0.0);
+        let prompt_work = uncached * chosen.state.expected_loops.max(1.0);
+        let work = (self.work(ask, &chosen.state) + prompt_work).round() as u64;
         let guard = InFlight::new(chosen.slot.clone(), work);
         if ask.max_new_tokens.is_some() {
             chosen.slot.routed.fetch_add(1, Ordering::Relaxed);
@@ -301,7 +302,8 @@ impl Balancer {
         }
     }
 
-    /// Cache-aware and combined: affinity to the longest held prefix while it pays.
+    /// Cache-aware and combined: affinity to the longest held prefix while its holder is not
+    /// more loaded than the least loaded worker (plus `--spill-s`).
     fn by_prefix<T>(
         &self,
         ask: &Ask,
@@ -319,38 +321,22 @@ impl Balancer {
         {
             options[serials[&serial]].matched = blocks as f64 * self.trust(serial);
         }
-        let combined = self.settings.balance == Balance::Combined;
-        let measure = |o: &Option_<T>| {
-            if combined {
-                self.cost(ask, o)
-            } else {
-                self.load(ask, o)
-            }
-        };
-        // The holder: the longest (trusted) match, ties to the lower measure.
+        // The holder: the longest (trusted) match, ties to the lower load.
         let holder = (0..options.len())
             .filter(|&i| options[i].matched > 0.0)
             .min_by(|&a, &b| {
                 let (oa, ob) = (&options[a], &options[b]);
                 ob.matched
                     .total_cmp(&oa.matched)
-                    .then(measure(oa).total_cmp(&measure(ob)))
+                    .then(self.load(ask, oa).total_cmp(&self.load(ask, ob)))
             });
-        // The alternative, among the others: the least loaded (cache-aware), or the cheaper of
-        // two random workers (combined: no herd when many routers share one view).
+        // The alternative: where the request would finish soonest among the others.
         let others: Vec<usize> = (0..options.len()).filter(|&i| Some(i) != holder).collect();
-        let alternative = if others.is_empty() {
-            None
-        } else if combined {
-            let (a, b) = two_random(others.len(), rng);
-            let (a, b) = (others[a], b.map(|b| others[b]));
-            Some(match b {
-                Some(b) if measure(&options[b]) < measure(&options[a]) => b,
-                _ => a,
-            })
-        } else {
-            Some(others[least_by(&others, rng, |&i| self.load(ask, &options[i]))])
-        };
+        let alternative = (!others.is_empty())
+            .then(|| others[least_by(&others, rng, |&i| self.load(ask, &options[i]))]);
+        // Affinity compares the work queued ahead of the request (its own work would differ
+        // only by the workers' measured speeds, which an idle worker has not measured yet).
+        let queued = |o: &Option_<T>| o.slot.load(&o.state, 0.0);
         match (holder, alternative) {
             (None, Some(a)) => (a, Reason::NoPrefix),
             (None, None) => (0, Reason::NoPrefix),
@@ -358,7 +344,7 @@ impl Balancer {
             (Some(h), Some(a)) => {
                 if options[h].state.kv_usage >= self.settings.spill_kv {
                     (a, Reason::SpillKv)
-                } else if measure(&options[h]) <= measure(&options[a]) + self.settings.spill_s {
+                } else if queued(&options[h]) <= queued(&options[a]) + self.settings.spill_s {
                     (h, Reason::PrefixHit)
                 } else {
                     (a, Reason::SpillLoad)

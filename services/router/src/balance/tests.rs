@@ -224,38 +224,39 @@ fn cache_aware_keeps_a_conversation_on_its_worker_until_that_worker_is_loaded() 
 }
 
 #[test]
-fn combined_weighs_the_prefill_a_cache_hit_saves_against_load() {
+fn affinity_holds_while_the_holder_is_within_the_slack_of_the_least_loaded() {
     let t = Instant::now();
-    let mut v = view(&[("a", 0.0), ("b", 0.0)]);
-    for w in &mut v.workers {
-        w.loop_steps_per_second = 1000.0;
-    }
+    let mut v = view(&[("a", 0.0), ("b", 0.0), ("c", 0.0)]);
     let p = pool(&v, t);
-    let b = Balancer::new(Settings {
-        balance: Balance::Combined,
-        spill_s: 0.0,
-        ..Settings::default()
-    });
     let mut rng = StdRng::seed_from_u64(9);
-    // A 4,000-byte (~1,000-token) shared prefix: 2 s of prefill at 2 loops / 1,000 a second.
     let system = "x".repeat(4000);
-    let a = p.serving("m")[0].clone();
-    b.index.insert(&chat(&system, "q").blocks, a.serial);
-    // The holder has 1.5 s more queued than the other: the hit still wins.
-    v.workers[0].score = 1.5;
-    p.apply_view(&v, t, |_| Some(()), |_| false);
-    let (g, r) = b
-        .choose(&p, &ask(&chat(&system, "q2"), 1), t, &[], &mut rng)
-        .unwrap();
-    assert_eq!((g.slot.id.as_str(), r.reason), ("a", Reason::PrefixHit));
-    drop(g);
-    // 3 s more: a miss elsewhere is sooner.
-    v.workers[0].score = 3.0;
-    p.apply_view(&v, t, |_| Some(()), |_| false);
-    let (g, r) = b
-        .choose(&p, &ask(&chat(&system, "q3"), 1), t, &[], &mut rng)
-        .unwrap();
-    assert_eq!((g.slot.id.as_str(), r.reason), ("b", Reason::SpillLoad));
+    for (slack, holder_score, expect) in [
+        // Default slack 0: equal loads keep the request on its holder; any extra load spills.
+        (0.0, 0.0, ("a", Reason::PrefixHit)),
+        (0.0, 0.2, ("b", Reason::SpillLoad)),
+        // With a second of slack the holder keeps it up to a second more loaded.
+        (1.0, 0.9, ("a", Reason::PrefixHit)),
+        (1.0, 1.2, ("b", Reason::SpillLoad)),
+    ] {
+        let b = Balancer::new(Settings {
+            balance: Balance::Combined,
+            spill_s: slack,
+            ..Settings::default()
+        });
+        b.index
+            .insert(&chat(&system, "q").blocks, p.serving("m")[0].serial);
+        v.workers[0].score = holder_score;
+        v.workers[2].score = 0.5;
+        p.apply_view(&v, t, |_| Some(()), |_| false);
+        let (g, r) = b
+            .choose(&p, &ask(&chat(&system, "q2"), 1), t, &[], &mut rng)
+            .unwrap();
+        assert_eq!(
+            (g.slot.id.as_str(), r.reason),
+            expect,
+            "slack {slack}, holder {holder_score}"
+        );
+    }
 }
 
 #[test]
@@ -286,9 +287,11 @@ fn depth_aware_counts_a_hard_class_by_the_loops_it_takes() {
         easy_on.push(g);
     }
     assert!(easy_on.iter().all(|g| g.slot.id != h.slot.id));
+    // 400 loop-steps of generation, plus its (estimated) prompt tokens through 2 loops.
+    let prompt = hard.tokens() * 2.0;
     assert_eq!(
         h.slot.work_in_flight.load(Ordering::Relaxed),
-        400,
+        (400.0 + prompt).round() as u64,
         "the hard request's predicted loop-steps"
     );
     drop((h, easy_on));
@@ -296,7 +299,10 @@ fn depth_aware_counts_a_hard_class_by_the_loops_it_takes() {
     let p2 = balancer(Balance::PowerOfTwo);
     p2.finished(&route(&hard), Some(4.0), 0, 0);
     let (g, _) = p2.choose(&p, &ask(&hard, 100), t, &[], &mut rng).unwrap();
-    assert_eq!(g.slot.work_in_flight.load(Ordering::Relaxed), 200);
+    assert_eq!(
+        g.slot.work_in_flight.load(Ordering::Relaxed),
+        (200.0 + prompt).round() as u64
+    );
 }
 
 #[test]

@@ -1,0 +1,306 @@
+//! `rrt bench scale` (`make scale-bench`): the routing policies on a cluster of simulated
+//! workers (`rrt-worker --simulate`, the real worker around a simulated engine) behind the real
+//! coordinator and router, in this process over loopback gRPC, each (size, policy) on a fresh
+//! cluster (cold caches). The workload: multi-turn chat sessions (each turn resends the
+//! conversation) under a few long system prompts, arriving in bursts; a share of the request
+//! classes is hard (tokens one loop deeper); worker speeds differ (0.5x, 1x, 2x). Per policy:
+//! time to first token (p50, p99), end-to-end latency (p99), goodput (requests a second that
+//! met the time-to-first-token bound) and the prompt tokens served from the workers' prefix
+//! caches (their own counts), with ratios to round-robin.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rrt_proto::v1 as pb;
+use rrt_proto::v1::generation_client::GenerationClient;
+use tokio::sync::Mutex;
+
+use super::local_cluster::LocalCluster;
+
+#[derive(Args, Debug)]
+pub struct ScaleBenchArgs {
+    /// Cluster sizes (simulated workers).
+    #[arg(long, value_delimiter = ',', default_value = "50,200")]
+    workers: Vec<usize>,
+    /// Router policies to compare (`--balance` values).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "round-robin,least-outstanding,power-of-two,depth-aware,cache-aware,combined"
+    )]
+    policies: Vec<String>,
+    /// Chat sessions per run (each `--turns` requests).
+    #[arg(long, default_value_t = 300)]
+    sessions: usize,
+    #[arg(long, default_value_t = 3)]
+    turns: usize,
+    /// Distinct system prompts (sessions pick them unevenly: the first ones most).
+    #[arg(long, default_value_t = 16)]
+    system_prompts: usize,
+    /// New tokens per turn.
+    #[arg(long, default_value_t = 24)]
+    max_tokens: u32,
+    /// Sessions arrive in bursts of this many ...
+    #[arg(long, default_value_t = 30)]
+    burst: usize,
+    /// ... every this many milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    burst_every_ms: u64,
+    /// Share of request classes whose tokens go one loop deeper.
+    #[arg(long, default_value_t = 0.3)]
+    hard_share: f64,
+    /// Each simulated worker's KV blocks (16 positions each).
+    #[arg(long, default_value_t = 512)]
+    kv_blocks: usize,
+    /// Time to first token a request must meet to count in goodput (ms).
+    #[arg(long, default_value_t = 1000)]
+    slo_ttft_ms: u64,
+    /// The model the workers simulate (its tokenizer and shape).
+    #[arg(long, default_value = ".cache/models/smollm2-15x2-r0")]
+    model: PathBuf,
+    /// Cost model (`rrt bench sim` writes one; `default`: the built-in one).
+    #[arg(long, default_value = ".cache/sim/cost.json")]
+    cost: String,
+    /// More router flags (e.g. `--spill-s=0.2`), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    router_flags: Vec<String>,
+    /// Bound on each run (seconds): requests not done by then count as failed.
+    #[arg(long, default_value_t = 120)]
+    timeout_s: u64,
+}
+
+/// One request's outcome.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    ttft: f64,
+    e2e: f64,
+    prompt: u32,
+    cached: u32,
+}
+
+/// One run's figures.
+#[derive(Debug, Clone)]
+struct Figures {
+    workers: usize,
+    policy: String,
+    p50_ttft: f64,
+    p99_ttft: f64,
+    p99_e2e: f64,
+    goodput: f64,
+    hit_rate: f64,
+    done: usize,
+    failed: usize,
+    wall: f64,
+}
+
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+fn system_prompt(i: usize) -> String {
+    format!(
+        "You are assistant number {i} of a support team. {}",
+        format!("Rule {i}: answer briefly, cite the manual, never guess. ").repeat(12)
+    )
+}
+
+/// Runs one session's turns on `client`; returns the samples (or the first failure).
+async fn session(
+    mut client: GenerationClient<tonic::transport::Channel>,
+    system: String,
+    id: usize,
+    turns: usize,
+    max_tokens: u32,
+) -> Vec<Result<Sample, String>> {
+    let mut messages = vec![pb::ChatMessage {
+        role: "system".into(),
+        content: system,
+    }];
+    let mut out = Vec::new();
+    for t in 0..turns {
+        messages.push(pb::ChatMessage {
+            role: "user".into(),
+            content: format!("Session {id}, question {t}: how do I reset the device?"),
+        });
+        let req = pb::GenerateRequest {
+            chat: true,
+            messages: messages.clone(),
+            max_new_tokens: max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let start = Instant::now();
+        let mut ttft = None;
+        let mut text = String::new();
+        let (mut prompt, mut cached) = (0, 0);
+        let result = async {
+            let mut stream = client.generate_stream(req).await?.into_inner();
+            while let Some(m) = stream.message().await? {
+                ttft.get_or_insert_with(|| start.elapsed().as_secs_f64());
+                text.push_str(&m.text);
+                if m.finish_reason != 0 {
+                    (prompt, cached) = (m.prompt_tokens, m.cached_prompt_tokens);
+                }
+            }
+            Ok::<(), tonic::Status>(())
+        }
+        .await;
+        match result {
+            Ok(()) => out.push(Ok(Sample {
+                ttft: ttft.unwrap_or(f64::NAN),
+                e2e: start.elapsed().as_secs_f64(),
+                prompt,
+                cached,
+            })),
+            Err(s) => {
+                out.push(Err(format!("{:?}: {}", s.code(), s.message())));
+                return out;
+            }
+        }
+        messages.push(pb::ChatMessage {
+            role: "assistant".into(),
+            content: text,
+        });
+    }
+    out
+}
+
+async fn one_run(args: &ScaleBenchArgs, workers: usize, policy: &str) -> anyhow::Result<Figures> {
+    let cost = args.cost.clone();
+    let model = args.model.display().to_string();
+    let (hard, blocks) = (args.hard_share, args.kv_blocks);
+    let flags = move |i: usize| {
+        let speed = ["1", "2", "0.5", "1"][i % 4];
+        vec![
+            format!("--model={model}"),
+            format!("--simulate={cost}"),
+            format!("--sim-speed={speed}"),
+            format!("--sim-hard-share={hard}"),
+            format!("--sim-kv-blocks={blocks}"),
+            "--sim-exit-probs=0.5".into(),
+            format!("--sim-seed={i}"),
+            "--max-sequences=16".into(),
+            "--report-ms=200".into(),
+        ]
+    };
+    let mut router_flags = vec![format!("--balance={policy}"), "--seed=1".into()];
+    router_flags.extend(args.router_flags.iter().cloned());
+    let cluster = LocalCluster::start_with(flags, workers, &router_flags).await?;
+    let client = GenerationClient::connect(format!("http://{}", cluster.router.grpc_addr)).await?;
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let mut rng = StdRng::seed_from_u64(7);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..args.sessions {
+        // Uneven popularity: the first system prompts most often.
+        let p = (rng.random::<f64>().powi(2) * args.system_prompts as f64) as usize;
+        let at = Duration::from_millis((s / args.burst.max(1)) as u64 * args.burst_every_ms);
+        let (client, results) = (client.clone(), results.clone());
+        let (turns, max_tokens) = (args.turns, args.max_tokens);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until((started + at).into()).await;
+            let out = session(client, system_prompt(p), s, turns, max_tokens).await;
+            results.lock().await.extend(out);
+        }));
+    }
+    let deadline = Duration::from_secs(args.timeout_s);
+    for t in tasks {
+        let left = deadline.saturating_sub(started.elapsed());
+        if tokio::time::timeout(left, t).await.is_err() {
+            break;
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    cluster.stop().await?;
+    let results = results.lock().await.clone();
+    let samples: Vec<Sample> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    let failed = args.sessions * args.turns - samples.len();
+    let slo = args.slo_ttft_ms as f64 / 1e3;
+    let mut ttft: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
+    let mut e2e: Vec<f64> = samples.iter().map(|s| s.e2e).collect();
+    let (prompt, cached) = samples.iter().fold((0u64, 0u64), |(p, c), s| {
+        (p + s.prompt as u64, c + s.cached as u64)
+    });
+    Ok(Figures {
+        workers,
+        policy: policy.to_string(),
+        p50_ttft: quantile(&mut ttft, 0.5),
+        p99_ttft: quantile(&mut ttft, 0.99),
+        p99_e2e: quantile(&mut e2e, 0.99),
+        goodput: samples.iter().filter(|s| s.ttft <= slo).count() as f64 / wall,
+        hit_rate: cached as f64 / prompt.max(1) as f64,
+        done: samples.len(),
+        failed,
+        wall,
+    })
+}
+
+pub fn run(args: ScaleBenchArgs) -> anyhow::Result<()> {
+    if args.cost != "default" && !std::path::Path::new(&args.cost).exists() {
+        anyhow::bail!(
+            "--cost {}: no such file (run `rrt bench sim` to fit one, or give --cost default)",
+            args.cost
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    println!(
+        "rrt bench scale: {} sessions x {} turns, {} system prompts, bursts of {} every {} ms, {} new tokens, {:.0}% hard classes, speeds 0.5/1/2x, cost model {}",
+        args.sessions,
+        args.turns,
+        args.system_prompts,
+        args.burst,
+        args.burst_every_ms,
+        args.max_tokens,
+        100.0 * args.hard_share,
+        args.cost
+    );
+    let mut all = Vec::new();
+    for &n in &args.workers {
+        for policy in &args.policies {
+            let f = rt.block_on(one_run(&args, n, policy))?;
+            eprintln!("{n} workers, {policy}: {f:?}");
+            all.push(f);
+        }
+    }
+    println!("| workers | policy | p50 TTFT s | p99 TTFT s | p99 e2e s | goodput req/s (TTFT <= {} ms) | prompt tokens cached | done / failed | wall s | vs round-robin: p99 TTFT, hit rate |", args.slo_ttft_ms);
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for f in &all {
+        let rr = all
+            .iter()
+            .find(|g| g.workers == f.workers && g.policy == "round-robin");
+        let vs = rr.map_or(String::from("-"), |r| {
+            format!(
+                "{:.2}x, {:.2}x",
+                f.p99_ttft / r.p99_ttft,
+                f.hit_rate / r.hit_rate.max(1e-9)
+            )
+        });
+        println!(
+            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1}% | {} / {} | {:.1} | {vs} |",
+            f.workers,
+            f.policy,
+            f.p50_ttft,
+            f.p99_ttft,
+            f.p99_e2e,
+            f.goodput,
+            100.0 * f.hit_rate,
+            f.done,
+            f.failed,
+            f.wall,
+        );
+    }
+    Ok(())
+}
