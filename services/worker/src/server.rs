@@ -26,7 +26,7 @@ enum Source {
     Simulated(
         Box<(
             rrt_model::ModelShape,
-            rrt_model::Tokenizer,
+            Arc<rrt_model::Tokenizer>,
             crate::sim::SimConfig,
         )>,
     ),
@@ -62,7 +62,7 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     rrt_model::runtime::tune_allocator();
     let (path, dtype) = (args.model.clone(), args.dtype);
     let source = if args.simulate.is_some() {
-        let (shape, tokenizer) = tokio::task::spawn_blocking(move || rrt_model::load_shape(&path))
+        let (shape, tokenizer) = tokio::task::spawn_blocking(move || crate::sim::shape_of(&path))
             .await?
             .map_err(|e| anyhow::anyhow!("reading the model's shape: {e}"))?;
         let sim = args.sim_config(shape.loops)?;
@@ -118,7 +118,7 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             let engine =
                 Engine::new(loaded.model, cfg).map_err(|e| anyhow::anyhow!("the engine: {e}"))?;
             let handle = EngineHandle::spawn(engine, capacity, step_delay, args.max_step_failures)?;
-            (handle, loaded.tokenizer, info)
+            (handle, Arc::new(loaded.tokenizer), info)
         }
         Source::Simulated(sim) => {
             let (shape, tokenizer, sim) = *sim;

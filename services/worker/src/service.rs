@@ -29,7 +29,7 @@ pub struct WorkerService {
 pub(crate) struct Shared {
     pub id: String,
     pub engine: EngineHandle,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: Arc<Tokenizer>,
     pub model: pb::ModelInfoResponse,
     pub max_sequences: usize,
     /// Requests in flight (running or waiting) at most: more get RESOURCE_EXHAUSTED.

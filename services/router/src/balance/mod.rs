@@ -5,11 +5,13 @@
 //!   coordinator's view of every router's requests, plus this router's sent since the view).
 //! - `power-of-two`: the lower predicted drain time of two random workers (the coordinator's
 //!   score plus this router's work sent since the view).
-//! - `depth-aware`: as `power-of-two`, but each request's work is its tokens times the loops
-//!   its class (system prompt, template) was seen to take ([`depth`]), not the worker's mean.
+//! - `depth-aware`: the lowest predicted load over all workers, each request's work being its
+//!   tokens times the loops its class (system prompt, template) was seen to take ([`depth`]),
+//!   not the worker's mean (this router's own in-flight work keeps it from herding).
 //! - `cache-aware`: the worker that was sent the longest prefix of the request ([`prefix`]),
-//!   while its load is within `--spill-s` of the least loaded worker's and its KV use under
-//!   `--spill-kv`; otherwise the least loaded one (which becomes a holder of the prefix).
+//!   while the work queued on it is within `--spill-s` of the least loaded worker's and its KV
+//!   use under `--spill-kv`; otherwise the least loaded one (which becomes a holder of the
+//!   prefix).
 //! - `combined` (the default): `cache-aware` with `depth-aware` loads.
 //!
 //! (A first `combined` also charged each candidate the prefill of the prompt tokens it does not
@@ -258,9 +260,11 @@ impl Balancer {
                     least_by(&options, rng, |o| o.slot.outstanding(&o.state) as f64),
                     Reason::Fewest,
                 ),
-                Balance::PowerOfTwo | Balance::DepthAware => {
-                    (self.two_choices(ask, &options, rng), Reason::Load)
-                }
+                Balance::PowerOfTwo => (self.two_choices(ask, &options, rng), Reason::Load),
+                Balance::DepthAware => (
+                    least_by(&options, rng, |o| self.load(ask, o)),
+                    Reason::Load,
+                ),
                 Balance::CacheAware | Balance::Combined => self.by_prefix(ask, &mut options, rng),
                 Balance::RoundRobin => unreachable!("handled above"),
             }

@@ -10,19 +10,40 @@
 pub mod cache;
 pub mod cost;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rrt_engine::{EngineStats, Event, ExitKind, FinishReason, KvCounters, Request};
 use rrt_model::kv::PoolStats;
+use rrt_model::{ModelShape, Tokenizer};
 
 use crate::actor::Snapshot;
 use crate::backend::Backend;
 use cache::{block_hashes, BlockCache};
 pub use cost::{CostModel, StepShape};
+
+/// The shape and tokenizer of the model directory `dir`, read once per process: hundreds of
+/// simulated workers in one process share one tokenizer.
+pub fn shape_of(dir: &Path) -> rrt_model::Result<(ModelShape, Arc<Tokenizer>)> {
+    type Shapes = Mutex<HashMap<PathBuf, (ModelShape, Arc<Tokenizer>)>>;
+    static SHAPES: OnceLock<Shapes> = OnceLock::new();
+    let shapes = SHAPES.get_or_init(Default::default);
+    if let Some(found) = shapes.lock().unwrap_or_else(|p| p.into_inner()).get(dir) {
+        return Ok(found.clone());
+    }
+    let (shape, tokenizer) = rrt_model::load_shape(dir)?;
+    let entry = (shape, Arc::new(tokenizer));
+    shapes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(dir.to_path_buf(), entry.clone());
+    Ok(entry)
+}
 
 /// How a step's time passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
