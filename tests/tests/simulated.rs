@@ -127,3 +127,97 @@ async fn many_simulated_workers_serve_behind_the_real_router_and_coordinator() {
     assert!(used.len() >= 4, "spread over {} workers", used.len());
     drop(workers);
 }
+
+/// A simulated worker process killed mid-stream: its stream resumes on another worker and ends
+/// with every token, and the system prompt it held moves: the next requests for it go to one
+/// other worker and find it cached there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_simulated_worker_loses_nothing_and_its_affinity_moves() {
+    use rrt_tests::cluster::WorkerProcess;
+
+    let c = cluster::coordinator(&[]).await;
+    let url = format!("http://{}", c.running.grpc_addr);
+    let procs: Vec<WorkerProcess> = (0..3)
+        .map(|i| {
+            let id = format!("proc{i}");
+            WorkerProcess::start(&[
+                "--simulate",
+                "default",
+                "--coordinator",
+                &url,
+                "--worker-id",
+                &id,
+                "--report-ms",
+                "200",
+            ])
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(60),
+        "three workers registered",
+        || async { (c.running.registry.len() == 3).then_some(()) },
+    )
+    .await;
+    let r = cluster::router(
+        Some(c.running.grpc_addr),
+        &["--seed", "5", "--keepalive-ms", "500"],
+    )
+    .await;
+    cluster::wait_for_workers(&r.running, 3).await;
+    let mut client = cluster::client(r.running.grpc_addr).await;
+    let system = format!(
+        "You are the night-shift helper. {}",
+        "Be brief. ".repeat(60)
+    );
+
+    let holder = client
+        .generate(chat(&system, "first", 4))
+        .await
+        .unwrap()
+        .into_inner()
+        .worker;
+    // A long stream on the holder; the holder dies after its first tokens.
+    let mut s = client
+        .generate_stream(chat(&system, "a long one", 300))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tokens = 0;
+    while tokens < 5 {
+        if s.message().await.unwrap().unwrap().token().is_some() {
+            tokens += 1;
+        }
+    }
+    let victim = procs
+        .iter()
+        .zip(0..)
+        .find(|(_, i)| format!("proc{i}") == holder)
+        .map(|(p, _)| p)
+        .expect("the holder is one of the processes");
+    victim.signal("KILL");
+    let mut finish = 0;
+    while let Some(m) = s.message().await.expect("the stream resumes elsewhere") {
+        if m.token().is_some() {
+            tokens += 1;
+        }
+        finish = m.finish_reason;
+    }
+    assert_eq!(tokens, 300, "every token arrived once");
+    assert_eq!(finish, pb::FinishReason::Length as i32);
+
+    // The prefix now lives where the stream resumed: the next requests go there and hit.
+    let mut next = BTreeSet::new();
+    let mut cached = Vec::new();
+    for i in 0..3 {
+        let r = client
+            .generate(chat(&system, &format!("after {i}"), 4))
+            .await
+            .expect("served after the kill")
+            .into_inner();
+        next.insert(r.worker);
+        cached.push(r.cached_prompt_tokens);
+    }
+    assert!(!next.contains(&holder), "{next:?} still names {holder}");
+    assert_eq!(next.len(), 1, "{next:?}");
+    assert!(cached.iter().all(|&c| c > 0), "{cached:?}");
+}

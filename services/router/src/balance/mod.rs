@@ -261,10 +261,9 @@ impl Balancer {
                     Reason::Fewest,
                 ),
                 Balance::PowerOfTwo => (self.two_choices(ask, &options, rng), Reason::Load),
-                Balance::DepthAware => (
-                    least_by(&options, rng, |o| self.load(ask, o)),
-                    Reason::Load,
-                ),
+                Balance::DepthAware => {
+                    (least_by(&options, rng, |o| self.load(ask, o)), Reason::Load)
+                }
                 Balance::CacheAware | Balance::Combined => self.by_prefix(ask, &mut options, rng),
                 Balance::RoundRobin => unreachable!("handled above"),
             }
