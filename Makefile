@@ -145,7 +145,7 @@ bench-uptrain: model data build $(RECOVER_MODEL)/config.json ## the trainer at f
 recover: model data corpus build $(RECOVER_MODEL)/config.json ## uptrain the parameter-saving 15 x 2 r128 model on general text + KJV (2:1) at bf16; resumes from its checkpoint (hours: run it in the background)
 	$(RRT) uptrain --model $(RECOVER_MODEL) --data $(GENERAL) $(GENERAL) $(TRAIN) --eval-data $(GENERAL_HELDOUT) \
 		--eval-windows 16 --out .cache/trained/recover-r128 --train all --dtype bf16 --seq-len 256 --batch-seqs 2 \
-		--accum 2 --steps 640 --lr 3e-4 --warmup 10 --eval-every 20 --checkpoint-every 10 --quiet \
+		--accum 2 --steps 2200 --lr 3e-4 --warmup 10 --eval-every 20 --checkpoint-every 10 --quiet \
 		$$(if [ -f .cache/trained/recover-r128/checkpoint/state.json ]; then echo --resume; fi)
 
 data: $(HELDOUT) $(TRAIN) ## the KJV text: Genesis-Jude for training, Revelation held out
