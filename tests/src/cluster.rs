@@ -137,6 +137,25 @@ pub async fn client(addr: SocketAddr) -> GenerationClient<Channel> {
         .expect("connect to the router")
 }
 
+/// A chat request: a `system` prompt and one `user` message, `max_new_tokens` new tokens.
+pub fn chat(system: &str, user: &str, max_new_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        chat: true,
+        messages: vec![
+            pb::ChatMessage {
+                role: "system".into(),
+                content: system.into(),
+            },
+            pb::ChatMessage {
+                role: "user".into(),
+                content: user.into(),
+            },
+        ],
+        max_new_tokens,
+        ..Default::default()
+    }
+}
+
 /// A greedy request for `max_new_tokens` tokens.
 pub fn greedy(prompt: &str, max_new_tokens: u32) -> pb::GenerateRequest {
     pb::GenerateRequest {

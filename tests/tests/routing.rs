@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use rrt_proto::v1 as pb;
 use rrt_tests::cluster::{self, metric_at};
 
 const USERS: [&str; 6] = [
@@ -31,24 +30,6 @@ fn system(tag: &str) -> String {
     )
 }
 
-fn request(system: &str, user: &str) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        chat: true,
-        messages: vec![
-            pb::ChatMessage {
-                role: "system".into(),
-                content: system.into(),
-            },
-            pb::ChatMessage {
-                role: "user".into(),
-                content: user.into(),
-            },
-        ],
-        max_new_tokens: 2,
-        ..Default::default()
-    }
-}
-
 /// Runs the workload through `router`: (cached / prompt tokens, workers per system prompt).
 async fn run(router: std::net::SocketAddr, tags: &[&str]) -> (f64, Vec<usize>) {
     let mut client = cluster::client(router).await;
@@ -57,7 +38,7 @@ async fn run(router: std::net::SocketAddr, tags: &[&str]) -> (f64, Vec<usize>) {
     for user in USERS {
         for tag in tags {
             let r = client
-                .generate(request(&system(tag), user))
+                .generate(cluster::chat(&system(tag), user, 2))
                 .await
                 .expect("generation")
                 .into_inner();

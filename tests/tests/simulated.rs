@@ -9,28 +9,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use rrt_proto::v1 as pb;
-use rrt_tests::cluster;
+use rrt_tests::cluster::{self, chat};
 use rrt_tests::eventually;
 
 const WORKERS: usize = 24;
-
-fn chat(system: &str, user: &str, max_new_tokens: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        chat: true,
-        messages: vec![
-            pb::ChatMessage {
-                role: "system".into(),
-                content: system.into(),
-            },
-            pb::ChatMessage {
-                role: "user".into(),
-                content: user.into(),
-            },
-        ],
-        max_new_tokens,
-        ..Default::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_simulated_workers_serve_behind_the_real_router_and_coordinator() {
