@@ -3,8 +3,9 @@
 //! loop-steps from its exit statistics over its measured loop-step throughput) and streams the
 //! resulting cluster view to routers.
 //!
-//! - [`registry`]: the plain state and the score; [`service`]: the gRPC service and the
-//!   publisher; [`server`]: start-up and shutdown; [`config`]: flags.
+//! - [`registry`]: the plain state and the score; [`views`]: the published view and its deltas;
+//!   [`service`]: the gRPC service and the publisher; [`server`]: start-up and shutdown;
+//!   [`config`]: flags.
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,7 @@ pub mod config;
 pub mod registry;
 pub mod server;
 pub mod service;
+pub mod views;
 
 pub use config::CoordinatorArgs;
 pub use server::{start, RunningCoordinator};

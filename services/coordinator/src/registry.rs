@@ -3,6 +3,7 @@
 //! many workers update it concurrently); no I/O, so it is unit-tested with made-up clocks.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -52,6 +53,8 @@ pub fn expected_loops(hist: &[u64], loops: u32) -> f64 {
 pub struct Registry {
     workers: DashMap<String, WorkerEntry>,
     evict_after: Duration,
+    /// Reports applied since start (known workers' only).
+    reports: AtomicU64,
 }
 
 impl Registry {
@@ -59,6 +62,7 @@ impl Registry {
         Self {
             workers: DashMap::new(),
             evict_after,
+            reports: AtomicU64::new(0),
         }
     }
 
@@ -104,7 +108,18 @@ impl Registry {
         }
         e.last_seen = now;
         e.report = report;
+        self.reports.fetch_add(1, Ordering::Relaxed);
         true
+    }
+
+    /// Reports applied since start.
+    pub fn reports_taken(&self) -> u64 {
+        self.reports.load(Ordering::Relaxed)
+    }
+
+    /// The model a worker serves, if it is registered.
+    pub fn model_of(&self, id: &str) -> Option<String> {
+        self.workers.get(id).map(|e| e.model.clone())
     }
 
     /// Removes workers silent for longer than the eviction age; returns their ids.
@@ -150,6 +165,7 @@ impl Registry {
         pb::ClusterView {
             workers,
             model_expected_loops: self.model_expected_loops(),
+            ..Default::default()
         }
     }
 

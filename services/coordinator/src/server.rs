@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use crate::config::CoordinatorArgs;
 use crate::registry::Registry;
 use crate::service::{publish, CoordinatorService};
+use crate::views::Views;
 
 const SERVICE: &str = "rrt.v1.Coordinator";
 
@@ -54,6 +55,27 @@ fn describe() {
         "rrt_coordinator_evictions_total",
         "Workers evicted for missing reports."
     );
+    describe_counter!("rrt_coordinator_reports_total", "Worker reports taken.");
+    describe_counter!(
+        "rrt_coordinator_view_messages_total",
+        "Cluster-view messages sent to routers, by kind (whole, delta; placements: another router's prefix placements)."
+    );
+    describe_counter!(
+        "rrt_coordinator_view_bytes_total",
+        "Encoded bytes of the cluster-view messages sent to routers, by kind."
+    );
+    describe_counter!(
+        "rrt_coordinator_view_resyncs_total",
+        "Whole views sent again to routers that fell behind the deltas."
+    );
+    describe_counter!(
+        "rrt_coordinator_placement_batches_total",
+        "Routers' placement batches taken, to pass on to the other routers."
+    );
+    describe_gauge!(
+        "rrt_coordinator_view_publish_seconds",
+        "Time the latest publish took (evict, build the view, diff it)."
+    );
 }
 
 pub async fn start(
@@ -72,11 +94,19 @@ pub async fn start(
     let interval = Duration::from_millis(args.report_ms);
     let registry = Arc::new(Registry::new(Duration::from_millis(args.evict_ms)));
     let (tx, rx) = watch::channel(pb::ClusterView::default());
-    tokio::spawn(publish(registry.clone(), tx, interval, shutdown.clone()));
+    let views = Arc::new(Views::default());
+    tokio::spawn(publish(
+        registry.clone(),
+        tx,
+        views.clone(),
+        interval,
+        shutdown.clone(),
+    ));
 
     let health = grpc::health(&[SERVICE]).await;
     let (v1, v1alpha) = grpc::reflection()?;
     let reporter = health.reporter.clone();
+    let service_shutdown = shutdown.clone();
     let stop = async move {
         shutdown.wait().await;
         grpc::set_serving(&reporter, &[SERVICE], false).await;
@@ -90,7 +120,9 @@ pub async fn start(
             pb::coordinator_server::CoordinatorServer::new(CoordinatorService {
                 registry: registry.clone(),
                 view: rx,
+                views,
                 report_ms: args.report_ms as u32,
+                shutdown: service_shutdown,
             })
             // Registrations and reports are small: a larger message is not a worker's.
             .max_decoding_message_size(256 << 10),

@@ -89,6 +89,16 @@ pub struct RouterArgs {
         default_value_t = 262_144
     )]
     pub prefix_index_blocks: usize,
+    /// Share this router's placements (prompt-prefix blocks sent to workers) with the other
+    /// router replicas through the coordinator, and route on theirs: replicas then keep one
+    /// another's affinity (`false`: each routes on what it sent itself).
+    #[arg(
+        long,
+        env = "RRT_ROUTER_SHARE_PLACEMENTS",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub share_placements: bool,
     /// Seed of the worker choices' random draws (default: from the OS; set it to make a test's
     /// routing reproducible).
     #[arg(long, env = "RRT_ROUTER_SEED")]
@@ -122,6 +132,7 @@ impl RouterArgs {
             spill_s: self.spill_s,
             spill_kv: self.spill_kv,
             index_blocks: self.prefix_index_blocks,
+            share_placements: self.share_placements && self.coordinator.is_some(),
             ..Default::default()
         }
     }

@@ -26,6 +26,14 @@ pub fn describe() {
         "Prompt-prefix blocks the router remembers having sent to workers (bounded by --prefix-index-blocks)."
     );
     describe_counter!(
+        "rrt_router_placements_shared_total",
+        "Prefix blocks this router placed and sent to the coordinator for its replicas, by outcome (sent, lost)."
+    );
+    describe_counter!(
+        "rrt_router_placements_learned_total",
+        "Prefix blocks other router replicas placed, learned from the coordinator's deltas."
+    );
+    describe_counter!(
         "rrt_router_prompt_tokens_total",
         Unit::Count,
         "Prompt tokens of finished requests, as their workers counted them."

@@ -228,6 +228,15 @@ impl<T> Pool<T> {
         };
     }
 
+    /// The slot serial of worker `id`, if known.
+    pub fn serial_of(&self, id: &str) -> Option<u64> {
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|s| s.serial)
+    }
+
     /// Adds a worker known without the coordinator (a `--worker` flag), unless present.
     pub fn add_static(&self, id: String, address: String, model: String, client: T) {
         let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
@@ -239,8 +248,8 @@ impl<T> Pool<T> {
     }
 
     /// Applies a coordinator view: workers in it are added or updated (`connect` makes the
-    /// client of a new one), workers missing from it (evicted) are dropped unless `keep` says
-    /// they were configured statically.
+    /// client of a new one); workers missing from a whole view, or named removed by a delta
+    /// (evicted), are dropped unless `keep` says they were configured statically.
     pub fn apply_view(
         &self,
         view: &pb::ClusterView,
@@ -250,9 +259,17 @@ impl<T> Pool<T> {
     ) {
         let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
         let before = slots.len();
-        let in_view: std::collections::HashSet<&str> =
-            view.workers.iter().map(|w| w.worker_id.as_str()).collect();
-        slots.retain(|id, s| keep(&s.address) || in_view.contains(id.as_str()));
+        if view.delta {
+            for id in &view.removed_workers {
+                if slots.get(id).is_some_and(|s| !keep(&s.address)) {
+                    slots.remove(id);
+                }
+            }
+        } else {
+            let in_view: std::collections::HashSet<&str> =
+                view.workers.iter().map(|w| w.worker_id.as_str()).collect();
+            slots.retain(|id, s| keep(&s.address) || in_view.contains(id.as_str()));
+        }
         let mut changed = slots.len() != before;
         for w in &view.workers {
             let slot = match slots.get(&w.worker_id) {
@@ -337,6 +354,47 @@ mod tests {
         assert_eq!(pool.slots().len(), 1);
         assert_eq!(pool.serving("m").len(), 1);
         assert_eq!(*pool.models(), vec!["m".to_string()]);
+    }
+
+    #[test]
+    fn deltas_update_and_remove_only_the_workers_they_name() {
+        let pool: Pool<()> = Pool::new(Duration::from_secs(2));
+        let t = Instant::now();
+        pool.apply_view(&view(&[("a", 1.0), ("b", 2.0)]), t, |_| Some(()), |_| false);
+        let b = pool.serving("m")[1].serial;
+        // A delta naming c (new) and a (changed): b stays as it was.
+        let mut d = view(&[("a", 5.0), ("c", 0.0)]);
+        d.delta = true;
+        pool.apply_view(&d, t, |_| Some(()), |_| false);
+        let ids: Vec<(String, f64)> = pool
+            .serving("m")
+            .iter()
+            .map(|s| (s.id.clone(), s.state().score))
+            .collect();
+        assert_eq!(
+            ids,
+            [("a".into(), 5.0), ("b".into(), 2.0), ("c".into(), 0.0)]
+        );
+        assert_eq!(pool.serving("m")[1].serial, b);
+        // An empty delta is a heartbeat: the view is fresh again, nothing else changes.
+        let later = t + Duration::from_secs(3);
+        assert!(!pool.is_fresh(later));
+        let beat = pb::ClusterView {
+            delta: true,
+            ..Default::default()
+        };
+        pool.apply_view(&beat, later, |_| Some(()), |_| false);
+        assert!(pool.is_fresh(later));
+        assert_eq!(pool.len(), 3);
+        // A removal, except of a static worker.
+        let gone = pb::ClusterView {
+            delta: true,
+            removed_workers: vec!["a".into(), "c".into()],
+            ..Default::default()
+        };
+        pool.apply_view(&gone, later, |_| Some(()), |addr| addr == "c:1");
+        let ids: Vec<String> = pool.serving("m").iter().map(|s| s.id.clone()).collect();
+        assert_eq!(ids, ["b", "c"]);
     }
 
     #[test]

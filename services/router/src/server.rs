@@ -53,9 +53,11 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             shutdown.clone(),
         ));
     }
+    let balancer = Arc::new(crate::balance::Balancer::new(args.balance_settings()));
     if let Some(url) = &args.coordinator {
         tokio::spawn(crate::watcher::follow_coordinator(
             pool.clone(),
+            balancer.clone(),
             url.clone(),
             args.workers.clone(),
             keepalive,
@@ -65,7 +67,7 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     }
     let inner = Arc::new(Inner {
         pool: pool.clone(),
-        balancer: crate::balance::Balancer::new(args.balance_settings()),
+        balancer,
         admission: Admission::new(args.max_concurrent),
         max_new_tokens: args.max_new_tokens,
         default_timeout: Duration::from_secs(args.request_timeout_s),

@@ -29,7 +29,7 @@ pub type Client = WorkerClient<Channel>;
 pub struct Inner {
     pub pool: Arc<Pool<Client>>,
     /// The routing policy and what it learns (prefixes sent, depths seen).
-    pub balancer: Balancer,
+    pub balancer: Arc<Balancer>,
     pub admission: Admission,
     pub max_new_tokens: u32,
     pub default_timeout: Duration,

@@ -1,4 +1,5 @@
-//! Keeps the router's pool current: follows the coordinator's cluster view (reconnecting with a
+//! Keeps the router's pool current: follows the coordinator's cluster view as deltas (the whole
+//! view first; a coordinator that sends whole views each time works too; reconnecting with a
 //! pause when it is unreachable; the pool keeps its last workers and the router falls back to
 //! least-outstanding once the view is stale) and looks up statically configured workers.
 
@@ -11,6 +12,7 @@ use rrt_proto::v1::worker_client::WorkerClient;
 use rrt_service::tls::{self, Tls};
 use rrt_service::Shutdown;
 
+use crate::balance::Balancer;
 use crate::pool::Pool;
 use crate::service::Client;
 
@@ -31,9 +33,49 @@ fn lazy_client(url: &str, keepalive: Duration, tls: Option<&Tls>) -> Option<Clie
     Some(WorkerClient::new(tls::connect_lazy(&endpoint, tls)))
 }
 
+/// How often the router sends its new placements to the coordinator.
+const SHARE_EVERY: Duration = Duration::from_millis(100);
+
+/// Sends this router's placements to the coordinator every [`SHARE_EVERY`] while connected
+/// (never returns; dropped with the connection). A batch the coordinator refuses is lost:
+/// placements are hints, and the next ones follow.
+async fn share_placements(
+    mut client: CoordinatorClient<tonic::transport::Channel>,
+    balancer: Arc<Balancer>,
+) {
+    let mut ticker = tokio::time::interval(SHARE_EVERY);
+    loop {
+        ticker.tick().await;
+        loop {
+            let placements = balancer.take_placements();
+            if placements.is_empty() {
+                break;
+            }
+            let blocks: usize = placements.iter().map(|p| p.blocks.len()).sum();
+            let batch = pb::PlacementBatch {
+                router_id: balancer.router_id.clone(),
+                placements,
+            };
+            match client.share_placements(batch).await {
+                Ok(_) => {
+                    metrics::counter!("rrt_router_placements_shared_total", "outcome" => "sent")
+                        .increment(blocks as u64)
+                }
+                Err(e) => {
+                    tracing::debug!("sharing placements failed: {e}");
+                    metrics::counter!("rrt_router_placements_shared_total", "outcome" => "lost")
+                        .increment(blocks as u64);
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Follows the coordinator until shutdown.
 pub async fn follow_coordinator(
     pool: Arc<Pool<Client>>,
+    balancer: Arc<Balancer>,
     url: String,
     static_workers: Vec<String>,
     keepalive: Duration,
@@ -52,24 +94,43 @@ pub async fn follow_coordinator(
             match tls::connect(&endpoint, tls.as_ref()).await {
                 Ok(channel) => {
                     let mut client = CoordinatorClient::new(channel);
-                    match client.watch_cluster(pb::WatchClusterRequest {}).await {
+                    match client
+                        .watch_cluster(pb::WatchClusterRequest {
+                            deltas: true,
+                            router_id: balancer.router_id.clone(),
+                        })
+                        .await
+                    {
                         Ok(resp) => {
                             tracing::info!("following the coordinator's cluster view");
                             let mut stream = resp.into_inner();
-                            while let Ok(Some(view)) = stream.message().await {
-                                pool.apply_view(
-                                    &view,
-                                    Instant::now(),
-                                    |w| {
-                                        lazy_client(
-                                            &tls::url(&w.address, tls.as_ref()),
-                                            keepalive,
-                                            tls.as_ref(),
-                                        )
-                                    },
-                                    |addr| static_workers.iter().any(|s| s == addr),
-                                );
-                                metrics::gauge!("rrt_router_workers").set(pool.len() as f64);
+                            let follow = async {
+                                while let Ok(Some(view)) = stream.message().await {
+                                    pool.apply_view(
+                                        &view,
+                                        Instant::now(),
+                                        |w| {
+                                            lazy_client(
+                                                &tls::url(&w.address, tls.as_ref()),
+                                                keepalive,
+                                                tls.as_ref(),
+                                            )
+                                        },
+                                        |addr| static_workers.iter().any(|s| s == addr),
+                                    );
+                                    let learned = balancer.learn(&pool, &view.placements);
+                                    metrics::counter!("rrt_router_placements_learned_total")
+                                        .increment(learned as u64);
+                                    metrics::gauge!("rrt_router_workers").set(pool.len() as f64);
+                                }
+                            };
+                            if balancer.settings.share_placements {
+                                tokio::select! {
+                                    _ = follow => {}
+                                    _ = share_placements(client.clone(), balancer.clone()) => {}
+                                }
+                            } else {
+                                follow.await;
                             }
                             tracing::warn!("lost the coordinator; using the last view");
                         }

@@ -13,3 +13,28 @@ pub fn process_cpu_time() -> Option<Duration> {
     // Linux reports these in USER_HZ ticks, 100 per second on every mainstream configuration.
     Some(Duration::from_millis((utime + stime) * 10))
 }
+
+/// CPU time of this process's threads whose name starts with `prefix` (a runtime's threads,
+/// named by its builder), from `/proc/self/task/*/stat` (Linux); `None` elsewhere. Threads that
+/// have ended are not counted, so read it while the runtime is alive.
+pub fn threads_cpu_time(prefix: &str) -> Option<Duration> {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let Ok(task) = task else { continue };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map_or("", |(_, n)| n);
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0);
+        let stime: u64 = fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+        ticks += utime + stime;
+    }
+    Some(Duration::from_millis(ticks * 10))
+}

@@ -19,7 +19,8 @@ use rrt_proto::v1 as pb;
 use rrt_proto::v1::generation_client::GenerationClient;
 use tokio::sync::Mutex;
 
-use super::local_cluster::LocalCluster;
+use super::local_cluster::{LocalCluster, Placement};
+use prost::Message;
 
 #[derive(Args, Debug)]
 pub struct ScaleBenchArgs {
@@ -71,6 +72,10 @@ pub struct ScaleBenchArgs {
     /// Bound on each run (seconds): requests not done by then count as failed.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
+    /// Policies also run behind two router replicas (each session's turns alternate between
+    /// them; each router keeps its own index), comma-separated; empty: none.
+    #[arg(long, value_delimiter = ',', default_value = "cache-aware,combined")]
+    two_routers: Vec<String>,
 }
 
 /// One request's outcome.
@@ -87,6 +92,7 @@ struct Sample {
 struct Figures {
     workers: usize,
     policy: String,
+    routers: usize,
     p50_ttft: f64,
     p99_ttft: f64,
     p99_e2e: f64,
@@ -95,6 +101,42 @@ struct Figures {
     done: usize,
     failed: usize,
     wall: f64,
+    /// The routers' threads' CPU per request done (ms), all replicas together.
+    router_cpu_ms: f64,
+    /// The coordinator's threads' CPU per report taken (µs), and reports a second.
+    coordinator_cpu_us: f64,
+    reports_per_s: f64,
+    /// View bytes a second sent to the routers (deltas), and what whole views would have been.
+    view_bytes_per_s: f64,
+    whole_bytes_per_s: f64,
+    /// Placement bytes a second passed between router replicas (none with one router).
+    placement_bytes_per_s: f64,
+}
+
+/// The runtimes the router(s) and the coordinator run on, so their threads' CPU is theirs.
+struct Runtimes {
+    router: tokio::runtime::Runtime,
+    coordinator: tokio::runtime::Runtime,
+}
+
+const ROUTER_THREADS: &str = "rrt-router";
+const COORDINATOR_THREADS: &str = "rrt-coord";
+
+/// The sum of the counter `name` over its series in Prometheus text whose labels contain
+/// `with` (`""`: all).
+fn counter_sum(text: &str, name: &str, with: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+                && l.contains(with)
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+fn cpu(prefix: &str) -> f64 {
+    super::cpu_time::threads_cpu_time(prefix).map_or(f64::NAN, |d| d.as_secs_f64())
 }
 
 fn quantile(v: &mut [f64], q: f64) -> f64 {
@@ -114,7 +156,7 @@ fn system_prompt(i: usize) -> String {
 
 /// Runs one session's turns on `client`; returns the samples (or the first failure).
 async fn session(
-    mut client: GenerationClient<tonic::transport::Channel>,
+    clients: Vec<GenerationClient<tonic::transport::Channel>>,
     system: String,
     id: usize,
     turns: usize,
@@ -130,6 +172,9 @@ async fn session(
             role: "user".into(),
             content: format!("Session {id}, question {t}: how do I reset the device?"),
         });
+        // With router replicas each turn goes to the next one (the worst case for affinity
+        // kept in each router's own index).
+        let mut client = clients[(id + t) % clients.len()].clone();
         let req = pb::GenerateRequest {
             chat: true,
             messages: messages.clone(),
@@ -173,7 +218,13 @@ async fn session(
     out
 }
 
-async fn one_run(args: &ScaleBenchArgs, workers: usize, policy: &str) -> anyhow::Result<Figures> {
+async fn one_run(
+    args: &ScaleBenchArgs,
+    rts: &Runtimes,
+    workers: usize,
+    policy: &str,
+    routers: usize,
+) -> anyhow::Result<Figures> {
     let cost = args.cost.clone();
     let model = args.model.display().to_string();
     let (hard, blocks) = (args.hard_share, args.kv_blocks);
@@ -193,8 +244,24 @@ async fn one_run(args: &ScaleBenchArgs, workers: usize, policy: &str) -> anyhow:
     };
     let mut router_flags = vec![format!("--balance={policy}"), "--seed=1".into()];
     router_flags.extend(args.router_flags.iter().cloned());
-    let cluster = LocalCluster::start_with(flags, workers, &router_flags).await?;
-    let client = GenerationClient::connect(format!("http://{}", cluster.router.grpc_addr)).await?;
+    let placement = Placement {
+        routers,
+        router_rt: Some(rts.router.handle().clone()),
+        coordinator_rt: Some(rts.coordinator.handle().clone()),
+    };
+    let cluster = LocalCluster::start_with(flags, workers, &router_flags, &placement).await?;
+    let mut clients = Vec::new();
+    for r in std::iter::once(&cluster.router).chain(&cluster.replicas) {
+        clients.push(GenerationClient::connect(format!("http://{}", r.grpc_addr)).await?);
+    }
+    let metrics = rrt_service::metrics_http::handle();
+    let text = metrics.render();
+    const VIEW_BYTES: &str = "rrt_coordinator_view_bytes_total";
+    const PLACEMENTS: &str = "kind=\"placements\"";
+    let bytes0 = counter_sum(&text, VIEW_BYTES, "");
+    let placement_bytes0 = counter_sum(&text, VIEW_BYTES, PLACEMENTS);
+    let reports0 = cluster.coordinator.registry.reports_taken();
+    let (router0, coordinator0) = (cpu(ROUTER_THREADS), cpu(COORDINATOR_THREADS));
     let results = Arc::new(Mutex::new(Vec::new()));
     let mut rng = StdRng::seed_from_u64(7);
     let started = Instant::now();
@@ -203,11 +270,11 @@ async fn one_run(args: &ScaleBenchArgs, workers: usize, policy: &str) -> anyhow:
         // Uneven popularity: the first system prompts most often.
         let p = (rng.random::<f64>().powi(2) * args.system_prompts as f64) as usize;
         let at = Duration::from_millis((s / args.burst.max(1)) as u64 * args.burst_every_ms);
-        let (client, results) = (client.clone(), results.clone());
+        let (clients, results) = (clients.clone(), results.clone());
         let (turns, max_tokens) = (args.turns, args.max_tokens);
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until((started + at).into()).await;
-            let out = session(client, system_prompt(p), s, turns, max_tokens).await;
+            let out = session(clients, system_prompt(p), s, turns, max_tokens).await;
             results.lock().await.extend(out);
         }));
     }
@@ -219,6 +286,21 @@ async fn one_run(args: &ScaleBenchArgs, workers: usize, policy: &str) -> anyhow:
         }
     }
     let wall = started.elapsed().as_secs_f64();
+    let (router_cpu, coordinator_cpu) = (
+        cpu(ROUTER_THREADS) - router0,
+        cpu(COORDINATOR_THREADS) - coordinator0,
+    );
+    let reports = cluster.coordinator.registry.reports_taken() - reports0;
+    let text = metrics.render();
+    let placement_bytes = counter_sum(&text, VIEW_BYTES, PLACEMENTS) - placement_bytes0;
+    let view_bytes = counter_sum(&text, VIEW_BYTES, "") - bytes0 - placement_bytes;
+    let whole = cluster
+        .coordinator
+        .registry
+        .view(Instant::now())
+        .encoded_len() as f64;
+    // Whole views go out every publish interval (the coordinator's default 500 ms) per router.
+    let whole_bytes_per_s = whole * routers as f64 / 0.5;
     cluster.stop().await?;
     let results = results.lock().await.clone();
     let samples: Vec<Sample> = results
@@ -235,6 +317,7 @@ async fn one_run(args: &ScaleBenchArgs, workers: usize, policy: &str) -> anyhow:
     Ok(Figures {
         workers,
         policy: policy.to_string(),
+        routers,
         p50_ttft: quantile(&mut ttft, 0.5),
         p99_ttft: quantile(&mut ttft, 0.99),
         p99_e2e: quantile(&mut e2e, 0.99),
@@ -243,6 +326,12 @@ async fn one_run(args: &ScaleBenchArgs, workers: usize, policy: &str) -> anyhow:
         done: samples.len(),
         failed,
         wall,
+        router_cpu_ms: 1e3 * router_cpu / samples.len().max(1) as f64,
+        coordinator_cpu_us: 1e6 * coordinator_cpu / reports.max(1) as f64,
+        reports_per_s: reports as f64 / wall,
+        view_bytes_per_s: view_bytes / wall,
+        placement_bytes_per_s: placement_bytes / wall,
+        whole_bytes_per_s,
     })
 }
 
@@ -256,6 +345,18 @@ pub fn run(args: ScaleBenchArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let rts = Runtimes {
+        router: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(ROUTER_THREADS)
+            .enable_all()
+            .build()?,
+        coordinator: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(COORDINATOR_THREADS)
+            .enable_all()
+            .build()?,
+    };
     println!(
         "rrt bench scale: {} sessions x {} turns, {} system prompts, bursts of {} every {} ms, {} new tokens, {:.0}% hard classes, speeds 0.5/1/2x, cost model {}",
         args.sessions,
@@ -270,17 +371,22 @@ pub fn run(args: ScaleBenchArgs) -> anyhow::Result<()> {
     let mut all = Vec::new();
     for &n in &args.workers {
         for policy in &args.policies {
-            let f = rt.block_on(one_run(&args, n, policy))?;
+            let f = rt.block_on(one_run(&args, &rts, n, policy, 1))?;
             eprintln!("{n} workers, {policy}: {f:?}");
             all.push(f);
         }
+        for policy in &args.two_routers {
+            let f = rt.block_on(one_run(&args, &rts, n, policy, 2))?;
+            eprintln!("{n} workers, {policy}, two routers: {f:?}");
+            all.push(f);
+        }
     }
-    println!("| workers | policy | p50 TTFT s | p99 TTFT s | p99 e2e s | goodput req/s (TTFT <= {} ms) | prompt tokens cached | done / failed | wall s | vs round-robin: p99 TTFT, hit rate |", args.slo_ttft_ms);
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| workers | routers | policy | p50 TTFT s | p99 TTFT s | p99 e2e s | goodput req/s (TTFT <= {} ms) | prompt tokens cached | done / failed | wall s | vs round-robin: p99 TTFT, hit rate |", args.slo_ttft_ms);
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for f in &all {
         let rr = all
             .iter()
-            .find(|g| g.workers == f.workers && g.policy == "round-robin");
+            .find(|g| g.workers == f.workers && g.policy == "round-robin" && g.routers == 1);
         let vs = rr.map_or(String::from("-"), |r| {
             format!(
                 "{:.2}x, {:.2}x",
@@ -289,8 +395,9 @@ pub fn run(args: ScaleBenchArgs) -> anyhow::Result<()> {
             )
         });
         println!(
-            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1}% | {} / {} | {:.1} | {vs} |",
+            "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1}% | {} / {} | {:.1} | {vs} |",
             f.workers,
+            f.routers,
             f.policy,
             f.p50_ttft,
             f.p99_ttft,
@@ -300,6 +407,33 @@ pub fn run(args: ScaleBenchArgs) -> anyhow::Result<()> {
             f.done,
             f.failed,
             f.wall,
+        );
+    }
+    println!();
+    println!("Cost of routing and coordination (CPU of the router and coordinator runtimes' threads; the simulated workers and clients share the machine):");
+    println!("| workers | routers | policy | router CPU ms / request | requests/s one router core routes | coordinator CPU us / report | reports/s | reports/s one coordinator core takes | view bytes/s sent (deltas) | whole views would be | placements bytes/s | two routers: hit rate vs one |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for f in &all {
+        let one = all
+            .iter()
+            .find(|g| g.workers == f.workers && g.policy == f.policy && g.routers == 1);
+        let vs_one = match one {
+            Some(o) if f.routers > 1 => format!("{:.2}x", f.hit_rate / o.hit_rate.max(1e-9)),
+            _ => "-".into(),
+        };
+        println!(
+            "| {} | {} | {} | {:.3} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {vs_one} |",
+            f.workers,
+            f.routers,
+            f.policy,
+            f.router_cpu_ms,
+            1e3 / f.router_cpu_ms,
+            f.coordinator_cpu_us,
+            f.reports_per_s,
+            1e6 / f.coordinator_cpu_us,
+            f.view_bytes_per_s,
+            f.whole_bytes_per_s,
+            f.placement_bytes_per_s,
         );
     }
     Ok(())

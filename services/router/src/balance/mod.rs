@@ -10,8 +10,9 @@
 //!   not the worker's mean (this router's own in-flight work keeps it from herding).
 //! - `cache-aware`: the worker that was sent the longest prefix of the request ([`prefix`]),
 //!   while the work queued on it is within `--spill-s` of the least loaded worker's and its KV
-//!   use under `--spill-kv`; otherwise the least loaded one (which becomes a holder of the
-//!   prefix).
+//!   use under `--spill-kv`; otherwise a worker within `--spill-s` of the least loaded, the
+//!   same one for the request's class in every router replica (rendezvous hashing), which
+//!   becomes a holder of the prefix.
 //! - `combined` (the default): `cache-aware` with `depth-aware` loads.
 //!
 //! (A first `combined` also charged each candidate the prefill of the prompt tokens it does not
@@ -35,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rand::Rng;
+use rrt_proto::v1 as pb;
 
 use crate::pool::{InFlight, Pool, Slot, ViewState};
 pub use depth::DepthHistory;
@@ -120,6 +122,9 @@ pub struct Settings {
     pub index_blocks: usize,
     /// Request classes the depth history keeps at most.
     pub depth_classes: usize,
+    /// Share this router's placements with the other routers through the coordinator (and
+    /// learn theirs).
+    pub share_placements: bool,
 }
 
 impl Default for Settings {
@@ -130,6 +135,7 @@ impl Default for Settings {
             spill_kv: 0.9,
             index_blocks: 262_144,
             depth_classes: 4096,
+            share_placements: true,
         }
     }
 }
@@ -162,7 +168,17 @@ pub struct Balancer {
     /// Per slot serial: reported over predicted cached prompt share, a moving average in 0..1.
     trust: Mutex<HashMap<u64, f64>>,
     turn: AtomicUsize,
+    /// This router's id among its replicas (random per process).
+    pub router_id: String,
+    /// Placements not yet shared: (worker id, blocks new to it), bounded by [`OUTBOX_BLOCKS`].
+    outbox: Mutex<(Vec<pb::Placement>, usize)>,
 }
+
+/// Placement blocks waiting to be shared at most (a coordinator that is down for a while loses
+/// the oldest).
+pub const OUTBOX_BLOCKS: usize = 1 << 16;
+/// Blocks per shared batch at most (well under the coordinator's message limit).
+pub const BATCH_BLOCKS: usize = 4096;
 
 /// One candidate's figures for this request.
 struct Option_<'a, T> {
@@ -180,7 +196,50 @@ impl Balancer {
             settings,
             trust: Mutex::new(HashMap::new()),
             turn: AtomicUsize::new(0),
+            router_id: format!("{:016x}", rand::random::<u64>()),
+            outbox: Mutex::new((Vec::new(), 0)),
         }
+    }
+
+    /// Takes up to [`BATCH_BLOCKS`] of the placements waiting to be shared (oldest first).
+    pub fn take_placements(&self) -> Vec<pb::Placement> {
+        let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut n, mut k) = (0, 0);
+        // At least one (a single request's blocks stay under the coordinator's message limit).
+        while k < outbox.0.len() && (k == 0 || n + outbox.0[k].blocks.len() <= BATCH_BLOCKS) {
+            n += outbox.0[k].blocks.len();
+            k += 1;
+        }
+        outbox.1 -= n;
+        outbox.0.drain(..k).collect()
+    }
+
+    fn queue_placement(&self, worker_id: &str, blocks: Vec<u64>) {
+        let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        outbox.1 += blocks.len();
+        outbox.0.push(pb::Placement {
+            worker_id: worker_id.to_string(),
+            blocks,
+        });
+        while outbox.1 > OUTBOX_BLOCKS && !outbox.0.is_empty() {
+            let dropped = outbox.0.remove(0);
+            outbox.1 -= dropped.blocks.len();
+        }
+    }
+
+    /// Learns other routers' placements (batches from this router are skipped): each
+    /// placement's blocks become held by its worker's slot here, as if sent from here.
+    pub fn learn<T>(&self, pool: &Pool<T>, batches: &[pb::PlacementBatch]) -> usize {
+        let mut learned = 0;
+        for b in batches.iter().filter(|b| b.router_id != self.router_id) {
+            for p in &b.placements {
+                if let Some(serial) = pool.serial_of(&p.worker_id) {
+                    self.index.insert(&p.blocks, serial);
+                    learned += p.blocks.len();
+                }
+            }
+        }
+        learned
     }
 
     fn trust(&self, serial: u64) -> f64 {
@@ -264,7 +323,7 @@ impl Balancer {
                 Balance::DepthAware => {
                     (least_by(&options, rng, |o| self.load(ask, o)), Reason::Load)
                 }
-                Balance::CacheAware | Balance::Combined => self.by_prefix(ask, &mut options, rng),
+                Balance::CacheAware | Balance::Combined => self.by_prefix(ask, &mut options),
                 Balance::RoundRobin => unreachable!("handled above"),
             }
         };
@@ -284,7 +343,10 @@ impl Balancer {
         if ask.max_new_tokens.is_some() {
             chosen.slot.routed.fetch_add(1, Ordering::Relaxed);
             // Every policy keeps the index, so switching policies starts from what was sent.
-            self.index.insert(&ask.key.blocks, chosen.slot.serial);
+            let new = self.index.insert(&ask.key.blocks, chosen.slot.serial);
+            if self.settings.share_placements && !new.is_empty() {
+                self.queue_placement(&chosen.slot.id, new);
+            }
         }
         let route = Route {
             policy,
@@ -307,12 +369,7 @@ impl Balancer {
 
     /// Cache-aware and combined: affinity to the longest held prefix while its holder is not
     /// more loaded than the least loaded worker (plus `--spill-s`).
-    fn by_prefix<T>(
-        &self,
-        ask: &Ask,
-        options: &mut [Option_<T>],
-        rng: &mut impl Rng,
-    ) -> (usize, Reason) {
+    fn by_prefix<T>(&self, ask: &Ask, options: &mut [Option_<T>]) -> (usize, Reason) {
         let serials: HashMap<u64, usize> = options
             .iter()
             .enumerate()
@@ -324,19 +381,36 @@ impl Balancer {
         {
             options[serials[&serial]].matched = blocks as f64 * self.trust(serial);
         }
-        // The holder: the longest (trusted) match, ties to the lower load.
-        let holder = (0..options.len())
-            .filter(|&i| options[i].matched > 0.0)
-            .min_by(|&a, &b| {
-                let (oa, ob) = (&options[a], &options[b]);
-                ob.matched
-                    .total_cmp(&oa.matched)
-                    .then(self.load(ask, oa).total_cmp(&self.load(ask, ob)))
-            });
-        // The alternative: where the request would finish soonest among the others.
+        // The holder: the longest (trusted) match; among equal matches within `--spill-s` of
+        // the least loaded of them, the class's rendezvous choice (so replicas that both sent
+        // a system prompt to several workers agree on which one takes the next request).
+        let longest = options.iter().map(|o| o.matched).fold(0.0, f64::max);
+        let tied: Vec<usize> = (0..options.len())
+            .filter(|&i| longest > 0.0 && options[i].matched >= longest - 1e-9)
+            .collect();
+        let tied_loads: Vec<f64> = tied.iter().map(|&i| self.load(ask, &options[i])).collect();
+        let least_tied = tied_loads.iter().copied().fold(f64::INFINITY, f64::min);
+        let holder = (0..tied.len())
+            .filter(|&j| tied_loads[j] <= least_tied + self.settings.spill_s)
+            .max_by_key(|&j| rendezvous(ask.key.class, &options[tied[j]].slot.id))
+            .map(|j| tied[j]);
+        // The alternative: among the others whose load is within `--spill-s` of the least,
+        // the one the request's class hashes highest with (rendezvous hashing). Every router
+        // replica with the same view so sends a new system prompt, and its spills, to the same
+        // worker, without sharing its index.
         let others: Vec<usize> = (0..options.len()).filter(|&i| Some(i) != holder).collect();
-        let alternative = (!others.is_empty())
-            .then(|| others[least_by(&others, rng, |&i| self.load(ask, &options[i]))]);
+        let alternative = (!others.is_empty()).then(|| {
+            let loads: Vec<f64> = others
+                .iter()
+                .map(|&i| self.load(ask, &options[i]))
+                .collect();
+            let least = loads.iter().copied().fold(f64::INFINITY, f64::min);
+            let band = least + self.settings.spill_s;
+            (0..others.len())
+                .filter(|&j| loads[j] <= band)
+                .max_by_key(|&j| rendezvous(ask.key.class, &options[others[j]].slot.id))
+                .map_or(others[0], |j| others[j])
+        });
         // Affinity compares the work queued ahead of the request (its own work would differ
         // only by the workers' measured speeds, which an idle worker has not measured yet).
         let queued = |o: &Option_<T>| o.slot.load(&o.state, 0.0);
@@ -380,6 +454,11 @@ impl Balancer {
             }
         }
     }
+}
+
+/// The rendezvous weight of a request class on a worker: the same in every router process.
+fn rendezvous(class: u64, worker_id: &str) -> u64 {
+    prefix::hash_of(&[&class.to_le_bytes(), worker_id.as_bytes()])
 }
 
 /// Estimated prompt tokens in `blocks` (fractional, trust-weighted) blocks.

@@ -30,7 +30,7 @@ pub struct Key {
     pub class: u64,
 }
 
-fn hash_of(parts: &[&[u8]]) -> u64 {
+pub(crate) fn hash_of(parts: &[&[u8]]) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     for p in parts {
         p.hash(&mut h);
@@ -170,10 +170,12 @@ impl PrefixIndex {
         found
     }
 
-    /// Records that `blocks` were sent to the worker of slot `serial`.
-    pub fn insert(&self, blocks: &[u64], serial: u64) {
+    /// Records that `blocks` were sent to the worker of slot `serial`; returns those it was not
+    /// yet known to hold (what is news to other routers).
+    pub fn insert(&self, blocks: &[u64], serial: u64) -> Vec<u64> {
+        let mut new = Vec::new();
         if blocks.is_empty() {
-            return;
+            return new;
         }
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.tick += 1;
@@ -184,6 +186,7 @@ impl PrefixIndex {
             match e.holders.iter_mut().find(|(s, _)| *s == serial) {
                 Some(h) => h.1 = tick,
                 None => {
+                    new.push(*h);
                     if e.holders.len() >= HOLDERS {
                         let oldest = (0..e.holders.len())
                             .min_by_key(|&i| e.holders[i].1)
@@ -197,6 +200,7 @@ impl PrefixIndex {
         if st.map.len() > self.capacity {
             sweep_oldest(&mut st.map, |e| e.last);
         }
+        new
     }
 }
 

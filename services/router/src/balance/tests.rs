@@ -345,3 +345,86 @@ fn metadata_calls_are_not_counted_as_routed_nor_indexed() {
     assert_eq!(g.slot.routed.load(Ordering::Relaxed), 0);
     assert!(b.index.is_empty());
 }
+
+#[test]
+fn router_replicas_send_a_new_system_prompt_to_the_same_worker_without_sharing_an_index() {
+    let t = Instant::now();
+    let ids: Vec<String> = (0..50).map(|i| format!("w{i}")).collect();
+    let scores: Vec<(&str, f64)> = ids.iter().map(|i| (i.as_str(), 0.0)).collect();
+    // Two routers: their own pools (slot serials differ), indexes and random streams.
+    let (p1, p2) = (pool(&view(&scores), t), pool(&view(&scores), t));
+    let (mut r1, mut r2) = (StdRng::seed_from_u64(1), StdRng::seed_from_u64(2));
+    let b1 = balancer(Balance::Combined);
+    let b2 = balancer(Balance::Combined);
+    let mut homes = std::collections::HashSet::new();
+    for s in 0..16 {
+        let system = format!("You are assistant {s}. ") + &"Answer briefly. ".repeat(20);
+        let (g1, a) = b1
+            .choose(&p1, &ask(&chat(&system, "first user"), 16), t, &[], &mut r1)
+            .unwrap();
+        let (g2, b) = b2
+            .choose(
+                &p2,
+                &ask(&chat(&system, "second user"), 16),
+                t,
+                &[],
+                &mut r2,
+            )
+            .unwrap();
+        assert_eq!((a.reason, b.reason), (Reason::NoPrefix, Reason::NoPrefix));
+        assert_eq!(g1.slot.id, g2.slot.id, "system prompt {s}");
+        homes.insert(g1.slot.id.clone());
+    }
+    // The classes spread over the workers (not all on one).
+    assert!(homes.len() >= 8, "{homes:?}");
+}
+
+#[test]
+fn a_replica_routes_on_the_placements_another_shared() {
+    let t = Instant::now();
+    let ids: Vec<String> = (0..20).map(|i| format!("w{i}")).collect();
+    let scores: Vec<(&str, f64)> = ids.iter().map(|i| (i.as_str(), 0.0)).collect();
+    let (pa, pb_) = (pool(&view(&scores), t), pool(&view(&scores), t));
+    let mut rng = StdRng::seed_from_u64(3);
+    let a = balancer(Balance::Combined);
+    let b = balancer(Balance::Combined);
+    let system = "You are a careful assistant who answers briefly. ".repeat(20);
+    // Turn 1 on router a; a is asked to share what it placed.
+    let turn1 = chat(&system, "What is a loop?");
+    let (g, _) = a.choose(&pa, &ask(&turn1, 16), t, &[], &mut rng).unwrap();
+    let home = g.slot.id.clone();
+    drop(g);
+    let shared = a.take_placements();
+    assert_eq!(shared.len(), 1);
+    assert_eq!(shared[0].worker_id, home);
+    assert_eq!(shared[0].blocks, turn1.blocks);
+    assert!(a.take_placements().is_empty(), "taken once");
+    // What a sends again is only what is new: the system prompt's blocks are known.
+    let other = chat(
+        &system,
+        "Another user entirely, with a longer question than that.",
+    );
+    let (g, _) = a.choose(&pa, &ask(&other, 16), t, &[], &mut rng).unwrap();
+    let again = a.take_placements();
+    assert!(again[0].blocks.len() < other.blocks.len(), "{again:?}");
+    drop(g);
+    // Router b learns a's placements (its own batches it skips) ...
+    let batch = |router: &str, placements| pb::PlacementBatch {
+        router_id: router.into(),
+        placements,
+    };
+    assert_eq!(b.learn(&pb_, &[batch(&b.router_id, shared.clone())]), 0);
+    assert_eq!(
+        b.learn(&pb_, &[batch(&a.router_id, shared)]),
+        turn1.blocks.len()
+    );
+    // ... and sends the conversation's next turn to the same worker as a cache hit.
+    let mut turn2 = turn1.clone();
+    turn2.blocks.push(12345);
+    turn2.bytes += 64;
+    let (g, r) = b.choose(&pb_, &ask(&turn2, 16), t, &[], &mut rng).unwrap();
+    assert_eq!(
+        (g.slot.id.as_str(), r.reason),
+        (home.as_str(), Reason::PrefixHit)
+    );
+}
