@@ -181,6 +181,13 @@ async fn bad_requests_get_invalid_argument_with_a_message_and_are_counted() {
             "{reason}: {counted} counted of {sent}:\n{after}"
         );
     }
+    // A message over the router's decoding limit (2 MiB against 1 MiB): RESOURCE_EXHAUSTED, the
+    // gRPC convention for an over-limit message, unary and streamed.
+    let huge = greedy(&"x".repeat(2 << 20), 8);
+    let err = client.generate(huge.clone()).await.expect_err("over the limit");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let err = stream(&mut client, huge).await.expect_err("over the limit");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     // The service still serves.
     let (ids, _, _, _) = stream(&mut client, greedy("Hello", 4)).await.unwrap();
     assert_eq!(ids.len(), 4);

@@ -81,3 +81,57 @@ pub fn reflection() -> anyhow::Result<(
         .build_v1alpha()?;
     Ok((v1, v1alpha))
 }
+
+/// A response's gRPC status rewritten where tonic answers a request message over the server's
+/// decoding limit with OUT_OF_RANGE: gRPC's convention for a message over a limit is
+/// RESOURCE_EXHAUSTED (what clients retry on, or report, as "too large").
+pub fn over_limit_is_resource_exhausted<B>(
+    mut response: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    let headers = response.headers();
+    let over_limit = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
+    if over_limit {
+        response.headers_mut().insert(
+            "grpc-status",
+            tonic::codegen::http::HeaderValue::from_static("8"),
+        );
+    }
+    response
+}
+
+/// The layer every server of the cluster carries: [`over_limit_is_resource_exhausted`].
+pub fn over_limit_layer<B>() -> tower::util::MapResponseLayer<
+    fn(tonic::codegen::http::Response<B>) -> tonic::codegen::http::Response<B>,
+> {
+    tower::util::MapResponseLayer::new(over_limit_is_resource_exhausted::<B>)
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::codegen::http::Response;
+
+    use super::*;
+
+    fn response(status: &'static str, message: &'static str) -> Response<()> {
+        let mut r = Response::new(());
+        r.headers_mut().insert("grpc-status", status.parse().unwrap());
+        r.headers_mut().insert("grpc-message", message.parse().unwrap());
+        r
+    }
+
+    #[test]
+    fn only_an_over_limit_message_becomes_resource_exhausted() {
+        let over = "Error,%20decoded%20message%20length%20too%20large:%20found%202097158%20bytes";
+        let r = over_limit_is_resource_exhausted(response("11", over));
+        assert_eq!(r.headers()["grpc-status"], "8");
+        // Other OUT_OF_RANGE answers, and other codes, pass as they are.
+        let r = over_limit_is_resource_exhausted(response("11", "position%20past%20the%20end"));
+        assert_eq!(r.headers()["grpc-status"], "11");
+        let r = over_limit_is_resource_exhausted(response("3", over));
+        assert_eq!(r.headers()["grpc-status"], "3");
+    }
+}

@@ -113,6 +113,7 @@ pub async fn start(
     };
     let incoming = tls::incoming(listener, tls.as_ref(), Side::Internal)?;
     let server = tonic::transport::Server::builder()
+        .layer(grpc::over_limit_layer())
         .add_service(health.service)
         .add_service(v1)
         .add_service(v1alpha)

@@ -77,6 +77,16 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             None => StdRng::from_os_rng(),
         }),
     });
+    {
+        // Gauges that requests update, kept fresh while idle (idle gauges leave /metrics).
+        let inner = inner.clone();
+        metrics_http::refresh_gauges(shutdown.clone(), move || {
+            inner.in_flight_gauge();
+            metrics::gauge!("rrt_router_prefix_index_blocks")
+                .set(inner.balancer.index.len() as f64);
+            metrics::gauge!("rrt_router_workers").set(inner.pool.len() as f64);
+        });
+    }
     let http_addr = match args.http_listen.0 {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await?;
@@ -112,6 +122,7 @@ pub async fn start(args: RouterArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     // The public port: TLS without a client certificate (callers present bearer tokens).
     let incoming = tls::incoming(listener, tls.as_ref(), Side::Public)?;
     let server = tonic::transport::Server::builder()
+        .layer(grpc::over_limit_layer())
         .add_service(health.service)
         .add_service(v1)
         .add_service(v1alpha)

@@ -104,8 +104,11 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     let (engine, tokenizer, model_info) = match source {
         Source::Model(loaded) => {
             let model = &loaded.model;
-            metrics::gauge!("rrt_worker_model_weight_bytes", "worker" => id.clone(), "dtype" => dtype.name())
-                .set(model.weight_bytes() as f64);
+            let (worker, dtype_name, bytes) = (id.clone(), dtype.name(), model.weight_bytes());
+            metrics_http::refresh_gauges(shutdown.clone(), move || {
+                metrics::gauge!("rrt_worker_model_weight_bytes", "worker" => worker.clone(), "dtype" => dtype_name)
+                    .set(bytes as f64);
+            });
             let info = pb::ModelInfoResponse {
                 model: model_name,
                 context_length: model.cfg.max_position_embeddings as u32,
@@ -174,6 +177,7 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     );
     let incoming = tls::incoming(listener, tls.as_ref(), Side::Internal)?;
     let server = tonic::transport::Server::builder()
+        .layer(grpc::over_limit_layer())
         .add_service(health.service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
