@@ -184,7 +184,10 @@ async fn bad_requests_get_invalid_argument_with_a_message_and_are_counted() {
     // A message over the router's decoding limit (2 MiB against 1 MiB): RESOURCE_EXHAUSTED, the
     // gRPC convention for an over-limit message, unary and streamed.
     let huge = greedy(&"x".repeat(2 << 20), 8);
-    let err = client.generate(huge.clone()).await.expect_err("over the limit");
+    let err = client
+        .generate(huge.clone())
+        .await
+        .expect_err("over the limit");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     let err = stream(&mut client, huge).await.expect_err("over the limit");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");

@@ -115,6 +115,19 @@ async fn many_simulated_workers_serve_behind_the_real_router_and_coordinator() {
 /// other worker and find it cached there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_simulated_worker_loses_nothing_and_its_affinity_moves() {
+    lose_the_holder("KILL").await;
+}
+
+/// The same with the worker frozen (SIGSTOP): its connection answers no keepalive, the stream
+/// resumes elsewhere, the coordinator evicts it, and its affinity moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_simulated_worker_loses_nothing_and_its_affinity_moves() {
+    lose_the_holder("STOP").await;
+}
+
+/// Sends a system prompt to a three-worker simulated cluster, then `signal`s the worker that
+/// holds it in the middle of a stream.
+async fn lose_the_holder(signal: &str) {
     use rrt_tests::cluster::WorkerProcess;
 
     let c = cluster::coordinator(&[]).await;
@@ -176,7 +189,7 @@ async fn a_killed_simulated_worker_loses_nothing_and_its_affinity_moves() {
         .find(|(_, i)| format!("proc{i}") == holder)
         .map(|(p, _)| p)
         .expect("the holder is one of the processes");
-    victim.signal("KILL");
+    victim.signal(signal);
     let mut finish = 0;
     while let Some(m) = s.message().await.expect("the stream resumes elsewhere") {
         if m.token().is_some() {

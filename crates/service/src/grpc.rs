@@ -118,8 +118,10 @@ mod tests {
 
     fn response(status: &'static str, message: &'static str) -> Response<()> {
         let mut r = Response::new(());
-        r.headers_mut().insert("grpc-status", status.parse().unwrap());
-        r.headers_mut().insert("grpc-message", message.parse().unwrap());
+        r.headers_mut()
+            .insert("grpc-status", status.parse().unwrap());
+        r.headers_mut()
+            .insert("grpc-message", message.parse().unwrap());
         r
     }
 

@@ -381,19 +381,15 @@ impl Balancer {
         {
             options[serials[&serial]].matched = blocks as f64 * self.trust(serial);
         }
-        // The holder: the longest (trusted) match; among equal matches within `--spill-s` of
-        // the least loaded of them, the class's rendezvous choice (so replicas that both sent
-        // a system prompt to several workers agree on which one takes the next request).
-        let longest = options.iter().map(|o| o.matched).fold(0.0, f64::max);
-        let tied: Vec<usize> = (0..options.len())
-            .filter(|&i| longest > 0.0 && options[i].matched >= longest - 1e-9)
-            .collect();
-        let tied_loads: Vec<f64> = tied.iter().map(|&i| self.load(ask, &options[i])).collect();
-        let least_tied = tied_loads.iter().copied().fold(f64::INFINITY, f64::min);
-        let holder = (0..tied.len())
-            .filter(|&j| tied_loads[j] <= least_tied + self.settings.spill_s)
-            .max_by_key(|&j| rendezvous(ask.key.class, &options[tied[j]].slot.id))
-            .map(|j| tied[j]);
+        // The holder: the longest (trusted) match, ties to the lower load.
+        let holder = (0..options.len())
+            .filter(|&i| options[i].matched > 0.0)
+            .min_by(|&a, &b| {
+                let (oa, ob) = (&options[a], &options[b]);
+                ob.matched
+                    .total_cmp(&oa.matched)
+                    .then(self.load(ask, oa).total_cmp(&self.load(ask, ob)))
+            });
         // The alternative: among the others whose load is within `--spill-s` of the least,
         // the one the request's class hashes highest with (rendezvous hashing). Every router
         // replica with the same view so sends a new system prompt, and its spills, to the same
