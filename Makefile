@@ -52,7 +52,7 @@ bench-engine: model data build ## serving throughput: static / CSB / CDB with ex
 	$(RRT) bench engine
 	$(RRT) bench engine --dtypes f32,bf16,q8 --prompts 48 --min-output 32 --max-output 64 --lora-ranks 0 --synthetic 0.5,0.9 --repeats 2
 
-scale-bench: model models build ## routing policies on 50 and 200 simulated workers behind the real router and coordinator (cost model fitted first; ~10 min)
+scale-bench: model models build ## routing policies on 50 and 200 simulated workers behind the real router and coordinator, one and two routers (cost model fitted first; ~15 min)
 	$(RRT) bench sim
 	$(RRT) bench scale --workers 50 --sessions 200
 	$(RRT) bench scale --workers 200 --sessions 600 --burst 90 --system-prompts 48
