@@ -30,7 +30,7 @@
 pub mod depth;
 pub mod prefix;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -171,7 +171,7 @@ pub struct Balancer {
     /// This router's id among its replicas (random per process).
     pub router_id: String,
     /// Placements not yet shared: (worker id, blocks new to it), bounded by [`OUTBOX_BLOCKS`].
-    outbox: Mutex<(Vec<pb::Placement>, usize)>,
+    outbox: Mutex<(VecDeque<pb::Placement>, usize)>,
 }
 
 /// Placement blocks waiting to be shared at most (a coordinator that is down for a while loses
@@ -197,7 +197,7 @@ impl Balancer {
             trust: Mutex::new(HashMap::new()),
             turn: AtomicUsize::new(0),
             router_id: format!("{:016x}", rand::random::<u64>()),
-            outbox: Mutex::new((Vec::new(), 0)),
+            outbox: Mutex::new((VecDeque::new(), 0)),
         }
     }
 
@@ -217,12 +217,14 @@ impl Balancer {
     fn queue_placement(&self, worker_id: &str, blocks: Vec<u64>) {
         let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
         outbox.1 += blocks.len();
-        outbox.0.push(pb::Placement {
+        outbox.0.push_back(pb::Placement {
             worker_id: worker_id.to_string(),
             blocks,
         });
-        while outbox.1 > OUTBOX_BLOCKS && !outbox.0.is_empty() {
-            let dropped = outbox.0.remove(0);
+        while outbox.1 > OUTBOX_BLOCKS {
+            let Some(dropped) = outbox.0.pop_front() else {
+                break;
+            };
             outbox.1 -= dropped.blocks.len();
         }
     }
