@@ -216,3 +216,107 @@ async fn lose_the_holder(signal: &str) {
     assert_eq!(next.len(), 1, "{next:?}");
     assert!(cached.iter().all(|&c| c > 0), "{cached:?}");
 }
+
+/// Load-adaptive exits: the coordinator (quality floor 90%) lowers the default learned-exit
+/// threshold of saturated simulated workers to the lowest one the demo model's committed curve
+/// allows (0.5: 91.5% agreement), the workers' tokens exit earlier, requests with quality FULL
+/// still run every loop, and the threshold comes back once the load is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturation_lowers_the_exit_threshold_to_the_quality_floor_and_calm_restores_it() {
+    let curve = rrt_tests::root().join("deploy/models/smollm2-15x2-full/exit-heads.json");
+    let curve = curve.display().to_string();
+    let c = cluster::coordinator(&["--exit-quality-floor", "0.9"]).await;
+    let addr = c.running.grpc_addr;
+    let metrics = c.running.metrics_addr;
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        let id = format!("adapt{i}");
+        let flags = [
+            "--worker-id",
+            &id,
+            "--simulate",
+            "default",
+            "--exit",
+            "learned",
+            "--exit-threshold",
+            "0.9",
+            "--exit-curve",
+            &curve,
+            "--max-sequences",
+            "2",
+            "--sim-speed",
+            "0.5",
+            "--sim-seed",
+            &i.to_string(),
+        ];
+        workers.push(cluster::worker(Some(addr), &flags).await);
+    }
+    let r = cluster::router(Some(addr), &[]).await;
+    cluster::wait_for_workers(&r.running, 2).await;
+    let client = cluster::client(r.running.grpc_addr).await;
+    let threshold = || async move {
+        cluster::metric_at(
+            metrics,
+            "rrt_coordinator_exit_threshold",
+            &["model=\"smollm2-15x2\""],
+        )
+        .await
+    };
+    eventually(Duration::from_secs(10), "the threshold at rest", || async {
+        ((threshold().await - 0.9).abs() < 1e-6).then_some(())
+    })
+    .await;
+
+    // 24 requests on 4 sequence slots: 5 waiting per slot, far above 0.25. One in four asks
+    // for quality FULL.
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut req = cluster::greedy(&format!("Question number {i}: why?"), 48);
+                let full = i % 4 == 0;
+                if full {
+                    req.quality = pb::QualityTier::Full as i32;
+                }
+                let (ids, loops, _, _) = cluster::stream(&mut client, req).await.expect("served");
+                assert_eq!(ids.len(), 48);
+                (full, loops)
+            })
+        })
+        .collect();
+    eventually(Duration::from_secs(20), "the threshold at the floor", || async {
+        ((threshold().await - 0.5).abs() < 1e-6).then_some(())
+    })
+    .await;
+    // The workers take it with their next report's answer.
+    eventually(Duration::from_secs(5), "the workers at the floor", || async {
+        let w = cluster::metric_at(metrics, "rrt_worker_exit_threshold", &["worker=\"adapt0\""]).await;
+        ((w - 0.5).abs() < 1e-6).then_some(())
+    })
+    .await;
+    let mut early = (0usize, 0usize);
+    for t in tasks {
+        let (full, loops) = t.await.unwrap();
+        if full {
+            assert!(loops.iter().all(|&l| l == 2), "quality FULL exited early: {loops:?}");
+        } else {
+            early.0 += loops.iter().skip(1).filter(|&&l| l == 1).count();
+            early.1 += loops.len() - 1;
+        }
+    }
+    // At 0.9 the curve exits 0.9% of tokens after loop 1, at 0.5 18.6%.
+    let share = early.0 as f64 / early.1 as f64;
+    assert!(share > 0.06, "adaptive requests exited early on {share:.3} of tokens");
+    eventually(Duration::from_secs(20), "the threshold restored", || async {
+        ((threshold().await - 0.9).abs() < 1e-6).then_some(())
+    })
+    .await;
+    let agreement = cluster::metric_at(
+        metrics,
+        "rrt_coordinator_exit_expected_agreement",
+        &["model=\"smollm2-15x2\""],
+    )
+    .await;
+    assert!(agreement > 0.99, "{agreement}");
+    drop(workers);
+}

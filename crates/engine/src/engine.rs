@@ -180,6 +180,23 @@ impl Engine {
         &self.cfg
     }
 
+    /// Moves the default exit policy's threshold (load-adaptive exits): requests that named no
+    /// policy, waiting and running, decide their next exits by it; requests that named one keep
+    /// theirs. Clamped to [0, 1].
+    pub fn set_default_threshold(&mut self, threshold: f32) {
+        let t = if threshold.is_nan() {
+            return;
+        } else {
+            threshold.clamp(0.0, 1.0)
+        };
+        self.cfg.default_exit.threshold = t;
+        for s in self.waiting.iter_mut().chain(self.running.iter_mut()) {
+            if s.follows_default {
+                s.exit.threshold = t;
+            }
+        }
+    }
+
     /// Queues a request, or fails it at once (through its channel) if it can never run.
     pub fn submit(&mut self, req: Request) {
         let checked = self.check(&req).and_then(|exit| {

@@ -59,6 +59,9 @@ pub(crate) enum Stage {
 pub(crate) struct Seq {
     pub id: u64,
     pub exit: ExitPolicy,
+    /// It named no exit policy: it takes the server's default, and the default's threshold as
+    /// it changes under load ([`crate::Engine::set_default_threshold`]).
+    pub follows_default: bool,
     pub events: Box<dyn EventSink>,
     pub params: GenParams,
     pub sampler: Sampler,
@@ -93,6 +96,7 @@ impl Seq {
         Self {
             id: req.id,
             exit,
+            follows_default: req.exit.is_none(),
             events: req.events,
             sampler,
             kv: SeqCache::default(),

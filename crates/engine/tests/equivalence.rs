@@ -308,6 +308,61 @@ fn oracle_recording_then_confidence_policies_run_and_count_exits() {
     }
 }
 
+#[test]
+fn moving_the_default_threshold_moves_requests_that_follow_the_default_only() {
+    let model = tiny_recursive();
+    let vocab = model.cfg.vocab_size as u32;
+    // Margin >= 1 never holds: with the default at 1 every token runs every loop.
+    let mut engine = Engine::new(
+        model,
+        EngineConfig {
+            scheduler: Scheduler::Cdb,
+            max_batch_rows: 24,
+            max_sequences: 4,
+            default_exit: ExitPolicy {
+                kind: ExitKind::Margin,
+                threshold: 1.0,
+            },
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (0..6).map(|j| (j * 13 + 5) % vocab).collect();
+    let strict = ExitPolicy {
+        kind: ExitKind::Margin,
+        threshold: 1.0,
+    };
+    let (adaptive, rx_adaptive) = Request::with_channel(0, prompt.clone(), params(12), None);
+    let (pinned, rx_pinned) = Request::with_channel(1, prompt, params(12), Some(strict));
+    engine.submit(adaptive);
+    engine.submit(pinned);
+    for _ in 0..12 {
+        engine.step();
+    }
+    // Under load the coordinator lowers the default: 0 lets every token leave after loop 1.
+    engine.set_default_threshold(0.0);
+    assert_eq!(engine.config().default_exit.threshold, 0.0);
+    engine.run_until_idle();
+    let adaptive = collect(&rx_adaptive).pairs();
+    let pinned = collect(&rx_pinned).pairs();
+    assert_eq!(adaptive.len(), 12);
+    let first_early = adaptive.iter().position(|(_, l)| *l == 1);
+    let first_early = first_early.expect("after the change the default-following request exits early");
+    assert!(first_early > 1, "before the change it ran full depth: {adaptive:?}");
+    assert!(adaptive[..first_early].iter().all(|(_, l)| *l == 3), "{adaptive:?}");
+    assert!(adaptive[first_early..].iter().all(|(_, l)| *l == 1), "{adaptive:?}");
+    assert!(
+        pinned.iter().all(|(_, l)| *l == 3),
+        "a request that named its policy keeps it: {pinned:?}"
+    );
+    // A new request takes the moved default.
+    let (late, rx_late) = Request::with_channel(2, vec![7, 8, 9], params(5), None);
+    engine.submit(late);
+    engine.run_until_idle();
+    let late = collect(&rx_late).pairs();
+    assert!(late[1..].iter().all(|(_, l)| *l == 1), "{late:?}");
+}
+
 /// Submits one teacher-forced request (logprobs on) and returns `(token, exit loop, logprob)`.
 fn score(
     engine: &mut Engine,

@@ -1,6 +1,9 @@
 //! The arithmetic of the exit statistics a worker reports and the coordinator and router read:
-//! one definition of the mean exit loop of a histogram, and of the throughput assumed before a
-//! worker has measured any.
+//! one definition of the mean exit loop of a histogram, of the throughput assumed before a
+//! worker has measured any, and of reading a model's threshold curve (exit rate and agreement
+//! at a threshold; the lowest threshold that keeps a quality floor).
+
+use crate::v1::{ExitCurve, ExitCurvePoint};
 
 /// Loop-steps per second assumed for a worker that has not measured any yet.
 pub const PRIOR_LOOP_STEPS_PER_SECOND: f64 = 1000.0;
@@ -38,9 +41,117 @@ pub fn add_histogram(into: &mut Vec<u64>, delta: &[u64]) {
     }
 }
 
+/// `f` of the curve at threshold `t`, linear between measured points and held at the ends;
+/// `None` for an empty curve.
+fn interpolate(points: &[ExitCurvePoint], t: f32, f: impl Fn(&ExitCurvePoint) -> f64) -> Option<f64> {
+    let first = points.first()?;
+    let last = points.last()?;
+    if t <= first.threshold {
+        return Some(f(first));
+    }
+    if t >= last.threshold {
+        return Some(f(last));
+    }
+    let hi = points.iter().position(|p| p.threshold >= t)?;
+    let (a, b) = (&points[hi - 1], &points[hi]);
+    let span = (b.threshold - a.threshold) as f64;
+    let w = if span > 0.0 {
+        (t - a.threshold) as f64 / span
+    } else {
+        1.0
+    };
+    Some(f(a) + w * (f(b) - f(a)))
+}
+
+/// Share of tokens that exit at threshold `t` (interpolated).
+pub fn exit_rate_at(points: &[ExitCurvePoint], t: f32) -> Option<f64> {
+    interpolate(points, t, |p| p.exit_rate)
+}
+
+/// Share of tokens that agree with full depth at threshold `t` (interpolated).
+pub fn agreement_at(points: &[ExitCurvePoint], t: f32) -> Option<f64> {
+    interpolate(points, t, |p| p.agreement)
+}
+
+/// The lowest threshold at which every exit keeps at least `floor` agreement with full depth:
+/// each curve is read from its highest measured threshold down while the floor holds (so a
+/// dip below it is never crossed). `None` without curves, or when even a curve's highest
+/// threshold misses the floor.
+pub fn floor_threshold(curves: &[ExitCurve], floor: f64) -> Option<f32> {
+    let mut worst: Option<f32> = None;
+    for c in curves.iter().filter(|c| !c.points.is_empty()) {
+        let mut lowest = None;
+        for p in c.points.iter().rev() {
+            if p.agreement + 1e-12 < floor {
+                break;
+            }
+            lowest = Some(p.threshold);
+        }
+        let t = lowest?;
+        worst = Some(worst.map_or(t, |w: f32| w.max(t)));
+    }
+    worst
+}
+
+/// The mean agreement with full depth a threshold keeps over every exit's curve (the product
+/// of the exits' agreements: a token that reached a later exit passed the earlier ones).
+pub fn expected_agreement(curves: &[ExitCurve], t: f32) -> Option<f64> {
+    let mut any = false;
+    let mut agree = 1.0;
+    for c in curves {
+        if let Some(a) = agreement_at(&c.points, t) {
+            agree *= a;
+            any = true;
+        }
+    }
+    any.then_some(agree)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn curve(points: &[(f32, f64, f64)]) -> ExitCurve {
+        ExitCurve {
+            after_loop: 1,
+            points: points
+                .iter()
+                .map(|&(threshold, exit_rate, agreement)| ExitCurvePoint {
+                    threshold,
+                    exit_rate,
+                    agreement,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn curves_interpolate_and_give_the_lowest_threshold_that_keeps_a_floor() {
+        // The r128 model's learned exit on general text (docs/uptraining.md).
+        let c = curve(&[
+            (0.5, 0.747, 0.799),
+            (0.7, 0.542, 0.889),
+            (0.8, 0.401, 0.932),
+            (0.9, 0.245, 0.969),
+            (0.95, 0.146, 0.990),
+        ]);
+        assert_eq!(exit_rate_at(&c.points, 0.3), Some(0.747));
+        assert_eq!(exit_rate_at(&c.points, 0.99), Some(0.146));
+        let mid = exit_rate_at(&c.points, 0.85).unwrap();
+        assert!((mid - 0.323).abs() < 1e-6, "{mid}");
+        assert_eq!(floor_threshold(std::slice::from_ref(&c), 0.95), Some(0.9));
+        assert_eq!(floor_threshold(std::slice::from_ref(&c), 0.88), Some(0.7));
+        assert_eq!(floor_threshold(std::slice::from_ref(&c), 0.5), Some(0.5));
+        assert_eq!(floor_threshold(std::slice::from_ref(&c), 0.995), None);
+        assert_eq!(floor_threshold(&[], 0.9), None);
+        // A dip below the floor is not crossed on the way down.
+        let dip = curve(&[(0.5, 0.9, 0.96), (0.7, 0.5, 0.90), (0.9, 0.2, 0.97)]);
+        assert_eq!(floor_threshold(&[dip.clone()], 0.95), Some(0.9));
+        // Two exits: the stricter one decides; agreements multiply.
+        assert_eq!(floor_threshold(&[c.clone(), dip.clone()], 0.95), Some(0.9));
+        let both = expected_agreement(&[c, dip], 0.9).unwrap();
+        assert!((both - 0.969 * 0.97).abs() < 1e-9);
+    }
 
     #[test]
     fn mean_and_sum_of_histograms() {

@@ -3,7 +3,7 @@
 //! message for the caller and a short, bounded `reason` for metrics labels, carried in the
 //! `rrt-reject-reason` trailer so the router can count what a worker rejected.
 
-use rrt_proto::v1::{ExitPolicy, GenerateRequest};
+use rrt_proto::v1::{ExitPolicy, GenerateRequest, QualityTier};
 
 /// The metadata key of a rejection's reason.
 pub const REASON_KEY: &str = "rrt-reject-reason";
@@ -174,6 +174,28 @@ pub fn generate_request(req: &GenerateRequest, max_new_tokens: u32) -> Result<()
             ));
         }
     }
+    match QualityTier::try_from(req.quality) {
+        Err(_) => {
+            return Err(Rejection::new(
+                "bad_quality",
+                format!("unknown quality tier {}", req.quality),
+            ))
+        }
+        Ok(QualityTier::Full)
+            if req.exit.as_ref().is_some_and(|e| {
+                !matches!(
+                    ExitPolicy::try_from(e.policy),
+                    Ok(ExitPolicy::Unspecified | ExitPolicy::None)
+                )
+            }) =>
+        {
+            return Err(Rejection::new(
+                "bad_quality",
+                "quality FULL runs every loop: it takes no exit policy (leave exit unset)",
+            ))
+        }
+        Ok(_) => {}
+    }
     if req.stop.len() > MAX_STOPS {
         return Err(Rejection::new(
             "bad_stop",
@@ -295,6 +317,29 @@ mod tests {
             }),
             "bad_stop"
         );
+        assert_eq!(
+            reason(GenerateRequest {
+                quality: 7,
+                ..ok()
+            }),
+            "bad_quality"
+        );
+        assert_eq!(
+            reason(GenerateRequest {
+                quality: QualityTier::Full as i32,
+                exit: Some(ExitParameters {
+                    policy: ExitPolicy::Learned as i32,
+                    threshold: 0.5
+                }),
+                ..ok()
+            }),
+            "bad_quality"
+        );
+        let full = GenerateRequest {
+            quality: QualityTier::Full as i32,
+            ..ok()
+        };
+        assert_eq!(generate_request(&full, 64), Ok(()));
         // Unset sampling fields (0) are defaults, not errors.
         assert_eq!(generate_request(&sampling(|_| {}), 64), Ok(()));
     }

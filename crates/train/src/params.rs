@@ -399,6 +399,7 @@ impl TrainModel {
             adapter_rank: rank,
             loops: heads.len(),
             trained,
+            curves: Vec::new(),
         };
         Ok(Some(ExitHeads { meta, heads }))
     }

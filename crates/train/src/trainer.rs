@@ -81,17 +81,7 @@ pub struct EvalRecord {
     pub exit_curve: Vec<Vec<ExitPoint>>,
 }
 
-/// What a learned-exit threshold would do on the held-out tokens.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct ExitPoint {
-    pub threshold: f32,
-    /// Share of tokens whose classifier probability reaches the threshold.
-    pub exit_rate: f64,
-    /// Of those, the share whose exit agrees with the last loop.
-    pub exit_agreement: f64,
-    /// Per-token agreement with the last loop if those tokens exit (the rest run every loop).
-    pub overall_agreement: f64,
-}
+pub use rrt_model::recursive::exit_heads::ExitPoint;
 
 /// The exit trade-off of `(probability, agrees)` points at the usual thresholds.
 pub fn exit_curve(points: &[(f32, bool)]) -> Vec<ExitPoint> {
@@ -99,7 +89,7 @@ pub fn exit_curve(points: &[(f32, bool)]) -> Vec<ExitPoint> {
         return Vec::new();
     }
     let n = points.len() as f64;
-    [0.5f32, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99]
+    [0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
         .iter()
         .map(|&threshold| {
             let exiting: Vec<bool> = points

@@ -15,6 +15,7 @@ pub struct WorkerEntry {
     pub address: String,
     pub model: String,
     pub loops: u32,
+    pub max_sequences: u32,
     pub last_seen: Instant,
     pub report: pb::WorkerReport,
     /// Generated tokens by exit loop since registration.
@@ -82,6 +83,7 @@ impl Registry {
                 address: req.address,
                 model: req.model,
                 loops: req.loops,
+                max_sequences: req.max_sequences,
                 last_seen: now,
                 report: pb::WorkerReport {
                     worker_id: req.worker_id,
@@ -169,6 +171,20 @@ impl Registry {
         }
     }
 
+    /// Each model's load over its serving (not draining) workers: requests waiting, sequence
+    /// slots, KV blocks held and in all.
+    pub fn model_loads(&self) -> HashMap<String, crate::adapt::ModelLoad> {
+        let mut loads: HashMap<String, crate::adapt::ModelLoad> = HashMap::new();
+        for e in self.workers.iter().filter(|e| !e.report.draining) {
+            let l = loads.entry(e.model.clone()).or_default();
+            l.waiting += e.report.queue_length as u64;
+            l.slots += e.max_sequences.max(1) as u64;
+            l.kv_used += e.report.kv_blocks_used;
+            l.kv_total += e.report.kv_blocks_total;
+        }
+        loads
+    }
+
     /// Expected loops per token per model, pooling its workers' exit histograms.
     pub fn model_expected_loops(&self) -> HashMap<String, f64> {
         let mut pooled: HashMap<String, (Vec<u64>, u32)> = HashMap::new();
@@ -195,6 +211,7 @@ mod tests {
             model: "m".into(),
             loops: 4,
             max_sequences: 8,
+            ..Default::default()
         }
     }
 

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::adapt::Adaptive;
 use crate::config::CoordinatorArgs;
 use crate::registry::Registry;
 use crate::service::{publish, CoordinatorService};
@@ -73,6 +74,18 @@ fn describe() {
         "Routers' placement batches taken, to pass on to the other routers."
     );
     describe_gauge!(
+        "rrt_coordinator_exit_threshold",
+        "Load-adaptive exits: the default exit threshold handed to each model's workers (their configured one while load is low, down to the quality floor's as they saturate)."
+    );
+    describe_gauge!(
+        "rrt_coordinator_exit_load_pressure",
+        "Load-adaptive exits: each model's saturation (1 = requests waiting per slot or KV use at its high mark)."
+    );
+    describe_gauge!(
+        "rrt_coordinator_exit_expected_agreement",
+        "Load-adaptive exits: agreement with full depth at the threshold in force, from the model's measured curve."
+    );
+    describe_gauge!(
         "rrt_coordinator_view_publish_seconds",
         "Time the latest publish took (evict, build the view, diff it)."
     );
@@ -95,10 +108,12 @@ pub async fn start(
     let registry = Arc::new(Registry::new(Duration::from_millis(args.evict_ms)));
     let (tx, rx) = watch::channel(pb::ClusterView::default());
     let views = Arc::new(Views::default());
+    let adaptive = Arc::new(Adaptive::new(args.adapt()));
     tokio::spawn(publish(
         registry.clone(),
         tx,
         views.clone(),
+        adaptive.clone(),
         interval,
         shutdown.clone(),
     ));
@@ -122,6 +137,7 @@ pub async fn start(
                 registry: registry.clone(),
                 view: rx,
                 views,
+                adaptive,
                 report_ms: args.report_ms as u32,
                 shutdown: service_shutdown,
             })

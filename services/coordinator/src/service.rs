@@ -15,6 +15,7 @@ use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::adapt::Adaptive;
 use crate::registry::Registry;
 use crate::views::Views;
 
@@ -23,6 +24,7 @@ pub struct CoordinatorService {
     /// The whole view, for routers that did not ask for deltas.
     pub view: watch::Receiver<pb::ClusterView>,
     pub views: Arc<Views>,
+    pub adaptive: Arc<Adaptive>,
     pub report_ms: u32,
     pub shutdown: Shutdown,
 }
@@ -107,6 +109,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         }
         tracing::info!(worker = %req.worker_id, address = %req.address, model = %req.model, "worker registered");
         counter!("rrt_coordinator_registrations_total").increment(1);
+        if let Some(why) = self.adaptive.learn(&req) {
+            tracing::warn!(worker = %req.worker_id, model = %req.model, "load-adaptive exits are off for this model: {why}");
+        }
         self.registry.register(req, Instant::now());
         Ok(Response::new(pb::RegisterResponse {
             report_interval_ms: self.report_ms,
@@ -127,7 +132,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         }
         counter!("rrt_coordinator_reports_total").increment(1);
         let known = self.registry.report(report, Instant::now());
-        Ok(Response::new(pb::ReportResponse { known }))
+        let exit_threshold = model.and_then(|m| self.adaptive.threshold_for(&m));
+        Ok(Response::new(pb::ReportResponse {
+            known,
+            exit_threshold,
+        }))
     }
 
     async fn share_placements(
@@ -179,6 +188,7 @@ pub async fn publish(
     registry: Arc<Registry>,
     tx: watch::Sender<pb::ClusterView>,
     views: Arc<Views>,
+    adaptive: Arc<Adaptive>,
     interval: Duration,
     shutdown: Shutdown,
 ) {
@@ -202,6 +212,14 @@ pub async fn publish(
         }
         for (model, loops) in &view.model_expected_loops {
             gauge!("rrt_coordinator_model_expected_loops", "model" => model.clone()).set(*loops);
+        }
+        for a in adaptive.tick(&registry.model_loads()) {
+            let model = a.model.clone();
+            gauge!("rrt_coordinator_exit_threshold", "model" => model.clone()).set(a.threshold as f64);
+            gauge!("rrt_coordinator_exit_load_pressure", "model" => model.clone()).set(a.pressure);
+            if let Some(agree) = a.expected_agreement {
+                gauge!("rrt_coordinator_exit_expected_agreement", "model" => model).set(agree);
+            }
         }
         let delta = views.publish(view.clone());
         view.version = delta.version;

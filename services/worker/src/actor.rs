@@ -17,6 +17,8 @@ use crate::backend::Backend;
 /// What the engine thread is asked to do.
 pub enum Command {
     Submit(Request),
+    /// Load-adaptive exits: the default exit policy's threshold from now on.
+    SetDefaultThreshold(f32),
 }
 
 /// The engine's load after its latest step, for reports and metrics.
@@ -93,7 +95,19 @@ impl EngineHandle {
         self.tx
             .send(Command::Submit(req))
             .await
-            .map_err(|mpsc::error::SendError(Command::Submit(r))| r)
+            .map_err(|mpsc::error::SendError(cmd)| match cmd {
+                Command::Submit(r) => r,
+                Command::SetDefaultThreshold(_) => unreachable!("only a Submit was sent"),
+            })
+    }
+
+    /// Moves the default exit policy's threshold (requests that follow the default, running
+    /// and new); `false` when the engine thread is gone.
+    pub async fn set_default_threshold(&self, threshold: f32) -> bool {
+        self.tx
+            .send(Command::SetDefaultThreshold(threshold))
+            .await
+            .is_ok()
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -195,6 +209,7 @@ impl Thread {
 fn apply(engine: &mut impl Backend, cmd: Command) {
     match cmd {
         Command::Submit(req) => engine.submit(req),
+        Command::SetDefaultThreshold(t) => engine.set_default_threshold(t),
     }
 }
 

@@ -18,6 +18,9 @@ pub trait Backend: Send + 'static {
     fn failed_steps(&self) -> u64;
     /// The load and counters to publish, with `busy_seconds` spent stepping.
     fn snapshot(&self, busy_seconds: f64) -> Snapshot;
+    /// The default exit policy's threshold from now on (load-adaptive exits): requests that
+    /// named no policy follow it, running ones included.
+    fn set_default_threshold(&mut self, threshold: f32);
 }
 
 impl Backend for Engine {
@@ -37,6 +40,10 @@ impl Backend for Engine {
 
     fn failed_steps(&self) -> u64 {
         self.stats().failed_steps
+    }
+
+    fn set_default_threshold(&mut self, threshold: f32) {
+        Engine::set_default_threshold(self, threshold)
     }
 
     fn snapshot(&self, busy_seconds: f64) -> Snapshot {

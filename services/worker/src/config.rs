@@ -70,8 +70,15 @@ pub struct WorkerArgs {
     /// Exit policy of requests that name none.
     #[arg(long, env = "RRT_WORKER_EXIT", value_enum, default_value_t = ExitArg::None)]
     pub exit: ExitArg,
+    /// Threshold of that policy (the coordinator's load-adaptive exits move it between this and
+    /// its quality floor).
     #[arg(long, env = "RRT_WORKER_EXIT_THRESHOLD", default_value_t = 0.9)]
     pub exit_threshold: f32,
+    /// The model's measured threshold curves (an `exit-heads.json` with `curves`, or a directory
+    /// holding one), sent to the coordinator for load-adaptive exits (default: the model
+    /// directory's own exit heads).
+    #[arg(long, env = "RRT_WORKER_EXIT_CURVE")]
+    pub exit_curve: Option<PathBuf>,
     /// How the K/V of loops an early exit skipped are filled.
     #[arg(long, env = "RRT_WORKER_KV_FILL", value_enum, default_value_t = KvFillArg::Propagate)]
     pub kv_fill: KvFillArg,
@@ -205,12 +212,61 @@ impl WorkerArgs {
             max_sequences: self.max_sequences,
             prefill_chunk: self.max_batch_rows,
             exit_probs: self.sim_exit_probs.clone(),
+            exit_curves: self.exit_curves()?,
+            default_exit: ExitPolicy {
+                kind: self.exit.kind(),
+                threshold: self.exit_threshold,
+            },
             hard_share: self.sim_hard_share,
             speed: self.sim_speed,
             seed: self.sim_seed,
             clock: crate::sim::Clock::Real,
             ..Default::default()
         })
+    }
+
+    /// The model's threshold curves, from `--exit-curve` or the model directory's exit heads
+    /// (none for a GGUF file or a model without heads).
+    pub fn exit_curves(&self) -> anyhow::Result<Vec<rrt_proto::v1::ExitCurve>> {
+        use rrt_model::recursive::exit_heads::{read_meta, ExitHeadsMeta, META_FILE};
+        let meta: Option<ExitHeadsMeta> = match &self.exit_curve {
+            Some(p) if p.is_dir() => Some(
+                read_meta(p)
+                    .map_err(|e| anyhow::anyhow!("--exit-curve {}: {e}", p.display()))?
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("--exit-curve {}: no {META_FILE} in it", p.display())
+                    })?,
+            ),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("--exit-curve {}: {e}", p.display()))?;
+                Some(serde_json::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("--exit-curve {}: not exit-heads metadata: {e}", p.display())
+                })?)
+            }
+            None if self.model.is_dir() => read_meta(&self.model)
+                .map_err(|e| anyhow::anyhow!("--model {}: {e}", self.model.display()))?,
+            None => None,
+        };
+        let curves = meta.map(|m| m.curves).unwrap_or_default();
+        if let (Some(p), true) = (&self.exit_curve, curves.is_empty()) {
+            anyhow::bail!("--exit-curve {}: it has no `curves`", p.display());
+        }
+        Ok(curves
+            .into_iter()
+            .map(|c| rrt_proto::v1::ExitCurve {
+                after_loop: c.after_loop as u32,
+                points: c
+                    .points
+                    .iter()
+                    .map(|p| rrt_proto::v1::ExitCurvePoint {
+                        threshold: p.threshold,
+                        exit_rate: p.exit_rate,
+                        agreement: p.overall_agreement,
+                    })
+                    .collect(),
+            })
+            .collect())
     }
 
     pub fn engine_config(&self, model_id: &str) -> anyhow::Result<EngineConfig> {

@@ -5,6 +5,7 @@
 //! - [`actor`]: the engine on its own thread behind a bounded command channel;
 //! - [`backend`]: what that thread drives: the real engine or [`sim`], a simulated one (step
 //!   times from a cost model, a prefix cache of blocks, exits drawn per request);
+//! - [`exits`]: exit policies between their gRPC and engine forms, quality tiers;
 //! - [`service`]: the gRPC service (validation, tokenization, limits, admission);
 //! - [`relay`]: one request's engine events as stream messages (text, stops, deadline);
 //! - [`stop`]: stop sequences on the generated text;
@@ -17,6 +18,7 @@ pub mod actor;
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod exits;
 pub mod metrics;
 pub mod relay;
 pub mod reporter;

@@ -48,6 +48,10 @@ pub fn describe() {
         "Bytes of model weights held in memory, by weight dtype (f32, bf16, q8, f16)."
     );
     describe_gauge!(
+        "rrt_worker_exit_threshold",
+        "Threshold of the default exit policy in force: the configured one, or the coordinator's while it lowers it under load (load-adaptive exits)."
+    );
+    describe_gauge!(
         "rrt_worker_queue_length",
         "Requests waiting for admission (like vllm:num_requests_waiting)."
     );
@@ -125,6 +129,11 @@ pub fn describe() {
         Unit::Seconds,
         "Time from request arrival at the worker to its last message."
     );
+}
+
+/// The default exit policy's threshold in force (moved by load-adaptive exits).
+pub fn exit_threshold(worker: &str, threshold: f32) {
+    gauge!("rrt_worker_exit_threshold", "worker" => worker.to_string()).set(threshold as f64);
 }
 
 pub fn rejected(worker: &str, reason: &'static str) {

@@ -35,6 +35,43 @@ impl Throughput {
     }
 }
 
+/// The default exit threshold in force on the engine: the coordinator's, while it sends one
+/// (load-adaptive exits), the configured one otherwise.
+struct AdaptiveThreshold {
+    configured: Option<f32>,
+    in_force: Option<f32>,
+}
+
+impl AdaptiveThreshold {
+    fn new(shared: &Shared) -> Self {
+        let configured = shared
+            .default_exit
+            .filter(|e| e.policy != pb::ExitPolicy::None as i32)
+            .map(|e| e.threshold);
+        Self {
+            configured,
+            in_force: configured,
+        }
+    }
+
+    /// Applies the coordinator's threshold (`None`: back to the configured one).
+    async fn follow(&mut self, shared: &Shared, from_coordinator: Option<f32>) {
+        let Some(configured) = self.configured else {
+            return;
+        };
+        let want = from_coordinator
+            .filter(|t| t.is_finite())
+            .map_or(configured, |t| t.clamp(0.0, 1.0));
+        if self.in_force == Some(want) {
+            return;
+        }
+        if shared.engine.set_default_threshold(want).await {
+            tracing::info!(threshold = want, configured, "default exit threshold moved");
+            self.in_force = Some(want);
+        }
+    }
+}
+
 /// Mirrors the engine into metrics every `interval` and, with a coordinator, reports to it.
 pub(crate) async fn run(
     shared: Arc<Shared>,
@@ -61,6 +98,7 @@ pub(crate) async fn run(
     let mut registered = false;
     let mut throughput = Throughput::default();
     let mut previous_hist: Vec<u64> = Vec::new();
+    let mut adaptive = AdaptiveThreshold::new(&shared);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -71,6 +109,9 @@ pub(crate) async fn run(
         let snap = shared.engine.snapshot();
         let rate = throughput.update(&snap);
         m::engine(&shared.id, &snap, rate);
+        if let Some(t) = adaptive.in_force {
+            m::exit_threshold(&shared.id, t);
+        }
         let Some(client) = client.as_mut() else {
             continue;
         };
@@ -106,7 +147,10 @@ pub(crate) async fn run(
             preemptions: snap.kv_counters.preemptions,
         };
         match client.report(report).await {
-            Ok(r) if r.get_ref().known => previous_hist = hist.clone(),
+            Ok(r) if r.get_ref().known => {
+                previous_hist = hist.clone();
+                adaptive.follow(&shared, r.get_ref().exit_threshold).await;
+            }
             Ok(_) => {
                 tracing::info!("the coordinator does not know this worker: registering again");
                 registered = false;
@@ -129,6 +173,8 @@ async fn register(client: &mut CoordinatorClient<Channel>, shared: &Shared, addr
         model: model.model.clone(),
         loops: model.loops,
         max_sequences: shared.max_sequences as u32,
+        default_exit: shared.default_exit,
+        exit_curves: shared.exit_curves.clone(),
     };
     match client.register(req).await {
         Ok(_) => {

@@ -55,6 +55,8 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             .unwrap_or_else(|| "model".into())
     });
     let cfg = args.engine_config(&model_name)?;
+    let exit_curves = args.exit_curves()?;
+    let default_exit = crate::exits::to_pb(cfg.default_exit);
     let tls = args.tls.start(&shutdown)?;
     // The recorder first: descriptions given before it exists are lost.
     metrics_http::handle();
@@ -150,6 +152,8 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         max_sequences: args.max_sequences,
         admission: Admission::new(capacity),
         next_id: AtomicU64::new(0),
+        default_exit,
+        exit_curves,
     });
 
     let health = grpc::health(&[SERVICE]).await;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use metrics::counter;
-use rrt_engine::{Event, EventSink, ExitKind, ExitPolicy, GenParams, Request};
+use rrt_engine::{Event, EventSink, ExitPolicy, GenParams, Request};
 use rrt_model::{SamplingParams, Tokenizer};
 use rrt_proto::v1 as pb;
 use rrt_service::{deadline, validate, Admission};
@@ -35,6 +35,10 @@ pub(crate) struct Shared {
     /// Requests in flight (running or waiting) at most: more get RESOURCE_EXHAUSTED.
     pub admission: Admission,
     pub next_id: AtomicU64,
+    /// The policy of requests that name none, as configured (load-adaptive exits move its
+    /// threshold on the engine, never this), and the model's threshold curves.
+    pub default_exit: Option<pb::ExitParameters>,
+    pub exit_curves: Vec<pb::ExitCurve>,
 }
 
 impl Shared {
@@ -93,20 +97,7 @@ impl Shared {
             },
             seed: s.seed.unwrap_or(0),
         };
-        let exit = req.exit.as_ref().and_then(|e| {
-            let kind = match pb::ExitPolicy::try_from(e.policy).ok()? {
-                pb::ExitPolicy::Unspecified => return None,
-                pb::ExitPolicy::None => ExitKind::None,
-                pb::ExitPolicy::MaxProb => ExitKind::MaxProb,
-                pb::ExitPolicy::Margin => ExitKind::Margin,
-                pb::ExitPolicy::Cosine => ExitKind::Cosine,
-                pb::ExitPolicy::Learned => ExitKind::Learned,
-            };
-            Some(ExitPolicy {
-                kind,
-                threshold: e.threshold,
-            })
-        });
+        let exit = crate::exits::requested(req.exit.as_ref(), req.quality);
         let vocab = model.vocab_size;
         if let Some(bad) = req.resume_token_ids.iter().find(|&&t| t >= vocab) {
             return Err(validate::Rejection::new(

@@ -30,6 +30,43 @@ pub struct ExitHeadsMeta {
     /// Free text: data, steps, the model they were trained on, measured agreement.
     #[serde(default)]
     pub trained: String,
+    /// Per exit, what its classifier's threshold does on held-out text (teacher-forced): what
+    /// load-adaptive exits read to keep a quality floor. Empty for heads saved before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curves: Vec<ExitCurve>,
+}
+
+/// One exit's threshold trade-off on held-out text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExitCurve {
+    /// The loop (1-based) the exit follows.
+    pub after_loop: usize,
+    /// What text it was measured on.
+    #[serde(default)]
+    pub measured_on: String,
+    /// In increasing threshold order.
+    pub points: Vec<ExitPoint>,
+}
+
+/// What a learned-exit threshold does on held-out tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ExitPoint {
+    pub threshold: f32,
+    /// Share of tokens whose classifier probability reaches the threshold.
+    pub exit_rate: f64,
+    /// Of those, the share whose exit agrees with the last loop.
+    pub exit_agreement: f64,
+    /// Per-token agreement with the last loop if those tokens exit (the rest run every loop).
+    pub overall_agreement: f64,
+}
+
+/// The metadata of the exit heads in model directory `dir`, if it has any (no weights read).
+pub fn read_meta(dir: &Path) -> Result<Option<ExitHeadsMeta>> {
+    let path = dir.join(META_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    crate::json::read(&path, "exit-heads metadata").map(Some)
 }
 
 /// One loop's exit head.

@@ -401,7 +401,26 @@ fn finish(
         trainer.position.tokens,
         e.agreement.iter().map(|a| format!("{:.1}%", 100.0 * a)).collect::<Vec<_>>()
     );
-    if let Some(heads) = trainer.model.to_exit_heads(trained)? {
+    if let Some(mut heads) = trainer.model.to_exit_heads(trained)? {
+        let measured_on = format!(
+            "{} ({} windows of {} tokens, teacher-forced)",
+            o.eval_data
+                .as_ref()
+                .map_or("the held-out split".to_string(), |p| p.display().to_string()),
+            o.eval_windows,
+            o.seq_len
+        );
+        heads.meta.curves = e
+            .exit_curve
+            .iter()
+            .enumerate()
+            .filter(|(_, points)| !points.is_empty())
+            .map(|(j, points)| rrt_model::recursive::exit_heads::ExitCurve {
+                after_loop: j + 1,
+                measured_on: measured_on.clone(),
+                points: points.clone(),
+            })
+            .collect();
         heads.save(&o.out)?;
         for line in exit_curve_lines(&e) {
             report(Event::Line(line));

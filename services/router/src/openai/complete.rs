@@ -79,6 +79,21 @@ fn exit_parameters(common: &Common) -> Result<Option<pb::ExitParameters>, ApiErr
     }))
 }
 
+/// rrt's `rrt_quality` extension as the gRPC tier.
+fn quality_tier(common: &Common) -> Result<pb::QualityTier, ApiError> {
+    match common.rrt_quality.as_deref() {
+        None | Some("adaptive") => Ok(pb::QualityTier::Unspecified),
+        Some("full") => Ok(pb::QualityTier::Full),
+        Some(other) => Err(ApiError::bad_request(
+            format!(
+                "rrt_quality {}: one of adaptive, full",
+                rrt_service::validate::quote(other)
+            ),
+            Some("rrt_quality"),
+        )),
+    }
+}
+
 /// The `GenerateRequest` of what both endpoints share.
 fn base(common: &Common, default_max: u32) -> Result<pb::GenerateRequest, ApiError> {
     if let Some(n) = common.n {
@@ -120,6 +135,7 @@ fn base(common: &Common, default_max: u32) -> Result<pb::GenerateRequest, ApiErr
             .map(OneOrMany::into_vec)
             .unwrap_or_default(),
         exit: exit_parameters(common)?,
+        quality: quality_tier(common)? as i32,
         priority: common.priority.unwrap_or(0),
         ignore_eos: common.ignore_eos,
         ..Default::default()

@@ -53,6 +53,9 @@ pub struct Common {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub rrt_exit: Option<ExitExtension>,
+    /// rrt's extension: `adaptive` (the default: the cluster's default exit policy, whose
+    /// threshold is lowered under load down to a quality floor) or `full` (every loop).
+    pub rrt_quality: Option<String>,
     /// Scheduling priority on the worker (vLLM's extension): lower is admitted first and
     /// preempted last; 0 by default.
     pub priority: Option<i32>,

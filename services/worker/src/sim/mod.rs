@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rrt_engine::{EngineStats, Event, ExitKind, FinishReason, KvCounters, Request};
+use rrt_engine::{EngineStats, Event, ExitKind, ExitPolicy, FinishReason, KvCounters, Request};
 use rrt_model::kv::PoolStats;
 use rrt_model::{ModelShape, Tokenizer};
 
@@ -65,8 +65,17 @@ pub struct SimConfig {
     pub max_sequences: usize,
     /// Prompt rows one step runs at most (chunked prefill).
     pub prefill_chunk: usize,
-    /// Probability that a token exits after loop `i + 1` (the rest exit after the last).
+    /// Probability that a token exits after loop `i + 1` (the rest exit after the last), when
+    /// the model has no threshold curves.
     pub exit_probs: Vec<f64>,
+    /// The model's measured threshold curves (exit rate per threshold, per exit): with them a
+    /// token exits after loop `j` with the curve's rate at its policy's threshold (so moving the
+    /// default threshold moves the depths, as on a real worker), and a policy of `None` runs
+    /// every loop.
+    pub exit_curves: Vec<rrt_proto::v1::ExitCurve>,
+    /// The exit policy of requests that name none; its threshold follows
+    /// [`Backend::set_default_threshold`].
+    pub default_exit: ExitPolicy,
     /// Share of request classes (by the hash of their first prompt block) whose tokens go one
     /// loop deeper than the distribution says: "hard" prompts.
     pub hard_share: f64,
@@ -88,6 +97,8 @@ impl Default for SimConfig {
             max_sequences: 64,
             prefill_chunk: 256,
             exit_probs: vec![0.5],
+            exit_curves: Vec::new(),
+            default_exit: ExitPolicy::NONE,
             hard_share: 0.0,
             speed: 1.0,
             seed: 0,
@@ -186,6 +197,25 @@ impl SimEngine {
     /// The loop a token exits after.
     fn draw_exit(&mut self, seq: &Seq) -> usize {
         let loops = self.cfg.loops.max(1);
+        if !self.cfg.exit_curves.is_empty() {
+            let policy = seq.req.exit.unwrap_or(self.cfg.default_exit);
+            if policy.kind == ExitKind::None {
+                return loops;
+            }
+            for j in 1..loops {
+                let rate = self
+                    .cfg
+                    .exit_curves
+                    .iter()
+                    .find(|c| c.after_loop as usize == j)
+                    .and_then(|c| rrt_proto::exits::exit_rate_at(&c.points, policy.threshold))
+                    .unwrap_or(0.0);
+                if self.rng.random::<f64>() < rate {
+                    return (j + seq.deeper).min(loops);
+                }
+            }
+            return loops;
+        }
         if seq
             .req
             .exit
@@ -416,6 +446,12 @@ impl Backend for SimEngine {
 
     fn failed_steps(&self) -> u64 {
         0
+    }
+
+    fn set_default_threshold(&mut self, threshold: f32) {
+        if !threshold.is_nan() {
+            self.cfg.default_exit.threshold = threshold.clamp(0.0, 1.0);
+        }
     }
 
     fn snapshot(&self, busy_seconds: f64) -> Snapshot {
