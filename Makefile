@@ -52,10 +52,15 @@ bench-engine: model data build ## serving throughput: static / CSB / CDB with ex
 	$(RRT) bench engine
 	$(RRT) bench engine --dtypes f32,bf16,q8 --prompts 48 --min-output 32 --max-output 64 --lora-ranks 0 --synthetic 0.5,0.9 --repeats 2
 
-scale-bench: model models build ## routing policies on 50 and 200 simulated workers behind the real router and coordinator, one and two routers (cost model fitted first; ~15 min)
+scale-bench: model models build ## routing policies on 50 and 200 simulated workers and on 4 real ones, one and two routers; load-adaptive exits at overload (cost model fitted first; ~22 min)
 	$(RRT) bench sim
 	$(RRT) bench scale --workers 50 --sessions 200
 	$(RRT) bench scale --workers 200 --sessions 600 --burst 90 --system-prompts 48
+	$(RRT) bench scale --real --workers 4 --sessions 24 --turns 3 --system-prompts 4 --burst 8 --burst-every-ms 2000 --max-tokens 16 --policies round-robin,least-outstanding,cache-aware,combined --two-routers cache-aware,combined
+	$(RRT) bench adaptive --overload 2
+	$(RRT) bench adaptive --overload 1.25
+	$(RRT) bench adaptive --curve docs/data/r128-general-exit-curve.json --floor 0.85 --overload 2
+	$(RRT) bench adaptive --curve docs/data/r128-general-exit-curve.json --floor 0.85 --overload 1.25
 
 chaos: model models build ## kill -9 a worker mid-stream, 5 times: 200 streams at concurrency 32 on 3 worker processes, none lost or changed; then bursts of 10x capacity at the router and a worker (~17 min)
 	$(RRT) bench chaos

@@ -117,6 +117,15 @@ def main() -> None:
     out["n2"] = error_of(
         lambda: client.completions.create(model=model, prompt=prompt, max_tokens=4, n=2)
     )
+    out["bad_quality"] = error_of(
+        lambda: client.completions.create(
+            model=model, prompt=prompt, max_tokens=4, extra_body={"rrt_quality": "best"}
+        )
+    )
+    full = client.completions.create(
+        model=model, prompt=prompt, max_tokens=8, temperature=0, extra_body={"rrt_quality": "full"}
+    )
+    out["full_quality_text"] = full.choices[0].text
     out["unknown_model"] = error_of(
         lambda: client.completions.create(model="no-such-model", prompt=prompt, max_tokens=4)
     )

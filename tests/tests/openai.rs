@@ -131,6 +131,7 @@ async fn the_openai_python_client_gets_what_the_grpc_api_gives() {
 
     for (case, status) in [
         ("bad_request", 400),
+        ("bad_quality", 400),
         ("n2", 400),
         ("unknown_model", 404),
         ("bad_key", 401),
@@ -146,6 +147,12 @@ async fn the_openai_python_client_gets_what_the_grpc_api_gives() {
         .as_str()
         .unwrap()
         .contains("max_tokens must be at least 1"));
+    assert!(v["bad_quality"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("rrt_quality"));
+    // Quality FULL runs every loop: with no exits configured, the same greedy text.
+    assert_eq!(v["full_quality_text"], completion["text"]);
 
     // An unknown route is an OpenAI error object too; every request is counted by route and
     // status.

@@ -267,7 +267,7 @@ async fn saturation_lowers_the_exit_threshold_to_the_quality_floor_and_calm_rest
     })
     .await;
 
-    // 24 requests on 4 sequence slots: 5 waiting per slot, far above 0.25. One in four asks
+    // 24 requests on 4 sequence slots: 5 waiting per slot, far above 0.05. One in four asks
     // for quality FULL.
     let tasks: Vec<_> = (0..24)
         .map(|i| {
@@ -284,21 +284,32 @@ async fn saturation_lowers_the_exit_threshold_to_the_quality_floor_and_calm_rest
             })
         })
         .collect();
-    eventually(Duration::from_secs(20), "the threshold at the floor", || async {
-        ((threshold().await - 0.5).abs() < 1e-6).then_some(())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the threshold at the floor",
+        || async { ((threshold().await - 0.5).abs() < 1e-6).then_some(()) },
+    )
     .await;
     // The workers take it with their next report's answer.
-    eventually(Duration::from_secs(5), "the workers at the floor", || async {
-        let w = cluster::metric_at(metrics, "rrt_worker_exit_threshold", &["worker=\"adapt0\""]).await;
-        ((w - 0.5).abs() < 1e-6).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the workers at the floor",
+        || async {
+            let w =
+                cluster::metric_at(metrics, "rrt_worker_exit_threshold", &["worker=\"adapt0\""])
+                    .await;
+            ((w - 0.5).abs() < 1e-6).then_some(())
+        },
+    )
     .await;
     let mut early = (0usize, 0usize);
     for t in tasks {
         let (full, loops) = t.await.unwrap();
         if full {
-            assert!(loops.iter().all(|&l| l == 2), "quality FULL exited early: {loops:?}");
+            assert!(
+                loops.iter().all(|&l| l == 2),
+                "quality FULL exited early: {loops:?}"
+            );
         } else {
             early.0 += loops.iter().skip(1).filter(|&&l| l == 1).count();
             early.1 += loops.len() - 1;
@@ -306,10 +317,15 @@ async fn saturation_lowers_the_exit_threshold_to_the_quality_floor_and_calm_rest
     }
     // At 0.9 the curve exits 0.9% of tokens after loop 1, at 0.5 18.6%.
     let share = early.0 as f64 / early.1 as f64;
-    assert!(share > 0.06, "adaptive requests exited early on {share:.3} of tokens");
-    eventually(Duration::from_secs(20), "the threshold restored", || async {
-        ((threshold().await - 0.9).abs() < 1e-6).then_some(())
-    })
+    assert!(
+        share > 0.06,
+        "adaptive requests exited early on {share:.3} of tokens"
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the threshold restored",
+        || async { ((threshold().await - 0.9).abs() < 1e-6).then_some(()) },
+    )
     .await;
     let agreement = cluster::metric_at(
         metrics,

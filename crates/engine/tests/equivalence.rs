@@ -347,10 +347,20 @@ fn moving_the_default_threshold_moves_requests_that_follow_the_default_only() {
     let pinned = collect(&rx_pinned).pairs();
     assert_eq!(adaptive.len(), 12);
     let first_early = adaptive.iter().position(|(_, l)| *l == 1);
-    let first_early = first_early.expect("after the change the default-following request exits early");
-    assert!(first_early > 1, "before the change it ran full depth: {adaptive:?}");
-    assert!(adaptive[..first_early].iter().all(|(_, l)| *l == 3), "{adaptive:?}");
-    assert!(adaptive[first_early..].iter().all(|(_, l)| *l == 1), "{adaptive:?}");
+    let first_early =
+        first_early.expect("after the change the default-following request exits early");
+    assert!(
+        first_early > 1,
+        "before the change it ran full depth: {adaptive:?}"
+    );
+    assert!(
+        adaptive[..first_early].iter().all(|(_, l)| *l == 3),
+        "{adaptive:?}"
+    );
+    assert!(
+        adaptive[first_early..].iter().all(|(_, l)| *l == 1),
+        "{adaptive:?}"
+    );
     assert!(
         pinned.iter().all(|(_, l)| *l == 3),
         "a request that named its policy keeps it: {pinned:?}"

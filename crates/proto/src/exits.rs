@@ -43,7 +43,11 @@ pub fn add_histogram(into: &mut Vec<u64>, delta: &[u64]) {
 
 /// `f` of the curve at threshold `t`, linear between measured points and held at the ends;
 /// `None` for an empty curve.
-fn interpolate(points: &[ExitCurvePoint], t: f32, f: impl Fn(&ExitCurvePoint) -> f64) -> Option<f64> {
+fn interpolate(
+    points: &[ExitCurvePoint],
+    t: f32,
+    f: impl Fn(&ExitCurvePoint) -> f64,
+) -> Option<f64> {
     let first = points.first()?;
     let last = points.last()?;
     if t <= first.threshold {
@@ -146,7 +150,7 @@ mod tests {
         assert_eq!(floor_threshold(&[], 0.9), None);
         // A dip below the floor is not crossed on the way down.
         let dip = curve(&[(0.5, 0.9, 0.96), (0.7, 0.5, 0.90), (0.9, 0.2, 0.97)]);
-        assert_eq!(floor_threshold(&[dip.clone()], 0.95), Some(0.9));
+        assert_eq!(floor_threshold(std::slice::from_ref(&dip), 0.95), Some(0.9));
         // Two exits: the stricter one decides; agreements multiply.
         assert_eq!(floor_threshold(&[c.clone(), dip.clone()], 0.95), Some(0.9));
         let both = expected_agreement(&[c, dip], 0.9).unwrap();

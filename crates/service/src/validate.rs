@@ -318,10 +318,7 @@ mod tests {
             "bad_stop"
         );
         assert_eq!(
-            reason(GenerateRequest {
-                quality: 7,
-                ..ok()
-            }),
+            reason(GenerateRequest { quality: 7, ..ok() }),
             "bad_quality"
         );
         assert_eq!(

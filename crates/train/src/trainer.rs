@@ -89,28 +89,30 @@ pub fn exit_curve(points: &[(f32, bool)]) -> Vec<ExitPoint> {
         return Vec::new();
     }
     let n = points.len() as f64;
-    [0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
-        .iter()
-        .map(|&threshold| {
-            let exiting: Vec<bool> = points
-                .iter()
-                .filter(|p| p.0 >= threshold)
-                .map(|p| p.1)
-                .collect();
-            let agree = exiting.iter().filter(|&&a| a).count() as f64;
-            let exits = exiting.len() as f64;
-            ExitPoint {
-                threshold,
-                exit_rate: exits / n,
-                exit_agreement: if exiting.is_empty() {
-                    1.0
-                } else {
-                    agree / exits
-                },
-                overall_agreement: 1.0 - (exits - agree) / n,
-            }
-        })
-        .collect()
+    [
+        0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99,
+    ]
+    .iter()
+    .map(|&threshold| {
+        let exiting: Vec<bool> = points
+            .iter()
+            .filter(|p| p.0 >= threshold)
+            .map(|p| p.1)
+            .collect();
+        let agree = exiting.iter().filter(|&&a| a).count() as f64;
+        let exits = exiting.len() as f64;
+        ExitPoint {
+            threshold,
+            exit_rate: exits / n,
+            exit_agreement: if exiting.is_empty() {
+                1.0
+            } else {
+                agree / exits
+            },
+            overall_agreement: 1.0 - (exits - agree) / n,
+        }
+    })
+    .collect()
 }
 
 /// The data a run reads: the corpus, which windows train and which evaluate, and the

@@ -35,7 +35,7 @@ impl Default for AdaptConfig {
     fn default() -> Self {
         Self {
             quality_floor: None,
-            queue_high: 0.25,
+            queue_high: 0.05,
             kv_high: 0.9,
             lower_step: 0.25,
             restore_step: 0.1,
@@ -238,7 +238,7 @@ mod tests {
         let s = a.tick(&load(0, 100));
         assert_eq!(s[0].threshold, 0.9);
         assert_eq!(a.threshold_for("m"), None);
-        // Waiting requests at 0.3 per slot (above 0.25): a quarter of the way per interval.
+        // Waiting requests at 0.3 per slot (above 0.05): a quarter of the way per interval.
         let s = a.tick(&load(30, 100));
         assert!((s[0].threshold - 0.85).abs() < 1e-6, "{s:?}");
         assert!(s[0].pressure > 1.0);
@@ -252,7 +252,7 @@ mod tests {
         assert_eq!(s[0].floor, 0.7);
         assert!((s[0].expected_agreement.unwrap() - 0.89).abs() < 1e-9);
         // Between half and full saturation it holds.
-        let s = a.tick(&load(20, 100));
+        let s = a.tick(&load(4, 100));
         assert_eq!(s[0].threshold, 0.7);
         // Below half it climbs back a tenth of the way per interval, then rests.
         let s = a.tick(&load(0, 100));
@@ -282,7 +282,9 @@ mod tests {
             quality_floor: Some(0.99),
             ..AdaptConfig::default()
         });
-        assert!(strict.learn(&reg("m", pb::ExitPolicy::Learned, 0.9)).is_some());
+        assert!(strict
+            .learn(&reg("m", pb::ExitPolicy::Learned, 0.9))
+            .is_some());
         assert!(a.tick(&load(100, 1000)).is_empty());
         assert_eq!(a.threshold_for("m"), None);
     }

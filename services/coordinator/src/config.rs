@@ -28,8 +28,9 @@ pub struct CoordinatorArgs {
     /// Unset: thresholds stay as the workers configure them.
     #[arg(long, env = "RRT_COORDINATOR_EXIT_QUALITY_FLOOR")]
     pub exit_quality_floor: Option<f64>,
-    /// Saturation by queue: requests waiting per sequence slot over the model's workers.
-    #[arg(long, env = "RRT_COORDINATOR_ADAPT_QUEUE", default_value_t = 0.25)]
+    /// Saturation by queue: requests waiting per sequence slot over the model's workers (a
+    /// queue is where time to first token grows).
+    #[arg(long, env = "RRT_COORDINATOR_ADAPT_QUEUE", default_value_t = 0.05)]
     pub adapt_queue: f64,
     /// Saturation by memory: KV blocks held over the pool, mean over the model's workers.
     #[arg(long, env = "RRT_COORDINATOR_ADAPT_KV", default_value_t = 0.9)]
@@ -38,7 +39,11 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "RRT_COORDINATOR_ADAPT_LOWER_STEP", default_value_t = 0.25)]
     pub adapt_lower_step: f64,
     /// Share of the way back taken per interval once load is below half of saturation.
-    #[arg(long, env = "RRT_COORDINATOR_ADAPT_RESTORE_STEP", default_value_t = 0.1)]
+    #[arg(
+        long,
+        env = "RRT_COORDINATOR_ADAPT_RESTORE_STEP",
+        default_value_t = 0.1
+    )]
     pub adapt_restore_step: f64,
     #[command(flatten)]
     pub tls: rrt_service::tls::TlsArgs,
@@ -69,10 +74,7 @@ impl CoordinatorArgs {
             ("--adapt-lower-step", self.adapt_lower_step),
             ("--adapt-restore-step", self.adapt_restore_step),
         ] {
-            anyhow::ensure!(
-                v > 0.0 && v <= 1.0,
-                "{flag} must be in (0, 1], got {v}"
-            );
+            anyhow::ensure!(v > 0.0 && v <= 1.0, "{flag} must be in (0, 1], got {v}");
         }
         Ok(())
     }

@@ -215,7 +215,8 @@ pub async fn publish(
         }
         for a in adaptive.tick(&registry.model_loads()) {
             let model = a.model.clone();
-            gauge!("rrt_coordinator_exit_threshold", "model" => model.clone()).set(a.threshold as f64);
+            gauge!("rrt_coordinator_exit_threshold", "model" => model.clone())
+                .set(a.threshold as f64);
             gauge!("rrt_coordinator_exit_load_pressure", "model" => model.clone()).set(a.pressure);
             if let Some(agree) = a.expected_agreement {
                 gauge!("rrt_coordinator_exit_expected_agreement", "model" => model).set(agree);

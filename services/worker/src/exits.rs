@@ -62,7 +62,13 @@ mod tests {
             };
             assert_eq!(requested(to_pb(p).as_ref(), 0), Some(p));
         }
-        assert_eq!(to_pb(ExitPolicy { kind: ExitKind::Oracle, threshold: 0.0 }), None);
+        assert_eq!(
+            to_pb(ExitPolicy {
+                kind: ExitKind::Oracle,
+                threshold: 0.0
+            }),
+            None
+        );
         let unspecified = pb::ExitParameters::default();
         assert_eq!(requested(Some(&unspecified), 0), None, "the default");
         assert_eq!(requested(None, pb::QualityTier::Adaptive as i32), None);

@@ -49,7 +49,7 @@ pub fn describe() {
     );
     describe_gauge!(
         "rrt_worker_exit_threshold",
-        "Threshold of the default exit policy in force: the configured one, or the coordinator's while it lowers it under load (load-adaptive exits)."
+        "Threshold of the default exit policy (label: policy) in force: the configured one, or the coordinator's while it lowers it under load (load-adaptive exits)."
     );
     describe_gauge!(
         "rrt_worker_queue_length",
@@ -132,8 +132,9 @@ pub fn describe() {
 }
 
 /// The default exit policy's threshold in force (moved by load-adaptive exits).
-pub fn exit_threshold(worker: &str, threshold: f32) {
-    gauge!("rrt_worker_exit_threshold", "worker" => worker.to_string()).set(threshold as f64);
+pub fn exit_threshold(worker: &str, policy: &'static str, threshold: f32) {
+    gauge!("rrt_worker_exit_threshold", "worker" => worker.to_string(), "policy" => policy)
+        .set(threshold as f64);
 }
 
 pub fn rejected(worker: &str, reason: &'static str) {

@@ -36,22 +36,40 @@ impl Throughput {
 }
 
 /// The default exit threshold in force on the engine: the coordinator's, while it sends one
-/// (load-adaptive exits), the configured one otherwise.
+/// (load-adaptive exits), the configured one otherwise, and back to it when the coordinator
+/// cannot be reached (quality is the safe side).
 struct AdaptiveThreshold {
+    /// The default policy's name (a label) and threshold.
+    policy: &'static str,
+    threshold: f32,
+    /// `None` when the default policy is none: nothing to move.
     configured: Option<f32>,
     in_force: Option<f32>,
 }
 
 impl AdaptiveThreshold {
     fn new(shared: &Shared) -> Self {
-        let configured = shared
-            .default_exit
-            .filter(|e| e.policy != pb::ExitPolicy::None as i32)
-            .map(|e| e.threshold);
+        let exit = shared.default_exit.unwrap_or_default();
+        let policy = pb::ExitPolicy::try_from(exit.policy).unwrap_or(pb::ExitPolicy::None);
+        let configured = (!matches!(policy, pb::ExitPolicy::None | pb::ExitPolicy::Unspecified))
+            .then_some(exit.threshold);
         Self {
+            policy: match policy {
+                pb::ExitPolicy::Unspecified | pb::ExitPolicy::None => "none",
+                pb::ExitPolicy::MaxProb => "max-prob",
+                pb::ExitPolicy::Margin => "margin",
+                pb::ExitPolicy::Cosine => "cosine",
+                pb::ExitPolicy::Learned => "learned",
+            },
+            threshold: exit.threshold,
             configured,
             in_force: configured,
         }
+    }
+
+    /// The threshold in force, as a gauge.
+    fn export(&self, worker: &str) {
+        m::exit_threshold(worker, self.policy, self.in_force.unwrap_or(self.threshold));
     }
 
     /// Applies the coordinator's threshold (`None`: back to the configured one).
@@ -109,9 +127,7 @@ pub(crate) async fn run(
         let snap = shared.engine.snapshot();
         let rate = throughput.update(&snap);
         m::engine(&shared.id, &snap, rate);
-        if let Some(t) = adaptive.in_force {
-            m::exit_threshold(&shared.id, t);
-        }
+        adaptive.export(&shared.id);
         let Some(client) = client.as_mut() else {
             continue;
         };
@@ -153,12 +169,14 @@ pub(crate) async fn run(
             }
             Ok(_) => {
                 tracing::info!("the coordinator does not know this worker: registering again");
+                adaptive.follow(&shared, None).await;
                 registered = false;
                 // A new coordinator starts its statistics from the next report.
                 previous_hist = hist.clone();
             }
             Err(e) => {
                 tracing::debug!("report failed: {e}");
+                adaptive.follow(&shared, None).await;
                 registered = false;
             }
         }

@@ -18,6 +18,8 @@ use super::router::parse;
 #[derive(Default)]
 pub(super) struct Placement {
     pub routers: usize,
+    /// More coordinator flags.
+    pub coordinator_flags: Vec<String>,
     pub router_rt: Option<Handle>,
     pub coordinator_rt: Option<Handle>,
 }
@@ -69,9 +71,11 @@ impl LocalCluster {
             "--listen=127.0.0.1:0".to_string(),
             "--metrics-listen=127.0.0.1:0".into(),
         ];
+        let mut cflags = local.to_vec();
+        cflags.extend(placement.coordinator_flags.iter().cloned());
         let coordinator = on(
             placement.coordinator_rt.as_ref(),
-            rrt_coordinator::start(parse(&local)?, shutdown.clone()),
+            rrt_coordinator::start(parse(&cflags)?, shutdown.clone()),
         )
         .await??;
         let url = format!("http://{}", coordinator.grpc_addr);

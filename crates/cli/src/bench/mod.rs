@@ -1,5 +1,6 @@
 //! `rrt bench`: speed measurements that print ratios measured side by side in one run.
 
+mod adaptive;
 pub mod chaos;
 mod cpu_time;
 mod decode;
@@ -41,6 +42,9 @@ pub enum BenchCommand {
     /// Routing policies on 50-200 simulated workers behind the real router and coordinator:
     /// time to first token, latency, goodput, prefix-cache hits (`make scale-bench`).
     Scale(scale::ScaleBenchArgs),
+    /// Load-adaptive exits at 2x overload on simulated workers: fixed vs adaptive threshold,
+    /// time to first token, the quality it costs, FULL requests at full depth.
+    Adaptive(adaptive::AdaptiveBenchArgs),
     /// The trainer at f32 and bf16 on the same model, data and steps: tokens/s, time by part,
     /// how far the bf16 objective strays.
     Uptrain(uptrain::UptrainBenchArgs),
@@ -58,5 +62,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Uptrain(args) => uptrain::run(args),
         BenchCommand::Sim(args) => sim::run(args),
         BenchCommand::Scale(args) => scale::run(args),
+        BenchCommand::Adaptive(args) => adaptive::run(args),
     }
 }

@@ -76,6 +76,13 @@ pub struct ScaleBenchArgs {
     /// them; each router keeps its own index), comma-separated; empty: none.
     #[arg(long, value_delimiter = ',', default_value = "cache-aware,combined")]
     two_routers: Vec<String>,
+    /// Real workers (the engine on `--model`, real prefix caches) instead of simulated ones:
+    /// a few, on this machine's cores.
+    #[arg(long)]
+    real: bool,
+    /// Each real worker's KV pool (MiB).
+    #[arg(long, default_value_t = 256)]
+    real_kv_mib: usize,
 }
 
 /// One request's outcome.
@@ -228,7 +235,16 @@ async fn one_run(
     let cost = args.cost.clone();
     let model = args.model.display().to_string();
     let (hard, blocks) = (args.hard_share, args.kv_blocks);
+    let (real, kv_mib) = (args.real, args.real_kv_mib);
     let flags = move |i: usize| {
+        if real {
+            return vec![
+                format!("--model={model}"),
+                format!("--kv-budget-mib={kv_mib}"),
+                "--max-sequences=8".into(),
+                "--report-ms=200".into(),
+            ];
+        }
         let speed = ["1", "2", "0.5", "1"][i % 4];
         vec![
             format!("--model={model}"),
@@ -246,6 +262,7 @@ async fn one_run(
     router_flags.extend(args.router_flags.iter().cloned());
     let placement = Placement {
         routers,
+        coordinator_flags: Vec::new(),
         router_rt: Some(rts.router.handle().clone()),
         coordinator_rt: Some(rts.coordinator.handle().clone()),
     };
@@ -336,7 +353,7 @@ async fn one_run(
 }
 
 pub fn run(args: ScaleBenchArgs) -> anyhow::Result<()> {
-    if args.cost != "default" && !std::path::Path::new(&args.cost).exists() {
+    if !args.real && args.cost != "default" && !std::path::Path::new(&args.cost).exists() {
         anyhow::bail!(
             "--cost {}: no such file (run `rrt bench sim` to fit one, or give --cost default)",
             args.cost
@@ -357,16 +374,27 @@ pub fn run(args: ScaleBenchArgs) -> anyhow::Result<()> {
             .enable_all()
             .build()?,
     };
+    let workers_are = if args.real {
+        format!(
+            "real workers on {} ({} MiB of KV each, 8 sequences)",
+            args.model.display(),
+            args.real_kv_mib
+        )
+    } else {
+        format!(
+            "simulated workers: {:.0}% hard classes, speeds 0.5/1/2x, cost model {}",
+            100.0 * args.hard_share,
+            args.cost
+        )
+    };
     println!(
-        "rrt bench scale: {} sessions x {} turns, {} system prompts, bursts of {} every {} ms, {} new tokens, {:.0}% hard classes, speeds 0.5/1/2x, cost model {}",
+        "rrt bench scale: {} sessions x {} turns, {} system prompts, bursts of {} every {} ms, {} new tokens, {workers_are}",
         args.sessions,
         args.turns,
         args.system_prompts,
         args.burst,
         args.burst_every_ms,
         args.max_tokens,
-        100.0 * args.hard_share,
-        args.cost
     );
     let mut all = Vec::new();
     for &n in &args.workers {

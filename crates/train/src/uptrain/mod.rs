@@ -406,7 +406,9 @@ fn finish(
             "{} ({} windows of {} tokens, teacher-forced)",
             o.eval_data
                 .as_ref()
-                .map_or("the held-out split".to_string(), |p| p.display().to_string()),
+                .map_or("the held-out split".to_string(), |p| p
+                    .display()
+                    .to_string()),
             o.eval_windows,
             o.seq_len
         );
