@@ -56,7 +56,7 @@ scale-bench: model models build ## routing policies on 50 and 200 simulated work
 	$(RRT) bench sim
 	$(RRT) bench scale --workers 50 --sessions 200
 	$(RRT) bench scale --workers 200 --sessions 600 --burst 90 --system-prompts 48
-	$(RRT) bench scale --real --workers 4 --sessions 24 --turns 3 --system-prompts 4 --burst 8 --burst-every-ms 2000 --max-tokens 16 --policies round-robin,least-outstanding,cache-aware,combined --two-routers cache-aware,combined
+	$(RRT) bench scale --real --real-kv-mib 96 --workers 4 --sessions 32 --turns 3 --system-prompts 16 --burst 8 --burst-every-ms 2000 --max-tokens 16 --policies round-robin,least-outstanding,cache-aware,combined --two-routers cache-aware,combined
 	$(RRT) bench adaptive --overload 2
 	$(RRT) bench adaptive --overload 1.25
 	$(RRT) bench adaptive --curve docs/data/r128-general-exit-curve.json --floor 0.85 --overload 2

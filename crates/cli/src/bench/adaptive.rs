@@ -370,7 +370,7 @@ pub fn run(args: AdaptiveBenchArgs) -> anyhow::Result<()> {
     let cap = rt.block_on(capacity(&args, loops))?;
     let rate = cap * args.overload;
     println!(
-        "rrt bench adaptive: {} simulated workers x {} slots, learned exits at {} (curve {}: {}), cost model {}; capacity at the fixed threshold {:.1} requests/s ({} new tokens each); arrivals at {:.1}x = {:.1}/s for {} s, {:.0}% asking for quality FULL",
+        "rrt bench adaptive: {} simulated workers x {} slots, learned exits at {} (curve {}: {}), cost model {}; capacity at the fixed threshold {:.1} requests/s ({} new tokens each); arrivals at {}x = {:.1}/s for {} s, {:.0}% asking for quality FULL",
         args.workers,
         args.max_sequences,
         args.threshold,
