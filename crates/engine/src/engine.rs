@@ -2,13 +2,16 @@
 //! cache holds), then per [`Engine::step`]: room for every running sequence's next tokens
 //! (preempting the least important when the pool runs out), one batch by the chosen scheduler,
 //! sealing what was computed into the prefix cache, and retiring what finished. Plain state,
-//! no threads or async inside: a worker owns it on a compute thread.
+//! no async inside: a worker owns it on a compute thread (constrained requests' masks are
+//! computed on one helper thread, [`crate::constraint`]).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use rrt_model::kv::{KvDtype, PoolStats};
 use rrt_model::{Llama, Sampler};
 
+use crate::constraint::{MaskCounts, MaskStats, MaskThread};
 use crate::error::EngineError;
 use crate::exit::{ExitKind, ExitPolicy, KvFill};
 use crate::kv::{KvCounters, KvMemory};
@@ -135,6 +138,9 @@ pub struct Engine {
     /// [`crate::ExitKind::Oracle`].
     trace: ExitTrace,
     stats: EngineStats,
+    /// Computes constrained requests' masks (started with the first one).
+    masks: Option<MaskThread>,
+    mask_stats: Arc<MaskStats>,
 }
 
 impl Engine {
@@ -156,6 +162,8 @@ impl Engine {
             arrivals: 0,
             trace: ExitTrace::default(),
             stats: EngineStats::default(),
+            masks: None,
+            mask_stats: Arc::default(),
         })
     }
 
@@ -180,6 +188,20 @@ impl Engine {
         &self.cfg
     }
 
+    /// The mask thread's counters (constrained decoding).
+    pub fn mask_counts(&self) -> MaskCounts {
+        self.mask_stats.counts()
+    }
+
+    fn mask_thread(&mut self) -> Result<&MaskThread, EngineError> {
+        let t = match self.masks.take() {
+            Some(t) => t,
+            None => MaskThread::start(self.mask_stats.clone())
+                .map_err(|e| EngineError::Model(format!("starting the mask thread: {e}")))?,
+        };
+        Ok(self.masks.insert(t))
+    }
+
     /// Moves the default exit policy's threshold (load-adaptive exits): requests that named no
     /// policy, waiting and running, decide their next exits by it; requests that named one keep
     /// theirs. Clamped to [0, 1].
@@ -198,15 +220,22 @@ impl Engine {
     }
 
     /// Queues a request, or fails it at once (through its channel) if it can never run.
-    pub fn submit(&mut self, req: Request) {
+    pub fn submit(&mut self, mut req: Request) {
         let checked = self.check(&req).and_then(|exit| {
             let sampler = Sampler::new(req.params.sampling.clone())?;
             Ok((exit, sampler))
         });
+        let checked = checked.and_then(|(exit, sampler)| {
+            let constrained = match req.constraint.take() {
+                Some(c) => Some(self.mask_thread()?.constrain(c)),
+                None => None,
+            };
+            Ok((exit, sampler, constrained))
+        });
         match checked {
-            Ok((exit, sampler)) => {
+            Ok((exit, sampler, constrained)) => {
                 self.arrivals += 1;
-                let seq = Seq::new(req, sampler, exit, self.arrivals);
+                let seq = Seq::new(req, sampler, exit, self.arrivals, constrained);
                 self.enqueue(seq);
             }
             Err(e) => {

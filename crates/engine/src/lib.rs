@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 mod cdb;
+mod constraint;
 mod csb;
 mod engine;
 mod error;
@@ -34,6 +35,7 @@ mod stats;
 mod step;
 mod trace;
 
+pub use constraint::{Constraint, MaskCounts, MaskStats};
 pub use engine::{check_context, check_exit, Engine, EngineConfig, InjectedFault, Scheduler};
 pub use error::EngineError;
 pub use exit::{confidence, cosine, ExitKind, ExitPolicy, KvFill};

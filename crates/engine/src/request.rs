@@ -4,6 +4,7 @@ use std::sync::mpsc::{channel, Receiver};
 
 use rrt_model::SamplingParams;
 
+use crate::constraint::Constraint;
 use crate::error::EngineError;
 use crate::exit::ExitPolicy;
 
@@ -44,6 +45,8 @@ pub struct Request {
     pub exit: Option<ExitPolicy>,
     /// Lower is served first and preempted last (vLLM's convention); 0 by default.
     pub priority: i32,
+    /// What the generated tokens must follow (a grammar), if anything.
+    pub constraint: Option<Box<dyn Constraint>>,
     pub events: Box<dyn EventSink>,
 }
 
@@ -64,6 +67,7 @@ impl Request {
             params,
             exit,
             priority: 0,
+            constraint: None,
             events,
         };
         (req, rx)
@@ -128,6 +132,7 @@ impl std::fmt::Debug for Request {
             .field("params", &self.params)
             .field("exit", &self.exit)
             .field("priority", &self.priority)
+            .field("constrained", &self.constraint.is_some())
             .finish_non_exhaustive()
     }
 }

@@ -5,6 +5,8 @@
 use candle_core::Tensor;
 use rrt_model::{Sampler, SeqCache};
 
+use crate::constraint::Constrained;
+use crate::error::EngineError;
 use crate::exit::ExitPolicy;
 use crate::request::{Event, EventSink, FinishReason, GenParams, Request};
 
@@ -62,6 +64,8 @@ pub(crate) struct Seq {
     /// It named no exit policy: it takes the server's default, and the default's threshold as
     /// it changes under load ([`crate::Engine::set_default_threshold`]).
     pub follows_default: bool,
+    /// Its grammar, if it has one: masks the logits it samples from.
+    pub constraint: Option<Constrained>,
     pub events: Box<dyn EventSink>,
     pub params: GenParams,
     pub sampler: Sampler,
@@ -92,11 +96,18 @@ pub(crate) struct Seq {
 
 impl Seq {
     /// A waiting sequence for `req`, with its sampler.
-    pub fn new(req: Request, sampler: Sampler, exit: ExitPolicy, arrival: u64) -> Self {
+    pub fn new(
+        req: Request,
+        sampler: Sampler,
+        exit: ExitPolicy,
+        arrival: u64,
+        constraint: Option<Constrained>,
+    ) -> Self {
         Self {
             id: req.id,
             exit,
             follows_default: req.exit.is_none(),
+            constraint,
             events: req.events,
             sampler,
             kv: SeqCache::default(),
@@ -171,9 +182,16 @@ impl Seq {
     /// Samples the next token from the logits of the sequence's last token and streams it, or
     /// finishes the sequence. Returns whether a token was emitted (a stop token is not).
     pub fn on_logits(&mut self, logits: &[f32], exit_loop: usize) -> bool {
-        let next = match self.params.forced.get(self.generated()) {
-            Some(&forced) => forced,
-            None => self.sampler.sample(logits, &self.tokens),
+        let next = match (self.params.forced.get(self.generated()), &self.constraint) {
+            (Some(&forced), _) => forced,
+            (None, None) => self.sampler.sample(logits, &self.tokens),
+            (None, Some(c)) => match c.apply(logits) {
+                Ok(masked) => self.sampler.sample(&masked, &self.tokens),
+                Err(e) => {
+                    self.fail_constraint(e);
+                    return false;
+                }
+            },
         };
         if self.params.stop_tokens.contains(&next) {
             self.finish(FinishReason::Stop);
@@ -191,10 +209,29 @@ impl Seq {
             logprob,
             argmax,
         });
-        if self.generated() >= self.params.max_new_tokens {
+        let complete = match self.constraint.as_ref().map(|c| c.commit(next)) {
+            None | Some(Ok(false)) => false,
+            Some(Ok(true)) => true,
+            Some(Err(e)) => {
+                self.fail_constraint(e);
+                return true;
+            }
+        };
+        if complete {
+            // The grammar is satisfied and allows nothing more: a natural end.
+            self.finish(FinishReason::Stop);
+        } else if self.generated() >= self.params.max_new_tokens {
             self.finish(FinishReason::Length);
         }
         true
+    }
+
+    /// Ends the sequence because its constraint failed (a grammar error, or no token allowed).
+    fn fail_constraint(&mut self, reason: String) {
+        self.emit(Event::Failed(EngineError::Invalid(format!(
+            "the output constraint failed: {reason}"
+        ))));
+        self.mark_done();
     }
 
     pub fn finish(&mut self, reason: FinishReason) {

@@ -373,6 +373,99 @@ fn moving_the_default_threshold_moves_requests_that_follow_the_default_only() {
     assert!(late[1..].iter().all(|(_, l)| *l == 1), "{late:?}");
 }
 
+/// Allows only tokens that are multiples of 3; complete after `len` tokens.
+struct MultiplesOfThree {
+    vocab: u32,
+    taken: usize,
+    len: usize,
+}
+
+impl rrt_engine::Constraint for MultiplesOfThree {
+    fn mask(&mut self) -> Result<Vec<u32>, String> {
+        let mut m = vec![0u32; (self.vocab as usize).div_ceil(32)];
+        for t in (0..self.vocab).step_by(3) {
+            m[t as usize / 32] |= 1 << (t % 32);
+        }
+        Ok(m)
+    }
+    fn commit(&mut self, token: u32) -> Result<bool, String> {
+        if token % 3 != 0 {
+            return Err(format!("{token} was not allowed"));
+        }
+        self.taken += 1;
+        Ok(self.taken >= self.len)
+    }
+}
+
+#[test]
+fn constrained_tokens_follow_the_mask_and_exit_early_only_on_allowed_tokens() {
+    let model = tiny_recursive();
+    let vocab = model.cfg.vocab_size as u32;
+    let cases = prompts(vocab);
+    // Every token may leave after loop 1 (threshold 0 of max-prob), unless its pick there is
+    // not allowed.
+    let exit_early = ExitPolicy {
+        kind: ExitKind::MaxProb,
+        threshold: 0.0,
+    };
+    let run = |constrained: bool| {
+        let mut engine = cdb(&model, KvFill::Propagate);
+        let rxs: Vec<_> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (p, n))| {
+                let (mut req, rx) =
+                    Request::with_channel(i as u64, p.clone(), params(*n + 4), Some(exit_early));
+                if constrained {
+                    req.constraint = Some(Box::new(MultiplesOfThree {
+                        vocab,
+                        taken: 0,
+                        len: *n,
+                    }));
+                }
+                engine.submit(req);
+                rx
+            })
+            .collect();
+        engine.run_until_idle();
+        let out: Vec<Received> = rxs.iter().map(collect).collect();
+        (out, engine.mask_counts())
+    };
+    let (free, _) = run(false);
+    let free_odd: usize = free
+        .iter()
+        .map(|r| r.tokens.iter().filter(|t| *t % 3 != 0).count())
+        .sum();
+    assert!(
+        free_odd > 10,
+        "unconstrained output has other tokens ({free_odd})"
+    );
+    let (constrained, counts) = run(true);
+    let mut deeper = 0;
+    for (i, r) in constrained.iter().enumerate() {
+        assert!(
+            r.tokens.iter().all(|t| t % 3 == 0),
+            "request {i}: {:?}",
+            r.tokens
+        );
+        // The grammar completes after n tokens: a natural end before max_new_tokens.
+        assert_eq!(r.tokens.len(), cases[i].1, "request {i}");
+        assert_eq!(r.finish, Some(FinishReason::Stop));
+        deeper += r.exit_loops[1..].iter().filter(|&&l| l > 1).count();
+    }
+    assert!(
+        deeper > 0,
+        "some tokens' loop-1 picks were not allowed and went deeper"
+    );
+    // A token denied after loop 1 may be denied after loop 2 as well.
+    assert!(counts.exits_denied as usize >= deeper, "{counts:?}");
+    let tokens: usize = cases.iter().map(|(_, n)| n).sum();
+    assert_eq!(
+        counts.masks as usize, tokens,
+        "one mask per token: {counts:?}"
+    );
+}
+
 /// Submits one teacher-forced request (logprobs on) and returns `(token, exit loop, logprob)`.
 fn score(
     engine: &mut Engine,

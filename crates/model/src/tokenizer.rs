@@ -180,6 +180,29 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Token ids of `text` alone (no BOS): how a piece of output tokenizes.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| ModelError::Tokenizer {
+                path: self.source.clone(),
+                message: format!("encode: {e}"),
+            })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The tokenizer in Hugging Face's `tokenizer.json` form (constrained decoding reads each
+    /// token's bytes from it).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| ModelError::Tokenizer {
+                path: self.source.clone(),
+                message: format!("serialize: {e}"),
+            })
+    }
+
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner

@@ -136,11 +136,22 @@ pub(super) fn settle(
     Ok(settled
         .map(|(((u, d), logits), exit)| {
             let after = u.flight.loops_done + 1;
+            // A constrained token leaves early only on a token its grammar allows.
+            let allowed = || {
+                let s = &running[u.seq];
+                match (&s.constraint, &logits) {
+                    (Some(c), Some(l)) if s.samples_after(&u.flight) => {
+                        c.allows_exit(rrt_model::sampling::argmax(l))
+                    }
+                    _ => true,
+                }
+            };
             match d {
                 Decision::Continue => Outcome::Continue,
-                Decision::Exit { after } => Outcome::Leave { after, logits },
+                Decision::Exit { after } if allowed() => Outcome::Leave { after, logits },
+                Decision::Exit { .. } => Outcome::Continue,
                 Decision::Finish => Outcome::Leave { after, logits },
-                Decision::NeedsHead if exit => Outcome::Leave { after, logits },
+                Decision::NeedsHead if exit && allowed() => Outcome::Leave { after, logits },
                 Decision::NeedsHead => {
                     let s = &running[u.seq];
                     if let (Some(index), Some(l)) = (s.generated_index(&u.flight), &logits) {
