@@ -29,6 +29,20 @@ pub fn recursive_model() -> PathBuf {
     .to_path_buf()
 }
 
+/// The demo's recursive model: 15 shared layers x 2 loops with full-rank per-loop LoRA and
+/// per-loop norms (the source model's outputs) and the committed learned exit heads
+/// (`make demo`'s conversion).
+pub fn demo_model() -> PathBuf {
+    crate::smollm2_gguf();
+    ensure(
+        root().join(".cache/models/smollm2-15x2-full/config.json"),
+        ".cache/models/smollm2-15x2-full/config.json",
+    )
+    .parent()
+    .expect("config.json sits in the model directory")
+    .to_path_buf()
+}
+
 #[derive(Parser)]
 struct W {
     #[command(flatten)]
@@ -78,8 +92,16 @@ pub async fn coordinator(extra: &[&str]) -> Service<RunningCoordinator> {
 
 /// A worker serving the test model, reporting to `coordinator` if given.
 pub async fn worker(coordinator: Option<SocketAddr>, extra: &[&str]) -> Service<RunningWorker> {
+    worker_of(&recursive_model(), coordinator, extra).await
+}
+
+/// A worker serving `model` (named `smollm2-15x2`), reporting to `coordinator` if given.
+pub async fn worker_of(
+    model: &std::path::Path,
+    coordinator: Option<SocketAddr>,
+    extra: &[&str],
+) -> Service<RunningWorker> {
     let shutdown = Shutdown::new();
-    let model = recursive_model();
     let mut flags = vec![
         "--model".to_string(),
         model.display().to_string(),

@@ -69,16 +69,10 @@ fn bf16_and_q8_keep_the_perplexity_of_the_vanilla_model() {
     check_dtypes(&smollm2_gguf(), "vanilla");
 }
 
-/// The demo's recursive model: 15 shared layers x 2 loops with full-rank per-loop LoRA (f32 in
-/// every dtype) and per-loop norms, which scores like the source model. (The pure recursive r0
-/// model scores ~550,000: its logits are too flat for a perplexity tolerance to mean anything.)
+/// The demo's recursive model (full-rank LoRA: it scores like the source model; the pure
+/// recursive r0 model scores ~550,000, too flat for a perplexity tolerance to mean anything).
 fn demo_model() -> std::path::PathBuf {
-    let dir = rrt_tests::root().join(".cache/models/smollm2-15x2-full");
-    rrt_tests::ensure(
-        dir.join("config.json"),
-        ".cache/models/smollm2-15x2-full/config.json",
-    );
-    dir
+    rrt_tests::cluster::demo_model()
 }
 
 #[test]

@@ -11,6 +11,8 @@ pub const REASON_KEY: &str = "rrt-reject-reason";
 /// Most stop sequences per request, and bytes per stop sequence.
 pub const MAX_STOPS: usize = 16;
 pub const MAX_STOP_BYTES: usize = 256;
+/// Largest constraint text (a JSON schema, regex or grammar).
+pub const MAX_CONSTRAINT_BYTES: usize = 64 << 10;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejection {
@@ -196,6 +198,35 @@ pub fn generate_request(req: &GenerateRequest, max_new_tokens: u32) -> Result<()
         }
         Ok(_) => {}
     }
+    if let Some(c) = &req.constraint {
+        use rrt_proto::v1::output_constraint::Kind;
+        match &c.kind {
+            None => {
+                return Err(Rejection::new(
+                    "bad_constraint",
+                    "constraint is set but names no kind (json_schema, json_object, regex, lark_grammar)",
+                ))
+            }
+            Some(Kind::JsonObject(false)) => {
+                return Err(Rejection::new(
+                    "bad_constraint",
+                    "constraint.json_object must be true when it is the kind",
+                ))
+            }
+            Some(Kind::JsonSchema(t) | Kind::Regex(t) | Kind::LarkGrammar(t))
+                if t.len() > MAX_CONSTRAINT_BYTES =>
+            {
+                return Err(Rejection::new(
+                    "bad_constraint",
+                    format!(
+                        "the constraint is {} bytes; at most {MAX_CONSTRAINT_BYTES}",
+                        t.len()
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
     if req.stop.len() > MAX_STOPS {
         return Err(Rejection::new(
             "bad_stop",
@@ -331,6 +362,21 @@ mod tests {
                 ..ok()
             }),
             "bad_quality"
+        );
+        use rrt_proto::v1::{output_constraint::Kind, OutputConstraint};
+        let constrained = |kind| GenerateRequest {
+            constraint: Some(OutputConstraint { kind }),
+            ..ok()
+        };
+        assert_eq!(reason(constrained(None)), "bad_constraint");
+        assert_eq!(reason(constrained(Some(Kind::JsonObject(false)))), "bad_constraint");
+        assert_eq!(
+            reason(constrained(Some(Kind::Regex("a".repeat(70_000))))),
+            "bad_constraint"
+        );
+        assert_eq!(
+            generate_request(&constrained(Some(Kind::Regex("[0-9]+".into()))), 64),
+            Ok(())
         );
         let full = GenerateRequest {
             quality: QualityTier::Full as i32,

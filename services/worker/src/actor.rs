@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub pending_new_tokens: usize,
     pub pending_prompt_tokens: usize,
     pub stats: EngineStats,
+    /// Constrained decoding: masks computed, their time, waits for them, exits denied.
+    pub masks: rrt_engine::MaskCounts,
     /// Seconds the engine spent stepping (not idle), for loop-steps per second.
     pub busy_seconds: f64,
 }

@@ -58,6 +58,7 @@ impl Backend for Engine {
             pending_new_tokens,
             pending_prompt_tokens,
             stats: self.stats().clone(),
+            masks: self.mask_counts(),
             busy_seconds,
         }
     }

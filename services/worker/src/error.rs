@@ -20,6 +20,8 @@ pub enum WorkerError {
     Engine(#[from] EngineError),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error(transparent)]
+    Constraint(#[from] rrt_constrain::ConstraintError),
 }
 
 impl From<Refusal> for WorkerError {
@@ -50,6 +52,10 @@ impl WorkerError {
                 EngineError::StepFailed(_) => "step_failed",
             },
             WorkerError::Tokenizer(_) => "tokenizer",
+            WorkerError::Constraint(rrt_constrain::ConstraintError::Invalid { .. }) => {
+                "bad_constraint"
+            }
+            WorkerError::Constraint(rrt_constrain::ConstraintError::Setup(_)) => "constraint_setup",
         }
     }
 }
@@ -66,9 +72,12 @@ impl From<WorkerError> for tonic::Status {
             | WorkerError::EngineGone
             | WorkerError::Engine(EngineError::StepFailed(_)) => Status::unavailable(e.to_string()),
             WorkerError::Deadline => Status::deadline_exceeded(e.to_string()),
-            WorkerError::Engine(EngineError::Model(_)) | WorkerError::Tokenizer(_) => {
+            WorkerError::Engine(EngineError::Model(_))
+            | WorkerError::Tokenizer(_)
+            | WorkerError::Constraint(rrt_constrain::ConstraintError::Setup(_)) => {
                 Status::internal(e.to_string())
             }
+            WorkerError::Constraint(_) => Rejection::new(reason, e.to_string()).into(),
             // The engine's other errors are the request's fault: INVALID_ARGUMENT.
             WorkerError::Engine(_) => Rejection::new(reason, e.to_string()).into(),
         }

@@ -6,6 +6,7 @@
 //! - [`backend`]: what that thread drives: the real engine or [`sim`], a simulated one (step
 //!   times from a cost model, a prefix cache of blocks, exits drawn per request);
 //! - [`exits`]: exit policies between their gRPC and engine forms, quality tiers;
+//! - [`constrain`]: constrained requests (the model's grammar compiler, one matcher each);
 //! - [`service`]: the gRPC service (validation, tokenization, limits, admission);
 //! - [`relay`]: one request's engine events as stream messages (text, stops, deadline);
 //! - [`stop`]: stop sequences on the generated text;
@@ -17,6 +18,7 @@
 pub mod actor;
 pub mod backend;
 pub mod config;
+pub mod constrain;
 pub mod error;
 pub mod exits;
 pub mod metrics;

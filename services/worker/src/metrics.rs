@@ -33,6 +33,36 @@ pub fn describe() {
         "Generated tokens by the loop of the shared block they exited after."
     );
     describe_counter!(
+        "rrt_worker_constrained_requests_total",
+        Unit::Count,
+        "Requests with an output constraint, by kind (json_schema, json_object, regex, grammar) and whether it was compiled or found in the compiler's cache."
+    );
+    describe_histogram!(
+        "rrt_worker_constraint_compile_seconds",
+        Unit::Seconds,
+        "Time to compile an output constraint (cache misses only), by kind."
+    );
+    describe_counter!(
+        "rrt_worker_constraint_masks_total",
+        Unit::Count,
+        "Token masks computed for constrained requests (one per sampled token)."
+    );
+    describe_counter!(
+        "rrt_worker_constraint_mask_microseconds_total",
+        Unit::Microseconds,
+        "Time the mask thread spent computing token masks (overlapped with the block pass)."
+    );
+    describe_counter!(
+        "rrt_worker_constraint_wait_microseconds_total",
+        Unit::Microseconds,
+        "Time sampling waited for a mask not ready yet (what masks cost the batch)."
+    );
+    describe_counter!(
+        "rrt_worker_constraint_exits_denied_total",
+        Unit::Count,
+        "Early exits turned into another loop because the exit's pick was not allowed by the request's constraint."
+    );
+    describe_counter!(
         "rrt_worker_loop_steps_total",
         Unit::Count,
         "Rows run through the shared block (one row through one loop = 1)."
@@ -181,6 +211,14 @@ pub fn engine(worker: &str, s: &Snapshot, loop_steps_per_second: f64) {
         counter!("rrt_worker_token_exits_total", "worker" => w(), "loop" => (i + 1).to_string())
             .absolute(*n);
     }
+    let m = &s.masks;
+    counter!("rrt_worker_constraint_masks_total", "worker" => w()).absolute(m.masks);
+    counter!("rrt_worker_constraint_mask_microseconds_total", "worker" => w())
+        .absolute(m.mask_ns / 1000);
+    counter!("rrt_worker_constraint_wait_microseconds_total", "worker" => w())
+        .absolute(m.wait_ns / 1000);
+    counter!("rrt_worker_constraint_exits_denied_total", "worker" => w())
+        .absolute(m.exits_denied);
     for (i, n) in s.stats.last_rows_per_depth.iter().enumerate() {
         gauge!("rrt_worker_rows_per_depth", "worker" => w(), "loop" => (i + 1).to_string())
             .set(*n as f64);

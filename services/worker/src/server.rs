@@ -144,6 +144,8 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             (handle, tokenizer, info)
         }
     };
+    let (tokenizer_for_constraints, vocab_for_constraints) =
+        (tokenizer.clone(), model_info.vocab_size as usize);
     let shared = Arc::new(Shared {
         id: id.clone(),
         engine,
@@ -154,6 +156,11 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         next_id: AtomicU64::new(0),
         default_exit,
         exit_curves,
+        constraints: crate::constrain::Constraints::new(
+            tokenizer_for_constraints,
+            vocab_for_constraints,
+            args.simulate.is_some(),
+        ),
     });
 
     let health = grpc::health(&[SERVICE]).await;

@@ -39,6 +39,7 @@ pub(crate) struct Shared {
     /// threshold on the engine, never this), and the model's threshold curves.
     pub default_exit: Option<pb::ExitParameters>,
     pub exit_curves: Vec<pb::ExitCurve>,
+    pub constraints: crate::constrain::Constraints,
 }
 
 impl Shared {
@@ -203,6 +204,18 @@ impl WorkerService {
             return Err(WorkerError::Draining);
         }
         let (prompt, params, exit) = shared.prepare(&req)?;
+        let constraint = match req.constraint.clone() {
+            Some(c) => {
+                let (s, resumed) = (shared.clone(), req.resume_token_ids.clone());
+                let built = tokio::task::spawn_blocking(move || {
+                    s.constraints.matcher(&s.id, &c, &resumed)
+                })
+                .await
+                .map_err(|_| WorkerError::EngineGone)??;
+                Some(built)
+            }
+            None => None,
+        };
         let prompt_tokens = prompt.len() - req.resume_token_ids.len();
         let mut text = TextRelay::new(shared.clone(), req.stop, arrived, prompt_tokens);
         text.resume(&req.resume_token_ids)?;
@@ -227,6 +240,7 @@ impl WorkerService {
                     // None: the engine's default policy (the worker's --exit).
                     exit,
                     priority: req.priority,
+                    constraint,
                     events: Box::new(TokioSink(etx)),
                 })
                 .await

@@ -96,6 +96,8 @@ fn quality_tier(common: &Common) -> Result<pb::QualityTier, ApiError> {
 
 /// The `GenerateRequest` of what both endpoints share.
 fn base(common: &Common, default_max: u32) -> Result<pb::GenerateRequest, ApiError> {
+    super::structured::refuse_unknown(&common.extra)?;
+    let constraint = super::structured::constraint(common.response_format.as_ref())?;
     if let Some(n) = common.n {
         if n != 1 {
             return Err(ApiError::bad_request(
@@ -136,6 +138,7 @@ fn base(common: &Common, default_max: u32) -> Result<pb::GenerateRequest, ApiErr
             .unwrap_or_default(),
         exit: exit_parameters(common)?,
         quality: quality_tier(common)? as i32,
+        constraint,
         priority: common.priority.unwrap_or(0),
         ignore_eos: common.ignore_eos,
         ..Default::default()

@@ -2,6 +2,8 @@
 //! (one place): 400 bad input, 401 no valid key, 404 unknown model, 429 full, 503 no worker or
 //! draining, 504 deadline, 500 otherwise.
 
+use std::borrow::Cow;
+
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -14,7 +16,7 @@ use super::types::{ErrorBody, ErrorDetail};
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
-    pub param: Option<&'static str>,
+    pub param: Option<Cow<'static, str>>,
     pub code: Option<String>,
 }
 
@@ -23,7 +25,17 @@ impl ApiError {
         Self {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
-            param,
+            param: param.map(Cow::Borrowed),
+            code: None,
+        }
+    }
+
+    /// A 400 naming a field of the request that is known only at run time.
+    pub fn bad_field(message: impl Into<String>, param: String) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param: Some(Cow::Owned(param)),
             code: None,
         }
     }
@@ -53,7 +65,7 @@ impl ApiError {
             error: ErrorDetail {
                 message: self.message.clone(),
                 kind: self.kind(),
-                param: self.param,
+                param: self.param.clone(),
                 code: self.code.clone(),
             },
         }
@@ -77,10 +89,12 @@ impl From<tonic::Status> for ApiError {
             Code::Cancelled => (StatusCode::BAD_REQUEST, Some("cancelled")),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, None),
         };
+        // A constraint the worker's compiler refused came from `response_format` (or tools).
+        let param = (validate::reason_of(&s) == "bad_constraint").then_some(Cow::Borrowed("response_format"));
         Self {
             status,
             message,
-            param: None,
+            param,
             code: code.map(String::from),
         }
     }

@@ -3,10 +3,12 @@
 //! It runs on the router's tokio runtime behind the same validation, admission, deadlines,
 //! balancing, failover and metrics as the gRPC API ([`complete`]), with the same bearer tokens
 //! (`authorization: Bearer <key>`), TLS when the router has it, and a 1 MiB body limit. Errors
-//! are OpenAI error objects ([`error`]); the wire types are in [`types`].
+//! are OpenAI error objects ([`error`]); the wire types are in [`types`]; `response_format` and
+//! the refusal of fields rrt does not honour are in [`structured`].
 
 mod complete;
 mod error;
+mod structured;
 mod types;
 
 use std::sync::Arc;

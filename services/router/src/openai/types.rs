@@ -1,6 +1,6 @@
-//! The OpenAI wire format the HTTP API reads and writes (the subset rrt serves). Unknown request
-//! fields are ignored, as OpenAI-compatible servers do; fields rrt cannot honour are refused by
-//! the handlers with a 400 that names them.
+//! The OpenAI wire format the HTTP API reads and writes (the subset rrt serves). Request fields
+//! rrt does not read are collected and refused with a 400 that names them when they would change
+//! the output (`structured::refuse_unknown`); inert ones (`user`, `metadata`) pass.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -63,6 +63,11 @@ pub struct Common {
     /// for benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Structured output: `text`, `json_object` or `json_schema`.
+    pub response_format: Option<super::structured::ResponseFormat>,
+    /// Every other field of the request (refused when it would change the output).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +146,6 @@ pub struct ErrorDetail {
     pub message: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub param: Option<&'static str>,
+    pub param: Option<std::borrow::Cow<'static, str>>,
     pub code: Option<String>,
 }

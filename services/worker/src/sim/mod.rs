@@ -472,6 +472,7 @@ impl Backend for SimEngine {
             pending_new_tokens,
             pending_prompt_tokens,
             stats: self.stats.clone(),
+            masks: Default::default(),
             busy_seconds,
         }
     }
