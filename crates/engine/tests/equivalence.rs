@@ -389,7 +389,7 @@ impl rrt_engine::Constraint for MultiplesOfThree {
         Ok(m)
     }
     fn commit(&mut self, token: u32) -> Result<bool, String> {
-        if token % 3 != 0 {
+        if !token.is_multiple_of(3) {
             return Err(format!("{token} was not allowed"));
         }
         self.taken += 1;
@@ -434,7 +434,7 @@ fn constrained_tokens_follow_the_mask_and_exit_early_only_on_allowed_tokens() {
     let (free, _) = run(false);
     let free_odd: usize = free
         .iter()
-        .map(|r| r.tokens.iter().filter(|t| *t % 3 != 0).count())
+        .map(|r| r.tokens.iter().filter(|t| !t.is_multiple_of(3)).count())
         .sum();
     assert!(
         free_odd > 10,
@@ -444,7 +444,7 @@ fn constrained_tokens_follow_the_mask_and_exit_early_only_on_allowed_tokens() {
     let mut deeper = 0;
     for (i, r) in constrained.iter().enumerate() {
         assert!(
-            r.tokens.iter().all(|t| t % 3 == 0),
+            r.tokens.iter().all(|t| t.is_multiple_of(3)),
             "request {i}: {:?}",
             r.tokens
         );

@@ -369,7 +369,10 @@ mod tests {
             ..ok()
         };
         assert_eq!(reason(constrained(None)), "bad_constraint");
-        assert_eq!(reason(constrained(Some(Kind::JsonObject(false)))), "bad_constraint");
+        assert_eq!(
+            reason(constrained(Some(Kind::JsonObject(false)))),
+            "bad_constraint"
+        );
         assert_eq!(
             reason(constrained(Some(Kind::Regex("a".repeat(70_000))))),
             "bad_constraint"

@@ -80,10 +80,17 @@ impl Constraints {
             }));
         }
         let compiler = self.compiler().map_err(WorkerError::Constraint)?;
-        let hits = compiler.stats.cache_hits.load(std::sync::atomic::Ordering::Relaxed);
+        let hits = compiler
+            .stats
+            .cache_hits
+            .load(std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
         let compiled = compiler.compile(&spec);
-        let cached = compiler.stats.cache_hits.load(std::sync::atomic::Ordering::Relaxed) > hits;
+        let cached = compiler
+            .stats
+            .cache_hits
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > hits;
         let w = worker.to_string();
         if !cached {
             histogram!("rrt_worker_constraint_compile_seconds", "worker" => w.clone(), "kind" => spec.kind())

@@ -217,8 +217,7 @@ pub fn engine(worker: &str, s: &Snapshot, loop_steps_per_second: f64) {
         .absolute(m.mask_ns / 1000);
     counter!("rrt_worker_constraint_wait_microseconds_total", "worker" => w())
         .absolute(m.wait_ns / 1000);
-    counter!("rrt_worker_constraint_exits_denied_total", "worker" => w())
-        .absolute(m.exits_denied);
+    counter!("rrt_worker_constraint_exits_denied_total", "worker" => w()).absolute(m.exits_denied);
     for (i, n) in s.stats.last_rows_per_depth.iter().enumerate() {
         gauge!("rrt_worker_rows_per_depth", "worker" => w(), "loop" => (i + 1).to_string())
             .set(*n as f64);

@@ -207,11 +207,10 @@ impl WorkerService {
         let constraint = match req.constraint.clone() {
             Some(c) => {
                 let (s, resumed) = (shared.clone(), req.resume_token_ids.clone());
-                let built = tokio::task::spawn_blocking(move || {
-                    s.constraints.matcher(&s.id, &c, &resumed)
-                })
-                .await
-                .map_err(|_| WorkerError::EngineGone)??;
+                let built =
+                    tokio::task::spawn_blocking(move || s.constraints.matcher(&s.id, &c, &resumed))
+                        .await
+                        .map_err(|_| WorkerError::EngineGone)??;
                 Some(built)
             }
             None => None,

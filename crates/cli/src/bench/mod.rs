@@ -16,6 +16,7 @@ mod prefix;
 pub mod router;
 mod scale;
 mod sim;
+mod structured;
 mod uptrain;
 
 use clap::Subcommand;
@@ -45,6 +46,9 @@ pub enum BenchCommand {
     /// Load-adaptive exits at 2x overload on simulated workers: fixed vs adaptive threshold,
     /// time to first token, the quality it costs, FULL requests at full depth.
     Adaptive(adaptive::AdaptiveBenchArgs),
+    /// Constrained decoding's cost: decode tokens/s under a regex, a JSON schema and a JSON
+    /// object against free generation at batch 1 and 32, mask time per token, compile times.
+    Structured(structured::StructuredBenchArgs),
     /// The trainer at f32 and bf16 on the same model, data and steps: tokens/s, time by part,
     /// how far the bf16 objective strays.
     Uptrain(uptrain::UptrainBenchArgs),
@@ -63,5 +67,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Sim(args) => sim::run(args),
         BenchCommand::Scale(args) => scale::run(args),
         BenchCommand::Adaptive(args) => adaptive::run(args),
+        BenchCommand::Structured(args) => structured::run_bench(args),
     }
 }

@@ -90,7 +90,8 @@ impl From<tonic::Status> for ApiError {
             _ => (StatusCode::INTERNAL_SERVER_ERROR, None),
         };
         // A constraint the worker's compiler refused came from `response_format` (or tools).
-        let param = (validate::reason_of(&s) == "bad_constraint").then_some(Cow::Borrowed("response_format"));
+        let param = (validate::reason_of(&s) == "bad_constraint")
+            .then_some(Cow::Borrowed("response_format"));
         Self {
             status,
             message,

@@ -102,11 +102,7 @@ pub fn refuse_unknown(extra: &Map<String, Value>) -> Result<(), ApiError> {
             continue;
         }
         return Err(ApiError::bad_field(
-            format!(
-                "{}: {}",
-                rrt_service::validate::quote(name),
-                why(name)
-            ),
+            format!("{}: {}", rrt_service::validate::quote(name), why(name)),
             name.clone(),
         ));
     }
@@ -124,7 +120,10 @@ mod tests {
     #[test]
     fn response_formats_become_constraints() {
         assert_eq!(constraint(None).unwrap(), None);
-        assert_eq!(constraint(Some(&rf(serde_json::json!({"type": "text"})))).unwrap(), None);
+        assert_eq!(
+            constraint(Some(&rf(serde_json::json!({"type": "text"})))).unwrap(),
+            None
+        );
         let o = constraint(Some(&rf(serde_json::json!({"type": "json_object"})))).unwrap();
         assert_eq!(o.unwrap().kind, Some(Kind::JsonObject(true)));
         let s = constraint(Some(&rf(serde_json::json!({
@@ -132,7 +131,10 @@ mod tests {
             "json_schema": {"name": "x", "strict": true, "schema": {"type": "integer"}}
         }))))
         .unwrap();
-        assert_eq!(s.unwrap().kind, Some(Kind::JsonSchema(r#"{"type":"integer"}"#.into())));
+        assert_eq!(
+            s.unwrap().kind,
+            Some(Kind::JsonSchema(r#"{"type":"integer"}"#.into()))
+        );
         let e = constraint(Some(&rf(serde_json::json!({"type": "yaml"})))).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("response_format"));
         assert!(constraint(Some(&rf(serde_json::json!({"type": "json_schema"})))).is_err());

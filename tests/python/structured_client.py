@@ -1,0 +1,116 @@
+"""Structured outputs through the official `openai` package against rrt's OpenAI API.
+
+Usage: structured_client.py BASE_URL
+`response_format` json_schema (strict) on 20 varied prompts, each reply parsed and validated
+with the `jsonschema` package (not the server's word), streamed and not; json_object mode;
+a malformed schema; and the fields rrt does not honour, each refused with a 400 that names it.
+Prints one JSON object of what it saw; the Rust test asserts on it.
+"""
+
+import json
+import sys
+
+import jsonschema
+import openai
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "city": {"type": "string", "maxLength": 20},
+        "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+
+SUBJECTS = [
+    "a retired sailor", "a young painter", "a chess champion", "a baker", "an astronaut",
+    "a librarian", "a marathon runner", "a jazz pianist", "a beekeeper", "a mountain guide",
+    "a student", "a famous chef", "a night nurse", "a magician", "a lighthouse keeper",
+    "a physics teacher", "a surfer", "a cartographer", "a violin maker", "a gardener",
+]
+
+
+def main() -> None:
+    base_url = sys.argv[1]
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=300)
+    model = client.models.list().data[0].id
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "strict": True, "schema": PERSON},
+    }
+    out = {"schema_replies": [], "invalid": [], "finish_reasons": []}
+    for i, subject in enumerate(SUBJECTS):
+        messages = [
+            {"role": "system", "content": "You describe people as JSON."},
+            {"role": "user", "content": f"Describe {subject}."},
+        ]
+        if i % 4 == 0:
+            # Every fourth streamed: the chunks joined must be the same kind of reply.
+            chunks = client.chat.completions.create(
+                model=model, messages=messages, response_format=fmt, temperature=0,
+                max_tokens=96, stream=True,
+            )
+            text, finish = "", None
+            for ch in chunks:
+                if ch.choices:
+                    text += ch.choices[0].delta.content or ""
+                    finish = ch.choices[0].finish_reason or finish
+        else:
+            r = client.chat.completions.create(
+                model=model, messages=messages, response_format=fmt, temperature=0,
+                max_tokens=96,
+            )
+            text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+        out["schema_replies"].append(text)
+        out["finish_reasons"].append(finish)
+        try:
+            jsonschema.validate(json.loads(text), PERSON)
+        except Exception as e:  # noqa: BLE001 - any failure is reported to the Rust test
+            out["invalid"].append({"subject": subject, "text": text, "error": str(e)[:300]})
+
+    r = client.chat.completions.create(
+        model=model,
+        messages=[
+            {"role": "system", "content": "Answer in JSON."},
+            {"role": "user", "content": "Give a cat's name and age as a JSON object with the keys name and age."},
+        ],
+        response_format={"type": "json_object"}, temperature=0, max_tokens=96,
+    )
+    text = r.choices[0].message.content
+    try:
+        out["json_object"] = {"parsed": json.loads(text), "text": text}
+    except Exception as e:  # noqa: BLE001
+        out["json_object"] = {"error": str(e), "text": text}
+
+    def error_of(**kwargs):
+        try:
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, **kwargs
+            )
+        except openai.APIStatusError as e:
+            body = e.body if isinstance(e.body, dict) else {}
+            return {"status": e.status_code, "message": body.get("message", ""), "param": body.get("param")}
+        return None
+
+    out["errors"] = {
+        "bad_schema": error_of(response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"type": "no-such-type"}},
+        }),
+        "bad_format": error_of(response_format={"type": "yaml"}),
+        "tools": error_of(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        "tool_choice": error_of(extra_body={"tool_choice": "required"}),
+        "logit_bias": error_of(logit_bias={"42": -100}),
+        "presence_penalty": error_of(presence_penalty=0.5),
+        "frequency_penalty": error_of(frequency_penalty=0.5),
+        "unknown": error_of(extra_body={"frobnicate": True}),
+    }
+    out["neutral_ok"] = error_of(presence_penalty=0, logit_bias={}, user="someone") is None
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
