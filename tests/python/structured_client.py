@@ -85,6 +85,76 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001
         out["json_object"] = {"error": str(e), "text": text}
 
+    # Tool calls: required (any tool), a named tool, auto; streamed and not.
+    tools = [
+        {"type": "function", "function": {
+            "name": "get_weather", "description": "The current weather in a city",
+            "parameters": {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 30},
+                "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"], "additionalProperties": False}}},
+        {"type": "function", "function": {
+            "name": "add", "description": "Add two integers",
+            "parameters": {"type": "object", "properties": {
+                "a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"], "additionalProperties": False}}},
+    ]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    weather = [{"role": "user", "content": "What is the weather in Paris?"}]
+    calls = {}
+
+    def check_call(name, args_text, finish):
+        try:
+            jsonschema.validate(json.loads(args_text), schemas[name])
+            ok = True
+        except Exception as e:  # noqa: BLE001
+            ok = str(e)[:300]
+        return {"name": name, "arguments": args_text, "valid": ok, "finish_reason": finish}
+
+    for label, choice in [("required", "required"), ("named", {"type": "function", "function": {"name": "add"}})]:
+        r = client.chat.completions.create(
+            model=model, messages=weather, tools=tools, tool_choice=choice, temperature=0, max_tokens=96,
+        )
+        m = r.choices[0].message
+        tc = m.tool_calls[0] if m.tool_calls else None
+        calls[label] = check_call(tc.function.name, tc.function.arguments, r.choices[0].finish_reason) if tc else {"content": m.content}
+        calls[label]["id"] = tc.id if tc else None
+        chunks = client.chat.completions.create(
+            model=model, messages=weather, tools=tools, tool_choice=choice, temperature=0, max_tokens=96,
+            stream=True,
+        )
+        name, args, finish, pieces, content = None, "", None, 0, ""
+        for ch in chunks:
+            if not ch.choices:
+                continue
+            d = ch.choices[0].delta
+            content += d.content or ""
+            for t in d.tool_calls or []:
+                pieces += 1
+                if t.function and t.function.name:
+                    name = t.function.name
+                if t.function and t.function.arguments:
+                    args += t.function.arguments
+            finish = ch.choices[0].finish_reason or finish
+        calls[label + "_stream"] = check_call(name, args, finish) if name else {"content": content}
+        calls[label + "_stream"]["pieces"] = pieces
+    r = client.chat.completions.create(
+        model=model, messages=weather, tools=tools, temperature=0, max_tokens=64,
+    )
+    m = r.choices[0].message
+    calls["auto"] = {"content": m.content, "tool_calls": len(m.tool_calls or []), "finish_reason": r.choices[0].finish_reason}
+    # The answer of a call, sent back: the conversation goes on.
+    first = calls["required"]
+    history = weather + [
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": first.get("id") or "call_1", "type": "function",
+            "function": {"name": first.get("name") or "get_weather", "arguments": first.get("arguments") or "{}"}}]},
+        {"role": "tool", "tool_call_id": first.get("id") or "call_1", "content": "{\"temperature\": 18}"},
+    ]
+    r = client.chat.completions.create(model=model, messages=history, tools=tools, tool_choice="none", max_tokens=24, temperature=0)
+    calls["after_tool"] = {"content": r.choices[0].message.content, "finish_reason": r.choices[0].finish_reason}
+    out["tool_calls"] = calls
+
     def error_of(**kwargs):
         try:
             client.chat.completions.create(
@@ -101,13 +171,21 @@ def main() -> None:
             "json_schema": {"name": "x", "schema": {"type": "no-such-type"}},
         }),
         "bad_format": error_of(response_format={"type": "yaml"}),
-        "tools": error_of(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        "tool_choice": error_of(extra_body={"tool_choice": "required"}),
+        "tool_choice_unknown": error_of(
+            tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}}),
+        "tool_choice_without_tools": error_of(tool_choice="required"),
+        "functions": error_of(extra_body={"functions": [{"name": "f"}]}),
         "logit_bias": error_of(logit_bias={"42": -100}),
         "presence_penalty": error_of(presence_penalty=0.5),
         "frequency_penalty": error_of(frequency_penalty=0.5),
         "unknown": error_of(extra_body={"frobnicate": True}),
     }
+    try:
+        client.completions.create(model=model, prompt="hi", max_tokens=4, extra_body={"tools": tools})
+        out["errors"]["completion_tools"] = None
+    except openai.APIStatusError as e:
+        body = e.body if isinstance(e.body, dict) else {}
+        out["errors"]["completion_tools"] = {"status": e.status_code, "message": body.get("message", ""), "param": body.get("param")}
     out["neutral_ok"] = error_of(presence_penalty=0, logit_bias={}, user="someone") is None
     print(json.dumps(out))
 

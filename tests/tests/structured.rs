@@ -293,8 +293,10 @@ async fn the_openai_client_gets_schema_valid_json_and_named_refusals() {
     for (case, param) in [
         ("bad_schema", "response_format"),
         ("bad_format", "response_format"),
-        ("tools", "tools"),
-        ("tool_choice", "tool_choice"),
+        ("tool_choice_unknown", "tool_choice"),
+        ("tool_choice_without_tools", "tool_choice"),
+        ("functions", "functions"),
+        ("completion_tools", "tools"),
         ("logit_bias", "logit_bias"),
         ("presence_penalty", "presence_penalty"),
         ("frequency_penalty", "frequency_penalty"),
@@ -316,6 +318,40 @@ async fn the_openai_client_gets_schema_valid_json_and_named_refusals() {
     assert_eq!(
         v["neutral_ok"], true,
         "neutral values of unsupported fields pass"
+    );
+
+    // Tool calls: a call of a listed function whose arguments validate against its schema,
+    // finish_reason tool_calls, streamed (name first, then argument pieces) and not.
+    let calls = &v["tool_calls"];
+    for case in ["required", "required_stream", "named", "named_stream"] {
+        let c = &calls[case];
+        assert_eq!(c["valid"], true, "{case}: {c}");
+        assert_eq!(c["finish_reason"], "tool_calls", "{case}: {c}");
+        assert!(
+            ["get_weather", "add"].contains(&c["name"].as_str().unwrap_or("")),
+            "{case}: {c}"
+        );
+    }
+    assert_eq!(calls["named"]["name"], "add");
+    assert_eq!(calls["named_stream"]["name"], "add");
+    assert_eq!(
+        calls["required"]["arguments"],
+        calls["required_stream"]["arguments"]
+    );
+    assert!(
+        calls["required_stream"]["pieces"].as_u64().unwrap() >= 2,
+        "{}",
+        calls["required_stream"]
+    );
+    assert!(
+        calls["auto"]["finish_reason"] == "tool_calls" || calls["auto"]["content"].is_string(),
+        "{}",
+        calls["auto"]
+    );
+    assert!(
+        calls["after_tool"]["content"].is_string(),
+        "{}",
+        calls["after_tool"]
     );
     drop(w);
 }

@@ -45,6 +45,8 @@ struct Plan {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+    /// The reply may be a tool call (parsed into `tool_calls`).
+    tools: bool,
 }
 
 fn now() -> u64 {
@@ -174,6 +176,7 @@ fn plan(kind: Kind, common: &Common, model: String, logprobs: bool) -> Plan {
             .as_ref()
             .is_some_and(|o| o.include_usage),
         logprobs,
+        tools: false,
     }
 }
 
@@ -206,7 +209,7 @@ pub async fn completions(
     let mut g = base(&req.common, COMPLETION_DEFAULT_MAX_TOKENS)?;
     g.prompt = prompt;
     g.logprobs = logprobs;
-    run(inner, timeout, g, Kind::Completion, &req.common).await
+    run(inner, timeout, g, Kind::Completion, &req.common, false).await
 }
 
 pub async fn chat(
@@ -228,6 +231,22 @@ pub async fn chat(
         ));
     }
     let mut g = base(&req.common, CHAT_DEFAULT_MAX_TOKENS)?;
+    let tool_plan = super::tools::plan(
+        req.tools.as_deref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    if let Some(t) = &tool_plan {
+        if g.constraint.is_some() {
+            return Err(ApiError::bad_request(
+                "response_format and tools cannot both shape one reply (use tool_choice \"none\", or no response_format)",
+                Some("response_format"),
+            ));
+        }
+        g.constraint = Some(pb::OutputConstraint {
+            kind: Some(pb::output_constraint::Kind::LarkGrammar(t.grammar.clone())),
+        });
+    }
     for (i, m) in req.messages.into_iter().enumerate() {
         let content = match m.content {
             None => String::new(),
@@ -251,13 +270,41 @@ pub async fn chat(
                 text
             }
         };
+        // Earlier calls as the model wrote them.
+        let content = match &m.tool_calls {
+            Some(calls) if !calls.is_empty() => content + &super::tools::render_calls(calls),
+            _ if m.role == "tool" => super::tools::render_response(&content),
+            _ => content,
+        };
         g.messages.push(pb::ChatMessage {
             role: m.role,
             content,
         });
     }
+    if let Some(t) = &tool_plan {
+        match g.messages.first_mut() {
+            Some(first) if first.role == "system" => {
+                first.content = format!("{}\n\n{}", first.content, t.system);
+            }
+            _ => g.messages.insert(
+                0,
+                pb::ChatMessage {
+                    role: "system".into(),
+                    content: t.system.clone(),
+                },
+            ),
+        }
+    }
     g.logprobs = req.logprobs;
-    run(inner, timeout, g, Kind::Chat, &req.common).await
+    run(
+        inner,
+        timeout,
+        g,
+        Kind::Chat,
+        &req.common,
+        tool_plan.is_some(),
+    )
+    .await
 }
 
 fn finish_reason(reason: pb::FinishReason) -> &'static str {
@@ -273,12 +320,14 @@ async fn run(
     g: pb::GenerateRequest,
     kind: Kind,
     common: &Common,
+    tools: bool,
 ) -> Result<Response, ApiError> {
     // Resolve here so an unknown model is a 404 before anything is admitted.
     let model = inner
         .resolve_model(&g.model)
         .map_err(|e| ApiError::from(tonic::Status::from(e)))?;
-    let plan = plan(kind, common, model, g.logprobs);
+    let mut plan = plan(kind, common, model, g.logprobs);
+    plan.tools = tools;
     let (rx, worker) = inner.start_request(g, timeout).await?;
     if plan.stream {
         Ok(stream(plan, rx).into_response())
@@ -317,10 +366,26 @@ async fn whole(
     let logprobs = plan
         .logprobs
         .then(|| logprobs_json(plan.kind, &pieces, &lps));
+    let call = plan
+        .tools
+        .then(|| super::tools::parse_call(&text))
+        .flatten();
     let choice = match plan.kind {
         Kind::Completion => json!({
             "index": 0, "text": text, "finish_reason": finish_reason(finish), "logprobs": logprobs,
         }),
+        Kind::Chat if call.is_some() => {
+            let (name, arguments) = call.unwrap_or_default();
+            json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": null, "tool_calls": [{
+                    "id": super::tools::call_id(), "type": "function",
+                    "function": {"name": name, "arguments": arguments},
+                }]},
+                "finish_reason": "tool_calls",
+                "logprobs": logprobs,
+            })
+        }
         Kind::Chat => json!({
             "index": 0,
             "message": {"role": "assistant", "content": text},
@@ -402,6 +467,23 @@ fn chunk(
     c
 }
 
+/// The chunk of one piece of a reply that may be a tool call.
+fn piece_chunk(plan: &Plan, piece: super::tools::Piece) -> Value {
+    use super::tools::Piece;
+    let call = |tc: Value| {
+        let mut c = chunk(plan, None, false, None, None);
+        c["choices"][0]["delta"]["tool_calls"] = json!([tc]);
+        c
+    };
+    match piece {
+        Piece::Text(t) => chunk(plan, Some(&t), false, None, None),
+        Piece::CallStart { id, name } => call(json!({
+            "index": 0, "id": id, "type": "function", "function": {"name": name, "arguments": ""},
+        })),
+        Piece::Arguments(a) => call(json!({"index": 0, "function": {"arguments": a}})),
+    }
+}
+
 /// A streamed reply: `data: {chunk}` events, an error event if the request fails mid-way,
 /// then `data: [DONE]`.
 fn stream(
@@ -420,6 +502,7 @@ fn stream(
             return;
         }
         let mut tokens = 0u32;
+        let mut parser = plan.tools.then(super::tools::StreamParser::default);
         loop {
             let item = tokio::select! {
                 item = rx.recv() => item,
@@ -444,15 +527,32 @@ fn stream(
                 .then(|| token.and_then(|t| t.logprob).map(|l| (msg.text.clone(), l)))
                 .flatten();
             let finish = msg.finish().map(finish_reason);
-            if (token.is_some() || !msg.text.is_empty())
-                && tx
-                    .send(data(chunk(&plan, Some(&msg.text), false, None, lp)))
-                    .await
-                    .is_err()
-            {
-                return;
+            if token.is_some() || !msg.text.is_empty() {
+                let chunks = match parser.as_mut() {
+                    None => vec![chunk(&plan, Some(&msg.text), false, None, lp)],
+                    Some(p) => p
+                        .push(&msg.text)
+                        .into_iter()
+                        .map(|piece| piece_chunk(&plan, piece))
+                        .collect(),
+                };
+                for c in chunks {
+                    if tx.send(data(c)).await.is_err() {
+                        return;
+                    }
+                }
             }
-            if let Some(f) = finish {
+            if let Some(mut f) = finish {
+                if let Some(p) = parser.as_mut() {
+                    for piece in p.finish() {
+                        if tx.send(data(piece_chunk(&plan, piece))).await.is_err() {
+                            return;
+                        }
+                    }
+                    if p.is_call() {
+                        f = "tool_calls";
+                    }
+                }
                 let text = (plan.kind == Kind::Completion).then_some("");
                 let last = chunk(&plan, text, false, Some(f), None);
                 if tx.send(data(last)).await.is_err() {

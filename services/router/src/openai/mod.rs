@@ -4,11 +4,12 @@
 //! balancing, failover and metrics as the gRPC API ([`complete`]), with the same bearer tokens
 //! (`authorization: Bearer <key>`), TLS when the router has it, and a 1 MiB body limit. Errors
 //! are OpenAI error objects ([`error`]); the wire types are in [`types`]; `response_format` and
-//! the refusal of fields rrt does not honour are in [`structured`].
+//! the refusal of fields rrt does not honour are in [`structured`]; tool calling in [`tools`].
 
 mod complete;
 mod error;
 mod structured;
+mod tools;
 mod types;
 
 use std::sync::Arc;

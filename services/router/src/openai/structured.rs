@@ -81,9 +81,8 @@ fn neutral(name: &str, value: &Value) -> bool {
 /// What rrt says about a field it does not honour.
 fn why(name: &str) -> &'static str {
     match name {
-        "tools" | "tool_choice" | "functions" | "function_call" => {
-            "tool calling is not supported yet"
-        }
+        "tools" | "tool_choice" => "tools are for /v1/chat/completions",
+        "functions" | "function_call" => "the deprecated functions API: use tools and tool_choice",
         "presence_penalty" | "frequency_penalty" | "logit_bias" => {
             "only its neutral value is supported (rrt has repetition_penalty through gRPC)"
         }

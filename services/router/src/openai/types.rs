@@ -94,6 +94,10 @@ pub enum Content {
 pub struct Message {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant message's earlier calls (OpenAI's form). (A tool message's
+    /// `tool_call_id` is not read: one call per reply, so the answer follows its call.)
+    #[serde(default)]
+    pub tool_calls: Option<Vec<Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,6 +106,9 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<u32>,
+    pub tools: Option<Vec<super::tools::Tool>>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub common: Common,
 }
