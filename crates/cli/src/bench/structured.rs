@@ -1,10 +1,11 @@
 //! `rrt bench structured`: what constrained decoding costs, on the engine directly (no gRPC),
-//! side by side in one run. For each batch size: free generation, and the same prompts under an
-//! open-ended regular expression (every token masked; it ends only at the token limit or when
-//! the model picks its end token: the plain cost of the masks), a JSON schema and a JSON object
-//! (realistic: they end when the JSON is complete). Per run: decode tokens/s (tokens after every sequence's first, over the time they
-//! took) and its ratio to free generation, mask time per token on the mask thread, and the time
-//! sampling waited for a mask. Then the compile time of each constraint, cold and cached.
+//! side by side in one run. For each batch size: free generation, and the same prompts under a
+//! regular expression that cannot end before the token limit (every token masked: the plain
+//! cost of the masks), a JSON schema and a JSON object (realistic: they end when the JSON is
+//! complete). Per run: decode tokens/s while every request decodes (from the last first token
+//! to the first end, so requests that end early do not count as a smaller batch) and its ratio
+//! to free generation, mask time per token on the mask thread, and the time sampling waited for
+//! a mask. Then the compile time of each constraint, cold and cached.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +29,10 @@ pub struct StructuredBenchArgs {
     /// New tokens per request at most.
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
+    /// Runs of each row, interleaved; the best decode rate of each is kept (a shared machine's
+    /// other work only ever slows a run down).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
 }
 
 const PERSON: &str = r#"{"type":"object","properties":{"name":{"type":"string","maxLength":24},"age":{"type":"integer","minimum":0,"maximum":120},"city":{"type":"string","maxLength":20},"pets":{"type":"array","items":{"enum":["cat","dog","fish"]},"maxItems":3}},"required":["name","age","city"],"additionalProperties":false}"#;
@@ -36,8 +41,8 @@ fn specs() -> Vec<(&'static str, Option<Spec>)> {
     vec![
         ("free", None),
         (
-            "regex [a-zA-Z ,.]* (open-ended)",
-            Some(Spec::Regex("[a-zA-Z ,.]*".into())),
+            "regex [a-zA-Z ,.]{1000,} (ends at the token limit)",
+            Some(Spec::Regex("[a-zA-Z ,.]{1000,}".into())),
         ),
         (
             "JSON schema (person)",
@@ -91,8 +96,12 @@ fn run(
     let mut started: Vec<bool> = vec![false; prompts.len()];
     let mut tokens = 0;
     let mut decode_from: Option<(Instant, usize)> = None;
+    // The window is while every request decodes: from the last first token to the first end
+    // (so requests that end early do not count as a slower, smaller batch).
+    let mut decode_to: Option<(Instant, usize)> = None;
     while engine.pending() > 0 {
         engine.step();
+        let mut ended = false;
         for (i, rx) in receivers.iter().enumerate() {
             for e in rx.try_iter() {
                 match e {
@@ -100,6 +109,7 @@ fn run(
                         tokens += 1;
                         started[i] = true;
                     }
+                    Event::Finished { .. } => ended = true,
                     Event::Failed(e) => anyhow::bail!("request {i} failed: {e}"),
                     _ => {}
                 }
@@ -108,13 +118,17 @@ fn run(
         if decode_from.is_none() && started.iter().all(|&s| s) {
             decode_from = Some((Instant::now(), tokens));
         }
+        if ended && decode_to.is_none() {
+            decode_to = Some((Instant::now(), tokens));
+        }
     }
     let (t0, n0) = decode_from.unwrap_or((Instant::now(), tokens));
+    let (t1, n1) = decode_to.unwrap_or((Instant::now(), tokens));
     let c = engine.mask_counts();
     Ok(Run {
         tokens,
-        decode_tokens: tokens - n0,
-        decode_s: t0.elapsed().as_secs_f64(),
+        decode_tokens: n1.saturating_sub(n0),
+        decode_s: t1.saturating_duration_since(t0).as_secs_f64(),
         masks: c.masks,
         mask_ns: c.mask_ns,
         wait_ns: c.wait_ns,
@@ -129,10 +143,11 @@ pub fn run_bench(args: StructuredBenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let compiler = Compiler::new(tokenizer.clone(), vocab)?;
     println!(
-        "rrt bench structured: {} at {}, {} new tokens at most, depth-wise batching; the vocabulary's token trie built in {:.0} ms",
+        "rrt bench structured: {} at {}, {} new tokens at most, depth-wise batching, best of {} interleaved runs; the vocabulary's token trie built in {:.0} ms",
         args.model.display(),
         args.dtype,
         args.max_tokens,
+        args.repeats,
         1e3 * started.elapsed().as_secs_f64()
     );
     let subjects = [
@@ -157,10 +172,20 @@ pub fn run_bench(args: StructuredBenchArgs) -> anyhow::Result<()> {
                 Ok(tokenizer.encode(&text)?)
             })
             .collect::<anyhow::Result<_>>()?;
+        let specs = specs();
+        let mut best: Vec<Option<(f64, Run)>> = specs.iter().map(|_| None).collect();
+        for _ in 0..args.repeats.max(1) {
+            for (i, (_, spec)) in specs.iter().enumerate() {
+                let r = run(&model, &compiler, &prompts, spec.as_ref(), args.max_tokens)?;
+                let rate = r.decode_tokens as f64 / r.decode_s.max(1e-9);
+                if best[i].as_ref().is_none_or(|(b, _)| rate > *b) {
+                    best[i] = Some((rate, r));
+                }
+            }
+        }
         let mut free_rate = None;
-        for (name, spec) in specs() {
-            let r = run(&model, &compiler, &prompts, spec.as_ref(), args.max_tokens)?;
-            let rate = r.decode_tokens as f64 / r.decode_s.max(1e-9);
+        for ((name, _), b) in specs.iter().zip(best) {
+            let Some((rate, r)) = b else { continue };
             let base = *free_rate.get_or_insert(rate);
             let per = |ns: u64, n: u64| {
                 if n == 0 {
