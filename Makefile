@@ -41,12 +41,13 @@ demo: deps model venv build $(DEMO_MODEL)/config.json ## the cluster on loopback
 test: deps model data venv models image lint ## run every test (unit, parity, real model, end-to-end)
 	$(CARGO) test --release --workspace
 
-bench: model data models build ## speed: matmul kernel vs candle, decode tokens/s vs the roofline, router vs straight to a worker, KV reuse (prefix cache), the simulated worker's cost model against the real engine
+bench: model data models build ## speed: matmul kernel vs candle, decode tokens/s vs the roofline, router vs straight to a worker, KV reuse (prefix cache), the simulated worker's cost model against the real engine; constrained vs free decoding
 	$(RRT) bench matmul
 	$(RRT) bench decode --batches 1,8,32
 	$(RRT) bench router
 	$(RRT) bench prefix
 	$(RRT) bench sim
+	$(RRT) bench structured
 
 bench-engine: model data build ## serving throughput: static / CSB / CDB with exits, 256 prompts (long); then the main rows at f32, bf16 and q8 side by side
 	$(RRT) bench engine
@@ -54,6 +55,7 @@ bench-engine: model data build ## serving throughput: static / CSB / CDB with ex
 
 scale-bench: model models build ## routing policies on 50 and 200 simulated workers and on 4 real ones, one and two routers; load-adaptive exits at overload (cost model fitted first; ~22 min)
 	$(RRT) bench sim
+	$(RRT) bench structured
 	$(RRT) bench scale --workers 50 --sessions 200
 	$(RRT) bench scale --workers 200 --sessions 600 --burst 90 --system-prompts 48
 	$(RRT) bench scale --real --real-kv-mib 96 --workers 4 --sessions 32 --turns 3 --system-prompts 16 --burst 8 --burst-every-ms 2000 --max-tokens 16 --policies round-robin,least-outstanding,cache-aware,combined --two-routers cache-aware,combined
