@@ -47,15 +47,15 @@ pub fn describe() {
         Unit::Count,
         "Token masks computed for constrained requests (one per sampled token)."
     );
-    describe_counter!(
-        "rrt_worker_constraint_mask_microseconds_total",
-        Unit::Microseconds,
-        "Time the mask thread spent computing token masks (overlapped with the block pass)."
+    describe_gauge!(
+        "rrt_worker_constraint_mask_seconds_per_token",
+        Unit::Seconds,
+        "Mean time the mask thread spent computing one token's mask since start (overlapped with the block pass)."
     );
-    describe_counter!(
-        "rrt_worker_constraint_wait_microseconds_total",
-        Unit::Microseconds,
-        "Time sampling waited for a mask not ready yet (what masks cost the batch)."
+    describe_gauge!(
+        "rrt_worker_constraint_wait_seconds_per_token",
+        Unit::Seconds,
+        "Mean time sampling waited for a token's mask since start (what masks cost the batch)."
     );
     describe_counter!(
         "rrt_worker_constraint_exits_denied_total",
@@ -213,10 +213,11 @@ pub fn engine(worker: &str, s: &Snapshot, loop_steps_per_second: f64) {
     }
     let m = &s.masks;
     counter!("rrt_worker_constraint_masks_total", "worker" => w()).absolute(m.masks);
-    counter!("rrt_worker_constraint_mask_microseconds_total", "worker" => w())
-        .absolute(m.mask_ns / 1000);
-    counter!("rrt_worker_constraint_wait_microseconds_total", "worker" => w())
-        .absolute(m.wait_ns / 1000);
+    let per_mask = |ns: u64| ns as f64 / 1e9 / m.masks.max(1) as f64;
+    gauge!("rrt_worker_constraint_mask_seconds_per_token", "worker" => w())
+        .set(per_mask(m.mask_ns));
+    gauge!("rrt_worker_constraint_wait_seconds_per_token", "worker" => w())
+        .set(per_mask(m.wait_ns));
     counter!("rrt_worker_constraint_exits_denied_total", "worker" => w()).absolute(m.exits_denied);
     for (i, n) in s.stats.last_rows_per_depth.iter().enumerate() {
         gauge!("rrt_worker_rows_per_depth", "worker" => w(), "loop" => (i + 1).to_string())
