@@ -36,4 +36,12 @@ impl rrt_engine::Constraint for SpecMatcher {
         self.m.consume_token(token).map_err(|e| e.to_string())?;
         Ok(self.m.is_stopped())
     }
+
+    fn forced(&mut self) -> Result<(Vec<u32>, bool), String> {
+        let forced = self.m.consume_ff_tokens();
+        if let Some(e) = self.m.get_error() {
+            return Err(e);
+        }
+        Ok((forced, self.m.is_stopped()))
+    }
 }

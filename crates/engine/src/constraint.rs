@@ -22,6 +22,12 @@ pub trait Constraint: Send {
     /// Records the token chosen; `Ok(true)` when the constraint is complete and allows nothing
     /// more (the request then ends).
     fn commit(&mut self, token: u32) -> Result<bool, String>;
+    /// After a commit that did not complete it: the tokens the constraint allows as the only
+    /// way on (a JSON key, a literal), already recorded, and whether it is complete after them.
+    /// The engine appends them without sampling and runs them as one chunk (fast-forward).
+    fn forced(&mut self) -> Result<(Vec<u32>, bool), String> {
+        Ok((Vec::new(), false))
+    }
 }
 
 /// Counters of the mask thread and of the waits for it (nanoseconds), shared with the engine.
@@ -33,6 +39,8 @@ pub struct MaskStats {
     pub wait_ns: AtomicU64,
     /// Early exits the mask turned into another loop (the head's pick was not allowed).
     pub exits_denied: AtomicU64,
+    /// Tokens the constraints forced (appended without sampling: fast-forward).
+    pub forced: AtomicU64,
 }
 
 /// A snapshot of [`MaskStats`].
@@ -42,6 +50,7 @@ pub struct MaskCounts {
     pub mask_ns: u64,
     pub wait_ns: u64,
     pub exits_denied: u64,
+    pub forced: u64,
 }
 
 impl MaskStats {
@@ -51,6 +60,7 @@ impl MaskStats {
             mask_ns: self.mask_ns.load(Ordering::Relaxed),
             wait_ns: self.wait_ns.load(Ordering::Relaxed),
             exits_denied: self.exits_denied.load(Ordering::Relaxed),
+            forced: self.forced.load(Ordering::Relaxed),
         }
     }
 }
@@ -185,15 +195,25 @@ impl Constrained {
         Ok(out)
     }
 
-    /// Records the chosen token and asks for the next mask; `Ok(true)` when the constraint is
-    /// complete.
-    pub fn commit(&self, token: u32) -> Result<bool, String> {
-        let done = {
+    /// Records the chosen token, takes the tokens the constraint forces after it (at most
+    /// `room`), and asks for the next mask: `(complete, forced tokens)`.
+    pub fn commit(&self, token: u32, room: usize) -> Result<(bool, Vec<u32>), String> {
+        let (done, forced) = {
             let mut s = self.slot.lock();
-            match s.constraint.commit(token) {
-                Ok(done) => {
+            let step = s.constraint.commit(token).and_then(|done| {
+                if done || room == 0 {
+                    return Ok((done, Vec::new()));
+                }
+                s.constraint.forced().map(|(forced, done)| (done, forced))
+            });
+            match step {
+                Ok((done, mut forced)) => {
+                    forced.truncate(room);
                     s.mask = done.then(|| Err("the constraint is complete".to_string()));
-                    done
+                    self.stats
+                        .forced
+                        .fetch_add(forced.len() as u64, Ordering::Relaxed);
+                    (done, forced)
                 }
                 Err(e) => {
                     s.mask = Some(Err(e.clone()));
@@ -204,7 +224,7 @@ impl Constrained {
         if !done {
             self.ask();
         }
-        Ok(done)
+        Ok((done, forced))
     }
 }
 
@@ -247,12 +267,12 @@ mod tests {
             .all(|(i, &l)| i == 3 || l == f32::NEG_INFINITY));
         assert!(c.allows_exit(3));
         assert!(!c.allows_exit(4));
-        assert_eq!(c.commit(3), Ok(false));
+        assert_eq!(c.commit(3, 8), Ok((false, vec![])));
         assert!(c.allows_exit(4));
-        assert_eq!(c.commit(4), Ok(false));
+        assert_eq!(c.commit(4, 8), Ok((false, vec![])));
         // The engine always reads the mask before it commits the next token.
         assert!(c.allows_exit(5));
-        assert_eq!(c.commit(5), Ok(true));
+        assert_eq!(c.commit(5, 8), Ok((true, vec![])));
         let n = stats.counts();
         assert_eq!(n.masks, 3);
         assert_eq!(n.exits_denied, 1);

@@ -28,7 +28,8 @@ fn commit(
             continue;
         }
         if let Some(row) = rows.next() {
-            if s.on_logits(row, loops) {
+            let emitted = s.on_logits(row, loops, loops);
+            for _ in 0..(emitted.sampled as usize + emitted.forced) {
                 stats.count_exit(loops);
             }
         }

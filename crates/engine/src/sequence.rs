@@ -58,6 +58,15 @@ pub(crate) enum Stage {
     Done,
 }
 
+/// What [`Seq::on_logits`] streamed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Emitted {
+    /// The sampled token (not a stop token).
+    pub sampled: bool,
+    /// Tokens the constraint forced after it.
+    pub forced: usize,
+}
+
 pub(crate) struct Seq {
     pub id: u64,
     pub exit: ExitPolicy,
@@ -180,8 +189,10 @@ impl Seq {
     }
 
     /// Samples the next token from the logits of the sequence's last token and streams it, or
-    /// finishes the sequence. Returns whether a token was emitted (a stop token is not).
-    pub fn on_logits(&mut self, logits: &[f32], exit_loop: usize) -> bool {
+    /// finishes the sequence. Returns how many tokens were emitted: the sampled one (a stop
+    /// token is not) and, for a constrained sequence, the tokens its grammar forces after it
+    /// (streamed at once with `exit_loop` = `loops`: they run every loop as one chunk next).
+    pub fn on_logits(&mut self, logits: &[f32], exit_loop: usize, loops: usize) -> Emitted {
         let next = match (self.params.forced.get(self.generated()), &self.constraint) {
             (Some(&forced), _) => forced,
             (None, None) => self.sampler.sample(logits, &self.tokens),
@@ -189,13 +200,13 @@ impl Seq {
                 Ok(masked) => self.sampler.sample(&masked, &self.tokens),
                 Err(e) => {
                     self.fail_constraint(e);
-                    return false;
+                    return Emitted::default();
                 }
             },
         };
         if self.params.stop_tokens.contains(&next) {
             self.finish(FinishReason::Stop);
-            return false;
+            return Emitted::default();
         }
         let logprob = self.params.logprobs.then(|| log_softmax_at(logits, next));
         let argmax = self
@@ -209,21 +220,45 @@ impl Seq {
             logprob,
             argmax,
         });
-        let complete = match self.constraint.as_ref().map(|c| c.commit(next)) {
-            None | Some(Ok(false)) => false,
-            Some(Ok(true)) => true,
+        let room = self.params.max_new_tokens.saturating_sub(self.generated());
+        let (complete, forced) = match self.constraint.as_ref().map(|c| c.commit(next, room)) {
+            None => (false, Vec::new()),
+            Some(Ok(step)) => step,
             Some(Err(e)) => {
                 self.fail_constraint(e);
-                return true;
+                return Emitted {
+                    sampled: true,
+                    forced: 0,
+                };
             }
         };
+        let mut emitted = Emitted {
+            sampled: true,
+            forced: 0,
+        };
+        for t in forced {
+            if self.params.stop_tokens.contains(&t) || self.is_done() {
+                break;
+            }
+            self.tokens.push(t);
+            self.emit(Event::Token {
+                token: t,
+                exit_loop: loops,
+                logprob: None,
+                argmax: None,
+            });
+            emitted.forced += 1;
+        }
+        if self.is_done() {
+            return emitted;
+        }
         if complete {
             // The grammar is satisfied and allows nothing more: a natural end.
             self.finish(FinishReason::Stop);
         } else if self.generated() >= self.params.max_new_tokens {
             self.finish(FinishReason::Length);
         }
-        true
+        emitted
     }
 
     /// Ends the sequence because its constraint failed (a grammar error, or no token allowed).

@@ -466,6 +466,112 @@ fn constrained_tokens_follow_the_mask_and_exit_early_only_on_allowed_tokens() {
     );
 }
 
+/// Samples a multiple of 3, then the grammar forces 30 and 60, and so on; complete after `len`
+/// tokens. `fast_forward`: the forced pair comes from `forced()` (appended without sampling);
+/// otherwise each is the only token its mask allows (sampled one by one).
+struct Script {
+    vocab: u32,
+    fast_forward: bool,
+    taken: usize,
+    len: usize,
+    /// Forced tokens still to come (mask mode).
+    queue: Vec<u32>,
+}
+
+const SCRIPTED: [u32; 2] = [30, 60];
+
+impl rrt_engine::Constraint for Script {
+    fn mask(&mut self) -> Result<Vec<u32>, String> {
+        let mut m = vec![0u32; (self.vocab as usize).div_ceil(32)];
+        match self.queue.first() {
+            Some(&t) => m[t as usize / 32] |= 1 << (t % 32),
+            None => {
+                for t in (0..self.vocab).step_by(3) {
+                    m[t as usize / 32] |= 1 << (t % 32);
+                }
+            }
+        }
+        Ok(m)
+    }
+    fn commit(&mut self, token: u32) -> Result<bool, String> {
+        match self.queue.first() {
+            Some(&t) if t != token => return Err(format!("{token} instead of {t}")),
+            Some(_) => {
+                self.queue.remove(0);
+            }
+            None if !self.fast_forward => self.queue = SCRIPTED.to_vec(),
+            None => {}
+        }
+        self.taken += 1;
+        Ok(self.taken >= self.len)
+    }
+    fn forced(&mut self) -> Result<(Vec<u32>, bool), String> {
+        if !self.fast_forward {
+            return Ok((Vec::new(), false));
+        }
+        let n = SCRIPTED.len().min(self.len - self.taken);
+        self.taken += n;
+        Ok((SCRIPTED[..n].to_vec(), self.taken >= self.len))
+    }
+}
+
+#[test]
+fn forced_tokens_fast_forward_as_one_chunk_and_match_sampling_them_one_by_one() {
+    let model = tiny_recursive();
+    let vocab = model.cfg.vocab_size as u32;
+    let cases = prompts(vocab);
+    let run = |fast_forward: bool| {
+        let mut engine = cdb(&model, KvFill::Propagate);
+        let rxs: Vec<_> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (p, n))| {
+                let len = n + 3;
+                let (mut req, rx) =
+                    Request::with_channel(i as u64, p.clone(), params(len + 2), None);
+                req.constraint = Some(Box::new(Script {
+                    vocab,
+                    fast_forward,
+                    taken: 0,
+                    len,
+                    queue: Vec::new(),
+                }));
+                engine.submit(req);
+                rx
+            })
+            .collect();
+        engine.run_until_idle();
+        let out: Vec<Received> = rxs.iter().map(collect).collect();
+        (out, engine.mask_counts(), engine.stats().steps)
+    };
+    let (one_by_one, masks_one, steps_one) = run(false);
+    let (forwarded, masks_ff, steps_ff) = run(true);
+    for (i, (a, b)) in one_by_one.iter().zip(&forwarded).enumerate() {
+        assert_eq!(a.tokens, b.tokens, "request {i}");
+        assert_eq!(a.tokens.len(), cases[i].1 + 3, "request {i}");
+        assert_eq!(b.finish, Some(FinishReason::Stop));
+        // Every sampled token is followed by the forced pair.
+        for w in b.tokens.windows(3).step_by(3) {
+            assert_eq!(&w[1..], &SCRIPTED, "request {i}: {:?}", b.tokens);
+        }
+        // Forced tokens are streamed as having run every loop.
+        for (t, l) in b.pairs().iter().skip(1) {
+            if SCRIPTED.contains(t) {
+                assert_eq!(*l, 3, "request {i}");
+            }
+        }
+    }
+    assert!(masks_ff.forced > 0 && masks_one.forced == 0);
+    assert!(
+        masks_ff.masks < masks_one.masks,
+        "{masks_ff:?} vs {masks_one:?}"
+    );
+    assert!(
+        steps_ff < steps_one,
+        "fast-forward takes fewer steps: {steps_ff} vs {steps_one}"
+    );
+}
+
 /// Submits one teacher-forced request (logprobs on) and returns `(token, exit loop, logprob)`.
 fn score(
     engine: &mut Engine,

@@ -58,6 +58,11 @@ pub fn describe() {
         "Mean time sampling waited for a token's mask since start (what masks cost the batch)."
     );
     describe_counter!(
+        "rrt_worker_constraint_forced_tokens_total",
+        Unit::Count,
+        "Tokens the constraint allowed as the only way on, appended without sampling and run as one chunk (fast-forward)."
+    );
+    describe_counter!(
         "rrt_worker_constraint_exits_denied_total",
         Unit::Count,
         "Early exits turned into another loop because the exit's pick was not allowed by the request's constraint."
@@ -219,6 +224,7 @@ pub fn engine(worker: &str, s: &Snapshot, loop_steps_per_second: f64) {
     gauge!("rrt_worker_constraint_wait_seconds_per_token", "worker" => w())
         .set(per_mask(m.wait_ns));
     counter!("rrt_worker_constraint_exits_denied_total", "worker" => w()).absolute(m.exits_denied);
+    counter!("rrt_worker_constraint_forced_tokens_total", "worker" => w()).absolute(m.forced);
     for (i, n) in s.stats.last_rows_per_depth.iter().enumerate() {
         gauge!("rrt_worker_rows_per_depth", "worker" => w(), "loop" => (i + 1).to_string())
             .set(*n as f64);

@@ -59,6 +59,7 @@ struct Run {
     masks: u64,
     mask_ns: u64,
     wait_ns: u64,
+    forced: u64,
 }
 
 fn run(
@@ -132,6 +133,7 @@ fn run(
         masks: c.masks,
         mask_ns: c.mask_ns,
         wait_ns: c.wait_ns,
+        forced: c.forced,
     })
 }
 
@@ -160,7 +162,7 @@ pub fn run_bench(args: StructuredBenchArgs) -> anyhow::Result<()> {
         "a runner",
         "a pianist",
     ];
-    println!("| batch | output | tokens | decode tokens/s | vs free | mask per token (mask thread) | sampling waited per token |");
+    println!("| batch | output | tokens (forced) | decode tokens/s | vs free | mask per token (mask thread) | sampling waited per token |");
     println!("|---|---|---|---|---|---|---|");
     for &batch in &args.batches {
         let prompts: Vec<Vec<u32>> = (0..batch)
@@ -195,8 +197,9 @@ pub fn run_bench(args: StructuredBenchArgs) -> anyhow::Result<()> {
                 }
             };
             println!(
-                "| {batch} | {name} | {} | {rate:.1} | {:.2}x | {} | {} |",
+                "| {batch} | {name} | {} ({}) | {rate:.1} | {:.2}x | {} | {} |",
                 r.tokens,
+                r.forced,
                 rate / base,
                 per(r.mask_ns, r.masks),
                 per(r.wait_ns, r.tokens as u64),

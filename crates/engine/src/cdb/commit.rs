@@ -39,7 +39,14 @@ pub(super) fn commit(
                 }
             }
             Outcome::Leave { after, logits } => {
-                leave(s, &unit.flight, after, logits.as_deref(), (trace, stats));
+                let loops = model.loops();
+                leave(
+                    s,
+                    &unit.flight,
+                    (after, loops),
+                    logits.as_deref(),
+                    (trace, stats),
+                );
                 if after < model.loops() && !s.is_done() {
                     s.exited_from = s.exited_from.min(unit.flight.start);
                     skipped_kv(model, (kv_fill, kv), s, &unit.flight, after, hidden)?;
@@ -55,7 +62,7 @@ pub(super) fn commit(
 fn leave(
     s: &mut Seq,
     unit: &Flight,
-    after: usize,
+    (after, loops): (usize, usize),
     logits: Option<&[f32]>,
     (trace, stats): (&mut ExitTrace, &mut EngineStats),
 ) {
@@ -64,9 +71,13 @@ fn leave(
     if let Some(index) = s.generated_index(unit) {
         s.exit.close(trace, (s.id, index), logits);
     }
-    // The exit histogram counts streamed tokens (not a stop token).
-    if s.on_logits(logits, after) {
+    // The exit histogram counts streamed tokens (not a stop token); forced ones run every loop.
+    let emitted = s.on_logits(logits, after, loops);
+    if emitted.sampled {
         stats.count_exit(after);
+    }
+    for _ in 0..emitted.forced {
+        stats.count_exit(loops);
     }
 }
 
