@@ -186,7 +186,10 @@ def main() -> None:
     except openai.APIStatusError as e:
         body = e.body if isinstance(e.body, dict) else {}
         out["errors"]["completion_tools"] = {"status": e.status_code, "message": body.get("message", ""), "param": body.get("param")}
-    out["neutral_ok"] = error_of(presence_penalty=0, logit_bias={}, user="someone") is None
+    out["neutral_ok"] = error_of(
+        presence_penalty=0, logit_bias={}, user="someone",
+        extra_body={"top_k": 5, "repetition_penalty": 1.1},
+    ) is None
     print(json.dumps(out))
 
 

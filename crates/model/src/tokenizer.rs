@@ -165,18 +165,13 @@ impl Tokenizer {
 
     /// Token ids of `text`, with BOS first when the model asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| ModelError::Tokenizer {
-                path: self.source.clone(),
-                message: format!("encode: {e}"),
-            })?;
-        let mut ids = Vec::with_capacity(encoding.len() + 1);
-        if self.add_bos {
-            ids.extend(self.bos);
+        let plain = self.encode_plain(text)?;
+        if !self.add_bos || self.bos.is_none() {
+            return Ok(plain);
         }
-        ids.extend_from_slice(encoding.get_ids());
+        let mut ids = Vec::with_capacity(plain.len() + 1);
+        ids.extend(self.bos);
+        ids.extend(plain);
         Ok(ids)
     }
 

@@ -130,6 +130,8 @@ fn base(common: &Common, default_max: u32) -> Result<pb::GenerateRequest, ApiErr
         sampling: Some(pb::SamplingParameters {
             temperature,
             top_p: common.top_p.unwrap_or(1.0),
+            top_k: common.top_k.unwrap_or(0),
+            repetition_penalty: common.repetition_penalty.unwrap_or(1.0),
             seed: common.seed,
             ..Default::default()
         }),

@@ -46,6 +46,9 @@ pub struct Common {
     pub max_completion_tokens: Option<u32>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
+    /// vLLM's sampling extensions, as the gRPC API has them.
+    pub top_k: Option<u32>,
+    pub repetition_penalty: Option<f32>,
     pub seed: Option<u64>,
     pub stop: Option<OneOrMany>,
     pub n: Option<u32>,
