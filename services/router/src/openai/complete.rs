@@ -133,7 +133,6 @@ fn base(common: &Common, default_max: u32) -> Result<pb::GenerateRequest, ApiErr
             top_k: common.top_k.unwrap_or(0),
             repetition_penalty: common.repetition_penalty.unwrap_or(1.0),
             seed: common.seed,
-            ..Default::default()
         }),
         stop: common
             .stop
