@@ -3,7 +3,30 @@
 //! worker has measured any, and of reading a model's threshold curve (exit rate and agreement
 //! at a threshold; the lowest threshold that keeps a quality floor).
 
-use crate::v1::{ExitCurve, ExitCurvePoint};
+use crate::v1::{ExitCurve, ExitCurvePoint, ExitPolicy};
+
+/// The exit policies by the names the worker's `--exit` flag and the OpenAI extension
+/// (`rrt_exit.policy`) use: one table for both.
+pub const POLICY_NAMES: [(&str, ExitPolicy); 5] = [
+    ("none", ExitPolicy::None),
+    ("max-prob", ExitPolicy::MaxProb),
+    ("margin", ExitPolicy::Margin),
+    ("cosine", ExitPolicy::Cosine),
+    ("learned", ExitPolicy::Learned),
+];
+
+/// The policy named `name` (`max_prob` is taken for `max-prob`), or what the names are.
+pub fn policy_by_name(name: &str) -> Result<ExitPolicy, String> {
+    let name = if name == "max_prob" { "max-prob" } else { name };
+    POLICY_NAMES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, p)| *p)
+        .ok_or_else(|| {
+            let names: Vec<&str> = POLICY_NAMES.iter().map(|(n, _)| *n).collect();
+            format!("one of {}", names.join(", "))
+        })
+}
 
 /// Loop-steps per second assumed for a worker that has not measured any yet.
 pub const PRIOR_LOOP_STEPS_PER_SECOND: f64 = 1000.0;
@@ -155,6 +178,14 @@ mod tests {
         assert_eq!(floor_threshold(&[c.clone(), dip.clone()], 0.95), Some(0.9));
         let both = expected_agreement(&[c, dip], 0.9).unwrap();
         assert!((both - 0.969 * 0.97).abs() < 1e-9);
+    }
+
+    #[test]
+    fn policies_by_name() {
+        assert_eq!(policy_by_name("learned"), Ok(ExitPolicy::Learned));
+        assert_eq!(policy_by_name("max_prob"), Ok(ExitPolicy::MaxProb));
+        let e = policy_by_name("best").unwrap_err();
+        assert!(e.contains("max-prob") && e.contains("none"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use rrt_engine::{EngineConfig, ExitKind, ExitPolicy, KvFill, Scheduler};
+use rrt_engine::{EngineConfig, ExitPolicy, KvFill, Scheduler};
 
 #[derive(Args, Debug, Clone)]
 pub struct WorkerArgs {
@@ -68,8 +68,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "RRT_WORKER_MAX_NEW_TOKENS", default_value_t = 1024)]
     pub max_new_tokens: u32,
     /// Exit policy of requests that name none.
-    #[arg(long, env = "RRT_WORKER_EXIT", value_enum, default_value_t = ExitArg::None)]
-    pub exit: ExitArg,
+    /// `none`, `max-prob`, `margin`, `cosine` or `learned` (the model's exit classifier: needs
+    /// exit heads).
+    #[arg(long, env = "RRT_WORKER_EXIT", default_value = "none", value_parser = rrt_proto::exits::policy_by_name)]
+    pub exit: rrt_proto::v1::ExitPolicy,
     /// Threshold of that policy (the coordinator's load-adaptive exits move it between this and
     /// its quality floor).
     #[arg(long, env = "RRT_WORKER_EXIT_THRESHOLD", default_value_t = 0.9)]
@@ -151,34 +153,21 @@ pub enum SchedulerArg {
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
-pub enum ExitArg {
-    None,
-    MaxProb,
-    Margin,
-    Cosine,
-    /// The model's learned exit classifier (needs exit heads).
-    Learned,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy)]
 pub enum KvFillArg {
     Propagate,
     Copy,
 }
 
-impl ExitArg {
-    pub fn kind(self) -> ExitKind {
-        match self {
-            ExitArg::None => ExitKind::None,
-            ExitArg::MaxProb => ExitKind::MaxProb,
-            ExitArg::Margin => ExitKind::Margin,
-            ExitArg::Cosine => ExitKind::Cosine,
-            ExitArg::Learned => ExitKind::Learned,
-        }
-    }
-}
-
 impl WorkerArgs {
+    /// The engine form of `--exit` at `--exit-threshold` (one mapping: [`crate::exits`]).
+    pub fn default_exit(&self) -> ExitPolicy {
+        let flag = rrt_proto::v1::ExitParameters {
+            policy: self.exit as i32,
+            threshold: self.exit_threshold,
+        };
+        crate::exits::requested(Some(&flag), 0).unwrap_or(ExitPolicy::NONE)
+    }
+
     /// The engine settings for serving `model_id`, or what is wrong with the flags.
     /// The simulated engine's settings (`--simulate`), for a model of `loops` loops.
     pub fn sim_config(&self, loops: usize) -> anyhow::Result<crate::sim::SimConfig> {
@@ -213,10 +202,7 @@ impl WorkerArgs {
             prefill_chunk: self.max_batch_rows,
             exit_probs: self.sim_exit_probs.clone(),
             exit_curves: self.exit_curves()?,
-            default_exit: ExitPolicy {
-                kind: self.exit.kind(),
-                threshold: self.exit_threshold,
-            },
+            default_exit: self.default_exit(),
             hard_share: self.sim_hard_share,
             speed: self.sim_speed,
             seed: self.sim_seed,
@@ -294,7 +280,7 @@ impl WorkerArgs {
             SchedulerArg::Csb => Scheduler::Csb,
             SchedulerArg::Cdb => Scheduler::Cdb,
         };
-        rrt_engine::check_exit(scheduler, self.exit.kind())
+        rrt_engine::check_exit(scheduler, self.default_exit().kind)
             .map_err(|e| anyhow::anyhow!("--exit {:?}: {e}", self.exit))?;
         Ok(EngineConfig {
             scheduler,
@@ -305,10 +291,7 @@ impl WorkerArgs {
             kv_dtype: self.kv_dtype,
             prefix_cache: self.prefix_cache == OnOff::On,
             model_id: format!("{model_id} ({})", self.model.display()),
-            default_exit: ExitPolicy {
-                kind: self.exit.kind(),
-                threshold: self.exit_threshold,
-            },
+            default_exit: self.default_exit(),
             fault: self.inject_fault,
             kv_fill: match self.kv_fill {
                 KvFillArg::Propagate => KvFill::Propagate,

@@ -59,22 +59,15 @@ fn exit_parameters(common: &Common) -> Result<Option<pb::ExitParameters>, ApiErr
     let Some(e) = &common.rrt_exit else {
         return Ok(None);
     };
-    let policy = match e.policy.as_str() {
-        "none" => pb::ExitPolicy::None,
-        "max-prob" | "max_prob" => pb::ExitPolicy::MaxProb,
-        "margin" => pb::ExitPolicy::Margin,
-        "cosine" => pb::ExitPolicy::Cosine,
-        "learned" => pb::ExitPolicy::Learned,
-        other => {
-            return Err(ApiError::bad_request(
-                format!(
-                    "rrt_exit.policy {}: one of none, max-prob, margin, cosine, learned",
-                    rrt_service::validate::quote(other)
-                ),
-                Some("rrt_exit"),
-            ))
-        }
-    };
+    let policy = rrt_proto::exits::policy_by_name(&e.policy).map_err(|names| {
+        ApiError::bad_request(
+            format!(
+                "rrt_exit.policy {}: {names}",
+                rrt_service::validate::quote(&e.policy)
+            ),
+            Some("rrt_exit"),
+        )
+    })?;
     Ok(Some(pb::ExitParameters {
         policy: policy as i32,
         threshold: e.threshold,
