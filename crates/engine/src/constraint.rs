@@ -22,8 +22,9 @@ pub trait Constraint: Send {
     /// Records the token chosen; `Ok(true)` when the constraint is complete and allows nothing
     /// more (the request then ends).
     fn commit(&mut self, token: u32) -> Result<bool, String>;
-    /// After a commit that did not complete it: the tokens the constraint allows as the only
-    /// way on (a JSON key, a literal), already recorded, and whether it is complete after them.
+    /// At the start and after a commit that did not complete it: the tokens the constraint
+    /// allows as the only way on (a JSON key, a literal, the opening of a tool call), recorded
+    /// as taken, and whether it is complete after them.
     /// The engine appends them without sampling and runs them as one chunk (fast-forward).
     fn forced(&mut self) -> Result<(Vec<u32>, bool), String> {
         Ok((Vec::new(), false))
@@ -115,21 +116,38 @@ impl MaskThread {
         Ok(Self { tx, stats })
     }
 
-    /// A sequence's handle on `constraint`, its first mask already asked for.
-    pub fn constrain(&self, constraint: Box<dyn Constraint>) -> Constrained {
+    /// A sequence's handle on `constraint`, with the tokens it forces before anything is
+    /// sampled (at most `room`; already recorded) and whether it is complete after them; the
+    /// first mask is asked for unless it is.
+    pub fn constrain(
+        &self,
+        mut constraint: Box<dyn Constraint>,
+        room: usize,
+    ) -> Result<(Constrained, Vec<u32>, bool), String> {
+        let (mut forced, done) = if room > 0 {
+            constraint.forced()?
+        } else {
+            (Vec::new(), false)
+        };
+        forced.truncate(room);
+        self.stats
+            .forced
+            .fetch_add(forced.len() as u64, Ordering::Relaxed);
         let c = Constrained {
             slot: Arc::new(Slot {
                 state: Mutex::new(SlotState {
                     constraint,
-                    mask: None,
+                    mask: done.then(|| Err("the constraint is complete".to_string())),
                 }),
                 ready: Condvar::new(),
             }),
             tx: self.tx.clone(),
             stats: self.stats.clone(),
         };
-        c.ask();
-        c
+        if !done {
+            c.ask();
+        }
+        Ok((c, forced, done))
     }
 }
 
@@ -257,7 +275,10 @@ mod tests {
     fn masks_come_from_the_thread_and_follow_commits() {
         let stats = Arc::new(MaskStats::default());
         let t = MaskThread::start(stats.clone()).unwrap();
-        let c = t.constrain(Box::new(Counting { next: 3, until: 5 }));
+        let (c, forced, done) = t
+            .constrain(Box::new(Counting { next: 3, until: 5 }), 8)
+            .unwrap();
+        assert!(forced.is_empty() && !done);
         let logits = vec![1.0f32; 100];
         let masked = c.apply(&logits).unwrap();
         assert_eq!(masked[3], 1.0);

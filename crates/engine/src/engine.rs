@@ -225,9 +225,12 @@ impl Engine {
             let sampler = Sampler::new(req.params.sampling.clone())?;
             Ok((exit, sampler))
         });
+        let room = req.params.max_new_tokens;
         let checked = checked.and_then(|(exit, sampler)| {
             let constrained = match req.constraint.take() {
-                Some(c) => Some(self.mask_thread()?.constrain(c)),
+                Some(c) => Some(self.mask_thread()?.constrain(c, room).map_err(|e| {
+                    EngineError::Invalid(format!("the output constraint failed: {e}"))
+                })?),
                 None => None,
             };
             Ok((exit, sampler, constrained))
@@ -235,7 +238,15 @@ impl Engine {
         match checked {
             Ok((exit, sampler, constrained)) => {
                 self.arrivals += 1;
-                let seq = Seq::new(req, sampler, exit, self.arrivals, constrained);
+                let (constrained, forced, complete) = match constrained {
+                    Some((c, f, done)) => (Some(c), f, done),
+                    None => (None, Vec::new(), false),
+                };
+                let mut seq = Seq::new(req, sampler, exit, self.arrivals, constrained);
+                // Tokens the grammar forces from the start are part of what the first prefill
+                // computes; they are streamed at admission.
+                seq.tokens.extend_from_slice(&forced);
+                seq.opening = Some((forced, complete));
                 self.enqueue(seq);
             }
             Err(e) => {
@@ -417,6 +428,10 @@ impl Engine {
                 let cached_tokens = seq.computed;
                 seq.cached_tokens = Some(cached_tokens);
                 seq.emit(Event::Admitted { cached_tokens });
+                let loops = self.model.loops();
+                for _ in 0..seq.stream_opening(loops) {
+                    self.stats.count_exit(loops);
+                }
             }
             self.running.push(seq);
         }

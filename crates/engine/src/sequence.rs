@@ -75,6 +75,9 @@ pub(crate) struct Seq {
     pub follows_default: bool,
     /// Its grammar, if it has one: masks the logits it samples from.
     pub constraint: Option<Constrained>,
+    /// Tokens its grammar forced before anything was sampled (already in `tokens`) and whether
+    /// the grammar is complete after them: streamed once, at its first admission.
+    pub opening: Option<(Vec<u32>, bool)>,
     pub events: Box<dyn EventSink>,
     pub params: GenParams,
     pub sampler: Sampler,
@@ -117,6 +120,7 @@ impl Seq {
             exit,
             follows_default: req.exit.is_none(),
             constraint,
+            opening: None,
             events: req.events,
             sampler,
             kv: SeqCache::default(),
@@ -259,6 +263,26 @@ impl Seq {
             self.finish(FinishReason::Length);
         }
         emitted
+    }
+
+    /// Streams the tokens its grammar forced from the start (at its first admission), as having
+    /// run every loop; finishes it when the grammar is complete after them. Returns how many.
+    pub fn stream_opening(&mut self, loops: usize) -> usize {
+        let Some((forced, complete)) = self.opening.take() else {
+            return 0;
+        };
+        for &t in &forced {
+            self.emit(Event::Token {
+                token: t,
+                exit_loop: loops,
+                logprob: None,
+                argmax: None,
+            });
+        }
+        if complete && !self.is_done() {
+            self.finish(FinishReason::Stop);
+        }
+        forced.len()
     }
 
     /// Ends the sequence because its constraint failed (a grammar error, or no token allowed).

@@ -476,6 +476,8 @@ struct Script {
     len: usize,
     /// Forced tokens still to come (mask mode).
     queue: Vec<u32>,
+    /// Whether a token was sampled since the last forced pair (fast-forward mode).
+    sampled: bool,
 }
 
 const SCRIPTED: [u32; 2] = [30, 60];
@@ -500,13 +502,13 @@ impl rrt_engine::Constraint for Script {
                 self.queue.remove(0);
             }
             None if !self.fast_forward => self.queue = SCRIPTED.to_vec(),
-            None => {}
+            None => self.sampled = true,
         }
         self.taken += 1;
         Ok(self.taken >= self.len)
     }
     fn forced(&mut self) -> Result<(Vec<u32>, bool), String> {
-        if !self.fast_forward {
+        if !self.fast_forward || !std::mem::take(&mut self.sampled) {
             return Ok((Vec::new(), false));
         }
         let n = SCRIPTED.len().min(self.len - self.taken);
@@ -520,7 +522,8 @@ fn forced_tokens_fast_forward_as_one_chunk_and_match_sampling_them_one_by_one() 
     let model = tiny_recursive();
     let vocab = model.cfg.vocab_size as u32;
     let cases = prompts(vocab);
-    let run = |fast_forward: bool| {
+    // `opening`: the grammar forces the pair before anything is sampled, too.
+    let run = |fast_forward: bool, opening: bool| {
         let mut engine = cdb(&model, KvFill::Propagate);
         let rxs: Vec<_> = cases
             .iter()
@@ -534,7 +537,12 @@ fn forced_tokens_fast_forward_as_one_chunk_and_match_sampling_them_one_by_one() 
                     fast_forward,
                     taken: 0,
                     len,
-                    queue: Vec::new(),
+                    queue: if opening && !fast_forward {
+                        SCRIPTED.to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                    sampled: opening,
                 }));
                 engine.submit(req);
                 rx
@@ -544,8 +552,8 @@ fn forced_tokens_fast_forward_as_one_chunk_and_match_sampling_them_one_by_one() 
         let out: Vec<Received> = rxs.iter().map(collect).collect();
         (out, engine.mask_counts(), engine.stats().steps)
     };
-    let (one_by_one, masks_one, steps_one) = run(false);
-    let (forwarded, masks_ff, steps_ff) = run(true);
+    let (one_by_one, masks_one, steps_one) = run(false, false);
+    let (forwarded, masks_ff, steps_ff) = run(true, false);
     for (i, (a, b)) in one_by_one.iter().zip(&forwarded).enumerate() {
         assert_eq!(a.tokens, b.tokens, "request {i}");
         assert_eq!(a.tokens.len(), cases[i].1 + 3, "request {i}");
@@ -570,6 +578,15 @@ fn forced_tokens_fast_forward_as_one_chunk_and_match_sampling_them_one_by_one() 
         steps_ff < steps_one,
         "fast-forward takes fewer steps: {steps_ff} vs {steps_one}"
     );
+    // Forced from the start: streamed at admission, computed with the prompt.
+    let (one_by_one, _, _) = run(false, true);
+    let (forwarded, _, _) = run(true, true);
+    for (i, (a, b)) in one_by_one.iter().zip(&forwarded).enumerate() {
+        assert_eq!(a.tokens, b.tokens, "request {i}");
+        assert_eq!(&b.tokens[..2], &SCRIPTED, "request {i}");
+        assert_eq!(&b.exit_loops[..2], &[3, 3], "request {i}");
+        assert_eq!(b.finish, Some(FinishReason::Stop));
+    }
 }
 
 /// Submits one teacher-forced request (logprobs on) and returns `(token, exit loop, logprob)`.
