@@ -66,11 +66,13 @@ fn constrained(system: &str, user: &str, kind: Kind, max: u32) -> pb::GenerateRe
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn constrained_outputs_parse_and_validate_with_exits_on() {
-    let model = cluster::demo_model();
+/// A worker on the demo model with learned exits at 0.5 (20 sequences) behind a router.
+async fn demo_cluster() -> (
+    cluster::Service<rrt_worker::RunningWorker>,
+    cluster::Service<rrt_router::RunningRouter>,
+) {
     let w = cluster::worker_of(
-        &model,
+        &cluster::demo_model(),
         None,
         &[
             "--exit",
@@ -88,6 +90,12 @@ async fn constrained_outputs_parse_and_validate_with_exits_on() {
     )
     .await;
     cluster::wait_for_workers(&r.running, 1).await;
+    (w, r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constrained_outputs_parse_and_validate_with_exits_on() {
+    let (w, r) = demo_cluster().await;
     let client = cluster::client(r.running.grpc_addr).await;
 
     let subjects = [
@@ -241,19 +249,7 @@ async fn constrained_outputs_parse_and_validate_with_exits_on() {
 /// and each field rrt does not honour refused with a 400 that names it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_client_gets_schema_valid_json_and_named_refusals() {
-    let model = cluster::demo_model();
-    let w = cluster::worker_of(
-        &model,
-        None,
-        &["--exit", "learned", "--exit-threshold", "0.5"],
-    )
-    .await;
-    let r = cluster::router(
-        None,
-        &["--worker", &format!("http://{}", w.running.grpc_addr)],
-    )
-    .await;
-    cluster::wait_for_workers(&r.running, 1).await;
+    let (w, r) = demo_cluster().await;
     let http = r.running.http_addr.expect("the HTTP API is on");
     let python = rrt_tests::root().join(".cache/venv/bin/python");
     rrt_tests::ensure(rrt_tests::root().join(".cache/venv/.ready"), "venv");
