@@ -2,8 +2,9 @@
 //! side by side in one run. For each batch size: free generation, and the same prompts under a
 //! regular expression that cannot end before the token limit (every token masked: the plain
 //! cost of the masks), a JSON schema and a JSON object (realistic: they end when the JSON is
-//! complete). Per run: decode tokens/s while every request decodes (from the last first token
-//! to the first end, so requests that end early do not count as a smaller batch) and its ratio
+//! complete). Per run: decode tokens/s while every request decodes (from the last first sampled
+//! token, after the prompt and any tokens the grammar forces from the start, to the first end,
+//! so neither prefill nor requests that end early count as decoding) and its ratio
 //! to free generation, mask time per token on the mask thread, and the time sampling waited for
 //! a mask. Then the compile time of each constraint, cold and cached.
 
@@ -13,7 +14,7 @@ use std::time::Instant;
 
 use clap::Args;
 use rrt_constrain::{Compiler, Spec};
-use rrt_engine::{Engine, EngineConfig, Event, GenParams, Request, Scheduler};
+use rrt_engine::{Constraint, Engine, EngineConfig, Event, GenParams, Request, Scheduler};
 use rrt_model::WeightDtype;
 
 #[derive(Args, Debug)]
@@ -80,6 +81,9 @@ fn run(
         },
     )?;
     let mut receivers = Vec::new();
+    // Tokens each request's grammar forces before anything is sampled (streamed at admission,
+    // before its prompt is computed): its decoding starts after them.
+    let mut opening = vec![0; prompts.len()];
     for (i, p) in prompts.iter().enumerate() {
         let params = GenParams {
             max_new_tokens: max_tokens,
@@ -89,12 +93,14 @@ fn run(
         };
         let (mut req, rx) = Request::with_channel(i as u64, p.clone(), params, None);
         if let Some(s) = spec {
+            let mut probe = compiler.compile(s)?;
+            opening[i] = probe.forced().map_err(anyhow::Error::msg)?.0.len();
             req.constraint = Some(Box::new(compiler.compile(s)?));
         }
         engine.submit(req);
         receivers.push(rx);
     }
-    let mut started: Vec<bool> = vec![false; prompts.len()];
+    let mut received = vec![0; prompts.len()];
     let mut tokens = 0;
     let mut decode_from: Option<(Instant, usize)> = None;
     // The window is while every request decodes: from the last first token to the first end
@@ -108,7 +114,7 @@ fn run(
                 match e {
                     Event::Token { .. } => {
                         tokens += 1;
-                        started[i] = true;
+                        received[i] += 1;
                     }
                     Event::Finished { .. } => ended = true,
                     Event::Failed(e) => anyhow::bail!("request {i} failed: {e}"),
@@ -116,7 +122,7 @@ fn run(
                 }
             }
         }
-        if decode_from.is_none() && started.iter().all(|&s| s) {
+        if decode_from.is_none() && received.iter().zip(&opening).all(|(r, o)| r > o) {
             decode_from = Some((Instant::now(), tokens));
         }
         if ended && decode_to.is_none() {
