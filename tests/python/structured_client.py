@@ -138,6 +138,38 @@ def main() -> None:
             finish = ch.choices[0].finish_reason or finish
         calls[label + "_stream"] = check_call(name, args, finish) if name else {"content": content}
         calls[label + "_stream"]["pieces"] = pieces
+    # Several calls allowed (`parallel_tool_calls=True`: at most 8) and not (False): every call
+    # validates, the streamed calls (assembled by index) equal the unstreamed ones.
+    two_cities = [{"role": "user", "content": "What is the weather in Paris and in Rome? Call the tool once per city."}]
+    for label, parallel in [("parallel", True), ("single", False)]:
+        extra = {"parallel_tool_calls": parallel}
+        r = client.chat.completions.create(
+            model=model, messages=two_cities, tools=tools, tool_choice="required", temperature=0,
+            max_tokens=256, **extra,
+        )
+        whole = [check_call(t.function.name, t.function.arguments, r.choices[0].finish_reason)
+                 for t in r.choices[0].message.tool_calls or []]
+        chunks = client.chat.completions.create(
+            model=model, messages=two_cities, tools=tools, tool_choice="required", temperature=0,
+            max_tokens=256, stream=True, **extra,
+        )
+        by_index, finish = {}, None
+        for ch in chunks:
+            if not ch.choices:
+                continue
+            for t in ch.choices[0].delta.tool_calls or []:
+                c = by_index.setdefault(t.index, {"name": None, "arguments": "", "id": None})
+                if t.id:
+                    c["id"] = t.id
+                if t.function and t.function.name:
+                    c["name"] = t.function.name
+                if t.function and t.function.arguments:
+                    c["arguments"] += t.function.arguments
+            finish = ch.choices[0].finish_reason or finish
+        streamed = [check_call(by_index[i]["name"], by_index[i]["arguments"], finish)
+                    for i in sorted(by_index)]
+        calls[label] = {"whole": whole, "streamed": streamed, "indexes": sorted(by_index),
+                        "ids": [c["id"] for _, c in sorted(by_index.items())]}
     r = client.chat.completions.create(
         model=model, messages=weather, tools=tools, temperature=0, max_tokens=64,
     )

@@ -339,6 +339,33 @@ async fn the_openai_client_gets_schema_valid_json_and_named_refusals() {
         "{}",
         calls["required_stream"]
     );
+    // Parallel calls: `parallel_tool_calls: true` allows 1-8 (each valid, the reply ending with
+    // whole calls; the stream, put together by index, equals the whole reply); `false` one.
+    for case in ["parallel", "single"] {
+        let c = &calls[case];
+        let whole = c["whole"].as_array().expect("whole calls");
+        assert!(!whole.is_empty(), "{case}: no call: {c}");
+        for call in whole {
+            assert_eq!(call["valid"], true, "{case}: {call}");
+            assert_eq!(call["finish_reason"], "tool_calls", "{case}: {call}");
+        }
+        assert_eq!(c["whole"], c["streamed"], "{case}: streamed != whole");
+        let n = whole.len();
+        let indexes: Vec<u64> = (0..n as u64).collect();
+        assert_eq!(c["indexes"], serde_json::json!(indexes), "{case}");
+        let ids = c["ids"].as_array().expect("ids");
+        assert!(
+            ids.iter()
+                .all(|i| i.as_str().is_some_and(|i| i.starts_with("call_"))),
+            "{case}: {c}"
+        );
+        if case == "single" {
+            assert_eq!(n, 1, "parallel_tool_calls false: {c}");
+        }
+        assert!(n <= 8, "{case}: {n} calls");
+        eprintln!("{case}: {n} call(s): {}", c["whole"]);
+    }
+
     assert!(
         calls["auto"]["finish_reason"] == "tool_calls" || calls["auto"]["content"].is_string(),
         "{}",

@@ -360,22 +360,28 @@ async fn whole(
     let logprobs = plan
         .logprobs
         .then(|| logprobs_json(plan.kind, &pieces, &lps));
-    let call = plan
+    let calls = plan
         .tools
-        .then(|| super::tools::parse_call(&text))
+        .then(|| super::tools::parse_calls(&text))
         .flatten();
     let choice = match plan.kind {
         Kind::Completion => json!({
             "index": 0, "text": text, "finish_reason": finish_reason(finish), "logprobs": logprobs,
         }),
-        Kind::Chat if call.is_some() => {
-            let (name, arguments) = call.unwrap_or_default();
+        Kind::Chat if calls.is_some() => {
+            let tool_calls: Vec<Value> = calls
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(name, arguments)| {
+                    json!({
+                        "id": super::tools::call_id(), "type": "function",
+                        "function": {"name": name, "arguments": arguments},
+                    })
+                })
+                .collect();
             json!({
                 "index": 0,
-                "message": {"role": "assistant", "content": null, "tool_calls": [{
-                    "id": super::tools::call_id(), "type": "function",
-                    "function": {"name": name, "arguments": arguments},
-                }]},
+                "message": {"role": "assistant", "content": null, "tool_calls": tool_calls},
                 "finish_reason": "tool_calls",
                 "logprobs": logprobs,
             })
@@ -471,10 +477,12 @@ fn piece_chunk(plan: &Plan, piece: super::tools::Piece) -> Value {
     };
     match piece {
         Piece::Text(t) => chunk(plan, Some(&t), false, None, None),
-        Piece::CallStart { id, name } => call(json!({
-            "index": 0, "id": id, "type": "function", "function": {"name": name, "arguments": ""},
+        Piece::CallStart { index, id, name } => call(json!({
+            "index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""},
         })),
-        Piece::Arguments(a) => call(json!({"index": 0, "function": {"arguments": a}})),
+        Piece::Arguments { index, text } => {
+            call(json!({"index": index, "function": {"arguments": text}}))
+        }
     }
 }
 

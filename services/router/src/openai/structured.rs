@@ -64,7 +64,6 @@ const INERT: &[&str] = &[
     "service_tier",
     "prompt_cache_key",
     "safety_identifier",
-    "parallel_tool_calls",
 ];
 
 /// Whether `value` of field `name` is the neutral one (changes nothing).

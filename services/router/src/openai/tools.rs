@@ -1,13 +1,16 @@
 //! Tool calling for `/v1/chat/completions`: `tools`, `tool_choice` (`none`, `auto`,
-//! `required`, a named function) and the history of earlier calls, on models whose chat
-//! template has no tool syntax of its own (SmolLM2's ChatML has none). The tools are described
-//! to the model in the system message; a call is written `<tool_call>{"name": ...,
-//! "arguments": {...}}</tool_call>`, and the reply is decoded under a Lark grammar (llguidance,
-//! on the worker) that embeds each function's parameter schema, so a call always parses and its
-//! arguments validate: `required` and a named function allow only a call, `auto` a call or text
-//! (not starting with `<`). The reply is parsed back into `tool_calls` with `finish_reason:
-//! "tool_calls"`, streamed as `delta.tool_calls` chunks (the name first, then the arguments as
-//! they are generated). One call per reply (parallel calls are not generated).
+//! `required`, a named function), `parallel_tool_calls` and the history of earlier calls, on
+//! models whose chat template has no tool syntax of its own (SmolLM2's ChatML has none). The
+//! tools are described to the model in the system message; a call is written
+//! `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the Hermes / Qwen format), several
+//! calls one per line, and the reply is decoded under a Lark grammar (llguidance, on the worker)
+//! that embeds each function's parameter schema, so every call parses and its arguments
+//! validate: `required` and a named function allow only calls, `auto` calls or text (not
+//! starting with `<`); `parallel_tool_calls: true` allows up to [`MAX_CALLS`] calls, else (and
+//! for a named function) one: OpenAI's default allows several, but small models given the
+//! choice repeat one call until the token limit. The reply is parsed back into `tool_calls` with `finish_reason: "tool_calls"`,
+//! streamed as `delta.tool_calls` chunks (each call's index, id and name first, then its
+//! arguments as they are generated).
 
 use rand::Rng;
 use serde::Deserialize;
@@ -16,6 +19,9 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 
 pub const OPEN: &str = "<tool_call>";
+/// Calls one reply may hold with `parallel_tool_calls: true` (so a model that repeats itself
+/// ends with whole calls, not at the token limit mid-call).
+pub const MAX_CALLS: usize = 8;
 pub const CLOSE: &str = "</tool_call>";
 
 #[derive(Debug, Deserialize)]
@@ -111,7 +117,10 @@ pub fn plan(
     if tools.is_empty() {
         return Err(bad("tool_choice needs tools", "tool_choice"));
     }
-    let _ = parallel; // One call per reply satisfies either setting.
+    // Several calls only when asked for (`parallel_tool_calls: true`): OpenAI's default allows
+    // them, but small models given the choice repeat the same call until the token limit. A
+    // named function is called once.
+    let parallel = parallel == Some(true) && !matches!(mode, Mode::Named(_));
     for (i, t) in tools.iter().enumerate() {
         if t.kind != "function" {
             return Err(bad(
@@ -173,10 +182,19 @@ pub fn plan(
     // Compact JSON, name first: what the stream parser reads the name from.
     schema["x-guidance"] =
         json!({"item_separator": ",", "key_separator": ":", "whitespace_flexible": false});
-    let call = format!("start_call: \"{OPEN}\" call_body \"{CLOSE}\"\ncall_body: %json {schema}\n");
+    let calls = if parallel {
+        format!(
+            "calls: start_call (\"\\n\" start_call){{0,{}}}\n",
+            MAX_CALLS - 1
+        )
+    } else {
+        "calls: start_call\n".to_string()
+    };
+    let call =
+        format!("{calls}start_call: \"{OPEN}\" call_body \"{CLOSE}\"\ncall_body: %json {schema}\n");
     let grammar = match mode {
-        Mode::Auto => format!("start: start_call | TEXT\nTEXT: /[^<][\\s\\S]*/\n{call}"),
-        _ => format!("start: start_call\n{call}"),
+        Mode::Auto => format!("start: calls | TEXT\nTEXT: /[^<][\\s\\S]*/\n{call}"),
+        _ => format!("start: calls\n{call}"),
     };
     let listed: Vec<String> = tools
         .iter()
@@ -194,8 +212,13 @@ pub fn plan(
         Mode::Required => "Call one of them now: reply with only".to_string(),
         Mode::Named(n) => format!("Call {n} now: reply with only"),
     };
+    let several = if parallel {
+        "\nTo call several functions at once, write one such line per call."
+    } else {
+        ""
+    };
     let system = format!(
-        "You can call these functions (JSON schemas of their arguments):\n<tools>\n{}\n</tools>\n{how} {OPEN}{{\"name\": <function name>, \"arguments\": <arguments object>}}{CLOSE}",
+        "You can call these functions (JSON schemas of their arguments):\n<tools>\n{}\n</tools>\n{how} {OPEN}{{\"name\": <function name>, \"arguments\": <arguments object>}}{CLOSE}{several}",
         listed.join("\n")
     );
     Ok(Some(Plan { system, grammar }))
@@ -222,7 +245,8 @@ pub fn render_calls(calls: &[Value]) -> String {
             };
             format!("{OPEN}{{\"name\":{name},\"arguments\":{args}}}{CLOSE}")
         })
-        .collect()
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A new call id, as OpenAI's (`call_` and 24 characters).
@@ -235,33 +259,52 @@ pub fn call_id() -> String {
     id
 }
 
-/// A whole reply: `Some((name, arguments as a JSON string))` when it is a call.
-pub fn parse_call(text: &str) -> Option<(String, String)> {
-    let body = text.strip_prefix(OPEN)?.strip_suffix(CLOSE)?;
-    let v: Value = serde_json::from_str(body).ok()?;
-    let name = v.get("name")?.as_str()?.to_string();
-    let args = v.get("arguments")?.to_string();
-    Some((name, args))
+/// A whole reply: `Some(calls)` (each its name and arguments as a JSON string) when it is one
+/// or more calls, one per line.
+pub fn parse_calls(text: &str) -> Option<Vec<(String, String)>> {
+    let mut rest = text;
+    let mut calls = Vec::new();
+    loop {
+        let body = rest.strip_prefix(OPEN)?;
+        let mut values = serde_json::Deserializer::from_str(body).into_iter::<Value>();
+        let v = values.next()?.ok()?;
+        rest = body[values.byte_offset()..].strip_prefix(CLOSE)?;
+        let name = v.get("name")?.as_str()?.to_string();
+        let args = v.get("arguments")?.to_string();
+        calls.push((name, args));
+        rest = rest.trim_start();
+        if rest.is_empty() {
+            return Some(calls);
+        }
+    }
 }
 
 /// What a piece of a streamed reply turns into.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Piece {
     Text(String),
-    /// The call's name is known: its first `delta.tool_calls` chunk.
+    /// Call `index`'s name is known: its first `delta.tool_calls` chunk.
     CallStart {
+        index: usize,
         id: String,
         name: String,
     },
-    Arguments(String),
+    /// More of call `index`'s arguments.
+    Arguments {
+        index: usize,
+        text: String,
+    },
 }
 
-/// Reads a streamed reply as it comes: text, or a call (its name as soon as it is complete,
-/// then its arguments, holding back what may be the closing `}</tool_call>`).
+/// Reads a streamed reply as it comes: text, or calls (each call's name as soon as it is
+/// complete, then its arguments as they come: a JSON scan finds where they end, so nothing
+/// after them is taken for arguments).
 #[derive(Debug, Default)]
 pub struct StreamParser {
     buf: String,
     state: State,
+    /// Calls started so far.
+    calls: usize,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -269,13 +312,56 @@ enum State {
     #[default]
     Undecided,
     Text,
-    /// Waiting for `<tool_call>{"name":"...","arguments":`.
+    /// Waiting for `<tool_call>{"name":"...","arguments":` (after any whitespace).
     CallHead,
-    /// Streaming the arguments; `sent` bytes of `buf` (after the head) are out.
+    /// Streaming the arguments object from `buf[0]`: `scan` bytes read, `sent` bytes out.
     Arguments {
-        from: usize,
+        scan: JsonScan,
         sent: usize,
     },
+    /// The arguments are out; waiting for `}</tool_call>`.
+    CallTail,
+}
+
+/// Where a JSON value being read stands: nesting depth and whether inside a string.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct JsonScan {
+    at: usize,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl JsonScan {
+    /// Reads `text` from `self.at`; `Some(end)` once the value (an object) is complete.
+    fn read(&mut self, text: &str) -> Option<usize> {
+        let bytes = text.as_bytes();
+        while self.at < bytes.len() {
+            let b = bytes[self.at];
+            self.at += 1;
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        return Some(self.at);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
 }
 
 const HEAD: &str = "{\"name\":\"";
@@ -283,8 +369,9 @@ const ARGS: &str = "\",\"arguments\":";
 const TAIL: &str = "}</tool_call>";
 
 impl StreamParser {
+    /// Whether the reply is calls (known from its first character).
     pub fn is_call(&self) -> bool {
-        matches!(self.state, State::CallHead | State::Arguments { .. })
+        self.calls > 0 || self.state == State::CallHead
     }
 
     /// The pieces `text` completes.
@@ -292,7 +379,7 @@ impl StreamParser {
         self.buf.push_str(text);
         let mut out = Vec::new();
         loop {
-            match self.state {
+            match &mut self.state {
                 State::Undecided => match self.buf.chars().next() {
                     None => return out,
                     Some('<') => self.state = State::CallHead,
@@ -307,6 +394,7 @@ impl StreamParser {
                 State::CallHead => {
                     let Some(rest) = self
                         .buf
+                        .trim_start()
                         .strip_prefix(OPEN)
                         .and_then(|r| r.strip_prefix(HEAD))
                     else {
@@ -316,42 +404,50 @@ impl StreamParser {
                     let Some(end) = rest.find(ARGS) else {
                         return out;
                     };
-                    let name = rest[..end].to_string();
-                    let from = OPEN.len() + HEAD.len() + end + ARGS.len();
                     out.push(Piece::CallStart {
+                        index: self.calls,
                         id: call_id(),
-                        name,
+                        name: rest[..end].to_string(),
                     });
-                    self.state = State::Arguments { from, sent: from };
+                    self.buf = rest[end + ARGS.len()..].to_string();
+                    self.state = State::Arguments {
+                        scan: JsonScan::default(),
+                        sent: 0,
+                    };
                 }
-                State::Arguments { from, sent } => {
-                    // Everything but what may be the closing tail.
-                    let safe = self.buf.len().saturating_sub(TAIL.len()).max(sent);
-                    let mut cut = safe;
+                State::Arguments { scan, sent } => {
+                    let index = self.calls;
+                    let end = scan.read(&self.buf);
+                    let mut cut = end.unwrap_or(self.buf.len());
                     while !self.buf.is_char_boundary(cut) {
                         cut -= 1;
                     }
-                    if cut > sent {
-                        out.push(Piece::Arguments(self.buf[sent..cut].to_string()));
-                        self.state = State::Arguments { from, sent: cut };
+                    if cut > *sent {
+                        out.push(Piece::Arguments {
+                            index,
+                            text: self.buf[*sent..cut].to_string(),
+                        });
+                        *sent = cut;
                     }
-                    return out;
+                    let Some(end) = end else { return out };
+                    self.buf.drain(..end);
+                    self.calls += 1;
+                    self.state = State::CallTail;
+                }
+                State::CallTail => {
+                    let Some(rest) = self.buf.strip_prefix(TAIL) else {
+                        return out;
+                    };
+                    self.buf = rest.to_string();
+                    self.state = State::CallHead;
                 }
             }
         }
     }
 
-    /// The rest when the reply ends: the arguments up to the closing tail.
+    /// The rest when the reply ends: text held back (a call's pieces are all out already).
     pub fn finish(&mut self) -> Vec<Piece> {
         match self.state {
-            State::Arguments { sent, .. } => {
-                let end = self.buf.strip_suffix(TAIL).map_or(self.buf.len(), str::len);
-                if end > sent {
-                    vec![Piece::Arguments(self.buf[sent..end].to_string())]
-                } else {
-                    Vec::new()
-                }
-            }
             State::Text | State::Undecided if !self.buf.is_empty() => {
                 vec![Piece::Text(std::mem::take(&mut self.buf))]
             }
@@ -417,43 +513,98 @@ mod tests {
     }
 
     #[test]
+    fn parallel_calls_follow_the_setting() {
+        let t = tools();
+        let two = plan(Some(&t), Some(&json!("required")), Some(true))
+            .unwrap()
+            .unwrap();
+        assert!(two.grammar.contains("start_call (\"\\n\" start_call){0,7}"));
+        assert!(two.system.contains("several"));
+        for parallel in [None, Some(false)] {
+            let one = plan(Some(&t), Some(&json!("required")), parallel)
+                .unwrap()
+                .unwrap();
+            assert!(one.grammar.contains("calls: start_call\n"));
+            assert!(!one.system.contains("several"));
+        }
+        let named = json!({"type": "function", "function": {"name": "add"}});
+        let named = plan(Some(&t), Some(&named), Some(true)).unwrap().unwrap();
+        assert!(named.grammar.contains("calls: start_call\n"));
+    }
+
+    /// Streams `reply` in pieces of `step` characters and puts the calls back together.
+    fn streamed(reply: &str, step: usize) -> (Vec<(usize, String)>, Vec<String>, String) {
+        let mut p = StreamParser::default();
+        let mut pieces = Vec::new();
+        let chars: Vec<char> = reply.chars().collect();
+        for c in chars.chunks(step) {
+            pieces.extend(p.push(&c.iter().collect::<String>()));
+        }
+        pieces.extend(p.finish());
+        let (mut names, mut args, mut text) = (Vec::new(), Vec::<String>::new(), String::new());
+        for piece in pieces {
+            match piece {
+                Piece::CallStart { index, name, .. } => {
+                    assert_eq!(index, names.len());
+                    names.push((index, name));
+                    args.push(String::new());
+                }
+                Piece::Arguments { index, text } => {
+                    assert_eq!(index + 1, names.len(), "arguments of the open call");
+                    args[index].push_str(&text);
+                }
+                Piece::Text(t) => text.push_str(&t),
+            }
+        }
+        (names, args, text)
+    }
+
+    #[test]
     fn replies_parse_whole_and_streamed() {
         let reply = r#"<tool_call>{"name":"add","arguments":{"a":2,"b":40}}</tool_call>"#;
         assert_eq!(
-            parse_call(reply),
-            Some(("add".into(), r#"{"a":2,"b":40}"#.into()))
+            parse_calls(reply),
+            Some(vec![("add".into(), r#"{"a":2,"b":40}"#.into())])
         );
-        assert_eq!(parse_call("just text"), None);
-        // Streamed in uneven pieces: the name once, then the arguments in order, no tail.
-        for step in [1, 3, 7] {
-            let mut p = StreamParser::default();
-            let mut pieces = Vec::new();
-            let chars: Vec<char> = reply.chars().collect();
-            for c in chars.chunks(step) {
-                pieces.extend(p.push(&c.iter().collect::<String>()));
-            }
-            pieces.extend(p.finish());
-            assert!(matches!(&pieces[0], Piece::CallStart { name, .. } if name == "add"));
-            let args: String = pieces[1..]
-                .iter()
-                .map(|p| match p {
-                    Piece::Arguments(a) => a.clone(),
-                    other => panic!("{other:?}"),
-                })
-                .collect();
-            assert_eq!(args, r#"{"a":2,"b":40}"#, "step {step}");
+        assert_eq!(parse_calls("just text"), None);
+        assert_eq!(parse_calls(&format!("{reply} and text")), None);
+        // Strings holding braces, quotes and the closing tag do not end the arguments early.
+        let tricky = r#"<tool_call>{"name":"get_weather","arguments":{"city":"}</tool_call> \"{x","n":[1,{"y":2}]}}</tool_call>"#;
+        let two = format!("{reply}\n{tricky}");
+        let want = vec![
+            ("add".to_string(), r#"{"a":2,"b":40}"#.to_string()),
+            (
+                "get_weather".to_string(),
+                r#"{"city":"}</tool_call> \"{x","n":[1,{"y":2}]}"#.to_string(),
+            ),
+        ];
+        assert_eq!(parse_calls(&two), Some(want.clone()));
+        // Streamed in uneven pieces: each name once, then its arguments in order, no tail.
+        for step in [1, 3, 7, 200] {
+            let (names, args, text) = streamed(reply, step);
+            assert_eq!(names, vec![(0, "add".to_string())], "step {step}");
+            assert_eq!(args, vec![r#"{"a":2,"b":40}"#.to_string()], "step {step}");
+            assert!(text.is_empty());
+            let (names, args, text) = streamed(&two, step);
+            let got: Vec<(String, String)> = names.into_iter().map(|(_, n)| n).zip(args).collect();
+            assert_eq!(got, want, "step {step}");
+            assert!(text.is_empty());
         }
         let mut p = StreamParser::default();
         let mut text = p.push("Hello");
         text.extend(p.push(" there"));
         text.extend(p.finish());
+        assert!(!p.is_call());
         assert_eq!(
             text,
             vec![Piece::Text("Hello".into()), Piece::Text(" there".into())]
         );
         assert_eq!(
-            render_calls(&[json!({"function": {"name": "add", "arguments": "{\"a\":1}"}})]),
-            r#"<tool_call>{"name":"add","arguments":{"a":1}}</tool_call>"#
+            render_calls(&[
+                json!({"function": {"name": "add", "arguments": "{\"a\":1}"}}),
+                json!({"function": {"name": "add", "arguments": "{\"a\":2}"}})
+            ]),
+            "<tool_call>{\"name\":\"add\",\"arguments\":{\"a\":1}}</tool_call>\n<tool_call>{\"name\":\"add\",\"arguments\":{\"a\":2}}</tool_call>"
         );
     }
 }
