@@ -53,12 +53,15 @@ bench-engine: model data build ## serving throughput: static / CSB / CDB with ex
 	$(RRT) bench engine
 	$(RRT) bench engine --dtypes f32,bf16,q8 --prompts 48 --min-output 32 --max-output 64 --lora-ranks 0 --synthetic 0.5,0.9 --repeats 2
 
-scale-bench: model models build ## routing policies on 50 and 200 simulated workers and on 4 real ones, one and two routers; load-adaptive exits at overload (cost model fitted first; ~22 min)
+scale-bench: model models build ## routing policies on 50 and 200 simulated workers and on 4 real ones, one and two routers; one coordinator's saturation; load-adaptive exits at overload (cost model fitted first; ~30 min)
 	$(RRT) bench sim
-	$(RRT) bench structured
-	$(RRT) bench scale --workers 50 --sessions 200
-	$(RRT) bench scale --workers 200 --sessions 600 --burst 90 --system-prompts 48
-	$(RRT) bench scale --real --real-kv-mib 96 --workers 4 --sessions 32 --turns 3 --system-prompts 16 --burst 8 --burst-every-ms 2000 --max-tokens 16 --policies round-robin,least-outstanding,cache-aware,combined --two-routers cache-aware,combined
+	$(RRT) bench scale --workers 50 --sessions 200 --plot .cache/bench/scale-50.png
+	$(RRT) bench scale --workers 200 --sessions 600 --burst 90 --system-prompts 48 --plot .cache/bench/scale-200.png
+	$(RRT) bench scale --workers 50 --sessions 200 --think-ms 1000 --policies combined --two-routers combined --plot .cache/bench/scale-50-think.png
+	$(RRT) bench scale --workers 200 --sessions 600 --burst 90 --system-prompts 48 --think-ms 1000 --policies combined --two-routers combined --plot .cache/bench/scale-200-think.png
+	$(RRT) bench scale --real --real-kv-mib 96 --workers 4 --sessions 32 --turns 3 --system-prompts 16 --burst 8 --burst-every-ms 2000 --max-tokens 16 --policies round-robin,least-outstanding,cache-aware,combined --two-routers cache-aware,combined --plot .cache/bench/scale-real.png
+	$(RRT) bench coordinator --workers 1000 --concurrency 1,4,16,64,256
+	$(RRT) bench coordinator --workers 10000 --concurrency 16,256
 	$(RRT) bench adaptive --overload 2
 	$(RRT) bench adaptive --overload 1.25
 	$(RRT) bench adaptive --curve docs/data/r128-general-exit-curve.json --floor 0.85 --overload 2

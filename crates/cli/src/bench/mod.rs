@@ -2,6 +2,7 @@
 
 mod adaptive;
 pub mod chaos;
+mod coordinator;
 mod cpu_time;
 mod decode;
 mod engine;
@@ -15,6 +16,7 @@ pub(crate) mod plot;
 mod prefix;
 pub mod router;
 mod scale;
+mod scale_plot;
 mod sim;
 mod structured;
 mod uptrain;
@@ -43,6 +45,9 @@ pub enum BenchCommand {
     /// Routing policies on 50-200 simulated workers behind the real router and coordinator:
     /// time to first token, latency, goodput, prefix-cache hits (`make scale-bench`).
     Scale(scale::ScaleBenchArgs),
+    /// Where one coordinator saturates: reports a second it takes from many workers with
+    /// routers watching, its CPU per report, latency.
+    Coordinator(coordinator::CoordinatorBenchArgs),
     /// Load-adaptive exits at 2x overload on simulated workers: fixed vs adaptive threshold,
     /// time to first token, the quality it costs, FULL requests at full depth.
     Adaptive(adaptive::AdaptiveBenchArgs),
@@ -66,6 +71,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Uptrain(args) => uptrain::run(args),
         BenchCommand::Sim(args) => sim::run(args),
         BenchCommand::Scale(args) => scale::run(args),
+        BenchCommand::Coordinator(args) => coordinator::run(args),
         BenchCommand::Adaptive(args) => adaptive::run(args),
         BenchCommand::Structured(args) => structured::run_bench(args),
     }

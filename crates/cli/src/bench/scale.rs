@@ -20,6 +20,7 @@ use rrt_proto::v1::generation_client::GenerationClient;
 use tokio::sync::Mutex;
 
 use super::local_cluster::{LocalCluster, Placement};
+use super::scale_plot;
 use prost::Message;
 
 #[derive(Args, Debug)]
@@ -39,6 +40,9 @@ pub struct ScaleBenchArgs {
     sessions: usize,
     #[arg(long, default_value_t = 3)]
     turns: usize,
+    /// A user's pause between a reply and the next turn (ms).
+    #[arg(long, default_value_t = 0)]
+    think_ms: u64,
     /// Distinct system prompts (sessions pick them unevenly: the first ones most).
     #[arg(long, default_value_t = 16)]
     system_prompts: usize,
@@ -66,6 +70,18 @@ pub struct ScaleBenchArgs {
     /// Cost model (`rrt bench sim` writes one; `default`: the built-in one).
     #[arg(long, default_value = ".cache/sim/cost.json")]
     cost: String,
+    /// Where the PNG of the runs goes (bars per cluster size: p99 TTFT, p99 latency, cached).
+    #[arg(long, default_value = ".cache/bench/scale.png")]
+    plot: PathBuf,
+    /// TrueType font for the plot's text.
+    #[arg(
+        long,
+        default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    )]
+    font: PathBuf,
+    /// More coordinator flags (e.g. `--report-ms=200`), comma-separated
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    coordinator_flags: Vec<String>,
     /// More router flags (e.g. `--spill-s=0.2`), comma-separated.
     #[arg(long, value_delimiter = ',')]
     router_flags: Vec<String>,
@@ -92,6 +108,8 @@ struct Sample {
     e2e: f64,
     prompt: u32,
     cached: u32,
+    /// The turn of its session (0: the first).
+    turn: usize,
 }
 
 /// One run's figures.
@@ -118,6 +136,10 @@ struct Figures {
     whole_bytes_per_s: f64,
     /// Placement bytes a second passed between router replicas (none with one router).
     placement_bytes_per_s: f64,
+    /// Prompt tokens cached by turn of the session (turn 0 can only hit its system prompt).
+    hit_by_turn: Vec<f64>,
+    /// The routers' decisions by reason (label, share).
+    decisions: Vec<(String, f64)>,
 }
 
 /// The runtimes the router(s) and the coordinator run on, so their threads' CPU is theirs.
@@ -127,6 +149,18 @@ struct Runtimes {
 }
 
 const ROUTER_THREADS: &str = "rrt-router";
+const DECISIONS: &str = "rrt_router_decisions_total";
+/// The decision reasons of generations (`rrt_router::balance::Reason` labels).
+const REASONS: [&str; 8] = [
+    "turn",
+    "fewest",
+    "load",
+    "prefix_hit",
+    "spill_load",
+    "spill_kv",
+    "no_prefix",
+    "stale_view",
+];
 const COORDINATOR_THREADS: &str = "rrt-coord";
 
 /// The sum of the counter `name` over its series in Prometheus text whose labels contain
@@ -168,6 +202,7 @@ async fn session(
     id: usize,
     turns: usize,
     max_tokens: u32,
+    think: Duration,
 ) -> Vec<Result<Sample, String>> {
     let mut messages = vec![pb::ChatMessage {
         role: "system".into(),
@@ -175,6 +210,9 @@ async fn session(
     }];
     let mut out = Vec::new();
     for t in 0..turns {
+        if t > 0 {
+            tokio::time::sleep(think).await;
+        }
         messages.push(pb::ChatMessage {
             role: "user".into(),
             content: format!("Session {id}, question {t}: how do I reset the device?"),
@@ -211,6 +249,7 @@ async fn session(
                 e2e: start.elapsed().as_secs_f64(),
                 prompt,
                 cached,
+                turn: t,
             })),
             Err(s) => {
                 out.push(Err(format!("{:?}: {}", s.code(), s.message())));
@@ -262,7 +301,7 @@ async fn one_run(
     router_flags.extend(args.router_flags.iter().cloned());
     let placement = Placement {
         routers,
-        coordinator_flags: Vec::new(),
+        coordinator_flags: args.coordinator_flags.clone(),
         router_rt: Some(rts.router.handle().clone()),
         coordinator_rt: Some(rts.coordinator.handle().clone()),
     };
@@ -275,6 +314,11 @@ async fn one_run(
     let text = metrics.render();
     const VIEW_BYTES: &str = "rrt_coordinator_view_bytes_total";
     const PLACEMENTS: &str = "kind=\"placements\"";
+    let reason = |r: &str| format!("policy=\"{}\",reason=\"{r}\"", policy.replace('-', "_"));
+    let decisions0: Vec<f64> = REASONS
+        .iter()
+        .map(|r| counter_sum(&text, DECISIONS, &reason(r)))
+        .collect();
     let bytes0 = counter_sum(&text, VIEW_BYTES, "");
     let placement_bytes0 = counter_sum(&text, VIEW_BYTES, PLACEMENTS);
     let reports0 = cluster.coordinator.registry.reports_taken();
@@ -289,9 +333,10 @@ async fn one_run(
         let at = Duration::from_millis((s / args.burst.max(1)) as u64 * args.burst_every_ms);
         let (clients, results) = (clients.clone(), results.clone());
         let (turns, max_tokens) = (args.turns, args.max_tokens);
+        let think = Duration::from_millis(args.think_ms);
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until((started + at).into()).await;
-            let out = session(clients, system_prompt(p), s, turns, max_tokens).await;
+            let out = session(clients, system_prompt(p), s, turns, max_tokens, think).await;
             results.lock().await.extend(out);
         }));
     }
@@ -310,6 +355,18 @@ async fn one_run(
     let reports = cluster.coordinator.registry.reports_taken() - reports0;
     let text = metrics.render();
     let placement_bytes = counter_sum(&text, VIEW_BYTES, PLACEMENTS) - placement_bytes0;
+    let counts: Vec<f64> = REASONS
+        .iter()
+        .zip(&decisions0)
+        .map(|(r, c0)| counter_sum(&text, DECISIONS, &reason(r)) - c0)
+        .collect();
+    let decided: f64 = counts.iter().sum::<f64>().max(1.0);
+    let decisions = REASONS
+        .iter()
+        .zip(counts)
+        .filter(|(_, c)| *c > 0.0)
+        .map(|(r, c)| (r.to_string(), c / decided))
+        .collect();
     let view_bytes = counter_sum(&text, VIEW_BYTES, "") - bytes0 - placement_bytes;
     let whole = cluster
         .coordinator
@@ -331,6 +388,17 @@ async fn one_run(
     let (prompt, cached) = samples.iter().fold((0u64, 0u64), |(p, c), s| {
         (p + s.prompt as u64, c + s.cached as u64)
     });
+    let hit_by_turn = (0..args.turns)
+        .map(|t| {
+            let (p, c) = samples
+                .iter()
+                .filter(|s| s.turn == t)
+                .fold((0u64, 0u64), |(p, c), s| {
+                    (p + s.prompt as u64, c + s.cached as u64)
+                });
+            c as f64 / p.max(1) as f64
+        })
+        .collect();
     Ok(Figures {
         workers,
         policy: policy.to_string(),
@@ -349,6 +417,8 @@ async fn one_run(
         view_bytes_per_s: view_bytes / wall,
         placement_bytes_per_s: placement_bytes / wall,
         whole_bytes_per_s,
+        hit_by_turn,
+        decisions,
     })
 }
 
@@ -464,5 +534,69 @@ pub fn run(args: ScaleBenchArgs) -> anyhow::Result<()> {
             f.placement_bytes_per_s,
         );
     }
+    println!();
+    println!("Where the cache hits come from: prompt tokens cached by turn of the session (turn 1 can only hit its system prompt; later turns also their conversation so far), and the routers' decisions by reason:");
+    let turns: Vec<String> = (1..=args.turns).map(|t| format!("turn {t}")).collect();
+    println!(
+        "| workers | routers | policy | {} | decisions |",
+        turns.join(" | ")
+    );
+    println!("|---|---|---|{}---|", "---|".repeat(args.turns));
+    for f in &all {
+        let by_turn: Vec<String> = f
+            .hit_by_turn
+            .iter()
+            .map(|h| format!("{:.1}%", 100.0 * h))
+            .collect();
+        let decisions: Vec<String> = f
+            .decisions
+            .iter()
+            .map(|(r, share)| format!("{r} {:.0}%", 100.0 * share))
+            .collect();
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            f.workers,
+            f.routers,
+            f.policy,
+            by_turn.join(" | "),
+            decisions.join(", ")
+        );
+    }
+    let short = |p: &str| match p {
+        "round-robin" => "round-robin".to_string(),
+        "least-outstanding" => "least-outst.".to_string(),
+        "power-of-two" => "power-of-two".to_string(),
+        other => other.to_string(),
+    };
+    let mut rows = Vec::new();
+    for &n in &args.workers {
+        let bars = all
+            .iter()
+            .filter(|f| f.workers == n)
+            .map(|f| scale_plot::Bar {
+                label: if f.routers > 1 {
+                    format!("{} x{}", short(&f.policy), f.routers)
+                } else {
+                    short(&f.policy)
+                },
+                p99_ttft: f.p99_ttft,
+                p99_e2e: f.p99_e2e,
+                hit_rate: f.hit_rate,
+            })
+            .collect();
+        rows.push(scale_plot::Row {
+            title: format!(
+                "{n} {} workers",
+                if args.real { "real" } else { "simulated" }
+            ),
+            bars,
+        });
+    }
+    let title = format!(
+        "rrt bench scale: {} sessions x {} turns, {} system prompts, bursts of {} every {} ms",
+        args.sessions, args.turns, args.system_prompts, args.burst, args.burst_every_ms
+    );
+    let png = scale_plot::write_png(&title, &rows, &args.plot, &args.font)?;
+    println!("\nplot: {}", png.display());
     Ok(())
 }
