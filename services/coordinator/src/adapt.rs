@@ -2,7 +2,9 @@
 //! default exit policy as the model's workers saturate and restores it as load falls, never
 //! below the threshold its measured curve says keeps the configured quality floor (agreement
 //! with full depth). Each interval it reads the model's load from the registry (requests
-//! waiting per sequence slot, KV blocks held over the pool); the threshold in force goes back
+//! waiting per sequence slot, KV blocks held over the pool, and with `--adapt-ttft-s` the
+//! workers' 90th-percentile time to first token since their last reports against that
+//! target); the threshold in force goes back
 //! to each worker in its next report's answer. Requests that named their own exit policy, or
 //! asked for quality FULL, never follow it (the workers see to that).
 //!
@@ -25,6 +27,9 @@ pub struct AdaptConfig {
     /// KV blocks held over the pool (mean over the model's workers) at which it counts as
     /// saturated.
     pub kv_high: f64,
+    /// Time to first token (the workers' 90th percentile over the interval, seconds) at which
+    /// it counts as saturated; `None`: not a signal.
+    pub ttft_high: Option<f64>,
     /// Share of the way from the configured threshold to the floor taken per saturated interval.
     pub lower_step: f64,
     /// Share of the way back taken per interval once pressure is below half of saturation.
@@ -37,6 +42,7 @@ impl Default for AdaptConfig {
             quality_floor: None,
             queue_high: 0.05,
             kv_high: 0.9,
+            ttft_high: None,
             lower_step: 0.25,
             restore_step: 0.1,
         }
@@ -50,14 +56,33 @@ pub struct ModelLoad {
     pub slots: u64,
     pub kv_used: u64,
     pub kv_total: u64,
+    /// The workers' 90th-percentile time to first token over their last intervals, weighted
+    /// by their first tokens (seconds), and how many first tokens that is (0: no signal).
+    pub ttft_p90: f64,
+    pub ttft_samples: u64,
 }
 
 impl ModelLoad {
-    /// Saturation: 1.0 where either signal reaches its high mark.
+    /// Adds one worker's 90th-percentile time to first token over `samples` first tokens.
+    pub fn add_ttft(&mut self, p90: f64, samples: u32) {
+        if samples == 0 || !p90.is_finite() {
+            return;
+        }
+        let n = self.ttft_samples + samples as u64;
+        self.ttft_p90 =
+            (self.ttft_p90 * self.ttft_samples as f64 + p90 * samples as f64) / n as f64;
+        self.ttft_samples = n;
+    }
+
+    /// Saturation: 1.0 where any signal reaches its high mark.
     pub fn pressure(&self, cfg: &AdaptConfig) -> f64 {
         let queue = self.waiting as f64 / self.slots.max(1) as f64 / cfg.queue_high.max(1e-9);
         let kv = self.kv_used as f64 / self.kv_total.max(1) as f64 / cfg.kv_high.max(1e-9);
-        queue.max(kv)
+        let ttft = match cfg.ttft_high {
+            Some(high) if self.ttft_samples > 0 => self.ttft_p90 / high.max(1e-9),
+            _ => 0.0,
+        };
+        queue.max(kv).max(ttft)
     }
 }
 
@@ -223,8 +248,46 @@ mod tests {
                 slots: 100,
                 kv_used,
                 kv_total: 1000,
+                ..Default::default()
             },
         )])
+    }
+
+    #[test]
+    fn time_to_first_token_is_a_signal_when_a_target_is_set() {
+        let mut l = ModelLoad {
+            slots: 100,
+            kv_total: 1000,
+            ..Default::default()
+        };
+        // Two workers: 10 first tokens at 0.5 s and 30 at 2.5 s weigh to 2.0 s.
+        l.add_ttft(0.5, 10);
+        l.add_ttft(2.5, 30);
+        l.add_ttft(9.0, 0);
+        assert!(
+            (l.ttft_p90 - 2.0).abs() < 1e-9 && l.ttft_samples == 40,
+            "{l:?}"
+        );
+        let off = AdaptConfig::default();
+        assert_eq!(l.pressure(&off), 0.0, "no target: queue and KV only");
+        let on = AdaptConfig {
+            quality_floor: Some(0.88),
+            ttft_high: Some(1.0),
+            ..AdaptConfig::default()
+        };
+        assert!((l.pressure(&on) - 2.0).abs() < 1e-9);
+        // An empty queue and KV, but first tokens at 2 s against a 1 s target: it lowers.
+        let a = Adaptive::new(on);
+        assert_eq!(a.learn(&reg("m", pb::ExitPolicy::Learned, 0.9)), None);
+        let s = a.tick(&HashMap::from([("m".to_string(), l)]));
+        assert!((s[0].threshold - 0.85).abs() < 1e-6, "{s:?}");
+        // No first tokens in the interval: no TTFT signal (an idle model is not saturated).
+        let idle = ModelLoad {
+            slots: 100,
+            kv_total: 1000,
+            ..Default::default()
+        };
+        assert_eq!(idle.pressure(&on), 0.0);
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub struct CoordinatorArgs {
     /// Saturation by memory: KV blocks held over the pool, mean over the model's workers.
     #[arg(long, env = "RRT_COORDINATOR_ADAPT_KV", default_value_t = 0.9)]
     pub adapt_kv: f64,
+    /// Saturation by latency: the workers' 90th-percentile time to first token over their last
+    /// report intervals at this many seconds (your TTFT objective). Unset: not a signal.
+    #[arg(long, env = "RRT_COORDINATOR_ADAPT_TTFT_S")]
+    pub adapt_ttft_s: Option<f64>,
     /// Share of the way to the floor taken per saturated report interval.
     #[arg(long, env = "RRT_COORDINATOR_ADAPT_LOWER_STEP", default_value_t = 0.25)]
     pub adapt_lower_step: f64,
@@ -70,6 +74,12 @@ impl CoordinatorArgs {
         ] {
             anyhow::ensure!(v.is_finite() && v > 0.0, "{flag} must be > 0, got {v}");
         }
+        if let Some(v) = self.adapt_ttft_s {
+            anyhow::ensure!(
+                v.is_finite() && v > 0.0,
+                "--adapt-ttft-s must be > 0 seconds, got {v}"
+            );
+        }
         for (flag, v) in [
             ("--adapt-lower-step", self.adapt_lower_step),
             ("--adapt-restore-step", self.adapt_restore_step),
@@ -84,6 +94,7 @@ impl CoordinatorArgs {
             quality_floor: self.exit_quality_floor,
             queue_high: self.adapt_queue,
             kv_high: self.adapt_kv,
+            ttft_high: self.adapt_ttft_s,
             lower_step: self.adapt_lower_step,
             restore_step: self.adapt_restore_step,
         }

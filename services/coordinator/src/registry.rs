@@ -172,7 +172,7 @@ impl Registry {
     }
 
     /// Each model's load over its serving (not draining) workers: requests waiting, sequence
-    /// slots, KV blocks held and in all.
+    /// slots, KV blocks held and in all, time to first token over their last intervals.
     pub fn model_loads(&self) -> HashMap<String, crate::adapt::ModelLoad> {
         let mut loads: HashMap<String, crate::adapt::ModelLoad> = HashMap::new();
         for e in self.workers.iter().filter(|e| !e.report.draining) {
@@ -181,6 +181,7 @@ impl Registry {
             l.slots += e.max_sequences.max(1) as u64;
             l.kv_used += e.report.kv_blocks_used;
             l.kv_total += e.report.kv_blocks_total;
+            l.add_ttft(e.report.ttft_p90_seconds, e.report.ttft_samples);
         }
         loads
     }
@@ -271,5 +272,35 @@ mod tests {
         );
         assert_eq!(r.len(), 1);
         assert!(!r.report(report("a", 0, 0.0, vec![]), t + Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn model_loads_pool_queues_slots_kv_and_time_to_first_token() {
+        let r = Registry::new(Duration::from_secs(2));
+        let t = Instant::now();
+        r.register(reg("a"), t);
+        r.register(reg("b"), t);
+        let with = |id: &str, waiting: u32, used: u64, p90: f64, n: u32| pb::WorkerReport {
+            queue_length: waiting,
+            kv_blocks_used: used,
+            kv_blocks_total: 100,
+            ttft_p90_seconds: p90,
+            ttft_samples: n,
+            ..report(id, 0, 0.0, vec![])
+        };
+        r.report(with("a", 3, 50, 0.4, 10), t);
+        r.report(with("b", 1, 30, 1.6, 30), t);
+        let l = r.model_loads()["m"];
+        assert_eq!(
+            (l.waiting, l.slots, l.kv_used, l.kv_total),
+            (4, 16, 80, 200)
+        );
+        assert_eq!(l.ttft_samples, 40);
+        assert!((l.ttft_p90 - 1.3).abs() < 1e-9, "{l:?}");
+        // A worker without first tokens this interval does not pull the figure down.
+        r.report(with("a", 0, 0, 0.0, 0), t);
+        let l = r.model_loads()["m"];
+        assert_eq!(l.ttft_samples, 30);
+        assert!((l.ttft_p90 - 1.6).abs() < 1e-9, "{l:?}");
     }
 }

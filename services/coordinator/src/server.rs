@@ -79,7 +79,11 @@ fn describe() {
     );
     describe_gauge!(
         "rrt_coordinator_exit_load_pressure",
-        "Load-adaptive exits: each model's saturation (1 = requests waiting per slot or KV use at its high mark)."
+        "Load-adaptive exits: each model's saturation (1 = requests waiting per slot, KV use or, with --adapt-ttft-s, time to first token at its high mark)."
+    );
+    describe_gauge!(
+        "rrt_coordinator_model_ttft_p90_seconds",
+        "Each model's 90th-percentile time to first token over its workers' last report intervals (weighted by their first tokens); an interval without first tokens keeps the previous value (0 before any)."
     );
     describe_gauge!(
         "rrt_coordinator_exit_expected_agreement",

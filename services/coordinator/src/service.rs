@@ -2,6 +2,7 @@
 //! evicts silent workers and sends the cluster view to every watching router (whole each
 //! interval, or as deltas through [`Views`]).
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -193,6 +194,8 @@ pub async fn publish(
     shutdown: Shutdown,
 ) {
     let mut ticker = tokio::time::interval(interval);
+    // Each model's latest 90th-percentile time to first token (kept through idle intervals).
+    let mut ttft: HashMap<String, f64> = HashMap::new();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -213,7 +216,16 @@ pub async fn publish(
         for (model, loops) in &view.model_expected_loops {
             gauge!("rrt_coordinator_model_expected_loops", "model" => model.clone()).set(*loops);
         }
-        for a in adaptive.tick(&registry.model_loads()) {
+        let loads = registry.model_loads();
+        for (model, l) in &loads {
+            let latest = ttft.entry(model.clone()).or_insert(0.0);
+            if l.ttft_samples > 0 {
+                *latest = l.ttft_p90;
+            }
+            gauge!("rrt_coordinator_model_ttft_p90_seconds", "model" => model.clone()).set(*latest);
+        }
+        ttft.retain(|m, _| loads.contains_key(m));
+        for a in adaptive.tick(&loads) {
             let model = a.model.clone();
             gauge!("rrt_coordinator_exit_threshold", "model" => model.clone())
                 .set(a.threshold as f64);

@@ -28,6 +28,7 @@ pub mod server;
 pub mod service;
 pub mod sim;
 pub mod stop;
+pub mod ttft;
 
 pub use config::WorkerArgs;
 pub use server::{start, RunningWorker};

@@ -171,8 +171,9 @@ impl TextRelay {
         let now = Instant::now();
         let worker = self.shared.id.clone();
         if self.index == 0 {
-            histogram!("rrt_worker_time_to_first_token_seconds", "worker" => worker)
-                .record(now.duration_since(self.arrived).as_secs_f64());
+            let ttft = now.duration_since(self.arrived).as_secs_f64();
+            histogram!("rrt_worker_time_to_first_token_seconds", "worker" => worker).record(ttft);
+            self.shared.ttft.record(ttft);
         } else {
             histogram!("rrt_worker_inter_token_latency_seconds", "worker" => worker)
                 .record(now.duration_since(self.last_token).as_secs_f64());

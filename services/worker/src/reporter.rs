@@ -143,6 +143,7 @@ pub(crate) async fn run(
             .enumerate()
             .map(|(i, n)| n - previous_hist.get(i).copied().unwrap_or(0))
             .collect();
+        let (ttft_p90_seconds, ttft_samples) = shared.ttft.take_p90();
         let report = pb::WorkerReport {
             worker_id: shared.id.clone(),
             queue_length: snap.queue_length as u32,
@@ -161,6 +162,8 @@ pub(crate) async fn run(
             prefix_cache_queried_tokens: snap.kv_counters.queried_tokens,
             prefix_cache_hit_tokens: snap.kv_counters.hit_tokens,
             preemptions: snap.kv_counters.preemptions,
+            ttft_p90_seconds,
+            ttft_samples,
         };
         match client.report(report).await {
             Ok(r) if r.get_ref().known => {

@@ -161,6 +161,7 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             vocab_for_constraints,
             args.simulate.is_some(),
         ),
+        ttft: Default::default(),
     });
 
     let health = grpc::health(&[SERVICE]).await;

@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     pub default_exit: Option<pb::ExitParameters>,
     pub exit_curves: Vec<pb::ExitCurve>,
     pub constraints: crate::constrain::Constraints,
+    /// First-token times since the last report (for the coordinator).
+    pub ttft: crate::ttft::TtftWindow,
 }
 
 impl Shared {

@@ -563,9 +563,12 @@ pub fn run(args: ScaleBenchArgs) -> anyhow::Result<()> {
         );
     }
     let short = |p: &str| match p {
-        "round-robin" => "round-robin".to_string(),
-        "least-outstanding" => "least-outst.".to_string(),
-        "power-of-two" => "power-of-two".to_string(),
+        "round-robin" => "RR".to_string(),
+        "least-outstanding" => "LO".to_string(),
+        "power-of-two" => "P2".to_string(),
+        "depth-aware" => "depth".to_string(),
+        "cache-aware" => "cache".to_string(),
+        "combined" => "comb.".to_string(),
         other => other.to_string(),
     };
     let mut rows = Vec::new();
@@ -593,7 +596,7 @@ pub fn run(args: ScaleBenchArgs) -> anyhow::Result<()> {
         });
     }
     let title = format!(
-        "rrt bench scale: {} sessions x {} turns, {} system prompts, bursts of {} every {} ms",
+        "rrt bench scale: {} sessions x {} turns, {} system prompts, bursts of {} every {} ms (RR round-robin, LO least-outstanding, P2 power-of-two, comb. combined, x2 two routers)",
         args.sessions, args.turns, args.system_prompts, args.burst, args.burst_every_ms
     );
     let png = scale_plot::write_png(&title, &rows, &args.plot, &args.font)?;

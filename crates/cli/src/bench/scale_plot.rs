@@ -35,7 +35,7 @@ pub fn write_png(title: &str, rows: &[Row], out: &Path, font: &Path) -> anyhow::
     let height = 60 + 330 * rows.len().max(1) as u32;
     let root = BitMapBackend::new(out, (1500, height)).into_drawing_area();
     root.fill(&WHITE)?;
-    let root = root.titled(title, ("sans-serif", 22))?;
+    let root = root.titled(title, ("sans-serif", 17))?;
     for (row, area) in rows.iter().zip(root.split_evenly((rows.len().max(1), 1))) {
         let area = area.titled(&row.title, ("sans-serif", 18))?;
         let cells = area.split_evenly((1, 3));
