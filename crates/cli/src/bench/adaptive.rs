@@ -62,6 +62,10 @@ pub struct AdaptiveBenchArgs {
     /// More coordinator flags for the adaptive run (e.g. `--adapt-queue=0.1`), comma-separated.
     #[arg(long, value_delimiter = ',')]
     coordinator_flags: Vec<String>,
+    /// Requests each worker holds waiting beyond its running ones (more are refused with
+    /// RESOURCE_EXHAUSTED): admission control, the bound on time to first token at overload.
+    #[arg(long, default_value_t = 100_000)]
+    max_waiting: usize,
     /// Bound on each run after the arrivals end (seconds).
     #[arg(long, default_value_t = 120)]
     drain_s: u64,
@@ -86,6 +90,8 @@ struct Figures {
     arrivals: usize,
     samples: Vec<Sample>,
     failed: usize,
+    /// Of the failed, those refused at admission (RESOURCE_EXHAUSTED).
+    refused: usize,
     wall: f64,
     /// Time-averaged over the overload: threshold in force and its agreement.
     mean_threshold: f64,
@@ -170,7 +176,7 @@ async fn cluster(args: &AdaptiveBenchArgs, floor: Option<f64>) -> anyhow::Result
         args.cost.clone(),
         args.curve.display().to_string(),
     );
-    let (threshold, slots) = (args.threshold, args.max_sequences);
+    let (threshold, slots, waiting) = (args.threshold, args.max_sequences, args.max_waiting);
     let flags = move |i: usize| {
         vec![
             format!("--model={model}"),
@@ -180,7 +186,7 @@ async fn cluster(args: &AdaptiveBenchArgs, floor: Option<f64>) -> anyhow::Result
             format!("--exit-curve={curve}"),
             format!("--sim-seed={i}"),
             format!("--max-sequences={slots}"),
-            "--max-waiting=100000".into(),
+            format!("--max-waiting={waiting}"),
             "--report-ms=200".into(),
         ]
     };
@@ -317,9 +323,17 @@ async fn overload_run(
     let fixed = args.threshold as f64;
     let results = results.lock().await.clone();
     let samples: Vec<Sample> = results.iter().filter_map(|r| r.clone().ok()).collect();
+    let refused = results
+        .iter()
+        .filter(|r| {
+            r.as_ref()
+                .is_err_and(|e| e.starts_with("ResourceExhausted"))
+        })
+        .count();
     Ok(Figures {
         mode,
         arrivals,
+        refused,
         failed: arrivals - samples.len(),
         samples,
         wall,
@@ -370,9 +384,10 @@ pub fn run(args: AdaptiveBenchArgs) -> anyhow::Result<()> {
     let cap = rt.block_on(capacity(&args, loops))?;
     let rate = cap * args.overload;
     println!(
-        "rrt bench adaptive: {} simulated workers x {} slots, learned exits at {} (curve {}: {}), cost model {}; capacity at the fixed threshold {:.1} requests/s ({} new tokens each); arrivals at {}x = {:.1}/s for {} s, {:.0}% asking for quality FULL",
+        "rrt bench adaptive: {} simulated workers x {} slots ({} waiting at most), learned exits at {} (curve {}: {}), cost model {}; capacity at the fixed threshold {:.1} requests/s ({} new tokens each); arrivals at {}x = {:.1}/s for {} s, {:.0}% asking for quality FULL",
         args.workers,
         args.max_sequences,
+        args.max_waiting,
         args.threshold,
         args.curve.display(),
         curve.measured_on,
@@ -393,7 +408,7 @@ pub fn run(args: AdaptiveBenchArgs) -> anyhow::Result<()> {
         loops,
     ))?;
     println!(
-        "| run | requests done / failed | p50 TTFT s | p99 TTFT s | p99 TTFT FULL s | p99 e2e s | tokens/s | loops per decoded token (adaptive tier) | threshold in force: mean / lowest | agreement with full depth (curve) | FULL tokens at full depth | back to {} after | vs fixed: p99 TTFT, p99 e2e |",
+        "| run | requests done / failed (refused) | p50 TTFT s | p99 TTFT s | p99 TTFT FULL s | p99 e2e s | tokens/s | loops per decoded token (adaptive tier) | threshold in force: mean / lowest | agreement with full depth (curve) | FULL tokens at full depth | back to {} after | vs fixed: p99 TTFT, p99 e2e |",
         args.threshold
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -416,10 +431,11 @@ pub fn run(args: AdaptiveBenchArgs) -> anyhow::Result<()> {
             p99(f, &all, &|s| s.e2e) / p99(&fixed, &all, &|s| s.e2e)
         );
         println!(
-            "| {} | {} / {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.3} | {:.2} / {:.2} | {:.1}% | {:.1}% of {} | {} | {vs} |",
+            "| {} | {} / {} ({}) | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.3} | {:.2} / {:.2} | {:.1}% | {:.1}% of {} | {} | {vs} |",
             f.mode,
             f.samples.len(),
             f.failed,
+            f.refused,
             quantile(f.samples.iter().map(|s| s.ttft).collect(), 0.5),
             p99(f, &all, &|s| s.ttft),
             p99(f, &|s| s.full, &|s| s.ttft),
