@@ -53,7 +53,7 @@ bench-engine: model data build ## serving throughput: static / CSB / CDB with ex
 	$(RRT) bench engine
 	$(RRT) bench engine --dtypes f32,bf16,q8 --prompts 48 --min-output 32 --max-output 64 --lora-ranks 0 --synthetic 0.5,0.9 --repeats 2
 
-scale-bench: model models build ## routing policies on 50 and 200 simulated workers and on 4 real ones, one and two routers; one coordinator's saturation; load-adaptive exits at overload (cost model fitted first; ~30 min)
+scale-bench: model models build ## routing policies on 50 and 200 simulated workers and on 4 real ones, one and two routers; one coordinator's saturation; load-adaptive exits at overload, with and without admission control (cost model fitted first; ~35 min)
 	$(RRT) bench sim
 	$(RRT) bench scale --workers 50 --sessions 200 --plot .cache/bench/scale-50.png
 	$(RRT) bench scale --workers 200 --sessions 600 --burst 90 --system-prompts 48 --plot .cache/bench/scale-200.png
@@ -66,6 +66,8 @@ scale-bench: model models build ## routing policies on 50 and 200 simulated work
 	$(RRT) bench adaptive --overload 1.25
 	$(RRT) bench adaptive --curve docs/data/r128-general-exit-curve.json --floor 0.85 --overload 2
 	$(RRT) bench adaptive --curve docs/data/r128-general-exit-curve.json --floor 0.85 --overload 1.25
+	$(RRT) bench adaptive --overload 2 --max-waiting 8
+	$(RRT) bench adaptive --curve docs/data/r128-general-exit-curve.json --floor 0.85 --overload 2 --max-waiting 8
 
 chaos: model models build ## kill -9 a worker mid-stream, 5 times: 200 streams at concurrency 32 on 3 worker processes, none lost or changed; then bursts of 10x capacity at the router and a worker (~17 min)
 	$(RRT) bench chaos
