@@ -6,7 +6,7 @@
 //! `--resume` continues from), and draws the curves' PNG.
 
 use std::cell::RefCell;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -171,7 +171,7 @@ impl UptrainArgs {
 pub fn run(args: UptrainArgs) -> anyhow::Result<()> {
     rrt_model::runtime::keep_freed_memory();
     let stop = interrupted();
-    let view = View::new(args.quiet);
+    let view = View::new(args.quiet, &args.out, &args.font);
     let result = uptrain::run(&args.options(), &|e| view.show(e), &stop);
     view.done();
     // A finished run and an interrupted one (which saved the model so far) both get the plot.
@@ -192,13 +192,29 @@ pub fn run(args: UptrainArgs) -> anyhow::Result<()> {
 struct View {
     quiet: bool,
     bar: RefCell<ProgressBar>,
+    /// Where the curves are redrawn every [`PLOT_EVERY`] steps (the run's directory) and the
+    /// font, so a long background run's plot stays current.
+    plot: (PathBuf, PathBuf),
 }
 
+/// Optimizer steps between redraws of `curves.png` during a run.
+const PLOT_EVERY: u64 = 50;
+
 impl View {
-    fn new(quiet: bool) -> Self {
+    fn new(quiet: bool, out: &Path, font: &Path) -> Self {
         Self {
             quiet,
             bar: RefCell::new(ProgressBar::hidden()),
+            plot: (out.to_path_buf(), font.to_path_buf()),
+        }
+    }
+
+    /// Draws `curves.png` from the run's CSVs as they are now.
+    fn redraw(&self) {
+        let out = &self.plot.0;
+        let (train, eval) = (out.join("train.csv"), out.join("eval.csv"));
+        if let Err(e) = uptrain_plot::write(&train, &eval, &out.join("curves.png"), &self.plot.1) {
+            self.show(Event::Line(format!("warning: curves.png not redrawn ({e:#})")));
         }
     }
 
@@ -247,6 +263,10 @@ impl View {
                     100.0 * roofline
                 ));
                 bar.set_position(r.step);
+                drop(bar);
+                if r.step % PLOT_EVERY == 0 {
+                    self.redraw();
+                }
                 if self.quiet && r.step % 10 == 0 {
                     let p = &r.parts;
                     eprintln!(

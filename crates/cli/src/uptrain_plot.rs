@@ -60,6 +60,7 @@ pub fn write(train_csv: &Path, eval_csv: &Path, out: &Path, font: &Path) -> anyh
     chart
         .configure_mesh()
         .x_desc("training tokens")
+        .x_label_formatter(&tokens_label)
         .y_desc("objective per token")
         .label_style(("sans-serif", 14))
         .draw()?;
@@ -89,6 +90,7 @@ pub fn write(train_csv: &Path, eval_csv: &Path, out: &Path, font: &Path) -> anyh
     chart
         .configure_mesh()
         .x_desc("training tokens")
+        .x_label_formatter(&tokens_label)
         .y_desc("held-out perplexity")
         .label_style(("sans-serif", 14))
         .draw()?;
@@ -115,4 +117,13 @@ pub fn write(train_csv: &Path, eval_csv: &Path, out: &Path, font: &Path) -> anyh
     root.present()
         .with_context(|| format!("writing {}", out.display()))?;
     Ok(())
+}
+
+/// A token count as an axis label: 250k, 1.5M.
+fn tokens_label(x: &f64) -> String {
+    match x.abs() {
+        v if v >= 1e6 => format!("{:.1}M", x / 1e6),
+        v if v >= 1e3 => format!("{:.0}k", x / 1e3),
+        _ => format!("{x:.0}"),
+    }
 }
