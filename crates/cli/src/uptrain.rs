@@ -214,7 +214,9 @@ impl View {
         let out = &self.plot.0;
         let (train, eval) = (out.join("train.csv"), out.join("eval.csv"));
         if let Err(e) = uptrain_plot::write(&train, &eval, &out.join("curves.png"), &self.plot.1) {
-            self.show(Event::Line(format!("warning: curves.png not redrawn ({e:#})")));
+            self.show(Event::Line(format!(
+                "warning: curves.png not redrawn ({e:#})"
+            )));
         }
     }
 
