@@ -114,6 +114,31 @@ fn binaries() -> PathBuf {
         .clone()
 }
 
+/// The test venv's Python (`make venv` makes it when missing).
+pub fn python() -> Command {
+    ensure(root().join(".cache/venv/.ready"), "venv");
+    Command::new(root().join(".cache/venv/bin/python"))
+}
+
+/// Runs `tests/python/SCRIPT ARGS` with the venv's Python off the async runtime and returns the
+/// one JSON object it prints (printed for the log); panics with its output if it fails.
+pub async fn python_json(script: &str, args: Vec<String>) -> serde_json::Value {
+    let script = root().join("tests/python").join(script);
+    let out = tokio::task::spawn_blocking(move || {
+        python()
+            .arg(script)
+            .args(args)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .expect("the python task");
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    println!("{v:#}");
+    v
+}
+
 /// Runs `rrt ARGS` from the workspace root.
 pub fn rrt(args: &[&str]) -> Output {
     Command::new(rrt_bin())

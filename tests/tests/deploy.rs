@@ -102,9 +102,8 @@ for f in sys.argv[2:]:
 assert sorted(services) == ["rrt-coordinator", "rrt-router", "rrt-worker"], services
 print("ok", services)
 "#;
-    ensure(root().join(".cache/venv/.ready"), "venv");
     let k = root().join("deploy/kubernetes");
-    let out = Command::new(root().join(".cache/venv/bin/python"))
+    let out = rrt_tests::python()
         .args(["-c", script])
         .arg(root().join("deploy/prometheus/servicemonitor.yaml"))
         .args(["coordinator.yaml", "worker.yaml", "router.yaml"].map(|f| k.join(f)))

@@ -54,9 +54,8 @@ fn built() -> String {
 
 /// Every document of `deploy/kubernetes/FILES` as JSON (PyYAML from the test venv).
 fn manifests(files: &[&str]) -> Vec<Value> {
-    make("venv");
     let dir = root().join("deploy/kubernetes");
-    let out = Command::new(root().join(".cache/venv/bin/python"))
+    let out = rrt_tests::python()
         .args([
             "-c",
             "import json, sys, yaml; print(json.dumps([d for f in sys.argv[1:] \

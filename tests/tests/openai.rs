@@ -6,7 +6,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use rrt_tests::cluster::{self, greedy, metric_at};
@@ -23,27 +22,12 @@ async fn the_openai_python_client_gets_what_the_grpc_api_gives() {
     cluster::wait_for_workers(&r.running, 1).await;
     let http = r.running.http_addr.expect("the HTTP API is on");
 
-    let python = rrt_tests::root().join(".cache/venv/bin/python");
-    rrt_tests::ensure(rrt_tests::root().join(".cache/venv/.ready"), "venv");
-    let script = rrt_tests::root().join("tests/python/openai_client.py");
     let base = format!("http://{http}/v1");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .args([base.as_str(), KEY, PROMPT])
-            .output()
-            .expect("run python")
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    println!("{v:#}");
+    let v = rrt_tests::python_json(
+        "openai_client.py",
+        vec![base, KEY.to_string(), PROMPT.to_string()],
+    )
+    .await;
 
     // The same greedy request through gRPC (with the key) gives the same text.
     let channel =

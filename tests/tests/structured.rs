@@ -251,27 +251,7 @@ async fn constrained_outputs_parse_and_validate_with_exits_on() {
 async fn the_openai_client_gets_schema_valid_json_and_named_refusals() {
     let (w, r) = demo_cluster().await;
     let http = r.running.http_addr.expect("the HTTP API is on");
-    let python = rrt_tests::root().join(".cache/venv/bin/python");
-    rrt_tests::ensure(rrt_tests::root().join(".cache/venv/.ready"), "venv");
-    let script = rrt_tests::root().join("tests/python/structured_client.py");
-    let base = format!("http://{http}/v1");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(script)
-            .arg(base)
-            .output()
-            .expect("run python")
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    println!("{v:#}");
+    let v = rrt_tests::python_json("structured_client.py", vec![format!("http://{http}/v1")]).await;
     assert_eq!(v["schema_replies"].as_array().unwrap().len(), 20);
     assert_eq!(
         v["invalid"],
