@@ -551,7 +551,9 @@ fn stream(
                             return;
                         }
                     }
-                    if p.is_call() {
+                    // Whole calls; a reply cut inside a call at the token limit stays
+                    // "length", as the unstreamed reply (which then does not parse) does.
+                    if p.is_call() && (f == "stop" || p.whole_calls()) {
                         f = "tool_calls";
                     }
                 }

@@ -374,6 +374,11 @@ impl StreamParser {
         self.calls > 0 || self.state == State::CallHead
     }
 
+    /// Whether the reply so far is one or more whole calls and nothing more.
+    pub fn whole_calls(&self) -> bool {
+        self.calls > 0 && self.state == State::CallHead && self.buf.trim().is_empty()
+    }
+
     /// The pieces `text` completes.
     pub fn push(&mut self, text: &str) -> Vec<Piece> {
         self.buf.push_str(text);
@@ -590,6 +595,13 @@ mod tests {
             assert_eq!(got, want, "step {step}");
             assert!(text.is_empty());
         }
+        // Whole calls, or one cut short (a reply ended at the token limit).
+        let mut p = StreamParser::default();
+        p.push(reply);
+        assert!(p.is_call() && p.whole_calls());
+        let mut p = StreamParser::default();
+        p.push(&reply[..reply.len() - 4]);
+        assert!(p.is_call() && !p.whole_calls());
         let mut p = StreamParser::default();
         let mut text = p.push("Hello");
         text.extend(p.push(" there"));
