@@ -36,12 +36,17 @@ pub fn describe() {
     describe_counter!(
         "rrt_router_prompt_tokens_total",
         Unit::Count,
-        "Prompt tokens of finished requests, as their workers counted them."
+        "Prompt tokens of finished requests, as their workers counted them, by the policy and reason that placed them."
     );
     describe_counter!(
         "rrt_router_cached_prompt_tokens_total",
         Unit::Count,
-        "Of those, the tokens found in the workers' prefix caches: the hit rate this router's placement achieved."
+        "Of those, the tokens found in the workers' prefix caches: the hit rate this router's placement achieved, by policy and reason."
+    );
+    describe_counter!(
+        "rrt_router_predicted_cached_prompt_tokens_total",
+        Unit::Count,
+        "Of those prompt tokens, the ones the router predicted cached where it sent them (its prefix index's match, trust-weighted), by policy and reason: against the cached ones, the index's accuracy."
     );
     describe_counter!(
         "rrt_router_retries_total",
@@ -98,10 +103,17 @@ pub fn routed(worker: &str, route: &crate::balance::Route) {
         .increment(1);
 }
 
-/// A finished request's prompt tokens and the ones its worker had cached.
-pub fn prompt_tokens(prompt: u32, cached: u32) {
-    counter!("rrt_router_prompt_tokens_total").increment(prompt as u64);
-    counter!("rrt_router_cached_prompt_tokens_total").increment(cached as u64);
+/// A finished request's prompt tokens, the ones its worker had cached and the ones the router
+/// predicted cached there, by how it was placed.
+pub fn prompt_tokens(route: &crate::balance::Route, prompt: u32, cached: u32) {
+    let labels = [
+        ("policy", route.policy.label()),
+        ("reason", route.reason.label()),
+    ];
+    counter!("rrt_router_prompt_tokens_total", &labels).increment(prompt as u64);
+    counter!("rrt_router_cached_prompt_tokens_total", &labels).increment(cached as u64);
+    let predicted = (route.predicted_hit * prompt as f64).round() as u64;
+    counter!("rrt_router_predicted_cached_prompt_tokens_total", &labels).increment(predicted);
 }
 
 pub fn ended(outcome: &'static str) {

@@ -117,7 +117,7 @@ pub async fn relay(inner: Arc<Inner>, opened: Opened, tx: mpsc::Sender<Item>) {
                     let mean =
                         (loops.1 > 0 && loops.0 > 0).then(|| loops.0 as f64 / loops.1 as f64);
                     inner.balancer.finished(&route, mean, prompt, cached);
-                    m::prompt_tokens(prompt, cached);
+                    m::prompt_tokens(&route, prompt, cached);
                     break outcome(reason);
                 }
                 continue;

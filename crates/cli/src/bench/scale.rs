@@ -138,8 +138,9 @@ struct Figures {
     placement_bytes_per_s: f64,
     /// Prompt tokens cached by turn of the session (turn 0 can only hit its system prompt).
     hit_by_turn: Vec<f64>,
-    /// The routers' decisions by reason (label, share).
-    decisions: Vec<(String, f64)>,
+    /// The routers' decisions by reason (label, share), and their requests' prompt tokens
+    /// found cached and predicted cached (shares of their prompt tokens).
+    decisions: Vec<(String, f64, f64, f64)>,
 }
 
 /// The runtimes the router(s) and the coordinator run on, so their threads' CPU is theirs.
@@ -150,6 +151,12 @@ struct Runtimes {
 
 const ROUTER_THREADS: &str = "rrt-router";
 const DECISIONS: &str = "rrt_router_decisions_total";
+/// Prompt tokens of finished requests, cached and predicted cached, by policy and reason.
+const TOKENS: [&str; 3] = [
+    "rrt_router_prompt_tokens_total",
+    "rrt_router_cached_prompt_tokens_total",
+    "rrt_router_predicted_cached_prompt_tokens_total",
+];
 /// The decision reasons of generations (`rrt_router::balance::Reason` labels).
 const REASONS: [&str; 8] = [
     "turn",
@@ -319,6 +326,8 @@ async fn one_run(
         .iter()
         .map(|r| counter_sum(&text, DECISIONS, &reason(r)))
         .collect();
+    let tokens_of = |text: &str, r: &str| TOKENS.map(|name| counter_sum(text, name, &reason(r)));
+    let tokens0: Vec<[f64; 3]> = REASONS.iter().map(|r| tokens_of(&text, r)).collect();
     let bytes0 = counter_sum(&text, VIEW_BYTES, "");
     let placement_bytes0 = counter_sum(&text, VIEW_BYTES, PLACEMENTS);
     let reports0 = cluster.coordinator.registry.reports_taken();
@@ -364,8 +373,14 @@ async fn one_run(
     let decisions = REASONS
         .iter()
         .zip(counts)
-        .filter(|(_, c)| *c > 0.0)
-        .map(|(r, c)| (r.to_string(), c / decided))
+        .zip(&tokens0)
+        .filter(|((_, c), _)| *c > 0.0)
+        .map(|((r, c), t0)| {
+            let t = tokens_of(&text, r);
+            let prompt = (t[0] - t0[0]).max(1.0);
+            let share = |k: usize| (t[k] - t0[k]) / prompt;
+            (r.to_string(), c / decided, share(1), share(2))
+        })
         .collect();
     let view_bytes = counter_sum(&text, VIEW_BYTES, "") - bytes0 - placement_bytes;
     let whole = cluster
@@ -535,7 +550,7 @@ pub fn run(args: ScaleBenchArgs) -> anyhow::Result<()> {
         );
     }
     println!();
-    println!("Where the cache hits come from: prompt tokens cached by turn of the session (turn 1 can only hit its system prompt; later turns also their conversation so far), and the routers' decisions by reason:");
+    println!("Where the cache hits come from: prompt tokens cached by turn of the session (turn 1 can only hit its system prompt; later turns also their conversation so far), and the routers' decisions by reason (with the share of those requests' prompt tokens the workers found cached / the router predicted cached):");
     let turns: Vec<String> = (1..=args.turns).map(|t| format!("turn {t}")).collect();
     println!(
         "| workers | routers | policy | {} | decisions |",
@@ -551,7 +566,14 @@ pub fn run(args: ScaleBenchArgs) -> anyhow::Result<()> {
         let decisions: Vec<String> = f
             .decisions
             .iter()
-            .map(|(r, share)| format!("{r} {:.0}%", 100.0 * share))
+            .map(|(r, share, hit, predicted)| {
+                format!(
+                    "{r} {:.0}% ({:.0}/{:.0}%)",
+                    100.0 * share,
+                    100.0 * hit,
+                    100.0 * predicted
+                )
+            })
             .collect();
         println!(
             "| {} | {} | {} | {} | {} |",

@@ -12,7 +12,9 @@
 //!   while the work queued on it is within `--spill-s` of the least loaded worker's and its KV
 //!   use under `--spill-kv`; otherwise a worker within `--spill-s` of the least loaded, the
 //!   same one for the request's class in every router replica (rendezvous hashing), which
-//!   becomes a holder of the prefix.
+//!   becomes a holder of the prefix. A conversation's next turn takes its previous reply's
+//!   work off the holder's queue for that test: the turn has ended, though a replica that did
+//!   not send it still sees its work there until the holder's next report.
 //! - `combined` (the default): `cache-aware` with `depth-aware` loads.
 //!
 //! (A first `combined` also charged each candidate the prefill of the prompt tokens it does not
@@ -184,7 +186,7 @@ pub const BATCH_BLOCKS: usize = 4096;
 struct Option_<'a, T> {
     slot: &'a Arc<Slot<T>>,
     state: ViewState,
-    /// Blocks of the request's prefix it holds (trust-weighted), 0 when none.
+    /// Bytes of the request's prefix it holds (trust-weighted), 0 when none.
     matched: f64,
 }
 
@@ -381,7 +383,8 @@ impl Balancer {
             .index
             .matches(&ask.key.blocks, |s| serials.contains_key(&s))
         {
-            options[serials[&serial]].matched = blocks as f64 * self.trust(serial);
+            options[serials[&serial]].matched =
+                ask.key.bytes_in(blocks) as f64 * self.trust(serial);
         }
         // The holder: the longest (trusted) match, ties to the lower load.
         let holder = (0..options.len())
@@ -412,6 +415,14 @@ impl Balancer {
         // Affinity compares the work queued ahead of the request (its own work would differ
         // only by the workers' measured speeds, which an idle worker has not measured yet).
         let queued = |o: &Option_<T>| o.slot.load(&o.state, 0.0);
+        // A conversation's next turn means its previous one has ended. Its reply's work may
+        // still weigh on the holder in the coordinator's view until the holder's next report
+        // (a replica that did not send that turn cannot know it ended; the one that did has
+        // already taken it off): it comes off the holder's queue for the affinity test, in
+        // every replica alike.
+        let reply_tokens = ask.key.reply_bytes as f64 / prefix::BYTES_PER_TOKEN;
+        let ended =
+            |o: &Option_<T>| reply_tokens * self.loops(ask, &o.state) / o.slot.rate(&o.state);
         match (holder, alternative) {
             (None, Some(a)) => (a, Reason::NoPrefix),
             (None, None) => (0, Reason::NoPrefix),
@@ -419,7 +430,9 @@ impl Balancer {
             (Some(h), Some(a)) => {
                 if options[h].state.kv_usage >= self.settings.spill_kv {
                     (a, Reason::SpillKv)
-                } else if queued(&options[h]) <= queued(&options[a]) + self.settings.spill_s {
+                } else if (queued(&options[h]) - ended(&options[h])).max(0.0)
+                    <= queued(&options[a]) + self.settings.spill_s
+                {
                     (h, Reason::PrefixHit)
                 } else {
                     (a, Reason::SpillLoad)
@@ -459,9 +472,9 @@ fn rendezvous(class: u64, worker_id: &str) -> u64 {
     prefix::hash_of(&[&class.to_le_bytes(), worker_id.as_bytes()])
 }
 
-/// Estimated prompt tokens in `blocks` (fractional, trust-weighted) blocks.
-fn prefix_tokens(blocks: f64) -> f64 {
-    blocks * prefix::BLOCK_BYTES as f64 / prefix::BYTES_PER_TOKEN
+/// Estimated prompt tokens in `bytes` (trust-weighted) bytes of a prefix.
+fn prefix_tokens(bytes: f64) -> f64 {
+    bytes / prefix::BYTES_PER_TOKEN
 }
 
 /// Two distinct random indices below `n` (the second `None` when `n` is 1).

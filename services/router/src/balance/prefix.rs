@@ -1,7 +1,10 @@
 //! What this router sent where: an approximate index of prompt prefixes. A request's text (a
 //! plain prompt, or every chat message with its role, in order) is cut into blocks of
 //! [`BLOCK_BYTES`] and each block hashed together with the blocks before it, so a block's hash
-//! names the whole prefix up to it. The index maps such hashes to the workers the prefix was
+//! names the whole prefix up to it. A chat message's last block ends with the message (shorter
+//! when the message's length is not a multiple of the block), so a conversation's blocks cover
+//! each of its messages exactly: a short first question still tells its conversation's worker
+//! from the others that were only sent the same system prompt. The index maps such hashes to the workers the prefix was
 //! sent to (the few most recent), which is what a worker's prefix cache most likely still holds.
 //! It is bounded: past its capacity the least recently used quarter of the entries goes.
 
@@ -21,8 +24,13 @@ const HOLDERS: usize = 8;
 /// A request's prefix blocks and class.
 #[derive(Debug, Clone, Default)]
 pub struct Key {
-    /// Chained hashes of the full blocks of the request's text.
+    /// Chained hashes of the blocks of the request's text.
     pub blocks: Vec<u64>,
+    /// Where each block ends in the text (bytes).
+    pub ends: Vec<usize>,
+    /// Bytes of the reply the conversation's previous turn generated (the last assistant
+    /// message before the last user message), 0 for a first turn.
+    pub reply_bytes: usize,
     /// The text's length in bytes.
     pub bytes: usize,
     /// The request's class for depth prediction: its system message when it has one, else its
@@ -42,29 +50,50 @@ impl Key {
     /// The key of the text a worker will see for `req`: every chat message (role and content,
     /// in order: a conversation's later turns extend its earlier ones), or the prompt.
     pub fn of_request(req: &pb::GenerateRequest) -> Self {
-        let mut text = Vec::new();
-        let mut system = None;
-        if !req.messages.is_empty() {
-            for m in &req.messages {
-                if system.is_none() && m.role == "system" {
-                    system = Some(hash_of(&[m.content.as_bytes()]));
-                }
-                text.extend_from_slice(m.role.as_bytes());
-                text.push(0x1f);
-                text.extend_from_slice(m.content.as_bytes());
+        if req.messages.is_empty() {
+            let mut text = Vec::new();
+            if req.chat {
+                text.extend_from_slice(b"user\x1f");
+                text.extend_from_slice(req.prompt.as_bytes());
                 text.push(0x1e);
+            } else {
+                text.extend_from_slice(req.prompt.as_bytes());
             }
-        } else if req.chat {
-            text.extend_from_slice(b"user\x1f");
-            text.extend_from_slice(req.prompt.as_bytes());
-            text.push(0x1e);
-        } else {
-            text.extend_from_slice(req.prompt.as_bytes());
+            return Self::of_text(&text, None);
         }
-        Self::of_text(&text, system)
+        let system = req
+            .messages
+            .iter()
+            .find(|m| m.role == "system")
+            .map(|m| hash_of(&[m.content.as_bytes()]));
+        let mut key = Self::default();
+        let mut prev = 0u64;
+        let mut message = Vec::new();
+        for m in &req.messages {
+            message.clear();
+            message.extend_from_slice(m.role.as_bytes());
+            message.push(0x1f);
+            message.extend_from_slice(m.content.as_bytes());
+            message.push(0x1e);
+            for chunk in message.chunks(BLOCK_BYTES) {
+                prev = hash_of(&[&prev.to_le_bytes(), chunk]);
+                key.bytes += chunk.len();
+                key.blocks.push(prev);
+                key.ends.push(key.bytes);
+            }
+        }
+        key.class = system.unwrap_or_else(|| key.blocks[0]);
+        let last_user = req.messages.iter().rposition(|m| m.role == "user");
+        key.reply_bytes = req.messages[..last_user.unwrap_or(0)]
+            .iter()
+            .rev()
+            .take_while(|m| m.role != "user")
+            .find(|m| m.role == "assistant")
+            .map_or(0, |m| m.content.len());
+        key
     }
 
-    /// The key of `text` (`class`: its system message's hash, if it has one).
+    /// The key of a plain text: its full blocks (a longer text may continue the last one).
     pub fn of_text(text: &[u8], class: Option<u64>) -> Self {
         let mut blocks = Vec::with_capacity(text.len() / BLOCK_BYTES);
         let mut prev = 0u64;
@@ -72,10 +101,14 @@ impl Key {
             prev = hash_of(&[&prev.to_le_bytes(), chunk]);
             blocks.push(prev);
         }
+        let ends = (1..=blocks.len()).map(|i| i * BLOCK_BYTES).collect();
+        let reply_bytes = 0;
         let class =
             class.unwrap_or_else(|| blocks.first().copied().unwrap_or_else(|| hash_of(&[text])));
         Self {
             blocks,
+            ends,
+            reply_bytes,
             bytes: text.len(),
             class,
         }
@@ -84,6 +117,11 @@ impl Key {
     /// Prompt tokens (estimated) of the whole text.
     pub fn tokens(&self) -> f64 {
         self.bytes as f64 / BYTES_PER_TOKEN
+    }
+
+    /// Bytes of the text in its first `blocks` blocks.
+    pub fn bytes_in(&self, blocks: usize) -> usize {
+        blocks.checked_sub(1).map_or(0, |i| self.ends[i])
     }
 }
 
@@ -140,38 +178,26 @@ impl PrefixIndex {
     }
 
     /// For each worker `live` accepts that was sent a prefix of `blocks`: the number of leading
-    /// blocks it was sent (longest first).
+    /// blocks it was sent (longest first). A worker that holds block `i` was sent blocks
+    /// `0..=i` (the hashes chain), so it counts from its deepest block even where a popular
+    /// shared prefix's first blocks have since forgotten it among their [`HOLDERS`] (a
+    /// conversation placed on a worker stays found by its own blocks).
     pub fn matches(&self, blocks: &[u64], live: impl Fn(u64) -> bool) -> Vec<(u64, usize)> {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut found: Vec<(u64, usize)> = Vec::new();
         for (i, h) in blocks.iter().enumerate() {
             let Some(e) = st.map.get(h) else { break };
-            if i == 0 {
-                found = e
-                    .holders
-                    .iter()
-                    .filter(|(s, _)| live(*s))
-                    .map(|&(s, _)| (s, 1))
-                    .collect();
-                continue;
-            }
-            let mut extended = false;
-            for f in found.iter_mut().filter(|f| f.1 == i) {
-                if e.holders.iter().any(|(s, _)| *s == f.0) {
-                    f.1 = i + 1;
-                    extended = true;
+            for &(s, _) in e.holders.iter().filter(|(s, _)| live(*s)) {
+                match found.iter_mut().find(|f| f.0 == s) {
+                    Some(f) => f.1 = i + 1,
+                    None => found.push((s, i + 1)),
                 }
-            }
-            if !extended {
-                break;
             }
         }
         found.sort_by_key(|f| std::cmp::Reverse(f.1));
         found
     }
 
-    /// Records that `blocks` were sent to the worker of slot `serial`; returns those it was not
-    /// yet known to hold (what is news to other routers).
     pub fn insert(&self, blocks: &[u64], serial: u64) -> Vec<u64> {
         let mut new = Vec::new();
         if blocks.is_empty() {
@@ -248,19 +274,54 @@ mod tests {
         turn2.messages.push(msg("user", "more"));
         let (k1, k2) = (Key::of_request(&turn1), Key::of_request(&turn2));
         assert!(k2.blocks.starts_with(&k1.blocks), "turn 2 extends turn 1");
+        assert_eq!(
+            (k1.reply_bytes, k2.reply_bytes),
+            (0, "an answer ".len() * 8)
+        );
         assert!(k2.blocks.len() > k1.blocks.len());
         assert_eq!(k1.class, k2.class);
         // Another user's question under the same system prompt: same class, shared prefix
-        // only as far as the system prompt.
+        // exactly as far as the system message (its last block ends with it).
         let mut other = turn1.clone();
         other.messages[1].content = "something else entirely ".repeat(8);
         let k3 = Key::of_request(&other);
         assert_eq!(k3.class, k1.class);
         let shared = k1.blocks.iter().zip(&k3.blocks).take_while(|(x, y)| x == y);
-        let common = b"system\x1f".len() + sys.len() + 1 + b"user\x1f".len();
-        assert_eq!(shared.count(), common / BLOCK_BYTES);
+        let system_bytes = b"system\x1f".len() + sys.len() + 1;
+        let system_blocks = system_bytes.div_ceil(BLOCK_BYTES);
+        assert_eq!(shared.count(), system_blocks);
+        assert_eq!(k1.bytes_in(system_blocks), system_bytes);
+        assert_eq!(k1.bytes_in(k1.blocks.len()), k1.bytes);
+        assert_eq!(k1.bytes_in(0), 0);
+        // A question shorter than a block still gets a block of its own: its conversation's
+        // key is longer than the system prompt's by it.
+        other.messages[1].content = "hi?".into();
+        let short = Key::of_request(&other);
+        assert_eq!(short.blocks.len(), system_blocks + 1);
+        other.messages[1].content = "yo?".into();
+        assert_ne!(
+            Key::of_request(&other).blocks[system_blocks],
+            short.blocks[system_blocks]
+        );
         // The first message alone does not make the key (sglang #26263).
         assert_ne!(k2.blocks, k1.blocks);
+    }
+
+    #[test]
+    fn a_conversation_stays_found_when_its_shared_prefix_forgot_the_worker() {
+        let idx = PrefixIndex::new(1000);
+        let conversation = Key::of_text(&text(&[("s", 256), ("q", 256)]), None);
+        idx.insert(&conversation.blocks, 1);
+        // More workers than a block keeps are sent the same system prompt since.
+        for s in 2..(HOLDERS as u64 + 4) {
+            let other = Key::of_text(&text(&[("s", 256), ("x", s as usize)]), None);
+            idx.insert(&other.blocks, s);
+        }
+        let m = idx.matches(&conversation.blocks, |_| true);
+        assert_eq!(m[0], (1, 8), "{m:?}");
+        // The system prompt's blocks keep only the most recent holders.
+        assert_eq!(m.len(), HOLDERS + 1);
+        assert!(m[1..].iter().all(|&(s, n)| s > 3 && n == 4), "{m:?}");
     }
 
     #[test]

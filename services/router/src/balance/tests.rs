@@ -422,9 +422,61 @@ fn a_replica_routes_on_the_placements_another_shared() {
     let mut turn2 = turn1.clone();
     turn2.blocks.push(12345);
     turn2.bytes += 64;
+    turn2.ends.push(turn2.bytes);
     let (g, r) = b.choose(&pb_, &ask(&turn2, 16), t, &[], &mut rng).unwrap();
     assert_eq!(
         (g.slot.id.as_str(), r.reason),
         (home.as_str(), Reason::PrefixHit)
     );
+}
+
+#[test]
+fn a_conversations_next_turn_credits_its_ended_reply_on_the_holder() {
+    let t = Instant::now();
+    let mut v = view(&[("a", 0.0), ("b", 0.0), ("c", 0.0)]);
+    let p = pool(&v, t);
+    let mut rng = StdRng::seed_from_u64(4);
+    let system = "You are a careful assistant who answers briefly. ".repeat(20);
+    let msg = |role: &str, content: &str| pb::ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    };
+    let turn1 = vec![msg("system", &system), msg("user", "What is a loop?")];
+    let mut turn2 = turn1.clone();
+    // 200 bytes of reply: 50 tokens x 2 loops at 100 loop-steps/s = 1 s of work.
+    turn2.push(msg("assistant", &"y".repeat(200)));
+    turn2.push(msg("user", "And a block?"));
+    let key = |messages: &[pb::ChatMessage]| {
+        Key::of_request(&pb::GenerateRequest {
+            chat: true,
+            messages: messages.to_vec(),
+            ..Default::default()
+        })
+    };
+    // Another replica sent turn 1 to a; this one learned it, and its view still counts the
+    // reply's work on a (0.9 s queued there).
+    let b = balancer(Balance::Combined);
+    b.index
+        .insert(&key(&turn1).blocks, p.serving("m")[0].serial);
+    v.workers[0].score = 0.9;
+    p.apply_view(&v, t, |_| Some(()), |_| false);
+    let (g, r) = b
+        .choose(&p, &ask(&key(&turn2), 8), t, &[], &mut rng)
+        .unwrap();
+    assert_eq!((g.slot.id.as_str(), r.reason), ("a", Reason::PrefixHit));
+    drop(g);
+    // The same load with no reply to credit (another user's first turn under the same prompt,
+    // or work more than the reply's): it spills.
+    let other = key(&[msg("system", &system), msg("user", "What is LoRA?")]);
+    let (g, r) = b.choose(&p, &ask(&other, 8), t, &[], &mut rng).unwrap();
+    assert_eq!(r.reason, Reason::SpillLoad);
+    assert_ne!(g.slot.id, "a");
+    drop(g);
+    v.workers[0].score = 1.5;
+    p.apply_view(&v, t, |_| Some(()), |_| false);
+    let (g, r) = b
+        .choose(&p, &ask(&key(&turn2), 8), t, &[], &mut rng)
+        .unwrap();
+    assert_eq!(r.reason, Reason::SpillLoad);
+    assert_ne!(g.slot.id, "a");
 }
