@@ -81,6 +81,12 @@ pub struct RouterArgs {
     /// KV use (0..1) at which a worker holding a prefix takes no more requests for it.
     #[arg(long, env = "RRT_ROUTER_SPILL_KV", default_value_t = 0.9)]
     pub spill_kv: f64,
+    /// Milliseconds after a prefix is sent to a worker before the router counts it as cached
+    /// there in a request's predicted work (the first request's prefill is still computing
+    /// it; a second request sent meanwhile computes it again). The worker still holds the
+    /// prefix for affinity.
+    #[arg(long, env = "RRT_ROUTER_PREFIX_SETTLE_MS", default_value_t = 500)]
+    pub prefix_settle_ms: u64,
     /// Prompt-prefix blocks (64 bytes each) the router remembers at most; the least recently
     /// used quarter goes when full (about 80 bytes each).
     #[arg(
@@ -132,6 +138,7 @@ impl RouterArgs {
             spill_s: self.spill_s,
             spill_kv: self.spill_kv,
             index_blocks: self.prefix_index_blocks,
+            settle: std::time::Duration::from_millis(self.prefix_settle_ms),
             share_placements: self.share_placements && self.coordinator.is_some(),
             ..Default::default()
         }

@@ -35,7 +35,7 @@ pub mod prefix;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use rrt_proto::v1 as pb;
@@ -122,6 +122,9 @@ pub struct Settings {
     pub spill_kv: f64,
     /// Blocks the prefix index keeps at most.
     pub index_blocks: usize,
+    /// How long after a prefix was placed on a worker it counts as cached there in the work a
+    /// request is predicted to bring (`--prefix-settle-ms`).
+    pub settle: Duration,
     /// Request classes the depth history keeps at most.
     pub depth_classes: usize,
     /// Share this router's placements with the other routers through the coordinator (and
@@ -136,6 +139,7 @@ impl Default for Settings {
             spill_s: 0.1,
             spill_kv: 0.9,
             index_blocks: 262_144,
+            settle: Duration::from_millis(500),
             depth_classes: 4096,
             share_placements: true,
         }
@@ -186,8 +190,10 @@ pub const BATCH_BLOCKS: usize = 4096;
 struct Option_<'a, T> {
     slot: &'a Arc<Slot<T>>,
     state: ViewState,
-    /// Bytes of the request's prefix it holds (trust-weighted), 0 when none.
+    /// Bytes of the request's prefix it was sent (trust-weighted), 0 when none.
     matched: f64,
+    /// Of those, the bytes sent at least `settle` ago (likely in its cache by now).
+    settled: f64,
 }
 
 impl Balancer {
@@ -293,6 +299,7 @@ impl Balancer {
                 state: slot.state(),
                 slot,
                 matched: 0.0,
+                settled: 0.0,
             })
             .collect();
         if options.iter().any(|o| !o.state.draining) {
@@ -327,27 +334,31 @@ impl Balancer {
                 Balance::DepthAware => {
                     (least_by(&options, rng, |o| self.load(ask, o)), Reason::Load)
                 }
-                Balance::CacheAware | Balance::Combined => self.by_prefix(ask, &mut options),
+                Balance::CacheAware | Balance::Combined => self.by_prefix(ask, &mut options, now),
                 Balance::RoundRobin => unreachable!("handled above"),
             }
         };
         let chosen = &options[i];
+        // A prefix placed moments ago is not cached yet (its first request is still
+        // prefilling it): it is predicted, and counted in the work, as a miss.
         let predicted_hit = if ask.key.bytes > 0 {
-            (prefix_tokens(chosen.matched) / ask.key.tokens()).min(1.0)
+            (prefix_tokens(chosen.settled) / ask.key.tokens()).min(1.0)
         } else {
             0.0
         };
         // Its work as the worker's score will count it: the generation, and the prompt tokens
         // not cached there through every loop (the worker's mean loops standing in for the
         // model's depth), so the score's share of it comes off again once it finishes.
-        let uncached = (ask.key.tokens() - prefix_tokens(chosen.matched)).max(0.0);
+        let uncached = (ask.key.tokens() - prefix_tokens(chosen.settled)).max(0.0);
         let prompt_work = uncached * chosen.state.expected_loops.max(1.0);
         let work = (self.work(ask, &chosen.state) + prompt_work).round() as u64;
         let guard = InFlight::new(chosen.slot.clone(), work);
         if ask.max_new_tokens.is_some() {
             chosen.slot.routed.fetch_add(1, Ordering::Relaxed);
             // Every policy keeps the index, so switching policies starts from what was sent.
-            let new = self.index.insert(&ask.key.blocks, chosen.slot.serial);
+            let new = self
+                .index
+                .insert_at(&ask.key.blocks, chosen.slot.serial, now);
             if self.settings.share_placements && !new.is_empty() {
                 self.queue_placement(&chosen.slot.id, new);
             }
@@ -373,18 +384,24 @@ impl Balancer {
 
     /// Cache-aware and combined: affinity to the longest held prefix while its holder is not
     /// more loaded than the least loaded worker (plus `--spill-s`).
-    fn by_prefix<T>(&self, ask: &Ask, options: &mut [Option_<T>]) -> (usize, Reason) {
+    fn by_prefix<T>(&self, ask: &Ask, options: &mut [Option_<T>], now: Instant) -> (usize, Reason) {
         let serials: HashMap<u64, usize> = options
             .iter()
             .enumerate()
             .map(|(i, o)| (o.slot.serial, i))
             .collect();
-        for (serial, blocks) in self
+        // (`settle` zero: every placement counts at once.)
+        let settled = match now.checked_sub(self.settings.settle) {
+            Some(t) if !self.settings.settle.is_zero() => t,
+            _ => now + Duration::from_secs(86_400),
+        };
+        for m in self
             .index
-            .matches(&ask.key.blocks, |s| serials.contains_key(&s))
+            .matches(&ask.key.blocks, settled, |s| serials.contains_key(&s))
         {
-            options[serials[&serial]].matched =
-                ask.key.bytes_in(blocks) as f64 * self.trust(serial);
+            let (o, trust) = (&mut options[serials[&m.serial]], self.trust(m.serial));
+            o.matched = ask.key.bytes_in(m.blocks) as f64 * trust;
+            o.settled = ask.key.bytes_in(m.settled) as f64 * trust;
         }
         // The holder: the longest (trusted) match, ties to the lower load.
         let holder = (0..options.len())

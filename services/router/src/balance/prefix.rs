@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use rrt_proto::v1 as pb;
 
@@ -127,9 +128,30 @@ impl Key {
 
 #[derive(Debug, Default)]
 struct Entry {
-    /// (slot serial, tick of its latest use), at most [`HOLDERS`].
-    holders: Vec<(u64, u64)>,
+    /// At most [`HOLDERS`].
+    holders: Vec<Holder>,
     last: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Holder {
+    serial: u64,
+    /// The index's tick of its latest use.
+    tick: u64,
+    /// When the block was first sent (or learned to be sent) to it: until its request's
+    /// prefill is done the worker's cache does not hold it yet.
+    placed: Instant,
+}
+
+/// A worker's match of a request's blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Match {
+    pub serial: u64,
+    /// Leading blocks it was sent.
+    pub blocks: usize,
+    /// Of those, the leading blocks sent before the `settled` time [`PrefixIndex::matches`]
+    /// was given (older placements, whose prefill is likely done).
+    pub settled: usize,
 }
 
 #[derive(Debug, Default)]
@@ -182,23 +204,43 @@ impl PrefixIndex {
     /// `0..=i` (the hashes chain), so it counts from its deepest block even where a popular
     /// shared prefix's first blocks have since forgotten it among their [`HOLDERS`] (a
     /// conversation placed on a worker stays found by its own blocks).
-    pub fn matches(&self, blocks: &[u64], live: impl Fn(u64) -> bool) -> Vec<(u64, usize)> {
+    pub fn matches(
+        &self,
+        blocks: &[u64],
+        settled: Instant,
+        live: impl Fn(u64) -> bool,
+    ) -> Vec<Match> {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut found: Vec<(u64, usize)> = Vec::new();
+        let mut found: Vec<Match> = Vec::new();
         for (i, h) in blocks.iter().enumerate() {
             let Some(e) = st.map.get(h) else { break };
-            for &(s, _) in e.holders.iter().filter(|(s, _)| live(*s)) {
-                match found.iter_mut().find(|f| f.0 == s) {
-                    Some(f) => f.1 = i + 1,
-                    None => found.push((s, i + 1)),
+            for h in e.holders.iter().filter(|h| live(h.serial)) {
+                let settled = if h.placed <= settled { i + 1 } else { 0 };
+                match found.iter_mut().find(|f| f.serial == h.serial) {
+                    Some(f) => {
+                        f.blocks = i + 1;
+                        f.settled = f.settled.max(settled);
+                    }
+                    None => found.push(Match {
+                        serial: h.serial,
+                        blocks: i + 1,
+                        settled,
+                    }),
                 }
             }
         }
-        found.sort_by_key(|f| std::cmp::Reverse(f.1));
+        found.sort_by_key(|f| std::cmp::Reverse(f.blocks));
         found
     }
 
+    /// Records that `blocks` (a request's) were sent to the worker `serial` now; returns
+    /// the ones new to it.
     pub fn insert(&self, blocks: &[u64], serial: u64) -> Vec<u64> {
+        self.insert_at(blocks, serial, Instant::now())
+    }
+
+    /// [`Self::insert`], sent at `placed`.
+    pub fn insert_at(&self, blocks: &[u64], serial: u64, placed: Instant) -> Vec<u64> {
         let mut new = Vec::new();
         if blocks.is_empty() {
             return new;
@@ -209,17 +251,21 @@ impl PrefixIndex {
         for h in blocks {
             let e = st.map.entry(*h).or_default();
             e.last = tick;
-            match e.holders.iter_mut().find(|(s, _)| *s == serial) {
-                Some(h) => h.1 = tick,
+            match e.holders.iter_mut().find(|h| h.serial == serial) {
+                Some(h) => h.tick = tick,
                 None => {
                     new.push(*h);
                     if e.holders.len() >= HOLDERS {
                         let oldest = (0..e.holders.len())
-                            .min_by_key(|&i| e.holders[i].1)
+                            .min_by_key(|&i| e.holders[i].tick)
                             .unwrap_or(0);
                         e.holders.swap_remove(oldest);
                     }
-                    e.holders.push((serial, tick));
+                    e.holders.push(Holder {
+                        serial,
+                        tick,
+                        placed,
+                    });
                 }
             }
         }
@@ -233,6 +279,44 @@ impl PrefixIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// (worker, leading blocks sent) for every worker `live` accepts, settled or not.
+    fn held(idx: &PrefixIndex, blocks: &[u64], live: impl Fn(u64) -> bool) -> Vec<(u64, usize)> {
+        let later = Instant::now() + std::time::Duration::from_secs(3600);
+        let m = idx.matches(blocks, later, live);
+        assert!(m.iter().all(|m| m.settled == m.blocks), "{m:?}");
+        m.iter().map(|m| (m.serial, m.blocks)).collect()
+    }
+
+    #[test]
+    fn a_prefix_placed_moments_ago_is_held_but_not_yet_settled() {
+        let idx = PrefixIndex::new(1000);
+        let system = Key::of_text(&text(&[("s", 256)]), None);
+        let conversation = Key::of_text(&text(&[("s", 256), ("q", 128)]), None);
+        idx.insert(&system.blocks, 1);
+        let between = Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        idx.insert(&conversation.blocks, 1);
+        idx.insert(&conversation.blocks, 2);
+        let m = idx.matches(&conversation.blocks, between, |_| true);
+        // Worker 1 had the system prompt before; its conversation's blocks and worker 2's
+        // whole prefix are newer.
+        assert_eq!(
+            m,
+            vec![
+                Match {
+                    serial: 1,
+                    blocks: 6,
+                    settled: 4
+                },
+                Match {
+                    serial: 2,
+                    blocks: 6,
+                    settled: 0
+                },
+            ]
+        );
+    }
 
     fn text(parts: &[(&str, usize)]) -> Vec<u8> {
         parts
@@ -317,7 +401,7 @@ mod tests {
             let other = Key::of_text(&text(&[("s", 256), ("x", s as usize)]), None);
             idx.insert(&other.blocks, s);
         }
-        let m = idx.matches(&conversation.blocks, |_| true);
+        let m = held(&idx, &conversation.blocks, |_| true);
         assert_eq!(m[0], (1, 8), "{m:?}");
         // The system prompt's blocks keep only the most recent holders.
         assert_eq!(m.len(), HOLDERS + 1);
@@ -331,12 +415,12 @@ mod tests {
         let short = Key::of_text(&text(&[("s", 256), ("r", 256)]), None);
         idx.insert(&long.blocks, 1);
         idx.insert(&short.blocks, 2);
-        let m = idx.matches(&long.blocks, |_| true);
+        let m = held(&idx, &long.blocks, |_| true);
         assert_eq!(m, vec![(1, 8), (2, 4)]);
         // A dead worker's entries do not match.
-        assert_eq!(idx.matches(&long.blocks, |s| s != 1), vec![(2, 4)]);
+        assert_eq!(held(&idx, &long.blocks, |s| s != 1), vec![(2, 4)]);
         let unrelated = Key::of_text(&text(&[("z", 512)]), None);
-        assert!(idx.matches(&unrelated.blocks, |_| true).is_empty());
+        assert!(held(&idx, &unrelated.blocks, |_| true).is_empty());
     }
 
     #[test]
@@ -349,7 +433,7 @@ mod tests {
             idx.insert(&hot.blocks, 2);
             assert!(idx.len() <= 100, "{}", idx.len());
         }
-        assert_eq!(idx.matches(&hot.blocks, |_| true), vec![(2, 10)]);
+        assert_eq!(held(&idx, &hot.blocks, |_| true), vec![(2, 10)]);
     }
 
     #[test]
@@ -359,7 +443,7 @@ mod tests {
         for s in 0..(HOLDERS as u64 + 3) {
             idx.insert(&k.blocks, s);
         }
-        let m = idx.matches(&k.blocks, |_| true);
+        let m = held(&idx, &k.blocks, |_| true);
         assert_eq!(m.len(), HOLDERS);
         assert!(m.iter().all(|(s, _)| *s >= 3));
     }

@@ -13,9 +13,11 @@ fn pool(v: &pb::ClusterView, t: Instant) -> Pool<()> {
     pool
 }
 
+/// A balancer that counts a placed prefix as cached at once (`settle` zero).
 fn balancer(balance: Balance) -> Balancer {
     Balancer::new(Settings {
         balance,
+        settle: Duration::ZERO,
         ..Settings::default()
     })
 }
@@ -241,6 +243,7 @@ fn affinity_holds_while_the_holder_is_within_the_slack_of_the_least_loaded() {
         let b = Balancer::new(Settings {
             balance: Balance::Combined,
             spill_s: slack,
+            settle: Duration::ZERO,
             ..Settings::default()
         });
         b.index
@@ -479,4 +482,55 @@ fn a_conversations_next_turn_credits_its_ended_reply_on_the_holder() {
         .unwrap();
     assert_eq!(r.reason, Reason::SpillLoad);
     assert_ne!(g.slot.id, "a");
+}
+
+#[test]
+fn a_burst_under_a_new_system_prompt_counts_its_prefills_until_the_prefix_settles() {
+    let t = Instant::now();
+    let ids: Vec<String> = (0..8).map(|i| format!("w{i}")).collect();
+    let scores: Vec<(&str, f64)> = ids.iter().map(|i| (i.as_str(), 0.0)).collect();
+    // 1,000 bytes: ~250 tokens, 500 loop-steps of prefill, 0.05 s at 10,000 loop-steps/s.
+    let system = "You are a careful assistant who answers briefly. ".repeat(20);
+    let mut v = view(&scores);
+    for w in &mut v.workers {
+        w.loop_steps_per_second = 10_000.0;
+    }
+    let mut on_first = Vec::new();
+    for settle in [Duration::ZERO, Duration::from_millis(500)] {
+        let p = pool(&v, t);
+        let b = Balancer::new(Settings {
+            balance: Balance::Combined,
+            settle,
+            ..Settings::default()
+        });
+        let mut rng = StdRng::seed_from_u64(2);
+        // Twelve users at once under a prompt no worker has seen.
+        let keys: Vec<Key> = (0..12).map(|i| chat(&system, &format!("Q{i}?"))).collect();
+        let mut held = Vec::new();
+        for k in &keys {
+            let (g, r) = b.choose(&p, &ask(k, 8), t, &[], &mut rng).unwrap();
+            if settle.is_zero() && r.reason == Reason::PrefixHit {
+                assert!(r.predicted_hit > 0.8, "{r:?}");
+            } else if !settle.is_zero() {
+                // Placed this instant: the prompt is not cached anywhere yet.
+                assert_eq!(r.predicted_hit, 0.0, "{r:?}");
+            }
+            held.push(g);
+        }
+        let first = held[0].slot.id.clone();
+        on_first.push(held.iter().filter(|g| g.slot.id == first).count());
+        let sent: Vec<String> = held.iter().map(|g| g.slot.id.clone()).collect();
+        drop(held);
+        // Once settled, the next user's request is predicted a hit where it goes.
+        let later = t + Duration::from_secs(1);
+        let (g, r) = b
+            .choose(&p, &ask(&chat(&system, "Later?"), 8), later, &[], &mut rng)
+            .unwrap();
+        assert_eq!(r.reason, Reason::PrefixHit);
+        assert!(sent.contains(&g.slot.id));
+        assert!(r.predicted_hit > 0.8, "{r:?}");
+    }
+    // Counting the burst's prefills, the first worker leaves the slack after two (each
+    // brings 0.05 s), not after all twelve.
+    assert_eq!(on_first, [12, 2]);
 }
