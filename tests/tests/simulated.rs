@@ -102,10 +102,12 @@ async fn many_simulated_workers_serve_behind_the_real_router_and_coordinator() {
     );
     // Each system prompt's first request misses; most later ones find it.
     assert!(share > 0.5, "cached share {share:.3}");
-    // Affinity: each system prompt's twelve requests stay on one or two workers (a spill when
-    // its holder is busy), while the prompts spread over the cluster.
+    // Affinity: each system prompt's twelve requests stay on a few workers (a spill when its
+    // holder is busy; in the first half second a new prompt's requests count their whole
+    // prefill, as it is not cached yet, so its holder fills sooner), while the prompts spread
+    // over the cluster (round-robin would put each prompt's twelve on ~10 of the 24).
     let spread: Vec<usize> = per_system.iter().map(BTreeSet::len).collect();
-    assert!(spread.iter().all(|&n| n <= 3), "{spread:?}");
+    assert!(spread.iter().all(|&n| n <= 4), "{spread:?}");
     assert!(used.len() >= 4, "spread over {} workers", used.len());
     drop(workers);
 }
