@@ -194,6 +194,10 @@ struct Option_<'a, T> {
     matched: f64,
     /// Of those, the bytes sent at least `settle` ago (likely in its cache by now).
     settled: f64,
+    /// The same bytes without the trust factor, and when they were last sent there (index
+    /// ticks).
+    held: usize,
+    last: u64,
 }
 
 impl Balancer {
@@ -300,6 +304,8 @@ impl Balancer {
                 slot,
                 matched: 0.0,
                 settled: 0.0,
+                held: 0,
+                last: 0,
             })
             .collect();
         if options.iter().any(|o| !o.state.draining) {
@@ -400,16 +406,29 @@ impl Balancer {
             .matches(&ask.key.blocks, settled, |s| serials.contains_key(&s))
         {
             let (o, trust) = (&mut options[serials[&m.serial]], self.trust(m.serial));
-            o.matched = ask.key.bytes_in(m.blocks) as f64 * trust;
+            o.held = ask.key.bytes_in(m.blocks);
+            o.matched = o.held as f64 * trust;
             o.settled = ask.key.bytes_in(m.settled) as f64 * trust;
+            o.last = m.last;
         }
-        // The holder: the longest (trusted) match, ties to the lower load.
+        // Affinity compares the work queued ahead of the request (its own work would differ
+        // only by the workers' measured speeds, which an idle worker has not measured yet).
+        let queued = |o: &Option_<T>| o.slot.load(&o.state, 0.0);
+        let band = options.iter().map(queued).fold(f64::INFINITY, f64::min) + self.settings.spill_s;
+        // The holder: the longest match; among workers sent as much of it (a popular system
+        // prompt's several holders), one with room (queued within `--spill-s` of the least)
+        // and, of those, the one sent it last (the likeliest to still have it cached: worker
+        // caches evict the least recently used); then the more trusted, then the less loaded.
         let holder = (0..options.len())
-            .filter(|&i| options[i].matched > 0.0)
+            .filter(|&i| options[i].held > 0)
             .min_by(|&a, &b| {
                 let (oa, ob) = (&options[a], &options[b]);
-                ob.matched
-                    .total_cmp(&oa.matched)
+                let room = |o: &Option_<T>| queued(o) <= band;
+                ob.held
+                    .cmp(&oa.held)
+                    .then(room(ob).cmp(&room(oa)))
+                    .then(ob.last.cmp(&oa.last))
+                    .then(ob.matched.total_cmp(&oa.matched))
                     .then(self.load(ask, oa).total_cmp(&self.load(ask, ob)))
             });
         // The alternative: among the others whose load is within `--spill-s` of the least,
@@ -429,9 +448,6 @@ impl Balancer {
                 .max_by_key(|&j| rendezvous(ask.key.class, &options[others[j]].slot.id))
                 .map_or(others[0], |j| others[j])
         });
-        // Affinity compares the work queued ahead of the request (its own work would differ
-        // only by the workers' measured speeds, which an idle worker has not measured yet).
-        let queued = |o: &Option_<T>| o.slot.load(&o.state, 0.0);
         // A conversation's next turn means its previous one has ended. Its reply's work may
         // still weigh on the holder in the coordinator's view until the holder's next report
         // (a replica that did not send that turn cannot know it ended; the one that did has

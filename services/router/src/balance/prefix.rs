@@ -152,6 +152,9 @@ pub struct Match {
     /// Of those, the leading blocks sent before the `settled` time [`PrefixIndex::matches`]
     /// was given (older placements, whose prefill is likely done).
     pub settled: usize,
+    /// When its deepest matched block was last sent to it, in the index's ticks (larger is
+    /// later): the likelier a worker's LRU cache still holds it.
+    pub last: u64,
 }
 
 #[derive(Debug, Default)]
@@ -220,11 +223,13 @@ impl PrefixIndex {
                     Some(f) => {
                         f.blocks = i + 1;
                         f.settled = f.settled.max(settled);
+                        f.last = h.tick;
                     }
                     None => found.push(Match {
                         serial: h.serial,
                         blocks: i + 1,
                         settled,
+                        last: h.tick,
                     }),
                 }
             }
@@ -300,22 +305,11 @@ mod tests {
         idx.insert(&conversation.blocks, 2);
         let m = idx.matches(&conversation.blocks, between, |_| true);
         // Worker 1 had the system prompt before; its conversation's blocks and worker 2's
-        // whole prefix are newer.
-        assert_eq!(
-            m,
-            vec![
-                Match {
-                    serial: 1,
-                    blocks: 6,
-                    settled: 4
-                },
-                Match {
-                    serial: 2,
-                    blocks: 6,
-                    settled: 0
-                },
-            ]
-        );
+        // whole prefix are newer (worker 2's the most recent).
+        let got: Vec<(u64, usize, usize)> =
+            m.iter().map(|m| (m.serial, m.blocks, m.settled)).collect();
+        assert_eq!(got, vec![(1, 6, 4), (2, 6, 0)]);
+        assert!(m[1].last > m[0].last, "{m:?}");
     }
 
     fn text(parts: &[(&str, usize)]) -> Vec<u8> {

@@ -534,3 +534,29 @@ fn a_burst_under_a_new_system_prompt_counts_its_prefills_until_the_prefix_settle
     // brings 0.05 s), not after all twelve.
     assert_eq!(on_first, [12, 2]);
 }
+
+#[test]
+fn among_holders_of_a_prompt_the_one_sent_it_last_with_room_keeps_it() {
+    let t = Instant::now();
+    let mut v = view(&[("a", 0.0), ("b", 0.0), ("c", 0.0)]);
+    let p = pool(&v, t);
+    let mut rng = StdRng::seed_from_u64(6);
+    let b = balancer(Balance::Combined);
+    let system = "You are a careful assistant who answers briefly. ".repeat(20);
+    let serial = |i: usize| p.serving("m")[i].serial;
+    // b was sent the prompt after a (a's copy is the likelier to have been evicted since).
+    b.index.insert(&chat(&system, "first").blocks, serial(0));
+    b.index.insert(&chat(&system, "second").blocks, serial(1));
+    let (g, r) = b
+        .choose(&p, &ask(&chat(&system, "third"), 8), t, &[], &mut rng)
+        .unwrap();
+    assert_eq!((g.slot.id.as_str(), r.reason), ("b", Reason::PrefixHit));
+    drop(g);
+    // The last holder is loaded past the slack: the other holder keeps it, as a hit.
+    v.workers[1].score = 5.0;
+    p.apply_view(&v, t, |_| Some(()), |_| false);
+    let (g, r) = b
+        .choose(&p, &ask(&chat(&system, "fourth"), 8), t, &[], &mut rng)
+        .unwrap();
+    assert_eq!((g.slot.id.as_str(), r.reason), ("a", Reason::PrefixHit));
+}
