@@ -60,6 +60,7 @@ scale-bench: model models build ## routing policies on 50 and 200 simulated work
 	$(RRT) bench scale --workers 50 --sessions 200 --think-ms 1000 --policies combined --two-routers combined --plot .cache/bench/scale-50-think.png
 	$(RRT) bench scale --workers 200 --sessions 600 --burst 90 --system-prompts 48 --think-ms 1000 --policies combined --two-routers combined --plot .cache/bench/scale-200-think.png
 	$(RRT) bench scale --real --real-kv-mib 96 --workers 4 --sessions 24 --turns 3 --system-prompts 16 --burst 2 --burst-every-ms 2000 --max-tokens 16 --policies round-robin,least-outstanding,cache-aware,combined --two-routers cache-aware,combined --plot .cache/bench/scale-real.png
+	$(RRT) bench balance
 	$(RRT) bench coordinator --workers 1000 --concurrency 1,4,16,64,256
 	$(RRT) bench coordinator --workers 10000 --concurrency 16,256
 	$(RRT) bench adaptive --overload 2

@@ -1,6 +1,7 @@
 //! `rrt bench`: speed measurements that print ratios measured side by side in one run.
 
 mod adaptive;
+mod balance;
 pub mod chaos;
 mod coordinator;
 mod cpu_time;
@@ -45,6 +46,9 @@ pub enum BenchCommand {
     /// Routing policies on 50-200 simulated workers behind the real router and coordinator:
     /// time to first token, latency, goodput, prefix-cache hits (`make scale-bench`).
     Scale(scale::ScaleBenchArgs),
+    /// Routing decisions a second one router core makes, per policy and cluster size (the
+    /// choice alone, without the request's relay).
+    Balance(balance::BalanceBenchArgs),
     /// Where one coordinator saturates: reports a second it takes from many workers with
     /// routers watching, its CPU per report, latency.
     Coordinator(coordinator::CoordinatorBenchArgs),
@@ -72,6 +76,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Sim(args) => sim::run(args),
         BenchCommand::Scale(args) => scale::run(args),
         BenchCommand::Coordinator(args) => coordinator::run(args),
+        BenchCommand::Balance(args) => balance::run(args),
         BenchCommand::Adaptive(args) => adaptive::run(args),
         BenchCommand::Structured(args) => structured::run_bench(args),
     }
