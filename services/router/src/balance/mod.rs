@@ -42,7 +42,7 @@ use rrt_proto::v1 as pb;
 
 use crate::pool::{InFlight, Pool, Slot, ViewState};
 pub use depth::DepthHistory;
-pub use prefix::{Key, PrefixIndex};
+pub use prefix::{Key, Match, PrefixIndex};
 
 /// The routing policy (`--balance`).
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,6 +296,9 @@ impl Balancer {
         rng: &mut impl Rng,
     ) -> Option<(InFlight<T>, Route)> {
         let all = pool.serving(ask.model);
+        if let Some((chosen, reason)) = self.quick(pool, ask, &all, now, exclude, rng) {
+            return Some(self.place(ask, &chosen, reason, now));
+        }
         let mut options: Vec<Option_<T>> = all
             .iter()
             .filter(|s| !exclude.contains(&s.id))
@@ -344,7 +347,78 @@ impl Balancer {
                 Balance::RoundRobin => unreachable!("handled above"),
             }
         };
-        let chosen = &options[i];
+        Some(self.place(ask, &options[i], reason, now))
+    }
+
+    /// Round-robin (and metadata calls) and power-of-two need one or two workers' states, not
+    /// every worker's: the next in turn that is usable, or two random ones with a fresh view.
+    /// `None` where that does not settle it (another policy, a stale view, a drawn worker
+    /// excluded or draining, every worker draining): the full choice decides.
+    fn quick<'a, T>(
+        &self,
+        pool: &Pool<T>,
+        ask: &Ask,
+        all: &'a [Arc<Slot<T>>],
+        now: Instant,
+        exclude: &[String],
+        rng: &mut impl Rng,
+    ) -> Option<(Option_<'a, T>, Reason)> {
+        let usable = |slot: &'a Arc<Slot<T>>| {
+            if exclude.contains(&slot.id) {
+                return None;
+            }
+            let state = slot.state();
+            (!state.draining).then_some(Option_ {
+                slot,
+                state,
+                matched: 0.0,
+                settled: 0.0,
+                held: 0,
+                last: 0,
+            })
+        };
+        let n = all.len();
+        let policy = self.settings.balance;
+        if n == 0 {
+            None
+        } else if ask.max_new_tokens.is_none() || policy == Balance::RoundRobin {
+            let reason = match ask.max_new_tokens {
+                None => Reason::Metadata,
+                Some(_) => Reason::Turn,
+            };
+            let start = self.turn.fetch_add(1, Ordering::Relaxed);
+            (0..n)
+                .find_map(|k| usable(&all[(start + k) % n]))
+                .map(|o| (o, reason))
+        } else if policy == Balance::PowerOfTwo && pool.is_fresh(now) {
+            let (a, b) = two_random(n, rng);
+            let a = usable(&all[a])?;
+            let chosen = match b {
+                None => a,
+                Some(b) => {
+                    let b = usable(&all[b])?;
+                    if self.load(ask, &b) < self.load(ask, &a) {
+                        b
+                    } else {
+                        a
+                    }
+                }
+            };
+            Some((chosen, Reason::Load))
+        } else {
+            None
+        }
+    }
+
+    /// Counts the request in flight on `chosen` and records what was sent there.
+    fn place<T>(
+        &self,
+        ask: &Ask,
+        chosen: &Option_<T>,
+        reason: Reason,
+        now: Instant,
+    ) -> (InFlight<T>, Route) {
+        let policy = self.settings.balance;
         // A prefix placed moments ago is not cached yet (its first request is still
         // prefilling it): it is predicted, and counted in the work, as a miss.
         let predicted_hit = if ask.key.bytes > 0 {
@@ -376,7 +450,7 @@ impl Balancer {
             predicted_hit,
             class: ask.key.class,
         };
-        Some((guard, route))
+        (guard, route)
     }
 
     /// The lower load of two distinct random options.
@@ -391,25 +465,29 @@ impl Balancer {
     /// Cache-aware and combined: affinity to the longest held prefix while its holder is not
     /// more loaded than the least loaded worker (plus `--spill-s`).
     fn by_prefix<T>(&self, ask: &Ask, options: &mut [Option_<T>], now: Instant) -> (usize, Reason) {
-        let serials: HashMap<u64, usize> = options
-            .iter()
-            .enumerate()
-            .map(|(i, o)| (o.slot.serial, i))
-            .collect();
         // (`settle` zero: every placement counts at once.)
         let settled = match now.checked_sub(self.settings.settle) {
             Some(t) if !self.settings.settle.is_zero() => t,
             _ => now + Duration::from_secs(86_400),
         };
-        for m in self
+        // The few workers sent a prefix of it (a slot gone from the pool matches nothing).
+        let found: HashMap<u64, Match> = self
             .index
-            .matches(&ask.key.blocks, settled, |s| serials.contains_key(&s))
-        {
-            let (o, trust) = (&mut options[serials[&m.serial]], self.trust(m.serial));
-            o.held = ask.key.bytes_in(m.blocks);
-            o.matched = o.held as f64 * trust;
-            o.settled = ask.key.bytes_in(m.settled) as f64 * trust;
-            o.last = m.last;
+            .matches(&ask.key.blocks, settled, |_| true)
+            .into_iter()
+            .map(|m| (m.serial, m))
+            .collect();
+        if !found.is_empty() {
+            for o in options.iter_mut() {
+                let Some(m) = found.get(&o.slot.serial) else {
+                    continue;
+                };
+                let trust = self.trust(m.serial);
+                o.held = ask.key.bytes_in(m.blocks);
+                o.matched = o.held as f64 * trust;
+                o.settled = ask.key.bytes_in(m.settled) as f64 * trust;
+                o.last = m.last;
+            }
         }
         // Affinity compares the work queued ahead of the request (its own work would differ
         // only by the workers' measured speeds, which an idle worker has not measured yet).

@@ -560,3 +560,28 @@ fn among_holders_of_a_prompt_the_one_sent_it_last_with_room_keeps_it() {
         .unwrap();
     assert_eq!((g.slot.id.as_str(), r.reason), ("a", Reason::PrefixHit));
 }
+
+#[test]
+fn the_quick_choices_skip_excluded_and_draining_workers() {
+    let t = Instant::now();
+    let mut v = view(&[("a", 0.0), ("b", 0.0), ("c", 0.0)]);
+    let p = pool(&v, t);
+    let mut rng = StdRng::seed_from_u64(8);
+    let key = Key::default();
+    v.workers[2].draining = true;
+    p.apply_view(&v, t, |_| Some(()), |_| false);
+    for policy in [Balance::RoundRobin, Balance::PowerOfTwo] {
+        let b = balancer(policy);
+        for _ in 0..20 {
+            let (g, _) = b
+                .choose(&p, &ask(&key, 8), t, &["a".to_string()], &mut rng)
+                .unwrap();
+            assert_eq!(g.slot.id, "b", "{policy:?}");
+        }
+        // Every usable worker excluded: a draining one still serves.
+        let (g, _) = b
+            .choose(&p, &ask(&key, 8), t, &["a".into(), "b".into()], &mut rng)
+            .unwrap();
+        assert_eq!(g.slot.id, "c", "{policy:?}");
+    }
+}
