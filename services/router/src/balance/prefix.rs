@@ -4,8 +4,9 @@
 //! names the whole prefix up to it. A chat message's last block ends with the message (shorter
 //! when the message's length is not a multiple of the block), so a conversation's blocks cover
 //! each of its messages exactly: a short first question still tells its conversation's worker
-//! from the others that were only sent the same system prompt. The index maps such hashes to the workers the prefix was
-//! sent to (the few most recent), which is what a worker's prefix cache most likely still holds.
+//! from the others that were only sent the same system prompt. The index maps such hashes to
+//! the workers the prefix was sent to (the few most recent), which is what a worker's prefix
+//! cache most likely still holds.
 //! It is bounded: past its capacity the least recently used quarter of the entries goes.
 
 use std::collections::HashMap;
@@ -60,7 +61,7 @@ impl Key {
             } else {
                 text.extend_from_slice(req.prompt.as_bytes());
             }
-            return Self::of_text(&text, None);
+            return Self::of_text(&text);
         }
         let system = req
             .messages
@@ -95,7 +96,7 @@ impl Key {
     }
 
     /// The key of a plain text: its full blocks (a longer text may continue the last one).
-    pub fn of_text(text: &[u8], class: Option<u64>) -> Self {
+    pub fn of_text(text: &[u8]) -> Self {
         let mut blocks = Vec::with_capacity(text.len() / BLOCK_BYTES);
         let mut prev = 0u64;
         for chunk in text.chunks_exact(BLOCK_BYTES) {
@@ -103,13 +104,11 @@ impl Key {
             blocks.push(prev);
         }
         let ends = (1..=blocks.len()).map(|i| i * BLOCK_BYTES).collect();
-        let reply_bytes = 0;
-        let class =
-            class.unwrap_or_else(|| blocks.first().copied().unwrap_or_else(|| hash_of(&[text])));
+        let class = blocks.first().copied().unwrap_or_else(|| hash_of(&[text]));
         Self {
             blocks,
             ends,
-            reply_bytes,
+            reply_bytes: 0,
             bytes: text.len(),
             class,
         }
@@ -296,8 +295,8 @@ mod tests {
     #[test]
     fn a_prefix_placed_moments_ago_is_held_but_not_yet_settled() {
         let idx = PrefixIndex::new(1000);
-        let system = Key::of_text(&text(&[("s", 256)]), None);
-        let conversation = Key::of_text(&text(&[("s", 256), ("q", 128)]), None);
+        let system = Key::of_text(&text(&[("s", 256)]));
+        let conversation = Key::of_text(&text(&[("s", 256), ("q", 128)]));
         idx.insert(&system.blocks, 1);
         let between = Instant::now();
         std::thread::sleep(std::time::Duration::from_millis(2));
@@ -321,8 +320,8 @@ mod tests {
 
     #[test]
     fn keys_share_blocks_exactly_as_far_as_texts_share_prefixes() {
-        let a = Key::of_text(&text(&[("a", 200), ("x", 100)]), None);
-        let b = Key::of_text(&text(&[("a", 200), ("y", 100)]), None);
+        let a = Key::of_text(&text(&[("a", 200), ("x", 100)]));
+        let b = Key::of_text(&text(&[("a", 200), ("y", 100)]));
         assert_eq!(a.blocks.len(), 300 / BLOCK_BYTES);
         // 200 shared bytes: three whole shared blocks, the fourth (192..256) differs.
         let shared = a.blocks.iter().zip(&b.blocks).take_while(|(x, y)| x == y);
@@ -388,11 +387,11 @@ mod tests {
     #[test]
     fn a_conversation_stays_found_when_its_shared_prefix_forgot_the_worker() {
         let idx = PrefixIndex::new(1000);
-        let conversation = Key::of_text(&text(&[("s", 256), ("q", 256)]), None);
+        let conversation = Key::of_text(&text(&[("s", 256), ("q", 256)]));
         idx.insert(&conversation.blocks, 1);
         // More workers than a block keeps are sent the same system prompt since.
         for s in 2..(HOLDERS as u64 + 4) {
-            let other = Key::of_text(&text(&[("s", 256), ("x", s as usize)]), None);
+            let other = Key::of_text(&text(&[("s", 256), ("x", s as usize)]));
             idx.insert(&other.blocks, s);
         }
         let m = held(&idx, &conversation.blocks, |_| true);
@@ -405,24 +404,24 @@ mod tests {
     #[test]
     fn matches_are_the_longest_prefix_each_worker_was_sent() {
         let idx = PrefixIndex::new(1000);
-        let long = Key::of_text(&text(&[("s", 256), ("q", 256)]), None);
-        let short = Key::of_text(&text(&[("s", 256), ("r", 256)]), None);
+        let long = Key::of_text(&text(&[("s", 256), ("q", 256)]));
+        let short = Key::of_text(&text(&[("s", 256), ("r", 256)]));
         idx.insert(&long.blocks, 1);
         idx.insert(&short.blocks, 2);
         let m = held(&idx, &long.blocks, |_| true);
         assert_eq!(m, vec![(1, 8), (2, 4)]);
         // A dead worker's entries do not match.
         assert_eq!(held(&idx, &long.blocks, |s| s != 1), vec![(2, 4)]);
-        let unrelated = Key::of_text(&text(&[("z", 512)]), None);
+        let unrelated = Key::of_text(&text(&[("z", 512)]));
         assert!(held(&idx, &unrelated.blocks, |_| true).is_empty());
     }
 
     #[test]
     fn the_index_stays_bounded_and_keeps_what_was_used_last() {
         let idx = PrefixIndex::new(100);
-        let hot = Key::of_text(&text(&[("h", 640)]), None);
+        let hot = Key::of_text(&text(&[("h", 640)]));
         for i in 0..200 {
-            let k = Key::of_text(format!("{i:0>64}").as_bytes(), None);
+            let k = Key::of_text(format!("{i:0>64}").as_bytes());
             idx.insert(&k.blocks, 1);
             idx.insert(&hot.blocks, 2);
             assert!(idx.len() <= 100, "{}", idx.len());
@@ -433,7 +432,7 @@ mod tests {
     #[test]
     fn a_block_remembers_its_most_recent_holders() {
         let idx = PrefixIndex::new(100);
-        let k = Key::of_text(&text(&[("a", 64)]), None);
+        let k = Key::of_text(&text(&[("a", 64)]));
         for s in 0..(HOLDERS as u64 + 3) {
             idx.insert(&k.blocks, s);
         }
