@@ -25,7 +25,7 @@ pub struct BalanceBenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "round-robin,least-outstanding,power-of-two,depth-aware,cache-aware,combined"
+        default_value = super::POLICIES
     )]
     policies: Vec<String>,
     /// Timed decisions per (size, policy).

@@ -24,6 +24,10 @@ mod uptrain;
 
 use clap::Subcommand;
 
+/// Every router policy (`--balance` values), the benches' default list.
+const POLICIES: &str =
+    "round-robin,least-outstanding,power-of-two,depth-aware,cache-aware,combined";
+
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Decode tokens/s at several batch sizes, against this machine's measured matmul roofline.

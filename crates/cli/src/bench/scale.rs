@@ -32,7 +32,7 @@ pub struct ScaleBenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "round-robin,least-outstanding,power-of-two,depth-aware,cache-aware,combined"
+        default_value = super::POLICIES
     )]
     policies: Vec<String>,
     /// Chat sessions per run (each `--turns` requests).
