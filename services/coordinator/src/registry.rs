@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -22,6 +23,8 @@ pub struct WorkerEntry {
     pub exit_histogram: Vec<u64>,
     /// Smoothed loop-steps per second (0 until measured).
     pub throughput: f64,
+    /// The worker's prefix-cache horizon (see [`pb::WorkerReport`]), on this process's clock.
+    pub cache_horizon: Option<Instant>,
 }
 
 impl WorkerEntry {
@@ -44,6 +47,15 @@ impl WorkerEntry {
     }
 }
 
+/// The coordinator's clock: milliseconds since its first use in this process (a
+/// [`Registry`] starts it). Views carry figures on it against `ClusterView.clock_ms`, so a
+/// router turns them into its own instants whatever the two machines' wall clocks say.
+pub fn clock_ms(at: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    at.saturating_duration_since(epoch).as_millis() as u64
+}
+
 /// Expected loops per generated token: the histogram's mean exit loop, full depth until the
 /// histogram has any tokens.
 pub fn expected_loops(hist: &[u64], loops: u32) -> f64 {
@@ -60,6 +72,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(evict_after: Duration) -> Self {
+        clock_ms(Instant::now());
         Self {
             workers: DashMap::new(),
             evict_after,
@@ -91,6 +104,7 @@ impl Registry {
                 },
                 exit_histogram: Vec::new(),
                 throughput: 0.0,
+                cache_horizon: None,
             },
         );
     }
@@ -109,6 +123,13 @@ impl Registry {
             };
         }
         e.last_seen = now;
+        e.cache_horizon = report
+            .prefix_cache_horizon_seconds
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| {
+                now.checked_sub(Duration::from_secs_f64(s.min(1e7)))
+                    .unwrap_or(now)
+            });
         e.report = report;
         self.reports.fetch_add(1, Ordering::Relaxed);
         true
@@ -161,12 +182,14 @@ impl Registry {
                 kv_usage: e.report.kv_blocks_used as f64 / e.report.kv_blocks_total.max(1) as f64,
                 prefix_cache_hit_rate: e.report.prefix_cache_hit_tokens as f64
                     / e.report.prefix_cache_queried_tokens.max(1) as f64,
+                prefix_cache_horizon_ms: e.cache_horizon.map(clock_ms),
             })
             .collect();
         workers.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
         pb::ClusterView {
             workers,
             model_expected_loops: self.model_expected_loops(),
+            clock_ms: clock_ms(now),
             ..Default::default()
         }
     }
@@ -257,6 +280,31 @@ mod tests {
         let v = r.view(t);
         assert!(v.workers[0].score < v.workers[1].score, "{v:?}");
         assert_eq!(v.model_expected_loops["m"], 2.0);
+    }
+
+    #[test]
+    fn a_cache_horizon_is_carried_on_the_coordinators_clock() {
+        let r = Registry::new(Duration::from_secs(2));
+        let t = Instant::now() + Duration::from_secs(10);
+        r.register(reg("a"), t);
+        r.register(reg("b"), t);
+        let mut rep = report("a", 0, 0.0, vec![]);
+        rep.prefix_cache_horizon_seconds = Some(3.0);
+        r.report(rep, t);
+        r.report(report("b", 0, 0.0, vec![]), t);
+        // Two seconds later the view says: a's horizon lies 5 s before the view's clock.
+        let v = r.view(t + Duration::from_secs(2));
+        let h = v.workers[0].prefix_cache_horizon_ms.unwrap();
+        assert!((v.clock_ms - h).abs_diff(5000) <= 1, "{} {h}", v.clock_ms);
+        assert_eq!(
+            v.workers[1].prefix_cache_horizon_ms, None,
+            "b evicted nothing"
+        );
+        // A figure that is not a duration is not believed.
+        let mut rep = report("a", 0, 0.0, vec![]);
+        rep.prefix_cache_horizon_seconds = Some(f64::NAN);
+        r.report(rep, t);
+        assert_eq!(r.view(t).workers[0].prefix_cache_horizon_ms, None);
     }
 
     #[test]

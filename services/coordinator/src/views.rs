@@ -9,8 +9,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use std::time::Instant;
+
 use rrt_proto::v1 as pb;
 use tokio::sync::broadcast;
+
+use crate::registry::clock_ms;
 
 /// Messages (deltas and placement batches) kept for routers that read slowly; one further
 /// behind gets the whole view again. It bounds the memory the coordinator holds for them.
@@ -30,6 +34,7 @@ impl Published {
             model_expected_loops: self.model_expected_loops.clone(),
             delta: false,
             version: self.version,
+            clock_ms: clock_ms(Instant::now()),
             ..Default::default()
         }
     }
@@ -57,10 +62,19 @@ fn differs(a: f64, b: f64, rel: f64, abs: f64) -> bool {
 
 /// Whether a router would route differently on `new` than on `old`: counts exactly, figures
 /// at a resolution finer than the routers' decisions (a score within 10 ms or 5%, against a
-/// spill margin of 100 ms; KV use and hit rate within 1 point). `age_ms` is not news: a worker
-/// in the view has reported within the eviction age.
-pub fn changed(old: &pb::WorkerView, new: &pb::WorkerView) -> bool {
-    old.address != new.address
+/// spill margin of 100 ms; KV use and hit rate within 1 point; a cache horizon within 250 ms
+/// or a tenth of its age at `clock_ms`). `age_ms` is not news: a worker in the view has
+/// reported within the eviction age.
+pub fn changed(old: &pb::WorkerView, new: &pb::WorkerView, clock_ms: u64) -> bool {
+    let horizon = match (old.prefix_cache_horizon_ms, new.prefix_cache_horizon_ms) {
+        (Some(a), Some(b)) => {
+            let age = clock_ms.saturating_sub(a.min(b)) as f64;
+            differs(a as f64, b as f64, 0.0, (0.1 * age).max(250.0))
+        }
+        (a, b) => a.is_some() != b.is_some(),
+    };
+    horizon
+        || old.address != new.address
         || old.model != new.model
         || old.queue_length != new.queue_length
         || old.running != new.running
@@ -95,6 +109,7 @@ impl Views {
             delta: true,
             version: st.version,
             placements: vec![batch],
+            clock_ms: clock_ms(Instant::now()),
             ..Default::default()
         }));
     }
@@ -104,13 +119,14 @@ impl Views {
         let mut st = self.lock();
         let mut delta = pb::ClusterView {
             delta: true,
+            clock_ms: view.clock_ms,
             ..Default::default()
         };
         let mut seen = std::collections::HashSet::with_capacity(view.workers.len());
         for w in view.workers {
             seen.insert(w.worker_id.clone());
             match st.workers.get(&w.worker_id) {
-                Some(old) if !changed(old, &w) => {}
+                Some(old) if !changed(old, &w, view.clock_ms) => {}
                 _ => {
                     delta.workers.push(w.clone());
                     st.workers.insert(w.worker_id.clone(), w);
@@ -212,6 +228,23 @@ mod tests {
         let (whole, _) = views.subscribe();
         assert_eq!(whole.version, 4);
         assert_eq!(mirror.values().cloned().collect::<Vec<_>>(), whole.workers);
+    }
+
+    #[test]
+    fn a_cache_horizon_is_news_when_it_moves_by_a_tenth_of_its_age() {
+        let at = |h: Option<u64>| pb::WorkerView {
+            prefix_cache_horizon_ms: h,
+            ..w("a", 1.0, 0)
+        };
+        // 60 s old: a move of 2 s is not news, one of 10 s is.
+        assert!(!changed(&at(Some(40_000)), &at(Some(42_000)), 100_000));
+        assert!(changed(&at(Some(40_000)), &at(Some(50_000)), 100_000));
+        // 1 s old: a quarter second is the resolution.
+        assert!(changed(&at(Some(99_000)), &at(Some(99_400)), 100_000));
+        assert!(!changed(&at(Some(99_000)), &at(Some(99_100)), 100_000));
+        // The first eviction is news.
+        assert!(changed(&at(None), &at(Some(1)), 100_000));
+        assert!(!changed(&at(None), &at(None), 100_000));
     }
 
     #[test]

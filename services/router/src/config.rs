@@ -87,6 +87,17 @@ pub struct RouterArgs {
     /// prefix for affinity.
     #[arg(long, env = "RRT_ROUTER_PREFIX_SETTLE_MS", default_value_t = 500)]
     pub prefix_settle_ms: u64,
+    /// Trust the prefix-cache horizons workers report (how long ago their caches' most
+    /// recently evicted block was last used): a prefix last sent to a worker before its horizon
+    /// counts as evicted there, for affinity and for the predicted work (`false`: a prefix
+    /// counts as held until the index forgets it).
+    #[arg(
+        long,
+        env = "RRT_ROUTER_PREFIX_HORIZON",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub prefix_horizon: bool,
     /// Prompt-prefix blocks (64 bytes each) the router remembers at most; the least recently
     /// used quarter goes when full (about 80 bytes each).
     #[arg(
@@ -139,6 +150,7 @@ impl RouterArgs {
             spill_kv: self.spill_kv,
             index_blocks: self.prefix_index_blocks,
             settle: std::time::Duration::from_millis(self.prefix_settle_ms),
+            cache_horizon: self.prefix_horizon,
             share_placements: self.share_placements && self.coordinator.is_some(),
             ..Default::default()
         }

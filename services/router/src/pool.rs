@@ -50,6 +50,9 @@ pub struct ViewState {
     pub kv_usage: f64,
     /// The worker's prefix-cache hit rate since it started, 0..1.
     pub prefix_cache_hit_rate: f64,
+    /// The worker's prefix-cache horizon: a prefix last sent there before it has been evicted
+    /// (`None`: nothing evicted yet).
+    pub cache_horizon: Option<Instant>,
     /// `in_flight` and `work_in_flight` when the view came: what was sent after is not in it.
     in_flight_at_view: usize,
     work_at_view: u64,
@@ -295,6 +298,11 @@ impl<T> Pool<T> {
                 outstanding: w.queue_length + w.running,
                 kv_usage: w.kv_usage,
                 prefix_cache_hit_rate: w.prefix_cache_hit_rate,
+                // On the coordinator's clock: so long before the message was sent, which is
+                // about when it came.
+                cache_horizon: w.prefix_cache_horizon_ms.and_then(|h| {
+                    now.checked_sub(Duration::from_millis(view.clock_ms.saturating_sub(h)))
+                }),
                 in_flight_at_view: slot.in_flight.load(Ordering::Relaxed),
                 work_at_view: slot.work_in_flight.load(Ordering::Relaxed),
             };

@@ -133,6 +133,11 @@ pub fn describe() {
         "Cached KV blocks evicted (least recently used first) to make room."
     );
     describe_gauge!(
+        "rrt_worker_prefix_cache_horizon_seconds",
+        Unit::Seconds,
+        "How long ago the most recently evicted KV block had last been used: a prefix used since is still cached (absent until the first eviction)."
+    );
+    describe_gauge!(
         "rrt_worker_loop_steps_per_second",
         "Shared-block rows per second of busy engine time over the last report interval."
     );
@@ -206,6 +211,9 @@ pub fn engine(worker: &str, s: &Snapshot, loop_steps_per_second: f64) {
     counter!("rrt_worker_prefill_tokens_total", "worker" => w()).absolute(kv.prefill_tokens);
     counter!("rrt_worker_preemptions_total", "worker" => w()).absolute(kv.preemptions);
     counter!("rrt_worker_kv_evictions_total", "worker" => w()).absolute(blocks.evictions);
+    if let Some(h) = blocks.horizon {
+        gauge!("rrt_worker_prefix_cache_horizon_seconds", "worker" => w()).set(h.as_secs_f64());
+    }
     gauge!("rrt_worker_loop_steps_per_second", "worker" => w()).set(loop_steps_per_second);
     gauge!("rrt_worker_mean_loops_per_token", "worker" => w())
         .set(mean_exit_loop(&s.stats.exit_histogram).unwrap_or(0.0));

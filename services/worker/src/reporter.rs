@@ -164,6 +164,7 @@ pub(crate) async fn run(
             preemptions: snap.kv_counters.preemptions,
             ttft_p90_seconds,
             ttft_samples,
+            prefix_cache_horizon_seconds: snap.kv_blocks.horizon.map(|d| d.as_secs_f64()),
         };
         match client.report(report).await {
             Ok(r) if r.get_ref().known => {

@@ -138,6 +138,8 @@ struct Figures {
     placement_bytes_per_s: f64,
     /// Prompt tokens cached by turn of the session (turn 0 can only hit its system prompt).
     hit_by_turn: Vec<f64>,
+    /// KV blocks the workers' prefix caches evicted during the run.
+    evictions: f64,
     /// The routers' decisions by reason (label, share), and their requests' prompt tokens
     /// found cached and predicted cached (shares of their prompt tokens).
     decisions: Vec<(String, f64, f64, f64)>,
@@ -151,6 +153,7 @@ struct Runtimes {
 
 const ROUTER_THREADS: &str = "rrt-router";
 const DECISIONS: &str = "rrt_router_decisions_total";
+const EVICTIONS: &str = "rrt_worker_kv_evictions_total";
 /// Prompt tokens of finished requests, cached and predicted cached, by policy and reason.
 const TOKENS: [&str; 3] = [
     "rrt_router_prompt_tokens_total",
@@ -330,6 +333,7 @@ async fn one_run(
     let tokens0: Vec<[f64; 3]> = REASONS.iter().map(|r| tokens_of(&text, r)).collect();
     let bytes0 = counter_sum(&text, VIEW_BYTES, "");
     let placement_bytes0 = counter_sum(&text, VIEW_BYTES, PLACEMENTS);
+    let evictions0 = counter_sum(&text, EVICTIONS, "");
     let reports0 = cluster.coordinator.registry.reports_taken();
     let (router0, coordinator0) = (cpu(ROUTER_THREADS), cpu(COORDINATOR_THREADS));
     let results = Arc::new(Mutex::new(Vec::new()));
@@ -364,6 +368,7 @@ async fn one_run(
     let reports = cluster.coordinator.registry.reports_taken() - reports0;
     let text = metrics.render();
     let placement_bytes = counter_sum(&text, VIEW_BYTES, PLACEMENTS) - placement_bytes0;
+    let evictions = counter_sum(&text, EVICTIONS, "") - evictions0;
     let counts: Vec<f64> = REASONS
         .iter()
         .zip(&decisions0)
@@ -433,6 +438,7 @@ async fn one_run(
         placement_bytes_per_s: placement_bytes / wall,
         whole_bytes_per_s,
         hit_by_turn,
+        evictions,
         decisions,
     })
 }
@@ -550,13 +556,13 @@ pub fn run(args: ScaleBenchArgs) -> anyhow::Result<()> {
         );
     }
     println!();
-    println!("Where the cache hits come from: prompt tokens cached by turn of the session (turn 1 can only hit its system prompt; later turns also their conversation so far), and the routers' decisions by reason (with the share of those requests' prompt tokens the workers found cached / the router predicted cached):");
+    println!("Where the cache hits come from: prompt tokens cached by turn of the session (turn 1 can only hit its system prompt; later turns also their conversation so far), the KV blocks the workers' caches evicted, and the routers' decisions by reason (with the share of those requests' prompt tokens the workers found cached / the router predicted cached):");
     let turns: Vec<String> = (1..=args.turns).map(|t| format!("turn {t}")).collect();
     println!(
-        "| workers | routers | policy | {} | decisions |",
+        "| workers | routers | policy | {} | blocks evicted | decisions |",
         turns.join(" | ")
     );
-    println!("|---|---|---|{}---|", "---|".repeat(args.turns));
+    println!("|---|---|---|{}---|---|", "---|".repeat(args.turns));
     for f in &all {
         let by_turn: Vec<String> = f
             .hit_by_turn
@@ -576,11 +582,12 @@ pub fn run(args: ScaleBenchArgs) -> anyhow::Result<()> {
             })
             .collect();
         println!(
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {} |",
             f.workers,
             f.routers,
             f.policy,
             by_turn.join(" | "),
+            f.evictions,
             decisions.join(", ")
         );
     }

@@ -15,6 +15,7 @@
 //!   (or one crafted by a client) can never hand one request another's context.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 use super::hash::block_hash;
 use super::store::{KvData, KvStore};
@@ -95,6 +96,10 @@ pub struct PoolStats {
     pub evictable: usize,
     /// Cached blocks evicted to make room, since the pool was made.
     pub evictions: u64,
+    /// How long ago the most recently evicted block was released (last used): the cache's
+    /// horizon. Eviction goes least recently used first, so every cached block released since
+    /// is still cached, and a prefix last used before it is gone. `None`: nothing evicted yet.
+    pub horizon: Option<Duration>,
 }
 
 /// A pool of KV blocks; see the module docs.
@@ -109,11 +114,14 @@ pub struct KvPool {
     cached: HashMap<u64, Cached>,
     /// Unreferenced, uncached blocks, the most recently freed last.
     free: Vec<BlockId>,
-    /// Unreferenced cached blocks by release tick: the first is evicted first.
-    evictable: BTreeMap<u64, BlockId>,
+    /// Unreferenced cached blocks by release tick, with their release time: the first is
+    /// evicted first.
+    evictable: BTreeMap<u64, (BlockId, Instant)>,
     evict_tick: Vec<Option<u64>>,
     tick: u64,
     evictions: u64,
+    /// When the most recently evicted block had been released.
+    evicted_release: Option<Instant>,
 }
 
 impl KvPool {
@@ -154,6 +162,7 @@ impl KvPool {
             evict_tick: Vec::new(),
             tick: 0,
             evictions: 0,
+            evicted_release: None,
         }
     }
 
@@ -184,6 +193,7 @@ impl KvPool {
             cached: self.cached.len(),
             evictable: self.evictable.len(),
             evictions: self.evictions,
+            horizon: self.evicted_release.map(|t| t.elapsed()),
         }
     }
 
@@ -215,7 +225,8 @@ impl KvPool {
         let b = match self.free.pop() {
             Some(b) => b,
             None => {
-                let (_, b) = self.evictable.pop_first()?;
+                let (_, (b, released)) = self.evictable.pop_first()?;
+                self.evicted_release = Some(released);
                 self.evict_tick[b as usize] = None;
                 let hash = self.sealed[b as usize].take();
                 if let Some(h) = hash {
@@ -256,6 +267,7 @@ impl KvPool {
     /// Gives back every block of `seq` and empties it. Cached blocks stay findable until
     /// evicted (the table's last block is evicted first).
     pub fn release(&mut self, seq: &mut SeqCache) {
+        let now = Instant::now();
         for &b in seq.blocks.iter().rev() {
             let i = b as usize;
             self.refs[i] -= 1;
@@ -265,7 +277,7 @@ impl KvPool {
             let mapped =
                 self.sealed[i].is_some_and(|h| self.cached.get(&h).is_some_and(|c| c.block == b));
             if mapped {
-                self.evictable.insert(self.tick, b);
+                self.evictable.insert(self.tick, (b, now));
                 self.evict_tick[i] = Some(self.tick);
                 self.tick += 1;
             } else {
@@ -457,11 +469,21 @@ mod tests {
         pool.release(&mut a);
         let s = pool.stats();
         assert_eq!((s.used, s.cached, s.evictable), (0, 3, 3));
+        assert_eq!(s.horizon, None, "nothing evicted yet");
+        let released = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(20));
         // One free block is taken first; then the deepest cached block of the released table.
         let mut b = SeqCache::default();
         pool.reserve(&mut b, 32).unwrap();
         assert!(!b.blocks().contains(&ids[0]) && !b.blocks().contains(&ids[1]));
         assert_eq!(pool.stats().evictions, 1);
+        // The horizon: how long ago the evicted block was released.
+        let horizon = pool.stats().horizon.expect("a block was evicted");
+        assert!(horizon >= Duration::from_millis(20), "{horizon:?}");
+        assert!(
+            horizon <= released.elapsed() + Duration::from_millis(20),
+            "{horizon:?}"
+        );
         // The first two blocks are still found; the third is gone.
         assert_eq!(pool.lookup(1, &tokens, 3).blocks, ids[..2]);
         // Under another root (another model, dtype or block size) nothing is found.

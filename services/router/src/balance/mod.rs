@@ -25,9 +25,11 @@
 //! in docs/scale.md.)
 //!
 //! With a stale coordinator view every policy but round-robin falls back to this router's own
-//! least outstanding. Predicted prefix matches are corrected by what workers report: each
-//! finished request's cached prompt tokens against the match predicted for it make a per-worker
-//! trust factor (a worker whose cache turned over gets less credit for what it was sent).
+//! least outstanding. Predicted prefix matches are corrected by what workers report: a prefix
+//! last sent to a worker before its prefix-cache horizon (how long ago its most recently
+//! evicted block was last used) counts as evicted there, and each finished request's cached
+//! prompt tokens against the match predicted for it make a per-worker trust factor (a worker
+//! whose cache turned over gets less credit for what it was sent).
 
 pub mod depth;
 pub mod prefix;
@@ -125,6 +127,9 @@ pub struct Settings {
     /// How long after a prefix was placed on a worker it counts as cached there in the work a
     /// request is predicted to bring (`--prefix-settle-ms`).
     pub settle: Duration,
+    /// Whether a prefix sent to a worker before its reported cache horizon counts as evicted
+    /// (`--prefix-horizon`).
+    pub cache_horizon: bool,
     /// Request classes the depth history keeps at most.
     pub depth_classes: usize,
     /// Share this router's placements with the other routers through the coordinator (and
@@ -140,6 +145,7 @@ impl Default for Settings {
             spill_kv: 0.9,
             index_blocks: 262_144,
             settle: Duration::from_millis(500),
+            cache_horizon: true,
             depth_classes: 4096,
             share_placements: true,
         }
@@ -470,10 +476,21 @@ impl Balancer {
             Some(t) if !self.settings.settle.is_zero() => t,
             _ => now + Duration::from_secs(86_400),
         };
-        // The few workers sent a prefix of it (a slot gone from the pool matches nothing).
+        // The few workers sent a prefix of it and still holding it by their cache horizons (a
+        // slot gone from the pool matches nothing).
+        let horizons: HashMap<u64, Instant> = options
+            .iter()
+            .filter(|_| self.settings.cache_horizon)
+            .filter_map(|o| Some((o.slot.serial, o.state.cache_horizon?)))
+            .collect();
         let found: HashMap<u64, Match> = self
             .index
-            .matches(&ask.key.blocks, settled, |_| true)
+            .matches(
+                &ask.key.blocks,
+                settled,
+                |_| true,
+                |s| horizons.get(&s).copied(),
+            )
             .into_iter()
             .map(|m| (m.serial, m))
             .collect();

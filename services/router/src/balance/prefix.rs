@@ -140,6 +140,8 @@ struct Holder {
     /// When the block was first sent (or learned to be sent) to it: until its request's
     /// prefill is done the worker's cache does not hold it yet.
     placed: Instant,
+    /// When it was last sent there: before the worker's cache horizon, it has been evicted.
+    sent: Instant,
 }
 
 /// A worker's match of a request's blocks.
@@ -205,18 +207,22 @@ impl PrefixIndex {
     /// blocks it was sent (longest first). A worker that holds block `i` was sent blocks
     /// `0..=i` (the hashes chain), so it counts from its deepest block even where a popular
     /// shared prefix's first blocks have since forgotten it among their [`HOLDERS`] (a
-    /// conversation placed on a worker stays found by its own blocks).
+    /// conversation placed on a worker stays found by its own blocks). A block last sent to a
+    /// worker before its cache `horizon` does not count: the worker has evicted it (its
+    /// parents, sent with every request that extends them, may well still be there).
     pub fn matches(
         &self,
         blocks: &[u64],
         settled: Instant,
         live: impl Fn(u64) -> bool,
+        horizon: impl Fn(u64) -> Option<Instant>,
     ) -> Vec<Match> {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut found: Vec<Match> = Vec::new();
+        let kept = |h: &Holder| live(h.serial) && horizon(h.serial).is_none_or(|t| h.sent >= t);
         for (i, h) in blocks.iter().enumerate() {
             let Some(e) = st.map.get(h) else { break };
-            for h in e.holders.iter().filter(|h| live(h.serial)) {
+            for h in e.holders.iter().filter(|h| kept(h)) {
                 let settled = if h.placed <= settled { i + 1 } else { 0 };
                 match found.iter_mut().find(|f| f.serial == h.serial) {
                     Some(f) => {
@@ -256,7 +262,10 @@ impl PrefixIndex {
             let e = st.map.entry(*h).or_default();
             e.last = tick;
             match e.holders.iter_mut().find(|h| h.serial == serial) {
-                Some(h) => h.tick = tick,
+                Some(h) => {
+                    h.tick = tick;
+                    h.sent = h.sent.max(placed);
+                }
                 None => {
                     new.push(*h);
                     if e.holders.len() >= HOLDERS {
@@ -269,6 +278,7 @@ impl PrefixIndex {
                         serial,
                         tick,
                         placed,
+                        sent: placed,
                     });
                 }
             }
@@ -287,7 +297,7 @@ mod tests {
     /// (worker, leading blocks sent) for every worker `live` accepts, settled or not.
     fn held(idx: &PrefixIndex, blocks: &[u64], live: impl Fn(u64) -> bool) -> Vec<(u64, usize)> {
         let later = Instant::now() + std::time::Duration::from_secs(3600);
-        let m = idx.matches(blocks, later, live);
+        let m = idx.matches(blocks, later, live, |_| None);
         assert!(m.iter().all(|m| m.settled == m.blocks), "{m:?}");
         m.iter().map(|m| (m.serial, m.blocks)).collect()
     }
@@ -302,7 +312,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(2));
         idx.insert(&conversation.blocks, 1);
         idx.insert(&conversation.blocks, 2);
-        let m = idx.matches(&conversation.blocks, between, |_| true);
+        let m = idx.matches(&conversation.blocks, between, |_| true, |_| None);
         // Worker 1 had the system prompt before; its conversation's blocks and worker 2's
         // whole prefix are newer (worker 2's the most recent).
         let got: Vec<(u64, usize, usize)> =
@@ -427,6 +437,37 @@ mod tests {
             assert!(idx.len() <= 100, "{}", idx.len());
         }
         assert_eq!(held(&idx, &hot.blocks, |_| true), vec![(2, 10)]);
+    }
+
+    #[test]
+    fn blocks_sent_before_a_workers_cache_horizon_are_not_held_there() {
+        let idx = PrefixIndex::new(1000);
+        let system = Key::of_text(&text(&[("s", 256)]));
+        let old = Key::of_text(&text(&[("s", 256), ("a", 256)]));
+        let t0 = Instant::now();
+        let later = t0 + std::time::Duration::from_secs(3600);
+        idx.insert_at(&old.blocks, 1, t0);
+        idx.insert_at(&old.blocks, 2, t0);
+        // Worker 1 is sent the system prompt again later (another conversation).
+        let t1 = t0 + std::time::Duration::from_secs(10);
+        idx.insert_at(&system.blocks, 1, t1);
+        // Both workers' caches have evicted what was last used before t0 + 5 s: worker 1
+        // still holds the system prompt (sent again since), not the old conversation; worker
+        // 2 holds nothing of it; a worker that evicted nothing holds all it was sent.
+        let horizon = |s: u64| (s != 3).then_some(t0 + std::time::Duration::from_secs(5));
+        let got: Vec<(u64, usize)> = idx
+            .matches(&old.blocks, later, |_| true, horizon)
+            .iter()
+            .map(|m| (m.serial, m.blocks))
+            .collect();
+        assert_eq!(got, vec![(1, 4)]);
+        idx.insert_at(&old.blocks, 3, t0);
+        let got: Vec<(u64, usize)> = idx
+            .matches(&old.blocks, later, |_| true, horizon)
+            .iter()
+            .map(|m| (m.serial, m.blocks))
+            .collect();
+        assert_eq!(got, vec![(3, 8), (1, 4)]);
     }
 
     #[test]

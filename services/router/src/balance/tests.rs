@@ -562,6 +562,40 @@ fn among_holders_of_a_prompt_the_one_sent_it_last_with_room_keeps_it() {
 }
 
 #[test]
+fn a_holder_whose_cache_horizon_passed_the_prompt_is_not_predicted_to_hold_it() {
+    let t = Instant::now();
+    let mut v = view(&[("a", 0.0), ("b", 0.0)]);
+    let p = pool(&v, t);
+    let mut rng = StdRng::seed_from_u64(7);
+    let b = balancer(Balance::Combined);
+    let system = "You are a careful assistant who answers briefly. ".repeat(20);
+    let serial = |i: usize| p.serving("m")[i].serial;
+    b.index
+        .insert_at(&chat(&system, "first").blocks, serial(0), t);
+    // a evicted nothing: it holds the prompt.
+    let soon = t + Duration::from_secs(1);
+    p.apply_view(&v, soon, |_| Some(()), |_| false);
+    let (g, r) = b
+        .choose(&p, &ask(&chat(&system, "second"), 8), soon, &[], &mut rng)
+        .unwrap();
+    assert_eq!((g.slot.id.as_str(), r.reason), ("a", Reason::PrefixHit));
+    assert!(r.predicted_hit > 0.5, "{r:?}");
+    drop(g);
+    // 30 s on, a's cache has evicted what was last used before 10 s ago, on the
+    // coordinator's clock (which reads 1,000 s): the prompt, last sent 29 s ago, is gone;
+    // nobody holds it.
+    let later = t + Duration::from_secs(30);
+    v.clock_ms = 1_000_000;
+    v.workers[0].prefix_cache_horizon_ms = Some(990_000);
+    p.apply_view(&v, later, |_| Some(()), |_| false);
+    let (_, r) = b
+        .choose(&p, &ask(&chat(&system, "third"), 8), later, &[], &mut rng)
+        .unwrap();
+    assert_eq!(r.reason, Reason::NoPrefix);
+    assert_eq!(r.predicted_hit, 0.0);
+}
+
+#[test]
 fn the_quick_choices_skip_excluded_and_draining_workers() {
     let t = Instant::now();
     let mut v = view(&[("a", 0.0), ("b", 0.0), ("c", 0.0)]);

@@ -1,6 +1,8 @@
 //! The simulated KV pool: a fixed number of blocks, held by running sequences or kept as a
 //! prefix cache of full prompt blocks (keyed by the hash chain of their tokens, as the real
-//! engine keys them), evicted least recently used when blocks are needed.
+//! engine keys them), evicted least recently used when blocks are needed, the deepest block of
+//! a released sequence before its parents (as the real pool does: a shared prefix's first
+//! blocks outlive the conversations that extended it).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -25,6 +27,8 @@ struct Entry {
     /// Running sequences using the block.
     pins: u32,
     tick: u64,
+    /// When it was last released (the engine's clock, seconds).
+    released: f64,
 }
 
 #[derive(Debug)]
@@ -37,6 +41,8 @@ pub struct BlockCache {
     lru: BTreeMap<u64, u64>,
     tick: u64,
     pub evictions: u64,
+    /// When the most recently evicted block had been released.
+    evicted_release: Option<f64>,
 }
 
 impl BlockCache {
@@ -48,6 +54,7 @@ impl BlockCache {
             lru: BTreeMap::new(),
             tick: 0,
             evictions: 0,
+            evicted_release: None,
         }
     }
 
@@ -113,28 +120,29 @@ impl BlockCache {
             let Some((_, h)) = self.lru.pop_first() else {
                 return false;
             };
-            self.entries.remove(&h);
+            if let Some(e) = self.entries.remove(&h) {
+                self.evicted_release = Some(e.released);
+            }
             self.evictions += 1;
         }
         self.held += n;
         true
     }
 
-    /// A sequence is done: its `own` blocks go back, its pinned blocks are unpinned, and its
-    /// full prompt blocks (`prompt`, of which the first `pinned` were cache hits) are cached.
-    pub fn release(&mut self, own: usize, pinned: &[u64], prompt: &[u64]) {
+    /// How long before `now` the most recently evicted block had been released: every block
+    /// released since is still cached (`None`: nothing evicted yet).
+    pub fn horizon(&self, now: f64) -> Option<f64> {
+        self.evicted_release.map(|t| (now - t).max(0.0))
+    }
+
+    /// A sequence is done at `now`: its `own` blocks go back, its pinned blocks are unpinned,
+    /// and its full prompt blocks (`prompt`, of which the first `pinned` were cache hits) are
+    /// cached, as far as free blocks allow. They become evictable deepest first.
+    pub fn release(&mut self, own: usize, pinned: &[u64], prompt: &[u64], now: f64) {
         self.held = self.held.saturating_sub(own);
-        for h in pinned {
-            if let Some(e) = self.entries.get_mut(h) {
-                e.pins = e.pins.saturating_sub(1);
-                if e.pins == 0 {
-                    self.tick += 1;
-                    e.tick = self.tick;
-                    self.lru.insert(e.tick, *h);
-                }
-            }
-        }
-        // The computed prompt blocks move from the sequence's own into the cache.
+        // The computed prompt blocks move from the sequence's own into the cache (the leading
+        // ones, while there is room).
+        let mut table: Vec<u64> = pinned.to_vec();
         for h in &prompt[pinned.len().min(prompt.len())..] {
             if self.entries.contains_key(h) {
                 continue;
@@ -142,15 +150,26 @@ impl BlockCache {
             if self.free() == 0 {
                 break;
             }
-            self.tick += 1;
             self.entries.insert(
                 *h,
                 Entry {
-                    pins: 0,
-                    tick: self.tick,
+                    pins: 1,
+                    tick: 0,
+                    released: now,
                 },
             );
-            self.lru.insert(self.tick, *h);
+            table.push(*h);
+        }
+        for h in table.iter().rev() {
+            if let Some(e) = self.entries.get_mut(h) {
+                e.pins = e.pins.saturating_sub(1);
+                if e.pins == 0 {
+                    self.tick += 1;
+                    e.tick = self.tick;
+                    e.released = now;
+                    self.lru.insert(e.tick, *h);
+                }
+            }
         }
     }
 }
@@ -160,7 +179,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn released_prompts_are_found_again_and_evicted_oldest_first() {
+    fn released_prompts_are_found_again_and_evicted_deepest_first() {
         let mut c = BlockCache::new(8);
         let a: Vec<u32> = (0..64).collect();
         let ha = block_hashes(&a, 16);
@@ -168,7 +187,7 @@ mod tests {
         assert_eq!(c.lookup(&ha), 0);
         assert!(c.take(5));
         assert_eq!((c.used(), c.free()), (5, 3));
-        c.release(5, &[], &ha);
+        c.release(5, &[], &ha, 1.0);
         assert_eq!((c.used(), c.cached(), c.free()), (0, 4, 4));
         assert_eq!(c.lookup(&ha), 4);
         // A sequence pins the hits: they cannot be evicted under it.
@@ -177,12 +196,15 @@ mod tests {
         assert!(!c.can_take(5, &[]));
         assert!(c.take(4));
         assert_eq!(c.free(), 0);
-        c.release(4, &ha, &ha);
+        c.release(4, &ha, &ha, 2.0);
         assert_eq!((c.used(), c.evictable()), (0, 4));
-        // Someone else needs six blocks: the two least recently used cached ones go.
+        assert_eq!(c.horizon(3.0), None, "nothing evicted yet");
+        // Someone else needs six blocks: the two least recently used cached ones go, the
+        // deepest first (as the real pool evicts), so the prompt's first half is still found.
         assert!(c.take(6));
         assert_eq!(c.evictions, 2);
-        assert_eq!(c.lookup(&ha), 0, "the first block went first");
+        assert_eq!(c.lookup(&ha), 2, "the deepest blocks went first");
+        assert_eq!(c.horizon(3.5), Some(1.5), "released at 2.0, evicted by 3.5");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -121,6 +121,8 @@ struct Seq {
     generated: usize,
     /// Extra loops per token (hard class).
     deeper: usize,
+    /// Whether it was admitted once (a preempted sequence is not announced again).
+    admitted: bool,
     /// The unit in the block: its rows (a prompt chunk, or the one token being decoded),
     /// loops it has run, loops it runs in all (0: none in flight).
     unit_len: usize,
@@ -147,6 +149,7 @@ impl Seq {
             kv_len: 0,
             generated: 0,
             deeper: hard as usize,
+            admitted: false,
             unit_len: 0,
             unit_loops: 0,
             unit_depth: 0,
@@ -157,6 +160,12 @@ impl Seq {
     /// Blocks for `tokens` tokens of KV.
     fn blocks_for(tokens: usize, block: usize) -> usize {
         tokens.div_ceil(block.max(1))
+    }
+
+    /// Tokens its KV covers once computed: the prompt and what was generated (a preempted
+    /// sequence recomputes both).
+    fn context(&self) -> usize {
+        self.req.prompt.len() + self.generated
     }
 }
 
@@ -170,6 +179,7 @@ pub struct SimEngine {
     rng: StdRng,
     /// Modelled seconds of every step so far.
     pub elapsed: f64,
+    started: Instant,
 }
 
 impl SimEngine {
@@ -183,6 +193,15 @@ impl SimEngine {
             stats: EngineStats::default(),
             counters: KvCounters::default(),
             elapsed: 0.0,
+            started: Instant::now(),
+        }
+    }
+
+    /// The engine's clock in seconds: wall time when steps sleep, modelled time in tests.
+    fn now(&self) -> f64 {
+        match self.cfg.clock {
+            Clock::Real => self.started.elapsed().as_secs_f64(),
+            Clock::Virtual => self.elapsed,
         }
     }
 
@@ -259,7 +278,7 @@ impl SimEngine {
                 break;
             };
             let hits = self.cache.lookup(&seq.blocks);
-            let need = Seq::blocks_for(seq.req.prompt.len() + 1, bt).saturating_sub(hits);
+            let need = Seq::blocks_for(seq.context() + 1, bt).saturating_sub(hits);
             if !self.cache.can_take(need, &seq.blocks[..hits]) {
                 break;
             }
@@ -269,7 +288,8 @@ impl SimEngine {
             self.cache.pin(&seq.blocks[..hits]);
             if !self.cache.take(need) {
                 // can_take said yes: only a bookkeeping bug gets here; keep the request.
-                self.cache.release(0, &seq.blocks[..hits], &[]);
+                let now = self.now();
+                self.cache.release(0, &seq.blocks[..hits], &[], now);
                 self.waiting.push_front(seq);
                 break;
             }
@@ -277,13 +297,16 @@ impl SimEngine {
             seq.hits = hits;
             seq.own = need;
             seq.kv_len = cached;
-            seq.prompt_left = seq.req.prompt.len() - cached;
-            self.counters.queried_tokens += seq.req.prompt.len() as u64;
+            seq.prompt_left = seq.context() - cached;
+            self.counters.queried_tokens += seq.context() as u64;
             self.counters.hit_tokens += cached as u64;
             self.counters.prefill_tokens += seq.prompt_left as u64;
-            if !seq.req.events.send(Event::Admitted {
-                cached_tokens: cached,
-            }) {
+            let first = !std::mem::replace(&mut seq.admitted, true);
+            if first
+                && !seq.req.events.send(Event::Admitted {
+                    cached_tokens: cached,
+                })
+            {
                 // The receiver is gone: cancelled (its blocks go back at the next retire).
                 seq.done = true;
                 self.stats.cancelled += 1;
@@ -293,13 +316,58 @@ impl SimEngine {
     }
 
     fn retire(&mut self) {
+        let now = self.now();
         let cache = &mut self.cache;
         self.running.retain(|s| {
             if s.done {
-                cache.release(s.own, &s.blocks[..s.hits], &s.blocks);
+                cache.release(s.own, &s.blocks[..s.hits], &s.blocks, now);
             }
             !s.done
         });
+    }
+
+    /// Gives every running sequence about to decode the block its next token needs, oldest
+    /// first; when the pool runs out, the latest admitted running sequence gives its blocks
+    /// back (its computed prompt blocks cached) and waits at the front of the queue to be
+    /// recomputed, prompt and generated tokens, as the real engine preempts.
+    fn make_room(&mut self) {
+        let bt = self.cfg.block_tokens;
+        let now = self.now();
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            let need = if s.done || s.prompt_left > 0 || s.unit_depth > 0 {
+                0
+            } else {
+                Seq::blocks_for(s.kv_len + 1, bt).saturating_sub(s.hits + s.own)
+            };
+            if need == 0 || self.cache.take(need) {
+                self.running[i].own += need;
+                i += 1;
+                continue;
+            }
+            // The latest admitted sequence still running makes room (this one, last).
+            let Some(v) = (i..self.running.len())
+                .rev()
+                .find(|&v| !self.running[v].done)
+            else {
+                break;
+            };
+            let mut victim = self.running.remove(v);
+            let computed = (victim.kv_len / bt).min(victim.blocks.len());
+            self.cache.release(
+                victim.own,
+                &victim.blocks[..victim.hits],
+                &victim.blocks[..computed],
+                now,
+            );
+            (victim.hits, victim.own, victim.kv_len) = (0, 0, 0);
+            (victim.unit_len, victim.unit_loops, victim.unit_depth) = (0, 0, 0);
+            victim.prompt_left = victim.context();
+            self.counters.preemptions += 1;
+            self.waiting.push_front(victim);
+            // Then the same sequence tries again (or, if it was the victim, the next one).
+        }
     }
 
     /// One step of depth-wise batching, as the real engine's CDB scheduler runs it: every
@@ -329,12 +397,9 @@ impl SimEngine {
                         }
                         (seq.unit_len, seq.unit_depth) = (take, loops);
                     } else {
-                        // A new KV block when the token starts one.
-                        if seq.kv_len % bt == 0 && seq.kv_len > 0 {
-                            if !self.cache.take(1) {
-                                continue;
-                            }
-                            seq.own += 1;
+                        // Its KV block is there ([`Self::make_room`]).
+                        if Seq::blocks_for(seq.kv_len + 1, bt) > seq.hits + seq.own {
+                            continue;
                         }
                         let depth = self.draw_exit(seq);
                         (seq.unit_len, seq.unit_depth) = (1, depth);
@@ -419,6 +484,20 @@ impl SimEngine {
 
 impl Backend for SimEngine {
     fn submit(&mut self, req: Request) {
+        // A request must be able to finish alone, so running out of blocks only ever delays
+        // (the real engine's check).
+        let (bt, total) = (self.cfg.block_tokens, self.cache.total());
+        let needed = Seq::blocks_for(req.prompt.len() + req.params.max_new_tokens, bt);
+        if needed > total {
+            req.events
+                .send(Event::Failed(rrt_engine::EngineError::Invalid(format!(
+                "prompt of {} tokens plus {} new tokens needs {needed} KV blocks of {bt} tokens; \
+                 the simulated worker's whole pool is {total}",
+                req.prompt.len(),
+                req.params.max_new_tokens
+            ))));
+            return;
+        }
         let seq = Seq::new(req, self.cfg.block_tokens, self.cfg.hard_share);
         self.waiting.push_back(seq);
     }
@@ -427,6 +506,7 @@ impl Backend for SimEngine {
         self.drop_cancelled();
         self.retire();
         self.admit();
+        self.make_room();
         self.stats.steps += 1;
         let shape = self.run_batch();
         self.stats.loop_rows += shape.loop_rows as u64;
@@ -467,6 +547,7 @@ impl Backend for SimEngine {
                 cached: self.cache.cached(),
                 evictable: self.cache.evictable(),
                 evictions: self.cache.evictions,
+                horizon: self.cache.horizon(self.now()).map(Duration::from_secs_f64),
             },
             kv_counters: self.counters,
             pending_new_tokens,

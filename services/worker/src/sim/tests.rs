@@ -165,3 +165,43 @@ fn kv_blocks_and_sequences_bound_admission_and_cancelled_requests_leave() {
     let s = e.snapshot(0.0);
     assert_eq!((s.running, s.queue_length, s.kv_blocks.used), (0, 0, 0));
 }
+
+#[test]
+fn sequences_that_outgrow_the_pool_are_preempted_and_all_finish() {
+    // 16 blocks of 16 tokens; four sequences of 32 prompt tokens and 96 new tokens each need 8
+    // blocks at the end: all four admit (3 blocks each), then run out while decoding.
+    let mut e = SimEngine::new(config(|c| {
+        c.kv_blocks = 16;
+        c.block_tokens = 16;
+    }));
+    let mut rxs = Vec::new();
+    for i in 0..4 {
+        let (req, rx) = request(i, vec![10 + i as u32; 32], 96);
+        e.submit(req);
+        rxs.push(rx);
+    }
+    run_until_idle(&mut e);
+    for rx in &rxs {
+        let (cached, loops, finished) = events(rx);
+        assert_eq!(cached, Some(0), "announced once, at the first admission");
+        assert_eq!(loops.len(), 96, "every token came, once");
+        assert!(finished);
+    }
+    assert!(e.kv_counters().preemptions > 0, "the pool ran out");
+    assert_eq!(e.cache.used(), 0, "every block went back");
+}
+
+#[test]
+fn a_request_the_whole_pool_cannot_hold_fails_at_once() {
+    let mut e = SimEngine::new(config(|c| {
+        c.kv_blocks = 8;
+        c.block_tokens = 16;
+    }));
+    let (req, rx) = request(1, vec![5; 100], 100);
+    e.submit(req);
+    assert_eq!(e.pending(), 0);
+    match rx.try_recv() {
+        Ok(Event::Failed(err)) => assert!(err.to_string().contains("whole pool is 8"), "{err}"),
+        other => panic!("{other:?}"),
+    }
+}
