@@ -355,3 +355,53 @@ async fn saturation_lowers_the_exit_threshold_to_the_quality_floor_and_calm_rest
     assert!(agreement > 0.99, "{agreement}");
     drop(workers);
 }
+
+/// A worker's prefix cache evicts: its horizon (how long ago the last evicted block was used)
+/// goes through its reports and the coordinator's view to the router, on the coordinator's
+/// clock, where it says that a prompt sent before it is gone, as the worker finds it gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_cache_horizon_reaches_the_router_and_says_what_was_evicted() {
+    let c = cluster::coordinator(&[]).await;
+    let addr = c.running.grpc_addr;
+    // 40 blocks of 16 tokens: room for about three of the prompts below.
+    let flags = [
+        "--worker-id",
+        "small-cache",
+        "--simulate",
+        "default",
+        "--sim-kv-blocks",
+        "40",
+    ];
+    let _w = cluster::worker(Some(addr), &flags).await;
+    let r = cluster::router(Some(addr), &[]).await;
+    cluster::wait_for_workers(&r.running, 1).await;
+    let mut client = cluster::client(r.running.grpc_addr).await;
+    let system = |s: usize| format!("You are helper {s}. {}", "Say little. ".repeat(40));
+    let sent_first = std::time::Instant::now();
+    let first = client
+        .generate(chat(&system(0), "Hi?", 4))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.prompt_tokens > 100, "{first:?}");
+    let horizon = || r.running.pool.slots()[0].state().cache_horizon;
+    assert_eq!(horizon(), None, "nothing evicted yet");
+    for s in 1..8 {
+        client
+            .generate(chat(&system(s), "Hi?", 4))
+            .await
+            .expect("served");
+    }
+    // The first prompt was evicted since: the horizon lies after it was sent.
+    let h = eventually(Duration::from_secs(10), "a horizon at the router", || async {
+        horizon().filter(|&h| h > sent_first)
+    })
+    .await;
+    assert!(h <= std::time::Instant::now());
+    let again = client
+        .generate(chat(&system(0), "Hi?", 4))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.cached_prompt_tokens, 0, "the worker evicted it: {again:?}");
+}
