@@ -393,9 +393,11 @@ async fn a_workers_cache_horizon_reaches_the_router_and_says_what_was_evicted() 
             .expect("served");
     }
     // The first prompt was evicted since: the horizon lies after it was sent.
-    let h = eventually(Duration::from_secs(10), "a horizon at the router", || async {
-        horizon().filter(|&h| h > sent_first)
-    })
+    let h = eventually(
+        Duration::from_secs(10),
+        "a horizon at the router",
+        || async { horizon().filter(|&h| h > sent_first) },
+    )
     .await;
     assert!(h <= std::time::Instant::now());
     let again = client
@@ -403,5 +405,8 @@ async fn a_workers_cache_horizon_reaches_the_router_and_says_what_was_evicted() 
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(again.cached_prompt_tokens, 0, "the worker evicted it: {again:?}");
+    assert_eq!(
+        again.cached_prompt_tokens, 0,
+        "the worker evicted it: {again:?}"
+    );
 }

@@ -170,6 +170,9 @@ pub struct Route {
     pub serial: u64,
     pub predicted_hit: f64,
     pub class: u64,
+    /// The request's prefix blocks, touched on the worker when it finishes (empty for a
+    /// metadata call).
+    pub blocks: Vec<u64>,
 }
 
 #[derive(Debug)]
@@ -455,6 +458,10 @@ impl Balancer {
             serial: chosen.slot.serial,
             predicted_hit,
             class: ask.key.class,
+            blocks: match ask.max_new_tokens {
+                Some(_) => ask.key.blocks.clone(),
+                None => Vec::new(),
+            },
         };
         (guard, route)
     }
@@ -569,7 +576,8 @@ impl Balancer {
         }
     }
 
-    /// A routed request finished: learn its class's depth and the worker's cache trust.
+    /// A routed request finished: learn its class's depth and the worker's cache trust, and
+    /// note when the worker last used its prefix.
     /// `mean_loops`: its tokens' mean exit loop (`None` without tokens); `prompt_tokens` and
     /// `cached_prompt_tokens` as the worker reported them.
     pub fn finished(
@@ -582,6 +590,9 @@ impl Balancer {
         if let Some(l) = mean_loops {
             self.depth.observe(route.class, l);
         }
+        // The worker released the request's blocks now: its cache's horizon counts from here.
+        self.index
+            .touch(&route.blocks, route.serial, Instant::now());
         if route.predicted_hit > 0.1 && prompt_tokens > 0 {
             let seen = cached_prompt_tokens as f64 / prompt_tokens as f64;
             let ratio = (seen / route.predicted_hit).clamp(0.0, 1.0);

@@ -140,7 +140,8 @@ struct Holder {
     /// When the block was first sent (or learned to be sent) to it: until its request's
     /// prefill is done the worker's cache does not hold it yet.
     placed: Instant,
-    /// When it was last sent there: before the worker's cache horizon, it has been evicted.
+    /// When it was last used there (sent, or its request finished and the worker released
+    /// it): before the worker's cache horizon, it has been evicted.
     sent: Instant,
 }
 
@@ -241,6 +242,19 @@ impl PrefixIndex {
         }
         found.sort_by_key(|f| std::cmp::Reverse(f.blocks));
         found
+    }
+
+    /// A request with `blocks` finished on worker `serial` at `at`: the worker released them
+    /// then, which is what its cache's least-recently-used order (and horizon) counts from.
+    /// Blocks the index no longer holds for it stay forgotten.
+    pub fn touch(&self, blocks: &[u64], serial: u64, at: Instant) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for h in blocks {
+            let Some(e) = st.map.get_mut(h) else { continue };
+            if let Some(h) = e.holders.iter_mut().find(|h| h.serial == serial) {
+                h.sent = h.sent.max(at);
+            }
+        }
     }
 
     /// Records that `blocks` (a request's) were sent to the worker `serial` now; returns
@@ -468,6 +482,15 @@ mod tests {
             .map(|m| (m.serial, m.blocks))
             .collect();
         assert_eq!(got, vec![(3, 8), (1, 4)]);
+        // Worker 2's request finished after the horizon: it released the blocks then, so they
+        // are still cached.
+        idx.touch(&old.blocks, 2, t0 + std::time::Duration::from_secs(6));
+        let got: Vec<(u64, usize)> = idx
+            .matches(&old.blocks, later, |_| true, horizon)
+            .iter()
+            .map(|m| (m.serial, m.blocks))
+            .collect();
+        assert_eq!(got, vec![(2, 8), (3, 8), (1, 4)]);
     }
 
     #[test]

@@ -278,6 +278,7 @@ fn depth_aware_counts_a_hard_class_by_the_loops_it_takes() {
         serial: 0,
         predicted_hit: 0.0,
         class: k.class,
+        blocks: Vec::new(),
     };
     b.finished(&route(&easy), Some(1.0), 0, 0);
     b.finished(&route(&hard), Some(4.0), 0, 0);
