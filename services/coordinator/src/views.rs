@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-
 use std::time::Instant;
 
 use rrt_proto::v1 as pb;

@@ -485,11 +485,14 @@ impl Balancer {
         };
         // The few workers sent a prefix of it and still holding it by their cache horizons (a
         // slot gone from the pool matches nothing).
-        let horizons: HashMap<u64, Instant> = options
-            .iter()
-            .filter(|_| self.settings.cache_horizon)
-            .filter_map(|o| Some((o.slot.serial, o.state.cache_horizon?)))
-            .collect();
+        let horizons: HashMap<u64, Instant> = if self.settings.cache_horizon {
+            options
+                .iter()
+                .filter_map(|o| Some((o.slot.serial, o.state.cache_horizon?)))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let found: HashMap<u64, Match> = self
             .index
             .matches(

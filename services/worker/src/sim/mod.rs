@@ -167,6 +167,11 @@ impl Seq {
     fn context(&self) -> usize {
         self.req.prompt.len() + self.generated
     }
+
+    /// Hashes of the full prompt blocks whose KV it has computed (what a cache can keep).
+    fn computed_blocks(&self, block: usize) -> &[u64] {
+        &self.blocks[..(self.kv_len / block.max(1)).min(self.blocks.len())]
+    }
 }
 
 pub struct SimEngine {
@@ -315,12 +320,13 @@ impl SimEngine {
         }
     }
 
+    /// Done sequences give their blocks back; the prompt blocks they computed stay cached.
     fn retire(&mut self) {
-        let now = self.now();
+        let (now, bt) = (self.now(), self.cfg.block_tokens);
         let cache = &mut self.cache;
         self.running.retain(|s| {
             if s.done {
-                cache.release(s.own, &s.blocks[..s.hits], &s.blocks, now);
+                cache.release(s.own, &s.blocks[..s.hits], s.computed_blocks(bt), now);
             }
             !s.done
         });
@@ -354,11 +360,10 @@ impl SimEngine {
                 break;
             };
             let mut victim = self.running.remove(v);
-            let computed = (victim.kv_len / bt).min(victim.blocks.len());
             self.cache.release(
                 victim.own,
                 &victim.blocks[..victim.hits],
-                &victim.blocks[..computed],
+                victim.computed_blocks(bt),
                 now,
             );
             (victim.hits, victim.own, victim.kv_len) = (0, 0, 0);
