@@ -100,6 +100,34 @@ pub fn agreement_at(points: &[ExitCurvePoint], t: f32) -> Option<f64> {
     interpolate(points, t, |p| p.agreement)
 }
 
+/// The chance that a token still running at exit `j` leaves there, for the exits after loops
+/// `1..loops` at threshold `t` (index `j - 1`). Each curve's exit rate is measured over all
+/// tokens, each exit alone; a token that would pass an earlier exit is taken to pass the later
+/// ones too (a token sure after loop 1 stays sure), so by exit `j` the share gone is the
+/// highest rate of exits `1..=j`, and the chance at `j` is what it adds over the share still
+/// running. With one exit it is that exit's rate. An exit without a curve takes nobody.
+pub fn exit_chances(curves: &[ExitCurve], t: f32, loops: usize) -> Vec<f64> {
+    let mut gone: f64 = 0.0;
+    (1..loops)
+        .map(|j| {
+            let rate = curves
+                .iter()
+                .find(|c| c.after_loop as usize == j)
+                .and_then(|c| exit_rate_at(&c.points, t))
+                .unwrap_or(0.0)
+                .clamp(0.0, 1.0);
+            let by_now = gone.max(rate);
+            let chance = if gone < 1.0 {
+                (by_now - gone) / (1.0 - gone)
+            } else {
+                0.0
+            };
+            gone = by_now;
+            chance
+        })
+        .collect()
+}
+
 /// The lowest threshold at which every exit keeps at least `floor` agreement with full depth:
 /// each curve is read from its highest measured threshold down while the floor holds (so a
 /// dip below it is never crossed). `None` without curves, or when even a curve's highest
@@ -178,6 +206,42 @@ mod tests {
         assert_eq!(floor_threshold(&[c.clone(), dip.clone()], 0.95), Some(0.9));
         let both = expected_agreement(&[c, dip], 0.9).unwrap();
         assert!((both - 0.969 * 0.97).abs() < 1e-9);
+    }
+
+    #[test]
+    fn exit_chances_follow_the_highest_rate_so_far() {
+        let at = |after_loop: u32, rate: f64| ExitCurve {
+            after_loop,
+            ..curve(&[(0.5, rate, 0.9), (0.9, rate / 2.0, 0.99)])
+        };
+        // One exit: its rate.
+        let one = exit_chances(&[at(1, 0.4)], 0.5, 2);
+        assert_eq!(one, vec![0.4]);
+        // Four exits: 20% by loop 1, 50% by loop 2, still 50% by loop 3 (its own rate is
+        // lower), 80% by loop 4.
+        let c = [at(1, 0.2), at(2, 0.5), at(3, 0.3), at(4, 0.8)];
+        let p = exit_chances(&c, 0.5, 5);
+        let want = [0.2, 0.3 / 0.8, 0.0, 0.3 / 0.5];
+        for (g, w) in p.iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{p:?}");
+        }
+        // The share that exits by each loop, walked through the chances, is the running max.
+        let mut running = 1.0;
+        let mut by = Vec::new();
+        for q in &p {
+            running *= 1.0 - q;
+            by.push(1.0 - running);
+        }
+        for (g, w) in by.iter().zip([0.2, 0.5, 0.5, 0.8]) {
+            assert!((g - w).abs() < 1e-12, "{by:?}");
+        }
+        // Interpolated at another threshold; a missing exit takes nobody.
+        assert_eq!(exit_chances(&[at(2, 0.4)], 0.9, 3), vec![0.0, 0.2]);
+        // Everyone gone: later exits have nobody left to take.
+        assert_eq!(
+            exit_chances(&[at(1, 1.0), at(2, 1.0)], 0.5, 3),
+            vec![1.0, 0.0]
+        );
     }
 
     #[test]

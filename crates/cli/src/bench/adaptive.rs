@@ -367,28 +367,44 @@ pub fn run(args: AdaptiveBenchArgs) -> anyhow::Result<()> {
     let (shape, _) = rrt_worker::sim::shape_of(&args.model)
         .map_err(|e| anyhow::anyhow!("--model {}: {e}", args.model.display()))?;
     let loops = shape.loops as u32;
-    let points: Vec<pb::ExitCurvePoint> = curve
-        .points
+    anyhow::ensure!(
+        meta.curves.iter().all(|c| (c.after_loop as u32) < loops),
+        "--curve {}: it has exits after loops {:?}, but --model {} has {loops} loops",
+        args.curve.display(),
+        meta.curves.iter().map(|c| c.after_loop).collect::<Vec<_>>(),
+        args.model.display()
+    );
+    let curves: Vec<pb::ExitCurve> = meta
+        .curves
         .iter()
-        .map(|p| pb::ExitCurvePoint {
-            threshold: p.threshold,
-            exit_rate: p.exit_rate,
-            agreement: p.overall_agreement,
+        .map(|c| pb::ExitCurve {
+            after_loop: c.after_loop as u32,
+            points: c
+                .points
+                .iter()
+                .map(|p| pb::ExitCurvePoint {
+                    threshold: p.threshold,
+                    exit_rate: p.exit_rate,
+                    agreement: p.overall_agreement,
+                })
+                .collect(),
         })
         .collect();
+    // Every exit's agreement, as the coordinator reckons it.
     let fixed_agreement =
-        rrt_proto::exits::agreement_at(&points, args.threshold).unwrap_or(f64::NAN);
+        rrt_proto::exits::expected_agreement(&curves, args.threshold).unwrap_or(f64::NAN);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let cap = rt.block_on(capacity(&args, loops))?;
     let rate = cap * args.overload;
     println!(
-        "rrt bench adaptive: {} simulated workers x {} slots ({} waiting at most), learned exits at {} (curve {}: {}), cost model {}; capacity at the fixed threshold {:.1} requests/s ({} new tokens each); arrivals at {}x = {:.1}/s for {} s, {:.0}% asking for quality FULL",
+        "rrt bench adaptive: {} simulated workers x {} slots ({} waiting at most), learned exits at {} ({} exit curve(s) from {}: {}), cost model {}; capacity at the fixed threshold {:.1} requests/s ({} new tokens each); arrivals at {}x = {:.1}/s for {} s, {:.0}% asking for quality FULL",
         args.workers,
         args.max_sequences,
         args.max_waiting,
         args.threshold,
+        curves.len(),
         args.curve.display(),
         curve.measured_on,
         args.cost,

@@ -69,9 +69,9 @@ pub struct SimConfig {
     /// the model has no threshold curves.
     pub exit_probs: Vec<f64>,
     /// The model's measured threshold curves (exit rate per threshold, per exit): with them a
-    /// token exits after loop `j` with the curve's rate at its policy's threshold (so moving the
-    /// default threshold moves the depths, as on a real worker), and a policy of `None` runs
-    /// every loop.
+    /// token leaves at each exit with [`rrt_proto::exits::exit_chances`] at its policy's
+    /// threshold (so moving the default threshold moves the depths, as on a real worker), and
+    /// a policy of `None` runs every loop.
     pub exit_curves: Vec<rrt_proto::v1::ExitCurve>,
     /// The exit policy of requests that name none; its threshold follows
     /// [`Backend::set_default_threshold`].
@@ -226,16 +226,11 @@ impl SimEngine {
             if policy.kind == ExitKind::None {
                 return loops;
             }
-            for j in 1..loops {
-                let rate = self
-                    .cfg
-                    .exit_curves
-                    .iter()
-                    .find(|c| c.after_loop as usize == j)
-                    .and_then(|c| rrt_proto::exits::exit_rate_at(&c.points, policy.threshold))
-                    .unwrap_or(0.0);
-                if self.rng.random::<f64>() < rate {
-                    return (j + seq.deeper).min(loops);
+            let chances =
+                rrt_proto::exits::exit_chances(&self.cfg.exit_curves, policy.threshold, loops);
+            for (i, chance) in chances.into_iter().enumerate() {
+                if self.rng.random::<f64>() < chance {
+                    return (i + 1 + seq.deeper).min(loops);
                 }
             }
             return loops;

@@ -82,6 +82,54 @@ fn requests_get_their_tokens_with_exits_drawn_from_the_distribution() {
 }
 
 #[test]
+fn measured_curves_move_the_depths_with_the_threshold_and_later_exits_take_what_is_left() {
+    use rrt_proto::v1::{ExitCurve, ExitCurvePoint};
+    let curve = |after_loop: u32, low: f64, high: f64| ExitCurve {
+        after_loop,
+        points: vec![
+            ExitCurvePoint {
+                threshold: 0.5,
+                exit_rate: low,
+                agreement: 0.9,
+            },
+            ExitCurvePoint {
+                threshold: 0.9,
+                exit_rate: high,
+                agreement: 0.99,
+            },
+        ],
+    };
+    // Exit 1 takes 40% (10% at 0.9); exit 2, measured alone, 60% (20%): by loop 2 the
+    // highest of the two has left.
+    let mean_at = |threshold: f32| {
+        let mut e = SimEngine::new(config(|c| {
+            c.loops = 3;
+            c.exit_curves = vec![curve(1, 0.4, 0.1), curve(2, 0.6, 0.2)];
+            c.default_exit = ExitPolicy {
+                kind: rrt_engine::ExitKind::Learned,
+                threshold,
+            };
+        }));
+        let mut rxs = Vec::new();
+        for i in 0..20 {
+            let (req, rx) = request(i, vec![1 + i as u32; 40], 200);
+            e.submit(req);
+            rxs.push(rx);
+        }
+        run_until_idle(&mut e);
+        let all: Vec<usize> = rxs
+            .iter()
+            .flat_map(|rx| events(rx).1[1..].to_vec())
+            .collect();
+        all.iter().sum::<usize>() as f64 / all.len() as f64
+    };
+    // 0.4 x 1 + 0.2 x 2 + 0.4 x 3 = 2.0; at 0.9: 0.1 x 1 + 0.1 x 2 + 0.8 x 3 = 2.7.
+    let (low, high) = (mean_at(0.5), mean_at(0.9));
+    assert!((low - 2.0).abs() < 0.05, "{low}");
+    assert!((high - 2.7).abs() < 0.05, "{high}");
+}
+
+#[test]
 fn a_repeated_prefix_is_a_cache_hit_and_is_not_prefilled_again() {
     let mut e = SimEngine::new(config(|_| {}));
     let system: Vec<u32> = (1000..1200).collect();
