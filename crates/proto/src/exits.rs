@@ -128,24 +128,26 @@ pub fn exit_chances(curves: &[ExitCurve], t: f32, loops: usize) -> Vec<f64> {
         .collect()
 }
 
-/// The lowest threshold at which every exit keeps at least `floor` agreement with full depth:
-/// each curve is read from its highest measured threshold down while the floor holds (so a
-/// dip below it is never crossed). `None` without curves, or when even a curve's highest
-/// threshold misses the floor.
+/// The lowest threshold that keeps at least `floor` agreement with full depth over every exit
+/// ([`expected_agreement`]: with several exits their losses add up, so each exit alone must
+/// keep more than the floor): the curves are read at their measured thresholds from the
+/// highest down while the floor holds (so a dip below it is never crossed). `None` without
+/// curves, or when even the highest threshold misses the floor.
 pub fn floor_threshold(curves: &[ExitCurve], floor: f64) -> Option<f32> {
-    let mut worst: Option<f32> = None;
-    for c in curves.iter().filter(|c| !c.points.is_empty()) {
-        let mut lowest = None;
-        for p in c.points.iter().rev() {
-            if p.agreement + 1e-12 < floor {
-                break;
-            }
-            lowest = Some(p.threshold);
+    let mut thresholds: Vec<f32> = curves
+        .iter()
+        .flat_map(|c| c.points.iter().map(|p| p.threshold))
+        .collect();
+    thresholds.sort_by(|a, b| b.total_cmp(a));
+    thresholds.dedup();
+    let mut lowest = None;
+    for t in thresholds {
+        if expected_agreement(curves, t)? + 1e-12 < floor {
+            break;
         }
-        let t = lowest?;
-        worst = Some(worst.map_or(t, |w: f32| w.max(t)));
+        lowest = Some(t);
     }
-    worst
+    lowest
 }
 
 /// The mean agreement with full depth a threshold keeps over every exit's curve (the product
@@ -202,10 +204,13 @@ mod tests {
         // A dip below the floor is not crossed on the way down.
         let dip = curve(&[(0.5, 0.9, 0.96), (0.7, 0.5, 0.90), (0.9, 0.2, 0.97)]);
         assert_eq!(floor_threshold(std::slice::from_ref(&dip), 0.95), Some(0.9));
-        // Two exits: the stricter one decides; agreements multiply.
-        assert_eq!(floor_threshold(&[c.clone(), dip.clone()], 0.95), Some(0.9));
-        let both = expected_agreement(&[c, dip], 0.9).unwrap();
+        // Two exits: agreements multiply, and the floor holds for the product (each exit
+        // alone keeps 0.95 at 0.9, both together only 0.94; at 0.95 0.990 x 0.97 = 0.960).
+        let both = expected_agreement(&[c.clone(), dip.clone()], 0.9).unwrap();
         assert!((both - 0.969 * 0.97).abs() < 1e-9);
+        assert_eq!(floor_threshold(&[c.clone(), dip.clone()], 0.95), Some(0.95));
+        assert_eq!(floor_threshold(&[c.clone(), dip.clone()], 0.93), Some(0.9));
+        assert_eq!(floor_threshold(&[c, dip], 0.97), None);
     }
 
     #[test]
