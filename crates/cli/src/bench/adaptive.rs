@@ -47,6 +47,10 @@ pub struct AdaptiveBenchArgs {
     /// Seconds of overload.
     #[arg(long, default_value_t = 20)]
     seconds: u64,
+    /// Seconds of the closed-loop capacity measurement (long enough for several requests per
+    /// slot to finish).
+    #[arg(long, default_value_t = 8)]
+    capacity_s: u64,
     /// Share of requests with quality FULL.
     #[arg(long, default_value_t = 0.2)]
     full_share: f64,
@@ -208,19 +212,28 @@ async fn capacity(args: &AdaptiveBenchArgs, loops: u32) -> anyhow::Result<f64> {
     let c = cluster(args, None).await?;
     let client = GenerationClient::connect(format!("http://{}", c.router.grpc_addr)).await?;
     let lanes = args.workers * args.max_sequences;
-    let window = Duration::from_secs(8);
+    let window = Duration::from_secs(args.capacity_s);
     let started = Instant::now();
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let tasks: Vec<_> = (0..lanes)
         .map(|lane| {
             let (client, done, max) = (client.clone(), done.clone(), args.max_tokens);
+            let first_error = first_error.clone();
             tokio::spawn(async move {
                 let mut i = lane;
                 while started.elapsed() < window {
-                    if one(client.clone(), i, false, max, loops).await.is_ok()
-                        && started.elapsed() < window
-                    {
-                        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    match one(client.clone(), i, false, max, loops).await {
+                        Ok(_) if started.elapsed() < window => {
+                            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            first_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                        }
                     }
                     i += lanes;
                 }
@@ -232,7 +245,12 @@ async fn capacity(args: &AdaptiveBenchArgs, loops: u32) -> anyhow::Result<f64> {
     }
     c.stop().await?;
     let n = done.load(std::sync::atomic::Ordering::Relaxed);
-    anyhow::ensure!(n > 0, "no request finished in the capacity window");
+    let first_error = first_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    anyhow::ensure!(
+        n > 0,
+        "no request finished in the capacity window ({})",
+        first_error.unwrap_or_else(|| "none failed: the cluster is too slow for the window".into())
+    );
     Ok(n as f64 / window.as_secs_f64())
 }
 
