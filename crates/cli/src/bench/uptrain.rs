@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use rrt_train::trainer::{StepParts, StepRecord};
+use rrt_train::trainer::{StepParts, StepRecord, Trainer};
 use rrt_train::uptrain::{self, Event, Options};
 use rrt_train::{LossWeights, Precision};
 
@@ -38,6 +38,10 @@ pub struct UptrainBenchArgs {
     /// Distillation weight (0: no teacher in the step).
     #[arg(long, default_value_t = 0.9)]
     kd_weight: f32,
+    /// Every this many steps (and before the first) both runs' weights are scored the same
+    /// way: f32 products on the same held-out windows (0: only after the run).
+    #[arg(long, default_value_t = 10)]
+    eval_every: u64,
     /// Where the curves' CSV goes.
     #[arg(long, default_value = ".cache/bench/uptrain.csv")]
     out: PathBuf,
@@ -107,6 +111,29 @@ fn tokens_per_s(records: &[StepRecord]) -> f64 {
     tokens / rest.iter().map(|r| r.seconds).sum::<f64>()
 }
 
+/// Both runs' weights scored the same way: f32 products on the same held-out windows (an
+/// objective measured with bf16 products carries the rounding of the logits themselves).
+/// Per run, the perplexity after each loop.
+fn score(runs: &mut [(Precision, Trainer, Vec<StepRecord>)], step: u64) -> (u64, [Vec<f64>; 2]) {
+    let mut ppl = [Vec::new(), Vec::new()];
+    for (i, (precision, trainer, _)) in runs.iter_mut().enumerate().take(2) {
+        trainer.model.precision = Precision::F32;
+        ppl[i] = trainer.evaluate().perplexity;
+        trainer.model.precision = *precision;
+    }
+    eprintln!(
+        "step {step}: held-out cross-entropy after the last loop (f32 scoring): f32 run {:.4}, bf16 run {:.4}",
+        last_ce(&ppl[0]),
+        last_ce(&ppl[1])
+    );
+    (step, ppl)
+}
+
+/// Cross-entropy (nats) after the last loop, from the perplexity per loop.
+fn last_ce(perplexity: &[f64]) -> f64 {
+    perplexity.last().copied().unwrap_or(f64::NAN).ln()
+}
+
 pub fn run(a: UptrainBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.steps >= 2, "--steps: at least 2");
     rrt_model::runtime::keep_freed_memory();
@@ -137,12 +164,21 @@ pub fn run(a: UptrainBenchArgs) -> anyhow::Result<()> {
         100.0 * work.attention / work.total(),
         100.0 * work.heads / work.total(),
     );
+    // The held-out loss curve: both runs' weights scored with f32 products on the same windows
+    // (an objective measured with bf16 products carries the rounding of the logits themselves).
+    let mut heldout: Vec<(u64, [Vec<f64>; 2])> = Vec::new();
+    if a.eval_every > 0 {
+        heldout.push(score(&mut runs, 0));
+    }
     for step in 1..=a.steps {
         for (precision, trainer, records) in &mut runs {
             let r = trainer
                 .step()
                 .with_context(|| format!("the {precision} run, step {step}"))?;
             records.push(r);
+        }
+        if a.eval_every > 0 && (step % a.eval_every == 0 || step == a.steps) {
+            heldout.push(score(&mut runs, step));
         }
         if step % 10 == 0 || step == a.steps {
             let (f, b) = (&runs[0].2, &runs[1].2);
@@ -155,15 +191,10 @@ pub fn run(a: UptrainBenchArgs) -> anyhow::Result<()> {
             );
         }
     }
-    // Both runs' weights scored the same way: f32 products on the same held-out windows (an
-    // objective measured with bf16 products carries the rounding of the logits themselves).
-    let mut scored = Vec::new();
-    for (precision, trainer, _) in &mut runs {
-        trainer.model.precision = Precision::F32;
-        let e = trainer.evaluate();
-        trainer.model.precision = *precision;
-        scored.push(e.perplexity);
+    if heldout.last().is_none_or(|(step, _)| *step != a.steps) {
+        heldout.push(score(&mut runs, a.steps));
     }
+    let scored = heldout.last().map(|(_, p)| p.clone()).unwrap_or_default();
     let (f, b) = (&runs[0].2, &runs[1].2);
     let diffs: Vec<f64> = f
         .iter()
@@ -234,6 +265,28 @@ pub fn run(a: UptrainBenchArgs) -> anyhow::Result<()> {
         per_loop(&scored[1]),
         100.0 * (scored[1].last().copied().unwrap_or(0.0) / scored[0].last().copied().unwrap_or(1.0) - 1.0)
     );
+    if heldout.len() > 1 {
+        println!("\n| step | held-out cross-entropy, f32 run | bf16 run | bf16 vs f32 |");
+        println!("|---|---|---|---|");
+        for (step, [f, b]) in &heldout {
+            let (f, b) = (last_ce(f), last_ce(b));
+            println!(
+                "| {step} | {f:.4} | {b:.4} | {:+.2}% |",
+                100.0 * (b / f - 1.0)
+            );
+        }
+        let diffs: Vec<f64> = heldout[1..]
+            .iter()
+            .map(|(_, [f, b])| (last_ce(b) - last_ce(f)).abs() / last_ce(f))
+            .collect();
+        println!(
+            "held-out loss curve (f32 scoring, steps {}..{}): bf16 against f32 mean relative difference {:.2}%, largest {:.2}%",
+            heldout[1].0,
+            a.steps,
+            100.0 * diffs.iter().sum::<f64>() / diffs.len() as f64,
+            100.0 * diffs.iter().copied().fold(0.0, f64::max)
+        );
+    }
     println!(
         "CPU: {}",
         rrt_model::kernels::Supported::all()
