@@ -4,7 +4,7 @@
 //! of the [`KvPool`], and each (sequence, KV head, query chunk) is one parallel task reading the
 //! blocks in place through the table: scores 16 positions at a time from the tile-transposed K,
 //! softmax, then the weighted sum of V rows, block by block. f32 and bf16 KV share the kernel
-//! (bf16 is widened as it is loaded).
+//! (bf16 is widened once per row loaded, for every query head of the KV head).
 
 use std::ops::Range;
 
@@ -269,12 +269,13 @@ fn block_scores<const FMA: bool, const H: usize, T: KvElem>(
     );
     let mut even = [[0f32; KV_TILE]; H];
     let mut odd = [[0f32; KV_TILE]; H];
-    let fma = |a: &mut [f32; KV_TILE], qd: f32, kr: &[T]| {
-        for (a, &k) in a.iter_mut().zip(kr) {
-            let k = k.load();
+    let fma = |a: &mut [f32; KV_TILE], qd: f32, k: &[f32; KV_TILE]| {
+        for (a, &k) in a.iter_mut().zip(k) {
             *a = if FMA { qd.mul_add(k, *a) } else { *a + qd * k };
         }
     };
+    // A K row is widened to f32 once for all `H` heads (a bf16 cache widened it per head).
+    let widen = |kr: &[T]| -> [f32; KV_TILE] { std::array::from_fn(|i| kr[i].load()) };
     // Every index read below is `2j`, `2j + 1` with `j < d / 2` (one pair of K rows per `j`)
     // or `d - 1`: below `d`, which no query is shorter than (asserted). A checked index here
     // cost a compare and branch per FMA.
@@ -288,15 +289,17 @@ fn block_scores<const FMA: bool, const H: usize, T: KvElem>(
     #[allow(clippy::needless_range_loop)]
     for (j, kr) in (&mut pairs).enumerate() {
         let (k0, k1) = kr.split_at(KV_TILE);
+        let (k0, k1) = (widen(k0), widen(k1));
         for h in 0..H {
-            fma(&mut even[h], at(h, 2 * j), k0);
-            fma(&mut odd[h], at(h, 2 * j + 1), k1);
+            fma(&mut even[h], at(h, 2 * j), &k0);
+            fma(&mut odd[h], at(h, 2 * j + 1), &k1);
         }
     }
     let last = pairs.remainder();
     if !last.is_empty() {
+        let last = widen(last);
         for (h, even) in even.iter_mut().enumerate() {
-            fma(even, at(h, d - 1), last);
+            fma(even, at(h, d - 1), &last);
         }
     }
     for h in 0..H {
@@ -361,10 +364,11 @@ fn weighted_v<const FMA: bool, const H: usize, const D: usize, T: KvElem>(
         for j in first..visible.min(first + bt) {
             let at = (j - first) * row + kv_off;
             let v = &rows[at..at + D];
+            // Widened to f32 once for all `H` heads.
+            let v: [f32; D] = std::array::from_fn(|i| v[i].load());
             for h in 0..H {
                 let p = probs[h][j];
-                for (a, &x) in acc[h].iter_mut().zip(v) {
-                    let x = x.load();
+                for (a, &x) in acc[h].iter_mut().zip(&v) {
                     *a = if FMA { p.mul_add(x, *a) } else { *a + p * x };
                 }
             }
