@@ -238,21 +238,7 @@ impl WorkerArgs {
         if let (Some(p), true) = (&self.exit_curve, curves.is_empty()) {
             anyhow::bail!("--exit-curve {}: it has no `curves`", p.display());
         }
-        Ok(curves
-            .into_iter()
-            .map(|c| rrt_proto::v1::ExitCurve {
-                after_loop: c.after_loop as u32,
-                points: c
-                    .points
-                    .iter()
-                    .map(|p| rrt_proto::v1::ExitCurvePoint {
-                        threshold: p.threshold,
-                        exit_rate: p.exit_rate,
-                        agreement: p.overall_agreement,
-                    })
-                    .collect(),
-            })
-            .collect())
+        Ok(curves_to_proto(&curves))
     }
 
     pub fn engine_config(&self, model_id: &str) -> anyhow::Result<EngineConfig> {
@@ -299,6 +285,28 @@ impl WorkerArgs {
             },
         })
     }
+}
+
+/// A model's measured threshold curves as workers report them (agreement: the overall one,
+/// tokens that do not exit counting as agreeing).
+pub fn curves_to_proto(
+    curves: &[rrt_model::recursive::exit_heads::ExitCurve],
+) -> Vec<rrt_proto::v1::ExitCurve> {
+    curves
+        .iter()
+        .map(|c| rrt_proto::v1::ExitCurve {
+            after_loop: c.after_loop as u32,
+            points: c
+                .points
+                .iter()
+                .map(|p| rrt_proto::v1::ExitCurvePoint {
+                    threshold: p.threshold,
+                    exit_rate: p.exit_rate,
+                    agreement: p.overall_agreement,
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -392,22 +392,7 @@ pub fn run(args: AdaptiveBenchArgs) -> anyhow::Result<()> {
         meta.curves.iter().map(|c| c.after_loop).collect::<Vec<_>>(),
         args.model.display()
     );
-    let curves: Vec<pb::ExitCurve> = meta
-        .curves
-        .iter()
-        .map(|c| pb::ExitCurve {
-            after_loop: c.after_loop as u32,
-            points: c
-                .points
-                .iter()
-                .map(|p| pb::ExitCurvePoint {
-                    threshold: p.threshold,
-                    exit_rate: p.exit_rate,
-                    agreement: p.overall_agreement,
-                })
-                .collect(),
-        })
-        .collect();
+    let curves = rrt_worker::config::curves_to_proto(&meta.curves);
     // Every exit's agreement, as the coordinator reckons it.
     let fixed_agreement =
         rrt_proto::exits::expected_agreement(&curves, args.threshold).unwrap_or(f64::NAN);
