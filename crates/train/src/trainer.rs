@@ -79,6 +79,70 @@ pub struct EvalRecord {
     pub agreement: Vec<f64>,
     /// Per loop with an exit classifier: its trade-off at several thresholds.
     pub exit_curve: Vec<Vec<ExitPoint>>,
+    /// With several exits, what they do together as the engine runs them (a token leaves at
+    /// the first exit it passes), at the same thresholds.
+    pub cascade: Vec<CascadePoint>,
+}
+
+/// Several learned exits at one threshold, as a cascade.
+#[derive(Debug, Clone, Serialize)]
+pub struct CascadePoint {
+    pub threshold: f32,
+    /// Share of tokens leaving at each exit (by its loop index; loops without a classifier 0).
+    pub exit_share: Vec<f64>,
+    /// Per-token agreement with the last loop (tokens that never exit agree).
+    pub agreement: f64,
+    /// Loops a token runs on average.
+    pub mean_loops: f64,
+}
+
+/// The usual thresholds of the exit curves.
+const THRESHOLDS: [f32; 13] = [
+    0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99,
+];
+
+/// The cascade of the exits whose `points` (per loop: every row's probability and agreement,
+/// the rows in the same order for every loop) are there; empty with fewer than two exits.
+pub fn cascade_curve(points: &[Vec<(f32, bool)>]) -> Vec<CascadePoint> {
+    let loops = points.len();
+    let exits: Vec<usize> = (0..loops.saturating_sub(1))
+        .filter(|&j| !points[j].is_empty())
+        .collect();
+    let Some(&first) = exits.first() else {
+        return Vec::new();
+    };
+    let rows = points[first].len();
+    if exits.len() < 2 || exits.iter().any(|&j| points[j].len() != rows) || rows == 0 {
+        return Vec::new();
+    }
+    THRESHOLDS
+        .iter()
+        .map(|&threshold| {
+            let mut exit_share = vec![0.0; loops];
+            let (mut agree, mut depth) = (0usize, 0usize);
+            for i in 0..rows {
+                match exits.iter().find(|&&j| points[j][i].0 >= threshold) {
+                    Some(&j) => {
+                        exit_share[j] += 1.0;
+                        agree += usize::from(points[j][i].1);
+                        depth += j + 1;
+                    }
+                    None => {
+                        agree += 1;
+                        depth += loops;
+                    }
+                }
+            }
+            let n = rows as f64;
+            exit_share.iter_mut().for_each(|x| *x /= n);
+            CascadePoint {
+                threshold,
+                exit_share,
+                agreement: agree as f64 / n,
+                mean_loops: depth as f64 / n,
+            }
+        })
+        .collect()
 }
 
 pub use rrt_model::recursive::exit_heads::ExitPoint;
@@ -89,30 +153,28 @@ pub fn exit_curve(points: &[(f32, bool)]) -> Vec<ExitPoint> {
         return Vec::new();
     }
     let n = points.len() as f64;
-    [
-        0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99,
-    ]
-    .iter()
-    .map(|&threshold| {
-        let exiting: Vec<bool> = points
-            .iter()
-            .filter(|p| p.0 >= threshold)
-            .map(|p| p.1)
-            .collect();
-        let agree = exiting.iter().filter(|&&a| a).count() as f64;
-        let exits = exiting.len() as f64;
-        ExitPoint {
-            threshold,
-            exit_rate: exits / n,
-            exit_agreement: if exiting.is_empty() {
-                1.0
-            } else {
-                agree / exits
-            },
-            overall_agreement: 1.0 - (exits - agree) / n,
-        }
-    })
-    .collect()
+    THRESHOLDS
+        .iter()
+        .map(|&threshold| {
+            let exiting: Vec<bool> = points
+                .iter()
+                .filter(|p| p.0 >= threshold)
+                .map(|p| p.1)
+                .collect();
+            let agree = exiting.iter().filter(|&&a| a).count() as f64;
+            let exits = exiting.len() as f64;
+            ExitPoint {
+                threshold,
+                exit_rate: exits / n,
+                exit_agreement: if exiting.is_empty() {
+                    1.0
+                } else {
+                    agree / exits
+                },
+                overall_agreement: 1.0 - (exits - agree) / n,
+            }
+        })
+        .collect()
 }
 
 /// The data a run reads: the corpus, which windows train and which evaluate, and the
@@ -387,6 +449,36 @@ impl Trainer {
                 .iter()
                 .map(|p| exit_curve(p))
                 .collect(),
+            cascade: cascade_curve(&sums.classifier_points),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cascade_takes_each_token_at_the_first_exit_it_passes() {
+        // Three loops, exits after loops 1 and 2; four tokens.
+        let points = vec![
+            vec![(0.95, true), (0.3, false), (0.3, true), (0.1, false)],
+            vec![(0.99, true), (0.92, false), (0.5, true), (0.2, true)],
+            Vec::new(),
+        ];
+        let c = cascade_curve(&points);
+        let at = |t: f32| c.iter().find(|p| p.threshold == t).unwrap();
+        // At 0.9: token 0 leaves at exit 1 (agrees), token 1 at exit 2 (disagrees), tokens 2
+        // and 3 run all three loops.
+        let p = at(0.9);
+        assert_eq!(p.exit_share, vec![0.25, 0.25, 0.0]);
+        assert_eq!(p.agreement, 0.75);
+        assert_eq!(p.mean_loops, (1.0 + 2.0 + 3.0 + 3.0) / 4.0);
+        // At 0.2: tokens 0-2 leave at exit 1 (token 1 disagrees there), token 3 at exit 2.
+        let p = at(0.2);
+        assert_eq!(p.exit_share, vec![0.75, 0.25, 0.0]);
+        assert_eq!(p.agreement, 0.75);
+        // One exit alone: no cascade.
+        assert!(cascade_curve(&[points[0].clone(), Vec::new()]).is_empty());
     }
 }

@@ -380,6 +380,24 @@ fn exit_curve_lines(e: &EvalRecord) -> Vec<String> {
             ));
         }
     }
+    if !e.cascade.is_empty() {
+        lines.push(
+            "the exits together, a token leaving at the first it passes (held-out): threshold -> share leaving at each exit, agreement, loops a token".into(),
+        );
+        for p in &e.cascade {
+            let shares: Vec<String> = p.exit_share[..p.exit_share.len() - 1]
+                .iter()
+                .map(|x| format!("{:.1}%", 100.0 * x))
+                .collect();
+            lines.push(format!(
+                "  {:.2} -> {}, {:5.1}% agree, {:.2} loops",
+                p.threshold,
+                shares.join(" / "),
+                100.0 * p.agreement,
+                p.mean_loops
+            ));
+        }
+    }
     lines
 }
 
