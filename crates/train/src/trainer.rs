@@ -120,6 +120,8 @@ pub fn cascade_curve(points: &[Vec<(f32, bool)>]) -> Vec<CascadePoint> {
         .map(|&threshold| {
             let mut exit_share = vec![0.0; loops];
             let (mut agree, mut depth) = (0usize, 0usize);
+            // i indexes the rows of every exit's points alike.
+            #[allow(clippy::needless_range_loop)]
             for i in 0..rows {
                 match exits.iter().find(|&&j| points[j][i].0 >= threshold) {
                     Some(&j) => {
