@@ -106,26 +106,23 @@ pub fn agreement_at(points: &[ExitCurvePoint], t: f32) -> Option<f64> {
 /// ones too (a token sure after loop 1 stays sure), so by exit `j` the share gone is the
 /// highest rate of exits `1..=j`, and the chance at `j` is what it adds over the share still
 /// running. With one exit it is that exit's rate. An exit without a curve takes nobody.
-pub fn exit_chances(curves: &[ExitCurve], t: f32, loops: usize) -> Vec<f64> {
-    let mut gone: f64 = 0.0;
-    (1..loops)
-        .map(|j| {
-            let rate = curves
-                .iter()
-                .find(|c| c.after_loop as usize == j)
-                .and_then(|c| exit_rate_at(&c.points, t))
-                .unwrap_or(0.0)
-                .clamp(0.0, 1.0);
-            let by_now = gone.max(rate);
-            let chance = if gone < 1.0 {
-                (by_now - gone) / (1.0 - gone)
-            } else {
-                0.0
-            };
-            gone = by_now;
-            chance
-        })
-        .collect()
+pub fn exit_chances(curves: &[ExitCurve], t: f32, loops: usize) -> impl Iterator<Item = f64> + '_ {
+    (1..loops).scan(0.0f64, move |gone, j| {
+        let rate = curves
+            .iter()
+            .find(|c| c.after_loop as usize == j)
+            .and_then(|c| exit_rate_at(&c.points, t))
+            .unwrap_or(0.0)
+            .clamp(0.0, 1.0);
+        let by_now = gone.max(rate);
+        let chance = if *gone < 1.0 {
+            (by_now - *gone) / (1.0 - *gone)
+        } else {
+            0.0
+        };
+        *gone = by_now;
+        Some(chance)
+    })
 }
 
 /// The lowest threshold that keeps at least `floor` agreement with full depth over every exit
@@ -220,12 +217,12 @@ mod tests {
             ..curve(&[(0.5, rate, 0.9), (0.9, rate / 2.0, 0.99)])
         };
         // One exit: its rate.
-        let one = exit_chances(&[at(1, 0.4)], 0.5, 2);
+        let one: Vec<f64> = exit_chances(&[at(1, 0.4)], 0.5, 2).collect();
         assert_eq!(one, vec![0.4]);
         // Four exits: 20% by loop 1, 50% by loop 2, still 50% by loop 3 (its own rate is
         // lower), 80% by loop 4.
         let c = [at(1, 0.2), at(2, 0.5), at(3, 0.3), at(4, 0.8)];
-        let p = exit_chances(&c, 0.5, 5);
+        let p: Vec<f64> = exit_chances(&c, 0.5, 5).collect();
         let want = [0.2, 0.3 / 0.8, 0.0, 0.3 / 0.5];
         for (g, w) in p.iter().zip(want) {
             assert!((g - w).abs() < 1e-12, "{p:?}");
@@ -241,10 +238,13 @@ mod tests {
             assert!((g - w).abs() < 1e-12, "{by:?}");
         }
         // Interpolated at another threshold; a missing exit takes nobody.
-        assert_eq!(exit_chances(&[at(2, 0.4)], 0.9, 3), vec![0.0, 0.2]);
+        assert_eq!(
+            exit_chances(&[at(2, 0.4)], 0.9, 3).collect::<Vec<_>>(),
+            vec![0.0, 0.2]
+        );
         // Everyone gone: later exits have nobody left to take.
         assert_eq!(
-            exit_chances(&[at(1, 1.0), at(2, 1.0)], 0.5, 3),
+            exit_chances(&[at(1, 1.0), at(2, 1.0)], 0.5, 3).collect::<Vec<_>>(),
             vec![1.0, 0.0]
         );
     }

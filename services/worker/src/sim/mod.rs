@@ -228,7 +228,7 @@ impl SimEngine {
             }
             let chances =
                 rrt_proto::exits::exit_chances(&self.cfg.exit_curves, policy.threshold, loops);
-            for (i, chance) in chances.into_iter().enumerate() {
+            for (i, chance) in chances.enumerate() {
                 if self.rng.random::<f64>() < chance {
                     return (i + 1 + seq.deeper).min(loops);
                 }
