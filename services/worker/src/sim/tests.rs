@@ -34,6 +34,19 @@ fn run_until_idle(e: &mut SimEngine) {
     }
 }
 
+/// Submits `n` requests with distinct 40-token prompts and runs the engine until they are done.
+fn run_distinct(e: &mut SimEngine, n: u64, max_new: usize) -> Vec<Receiver<Event>> {
+    let rxs = (0..n)
+        .map(|i| {
+            let (req, rx) = request(i, vec![1 + i as u32; 40], max_new);
+            e.submit(req);
+            rx
+        })
+        .collect();
+    run_until_idle(e);
+    rxs
+}
+
 /// (cached tokens at admission, exit loops, finished).
 fn events(rx: &Receiver<Event>) -> (Option<usize>, Vec<usize>, bool) {
     let (mut cached, mut loops, mut finished) = (None, Vec::new(), false);
@@ -54,13 +67,7 @@ fn requests_get_their_tokens_with_exits_drawn_from_the_distribution() {
         c.loops = 3;
         c.exit_probs = vec![0.5, 0.25];
     }));
-    let mut rxs = Vec::new();
-    for i in 0..20 {
-        let (req, rx) = request(i, vec![1 + i as u32; 40], 100);
-        e.submit(req);
-        rxs.push(rx);
-    }
-    run_until_idle(&mut e);
+    let rxs = run_distinct(&mut e, 20, 100);
     let mut all = Vec::new();
     for rx in &rxs {
         let (cached, loops, finished) = events(rx);
@@ -110,13 +117,7 @@ fn measured_curves_move_the_depths_with_the_threshold_and_later_exits_take_what_
                 threshold,
             };
         }));
-        let mut rxs = Vec::new();
-        for i in 0..20 {
-            let (req, rx) = request(i, vec![1 + i as u32; 40], 200);
-            e.submit(req);
-            rxs.push(rx);
-        }
-        run_until_idle(&mut e);
+        let rxs = run_distinct(&mut e, 20, 200);
         let all: Vec<usize> = rxs
             .iter()
             .flat_map(|rx| events(rx).1[1..].to_vec())
