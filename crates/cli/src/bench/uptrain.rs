@@ -3,7 +3,8 @@
 //! of this VM's speed), each with its own teacher computing its batches' top-k as it goes.
 //! Prints tokens/s and the ratio, the time of each part of a step (teacher, data, forward,
 //! heads, backward, optimizer), and how far the bf16 run's objective strays from the f32
-//! run's over the steps; writes both curves as CSV.
+//! run's over the steps, and the held-out loss curve of both runs' weights scored the same way
+//! (f32 products, the same windows, every `--eval-every` steps); writes both curves as CSV.
 
 use std::path::PathBuf;
 
