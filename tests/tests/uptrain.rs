@@ -20,13 +20,18 @@ fn small_text(dir: &Path) -> PathBuf {
 
 /// SmolLM2 as 15 x 2 with LoRA rank 8 and per-loop norms, converted once per test process.
 fn student(dir: &Path) -> PathBuf {
-    let out = dir.join("student");
+    converted(dir, "student", "15")
+}
+
+/// SmolLM2 converted with `block` shared layers (30 / `block` loops), Average init, LoRA r8.
+fn converted(dir: &Path, name: &str, block: &str) -> PathBuf {
+    let out = dir.join(name);
     let o = rrt(&[
         "convert",
         "--model",
         smollm2_gguf().to_str().unwrap(),
         "--block-layers",
-        "15",
+        block,
         "--init",
         "average",
         "--lora-rank",
@@ -123,9 +128,12 @@ fn distillation_steps_write_a_model_every_command_loads() {
         stderr(&o)
     );
 
-    // Exit heads on the frozen model: learned exits serve.
+    // Exit heads on a frozen model of three loops: learned exits serve, and what the two
+    // exits do together is saved beside their curves.
+    let three = converted(dir.path(), "three", "10");
     let exits = dir.path().join("exits");
     let mut args = common.to_vec();
+    args[1] = three.to_str().unwrap();
     args.extend([
         "--steps",
         "2",
@@ -146,8 +154,26 @@ fn distillation_steps_write_a_model_every_command_loads() {
         "exit adapter after loop 1: fitted",
         "exit classifier after loop 1: fitted",
         "learned exit after loop 1",
+        "learned exit after loop 2",
+        "the exits together",
     ] {
         assert!(stderr(&o).contains(line), "{line}: {}", stderr(&o));
+    }
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exits.join("exit-heads.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["curves"].as_array().map(Vec::len), Some(2), "{meta}");
+    let cascade = meta["cascade"].as_array().expect("a cascade");
+    assert!(!cascade.is_empty());
+    for p in cascade {
+        let shares: Vec<f64> = p["exit_share"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(shares.len(), 3, "{p}");
+        assert!(shares.iter().sum::<f64>() <= 1.0 + 1e-9, "{p}");
     }
 }
 

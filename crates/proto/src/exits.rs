@@ -1,9 +1,9 @@
 //! The arithmetic of the exit statistics a worker reports and the coordinator and router read:
 //! one definition of the mean exit loop of a histogram, of the throughput assumed before a
-//! worker has measured any, and of reading a model's threshold curve (exit rate and agreement
-//! at a threshold; the lowest threshold that keeps a quality floor).
+//! worker has measured any, and of reading a model's exit trade-off ([`ExitTradeoff`]: exit
+//! chances and agreement at a threshold; the lowest threshold that keeps a quality floor).
 
-use crate::v1::{ExitCurve, ExitCurvePoint, ExitPolicy};
+use crate::v1::{ExitCascadePoint, ExitCurve, ExitCurvePoint, ExitPolicy, RegisterRequest};
 
 /// The exit policies by the names the worker's `--exit` flag and the OpenAI extension
 /// (`rrt_exit.policy`) use: one table for both.
@@ -64,26 +64,27 @@ pub fn add_histogram(into: &mut Vec<u64>, delta: &[u64]) {
     }
 }
 
-/// `f` of the curve at threshold `t`, linear between measured points and held at the ends;
-/// `None` for an empty curve.
-fn interpolate(
-    points: &[ExitCurvePoint],
+/// `f` of the points at threshold `t` (each point's threshold by `at`), linear between
+/// measured points and held at the ends; `None` without points.
+fn interpolate<P>(
+    points: &[P],
+    at: impl Fn(&P) -> f32,
     t: f32,
-    f: impl Fn(&ExitCurvePoint) -> f64,
+    f: impl Fn(&P) -> f64,
 ) -> Option<f64> {
     let first = points.first()?;
     let last = points.last()?;
-    if t <= first.threshold {
+    if t <= at(first) {
         return Some(f(first));
     }
-    if t >= last.threshold {
+    if t >= at(last) {
         return Some(f(last));
     }
-    let hi = points.iter().position(|p| p.threshold >= t)?;
+    let hi = points.iter().position(|p| at(p) >= t)?;
     let (a, b) = (&points[hi - 1], &points[hi]);
-    let span = (b.threshold - a.threshold) as f64;
+    let span = (at(b) - at(a)) as f64;
     let w = if span > 0.0 {
-        (t - a.threshold) as f64 / span
+        (t - at(a)) as f64 / span
     } else {
         1.0
     };
@@ -92,78 +93,130 @@ fn interpolate(
 
 /// Share of tokens that exit at threshold `t` (interpolated).
 pub fn exit_rate_at(points: &[ExitCurvePoint], t: f32) -> Option<f64> {
-    interpolate(points, t, |p| p.exit_rate)
+    interpolate(points, |p| p.threshold, t, |p| p.exit_rate)
 }
 
 /// Share of tokens that agree with full depth at threshold `t` (interpolated).
 pub fn agreement_at(points: &[ExitCurvePoint], t: f32) -> Option<f64> {
-    interpolate(points, t, |p| p.agreement)
+    interpolate(points, |p| p.threshold, t, |p| p.agreement)
 }
 
-/// The chance that a token still running at exit `j` leaves there, for the exits after loops
-/// `1..loops` at threshold `t` (index `j - 1`). Each curve's exit rate is measured over all
-/// tokens, each exit alone; a token that would pass an earlier exit is taken to pass the later
-/// ones too (a token sure after loop 1 stays sure), so by exit `j` the share gone is the
-/// highest rate of exits `1..=j`, and the chance at `j` is what it adds over the share still
-/// running. With one exit it is that exit's rate. An exit without a curve takes nobody.
-pub fn exit_chances(curves: &[ExitCurve], t: f32, loops: usize) -> impl Iterator<Item = f64> + '_ {
-    (1..loops).scan(0.0f64, move |gone, j| {
-        let rate = curves
-            .iter()
-            .find(|c| c.after_loop as usize == j)
-            .and_then(|c| exit_rate_at(&c.points, t))
-            .unwrap_or(0.0)
-            .clamp(0.0, 1.0);
-        let by_now = gone.max(rate);
-        let chance = if *gone < 1.0 {
-            (by_now - *gone) / (1.0 - *gone)
+/// A model's measured exit trade-off as its workers register it: each exit's curve alone and,
+/// with several exits, the cascade (the exits together as the engine runs them, a token leaving
+/// at the first exit it passes). Where the cascade was measured it is read as it is; without
+/// it the separate curves are combined, an estimate (a token that would pass an earlier exit is
+/// taken to pass the later ones too, and the exits' agreements multiply).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExitTradeoff {
+    pub curves: Vec<ExitCurve>,
+    pub cascade: Vec<ExitCascadePoint>,
+}
+
+impl ExitTradeoff {
+    /// What a worker's registration says.
+    pub fn of(req: &RegisterRequest) -> Self {
+        Self {
+            curves: req.exit_curves.clone(),
+            cascade: req.exit_cascade.clone(),
+        }
+    }
+
+    /// Nothing measured.
+    pub fn is_empty(&self) -> bool {
+        self.curves.is_empty() && self.cascade.is_empty()
+    }
+
+    /// The chance that a token still running at exit `j` leaves there, for the exits after
+    /// loops `1..loops` at threshold `t` (index `j - 1`): what the share gone by exit `j` adds
+    /// over the share gone before it, over the share still running. From the cascade the
+    /// share gone is the sum of the shares leaving so far; from the separate curves it is the
+    /// highest exit rate so far (with one exit, its rate). An exit without a curve or share
+    /// takes nobody.
+    pub fn exit_chances(&self, t: f32, loops: usize) -> impl Iterator<Item = f64> + '_ {
+        (1..loops).scan(0.0f64, move |gone, j| {
+            let by_now = if self.cascade.is_empty() {
+                let rate = self
+                    .curves
+                    .iter()
+                    .find(|c| c.after_loop as usize == j)
+                    .and_then(|c| exit_rate_at(&c.points, t))
+                    .unwrap_or(0.0);
+                gone.max(rate.clamp(0.0, 1.0))
+            } else {
+                let share = interpolate(
+                    &self.cascade,
+                    |p| p.threshold,
+                    t,
+                    |p| p.exit_share.get(j - 1).copied().unwrap_or(0.0),
+                )
+                .unwrap_or(0.0);
+                (*gone + share.max(0.0)).min(1.0)
+            };
+            let chance = if *gone < 1.0 {
+                (by_now - *gone) / (1.0 - *gone)
+            } else {
+                0.0
+            };
+            *gone = by_now;
+            Some(chance)
+        })
+    }
+
+    /// The mean agreement with full depth a threshold keeps over every exit: the cascade's,
+    /// or the product of the exits' agreements (a token that reached a later exit passed the
+    /// earlier ones). `None` when nothing was measured.
+    pub fn expected_agreement(&self, t: f32) -> Option<f64> {
+        if !self.cascade.is_empty() {
+            return interpolate(&self.cascade, |p| p.threshold, t, |p| p.agreement);
+        }
+        let mut any = false;
+        let mut agree = 1.0;
+        for c in &self.curves {
+            if let Some(a) = agreement_at(&c.points, t) {
+                agree *= a;
+                any = true;
+            }
+        }
+        any.then_some(agree)
+    }
+
+    /// The lowest threshold that keeps at least `floor` agreement with full depth over every
+    /// exit ([`ExitTradeoff::expected_agreement`]: with several exits their losses add up, so
+    /// each exit alone must keep more than the floor), read at the measured thresholds from the
+    /// highest down while the floor holds (so a dip below it is never crossed). `None` when
+    /// nothing was measured, or when even the highest threshold misses the floor.
+    pub fn floor_threshold(&self, floor: f64) -> Option<f32> {
+        let mut thresholds: Vec<f32> = if self.cascade.is_empty() {
+            self.curves
+                .iter()
+                .flat_map(|c| c.points.iter().map(|p| p.threshold))
+                .collect()
         } else {
-            0.0
+            self.cascade.iter().map(|p| p.threshold).collect()
         };
-        *gone = by_now;
-        Some(chance)
-    })
-}
-
-/// The lowest threshold that keeps at least `floor` agreement with full depth over every exit
-/// ([`expected_agreement`]: with several exits their losses add up, so each exit alone must
-/// keep more than the floor): the curves are read at their measured thresholds from the
-/// highest down while the floor holds (so a dip below it is never crossed). `None` without
-/// curves, or when even the highest threshold misses the floor.
-pub fn floor_threshold(curves: &[ExitCurve], floor: f64) -> Option<f32> {
-    let mut thresholds: Vec<f32> = curves
-        .iter()
-        .flat_map(|c| c.points.iter().map(|p| p.threshold))
-        .collect();
-    thresholds.sort_by(|a, b| b.total_cmp(a));
-    thresholds.dedup();
-    let mut lowest = None;
-    for t in thresholds {
-        if expected_agreement(curves, t)? + 1e-12 < floor {
-            break;
+        thresholds.sort_by(|a, b| b.total_cmp(a));
+        thresholds.dedup();
+        let mut lowest = None;
+        for t in thresholds {
+            if self.expected_agreement(t)? + 1e-12 < floor {
+                break;
+            }
+            lowest = Some(t);
         }
-        lowest = Some(t);
+        lowest
     }
-    lowest
-}
-
-/// The mean agreement with full depth a threshold keeps over every exit's curve (the product
-/// of the exits' agreements: a token that reached a later exit passed the earlier ones).
-pub fn expected_agreement(curves: &[ExitCurve], t: f32) -> Option<f64> {
-    let mut any = false;
-    let mut agree = 1.0;
-    for c in curves {
-        if let Some(a) = agreement_at(&c.points, t) {
-            agree *= a;
-            any = true;
-        }
-    }
-    any.then_some(agree)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn curves(c: &[ExitCurve]) -> ExitTradeoff {
+        ExitTradeoff {
+            curves: c.to_vec(),
+            cascade: Vec::new(),
+        }
+    }
 
     fn curve(points: &[(f32, f64, f64)]) -> ExitCurve {
         ExitCurve {
@@ -193,21 +246,44 @@ mod tests {
         assert_eq!(exit_rate_at(&c.points, 0.99), Some(0.146));
         let mid = exit_rate_at(&c.points, 0.85).unwrap();
         assert!((mid - 0.323).abs() < 1e-6, "{mid}");
-        assert_eq!(floor_threshold(std::slice::from_ref(&c), 0.95), Some(0.9));
-        assert_eq!(floor_threshold(std::slice::from_ref(&c), 0.88), Some(0.7));
-        assert_eq!(floor_threshold(std::slice::from_ref(&c), 0.5), Some(0.5));
-        assert_eq!(floor_threshold(std::slice::from_ref(&c), 0.995), None);
-        assert_eq!(floor_threshold(&[], 0.9), None);
+        assert_eq!(
+            curves(std::slice::from_ref(&c)).floor_threshold(0.95),
+            Some(0.9)
+        );
+        assert_eq!(
+            curves(std::slice::from_ref(&c)).floor_threshold(0.88),
+            Some(0.7)
+        );
+        assert_eq!(
+            curves(std::slice::from_ref(&c)).floor_threshold(0.5),
+            Some(0.5)
+        );
+        assert_eq!(
+            curves(std::slice::from_ref(&c)).floor_threshold(0.995),
+            None
+        );
+        assert_eq!(curves(&[]).floor_threshold(0.9), None);
         // A dip below the floor is not crossed on the way down.
         let dip = curve(&[(0.5, 0.9, 0.96), (0.7, 0.5, 0.90), (0.9, 0.2, 0.97)]);
-        assert_eq!(floor_threshold(std::slice::from_ref(&dip), 0.95), Some(0.9));
+        assert_eq!(
+            curves(std::slice::from_ref(&dip)).floor_threshold(0.95),
+            Some(0.9)
+        );
         // Two exits: agreements multiply, and the floor holds for the product (each exit
         // alone keeps 0.95 at 0.9, both together only 0.94; at 0.95 0.990 x 0.97 = 0.960).
-        let both = expected_agreement(&[c.clone(), dip.clone()], 0.9).unwrap();
+        let both = curves(&[c.clone(), dip.clone()])
+            .expected_agreement(0.9)
+            .unwrap();
         assert!((both - 0.969 * 0.97).abs() < 1e-9);
-        assert_eq!(floor_threshold(&[c.clone(), dip.clone()], 0.95), Some(0.95));
-        assert_eq!(floor_threshold(&[c.clone(), dip.clone()], 0.93), Some(0.9));
-        assert_eq!(floor_threshold(&[c, dip], 0.97), None);
+        assert_eq!(
+            curves(&[c.clone(), dip.clone()]).floor_threshold(0.95),
+            Some(0.95)
+        );
+        assert_eq!(
+            curves(&[c.clone(), dip.clone()]).floor_threshold(0.93),
+            Some(0.9)
+        );
+        assert_eq!(curves(&[c, dip]).floor_threshold(0.97), None);
     }
 
     #[test]
@@ -217,12 +293,12 @@ mod tests {
             ..curve(&[(0.5, rate, 0.9), (0.9, rate / 2.0, 0.99)])
         };
         // One exit: its rate.
-        let one: Vec<f64> = exit_chances(&[at(1, 0.4)], 0.5, 2).collect();
+        let one: Vec<f64> = curves(&[at(1, 0.4)]).exit_chances(0.5, 2).collect();
         assert_eq!(one, vec![0.4]);
         // Four exits: 20% by loop 1, 50% by loop 2, still 50% by loop 3 (its own rate is
         // lower), 80% by loop 4.
         let c = [at(1, 0.2), at(2, 0.5), at(3, 0.3), at(4, 0.8)];
-        let p: Vec<f64> = exit_chances(&c, 0.5, 5).collect();
+        let p: Vec<f64> = curves(&c).exit_chances(0.5, 5).collect();
         let want = [0.2, 0.3 / 0.8, 0.0, 0.3 / 0.5];
         for (g, w) in p.iter().zip(want) {
             assert!((g - w).abs() < 1e-12, "{p:?}");
@@ -239,14 +315,56 @@ mod tests {
         }
         // Interpolated at another threshold; a missing exit takes nobody.
         assert_eq!(
-            exit_chances(&[at(2, 0.4)], 0.9, 3).collect::<Vec<_>>(),
+            curves(&[at(2, 0.4)])
+                .exit_chances(0.9, 3)
+                .collect::<Vec<_>>(),
             vec![0.0, 0.2]
         );
         // Everyone gone: later exits have nobody left to take.
         assert_eq!(
-            exit_chances(&[at(1, 1.0), at(2, 1.0)], 0.5, 3).collect::<Vec<_>>(),
+            curves(&[at(1, 1.0), at(2, 1.0)])
+                .exit_chances(0.5, 3)
+                .collect::<Vec<_>>(),
             vec![1.0, 0.0]
         );
+    }
+
+    #[test]
+    fn a_measured_cascade_is_read_as_it_is() {
+        // Two exits whose separate curves combine to 30% by loop 1 and 60% by loop 2 at 0.5,
+        // while the cascade measured 30% at exit 1 and 40% more at exit 2, agreeing 80%.
+        let at = |after_loop: u32, rate: f64, agree: f64| ExitCurve {
+            after_loop,
+            ..curve(&[(0.5, rate, agree), (0.9, rate / 3.0, 0.99)])
+        };
+        let point = |threshold: f32, shares: [f64; 2], agreement: f64| ExitCascadePoint {
+            threshold,
+            exit_share: shares.to_vec(),
+            agreement,
+        };
+        let mut t = curves(&[at(1, 0.3, 0.9), at(2, 0.6, 0.9)]);
+        let combined: Vec<f64> = t.exit_chances(0.5, 3).collect();
+        assert!((combined[1] - 0.3 / 0.7).abs() < 1e-12, "{combined:?}");
+        assert!((t.expected_agreement(0.5).unwrap() - 0.81).abs() < 1e-12);
+        t.cascade = vec![point(0.5, [0.3, 0.4], 0.8), point(0.9, [0.1, 0.1], 0.98)];
+        let chances: Vec<f64> = t.exit_chances(0.5, 3).collect();
+        assert!((chances[0] - 0.3).abs() < 1e-12 && (chances[1] - 0.4 / 0.7).abs() < 1e-12);
+        // Walked through, 70% leave by loop 2, as measured.
+        let left = (1.0 - chances[0]) * (1.0 - chances[1]);
+        assert!((left - 0.3).abs() < 1e-12, "{chances:?}");
+        // Interpolated between thresholds (halfway: 20% and 25%).
+        let mid: Vec<f64> = t.exit_chances(0.7, 3).collect();
+        assert!(
+            (mid[0] - 0.2).abs() < 1e-9 && (mid[1] - 0.25 / 0.8).abs() < 1e-9,
+            "{mid:?}"
+        );
+        assert!((t.expected_agreement(0.5).unwrap() - 0.8).abs() < 1e-12);
+        // The floor is read from the cascade's agreement, at its thresholds.
+        assert_eq!(t.floor_threshold(0.8), Some(0.5));
+        assert_eq!(t.floor_threshold(0.85), Some(0.9));
+        assert_eq!(t.floor_threshold(0.99), None);
+        // A model with more loops than the cascade has shares: the rest take nobody.
+        assert_eq!(t.exit_chances(0.9, 4).nth(2), Some(0.0));
     }
 
     #[test]

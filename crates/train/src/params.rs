@@ -400,6 +400,7 @@ impl TrainModel {
             loops: heads.len(),
             trained,
             curves: Vec::new(),
+            cascade: Vec::new(),
         };
         Ok(Some(ExitHeads { meta, heads }))
     }

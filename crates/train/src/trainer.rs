@@ -84,18 +84,6 @@ pub struct EvalRecord {
     pub cascade: Vec<CascadePoint>,
 }
 
-/// Several learned exits at one threshold, as a cascade.
-#[derive(Debug, Clone, Serialize)]
-pub struct CascadePoint {
-    pub threshold: f32,
-    /// Share of tokens leaving at each exit (by its loop index; loops without a classifier 0).
-    pub exit_share: Vec<f64>,
-    /// Per-token agreement with the last loop (tokens that never exit agree).
-    pub agreement: f64,
-    /// Loops a token runs on average.
-    pub mean_loops: f64,
-}
-
 /// The usual thresholds of the exit curves.
 const THRESHOLDS: [f32; 13] = [
     0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99,
@@ -147,7 +135,7 @@ pub fn cascade_curve(points: &[Vec<(f32, bool)>]) -> Vec<CascadePoint> {
         .collect()
 }
 
-pub use rrt_model::recursive::exit_heads::ExitPoint;
+pub use rrt_model::recursive::exit_heads::{CascadePoint, ExitPoint};
 
 /// The exit trade-off of `(probability, agrees)` points at the usual thresholds.
 pub fn exit_curve(points: &[(f32, bool)]) -> Vec<ExitPoint> {

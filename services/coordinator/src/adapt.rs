@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use rrt_proto::exits::{expected_agreement, floor_threshold};
+use rrt_proto::exits::ExitTradeoff;
 use rrt_proto::v1 as pb;
 
 /// The controller's settings (`--exit-quality-floor` and the `--adapt-*` flags).
@@ -93,7 +93,7 @@ struct ModelExits {
     nominal: f32,
     /// The lowest threshold the quality floor allows (== nominal: nothing to move).
     floor: f32,
-    curves: Vec<pb::ExitCurve>,
+    exits: ExitTradeoff,
     /// 0: the configured threshold; 1: the floor.
     level: f64,
     pressure: f64,
@@ -148,7 +148,8 @@ impl Adaptive {
                     .to_string()
             });
         }
-        let Some(floor_t) = floor_threshold(&req.exit_curves, floor) else {
+        let exits = ExitTradeoff::of(req);
+        let Some(floor_t) = exits.floor_threshold(floor) else {
             return Some(format!(
                 "its model has no threshold curve that keeps {:.1}% agreement",
                 100.0 * floor
@@ -162,7 +163,7 @@ impl Adaptive {
             ModelExits {
                 nominal,
                 floor: floor_t.min(nominal),
-                curves: req.exit_curves.clone(),
+                exits,
                 level,
                 pressure: 0.0,
             },
@@ -190,7 +191,7 @@ impl Adaptive {
                 nominal: m.nominal,
                 floor: m.floor,
                 pressure,
-                expected_agreement: expected_agreement(&m.curves, threshold),
+                expected_agreement: m.exits.expected_agreement(threshold),
             });
         }
         out.sort_by(|a, b| a.model.cmp(&b.model));
@@ -325,6 +326,35 @@ mod tests {
         }
         assert_eq!(a.threshold_for("m"), None);
         assert_eq!(a.tick(&HashMap::new())[0].threshold, 0.9);
+    }
+
+    #[test]
+    fn a_measured_cascade_sets_the_floor_of_a_model_with_several_exits() {
+        let a = Adaptive::new(AdaptConfig {
+            quality_floor: Some(0.85),
+            ..AdaptConfig::default()
+        });
+        // Two exits with the same curve: combined, 0.89 x 0.89 = 0.79 at 0.7, so the floor
+        // stops at 0.9 (0.97 x 0.97 = 0.94).
+        let mut r = reg("m", pb::ExitPolicy::Learned, 0.9);
+        r.loops = 3;
+        r.exit_curves = [curve(), curve()].concat();
+        r.exit_curves[1].after_loop = 2;
+        assert_eq!(a.learn(&r), None);
+        assert_eq!(a.tick(&HashMap::new())[0].floor, 0.9);
+        // Measured together they keep 86% at 0.7 (a token sure at loop 1 is mostly right).
+        r.exit_cascade = [(0.5, 0.78), (0.7, 0.86), (0.9, 0.95)]
+            .iter()
+            .map(|&(threshold, agreement)| pb::ExitCascadePoint {
+                threshold,
+                exit_share: vec![0.3, 0.2],
+                agreement,
+            })
+            .collect();
+        assert_eq!(a.learn(&r), None);
+        let s = a.tick(&HashMap::new());
+        assert_eq!(s[0].floor, 0.7);
+        assert!((s[0].expected_agreement.unwrap() - 0.95).abs() < 1e-12);
     }
 
     #[test]

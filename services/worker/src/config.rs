@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use rrt_engine::{EngineConfig, ExitPolicy, KvFill, Scheduler};
+use rrt_proto::exits::ExitTradeoff;
 
 #[derive(Args, Debug, Clone)]
 pub struct WorkerArgs {
@@ -76,9 +77,9 @@ pub struct WorkerArgs {
     /// its quality floor).
     #[arg(long, env = "RRT_WORKER_EXIT_THRESHOLD", default_value_t = 0.9)]
     pub exit_threshold: f32,
-    /// The model's measured threshold curves (an `exit-heads.json` with `curves`, or a directory
-    /// holding one), sent to the coordinator for load-adaptive exits (default: the model
-    /// directory's own exit heads).
+    /// The model's measured threshold curves (an `exit-heads.json` with `curves` and, with
+    /// several exits, their `cascade`; or a directory holding one), sent to the coordinator for
+    /// load-adaptive exits (default: the model directory's own exit heads).
     #[arg(long, env = "RRT_WORKER_EXIT_CURVE")]
     pub exit_curve: Option<PathBuf>,
     /// How the K/V of loops an early exit skipped are filled.
@@ -201,7 +202,7 @@ impl WorkerArgs {
             max_sequences: self.max_sequences,
             prefill_chunk: self.max_batch_rows,
             exit_probs: self.sim_exit_probs.clone(),
-            exit_curves: self.exit_curves()?,
+            exits: self.exit_tradeoff()?,
             default_exit: self.default_exit(),
             hard_share: self.sim_hard_share,
             speed: self.sim_speed,
@@ -211,9 +212,9 @@ impl WorkerArgs {
         })
     }
 
-    /// The model's threshold curves, from `--exit-curve` or the model directory's exit heads
-    /// (none for a GGUF file or a model without heads).
-    pub fn exit_curves(&self) -> anyhow::Result<Vec<rrt_proto::v1::ExitCurve>> {
+    /// The model's measured exit trade-off, from `--exit-curve` or the model directory's exit
+    /// heads (none for a GGUF file or a model without heads).
+    pub fn exit_tradeoff(&self) -> anyhow::Result<ExitTradeoff> {
         use rrt_model::recursive::exit_heads::{read_meta, ExitHeadsMeta, META_FILE};
         let meta: Option<ExitHeadsMeta> = match &self.exit_curve {
             Some(p) if p.is_dir() => Some(
@@ -234,11 +235,13 @@ impl WorkerArgs {
                 .map_err(|e| anyhow::anyhow!("--model {}: {e}", self.model.display()))?,
             None => None,
         };
-        let curves = meta.map(|m| m.curves).unwrap_or_default();
-        if let (Some(p), true) = (&self.exit_curve, curves.is_empty()) {
+        let Some(meta) = meta else {
+            return Ok(ExitTradeoff::default());
+        };
+        if let (Some(p), true) = (&self.exit_curve, meta.curves.is_empty()) {
             anyhow::bail!("--exit-curve {}: it has no `curves`", p.display());
         }
-        Ok(curves_to_proto(&curves))
+        Ok(tradeoff_to_proto(&meta))
     }
 
     pub fn engine_config(&self, model_id: &str) -> anyhow::Result<EngineConfig> {
@@ -287,12 +290,11 @@ impl WorkerArgs {
     }
 }
 
-/// A model's measured threshold curves as workers report them (agreement: the overall one,
+/// A model's measured exit trade-off as workers register it (agreement: the overall one,
 /// tokens that do not exit counting as agreeing).
-pub fn curves_to_proto(
-    curves: &[rrt_model::recursive::exit_heads::ExitCurve],
-) -> Vec<rrt_proto::v1::ExitCurve> {
-    curves
+pub fn tradeoff_to_proto(meta: &rrt_model::recursive::exit_heads::ExitHeadsMeta) -> ExitTradeoff {
+    let curves = meta
+        .curves
         .iter()
         .map(|c| rrt_proto::v1::ExitCurve {
             after_loop: c.after_loop as u32,
@@ -306,7 +308,17 @@ pub fn curves_to_proto(
                 })
                 .collect(),
         })
-        .collect()
+        .collect();
+    let cascade = meta
+        .cascade
+        .iter()
+        .map(|p| rrt_proto::v1::ExitCascadePoint {
+            threshold: p.threshold,
+            exit_share: p.exit_share.clone(),
+            agreement: p.agreement,
+        })
+        .collect();
+    ExitTradeoff { curves, cascade }
 }
 
 #[cfg(test)]
@@ -343,6 +355,52 @@ mod tests {
         let default = engine_config(&[]).unwrap();
         assert!(default.prefix_cache, "on by default");
         assert_eq!(default.kv_dtype, rrt_model::KvDtype::F32);
+    }
+
+    #[test]
+    fn an_exit_curve_file_gives_the_curves_and_the_cascade() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exit-heads.json");
+        let point = r#"{"threshold": 0.9, "exit_rate": 0.3, "exit_agreement": 0.9, "overall_agreement": 0.97}"#;
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"adapter_rank": 8, "loops": 3, "curves": [
+                    {{"after_loop": 1, "points": [{point}]}}, {{"after_loop": 2, "points": [{point}]}}],
+                  "cascade": [{{"threshold": 0.9, "exit_share": [0.3, 0.2, 0.0], "agreement": 0.95, "mean_loops": 2.2}}]}}"#
+            ),
+        )
+        .unwrap();
+        let flag = format!("--exit-curve={}", path.display());
+        let argv = ["rrt-worker", "--model", "m.gguf", &flag];
+        let t = Cli::try_parse_from(argv)
+            .unwrap()
+            .args
+            .exit_tradeoff()
+            .unwrap();
+        assert_eq!(t.curves.len(), 2);
+        assert_eq!(t.curves[1].after_loop, 2);
+        assert_eq!(
+            t.curves[0].points[0].agreement, 0.97,
+            "the overall agreement"
+        );
+        assert_eq!(t.cascade.len(), 1);
+        assert_eq!(t.cascade[0].exit_share, vec![0.3, 0.2, 0.0]);
+        assert_eq!(
+            t.expected_agreement(0.9),
+            Some(0.95),
+            "read from the cascade"
+        );
+        // Without one: nothing measured; a file without curves is refused.
+        let none = Cli::try_parse_from(["rrt-worker", "--model", "m.gguf"]).unwrap();
+        assert!(none.args.exit_tradeoff().unwrap().is_empty());
+        std::fs::write(&path, r#"{"adapter_rank": 8, "loops": 3}"#).unwrap();
+        let err = Cli::try_parse_from(argv)
+            .unwrap()
+            .args
+            .exit_tradeoff()
+            .unwrap_err();
+        assert!(err.to_string().contains("no `curves`"), "{err}");
     }
 
     #[test]

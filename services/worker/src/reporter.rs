@@ -196,7 +196,8 @@ async fn register(client: &mut CoordinatorClient<Channel>, shared: &Shared, addr
         loops: model.loops,
         max_sequences: shared.max_sequences as u32,
         default_exit: shared.default_exit,
-        exit_curves: shared.exit_curves.clone(),
+        exit_curves: shared.exits.curves.clone(),
+        exit_cascade: shared.exits.cascade.clone(),
     };
     match client.register(req).await {
         Ok(_) => {

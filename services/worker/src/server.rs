@@ -55,7 +55,7 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             .unwrap_or_else(|| "model".into())
     });
     let cfg = args.engine_config(&model_name)?;
-    let exit_curves = args.exit_curves()?;
+    let exits = args.exit_tradeoff()?;
     let default_exit = crate::exits::to_pb(cfg.default_exit);
     let tls = args.tls.start(&shutdown)?;
     // The recorder first: descriptions given before it exists are lost.
@@ -155,7 +155,7 @@ pub async fn start(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         admission: Admission::new(capacity),
         next_id: AtomicU64::new(0),
         default_exit,
-        exit_curves,
+        exits,
         constraints: crate::constrain::Constraints::new(
             tokenizer_for_constraints,
             vocab_for_constraints,

@@ -36,9 +36,9 @@ pub(crate) struct Shared {
     pub admission: Admission,
     pub next_id: AtomicU64,
     /// The policy of requests that name none, as configured (load-adaptive exits move its
-    /// threshold on the engine, never this), and the model's threshold curves.
+    /// threshold on the engine, never this), and the model's measured exit trade-off.
     pub default_exit: Option<pb::ExitParameters>,
-    pub exit_curves: Vec<pb::ExitCurve>,
+    pub exits: rrt_proto::exits::ExitTradeoff,
     pub constraints: crate::constrain::Constraints,
     /// First-token times since the last report (for the coordinator).
     pub ttft: crate::ttft::TtftWindow,

@@ -29,7 +29,8 @@ pub struct AdaptiveBenchArgs {
     /// Sequences each worker runs at once.
     #[arg(long, default_value_t = 8)]
     max_sequences: usize,
-    /// The model's threshold curves (an `exit-heads.json` with `curves`).
+    /// The model's threshold curves (an `exit-heads.json` with `curves`, and with several exits
+    /// their `cascade`).
     #[arg(
         long,
         default_value = "deploy/models/smollm2-15x2-full/exit-heads.json"
@@ -392,22 +393,26 @@ pub fn run(args: AdaptiveBenchArgs) -> anyhow::Result<()> {
         meta.curves.iter().map(|c| c.after_loop).collect::<Vec<_>>(),
         args.model.display()
     );
-    let curves = rrt_worker::config::curves_to_proto(&meta.curves);
+    let exits = rrt_worker::config::tradeoff_to_proto(&meta);
     // Every exit's agreement, as the coordinator reckons it.
-    let fixed_agreement =
-        rrt_proto::exits::expected_agreement(&curves, args.threshold).unwrap_or(f64::NAN);
+    let fixed_agreement = exits.expected_agreement(args.threshold).unwrap_or(f64::NAN);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let cap = rt.block_on(capacity(&args, loops))?;
     let rate = cap * args.overload;
     println!(
-        "rrt bench adaptive: {} simulated workers x {} slots ({} waiting at most), learned exits at {} ({} exit curve(s) from {}: {}), cost model {}; capacity at the fixed threshold {:.1} requests/s ({} new tokens each); arrivals at {}x = {:.1}/s for {} s, {:.0}% asking for quality FULL",
+        "rrt bench adaptive: {} simulated workers x {} slots ({} waiting at most), learned exits at {} ({} exit curve(s){} from {}: {}), cost model {}; capacity at the fixed threshold {:.1} requests/s ({} new tokens each); arrivals at {}x = {:.1}/s for {} s, {:.0}% asking for quality FULL",
         args.workers,
         args.max_sequences,
         args.max_waiting,
         args.threshold,
-        curves.len(),
+        exits.curves.len(),
+        if exits.cascade.is_empty() {
+            ""
+        } else {
+            " and their cascade"
+        },
         args.curve.display(),
         curve.measured_on,
         args.cost,

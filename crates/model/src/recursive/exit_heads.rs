@@ -34,6 +34,24 @@ pub struct ExitHeadsMeta {
     /// load-adaptive exits read to keep a quality floor. Empty for heads saved before it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub curves: Vec<ExitCurve>,
+    /// With several exits, what they do together as the engine runs them (a token leaves at
+    /// the first exit it passes), measured on the same text: exact where combining the
+    /// separate `curves` is an estimate. Empty with one exit or for heads saved before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cascade: Vec<CascadePoint>,
+}
+
+/// Several learned exits at one threshold, as a cascade.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CascadePoint {
+    pub threshold: f32,
+    /// Share of tokens leaving at each exit (index `j`: after loop `j + 1`; loops without a
+    /// classifier 0).
+    pub exit_share: Vec<f64>,
+    /// Per-token agreement with the last loop (tokens that never exit agree).
+    pub agreement: f64,
+    /// Loops a token runs on average.
+    pub mean_loops: f64,
 }
 
 /// One exit's threshold trade-off on held-out text.

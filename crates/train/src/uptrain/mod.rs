@@ -441,6 +441,7 @@ fn finish(
                 points: points.clone(),
             })
             .collect();
+        heads.meta.cascade = e.cascade.clone();
         heads.save(&o.out)?;
         for line in exit_curve_lines(&e) {
             report(Event::Line(line));

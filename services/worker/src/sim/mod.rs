@@ -68,11 +68,12 @@ pub struct SimConfig {
     /// Probability that a token exits after loop `i + 1` (the rest exit after the last), when
     /// the model has no threshold curves.
     pub exit_probs: Vec<f64>,
-    /// The model's measured threshold curves (exit rate per threshold, per exit): with them a
-    /// token leaves at each exit with [`rrt_proto::exits::exit_chances`] at its policy's
-    /// threshold (so moving the default threshold moves the depths, as on a real worker), and
-    /// a policy of `None` runs every loop.
-    pub exit_curves: Vec<rrt_proto::v1::ExitCurve>,
+    /// The model's measured exit trade-off (per threshold: each exit's rate, or the exits
+    /// together): with it a token leaves at each exit with
+    /// [`rrt_proto::exits::ExitTradeoff::exit_chances`] at its policy's threshold (so moving
+    /// the default threshold moves the depths, as on a real worker), and a policy of `None`
+    /// runs every loop.
+    pub exits: rrt_proto::exits::ExitTradeoff,
     /// The exit policy of requests that name none; its threshold follows
     /// [`Backend::set_default_threshold`].
     pub default_exit: ExitPolicy,
@@ -97,7 +98,7 @@ impl Default for SimConfig {
             max_sequences: 64,
             prefill_chunk: 256,
             exit_probs: vec![0.5],
-            exit_curves: Vec::new(),
+            exits: Default::default(),
             default_exit: ExitPolicy::NONE,
             hard_share: 0.0,
             speed: 1.0,
@@ -221,13 +222,12 @@ impl SimEngine {
     /// The loop a token exits after.
     fn draw_exit(&mut self, seq: &Seq) -> usize {
         let loops = self.cfg.loops.max(1);
-        if !self.cfg.exit_curves.is_empty() {
+        if !self.cfg.exits.is_empty() {
             let policy = seq.req.exit.unwrap_or(self.cfg.default_exit);
             if policy.kind == ExitKind::None {
                 return loops;
             }
-            let chances =
-                rrt_proto::exits::exit_chances(&self.cfg.exit_curves, policy.threshold, loops);
+            let chances = self.cfg.exits.exit_chances(policy.threshold, loops);
             for (i, chance) in chances.enumerate() {
                 if self.rng.random::<f64>() < chance {
                     return (i + 1 + seq.deeper).min(loops);

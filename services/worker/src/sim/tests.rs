@@ -108,10 +108,11 @@ fn measured_curves_move_the_depths_with_the_threshold_and_later_exits_take_what_
     };
     // Exit 1 takes 40% (10% at 0.9); exit 2, measured alone, 60% (20%): by loop 2 the
     // highest of the two has left.
-    let mean_at = |threshold: f32| {
+    let mean_at = |threshold: f32, cascade: &[rrt_proto::v1::ExitCascadePoint]| {
         let mut e = SimEngine::new(config(|c| {
             c.loops = 3;
-            c.exit_curves = vec![curve(1, 0.4, 0.1), curve(2, 0.6, 0.2)];
+            c.exits.curves = vec![curve(1, 0.4, 0.1), curve(2, 0.6, 0.2)];
+            c.exits.cascade = cascade.to_vec();
             c.default_exit = ExitPolicy {
                 kind: rrt_engine::ExitKind::Learned,
                 threshold,
@@ -125,9 +126,21 @@ fn measured_curves_move_the_depths_with_the_threshold_and_later_exits_take_what_
         all.iter().sum::<usize>() as f64 / all.len() as f64
     };
     // 0.4 x 1 + 0.2 x 2 + 0.4 x 3 = 2.0; at 0.9: 0.1 x 1 + 0.1 x 2 + 0.8 x 3 = 2.7.
-    let (low, high) = (mean_at(0.5), mean_at(0.9));
+    let (low, high) = (mean_at(0.5, &[]), mean_at(0.9, &[]));
     assert!((low - 2.0).abs() < 0.05, "{low}");
     assert!((high - 2.7).abs() < 0.05, "{high}");
+    // Measured as a cascade the exits are read as they are: at 0.5, 40% leave at exit 1 and
+    // 40% more at exit 2: 0.4 x 1 + 0.4 x 2 + 0.2 x 3 = 1.8.
+    let cascade = |threshold: f32, shares: Vec<f64>| rrt_proto::v1::ExitCascadePoint {
+        threshold,
+        exit_share: shares,
+        agreement: 0.8,
+    };
+    let measured = mean_at(
+        0.5,
+        &[cascade(0.5, vec![0.4, 0.4]), cascade(0.9, vec![0.1, 0.1])],
+    );
+    assert!((measured - 1.8).abs() < 0.05, "{measured}");
 }
 
 #[test]
