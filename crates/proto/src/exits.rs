@@ -126,6 +126,55 @@ impl ExitTradeoff {
         self.curves.is_empty() && self.cascade.is_empty()
     }
 
+    /// Checks what a file or a registration says: thresholds in [0, 1] and increasing, shares
+    /// and agreements in [0, 1], a cascade's shares adding up to at most 1. The error names
+    /// the field.
+    pub fn check(&self) -> Result<(), String> {
+        let unit = |x: f64| (0.0..=1.0).contains(&x);
+        fn increasing(t: impl Iterator<Item = f32>) -> bool {
+            let mut last = f32::NEG_INFINITY;
+            for x in t {
+                if !(0.0..=1.0).contains(&x) || x <= last {
+                    return false;
+                }
+                last = x;
+            }
+            true
+        }
+        for c in &self.curves {
+            let at = format!("curves (after loop {})", c.after_loop);
+            if c.after_loop == 0 {
+                return Err("curves: after_loop is 1-based, got 0".into());
+            }
+            if !increasing(c.points.iter().map(|p| p.threshold)) {
+                return Err(format!("{at}: thresholds must be in [0, 1] and increasing"));
+            }
+            if let Some(p) = c
+                .points
+                .iter()
+                .find(|p| !unit(p.exit_rate) || !unit(p.agreement))
+            {
+                return Err(format!(
+                    "{at}: exit_rate and agreement must be in [0, 1] (threshold {})",
+                    p.threshold
+                ));
+            }
+        }
+        if !increasing(self.cascade.iter().map(|p| p.threshold)) {
+            return Err("cascade: thresholds must be in [0, 1] and increasing".into());
+        }
+        for p in &self.cascade {
+            let total: f64 = p.exit_share.iter().sum();
+            if !unit(p.agreement) || !p.exit_share.iter().all(|&x| unit(x)) || total > 1.0 + 1e-6 {
+                return Err(format!(
+                    "cascade (threshold {}): shares and agreement must be in [0, 1] and the shares add up to at most 1 (they add up to {total})",
+                    p.threshold
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The chance that a token still running at exit `j` leaves there, for the exits after
     /// loops `1..loops` at threshold `t` (index `j - 1`): what the share gone by exit `j` adds
     /// over the share gone before it, over the share still running. From the cascade the
@@ -365,6 +414,20 @@ mod tests {
         assert_eq!(t.floor_threshold(0.99), None);
         // A model with more loops than the cascade has shares: the rest take nobody.
         assert_eq!(t.exit_chances(0.9, 4).nth(2), Some(0.0));
+        assert_eq!(t.check(), Ok(()));
+        // What a file or a registration may get wrong is named.
+        let mut bad = t.clone();
+        bad.cascade[1].exit_share = vec![0.7, 0.4];
+        assert!(bad.check().unwrap_err().contains("at most 1"));
+        let mut bad = t.clone();
+        bad.cascade.swap(0, 1);
+        assert!(bad.check().unwrap_err().contains("cascade: thresholds"));
+        let mut bad = t.clone();
+        bad.curves[1].points[0].agreement = 1.5;
+        assert!(bad.check().unwrap_err().contains("after loop 2"));
+        let mut bad = t;
+        bad.curves[0].after_loop = 0;
+        assert!(bad.check().unwrap_err().contains("1-based"));
     }
 
     #[test]

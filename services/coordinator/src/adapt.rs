@@ -149,6 +149,9 @@ impl Adaptive {
             });
         }
         let exits = ExitTradeoff::of(req);
+        if let Err(e) = exits.check() {
+            return Some(format!("its model's exit trade-off is malformed: {e}"));
+        }
         let Some(floor_t) = exits.floor_threshold(floor) else {
             return Some(format!(
                 "its model has no threshold curve that keeps {:.1}% agreement",
@@ -355,6 +358,10 @@ mod tests {
         let s = a.tick(&HashMap::new());
         assert_eq!(s[0].floor, 0.7);
         assert!((s[0].expected_agreement.unwrap() - 0.95).abs() < 1e-12);
+        // A malformed one is not read: the model keeps what it had.
+        r.exit_cascade[0].exit_share = vec![0.9, 0.9];
+        assert!(a.learn(&r).unwrap().contains("malformed"));
+        assert_eq!(a.tick(&HashMap::new())[0].floor, 0.7);
     }
 
     #[test]

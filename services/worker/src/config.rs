@@ -241,7 +241,15 @@ impl WorkerArgs {
         if let (Some(p), true) = (&self.exit_curve, meta.curves.is_empty()) {
             anyhow::bail!("--exit-curve {}: it has no `curves`", p.display());
         }
-        Ok(tradeoff_to_proto(&meta))
+        let t = tradeoff_to_proto(&meta);
+        t.check().map_err(|e| {
+            let file = match &self.exit_curve {
+                Some(p) => format!("--exit-curve {}", p.display()),
+                None => format!("--model {}", self.model.join(META_FILE).display()),
+            };
+            anyhow::anyhow!("{file}: {e}")
+        })?;
+        Ok(t)
     }
 
     pub fn engine_config(&self, model_id: &str) -> anyhow::Result<EngineConfig> {
@@ -390,6 +398,21 @@ mod tests {
             t.expected_agreement(0.9),
             Some(0.95),
             "read from the cascade"
+        );
+        // Shares that add up to more than everyone are refused, naming the file and field.
+        let over = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("[0.3, 0.2, 0.0]", "[0.7, 0.4, 0.0]");
+        std::fs::write(&path, over).unwrap();
+        let err = Cli::try_parse_from(argv)
+            .unwrap()
+            .args
+            .exit_tradeoff()
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("exit-heads.json: cascade (threshold 0.9)"),
+            "{err}"
         );
         // Without one: nothing measured; a file without curves is refused.
         let none = Cli::try_parse_from(["rrt-worker", "--model", "m.gguf"]).unwrap();
