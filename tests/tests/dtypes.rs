@@ -129,10 +129,11 @@ fn bf16_keeps_the_greedy_outputs_of_the_readme_prompts() {
 }
 
 /// bf16 KV (`--kv-dtype bf16`) halves the bytes a token costs and keeps the held-out
-/// perplexity within 0.1% of f32 KV, on the vanilla model and the recursive one (every loop's
-/// K and V stored in bf16).
+/// perplexity within 0.1% of f32 KV; int8 KV (`--kv-dtype int8`, a scale per position and KV
+/// head) takes a byte an element plus the scales and keeps it within 0.5%; on the vanilla
+/// model and the recursive one (every loop's K and V stored so).
 #[test]
-fn bf16_kv_halves_the_bytes_a_token_and_keeps_the_perplexity() {
+fn bf16_and_int8_kv_cut_the_bytes_a_token_and_keep_the_perplexity() {
     use rrt_model::perplexity::perplexity_per_loop;
     use rrt_model::KvDtype;
     for (path, what) in [
@@ -144,19 +145,28 @@ fn bf16_kv_halves_the_bytes_a_token_and_keeps_the_perplexity() {
         let mut ids = m.tokenizer.encode(&text).unwrap();
         ids.truncate(TOKENS);
         let ppl = |kv| perplexity_per_loop(&m.model, &ids, 256, false, kv).unwrap()[0].perplexity();
-        let (f32_kv, bf16_kv) = (ppl(KvDtype::F32), ppl(KvDtype::Bf16));
+        let f32_kv = ppl(KvDtype::F32);
         let bytes = |kv| m.model.kv_layout(16, kv).unwrap().bytes_per_token();
-        eprintln!(
-            "{what}: perplexity with bf16 KV {bf16_kv:.4} vs f32 KV {f32_kv:.4} ({:+.4}%), {} vs {} bytes a token",
-            100.0 * (bf16_kv / f32_kv - 1.0),
-            bytes(KvDtype::Bf16),
-            bytes(KvDtype::F32)
-        );
-        assert!(
-            (bf16_kv / f32_kv - 1.0).abs() <= 0.001,
-            "{what}: {bf16_kv} vs {f32_kv}"
-        );
+        for (kv, bound) in [(KvDtype::Bf16, 0.001), (KvDtype::Int8, 0.005)] {
+            let got = ppl(kv);
+            eprintln!(
+                "{what}: perplexity with {kv} KV {got:.4} vs f32 KV {f32_kv:.4} ({:+.4}%), {} vs {} bytes a token",
+                100.0 * (got / f32_kv - 1.0),
+                bytes(kv),
+                bytes(KvDtype::F32)
+            );
+            assert!(
+                (got / f32_kv - 1.0).abs() <= bound,
+                "{what}: {kv} KV {got} vs {f32_kv}"
+            );
+        }
         assert_eq!(2 * bytes(KvDtype::Bf16), bytes(KvDtype::F32));
+        // A byte an element and an f32 scale per KV head, for K and V of every layer.
+        let c = &m.model.cfg;
+        assert_eq!(
+            bytes(KvDtype::Int8),
+            c.num_layers * 2 * (c.kv_dim() + 4 * c.num_kv_heads)
+        );
         assert_eq!(bytes(KvDtype::F32), m.model.cfg.kv_bytes_per_token());
     }
 }

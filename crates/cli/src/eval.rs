@@ -16,7 +16,7 @@ pub struct EvalArgs {
     model: ModelArgs,
     #[command(flatten)]
     text: EvalText,
-    /// How K and V are held while scoring: f32 or bf16.
+    /// How K and V are held while scoring: f32, bf16 or int8.
     #[arg(long, default_value_t = rrt_model::KvDtype::F32)]
     kv_dtype: rrt_model::KvDtype,
 }

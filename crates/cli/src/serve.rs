@@ -34,7 +34,7 @@ pub struct ServeArgs {
     /// Each worker's KV pool, MiB (see `rrt-worker --help`).
     #[arg(long, env = "RRT_WORKER_KV_BUDGET_MIB", default_value_t = 2048)]
     kv_budget_mib: usize,
-    /// How K and V are held: f32 or bf16 (half the bytes a token).
+    /// How K and V are held: f32, bf16 (half the bytes a token) or int8 (0.27x f32's bytes).
     #[arg(long, env = "RRT_WORKER_KV_DTYPE", default_value_t = rrt_model::KvDtype::F32)]
     kv_dtype: rrt_model::KvDtype,
     /// Reuse the KV of earlier requests' common prefixes (shared system prompts, conversation

@@ -439,6 +439,59 @@ fn bf16_kv_takes_half_the_bytes_a_token() {
 }
 
 #[test]
+fn int8_kv_is_a_little_over_a_quarter_of_f32_and_batching_or_the_prefix_cache_change_no_token() {
+    let model = tiny_recursive();
+    let f32_layout = model.kv_layout(16, KvDtype::F32).unwrap();
+    let int8 = model.kv_layout(16, KvDtype::Int8).unwrap();
+    // A byte an element, and an f32 scale per position and KV head, for K and for V.
+    let c = &model.cfg;
+    assert_eq!(
+        int8.bytes_per_token(),
+        int8.layers * 2 * (c.kv_dim() + 4 * c.num_kv_heads)
+    );
+    assert!(4 * int8.bytes_per_token() > f32_layout.bytes_per_token());
+    assert!(3 * int8.bytes_per_token() < f32_layout.bytes_per_token());
+    // Each row's K and V are quantized alone, so a row's tokens do not depend on what is
+    // batched beside it, nor on whether its prefix came from the cache (sampled, so every
+    // logit counts).
+    let prompts = shared_prefix_prompts(c.vocab_size as u32);
+    let run = |scheduler: Scheduler, max_sequences: usize, prefix_cache: bool| {
+        let mut e = Engine::new(
+            model.clone(),
+            EngineConfig {
+                scheduler,
+                max_batch_rows: 24,
+                max_sequences,
+                kv_budget_bytes: 64 * int8.block_bytes(),
+                kv_dtype: KvDtype::Int8,
+                prefix_cache,
+                ..EngineConfig::default()
+            },
+        )
+        .unwrap();
+        let rxs: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| submit(&mut e, i as u64, p, sampled(8, i as u64), None))
+            .collect();
+        e.run_until_idle();
+        assert_eq!(e.kv_used_bytes(), 0);
+        rxs.iter().map(|rx| collect(rx).tokens).collect::<Vec<_>>()
+    };
+    let alone = run(Scheduler::Static, 1, false);
+    assert!(alone.iter().all(|t| t.len() == 8));
+    for scheduler in [Scheduler::Static, Scheduler::Csb, Scheduler::Cdb] {
+        for prefix_cache in [false, true] {
+            assert_eq!(
+                run(scheduler, 8, prefix_cache),
+                alone,
+                "{scheduler:?}, prefix cache {prefix_cache}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_burst_of_requests_sharing_a_prefix_computes_it_once() {
     let model = tiny_recursive();
     let prompts = shared_prefix_prompts(model.cfg.vocab_size as u32);

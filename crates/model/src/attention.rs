@@ -94,18 +94,20 @@ pub(crate) fn prefetch_kv(kv: &KvPool, segments: &[AttnSegment<'_>]) {
     for s in segments {
         let positions = s.start + s.rows.len();
         match kv.data() {
-            KvData::F32(r) => view(r, layout, s).prefetch(positions),
-            KvData::Bf16(r) => view(r, layout, s).prefetch(positions),
+            KvData::F32(r) => view(r, None, layout, s).prefetch(positions),
+            KvData::Bf16(r) => view(r, None, layout, s).prefetch(positions),
+            KvData::Int8(r, scales) => view(r, Some(scales), layout, s).prefetch(positions),
         }
     }
 }
 
 fn view<'a, T: KvElem>(
     r: &'a Regions<T>,
+    scales: Option<&'a Regions<f32>>,
     layout: KvLayout,
     s: &AttnSegment<'a>,
 ) -> LayerView<'a, T> {
-    LayerView::new(r, layout, s.layer, s.cache.blocks())
+    LayerView::new(r, scales, layout, s.layer, s.cache.blocks())
 }
 
 /// Attention for a flattened batch. `qkv` is `[rows, q_dim + 2 * kv_dim]` (Q | K | V per row) and
@@ -152,8 +154,18 @@ pub fn attention_on(
     let qkv = &*qkv;
     let layout = kv.layout();
     let results = match kv.data() {
-        KvData::F32(r) => run_tasks(isa, &tasks, qkv, width, r, layout, segments, dims),
-        KvData::Bf16(r) => run_tasks(isa, &tasks, qkv, width, r, layout, segments, dims),
+        KvData::F32(r) => run_tasks(isa, &tasks, qkv, width, (r, None), layout, segments, dims),
+        KvData::Bf16(r) => run_tasks(isa, &tasks, qkv, width, (r, None), layout, segments, dims),
+        KvData::Int8(r, scales) => run_tasks(
+            isa,
+            &tasks,
+            qkv,
+            width,
+            (r, Some(scales)),
+            layout,
+            segments,
+            dims,
+        ),
     };
     let d = dims.head_dim;
     let g = dims.group();
@@ -177,12 +189,15 @@ fn run_tasks<T: KvElem>(
     tasks: &[Task],
     qkv: &[f32],
     width: usize,
-    regions: &Regions<T>,
+    (regions, scales): (&Regions<T>, Option<&Regions<f32>>),
     layout: KvLayout,
     segments: &[AttnSegment<'_>],
     dims: AttnDims,
 ) -> Vec<Vec<f32>> {
-    let views: Vec<LayerView<'_, T>> = segments.iter().map(|s| view(regions, layout, s)).collect();
+    let views: Vec<LayerView<'_, T>> = segments
+        .iter()
+        .map(|s| view(regions, scales, layout, s))
+        .collect();
     tasks
         .par_iter()
         .map(|t| {
@@ -479,7 +494,16 @@ fn attend_heads<const FMA: bool, const H: usize, T: KvElem>(
     scores.clear();
     scores.resize(H * stride, 0.0);
     for b in 0..tiles {
-        let s = block_scores::<FMA, H, T>(&q, cache.k_tile(b, kv_off, d));
+        let mut s = block_scores::<FMA, H, T>(&q, cache.k_tile(b, kv_off, d));
+        if T::SCALED {
+            // One scale per position: the scores of the scaled K.
+            let ks = cache.k_scales(b, kv_off);
+            for s in s.iter_mut() {
+                for (x, &k) in s.iter_mut().zip(ks) {
+                    *x *= k;
+                }
+            }
+        }
         for (h, s) in s.iter().enumerate() {
             scores[h * stride + b * KV_TILE..h * stride + (b + 1) * KV_TILE].copy_from_slice(s);
         }
@@ -487,6 +511,18 @@ fn attend_heads<const FMA: bool, const H: usize, T: KvElem>(
     let mut inv = [0f32; H];
     for (h, inv) in inv.iter_mut().enumerate() {
         *inv = 1.0 / softmax_in_place(&mut scores[h * stride..h * stride + at.visible], scale);
+    }
+    if T::SCALED {
+        // One scale per position: each weight takes its V row's, so the sum reads raw V.
+        let bt = cache.block_tokens();
+        for h in 0..H {
+            let p = &mut scores[h * stride..h * stride + at.visible];
+            for (b, p) in p.chunks_mut(bt).enumerate() {
+                for (x, &v) in p.iter_mut().zip(cache.v_scales(b, kv_off)) {
+                    *x *= v;
+                }
+            }
+        }
     }
     let probs: [&[f32]; H] = std::array::from_fn(|h| &scores[h * stride..h * stride + at.visible]);
     match d {
@@ -571,7 +607,8 @@ mod tests {
     /// cache (long enough to span several blocks and query chunks), against the reference, on
     /// every instruction set this CPU runs, every head size with a path of its own, GQA groups
     /// of 1, 2, 3 and 5 query heads, blocks of 16 and 32 positions handed out out of order (so
-    /// a sequence's blocks are scattered and interleaved with the other's), f32 and bf16 KV.
+    /// a sequence's blocks are scattered and interleaved with the other's), f32, bf16 and int8
+    /// KV (int8 with a scale per position and KV head).
     #[test]
     fn paged_attention_matches_an_f64_reference_on_every_instruction_set_here() {
         let theta = 10_000.0;
@@ -605,8 +642,13 @@ mod tests {
                 (16, KvDtype::F32, 1e-5),
                 (32, KvDtype::F32, 1e-5),
                 (16, KvDtype::Bf16, 2e-2),
+                (16, KvDtype::Int8, 1e-2),
+                (32, KvDtype::Int8, 1e-2),
             ] {
-                let layout = KvLayout::new(2, dims.kv_dim(), block_tokens, dtype).unwrap();
+                // A scale per position and KV head, as models lay it out.
+                let layout = KvLayout::new(2, dims.kv_dim(), block_tokens, dtype)
+                    .and_then(|l| l.with_scale_group(head_dim))
+                    .unwrap();
                 for &isa in Supported::all() {
                     let mut pool = KvPool::new(layout, 8).unwrap();
                     // A decoy takes the first block, then the sequences take theirs in turns,

@@ -55,7 +55,9 @@ pub struct WorkerArgs {
     /// Positions per KV block: a multiple of 16 (the attention kernels' K tile).
     #[arg(long, env = "RRT_WORKER_KV_BLOCK_TOKENS", default_value_t = rrt_model::kv::DEFAULT_BLOCK_TOKENS)]
     pub kv_block_tokens: usize,
-    /// How K and V are held: f32, or bf16 (half the bytes a token; attention widens as it reads).
+    /// How K and V are held: f32; bf16 (half the bytes a token; attention widens as it reads);
+    /// or int8 (a byte an element and an f32 scale per position and KV head: 0.27x f32's
+    /// bytes, 0.53x bf16's; attention applies the scales to scores and weights).
     #[arg(long, env = "RRT_WORKER_KV_DTYPE", default_value_t = rrt_model::KvDtype::F32)]
     pub kv_dtype: rrt_model::KvDtype,
     /// Reuse the KV of full blocks of earlier requests with the same token prefix (a shared

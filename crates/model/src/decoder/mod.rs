@@ -131,7 +131,8 @@ impl Llama {
     /// The shape of this model's KV blocks: every unrolled layer, `block_tokens` positions, K
     /// and V as `dtype`.
     pub fn kv_layout(&self, block_tokens: usize, dtype: KvDtype) -> Result<KvLayout> {
-        KvLayout::new(self.cfg.num_layers, self.cfg.kv_dim(), block_tokens, dtype)
+        KvLayout::new(self.cfg.num_layers, self.cfg.kv_dim(), block_tokens, dtype)?
+            .with_scale_group(self.cfg.head_dim)
     }
 
     /// A growable f32 KV pool for this model (one-sequence generation, scoring, tests).

@@ -3,7 +3,7 @@
 //! PagedAttention does. A block holds [`KvLayout::block_tokens`] positions of *every* unrolled
 //! layer, so one table serves all layers and loops of a recursive model.
 //!
-//! - [`store`]: the bytes (f32 or bf16), their layout inside a block, the reads attention makes
+//! - [`store`]: the bytes (f32, bf16, or int8 with per-position scales), their layout inside a block, the reads attention makes
 //!   and the writes appending K/V makes.
 //! - [`pool`]: blocks as a resource: allocation (free blocks first, then the least recently
 //!   used cached block), reference counts, the prefix cache (full blocks keyed by a hash chain
@@ -46,6 +46,9 @@ pub struct KvLayout {
     /// Positions per block: a positive multiple of [`KV_TILE`].
     pub block_tokens: usize,
     pub dtype: KvDtype,
+    /// Features of a row that share one int8 scale per position: a KV head
+    /// ([`KvLayout::with_scale_group`]; the whole row unless set).
+    pub scale_group: usize,
 }
 
 impl KvLayout {
@@ -67,7 +70,36 @@ impl KvLayout {
             row,
             block_tokens,
             dtype,
+            scale_group: row,
         })
+    }
+
+    /// The layout with one int8 scale per position for every `features` of a row (a KV head's
+    /// `head_dim`: attention then applies one scale per position and head), or what is wrong.
+    pub fn with_scale_group(self, features: usize) -> Result<Self> {
+        if features == 0 || !self.row.is_multiple_of(features) {
+            return Err(ModelError::InvalidInput(format!(
+                "KV scale group of {features} features does not divide a row of {}",
+                self.row
+            )));
+        }
+        Ok(Self {
+            scale_group: features,
+            ..self
+        })
+    }
+
+    /// Scale groups in a row.
+    pub fn groups(&self) -> usize {
+        self.row / self.scale_group
+    }
+
+    /// Scales of one layer of one block (K then V; none unless int8).
+    pub fn layer_block_scales(&self) -> usize {
+        match self.dtype {
+            KvDtype::Int8 => 2 * self.block_tokens * self.groups(),
+            _ => 0,
+        }
     }
 
     /// Elements of one layer of one block (K then V).
@@ -77,7 +109,8 @@ impl KvLayout {
 
     /// Bytes one position costs, every layer, K and V.
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.layers * self.row * self.dtype.size()
+        let scales = self.layer_block_scales() / self.block_tokens * std::mem::size_of::<f32>();
+        self.layers * (2 * self.row * self.dtype.size() + scales)
     }
 
     /// Bytes of one block, every layer.

@@ -458,6 +458,50 @@ mod tests {
     }
 
     #[test]
+    fn int8_positions_read_back_within_half_a_step_of_their_head_s_scale() {
+        // Three KV heads of 8 features; the middle one all zeros, the last one large.
+        let layout = KvLayout::new(2, 24, 16, KvDtype::Int8)
+            .and_then(|l| l.with_scale_group(8))
+            .unwrap();
+        assert!(layout.with_scale_group(7).is_err());
+        let mut pool = KvPool::growable(layout);
+        let mut seq = SeqCache::default();
+        pool.reserve(&mut seq, 40).unwrap();
+        let row = |p: usize, sign: f32| -> Vec<f32> {
+            (0..24)
+                .map(|i| match i / 8 {
+                    0 => sign * (i as f32 - 3.5) * 0.01 * (p + 1) as f32,
+                    1 => 0.0,
+                    _ => sign * 100.0 * (i as f32).sin(),
+                })
+                .collect()
+        };
+        for p in [0, 17, 39] {
+            pool.write(&seq, 1, p, &row(p, 1.0), &row(p, -1.0)).unwrap();
+        }
+        for p in [0, 17, 39] {
+            let (k, v) = pool.read(&seq, 1, p).unwrap();
+            for (got, want) in [(k, row(p, 1.0)), (v, row(p, -1.0))] {
+                for (g, w) in got.chunks(8).zip(want.chunks(8)) {
+                    let step = w.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                    for (a, b) in g.iter().zip(w) {
+                        assert!(
+                            (a - b).abs() <= 0.5 * step + 1e-6,
+                            "position {p}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+            // The zero head stays zero.
+            assert!(pool.read(&seq, 1, p).unwrap().0[8..16]
+                .iter()
+                .all(|&x| x == 0.0));
+        }
+        // Layer 0 was not written.
+        assert_eq!(pool.read(&seq, 0, 17).unwrap().0, vec![0.0; 24]);
+    }
+
+    #[test]
     fn released_cached_blocks_are_evicted_deepest_first_and_only_when_needed() {
         let layout = KvLayout::new(1, 16, 16, KvDtype::F32).unwrap();
         let mut pool = KvPool::new(layout, 4).unwrap();

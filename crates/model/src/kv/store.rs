@@ -1,7 +1,10 @@
 //! The bytes of a pool: one region per layer, each a run of blocks (`[block][K tiles | V rows]`),
 //! so a sequence whose blocks are consecutive reads each layer's K and V as one stream, as the
-//! contiguous cache did. Elements are f32 or bf16 ([`KvDtype`]); attention reads either through
-//! [`KvElem`], converting to f32 as it loads.
+//! contiguous cache did. Elements are f32, bf16 or int8 ([`KvDtype`]); attention reads each
+//! through [`KvElem`], converting to f32 as it loads. Int8 elements come with an f32 scale per
+//! position and scale group (a KV head: [`KvLayout::scale_group`]) in a region of their own
+//! (`[block][K scales | V scales]`, each `[group][position]`), which attention applies to a
+//! position's scores (K) and weights (V) rather than to every element.
 
 use crate::kernels::bf16::{from_bf16, to_bf16};
 
@@ -14,6 +17,9 @@ pub enum KvDtype {
     F32,
     /// Half the bytes of f32 (rounded to nearest even); attention widens as it reads.
     Bf16,
+    /// A byte an element, symmetric, scaled per position and KV head by its largest magnitude
+    /// / 127 (rounded to nearest): a little over a quarter of f32's bytes.
+    Int8,
 }
 
 impl KvDtype {
@@ -21,6 +27,7 @@ impl KvDtype {
         match self {
             KvDtype::F32 => 4,
             KvDtype::Bf16 => 2,
+            KvDtype::Int8 => 1,
         }
     }
 
@@ -28,6 +35,7 @@ impl KvDtype {
         match self {
             KvDtype::F32 => "f32",
             KvDtype::Bf16 => "bf16",
+            KvDtype::Int8 => "int8",
         }
     }
 }
@@ -45,14 +53,20 @@ impl std::str::FromStr for KvDtype {
         match s.to_ascii_lowercase().as_str() {
             "f32" => Ok(KvDtype::F32),
             "bf16" => Ok(KvDtype::Bf16),
-            _ => Err(format!("unknown KV dtype {s:?} (expected f32 or bf16)")),
+            "int8" => Ok(KvDtype::Int8),
+            _ => Err(format!(
+                "unknown KV dtype {s:?} (expected f32, bf16 or int8)"
+            )),
         }
     }
 }
 
 /// An element of a KV store.
 pub(crate) trait KvElem: Copy + Default + Send + Sync + 'static {
+    /// Whether elements hold `value / scale` with a scale per position and group.
+    const SCALED: bool = false;
     fn load(self) -> f32;
+    /// The element of `v` (already divided by its scale when [`KvElem::SCALED`]).
     fn from_f32(v: f32) -> Self;
 }
 
@@ -79,6 +93,19 @@ impl KvElem for u16 {
     }
 }
 
+/// Int8: `round(value / scale)` in -127..=127.
+impl KvElem for i8 {
+    const SCALED: bool = true;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self as f32
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v.round().clamp(-127.0, 127.0) as i8
+    }
+}
+
 /// Per-layer regions of one element type.
 #[derive(Debug, Clone)]
 pub(crate) struct Regions<T> {
@@ -90,6 +117,8 @@ pub(crate) struct Regions<T> {
 pub(crate) enum KvData {
     F32(Regions<f32>),
     Bf16(Regions<u16>),
+    /// The elements and their scales.
+    Int8(Regions<i8>, Regions<f32>),
 }
 
 /// The storage of a pool's blocks.
@@ -112,6 +141,17 @@ impl KvStore {
             KvDtype::Bf16 => KvData::Bf16(Regions {
                 layers: (0..layout.layers).map(|_| vec![0; per_layer]).collect(),
             }),
+            KvDtype::Int8 => {
+                let scales = blocks * layout.layer_block_scales();
+                KvData::Int8(
+                    Regions {
+                        layers: (0..layout.layers).map(|_| vec![0; per_layer]).collect(),
+                    },
+                    Regions {
+                        layers: (0..layout.layers).map(|_| vec![0.0; scales]).collect(),
+                    },
+                )
+            }
         };
         Self {
             layout,
@@ -133,6 +173,11 @@ impl KvStore {
         match &mut self.data {
             KvData::F32(r) => r.layers.iter_mut().for_each(|l| l.resize(per_layer, 0.0)),
             KvData::Bf16(r) => r.layers.iter_mut().for_each(|l| l.resize(per_layer, 0)),
+            KvData::Int8(r, scales) => {
+                r.layers.iter_mut().for_each(|l| l.resize(per_layer, 0));
+                let n = blocks * self.layout.layer_block_scales();
+                scales.layers.iter_mut().for_each(|l| l.resize(n, 0.0));
+            }
         }
         self.blocks = blocks;
     }
@@ -143,6 +188,19 @@ impl KvStore {
         match &mut self.data {
             KvData::F32(r) => write_position(&mut r.layers[layer], layout, block, slot, k, v),
             KvData::Bf16(r) => write_position(&mut r.layers[layer], layout, block, slot, k, v),
+            KvData::Int8(r, scales) => {
+                let (mut ks, mut vs) = (vec![0f32; k.len()], vec![0f32; v.len()]);
+                let g = layout.scale_group;
+                let (k_scale, v_scale) = scales_at(layout, block, slot);
+                for (i, (kg, vg)) in k.chunks(g).zip(v.chunks(g)).enumerate() {
+                    let step = layout.block_tokens;
+                    scales.layers[layer][k_scale + i * step] =
+                        quantize(kg, &mut ks[i * g..i * g + kg.len()]);
+                    scales.layers[layer][v_scale + i * step] =
+                        quantize(vg, &mut vs[i * g..i * g + vg.len()]);
+                }
+                write_position(&mut r.layers[layer], layout, block, slot, &ks, &vs)
+            }
         }
     }
 
@@ -152,8 +210,39 @@ impl KvStore {
         match &self.data {
             KvData::F32(r) => read_position(&r.layers[layer], layout, block, slot),
             KvData::Bf16(r) => read_position(&r.layers[layer], layout, block, slot),
+            KvData::Int8(r, scales) => {
+                let (mut k, mut v) = read_position(&r.layers[layer], layout, block, slot);
+                let (k_scale, v_scale) = scales_at(layout, block, slot);
+                let (g, step) = (layout.scale_group, layout.block_tokens);
+                let s = &scales.layers[layer];
+                for (i, (kg, vg)) in k.chunks_mut(g).zip(v.chunks_mut(g)).enumerate() {
+                    kg.iter_mut().for_each(|x| *x *= s[k_scale + i * step]);
+                    vg.iter_mut().for_each(|x| *x *= s[v_scale + i * step]);
+                }
+                (k, v)
+            }
         }
     }
+}
+
+/// `x / scale` into `out` for the scale that maps the largest magnitude to 127; returns the
+/// scale (0 for all zeros, which then stay zeros).
+fn quantize(x: &[f32], out: &mut [f32]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = v * inv;
+    }
+    scale
+}
+
+/// Where the scales of position `slot` of `block` sit in a layer's scale region: group 0's K
+/// scale and V scale (group `g` is `g * block_tokens` further).
+fn scales_at(layout: KvLayout, block: BlockId, slot: usize) -> (usize, usize) {
+    let base = block as usize * layout.layer_block_scales();
+    let k = base + slot;
+    (k, k + layout.groups() * layout.block_tokens)
 }
 
 /// Where position `slot` of `block` sits in a layer's region: its K (feature `i` at
@@ -207,22 +296,53 @@ pub(crate) struct LayerView<'a, T> {
     row: usize,
     block_tokens: usize,
     block_elems: usize,
+    /// The layer's scale region (empty unless int8), its scales a block, features a scale.
+    scales: &'a [f32],
+    block_scales: usize,
+    scale_group: usize,
+    groups: usize,
 }
 
 impl<'a, T: KvElem> LayerView<'a, T> {
+    /// The view of `layer` through `table`; `scales` with int8 elements.
     pub fn new(
         regions: &'a Regions<T>,
+        scales: Option<&'a Regions<f32>>,
         layout: KvLayout,
         layer: usize,
         table: &'a [BlockId],
     ) -> Self {
+        debug_assert_eq!(T::SCALED, scales.is_some());
         Self {
             region: &regions.layers[layer],
             table,
             row: layout.row,
             block_tokens: layout.block_tokens,
             block_elems: layout.layer_block_elems(),
+            scales: scales.map_or(&[][..], |s| &s.layers[layer][..]),
+            block_scales: layout.layer_block_scales(),
+            scale_group: layout.scale_group,
+            groups: layout.groups(),
         }
+    }
+
+    /// The scales of K tile `t` (16 positions) for the group of feature `head_offset`.
+    #[inline(always)]
+    pub fn k_scales(&self, t: usize, head_offset: usize) -> &'a [f32] {
+        let pos = t * KV_TILE;
+        let b = pos / self.block_tokens;
+        let start = self.table[b] as usize * self.block_scales
+            + (head_offset / self.scale_group) * self.block_tokens
+            + (pos - b * self.block_tokens);
+        &self.scales[start..start + KV_TILE]
+    }
+
+    /// The V scales of block `b`'s positions for the group of feature `head_offset`.
+    #[inline(always)]
+    pub fn v_scales(&self, b: usize, head_offset: usize) -> &'a [f32] {
+        let start = self.table[b] as usize * self.block_scales
+            + (self.groups + head_offset / self.scale_group) * self.block_tokens;
+        &self.scales[start..start + self.block_tokens]
     }
 
     fn block_base(&self, b: usize) -> usize {
@@ -261,17 +381,25 @@ impl<'a, T: KvElem> LayerView<'a, T> {
         #[cfg(target_arch = "x86_64")]
         for b in 0..positions.div_ceil(self.block_tokens).min(self.table.len()) {
             let start = self.block_base(b);
-            let bytes = std::mem::size_of::<T>();
-            for line in self.region[start..start + self.block_elems].chunks(64 / bytes) {
-                // SAFETY: prefetching is a hint and never faults; the address is in the region.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                        line.as_ptr() as *const i8,
-                    )
-                };
-            }
+            prefetch_lines(&self.region[start..start + self.block_elems]);
+            // Int8: the block's scales too (a stream of their own).
+            let start = self.table[b] as usize * self.block_scales;
+            prefetch_lines(&self.scales[start..start + self.block_scales]);
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = positions;
+    }
+}
+
+/// Asks the CPU to bring `data` into L2 (`prefetcht1`), a cache line at a time.
+#[cfg(target_arch = "x86_64")]
+fn prefetch_lines<T>(data: &[T]) {
+    for line in data.chunks((64 / std::mem::size_of::<T>()).max(1)) {
+        // SAFETY: prefetching is a hint and never faults; the address is in the slice.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                line.as_ptr() as *const i8
+            )
+        };
     }
 }
