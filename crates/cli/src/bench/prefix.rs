@@ -11,7 +11,8 @@
 //!    worker computed (usage: prompt minus cached) with the cache on and off.
 //! 3. **Capacity**: requests asking `max_tokens` 2,048 that stop by themselves after ~100
 //!    tokens, on the engine at a fixed KV budget: how many run at once, against what the old
-//!    worst-case reservation (prompt + max tokens, every layer, f32) admitted.
+//!    worst-case reservation (prompt + max tokens, every layer, f32) admitted, for each KV
+//!    precision (f32, bf16, int8) on the same budget.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -58,6 +59,9 @@ pub struct PrefixBenchArgs {
     /// Requests of the capacity workload.
     #[arg(long, default_value_t = 128)]
     capacity_requests: usize,
+    /// KV precisions the capacity workload runs at, each on the same budget.
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16,int8")]
+    capacity_kv_dtypes: Vec<KvDtype>,
     /// Workloads to run (chat, turns, capacity).
     #[arg(long, value_delimiter = ',', default_value = "chat,turns,capacity")]
     only: Vec<String>,
@@ -351,6 +355,7 @@ async fn turns(args: &PrefixBenchArgs) -> anyhow::Result<()> {
 fn capacity(args: &PrefixBenchArgs) -> anyhow::Result<()> {
     const ASKED: usize = 2048;
     const STOPS_AFTER: usize = 100;
+    const PROMPT: usize = 30;
     let loaded = rrt_model::load(&args.model, args.dtype)?;
     let budget = args.capacity_budget_mib << 20;
     let model = loaded.model;
@@ -359,77 +364,84 @@ fn capacity(args: &PrefixBenchArgs) -> anyhow::Result<()> {
         .eos
         .first()
         .ok_or_else(|| anyhow::anyhow!("the model names no end-of-sequence token"))?;
-    let mut engine = Engine::new(
-        model.clone(),
-        EngineConfig {
-            scheduler: Scheduler::Cdb,
-            max_batch_rows: 256,
-            max_sequences: args.capacity_requests,
-            kv_budget_bytes: budget,
-            kv_block_tokens: args.kv_block_tokens,
-            kv_dtype: KvDtype::F32,
-            prefix_cache: false,
-            ..EngineConfig::default()
-        },
-    )?;
-    let vocab = model.cfg.vocab_size as u32;
-    let mut prompt_len = 0;
-    let receivers: Vec<_> = (0..args.capacity_requests as u32)
-        .map(|i| {
-            let prompt: Vec<u32> = (0..30u32)
-                .map(|j| (1000 + i * 97 + j * 13) % vocab)
-                .collect();
-            prompt_len = prompt.len();
-            // The text it "writes": ~100 tokens, then the end of sequence.
-            let mut forced: Vec<u32> = (0..STOPS_AFTER as u32)
-                .map(|j| (2000 + i * 31 + j * 7) % vocab)
-                .collect();
-            forced.push(eos);
-            let params = GenParams {
-                max_new_tokens: ASKED,
-                forced,
-                stop_tokens: vec![eos],
-                ..GenParams::default()
-            };
-            let (req, rx) = Request::with_channel(i as u64, prompt, params, None);
-            engine.submit(req);
-            rx
-        })
-        .collect();
-    let started = Instant::now();
-    let (mut peak, mut running_steps, mut steps) = (0, 0, 0);
-    while engine.pending() > 0 {
-        engine.step();
-        peak = peak.max(engine.running_len());
-        running_steps += engine.running_len();
-        steps += 1;
-    }
-    let mean = running_steps as f64 / steps.max(1) as f64;
-    let secs = started.elapsed().as_secs_f64();
-    let failed = receivers
-        .iter()
-        .filter(|rx| rrt_engine::Received::drain(rx).is_err())
-        .count();
-    anyhow::ensure!(failed == 0, "{failed} capacity requests failed");
     // What admission reserved before paged KV: prompt + max tokens, every layer, f32.
-    let old_per_request = (prompt_len + ASKED) * model.cfg.kv_bytes_per_token();
+    let old_per_request = (PROMPT + ASKED) * model.cfg.kv_bytes_per_token();
     let old = budget / old_per_request;
     println!(
         "\n3. capacity: {} requests asking {ASKED} new tokens, each stopping after {STOPS_AFTER}, KV budget {} MiB",
         args.capacity_requests, args.capacity_budget_mib
     );
-    println!("| admission | requests running at once (peak) | mean over the steps | vs worst-case reservation (peak / mean) |");
-    println!("|---|---|---|---|");
+    println!("| admission | KV bytes a token | requests running at once (peak) | mean over the steps | vs worst-case reservation (peak / mean) | tokens/s |");
+    println!("|---|---|---|---|---|---|");
     println!(
-        "| worst-case reservation (before paged KV: {} MiB a request) | {old} | {old} | 1.00x |",
-        old_per_request >> 20
+        "| worst-case reservation (before paged KV: {} MiB a request) | {} | {old} | {old} | 1.00x | |",
+        old_per_request >> 20,
+        model.cfg.kv_bytes_per_token()
     );
-    println!(
-        "| paged KV blocks (measured; {} preemptions) | {peak} | {mean:.1} | {:.1}x / {:.1}x |",
-        engine.kv_counters().preemptions,
-        peak as f64 / old.max(1) as f64,
-        mean / old.max(1) as f64
-    );
-    println!("  ({} tokens in {secs:.1} s)", engine.stats().tokens);
+    for &kv_dtype in &args.capacity_kv_dtypes {
+        let mut engine = Engine::new(
+            model.clone(),
+            EngineConfig {
+                scheduler: Scheduler::Cdb,
+                max_batch_rows: 256,
+                max_sequences: args.capacity_requests,
+                kv_budget_bytes: budget,
+                kv_block_tokens: args.kv_block_tokens,
+                kv_dtype,
+                prefix_cache: false,
+                ..EngineConfig::default()
+            },
+        )?;
+        let vocab = model.cfg.vocab_size as u32;
+        let receivers: Vec<_> = (0..args.capacity_requests as u32)
+            .map(|i| {
+                let prompt: Vec<u32> = (0..PROMPT as u32)
+                    .map(|j| (1000 + i * 97 + j * 13) % vocab)
+                    .collect();
+                // The text it "writes": ~100 tokens, then the end of sequence.
+                let mut forced: Vec<u32> = (0..STOPS_AFTER as u32)
+                    .map(|j| (2000 + i * 31 + j * 7) % vocab)
+                    .collect();
+                forced.push(eos);
+                let params = GenParams {
+                    max_new_tokens: ASKED,
+                    forced,
+                    stop_tokens: vec![eos],
+                    ..GenParams::default()
+                };
+                let (req, rx) = Request::with_channel(i as u64, prompt, params, None);
+                engine.submit(req);
+                rx
+            })
+            .collect();
+        let started = Instant::now();
+        let (mut peak, mut running_steps, mut steps) = (0, 0, 0);
+        while engine.pending() > 0 {
+            engine.step();
+            peak = peak.max(engine.running_len());
+            running_steps += engine.running_len();
+            steps += 1;
+        }
+        let mean = running_steps as f64 / steps.max(1) as f64;
+        let secs = started.elapsed().as_secs_f64();
+        let failed = receivers
+            .iter()
+            .filter(|rx| rrt_engine::Received::drain(rx).is_err())
+            .count();
+        anyhow::ensure!(
+            failed == 0,
+            "{failed} capacity requests failed ({kv_dtype} KV)"
+        );
+        println!(
+            "| paged KV blocks, {kv_dtype} (measured; {} preemptions) | {} | {peak} | {mean:.1} | {:.1}x / {:.1}x | {:.0} |",
+            engine.kv_counters().preemptions,
+            model
+                .kv_layout(args.kv_block_tokens, kv_dtype)?
+                .bytes_per_token(),
+            peak as f64 / old.max(1) as f64,
+            mean / old.max(1) as f64,
+            engine.stats().tokens as f64 / secs
+        );
+    }
     Ok(())
 }
