@@ -189,17 +189,24 @@ impl KvStore {
             KvData::F32(r) => write_position(&mut r.layers[layer], layout, block, slot, k, v),
             KvData::Bf16(r) => write_position(&mut r.layers[layer], layout, block, slot, k, v),
             KvData::Int8(r, scales) => {
-                let (mut ks, mut vs) = (vec![0f32; k.len()], vec![0f32; v.len()]);
-                let g = layout.scale_group;
+                // Each group quantized straight into place (this runs for every row and layer).
+                let (g, step) = (layout.scale_group, layout.block_tokens);
                 let (k_scale, v_scale) = scales_at(layout, block, slot);
+                let (k_at, v_at) = position_at(layout, block, slot);
+                let (region, s) = (&mut r.layers[layer], &mut scales.layers[layer]);
                 for (i, (kg, vg)) in k.chunks(g).zip(v.chunks(g)).enumerate() {
-                    let step = layout.block_tokens;
-                    scales.layers[layer][k_scale + i * step] =
-                        quantize(kg, &mut ks[i * g..i * g + kg.len()]);
-                    scales.layers[layer][v_scale + i * step] =
-                        quantize(vg, &mut vs[i * g..i * g + vg.len()]);
+                    let (ks, k_inv) = scale_of(kg);
+                    let (vs, v_inv) = scale_of(vg);
+                    s[k_scale + i * step] = ks;
+                    s[v_scale + i * step] = vs;
+                    for (j, &x) in kg.iter().enumerate() {
+                        region[k_at + (i * g + j) * KV_TILE] = i8::from_f32(x * k_inv);
+                    }
+                    let row = &mut region[v_at + i * g..v_at + i * g + vg.len()];
+                    for (d, &x) in row.iter_mut().zip(vg) {
+                        *d = i8::from_f32(x * v_inv);
+                    }
                 }
-                write_position(&mut r.layers[layer], layout, block, slot, &ks, &vs)
             }
         }
     }
@@ -225,16 +232,12 @@ impl KvStore {
     }
 }
 
-/// `x / scale` into `out` for the scale that maps the largest magnitude to 127; returns the
-/// scale (0 for all zeros, which then stay zeros).
-fn quantize(x: &[f32], out: &mut [f32]) -> f32 {
+/// The scale that maps the largest magnitude of `x` to 127, and its inverse (both 0 for all
+/// zeros, which then stay zeros).
+fn scale_of(x: &[f32]) -> (f32, f32) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let scale = amax / 127.0;
     let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = v * inv;
-    }
-    scale
+    (amax / 127.0, inv)
 }
 
 /// Where the scales of position `slot` of `block` sit in a layer's scale region: group 0's K
